@@ -1,0 +1,44 @@
+"""optimum_dfq: data-free low-bit quantization of Hugging Face vision transformers (ViT, DeiT, Swin).
+
+Importing the package registers the `"optimum_dfq"` attention implementation with transformers.
+"""
+
+from .calibration import CalibrationSet
+from .config import BIT_PRESETS, DFQConfig, parse_bits
+from .errors import (
+    BitPresetError,
+    CalibrationError,
+    CheckpointError,
+    ConfigError,
+    DFQError,
+    ImageSizeError,
+    SynthesisError,
+    UnsupportedArchitectureError,
+)
+from .nn import capture_attention, register_attention_implementation
+from .quantizer import DataFreeViTQuantizer
+from .synthesis import get_synthesizer, register_synthesizer
+from .version import FORMAT_VERSION, __version__
+
+register_attention_implementation()
+
+__all__ = [
+    "BIT_PRESETS",
+    "FORMAT_VERSION",
+    "BitPresetError",
+    "CalibrationError",
+    "CalibrationSet",
+    "CheckpointError",
+    "ConfigError",
+    "DFQConfig",
+    "DFQError",
+    "DataFreeViTQuantizer",
+    "ImageSizeError",
+    "SynthesisError",
+    "UnsupportedArchitectureError",
+    "__version__",
+    "capture_attention",
+    "get_synthesizer",
+    "parse_bits",
+    "register_synthesizer",
+]

@@ -1,0 +1,158 @@
+"""Turns a float model into a fake-quantized one: quantizers placed at RepQ-ViT's sites S1-S8.
+
+| site | tensor | quantizer |
+|---|---|---|
+| S1 | patch-embedding weight | w-bits, per output filter |
+| S2 | image input of the patch embedding | `input_bits` (8), per tensor |
+| S3 | LayerNorm outputs read by q/k/v, fc1, Swin's reduction | a-bits, per channel (→ per tensor after re-param.) |
+| S4 | inputs of every other Linear (o_proj, post-GELU fc2, classifiers) | a-bits, per tensor |
+| S5 | every Linear weight, classifiers included | w-bits, per output channel |
+| S6 | Q and K (operands of Q·Kᵀ) | a-bits, per tensor |
+| S7 | softmax probabilities (left operand of A·V) | a-bits, `post_softmax` quantizer |
+| S8 | V | a-bits, per tensor |
+
+LayerNorm, softmax, GELU, residual additions and position embeddings stay in floating point.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..config import DFQConfig
+from ..models import ModelAdapter
+from ..nn import AttentionQuantizers, QConv2d, QLayerNorm, QLinear
+from ..nn.attention import ATTENTION_QUANTIZERS_ATTR
+from ..quantizers import Quantizer, build_quantizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantizationPlan:
+    """Which modules get quantized, and how post-LayerNorm sites are shared.
+
+    Attributes:
+        layernorm_consumers (`dict[str, list[str]]`): quantized LayerNorm name → the Linears reading its output.
+        skipped (`list[str]`): modules kept in float because of `modules_to_not_convert`.
+    """
+
+    layernorm_consumers: dict[str, list[str]] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            if re.fullmatch(pattern[3:], name):
+                return True
+        elif name == pattern:
+            return True
+    return False
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def weight_quantizer(config: DFQConfig, channels: int) -> Quantizer:
+    return build_quantizer(
+        "uniform",
+        bits=config.weight_bits,
+        channels=channels,
+        axis=0,
+        symmetric=config.weight_symmetric,
+        observer=config.weight_observer,
+        percentiles=config.weight_percentiles,
+    )
+
+
+def activation_quantizer(config: DFQConfig, bits: int | None = None, channels: int | None = None) -> Quantizer:
+    return build_quantizer(
+        "uniform",
+        bits=bits or config.activation_bits,
+        channels=channels,
+        axis=-1,
+        observer=config.activation_observer,
+        percentiles=config.activation_percentiles,
+    )
+
+
+def probs_quantizer(config: DFQConfig) -> Quantizer:
+    if config.post_softmax == "uniform":
+        return activation_quantizer(config)
+    return build_quantizer(config.post_softmax, bits=config.activation_bits, percentiles=config.activation_percentiles)
+
+
+def convert_model(
+    model: nn.Module, config: DFQConfig, adapter: ModelAdapter, layernorm_consumers: dict[str, list[str]]
+) -> QuantizationPlan:
+    """Replaces modules of `model` in place by their quantized twins (quantizers still uncalibrated).
+
+    Args:
+        model (`PreTrainedModel`): the float model (a copy: it is modified).
+        config (`DFQConfig`): bits and quantizer choices.
+        adapter (`ModelAdapter`): the model family's structure.
+        layernorm_consumers (`dict`): from [`find_layernorm_consumers`] on the float model.
+
+    Returns:
+        `QuantizationPlan`
+    """
+    plan = QuantizationPlan()
+    skip = config.modules_to_not_convert
+    quantize_activations = config.activation_bits is not None
+
+    shared_inputs: set[str] = set()
+    if quantize_activations:
+        for norm_name, consumers in layernorm_consumers.items():
+            if any(_matches(c, skip) for c in consumers) or _matches(norm_name, skip):
+                logger.info("LayerNorm %s feeds a module kept in float; its consumers quantize their own input.",
+                            norm_name)
+                continue
+            plan.layernorm_consumers[norm_name] = list(consumers)
+            shared_inputs.update(consumers)
+
+    for name, module in adapter.patch_embeddings(model):
+        if _matches(name, skip):
+            plan.skipped.append(name)
+            continue
+        input_q = activation_quantizer(config, bits=config.input_bits) if quantize_activations else None
+        _set_submodule(model, name, QConv2d.from_float(module, weight_quantizer(config, module.out_channels),
+                                                       input_q, name))
+
+    for name, module in adapter.linears(model):
+        if _matches(name, skip):
+            plan.skipped.append(name)
+            continue
+        input_q = None
+        if quantize_activations and name not in shared_inputs:
+            input_q = activation_quantizer(config)
+        _set_submodule(model, name, QLinear.from_float(module, weight_quantizer(config, module.out_features),
+                                                       input_q, name))
+
+    per_channel = config.post_layernorm in ("per_channel_reparam", "per_channel")
+    for norm_name in plan.layernorm_consumers:
+        norm = model.get_submodule(norm_name)
+        channels = norm.normalized_shape[-1] if per_channel else None
+        _set_submodule(model, norm_name, QLayerNorm.from_float(norm, activation_quantizer(config, channels=channels),
+                                                               norm_name))
+
+    if quantize_activations and config.quantize_attention:
+        for name, attention in adapter.attention_modules(model):
+            if _matches(name, skip):
+                plan.skipped.append(name)
+                continue
+            quantizers = AttentionQuantizers(
+                query=activation_quantizer(config),
+                key=activation_quantizer(config),
+                probs=probs_quantizer(config),
+                value=activation_quantizer(config),
+                site=name,
+            )
+            setattr(attention, ATTENTION_QUANTIZERS_ATTR, quantizers)
+    return plan

@@ -1,0 +1,132 @@
+"""Calibration sets: the images (real or synthetic) that calibration runs on, with their labels and provenance."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import CalibrationError, ImageSizeError
+
+
+@dataclass
+class CalibrationSet:
+    """Calibration images in the model's normalised input space.
+
+    Args:
+        pixel_values (`torch.Tensor`): `[N, C, H, W]` float tensor, already normalised by the model's image processor
+            (or synthesized in that space).
+        labels (`torch.Tensor`, *optional*): `[N]` hard labels (class ids), when known.
+        soft_labels (`torch.Tensor`, *optional*): `[N, num_classes]` soft targets, when the synthesizer made them.
+        metadata (`dict`): provenance: source/method, hyper-parameters, seed, model, library version.
+    """
+
+    pixel_values: torch.Tensor
+    labels: torch.Tensor | None = None
+    soft_labels: torch.Tensor | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pixel_values, torch.Tensor) or self.pixel_values.dim() != 4:
+            shape = getattr(self.pixel_values, "shape", None)
+            raise CalibrationError(
+                f"Calibration pixel_values must be a [N, C, H, W] tensor, got {type(self.pixel_values).__name__} "
+                f"with shape {shape}."
+            )
+        if self.pixel_values.shape[0] == 0:
+            raise CalibrationError(
+                "The calibration set is empty. Pass at least one image (num_images >= 1, or a non-empty dataset)."
+            )
+        if not torch.isfinite(self.pixel_values).all():
+            raise CalibrationError(
+                "The calibration images contain NaN or inf values; regenerate them or check the preprocessing."
+            )
+
+    def __len__(self) -> int:
+        return self.pixel_values.shape[0]
+
+    def check_image_size(self, model: torch.nn.Module) -> None:
+        """Raises [`ImageSizeError`] if the images do not match the model's `image_size` and `num_channels`."""
+        expected = expected_image_shape(model)
+        if tuple(self.pixel_values.shape[1:]) != expected:
+            raise ImageSizeError(
+                f"Calibration images have shape {tuple(self.pixel_values.shape[1:])} (C, H, W) but the model expects "
+                f"{expected}. Preprocess them with the model's own image processor (it resizes to "
+                f"{expected[1]}x{expected[2]}), or synthesize them for this model."
+            )
+
+    def batches(self, batch_size: int) -> list[torch.Tensor]:
+        return list(torch.split(self.pixel_values, batch_size))
+
+
+def expected_image_shape(model: torch.nn.Module) -> tuple[int, int, int]:
+    """`(channels, height, width)` the model accepts, from its config."""
+    config = model.config
+    size = config.image_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return int(config.num_channels), int(height), int(width)
+
+
+def image_column(dataset) -> str:
+    """Name of the (single) `datasets.Image` column of an image dataset."""
+    from datasets import Image
+
+    columns = [name for name, feature in dataset.features.items() if isinstance(feature, Image)]
+    if not columns:
+        raise CalibrationError(
+            f"The dataset has no image column (features: {list(dataset.features)}); an image-classification "
+            "dataset with a `datasets.Image` feature is needed."
+        )
+    return columns[0]
+
+
+def label_column(dataset) -> str | None:
+    """Name of the `ClassLabel` column, if any."""
+    from datasets import ClassLabel
+
+    for name, feature in dataset.features.items():
+        if isinstance(feature, ClassLabel):
+            return name
+    return None
+
+
+def calibration_set_from_dataset(
+    dataset, image_processor, num_images: int | None = None, seed: int = 0, shuffle: bool = True
+) -> CalibrationSet:
+    """Takes real images from a `datasets` image dataset and runs them through the model's image processor.
+
+    Args:
+        dataset (`datasets.Dataset`): a map-style dataset with an `Image` column (and optionally a `ClassLabel`).
+        image_processor: the model's image processor (`AutoImageProcessor.from_pretrained(model_id)`).
+        num_images (`int`, *optional*): how many images to take (all if `None`).
+        seed (`int`): seed of the shuffle that picks them.
+        shuffle (`bool`): pick a random subset (RepQ-ViT takes one shuffled batch of training images).
+
+    Returns:
+        `CalibrationSet`
+    """
+    if image_processor is None:
+        raise CalibrationError(
+            "A real calibration dataset needs the model's image processor to preprocess it; pass "
+            "`image_processor=AutoImageProcessor.from_pretrained(...)` or use DataFreeViTQuantizer.from_pretrained."
+        )
+    if len(dataset) == 0:
+        raise CalibrationError("The calibration dataset is empty; pass a dataset with at least one image.")
+    if num_images is not None and num_images > len(dataset):
+        raise CalibrationError(
+            f"Asked for {num_images} calibration images but the dataset has only {len(dataset)}; lower num_images."
+        )
+    if shuffle:
+        dataset = dataset.shuffle(seed=seed)
+    if num_images is not None:
+        dataset = dataset.select(range(num_images))
+    images_col, labels_col = image_column(dataset), label_column(dataset)
+    images = [image.convert("RGB") for image in dataset[images_col]]
+    pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"].float()
+    labels = torch.tensor(dataset[labels_col]) if labels_col is not None else None
+    return CalibrationSet(
+        pixel_values=pixel_values,
+        labels=labels,
+        metadata={"source": "real", "num_images": len(images), "seed": seed},
+    )

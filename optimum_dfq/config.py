@@ -1,0 +1,295 @@
+"""`DFQConfig`: everything that defines a quantization run, as one versioned, serialisable object.
+
+The same object is the run's recipe (YAML), the `quantization_config` written into `config.json`, and what
+`DataFreeViTQuantizer.quantize` reads. It subclasses transformers' `QuantizationConfigMixin` so that a quantized
+model carries it like any other Hugging Face quantization config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .errors import BitPresetError, CheckpointError, ConfigError
+from .version import FORMAT_VERSION, __version__
+
+QUANT_METHOD = "optimum_dfq"
+
+#: Named presets. Any `w{2..8}a{2..8}` or `w{2..8}a16` string is accepted too; these are the documented ones.
+BIT_PRESETS: dict[str, tuple[int, int | None]] = {
+    "w8a8": (8, 8),
+    "w6a6": (6, 6),
+    "w4a8": (4, 8),
+    "w4a4": (4, 4),
+    "w3a4": (3, 4),
+    "w3a3": (3, 3),
+    "w8a16": (8, None),
+    "w4a16": (4, None),
+}
+
+_PRESET_RE = re.compile(r"^w(\d+)a(\d+)$")
+MIN_BITS, MAX_BITS = 2, 8
+
+OBSERVERS = ("percentile_mse", "minmax")
+POST_LAYERNORM_MODES = ("per_channel_reparam", "per_tensor", "per_channel")
+POST_SOFTMAX_QUANTIZERS = ("log_sqrt2", "log2", "uniform")
+SCALE_SELECTORS = ("mean", "median", "mad")
+CALIBRATION_ORDERS = ("sequential", "parallel")
+DEFAULT_PERCENTILES = (0.999, 0.9999, 0.99999)
+
+
+def parse_bits(bits: str) -> tuple[int, int | None]:
+    """Parses a bit preset such as `"w4a4"` into `(weight_bits, activation_bits)`.
+
+    Args:
+        bits (`str`): `"w{W}a{A}"` with W in 2..8 and A in 2..8, or A = 16 for weight-only quantization.
+
+    Returns:
+        `tuple[int, int | None]`: the weight bits and the activation bits (`None` means activations stay float).
+
+    Example:
+        >>> parse_bits("w4a8")
+        (4, 8)
+        >>> parse_bits("w4a16")
+        (4, None)
+    """
+    if not isinstance(bits, str):
+        raise BitPresetError(f"Bit preset must be a string like 'w4a4', got {type(bits).__name__} {bits!r}.")
+    match = _PRESET_RE.match(bits.strip().lower())
+    if match is None:
+        raise BitPresetError(
+            f"Unknown bit preset {bits!r}. Use 'w<weight bits>a<activation bits>', e.g. one of "
+            f"{', '.join(BIT_PRESETS)} (a16 means weight-only)."
+        )
+    weight_bits, activation_bits = int(match.group(1)), int(match.group(2))
+    if not MIN_BITS <= weight_bits <= MAX_BITS:
+        raise BitPresetError(
+            f"Weight bits {weight_bits} in preset {bits!r} are outside {MIN_BITS}..{MAX_BITS}; choose e.g. 'w4a4'."
+        )
+    if activation_bits == 16:
+        return weight_bits, None
+    if not MIN_BITS <= activation_bits <= MAX_BITS:
+        raise BitPresetError(
+            f"Activation bits {activation_bits} in preset {bits!r} are outside {MIN_BITS}..{MAX_BITS} "
+            "(or 16 for weight-only); choose e.g. 'w4a8'."
+        )
+    return weight_bits, activation_bits
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"DFQConfig.{name}={value!r} is not one of {list(choices)}.")
+
+
+@dataclass
+class DFQConfig(QuantizationConfigMixin):
+    """Definition of a data-free quantization run (and the `quantization_config` of the quantized model).
+
+    Args:
+        bits (`str`, defaults to `"w4a4"`): bit preset, see [`parse_bits`].
+        input_bits (`int`, defaults to 8): bits of the image-input quantizer of the patch embedding (RepQ-ViT keeps
+            it at 8 whatever the preset).
+        weight_observer (`str`, defaults to `"percentile_mse"`): range estimator of weight quantizers
+            (`"percentile_mse"` or `"minmax"`).
+        weight_symmetric (`bool`, defaults to `False`): symmetric (zero point 0) instead of asymmetric weights.
+        weight_percentiles (`list[float]`): candidate upper percentiles of the percentile-MSE search for weights.
+        activation_observer (`str`, defaults to `"percentile_mse"`): range estimator of activation quantizers.
+        activation_percentiles (`list[float]`): candidate percentiles for activations.
+        post_layernorm (`str`, defaults to `"per_channel_reparam"`): treatment of post-LayerNorm activations (inputs
+            of q/k/v, fc1 and Swin's patch-merging reduction): calibrated per channel then re-parameterised to per
+            tensor (RepQ-ViT), plain per tensor, or kept per channel (not integer-friendly; for ablations).
+        scale_selector (`str`, defaults to `"mean"`): how the layer-wise scale is chosen from the channel scales when
+            re-parameterising (`"mean"` = RepQ-ViT; `"median"` and `"mad"` = our reading of DopQ-ViT's MOSF).
+        round_zero_point (`bool`, defaults to `True`): round the re-parameterised zero point to an integer (RepQ-ViT's
+            code leaves it fractional; integer deployment needs it rounded; FP equivalence holds either way).
+        quantize_attention (`bool`, defaults to `True`): quantize both attention matmuls (Q, K, softmax output, V).
+        post_softmax (`str`, defaults to `"log_sqrt2"`): quantizer of the attention probabilities.
+        calibration_order (`str`, defaults to `"sequential"`): `"sequential"` calibrates each quantizer on inputs
+            produced by the already-quantized prefix of the network (RepQ-ViT's behaviour, the whole calibration set
+            in one forward pass); `"parallel"` observes every quantizer on the float network, in batches.
+        calibration_batch_size (`int`, defaults to 32): batch size of forward passes in `"parallel"` calibration.
+        synthesizer (`str`, defaults to `"gaussian"`): name of the calibration-image synthesizer.
+        synthesizer_kwargs (`dict`): hyper-parameters of the synthesizer (its defaults otherwise).
+        num_images (`int`, defaults to 32): number of calibration images.
+        seed (`int`, defaults to 0): seed of synthesis and calibration.
+        modules_to_not_convert (`list[str]`): in-memory module names (or `re:` patterns) kept in float.
+        correction (`dict`): options of the activation-correction stage (empty = off).
+        reconstruction (`dict`): options of the block-reconstruction stage (empty = off).
+
+    Example:
+        >>> cfg = DFQConfig(bits="w4a8", scale_selector="mean")
+        >>> DFQConfig.from_dict(cfg.to_dict()) == cfg
+        True
+    """
+
+    bits: str = "w4a4"
+    input_bits: int = 8
+    weight_observer: str = "percentile_mse"
+    weight_symmetric: bool = False
+    weight_percentiles: list[float] = field(default_factory=lambda: list(DEFAULT_PERCENTILES))
+    activation_observer: str = "percentile_mse"
+    activation_percentiles: list[float] = field(default_factory=lambda: list(DEFAULT_PERCENTILES))
+    post_layernorm: str = "per_channel_reparam"
+    scale_selector: str = "mean"
+    round_zero_point: bool = True
+    quantize_attention: bool = True
+    post_softmax: str = "log_sqrt2"
+    calibration_order: str = "sequential"
+    calibration_batch_size: int = 32
+    synthesizer: str = "gaussian"
+    synthesizer_kwargs: dict[str, Any] = field(default_factory=dict)
+    num_images: int = 32
+    seed: int = 0
+    modules_to_not_convert: list[str] = field(default_factory=list)
+    correction: dict[str, Any] = field(default_factory=dict)
+    reconstruction: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    library_version: str = __version__
+    quant_method: str = QUANT_METHOD
+
+    _NON_FIELD_KEYS: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        self.bits = self.bits.strip().lower() if isinstance(self.bits, str) else self.bits
+        parse_bits(self.bits)
+        self._check_types()
+        _check_choice("weight_observer", self.weight_observer, OBSERVERS)
+        _check_choice("activation_observer", self.activation_observer, OBSERVERS)
+        _check_choice("post_layernorm", self.post_layernorm, POST_LAYERNORM_MODES)
+        _check_choice("post_softmax", self.post_softmax, POST_SOFTMAX_QUANTIZERS)
+        _check_choice("scale_selector", self.scale_selector, SCALE_SELECTORS)
+        _check_choice("calibration_order", self.calibration_order, CALIBRATION_ORDERS)
+        if not 2 <= self.input_bits <= 8:
+            raise ConfigError(f"DFQConfig.input_bits={self.input_bits} must be in 2..8.")
+        for name in ("weight_percentiles", "activation_percentiles"):
+            values = getattr(self, name)
+            if not values or any(not 0.5 < p <= 1.0 for p in values):
+                raise ConfigError(f"DFQConfig.{name}={values!r} must be a non-empty list of values in (0.5, 1].")
+        if self.num_images < 1:
+            raise ConfigError(f"DFQConfig.num_images={self.num_images} must be at least 1.")
+        if self.calibration_batch_size < 1:
+            raise ConfigError(f"DFQConfig.calibration_batch_size={self.calibration_batch_size} must be at least 1.")
+        if self.quant_method != QUANT_METHOD:
+            raise ConfigError(f"DFQConfig.quant_method must be {QUANT_METHOD!r}, got {self.quant_method!r}.")
+
+    def _check_types(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            expected = {"int": int, "str": str, "bool": bool, "float": float}.get(str(f.type))
+            if str(f.type).startswith("list"):
+                expected = list
+            elif str(f.type).startswith("dict"):
+                expected = dict
+            if expected is None:
+                continue
+            ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+            if not ok:
+                raise ConfigError(
+                    f"DFQConfig.{f.name} must be of type {f.type}, got {type(value).__name__} {value!r}."
+                )
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def weight_bits(self) -> int:
+        """Bits of the weight quantizers."""
+        return parse_bits(self.bits)[0]
+
+    @property
+    def activation_bits(self) -> int | None:
+        """Bits of the activation quantizers, `None` for weight-only quantization."""
+        return parse_bits(self.bits)[1]
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-serialisable dict of every field (the form stored in `config.json`)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """Builds a config from a dict, refusing unknown keys and newer format versions.
+
+        Args:
+            config_dict (`dict`): as produced by [`DFQConfig.to_dict`] or read from a recipe.
+            return_unused_kwargs (`bool`): transformers' calling convention; extra `kwargs` are returned unused.
+
+        Returns:
+            `DFQConfig` (and the unused kwargs when `return_unused_kwargs` is set).
+        """
+        if not isinstance(config_dict, dict):
+            raise ConfigError(f"A DFQConfig must be built from a mapping, got {type(config_dict).__name__}.")
+        version = config_dict.get("format_version", FORMAT_VERSION)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise CheckpointError(
+                f"This quantization config has format_version={version!r}, but optimum_dfq {__version__} reads "
+                f"format versions up to {FORMAT_VERSION}. Upgrade optimum-dfq (pip install -U optimum-dfq)."
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config_dict) - known)
+        if unknown:
+            raise ConfigError(
+                f"Unknown DFQConfig key(s) {unknown}. Valid keys: {sorted(known)}."
+            )
+        try:
+            config = cls(**config_dict)
+        except TypeError as err:  # pragma: no cover - dataclass signature errors
+            raise ConfigError(f"Invalid DFQConfig: {err}") from err
+        if return_unused_kwargs:
+            return config, kwargs
+        return config
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "DFQConfig":
+        """Reads a YAML recipe (see `recipes/`).
+
+        Args:
+            path (`str` or `Path`): the recipe file.
+
+        Returns:
+            `DFQConfig`
+
+        Example:
+            >>> cfg = DFQConfig.from_yaml("recipes/repq_vit_w4a4.yaml")  # doctest: +SKIP
+        """
+        import yaml
+
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as err:
+            raise ConfigError(f"Recipe file {str(path)!r} does not exist.") from err
+        except yaml.YAMLError as err:
+            raise ConfigError(f"Recipe file {str(path)!r} is not valid YAML: {err}") from err
+        if data is None:
+            data = {}
+        return cls.from_dict(data)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        """Serialises the config as YAML; writes it to `path` when given and returns the text."""
+        import yaml
+
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text, encoding="utf-8")
+        return text
+
+    def replace(self, **changes: Any) -> "DFQConfig":
+        """Returns a copy with `changes` applied (validated like a new config)."""
+        data = self.to_dict()
+        data.update(changes)
+        return type(self).from_dict(data)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value

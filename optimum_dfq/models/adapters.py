@@ -1,0 +1,103 @@
+"""Model adapters: what optimum_dfq needs to know about each supported architecture.
+
+An adapter selects modules by *type* (transformers' block and attention classes, `nn.Linear`, `nn.Conv2d`,
+`nn.LayerNorm`) and by dataflow (see [`find_layernorm_consumers`]), never by parameter names: transformers 5
+renamed ViT's modules, and checkpoints keep the old names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+from transformers import (
+    DeiTForImageClassification,
+    DeiTForImageClassificationWithTeacher,
+    SwinForImageClassification,
+    ViTForImageClassification,
+)
+from transformers.models.deit.modeling_deit import DeiTAttention, DeiTLayer
+from transformers.models.swin.modeling_swin import SwinAttention, SwinLayer, SwinPatchMerging
+from transformers.models.vit.modeling_vit import ViTAttention, ViTLayer
+
+from ..errors import UnsupportedArchitectureError
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    """Structural description of one model family.
+
+    Attributes:
+        family (`str`): `"vit"`, `"deit"` or `"swin"`.
+        block_type (`type`): the transformer block class (a reconstruction unit).
+        attention_type (`type`): the self-attention class (calls the attention interface).
+        num_prefix_tokens (`int`): non-patch tokens before the patch tokens (CLS = 1; DeiT CLS + distillation = 2).
+        windowed (`bool`): attention runs on local windows (Swin) rather than on all tokens.
+        merging_type (`type`, *optional*): Swin's patch-merging class (its LayerNorm → reduction pair is
+            re-parameterised like the blocks' pairs).
+    """
+
+    family: str
+    block_type: type[nn.Module]
+    attention_type: type[nn.Module]
+    num_prefix_tokens: int
+    windowed: bool
+    merging_type: type[nn.Module] | None = None
+
+    def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """Transformer blocks in forward order."""
+        return [(name, m) for name, m in model.named_modules() if isinstance(m, self.block_type)]
+
+    def attention_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """Self-attention modules in forward order."""
+        return [(name, m) for name, m in model.named_modules() if isinstance(m, self.attention_type)]
+
+    def patch_embeddings(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The patch-embedding convolutions (the only `Conv2d` in these models)."""
+        return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+    def linears(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """Every `nn.Linear` (q/k/v/o, fc1/fc2, Swin reduction, classifiers)."""
+        return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+    def patch_grid(self, model: nn.Module) -> tuple[int, int]:
+        """`(rows, cols)` of the first-stage patch grid."""
+        config = model.config
+        size = config.image_size
+        height, width = (size, size) if isinstance(size, int) else size
+        patch = config.patch_size
+        ph, pw = (patch, patch) if isinstance(patch, int) else patch
+        return height // ph, width // pw
+
+
+_VIT = ModelAdapter("vit", ViTLayer, ViTAttention, num_prefix_tokens=1, windowed=False)
+_DEIT = ModelAdapter("deit", DeiTLayer, DeiTAttention, num_prefix_tokens=2, windowed=False)
+_DEIT_PLAIN = ModelAdapter("deit", DeiTLayer, DeiTAttention, num_prefix_tokens=2, windowed=False)
+_SWIN = ModelAdapter("swin", SwinLayer, SwinAttention, num_prefix_tokens=0, windowed=True, merging_type=SwinPatchMerging)
+
+ADAPTERS: dict[type[nn.Module], ModelAdapter] = {
+    ViTForImageClassification: _VIT,
+    DeiTForImageClassification: _DEIT_PLAIN,
+    DeiTForImageClassificationWithTeacher: _DEIT,
+    SwinForImageClassification: _SWIN,
+}
+
+
+def get_adapter(model: nn.Module) -> ModelAdapter:
+    """Returns the adapter of a supported model, or raises [`UnsupportedArchitectureError`].
+
+    Args:
+        model (`nn.Module`): a transformers image-classification model.
+
+    Returns:
+        `ModelAdapter`
+    """
+    adapter = ADAPTERS.get(type(model))
+    if adapter is None:
+        supported = ", ".join(sorted(cls.__name__ for cls in ADAPTERS))
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__} is not supported by optimum_dfq. Supported architectures: {supported}. "
+            "Load the checkpoint with one of these classes (e.g. AutoModelForImageClassification for a ViT, DeiT or "
+            "Swin checkpoint)."
+        )
+    return adapter

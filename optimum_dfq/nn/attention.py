@@ -1,0 +1,138 @@
+"""Quantized eager attention, plugged in through transformers' `AttentionInterface`.
+
+ViT, DeiT and Swin in transformers 5 compute attention through `ALL_ATTENTION_FUNCTIONS[config._attn_implementation]`.
+We register one more implementation, `"optimum_dfq"`: plain eager attention (`softmax(Q·Kᵀ·scale + mask)·V`) in which
+the operands of both matmuls are fake-quantized when the attention module carries an [`AttentionQuantizers`]
+child. **A quantized model therefore always runs eager attention** (no SDPA/flash kernels): the quantizers need the
+explicit probabilities. The same function records attention probabilities for the synthesizers (see
+[`capture_attention`]), with gradients, on float models too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..quantizers import Quantizer
+
+ATTENTION_IMPLEMENTATION = "optimum_dfq"
+ATTENTION_QUANTIZERS_ATTR = "dfq_attention"
+
+
+class AttentionQuantizers(nn.Module):
+    """The four attention quantization sites of one attention module.
+
+    Args:
+        query (`Quantizer`), key (`Quantizer`): operands of `Q·Kᵀ` (per tensor, uniform).
+        probs (`Quantizer`): post-softmax probabilities, the left operand of `A·V` (log-√2 in RepQ-ViT).
+        value (`Quantizer`): `V`, the right operand of `A·V` (per tensor, uniform).
+    """
+
+    def __init__(self, query: Quantizer, key: Quantizer, probs: Quantizer, value: Quantizer, site: str = "") -> None:
+        super().__init__()
+        self.query, self.key, self.probs, self.value = query, key, probs, value
+        for name in ("query", "key", "probs", "value"):
+            getattr(self, name).site = f"{site}.{name}" if site else name
+
+    def quantizers(self) -> Iterator[Quantizer]:
+        yield from (self.query, self.key, self.probs, self.value)
+
+
+@dataclass
+class AttentionRecord:
+    """One call of an attention module: the module and its probabilities `[batch·windows, heads, queries, keys]`."""
+
+    module: nn.Module
+    probs: torch.Tensor
+
+
+_CAPTURES: list[list[AttentionRecord]] = []
+
+
+@contextlib.contextmanager
+def capture_attention(model: nn.Module) -> Iterator[list[AttentionRecord]]:
+    """Records the attention probabilities of every attention call inside the block, in call order.
+
+    The model is switched to the `"optimum_dfq"` attention implementation for the duration (and restored after).
+    Probabilities keep their autograd graph, so losses on them back-propagate to the input pixels.
+
+    Args:
+        model (`PreTrainedModel`): a ViT, DeiT or Swin model (float or quantized).
+
+    Returns:
+        A context manager yielding the list that fills up during forward passes.
+
+    Example:
+        >>> with capture_attention(model) as records:  # doctest: +SKIP
+        ...     model(pixel_values)
+        >>> records[0].probs.shape  # doctest: +SKIP
+        torch.Size([8, 3, 65, 65])
+    """
+    records: list[AttentionRecord] = []
+    previous = use_quantized_attention(model)
+    _CAPTURES.append(records)
+    try:
+        yield records
+    finally:
+        _CAPTURES.remove(records)
+        _set_implementation(model, previous)
+
+
+def dfq_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention with optional fake-quantization of Q, K, the probabilities and V."""
+    quantizers: AttentionQuantizers | None = getattr(module, ATTENTION_QUANTIZERS_ATTR, None)
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    if quantizers is not None:
+        query, key = quantizers.query(query), quantizers.key(key)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+    for records in _CAPTURES:
+        records.append(AttentionRecord(module, probs))
+    if quantizers is not None:
+        probs, value = quantizers.probs(probs), quantizers.value(value)
+    output = torch.matmul(probs, value).transpose(1, 2).contiguous()
+    return output, probs
+
+
+def register_attention_implementation() -> None:
+    """Registers `"optimum_dfq"` with transformers' `AttentionInterface` (idempotent)."""
+    from transformers import AttentionInterface
+
+    if ATTENTION_IMPLEMENTATION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ATTENTION_IMPLEMENTATION, dfq_attention_forward)
+
+
+def _set_implementation(model: nn.Module, implementation: str | None) -> None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(implementation)
+    else:  # pragma: no cover - non-PreTrainedModel
+        config._attn_implementation = implementation
+
+
+def use_quantized_attention(model: nn.Module) -> str | None:
+    """Switches `model` to the `"optimum_dfq"` eager attention; returns the previous implementation name."""
+    register_attention_implementation()
+    previous = model.config._attn_implementation
+    if previous != ATTENTION_IMPLEMENTATION:
+        _set_implementation(model, ATTENTION_IMPLEMENTATION)
+    return previous

@@ -1,0 +1,165 @@
+"""`DataFreeViTQuantizer`: the user-facing entry point."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from typing import Any
+
+import torch
+from optimum.quantization_base import OptimumQuantizer
+from transformers import PreTrainedModel
+
+from .calibration import CalibrationSet, calibration_set_from_dataset, quantize_model
+from .config import DFQConfig
+from .errors import CalibrationError, ConfigError
+from .models import get_adapter
+from .synthesis import get_synthesizer
+
+logger = logging.getLogger(__name__)
+
+
+class DataFreeViTQuantizer(OptimumQuantizer):
+    """Quantizes Hugging Face ViT, DeiT and Swin image classifiers to low bit widths without real data.
+
+    Calibration images are synthesized from the float model itself (or, for comparison, taken from a real
+    dataset). The result is a regular `PreTrainedModel` of the same class whose Linear/Conv layers, post-LayerNorm
+    activations and attention matmuls are fake-quantized at RepQ-ViT's sites. **Quantized models run eager attention**
+    (the `"optimum_dfq"` attention implementation): the quantizers need the explicit attention probabilities.
+
+    Args:
+        model (`PreTrainedModel`, *optional*): the float model to quantize by default.
+        image_processor (*optional*): its image processor (mean/std for synthesis, preprocessing of real data).
+
+    Example:
+        >>> from optimum_dfq import DataFreeViTQuantizer
+        >>> quantizer = DataFreeViTQuantizer.from_pretrained("facebook/deit-small-patch16-224")  # doctest: +SKIP
+        >>> qmodel = quantizer.quantize(bits="w4a4")  # doctest: +SKIP
+    """
+
+    def __init__(self, model: PreTrainedModel | None = None, image_processor: Any | None = None) -> None:
+        if model is not None:
+            get_adapter(model)
+        self.model = model
+        self.image_processor = image_processor
+
+    @classmethod
+    def from_pretrained(
+        cls, model_or_path: PreTrainedModel | str | os.PathLike, image_processor: Any | None = None, **kwargs: Any
+    ) -> "DataFreeViTQuantizer":
+        """Creates a quantizer for a model instance, a local folder or a Hub id.
+
+        Args:
+            model_or_path (`PreTrainedModel`, `str` or `os.PathLike`): the float model, or where to load it from with
+                `AutoModelForImageClassification.from_pretrained` (its image processor is loaded from the same place
+                when it has one).
+            image_processor (*optional*): overrides the loaded image processor.
+            kwargs: forwarded to `from_pretrained` (`revision`, `token`, `cache_dir`, ...).
+
+        Returns:
+            `DataFreeViTQuantizer`
+        """
+        if isinstance(model_or_path, PreTrainedModel):
+            return cls(model_or_path, image_processor)
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+        model = AutoModelForImageClassification.from_pretrained(model_or_path, **kwargs)
+        if image_processor is None:
+            try:
+                image_processor = AutoImageProcessor.from_pretrained(model_or_path, **kwargs)
+            except OSError:
+                logger.warning("%s has no image processor; pass image_processor= for real-data calibration.",
+                               model_or_path)
+        return cls(model, image_processor)
+
+    def quantize(
+        self,
+        model: PreTrainedModel | None = None,
+        bits: str | None = None,
+        *,
+        config: DFQConfig | None = None,
+        synthesizer: str | None = None,
+        num_images: int | None = None,
+        calibration_dataset: Any | None = None,
+        seed: int | None = None,
+        image_processor: Any | None = None,
+        save_dir: str | os.PathLike | None = None,
+    ) -> PreTrainedModel:
+        """Returns a quantized copy of `model` (the input model is left unchanged).
+
+        Args:
+            model (`PreTrainedModel`, *optional*): defaults to the quantizer's model.
+            bits (`str`, *optional*): bit preset (`"w8a8"`, `"w6a6"`, `"w4a8"`, `"w4a4"`, `"w3a4"`, `"w3a3"`,
+                `"w8a16"`, `"w4a16"`, or any `w{2..8}a{2..8|16}`); overrides `config.bits`; default `"w4a4"`.
+            config (`DFQConfig`, *optional*): full run definition; the explicit arguments below override its fields.
+            synthesizer (`str`, *optional*): calibration-image synthesizer (`"gaussian"`, ...); ignored when
+                `calibration_dataset` is given.
+            num_images (`int`, *optional*): number of calibration images (default 32).
+            calibration_dataset (*optional*): real calibration data instead of synthesis: a `datasets.Dataset` with an
+                image column (preprocessed with the image processor), a [`CalibrationSet`], or a `[N, C, H, W]` tensor
+                of already-normalised pixel values.
+            seed (`int`, *optional*): seed of synthesis and image selection (default 0).
+            image_processor (*optional*): overrides the quantizer's image processor.
+            save_dir (`str` or `os.PathLike`, *optional*): also `save_pretrained` the quantized model there.
+
+        Returns:
+            `PreTrainedModel`: same class and outputs as the input; `model.config.quantization_config` is the
+            [`DFQConfig`] of the run.
+        """
+        model = model if model is not None else self.model
+        if model is None:
+            raise ConfigError("No model to quantize: pass `model=` or create the quantizer with from_pretrained(...).")
+        get_adapter(model)
+        config = self._resolve_config(config, bits, synthesizer, num_images, seed)
+        image_processor = image_processor if image_processor is not None else self.image_processor
+
+        torch.manual_seed(config.seed)
+        calibration = self.calibration_set(model, config, calibration_dataset, image_processor)
+        qmodel = copy.deepcopy(model)
+        quantize_model(qmodel, calibration, config)
+        qmodel.config.quantization_config = config
+        if save_dir is not None:
+            qmodel.save_pretrained(save_dir)
+            if image_processor is not None:
+                image_processor.save_pretrained(save_dir)
+        return qmodel
+
+    @staticmethod
+    def _resolve_config(
+        config: DFQConfig | None, bits: str | None, synthesizer: str | None, num_images: int | None, seed: int | None
+    ) -> DFQConfig:
+        if config is not None and not isinstance(config, DFQConfig):
+            raise ConfigError(f"config must be a DFQConfig, got {type(config).__name__}.")
+        config = config or DFQConfig()
+        overrides = {
+            key: value
+            for key, value in {"bits": bits, "synthesizer": synthesizer, "num_images": num_images, "seed": seed}.items()
+            if value is not None
+        }
+        return config.replace(**overrides) if overrides else config
+
+    @staticmethod
+    def calibration_set(
+        model: PreTrainedModel, config: DFQConfig, calibration_dataset: Any | None, image_processor: Any | None
+    ) -> CalibrationSet:
+        """Builds the calibration set of a run: synthesized, or from the given real data."""
+        if calibration_dataset is None:
+            synthesizer = get_synthesizer(config.synthesizer, **config.synthesizer_kwargs)
+            calibration = synthesizer.synthesize(model, config.num_images, seed=config.seed,
+                                                 image_processor=image_processor)
+        elif isinstance(calibration_dataset, CalibrationSet):
+            calibration = calibration_dataset
+        elif isinstance(calibration_dataset, torch.Tensor):
+            calibration = CalibrationSet(pixel_values=calibration_dataset.float())
+        elif hasattr(calibration_dataset, "features"):
+            calibration = calibration_set_from_dataset(
+                calibration_dataset, image_processor, config.num_images, seed=config.seed
+            )
+        else:
+            raise CalibrationError(
+                f"calibration_dataset must be a datasets.Dataset, a CalibrationSet or a pixel tensor, got "
+                f"{type(calibration_dataset).__name__}."
+            )
+        calibration.check_image_size(model)
+        return calibration

@@ -1,0 +1,123 @@
+"""The quantizer base class: explicit observe → calibrate → fake-quantize life cycle.
+
+A quantizer never initialises itself lazily from the first tensor it happens to see (a RepQ-ViT pitfall: a warm-up
+batch silently fixes the ranges). Its `mode` says what `forward` does:
+
+* `"observe"`: record the input, return it unchanged (float network);
+* `"calibrate"`: record the input, calibrate at once, switch to `"quantize"` and return the quantized input
+  (sequential calibration: every quantizer sees the output of the already-quantized prefix, as RepQ-ViT does with
+  its whole calibration batch);
+* `"quantize"`: fake-quantize (straight-through gradient);
+* `"off"`: identity.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import CalibrationError
+
+MODES = ("observe", "calibrate", "quantize", "off")
+
+
+class Quantizer(nn.Module, ABC):
+    """Base class of fake-quantizers.
+
+    Subclasses implement [`fake_quant`], [`levels`] and [`_calibrate_from`]. Calibration parameters are registered
+    buffers, so they travel with `state_dict()`.
+
+    Args:
+        bits (`int`): bit width (2..8 for activations and weights, 8 for the image input).
+    """
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        if not 1 <= bits <= 16:
+            raise ValueError(f"Quantizer bits must be in 1..16, got {bits}.")
+        self.bits = bits
+        self.mode = "quantize"
+        self.site = ""  # human-readable location, set by the module that owns the quantizer
+        self._observed: list[torch.Tensor] = []
+        self.register_buffer("calibrated", torch.tensor(False), persistent=True)
+
+    # ------------------------------------------------------------------ life cycle
+    def set_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"Unknown quantizer mode {mode!r}; expected one of {MODES}.")
+        self.mode = mode
+
+    def observe(self, x: torch.Tensor) -> None:
+        """Records a tensor for calibration (detached)."""
+        x = x.detach()
+        if not torch.isfinite(x).all():
+            bad = int((~torch.isfinite(x)).sum())
+            raise CalibrationError(
+                f"{bad} non-finite value(s) (NaN/inf) reached the quantizer at {self.site or type(self).__name__} "
+                "during calibration. Check the calibration images (they must be finite and normalised like the "
+                "model's training inputs) and that the float model itself produces finite outputs."
+            )
+        self._observed.append(x)
+
+    @property
+    def num_observed(self) -> int:
+        return sum(t.numel() for t in self._observed)
+
+    def calibrate(self) -> None:
+        """Computes the quantization parameters from everything observed so far, then forgets the observations."""
+        if not self._observed:
+            raise CalibrationError(
+                f"Quantizer at {self.site or type(self).__name__} has observed nothing: calibrate() needs at least "
+                "one calibration batch to flow through this part of the model."
+            )
+        observed = self._observed
+        self._observed = []
+        self._calibrate_from(observed)
+        self.calibrated.fill_(True)
+
+    def reset(self) -> None:
+        """Drops observations and marks the quantizer uncalibrated."""
+        self._observed = []
+        self.calibrated.fill_(False)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "off":
+            return x
+        if self.mode == "observe":
+            self.observe(x)
+            return x
+        if self.mode == "calibrate":
+            self.observe(x)
+            self.calibrate()
+            self.mode = "quantize"
+        elif not bool(self.calibrated):
+            raise CalibrationError(
+                f"Quantizer at {self.site or type(self).__name__} is used before calibrate(); run the calibration "
+                "step (DataFreeViTQuantizer.quantize does this) before inference."
+            )
+        quantized = self.fake_quant(x)
+        if x.requires_grad:
+            return x + (quantized - x).detach()  # straight-through estimator
+        return quantized
+
+    # ------------------------------------------------------------------ to implement
+    @abstractmethod
+    def _calibrate_from(self, observed: list[torch.Tensor]) -> None:
+        """Sets the quantization parameters from the observed tensors."""
+
+    @abstractmethod
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        """Quantize-dequantize `x` with the calibrated parameters."""
+
+    @abstractmethod
+    def levels(self) -> torch.Tensor:
+        """Every value the quantizer can output: `[num_levels]`, or `[channels, num_levels]` per channel."""
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, bits={self.bits}, mode={self.mode}"

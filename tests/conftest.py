@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny random ViT/DeiT/Swin models and a small real CIFAR-10 fixture."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest
+import torch
+from transformers import (
+    DeiTConfig,
+    DeiTForImageClassification,
+    DeiTForImageClassificationWithTeacher,
+    SwinConfig,
+    SwinForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTImageProcessor,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+CIFAR_MEAN = [0.4914, 0.4822, 0.4465]
+CIFAR_STD = [0.2470, 0.2435, 0.2616]
+LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _labels() -> dict:
+    return {"id2label": dict(enumerate(LABELS)), "label2id": {name: i for i, name in enumerate(LABELS)}}
+
+
+def tiny_vit() -> ViTForImageClassification:
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, num_labels=10, **_labels())
+    return ViTForImageClassification(config).eval()
+
+
+def _deit_config() -> DeiTConfig:
+    return DeiTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, num_labels=10, **_labels())
+
+
+def tiny_deit() -> DeiTForImageClassification:
+    torch.manual_seed(0)
+    return DeiTForImageClassification(_deit_config()).eval()
+
+
+def tiny_deit_teacher() -> DeiTForImageClassificationWithTeacher:
+    torch.manual_seed(0)
+    return DeiTForImageClassificationWithTeacher(_deit_config()).eval()
+
+
+def tiny_swin() -> SwinForImageClassification:
+    torch.manual_seed(0)
+    config = SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=4,
+                        num_labels=10, **_labels())
+    return SwinForImageClassification(config).eval()
+
+
+TINY_MODELS = {"vit": tiny_vit, "deit": tiny_deit, "deit_teacher": tiny_deit_teacher, "swin": tiny_swin}
+
+
+@pytest.fixture(params=sorted(TINY_MODELS))
+def tiny_model(request):
+    """Each tiny random model family in turn."""
+    return TINY_MODELS[request.param]()
+
+
+@pytest.fixture(scope="session")
+def image_processor() -> ViTImageProcessor:
+    return ViTImageProcessor(do_resize=True, size={"height": 32, "width": 32}, image_mean=CIFAR_MEAN,
+                             image_std=CIFAR_STD)
+
+
+@pytest.fixture(scope="session")
+def cifar_train():
+    """64 real CIFAR-10 training images (the calibration pool)."""
+    from datasets import load_dataset
+
+    return load_dataset("parquet", data_files={"train": str(FIXTURES / "cifar10_tiny_train.parquet")}, split="train")
+
+
+@pytest.fixture(scope="session")
+def cifar_test():
+    """256 real CIFAR-10 test images (never used for calibration)."""
+    from datasets import load_dataset
+
+    return load_dataset("parquet", data_files={"test": str(FIXTURES / "cifar10_tiny_test.parquet")}, split="test")
+
+
+@pytest.fixture(scope="session")
+def cifar_test_pixels(cifar_test, image_processor) -> torch.Tensor:
+    images = [image.convert("RGB") for image in cifar_test["img"]]
+    return image_processor(images=images, return_tensors="pt")["pixel_values"]

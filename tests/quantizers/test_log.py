@@ -1,0 +1,61 @@
+import math
+
+import pytest
+import torch
+
+from optimum_dfq.quantizers import Log2Quantizer, LogSqrt2Quantizer
+
+
+def attention_like(n=4096):
+    torch.manual_seed(0)
+    return torch.softmax(torch.randn(n // 64, 64) * 3, dim=-1).reshape(-1)
+
+
+def calibrated(cls, x, bits):
+    q = cls(bits=bits)
+    q.set_mode("observe")
+    q(x)
+    q.calibrate()
+    q.set_mode("quantize")
+    return q
+
+
+def repq_log_sqrt2(x, delta, n_bits):
+    """RepQ-ViT's LogSqrt2Quantizer.quantize, transcribed as a reference."""
+    x_int = torch.round(-1 * (x / delta).log2() * 2)
+    mask = x_int >= 2**n_bits
+    x_quant = torch.clamp(x_int, 0, 2**n_bits - 1)
+    odd_mask = (x_quant % 2) * (math.sqrt(2) - 1) + 1
+    x_float_q = 2 ** (-1 * torch.ceil(x_quant / 2)) * odd_mask * delta
+    x_float_q[mask] = 0
+    return x_float_q
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_log_sqrt2_matches_repq_and_has_a_zero_level(bits):
+    x = attention_like()
+    q = calibrated(LogSqrt2Quantizer, x, bits)
+    torch.testing.assert_close(q(x), repq_log_sqrt2(x, q.scale, bits), rtol=0, atol=0)
+    levels = q.levels()
+    assert levels.numel() == 2**bits + 1  # 2^b powers of sqrt(2) plus the exact zero
+    assert levels[0] == 0
+    assert set(torch.unique(q(x)).tolist()) <= set(levels.tolist())
+    assert q(torch.zeros(3)).eq(0).all()
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_log2_codebook(bits):
+    x = attention_like()
+    q = calibrated(Log2Quantizer, x, bits)
+    levels = q.levels()
+    assert levels.numel() == 2**bits
+    ratios = levels[1:] / levels[:-1]
+    torch.testing.assert_close(ratios, torch.full_like(ratios, 2.0))
+    assert set(torch.unique(q(x)).tolist()) <= set(levels.tolist())
+
+
+def test_log_sqrt2_is_finer_than_log2_on_attention():
+    x = attention_like()
+    err2 = (calibrated(Log2Quantizer, x, 4)(x) - x).pow(2).mean()
+    err_sqrt2 = (calibrated(LogSqrt2Quantizer, x, 4)(x) - x).pow(2).mean()
+    assert err_sqrt2 < err2

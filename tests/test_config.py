@@ -1,0 +1,83 @@
+import pytest
+
+from optimum_dfq import BIT_PRESETS, BitPresetError, CheckpointError, ConfigError, DFQConfig, parse_bits
+from optimum_dfq.version import FORMAT_VERSION
+
+
+@pytest.mark.parametrize("preset", sorted(BIT_PRESETS))
+def test_every_documented_preset_parses(preset):
+    assert parse_bits(preset) == BIT_PRESETS[preset]
+
+
+def test_presets_are_case_insensitive_and_generic():
+    assert parse_bits("W5A7") == (5, 7)
+    assert parse_bits("w2a16") == (2, None)
+
+
+@pytest.mark.parametrize(
+    "preset, message",
+    [
+        ("w4", "Unknown bit preset 'w4'"),
+        ("int4", "Unknown bit preset 'int4'"),
+        ("w9a8", "Weight bits 9"),
+        ("w1a8", "Weight bits 1"),
+        ("w4a9", "Activation bits 9"),
+        ("w4a1", "Activation bits 1"),
+    ],
+)
+def test_bad_presets_name_the_problem(preset, message):
+    with pytest.raises(BitPresetError, match=message):
+        parse_bits(preset)
+
+
+def test_non_string_preset():
+    with pytest.raises(BitPresetError, match="must be a string"):
+        parse_bits(4)
+
+
+def test_config_round_trips_through_dict_and_yaml(tmp_path):
+    config = DFQConfig(bits="w3a4", scale_selector="median", post_softmax="log2", num_images=64, seed=7,
+                       synthesizer_kwargs={"steps": 10})
+    assert DFQConfig.from_dict(config.to_dict()) == config
+    path = tmp_path / "recipe.yaml"
+    config.to_yaml(path)
+    assert DFQConfig.from_yaml(path) == config
+    assert config.weight_bits == 3 and config.activation_bits == 4
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match="weight_bitz"):
+        DFQConfig.from_dict({"weight_bitz": 4})
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigError, match="num_images"):
+        DFQConfig.from_dict({"num_images": "32"})
+    with pytest.raises(ConfigError, match="quantize_attention"):
+        DFQConfig(quantize_attention="yes")
+
+
+def test_bad_choice_is_named():
+    with pytest.raises(ConfigError, match="post_softmax='cubic'"):
+        DFQConfig(post_softmax="cubic")
+
+
+def test_newer_format_version_is_refused():
+    with pytest.raises(CheckpointError, match="Upgrade optimum-dfq"):
+        DFQConfig.from_dict({"format_version": FORMAT_VERSION + 1})
+
+
+def test_yaml_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        DFQConfig.from_yaml(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("bits: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        DFQConfig.from_yaml(bad)
+
+
+def test_replace_validates():
+    config = DFQConfig()
+    assert config.replace(bits="w8a8").bits == "w8a8"
+    with pytest.raises(BitPresetError):
+        config.replace(bits="w10a10")

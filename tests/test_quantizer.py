@@ -1,0 +1,216 @@
+"""End-to-end tests of DataFreeViTQuantizer.quantize on tiny models of every supported family."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from optimum.quantization_base import OptimumQuantizer
+
+from optimum_dfq import (
+    BIT_PRESETS,
+    BitPresetError,
+    CalibrationError,
+    DataFreeViTQuantizer,
+    DFQConfig,
+    ImageSizeError,
+    SynthesisError,
+    UnsupportedArchitectureError,
+)
+from optimum_dfq.calibration import iter_quantizers
+from optimum_dfq.nn import QConv2d, QLayerNorm, QLinear
+from optimum_dfq.quantizers import LogSqrt2Quantizer
+
+from .conftest import TINY_MODELS, tiny_vit
+
+
+def count_levels_ok(model) -> None:
+    for name, quantizer in iter_quantizers(model):
+        levels = quantizer.levels()
+        per_row = levels.shape[-1]
+        expected = 2**quantizer.bits + (1 if isinstance(quantizer, LogSqrt2Quantizer) else 0)
+        assert per_row == expected, name
+        rows = levels.reshape(-1, per_row)
+        assert all(torch.unique(row).numel() == expected for row in rows), name
+
+
+def test_is_an_optimum_quantizer():
+    assert isinstance(DataFreeViTQuantizer(tiny_vit()), OptimumQuantizer)
+
+
+@pytest.mark.parametrize("family", sorted(TINY_MODELS))
+@pytest.mark.parametrize("bits", sorted(BIT_PRESETS))
+def test_every_preset_on_every_family_with_gaussian(family, bits):
+    model = TINY_MODELS[family]()
+    pixels = torch.randn(4, 3, 32, 32)
+    reference = model(pixel_values=pixels)
+    state_before = {k: v.clone() for k, v in model.state_dict().items()}
+    qmodel = DataFreeViTQuantizer().quantize(model, bits=bits, synthesizer="gaussian", num_images=8)
+
+    assert type(qmodel) is type(model)
+    output = qmodel(pixel_values=pixels)
+    assert type(output) is type(reference)
+    assert output.logits.shape == reference.logits.shape
+    assert torch.isfinite(output.logits).all()
+    assert not torch.equal(output.logits, reference.logits)  # really quantized
+    # input model untouched (still the FP teacher)
+    assert all(torch.equal(v, state_before[k]) for k, v in model.state_dict().items())
+    assert not any(isinstance(m, (QLinear, QConv2d)) for m in model.modules())
+    assert torch.equal(model(pixel_values=pixels).logits, reference.logits)
+
+    config = qmodel.config.quantization_config
+    assert isinstance(config, DFQConfig) and config.bits == bits
+    weight_bits, activation_bits = BIT_PRESETS[bits]
+    linears = [m for m in qmodel.modules() if isinstance(m, QLinear)]
+    assert linears and all(m.weight_quantizer.bits == weight_bits for m in linears)
+    activation_quantizers = [q for n, q in iter_quantizers(qmodel) if not n.endswith("weight_quantizer")]
+    if activation_bits is None:
+        assert not activation_quantizers
+    else:
+        image_input = [q for n, q in iter_quantizers(qmodel) if n.endswith("projection.input_quantizer")]
+        assert len(image_input) == 1 and image_input[0].bits == 8
+        others = [q for q in activation_quantizers if q not in image_input]
+        assert others and all(q.bits == activation_bits for q in others)
+    count_levels_ok(qmodel)
+
+
+def test_sites_of_the_repq_placement(tiny_model):
+    qmodel = DataFreeViTQuantizer().quantize(tiny_model, bits="w4a4", num_images=4)
+    names = [n for n, _ in iter_quantizers(qmodel)]
+    norms = [m for m in qmodel.modules() if isinstance(m, QLayerNorm)]
+    assert norms and all(not m.output_quantizer.per_channel for m in norms)  # re-parameterised to per tensor
+    for site in ("query", "key", "probs", "value"):
+        assert any(n.endswith(f"dfq_attention.{site}") for n in names)
+    assert all(isinstance(q, LogSqrt2Quantizer) for n, q in iter_quantizers(qmodel) if n.endswith(".probs"))
+    # classifier(s) are quantized too, with their own per-tensor input quantizer
+    classifiers = [m for n, m in qmodel.named_modules() if n.endswith("classifier") and isinstance(m, QLinear)]
+    assert classifiers and all(m.input_quantizer is not None for m in classifiers)
+    assert qmodel.config._attn_implementation == "optimum_dfq"
+
+
+def test_real_data_calibration_w8a8_matches_fp(tiny_model, cifar_train, image_processor, cifar_test_pixels):
+    quantizer = DataFreeViTQuantizer(tiny_model, image_processor)
+    qmodel = quantizer.quantize(bits="w8a8", calibration_dataset=cifar_train, num_images=32)
+    with torch.no_grad():
+        fp = tiny_model(pixel_values=cifar_test_pixels).logits
+        q = qmodel(pixel_values=cifar_test_pixels).logits
+    assert F.cosine_similarity(fp.flatten(), q.flatten(), dim=0) >= 0.99
+    assert F.cosine_similarity(fp, q, dim=-1).mean() >= 0.99
+    count_levels_ok(qmodel)
+
+
+@pytest.mark.parametrize("bits", ["w4a4", "w3a3"])
+def test_real_data_calibration_low_bits(cifar_train, image_processor, bits):
+    model = tiny_vit()
+    qmodel = DataFreeViTQuantizer(model, image_processor).quantize(bits=bits, calibration_dataset=cifar_train)
+    assert qmodel.config.quantization_config.num_images == 32
+    count_levels_ok(qmodel)
+
+
+def test_from_pretrained_local_folder_and_instance(tmp_path, image_processor):
+    model = tiny_vit()
+    model.save_pretrained(tmp_path)
+    image_processor.save_pretrained(tmp_path)
+    quantizer = DataFreeViTQuantizer.from_pretrained(str(tmp_path))
+    assert type(quantizer.model) is type(model)
+    assert quantizer.image_processor is not None
+    torch.testing.assert_close(quantizer.model.classifier.weight, model.classifier.weight)
+    assert DataFreeViTQuantizer.from_pretrained(model).model is model
+    qmodel = quantizer.quantize(bits="w8a8", num_images=4, save_dir=tmp_path / "out")
+    assert (tmp_path / "out" / "config.json").exists() and isinstance(qmodel, type(model))
+
+
+def test_seeded_runs_are_reproducible():
+    model = tiny_vit()
+    pixels = torch.randn(2, 3, 32, 32)
+    a = DataFreeViTQuantizer().quantize(model, bits="w4a4", num_images=8, seed=3)(pixel_values=pixels).logits
+    b = DataFreeViTQuantizer().quantize(model, bits="w4a4", num_images=8, seed=3)(pixel_values=pixels).logits
+    c = DataFreeViTQuantizer().quantize(model, bits="w4a4", num_images=8, seed=4)(pixel_values=pixels).logits
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_parallel_calibration_order():
+    model = tiny_vit()
+    config = DFQConfig(bits="w8a8", calibration_order="parallel", calibration_batch_size=3)
+    qmodel = DataFreeViTQuantizer().quantize(model, config=config, num_images=8)
+    pixels = torch.randn(4, 3, 32, 32)
+    cosine = F.cosine_similarity(qmodel(pixel_values=pixels).logits, model(pixel_values=pixels).logits, dim=-1)
+    assert cosine.mean() > 0.99
+
+
+def test_modules_to_not_convert():
+    model = tiny_vit()
+    config = DFQConfig(bits="w4a4", modules_to_not_convert=["classifier", "re:.*layers\\.0\\.mlp\\.fc1"])
+    qmodel = DataFreeViTQuantizer().quantize(model, config=config, num_images=4)
+    assert type(qmodel.classifier) is torch.nn.Linear
+    assert type(qmodel.vit.layers[0].mlp.fc1) is torch.nn.Linear
+    assert type(qmodel.vit.layers[0].layernorm_after) is torch.nn.LayerNorm  # its only consumer stays float
+    assert isinstance(qmodel.vit.layers[1].mlp.fc1, QLinear)
+
+
+# ---------------------------------------------------------------------- errors
+def test_unknown_preset():
+    with pytest.raises(BitPresetError, match="Unknown bit preset 'w4x4'"):
+        DataFreeViTQuantizer().quantize(tiny_vit(), bits="w4x4")
+
+
+def test_bits_out_of_range():
+    with pytest.raises(BitPresetError, match="outside 2..8"):
+        DataFreeViTQuantizer().quantize(tiny_vit(), bits="w12a12")
+
+
+def test_unsupported_architecture():
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    with pytest.raises(UnsupportedArchitectureError, match="Supported architectures"):
+        DataFreeViTQuantizer().quantize(ResNetForImageClassification(ResNetConfig()), bits="w8a8")
+
+
+def test_image_size_mismatch():
+    with pytest.raises(ImageSizeError, match=r"\(3, 64, 64\).*expects \(3, 32, 32\)"):
+        DataFreeViTQuantizer().quantize(tiny_vit(), bits="w8a8", calibration_dataset=torch.randn(4, 3, 64, 64))
+
+
+def test_empty_calibration_set(cifar_train, image_processor):
+    with pytest.raises(CalibrationError, match="empty"):
+        DataFreeViTQuantizer().quantize(tiny_vit(), bits="w8a8", calibration_dataset=torch.empty(0, 3, 32, 32))
+    with pytest.raises(CalibrationError, match="empty"):
+        DataFreeViTQuantizer(image_processor=image_processor).quantize(
+            tiny_vit(), bits="w8a8", calibration_dataset=cifar_train.select([])
+        )
+
+
+def test_dataset_smaller_than_num_images(cifar_train, image_processor):
+    with pytest.raises(CalibrationError, match="only 64"):
+        DataFreeViTQuantizer(image_processor=image_processor).quantize(
+            tiny_vit(), bits="w8a8", calibration_dataset=cifar_train, num_images=100
+        )
+
+
+def test_real_dataset_without_image_processor(cifar_train):
+    with pytest.raises(CalibrationError, match="image processor"):
+        DataFreeViTQuantizer().quantize(tiny_vit(), bits="w8a8", calibration_dataset=cifar_train)
+
+
+def test_nan_in_calibration_images():
+    pixels = torch.randn(4, 3, 32, 32)
+    pixels[0, 0, 0, 0] = float("nan")
+    with pytest.raises(CalibrationError, match="NaN or inf"):
+        DataFreeViTQuantizer().quantize(tiny_vit(), bits="w8a8", calibration_dataset=pixels)
+
+
+def test_inf_in_calibration_activations():
+    model = tiny_vit()
+    with torch.no_grad():
+        model.vit.layers[1].layernorm_after.bias[0] = float("inf")  # a broken float model
+    with pytest.raises(CalibrationError, match=r"non-finite value\(s\) \(NaN/inf\).*vit\.layers\.1\.layernorm_after"):
+        DataFreeViTQuantizer().quantize(model, bits="w8a8", num_images=4)
+
+
+def test_unknown_synthesizer():
+    with pytest.raises(SynthesisError, match="Unknown synthesizer 'dreams'.*gaussian"):
+        DataFreeViTQuantizer().quantize(tiny_vit(), bits="w8a8", synthesizer="dreams")
+
+
+def test_no_model():
+    with pytest.raises(ValueError, match="No model to quantize"):
+        DataFreeViTQuantizer().quantize(bits="w8a8")
