@@ -1,6 +1,7 @@
 """optimum_dfq: data-free low-bit quantization of Hugging Face vision transformers (ViT, DeiT, Swin).
 
-Importing the package registers the `"optimum_dfq"` attention implementation with transformers.
+Importing the package registers the `"optimum_dfq"` attention implementation and the `"optimum_dfq"` quantization
+method with transformers, so that `AutoModelForImageClassification.from_pretrained` loads quantized checkpoints.
 """
 
 from .calibration import CalibrationSet
@@ -15,12 +16,14 @@ from .errors import (
     SynthesisError,
     UnsupportedArchitectureError,
 )
+from .integrations.transformers import register_quantization_method
 from .nn import capture_attention, register_attention_implementation
 from .quantizer import DataFreeViTQuantizer
 from .synthesis import get_synthesizer, register_synthesizer
 from .version import FORMAT_VERSION, __version__
 
 register_attention_implementation()
+register_quantization_method()
 
 __all__ = [
     "BIT_PRESETS",

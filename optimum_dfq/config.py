@@ -37,8 +37,23 @@ MIN_BITS, MAX_BITS = 2, 8
 
 OBSERVERS = ("percentile_mse", "minmax")
 POST_LAYERNORM_MODES = ("per_channel_reparam", "per_tensor", "per_channel")
-POST_SOFTMAX_QUANTIZERS = ("log_sqrt2", "log2", "uniform")
-SCALE_SELECTORS = ("mean", "median", "mad")
+POST_SOFTMAX_QUANTIZERS = ("log_sqrt2", "log2", "uniform", "tanq")
+SCALE_SELECTORS = ("mean", "median", "mad", "search")
+#: Roles of the Linear layers whose input the activation correction can fix (see `calibration/sites.py`).
+CORRECTION_SITES = ("qkv", "o_proj", "fc1", "fc2", "reduction", "classifier")
+CORRECTION_KINDS = ("affine", "ridge")
+AFFINE_FITS = ("least_squares", "moments")
+#: Defaults of `DFQConfig.correction` (filled in for the keys a recipe leaves out).
+CORRECTION_DEFAULTS: dict[str, Any] = {
+    "kind": "affine",
+    "sites": ["qkv", "o_proj", "fc1", "fc2"],
+    "affine_fit": "least_squares",
+    "ridge_lambda": 1e-2,
+    "fold": None,  # resolved: True for "affine", False for "ridge"
+    "max_tokens": 8192,
+}
+#: Defaults of `DFQConfig.reconstruction` (I&S-ViT: Adam, lr 4e-5, cosine decay, 1000 iterations).
+RECONSTRUCTION_DEFAULTS: dict[str, Any] = {"iterations": 1000, "lr": 4e-5, "batch_size": 32}
 CALIBRATION_ORDERS = ("sequential", "parallel")
 DEFAULT_PERCENTILES = (0.999, 0.9999, 0.99999)
 
@@ -104,22 +119,34 @@ class DFQConfig(QuantizationConfigMixin):
             of q/k/v, fc1 and Swin's patch-merging reduction): calibrated per channel then re-parameterised to per
             tensor (RepQ-ViT), plain per tensor, or kept per channel (not integer-friendly; for ablations).
         scale_selector (`str`, defaults to `"mean"`): how the layer-wise scale is chosen from the channel scales when
-            re-parameterising (`"mean"` = RepQ-ViT; `"median"` and `"mad"` = our reading of DopQ-ViT's MOSF).
+            re-parameterising (`"mean"` = RepQ-ViT; `"median"` and `"mad"` = our reading of DopQ-ViT's MOSF;
+            `"search"` = our reading of DopQ-ViT v2's SOSF, a search on the consumers' output error).
         round_zero_point (`bool`, defaults to `True`): round the re-parameterised zero point to an integer (RepQ-ViT's
             code leaves it fractional; integer deployment needs it rounded; FP equivalence holds either way).
         quantize_attention (`bool`, defaults to `True`): quantize both attention matmuls (Q, K, softmax output, V).
-        post_softmax (`str`, defaults to `"log_sqrt2"`): quantizer of the attention probabilities.
+        post_softmax (`str`, defaults to `"log_sqrt2"`): quantizer of the attention probabilities (`"log_sqrt2"`,
+            `"log2"`, `"uniform"`, or `"tanq"`: our interpretation of DopQ-ViT's tangent quantizer).
         calibration_order (`str`, defaults to `"sequential"`): `"sequential"` calibrates each quantizer on inputs
             produced by the already-quantized prefix of the network (RepQ-ViT's behaviour, the whole calibration set
             in one forward pass); `"parallel"` observes every quantizer on the float network, in batches.
         calibration_batch_size (`int`, defaults to 32): batch size of forward passes in `"parallel"` calibration.
         synthesizer (`str`, defaults to `"gaussian"`): name of the calibration-image synthesizer.
         synthesizer_kwargs (`dict`): hyper-parameters of the synthesizer (its defaults otherwise).
+        calibration_dataset (`dict`): real-data calibration instead of synthesis (for comparisons and for
+            reproducing real-data baselines): `{"path": <dataset folder, parquet file or Hub id>, "split": "train"}`.
+            Empty (the default) means data-free.
         num_images (`int`, defaults to 32): number of calibration images.
         seed (`int`, defaults to 0): seed of synthesis and calibration.
         modules_to_not_convert (`list[str]`): in-memory module names (or `re:` patterns) kept in float.
-        correction (`dict`): options of the activation-correction stage (empty = off).
-        reconstruction (`dict`): options of the block-reconstruction stage (empty = off).
+        correction (`dict`): activation correction after calibration (our interpretation of DFQ-ViT's activation
+            correction matrix); empty = off. Keys (missing ones get `CORRECTION_DEFAULTS`): `kind` (`"affine"`
+            per-channel `a⊙x + c`, or `"ridge"` full matrix), `sites` (Linear roles whose input is corrected, from
+            `CORRECTION_SITES`), `affine_fit` (`"least_squares"` or `"moments"`), `ridge_lambda` (ridge strength,
+            relative to the mean input energy), `fold` (fold into the next Linear; default True for affine, False
+            for ridge), `max_tokens` (token rows per site used for fitting).
+        reconstruction (`dict`): block-wise reconstruction of the weights (I&S-ViT-like); empty = off. Keys (missing
+            ones get `RECONSTRUCTION_DEFAULTS`): `iterations` (Adam steps per block), `lr` (cosine-decayed to 0),
+            `batch_size`.
 
     Example:
         >>> cfg = DFQConfig(bits="w4a8", scale_selector="mean")
@@ -143,6 +170,7 @@ class DFQConfig(QuantizationConfigMixin):
     calibration_batch_size: int = 32
     synthesizer: str = "gaussian"
     synthesizer_kwargs: dict[str, Any] = field(default_factory=dict)
+    calibration_dataset: dict[str, Any] = field(default_factory=dict)
     num_images: int = 32
     seed: int = 0
     modules_to_not_convert: list[str] = field(default_factory=list)
@@ -174,8 +202,16 @@ class DFQConfig(QuantizationConfigMixin):
             raise ConfigError(f"DFQConfig.num_images={self.num_images} must be at least 1.")
         if self.calibration_batch_size < 1:
             raise ConfigError(f"DFQConfig.calibration_batch_size={self.calibration_batch_size} must be at least 1.")
+        unknown = sorted(set(self.calibration_dataset) - {"path", "split", "name"})
+        if unknown or (self.calibration_dataset and "path" not in self.calibration_dataset):
+            raise ConfigError(
+                f"DFQConfig.calibration_dataset={self.calibration_dataset!r} must be empty or have a 'path' (and "
+                "optionally 'split', 'name')."
+            )
         if self.quant_method != QUANT_METHOD:
             raise ConfigError(f"DFQConfig.quant_method must be {QUANT_METHOD!r}, got {self.quant_method!r}.")
+        self.correction = _resolve_correction(self.correction)
+        self.reconstruction = _resolve_reconstruction(self.reconstruction)
 
     def _check_types(self) -> None:
         for f in dataclasses.fields(self):
@@ -285,6 +321,57 @@ class DFQConfig(QuantizationConfigMixin):
         data = self.to_dict()
         data.update(changes)
         return type(self).from_dict(data)
+
+
+def _fill_defaults(name: str, options: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ConfigError(f"Unknown key(s) {unknown} in DFQConfig.{name}. Valid keys: {sorted(defaults)}.")
+    resolved = {key: _plain(value) for key, value in defaults.items()}
+    resolved.update(_plain(options))
+    return resolved
+
+
+def _check_number(name: str, value: Any, kind: type, minimum: float, strict: bool = False) -> None:
+    is_number = isinstance(value, (int, float)) if kind is float else isinstance(value, int)
+    if not is_number or isinstance(value, bool) or value < minimum or (strict and value == minimum):
+        bound = f"> {minimum}" if strict else f">= {minimum}"
+        what = "a number" if kind is float else "an integer"
+        raise ConfigError(f"DFQConfig.{name}={value!r} must be {what} {bound}.")
+
+
+def _resolve_correction(options: dict[str, Any]) -> dict[str, Any]:
+    """Validates `DFQConfig.correction` and fills in defaults (empty stays empty: correction off)."""
+    if not options:
+        return {}
+    resolved = _fill_defaults("correction", options, CORRECTION_DEFAULTS)
+    _check_choice("correction['kind']", resolved["kind"], CORRECTION_KINDS)
+    _check_choice("correction['affine_fit']", resolved["affine_fit"], AFFINE_FITS)
+    sites = resolved["sites"]
+    if not isinstance(sites, list) or not sites:
+        raise ConfigError(
+            f"DFQConfig.correction['sites']={sites!r} must be a non-empty list of {list(CORRECTION_SITES)}."
+        )
+    for site in sites:
+        _check_choice("correction['sites'] entry", site, CORRECTION_SITES)
+    _check_number("correction['ridge_lambda']", resolved["ridge_lambda"], float, 0.0, strict=True)
+    _check_number("correction['max_tokens']", resolved["max_tokens"], int, 1)
+    if resolved["fold"] is None:
+        resolved["fold"] = resolved["kind"] == "affine"
+    if not isinstance(resolved["fold"], bool):
+        raise ConfigError(f"DFQConfig.correction['fold']={resolved['fold']!r} must be true or false.")
+    return resolved
+
+
+def _resolve_reconstruction(options: dict[str, Any]) -> dict[str, Any]:
+    """Validates `DFQConfig.reconstruction` and fills in defaults (empty stays empty: reconstruction off)."""
+    if not options:
+        return {}
+    resolved = _fill_defaults("reconstruction", options, RECONSTRUCTION_DEFAULTS)
+    _check_number("reconstruction['iterations']", resolved["iterations"], int, 1)
+    _check_number("reconstruction['lr']", resolved["lr"], float, 0.0, strict=True)
+    _check_number("reconstruction['batch_size']", resolved["batch_size"], int, 1)
+    return resolved
 
 
 def _plain(value: Any) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import os
 from typing import Any
@@ -12,10 +13,12 @@ from optimum.quantization_base import OptimumQuantizer
 from transformers import PreTrainedModel
 
 from .calibration import CalibrationSet, calibration_set_from_dataset, quantize_model
+from .calibration.data import load_image_dataset
 from .config import DFQConfig
 from .errors import CalibrationError, ConfigError
+from .integrations.transformers import finalize_quantized_model
 from .models import get_adapter
-from .synthesis import get_synthesizer
+from .synthesis import calibration_set_from_dataset_dict, get_synthesizer
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +58,7 @@ class DataFreeViTQuantizer(OptimumQuantizer):
                 `AutoModelForImageClassification.from_pretrained` (its image processor is loaded from the same place
                 when it has one).
             image_processor (*optional*): overrides the loaded image processor.
-            kwargs: forwarded to `from_pretrained` (`revision`, `token`, `cache_dir`, ...).
+            kwargs: forwarded to `from_pretrained` (`revision`, `token`, `cache_dir`, `dtype` (default float32), ...).
 
         Returns:
             `DataFreeViTQuantizer`
@@ -64,6 +67,7 @@ class DataFreeViTQuantizer(OptimumQuantizer):
             return cls(model_or_path, image_processor)
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
+        kwargs.setdefault("dtype", torch.float32)  # calibration and synthesis run in fp32 (fp16 is slow on CPU)
         model = AutoModelForImageClassification.from_pretrained(model_or_path, **kwargs)
         if image_processor is None:
             try:
@@ -85,6 +89,7 @@ class DataFreeViTQuantizer(OptimumQuantizer):
         seed: int | None = None,
         image_processor: Any | None = None,
         save_dir: str | os.PathLike | None = None,
+        cache_dir: str | os.PathLike | None = None,
     ) -> PreTrainedModel:
         """Returns a quantized copy of `model` (the input model is left unchanged).
 
@@ -102,10 +107,14 @@ class DataFreeViTQuantizer(OptimumQuantizer):
             seed (`int`, *optional*): seed of synthesis and image selection (default 0).
             image_processor (*optional*): overrides the quantizer's image processor.
             save_dir (`str` or `os.PathLike`, *optional*): also `save_pretrained` the quantized model there.
+            cache_dir (`str` or `os.PathLike`, *optional*): synthesis cache: a finished set with identical arguments
+                is reused, an interrupted synthesis resumes from its last finished batch.
 
         Returns:
             `PreTrainedModel`: same class and outputs as the input; `model.config.quantization_config` is the
-            [`DFQConfig`] of the run.
+            [`DFQConfig`] of the run. Its weights are frozen to packed integer codes and it carries
+            `model.hf_quantizer`, so `save_pretrained` / `push_to_hub` write checkpoints that
+            `AutoModelForImageClassification.from_pretrained` reloads bit-exactly (after `import optimum_dfq`).
         """
         model = model if model is not None else self.model
         if model is None:
@@ -115,15 +124,50 @@ class DataFreeViTQuantizer(OptimumQuantizer):
         image_processor = image_processor if image_processor is not None else self.image_processor
 
         torch.manual_seed(config.seed)
-        calibration = self.calibration_set(model, config, calibration_dataset, image_processor)
+        calibration = self.calibration_set(model, config, calibration_dataset, image_processor, cache_dir)
         qmodel = copy.deepcopy(model)
-        quantize_model(qmodel, calibration, config)
-        qmodel.config.quantization_config = config
+        _, plan = quantize_model(qmodel, calibration, config)
+        finalize_quantized_model(qmodel, config, plan, base_model=model.name_or_path,
+                                 calibration={**calibration.metadata, "num_images": len(calibration)},
+                                 image_processor=image_processor)
         if save_dir is not None:
             qmodel.save_pretrained(save_dir)
             if image_processor is not None:
                 image_processor.save_pretrained(save_dir)
         return qmodel
+
+    def push_to_hub(
+        self,
+        qmodel: PreTrainedModel,
+        repo_id: str,
+        *,
+        eval_results: Any | None = None,
+        base_model: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Uploads a quantized model, the image processor's config and a model card to the Hub.
+
+        The card says how to load the model (with the `import optimum_dfq` line), the recipe, the bits, the
+        data-free calibration and, when given, the evaluation results as `model-index`.
+
+        Args:
+            qmodel (`PreTrainedModel`): a model returned by [`~DataFreeViTQuantizer.quantize`] (or loaded quantized).
+            repo_id (`str`): `"org/name"`; created if it does not exist.
+            eval_results (`list[huggingface_hub.EvalResult]`, *optional*): e.g. from
+                `optimum_dfq.hub.accuracy_eval_results(evaluate_accuracy(...), dataset_id=...)`.
+            base_model (`str`, *optional*): the float model's Hub id (defaults to the one it was loaded from).
+            kwargs: forwarded to [`optimum_dfq.hub.push_to_hub`] (`private`, `token`, `commit_message`, ...).
+
+        Returns:
+            `huggingface_hub.CommitInfo`
+
+        Example:
+            >>> quantizer.push_to_hub(qmodel, "my-org/deit-small-w4a4-dfq")  # doctest: +SKIP
+        """
+        from .hub import push_to_hub
+
+        kwargs.setdefault("image_processor", self.image_processor)
+        return push_to_hub(qmodel, repo_id, eval_results=eval_results, base_model=base_model, **kwargs)
 
     @staticmethod
     def _resolve_config(
@@ -141,17 +185,31 @@ class DataFreeViTQuantizer(OptimumQuantizer):
 
     @staticmethod
     def calibration_set(
-        model: PreTrainedModel, config: DFQConfig, calibration_dataset: Any | None, image_processor: Any | None
+        model: PreTrainedModel,
+        config: DFQConfig,
+        calibration_dataset: Any | None,
+        image_processor: Any | None,
+        cache_dir: str | os.PathLike | None = None,
     ) -> CalibrationSet:
         """Builds the calibration set of a run: synthesized, or from the given real data."""
+        if calibration_dataset is None and config.calibration_dataset:
+            spec = config.calibration_dataset
+            calibration_dataset = load_image_dataset(spec["path"], spec.get("split", "train"), spec.get("name"))
         if calibration_dataset is None:
             synthesizer = get_synthesizer(config.synthesizer, **config.synthesizer_kwargs)
+            extra = {}
+            if cache_dir is not None:
+                if "cache_dir" not in inspect.signature(synthesizer.synthesize).parameters:
+                    raise ConfigError(f"Synthesizer '{config.synthesizer}' has no cache; drop cache_dir=.")
+                extra["cache_dir"] = cache_dir
             calibration = synthesizer.synthesize(model, config.num_images, seed=config.seed,
-                                                 image_processor=image_processor)
+                                                 image_processor=image_processor, **extra)
         elif isinstance(calibration_dataset, CalibrationSet):
             calibration = calibration_dataset
         elif isinstance(calibration_dataset, torch.Tensor):
             calibration = CalibrationSet(pixel_values=calibration_dataset.float())
+        elif hasattr(calibration_dataset, "features") and "pixel_values" in calibration_dataset.features:
+            calibration = calibration_set_from_dataset_dict(calibration_dataset)  # a saved synthetic set
         elif hasattr(calibration_dataset, "features"):
             calibration = calibration_set_from_dataset(
                 calibration_dataset, image_processor, config.num_images, seed=config.seed

@@ -7,6 +7,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Tiny models gain nothing from intra-op threads, and thread hand-offs make them many times slower on a busy CPU;
+# subprocesses (CLI, fresh-interpreter loads, torchrun workers) inherit the setting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
@@ -20,6 +23,8 @@ from transformers import (
     ViTForImageClassification,
     ViTImageProcessor,
 )
+
+torch.set_num_threads(1)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CIFAR_MEAN = [0.4914, 0.4822, 0.4465]
@@ -95,3 +100,16 @@ def cifar_test():
 def cifar_test_pixels(cifar_test, image_processor) -> torch.Tensor:
     images = [image.convert("RGB") for image in cifar_test["img"]]
     return image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+@pytest.fixture
+def single_thread():
+    """Runs a test with one intra-op thread (opt in with `pytestmark = pytest.mark.usefixtures("single_thread")`).
+
+    The tiny models' ops are far too small to gain from threads; on a shared, busy CPU the thread hand-offs make such
+    tests 10-20x slower.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -214,3 +214,23 @@ def test_unknown_synthesizer():
 def test_no_model():
     with pytest.raises(ValueError, match="No model to quantize"):
         DataFreeViTQuantizer().quantize(bits="w8a8")
+
+
+def test_saved_synthetic_set_is_reusable_as_calibration_dataset(image_processor, tmp_path):
+    from optimum_dfq.synthesis import calibration_set_to_dataset
+
+    model = tiny_vit()
+    config = DFQConfig(bits="w4a4", synthesizer="psaq", num_images=4,
+                       synthesizer_kwargs={"iterations": [2, 2], "warmup": 1})
+    quantizer = DataFreeViTQuantizer(model, image_processor)
+    direct = quantizer.quantize(config=config, cache_dir=tmp_path)
+    assert len(list(tmp_path.iterdir())) == 1  # the synthesis cache entry
+    calibration = quantizer.calibration_set(model, config, None, image_processor, cache_dir=tmp_path)  # reused
+    reused = quantizer.quantize(config=config, calibration_dataset=calibration_set_to_dataset(calibration))
+    pixels = torch.randn(2, 3, 32, 32)
+    assert torch.equal(direct(pixel_values=pixels).logits, reused(pixel_values=pixels).logits)
+
+
+def test_cache_dir_needs_a_caching_synthesizer(tmp_path):
+    with pytest.raises(ValueError, match="has no cache"):
+        DataFreeViTQuantizer().quantize(tiny_vit(), bits="w8a8", num_images=2, cache_dir=tmp_path)

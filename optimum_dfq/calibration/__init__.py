@@ -1,6 +1,14 @@
 """Calibration: calibration sets, the conversion to quantized modules, calibration and re-parameterisation."""
 
 from .convert import QuantizationPlan, convert_model
+from .correction import (
+    AffineCorrection,
+    CorrectionRecord,
+    RidgeCorrection,
+    attach_corrections,
+    correct_activations,
+    fold_correction,
+)
 from .data import CalibrationSet, calibration_set_from_dataset, expected_image_shape
 from .engine import (
     calibrate_activations,
@@ -10,20 +18,31 @@ from .engine import (
     quantize_model,
     set_quantizer_modes,
 )
+from .reconstruction import BlockReport, reconstruct_blocks
 from .reparam import SCALE_SELECTOR_REGISTRY, register_scale_selector, reparameterize_layernorm, reparameterize_model
+from .sites import linear_roles
 
 __all__ = [
     "SCALE_SELECTOR_REGISTRY",
+    "AffineCorrection",
+    "BlockReport",
+    "CorrectionRecord",
+    "RidgeCorrection",
+    "attach_corrections",
     "CalibrationSet",
     "QuantizationPlan",
     "calibrate_activations",
     "calibrate_weights",
     "calibration_set_from_dataset",
     "convert_model",
+    "correct_activations",
     "expected_image_shape",
+    "fold_correction",
     "iter_quantizers",
+    "linear_roles",
     "quantization_disabled",
     "quantize_model",
+    "reconstruct_blocks",
     "register_scale_selector",
     "reparameterize_layernorm",
     "reparameterize_model",

@@ -38,10 +38,15 @@ class QuantizationPlan:
     Attributes:
         layernorm_consumers (`dict[str, list[str]]`): quantized LayerNorm name → the Linears reading its output.
         skipped (`list[str]`): modules kept in float because of `modules_to_not_convert`.
+        corrections (`dict[str, str]`): Linear name → `"folded"` (an activation correction was folded into its
+            weight and bias, which may have created the bias) or the kind of the correction module attached as its
+            `input_correction` (`"affine"`, `"ridge"`); see `calibration/correction.py`. Loading a checkpoint
+            rebuilds this structure with `attach_corrections`.
     """
 
     layernorm_consumers: dict[str, list[str]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    corrections: dict[str, str] = field(default_factory=dict)
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
@@ -86,6 +91,8 @@ def activation_quantizer(config: DFQConfig, bits: int | None = None, channels: i
 def probs_quantizer(config: DFQConfig) -> Quantizer:
     if config.post_softmax == "uniform":
         return activation_quantizer(config)
+    if config.post_softmax == "tanq":  # shape grid searched on A·V, no percentiles (quantizers/tanq.py)
+        return build_quantizer("tanq", bits=config.activation_bits)
     return build_quantizer(config.post_softmax, bits=config.activation_bits, percentiles=config.activation_percentiles)
 
 

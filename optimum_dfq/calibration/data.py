@@ -130,3 +130,33 @@ def calibration_set_from_dataset(
         labels=labels,
         metadata={"source": "real", "num_images": len(images), "seed": seed},
     )
+
+
+def load_image_dataset(path: str, split: str = "train", name: str | None = None):
+    """Loads a labelled image dataset from a parquet file, a `save_to_disk` folder, a dataset folder or a Hub id.
+
+    Args:
+        path (`str`): `*.parquet` file, folder, or Hub dataset id (e.g. `"ILSVRC/imagenet-1k"`, gated: needs a token).
+        split (`str`): split to load (ignored for a single parquet file or a `save_to_disk` folder of one split).
+        name (`str`, *optional*): dataset configuration name.
+
+    Returns:
+        `datasets.Dataset`
+    """
+    from pathlib import Path
+
+    import datasets
+
+    local = Path(path)
+    if local.suffix == ".parquet":
+        if not local.exists():
+            raise FileNotFoundError(f"Dataset file {path!r} does not exist.")
+        return datasets.load_dataset("parquet", data_files={split: str(local)}, split=split)
+    if local.is_dir() and (local / "state.json").exists():
+        return datasets.load_from_disk(str(local))
+    if local.is_dir() and (local / "dataset_dict.json").exists():
+        return datasets.load_from_disk(str(local))[split]
+    try:
+        return datasets.load_dataset(path, name, split=split)
+    except (FileNotFoundError, ConnectionError, ValueError) as err:
+        raise CalibrationError(f"Could not load dataset {path!r} (split {split!r}): {err}") from err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections.abc import Iterator
 
@@ -15,9 +16,15 @@ from ..errors import CalibrationError
 from ..models import find_layernorm_consumers, get_adapter
 from ..nn import QModuleMixin, use_quantized_attention
 from ..quantizers import Quantizer
+from .capture import capture_module_inputs
 from .convert import QuantizationPlan, convert_model
+from .correction import correct_activations, correction_layout
 from .data import CalibrationSet
-from .reparam import reparameterize_model
+from .reconstruction import reconstruct_blocks
+from .reparam import reparameterize_model, selector_needs_context
+
+#: LayerNorm-output rows per LayerNorm kept for measuring scale selectors (`"search"`).
+SELECTOR_ROWS = 1024
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +98,14 @@ def quantize_model(model: nn.Module, calibration: CalibrationSet, config: DFQCon
 
     1. find the LayerNorm → Linear pairs by dataflow; 2. swap in quantized modules (sites S1-S8);
     3. calibrate weights, then activations on `calibration`; 4. re-parameterise post-LayerNorm quantizers to per
-    tensor (when `config.post_layernorm == "per_channel_reparam"`) and re-calibrate the changed weights.
+    tensor (when `config.post_layernorm == "per_channel_reparam"`) and re-calibrate the changed weights;
+    5. activation correction (`config.correction`); 6. block reconstruction (`config.reconstruction`).
+
+    Correction runs before reconstruction: folding a correction re-calibrates the consumer's weight quantizer, which
+    would re-round (partly undo) reconstructed weights, whereas reconstruction keeps every quantizer frozen and only
+    refines what the correction left. Both use as float reference a copy of the model taken after step 4 with every
+    quantizer off: re-parameterisation keeps the float function, and the copy shares the re-parameterised
+    coordinates of the LayerNorm outputs that the corrections act on.
 
     Args:
         model (`PreTrainedModel`): a float ViT/DeiT/Swin (modified in place; pass a copy).
@@ -110,6 +124,29 @@ def quantize_model(model: nn.Module, calibration: CalibrationSet, config: DFQCon
     calibrate_weights(model)
     calibrate_activations(model, calibration, config)
     if config.post_layernorm == "per_channel_reparam":
-        folded = reparameterize_model(model, plan.layernorm_consumers, config)
+        activations = None
+        if selector_needs_context(config.scale_selector):
+            activations = capture_layernorm_outputs(model, plan, calibration, config)
+        folded = reparameterize_model(model, plan.layernorm_consumers, config, activations=activations)
         logger.info("Re-parameterised %d post-LayerNorm quantizers to per-tensor.", folded)
+    if config.correction or config.reconstruction:
+        float_model = float_reference(model)
+        plan.corrections = correction_layout(correct_activations(model, float_model, calibration, config))
+        reconstruct_blocks(model, float_model, calibration, config)
     return model, plan
+
+
+def float_reference(model: nn.Module) -> nn.Module:
+    """A copy of a quantized model with every quantizer off: its float function, in the same coordinates."""
+    reference = copy.deepcopy(model)
+    set_quantizer_modes(reference, weights="off", activations="off")
+    return reference
+
+
+def capture_layernorm_outputs(
+    model: nn.Module, plan: QuantizationPlan, calibration: CalibrationSet, config: DFQConfig
+) -> dict[str, torch.Tensor]:
+    """Float outputs (inputs of their output quantizers) of the quantized LayerNorms on the calibration images,
+    about `SELECTOR_ROWS` rows each, for measuring scale selectors."""
+    quantizers = {name: model.get_submodule(name).output_quantizer for name in plan.layernorm_consumers}
+    return capture_module_inputs(model, quantizers, calibration.batches(config.calibration_batch_size), SELECTOR_ROWS)

@@ -9,11 +9,22 @@ a layer-wise target `(s̃, z̃)` chosen by a *scale selector*:
 
 The float function is unchanged, and with integer `z_c` and `z̃` the activation codes are *identical* to the
 per-channel ones; only the consumers' weights change, so their weight quantizers are re-calibrated.
+
+A consequence worth knowing when comparing selectors: with integer zero points and per-output-channel weight
+quantizers, the layer-wise *scale* `s̃` is a gauge. Changing it rescales `x'` by a constant and `W'` by its inverse,
+and both the activation codes and the (scale-equivariant) weight quantization are unchanged, so the quantized
+consumer output does not depend on `s̃`. It depends on the selector only through the layer-wise zero point `z̃`,
+because the bias absorbs `W'δ` with the *float* `W'` while the matmul uses the quantized one: the output carries an
+input-independent error `(W' − Q(W'))·δ` with `δ_c = s̃ (z̃ − z_c)`. The `"search"` selector measures the real
+consumer-output error, so it picks whatever actually matters.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -23,18 +34,49 @@ from ..nn import QLayerNorm, QLinear
 from ..quantizers import UniformQuantizer
 from .convert import activation_quantizer
 
-ScaleSelector = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+logger = logging.getLogger(__name__)
+
+ScaleSelector = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 SCALE_SELECTOR_REGISTRY: dict[str, ScaleSelector] = {}
+#: Quantiles of the channel scales tried by the `"search"` selector.
+SEARCH_QUANTILES = tuple(0.5 + 0.05 * i for i in range(11))
 
 
-def register_scale_selector(name: str):
-    """Decorator registering `fn(scale[C], zero_point[C]) -> (layer_scale, layer_zero_point)`."""
+@dataclass
+class SelectorContext:
+    """What a measuring selector (registered with `needs_context=True`) gets besides the channel parameters.
+
+    Attributes:
+        activations (`torch.Tensor`): `[rows, C]` float LayerNorm outputs (before its quantizer) on calibration
+            images, in the parameterisation before re-parameterisation.
+        consumers (`list[QLinear]`): the Linears reading them (weights not folded yet).
+        bits (`int`): bit width of the layer-wise activation quantizer.
+        round_zero_point (`bool`): whether the layer-wise zero point will be rounded.
+    """
+
+    activations: torch.Tensor
+    consumers: list[QLinear]
+    bits: int
+    round_zero_point: bool = True
+
+
+def register_scale_selector(name: str, needs_context: bool = False):
+    """Decorator registering `fn(scale[C], zero_point[C]) -> (layer_scale, layer_zero_point)`.
+
+    With `needs_context=True` the function is called as `fn(scale, zero_point, context=SelectorContext | None)`.
+    """
 
     def wrapper(fn: ScaleSelector) -> ScaleSelector:
+        fn.needs_context = needs_context
         SCALE_SELECTOR_REGISTRY[name] = fn
         return fn
 
     return wrapper
+
+
+def selector_needs_context(name: str) -> bool:
+    """Whether the selector `name` measures on calibration activations (see [`SelectorContext`])."""
+    return bool(getattr(SCALE_SELECTOR_REGISTRY[name], "needs_context", False))
 
 
 @register_scale_selector("mean")
@@ -66,8 +108,94 @@ def mad_trimmed_selector(
 
 
 @torch.no_grad()
+def requantized_consumers(consumers: list[QLinear], scale: torch.Tensor) -> list[torch.Tensor]:
+    """`Q(W·diag(s))` for each consumer, with a fresh copy of its weight quantizer (the model is not modified).
+
+    The folded weight for a layer scale `s̃` is `W·diag(s)/s̃`, and uniform weight quantizers are scale-equivariant
+    (`Q(W/s̃) = Q(W)/s̃`: ranges, steps and codes all scale together), so one calibration serves every candidate.
+    """
+    weights = []
+    for linear in consumers:
+        quantizer = copy.deepcopy(linear.weight_quantizer)
+        quantizer.reset()
+        folded = (linear.weight.double() * scale[None, :]).float()
+        quantizer.observe(folded)
+        quantizer.calibrate()
+        weights.append(quantizer.fake_quant(folded).double())
+    return weights
+
+
+@torch.no_grad()
+def consumer_output_error(
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    layer_scale: torch.Tensor,
+    layer_zero: torch.Tensor,
+    context: SelectorContext,
+    requantized: list[torch.Tensor] | None = None,
+) -> float:
+    """Consumer-output MSE of re-parameterising to `(layer_scale, layer_zero)`: quantized activations and
+    re-quantized weights `W' = W·diag(r)` against the float consumers on the float activations, summed over
+    consumers. Nothing in the model is modified.
+
+    Args:
+        scale (`torch.Tensor`), zero_point (`torch.Tensor`): the per-channel parameters `[C]`.
+        layer_scale (`torch.Tensor`), layer_zero (`torch.Tensor`): the candidate layer-wise parameters.
+        context (`SelectorContext`): activations and consumers.
+        requantized (`list[torch.Tensor]`, *optional*): [`requantized_consumers`] of `scale` (computed if absent).
+
+    Returns:
+        `float`
+    """
+    if requantized is None:
+        requantized = requantized_consumers(context.consumers, scale)
+    if context.round_zero_point:
+        layer_zero = torch.round(layer_zero)
+    ratio = scale / layer_scale
+    shift = (-zero_point * scale) / ratio + layer_zero * layer_scale
+    x = context.activations.double()
+    qmax = 2**context.bits - 1
+    x_rep = x / ratio - shift
+    x_hat = ((torch.round(x_rep / layer_scale) + layer_zero).clamp(0, qmax) - layer_zero) * layer_scale
+    error = 0.0
+    for linear, weight_q in zip(context.consumers, requantized):
+        weight = linear.weight.double()
+        bias = linear.bias.double() if linear.bias is not None else torch.zeros_like(weight[:, 0])
+        reference = x @ weight.T + bias
+        folded = weight * ratio[None, :]
+        output = x_hat @ (weight_q / layer_scale).T + (bias + folded @ shift)
+        error += float((output - reference).pow(2).mean())
+    return error
+
+
+@register_scale_selector("search", needs_context=True)
+def search_selector(
+    scale: torch.Tensor, zero_point: torch.Tensor, context: SelectorContext | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our reading of DopQ-ViT v2's SOSF ("search for the optimal scaling factor"): try `s̃ = t` for `t` on the 0.5,
+    0.55, ..., 1.0 quantiles of the channel scales (lower bound `m̃ = median(m)`, as the median selector), plus
+    RepQ-ViT's mean, and keep the candidate with the smallest consumer-output MSE on the calibration activations
+    ([`consumer_output_error`]). The 0.5 candidate is the median selector, so the search is never worse than
+    `"median"` or `"mean"` on the calibration data. Without a context (nothing to measure) it returns the median.
+    """
+    if context is None:
+        logger.warning("scale selector 'search' got no calibration activations; using the median selector.")
+        return median_selector(scale, zero_point)
+    lower = (-zero_point * scale).median()
+    thresholds = torch.quantile(scale, torch.tensor(SEARCH_QUANTILES, dtype=scale.dtype))
+    candidates = [(t, -lower / t) for t in thresholds] + [mean_selector(scale, zero_point)]
+    requantized = requantized_consumers(context.consumers, scale)
+    errors = [consumer_output_error(scale, zero_point, s, z, context, requantized) for s, z in candidates]
+    return candidates[min(range(len(candidates)), key=errors.__getitem__)]
+
+
+@torch.no_grad()
 def reparameterize_layernorm(
-    norm: QLayerNorm, consumers: list[QLinear], config: DFQConfig, recalibrate_weights: bool = True
+    norm: QLayerNorm,
+    consumers: list[QLinear],
+    config: DFQConfig,
+    recalibrate_weights: bool = True,
+    activations: torch.Tensor | None = None,
 ) -> None:
     """Folds the per-channel output quantizer of `norm` into per-tensor form (in place).
 
@@ -76,6 +204,8 @@ def reparameterize_layernorm(
         consumers (`list[QLinear]`): every Linear reading its output (q, k and v all get the same fold).
         config (`DFQConfig`): `scale_selector` and `round_zero_point`.
         recalibrate_weights (`bool`): re-calibrate the consumers' weight quantizers afterwards.
+        activations (`torch.Tensor`, *optional*): `[rows, C]` float outputs of `norm` on calibration images, for
+            selectors that measure (`"search"`).
     """
     quantizer = norm.output_quantizer
     if not isinstance(quantizer, UniformQuantizer) or not quantizer.per_channel:
@@ -83,7 +213,14 @@ def reparameterize_layernorm(
     if norm.weight is None or norm.bias is None:
         raise ValueError(f"{quantizer.site}: re-parameterisation needs a LayerNorm with weight and bias.")
     scale, zero_point = quantizer.scale.double(), quantizer.zero_point.double()
-    layer_scale, layer_zero = SCALE_SELECTOR_REGISTRY[config.scale_selector](scale, zero_point)
+    selector = SCALE_SELECTOR_REGISTRY[config.scale_selector]
+    if selector_needs_context(config.scale_selector):
+        context = None if activations is None else SelectorContext(
+            activations, consumers, quantizer.bits, config.round_zero_point
+        )
+        layer_scale, layer_zero = selector(scale, zero_point, context=context)
+    else:
+        layer_scale, layer_zero = selector(scale, zero_point)
     if config.round_zero_point:
         layer_zero = torch.round(layer_zero)
     ratio = scale / layer_scale
@@ -108,13 +245,23 @@ def reparameterize_layernorm(
 
 
 def reparameterize_model(
-    model: nn.Module, layernorm_consumers: dict[str, list[str]], config: DFQConfig, recalibrate_weights: bool = True
+    model: nn.Module,
+    layernorm_consumers: dict[str, list[str]],
+    config: DFQConfig,
+    recalibrate_weights: bool = True,
+    activations: dict[str, torch.Tensor] | None = None,
 ) -> int:
-    """Applies [`reparameterize_layernorm`] to every quantized LayerNorm of `model`; returns how many were folded."""
+    """Applies [`reparameterize_layernorm`] to every quantized LayerNorm of `model`; returns how many were folded.
+
+    `activations` (LayerNorm name → `[rows, C]` float outputs, see `engine.capture_layernorm_outputs`) is needed by
+    measuring selectors (`"search"`).
+    """
     folded = 0
+    activations = activations or {}
     for norm_name, consumer_names in layernorm_consumers.items():
         norm = model.get_submodule(norm_name)
         consumers = [model.get_submodule(name) for name in consumer_names]
-        reparameterize_layernorm(norm, consumers, config, recalibrate_weights=recalibrate_weights)
+        reparameterize_layernorm(norm, consumers, config, recalibrate_weights=recalibrate_weights,
+                                 activations=activations.get(norm_name))
         folded += 1
     return folded

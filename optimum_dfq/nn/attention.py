@@ -41,6 +41,13 @@ class AttentionQuantizers(nn.Module):
     def quantizers(self) -> Iterator[Quantizer]:
         yield from (self.query, self.key, self.probs, self.value)
 
+    def quantize_probs(self, probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Quantizes the probabilities; hands `value` (the V they multiply) to a probs quantizer that calibrates on
+        the attention output `A·V` (it declares `observes_value = True`, e.g. TanQ) while it is observing."""
+        if getattr(self.probs, "observes_value", False) and self.probs.mode in ("observe", "calibrate"):
+            self.probs.observe_value(value)
+        return self.probs(probs)
+
 
 @dataclass
 class AttentionRecord:
@@ -106,7 +113,8 @@ def dfq_attention_forward(
     for records in _CAPTURES:
         records.append(AttentionRecord(module, probs))
     if quantizers is not None:
-        probs, value = quantizers.probs(probs), quantizers.value(value)
+        value = quantizers.value(value)
+        probs = quantizers.quantize_probs(probs, value)
     output = torch.matmul(probs, value).transpose(1, 2).contiguous()
     return output, probs
 

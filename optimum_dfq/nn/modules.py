@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quantizers import Quantizer
+from ..errors import CalibrationError, DFQError
+from ..formats.packing import pack_codes, packed_shape, unpack_codes
+from ..quantizers import Quantizer, UniformQuantizer
 from .qmodule import QModuleMixin, register_qmodule
 
 
@@ -16,8 +18,100 @@ def _label(quantizer: Quantizer | None, site: str) -> Quantizer | None:
     return quantizer
 
 
+class FrozenWeightMixin:
+    """The *frozen* state of a module with a quantized weight: integer codes instead of the float weight.
+
+    [`freeze`] replaces the float `weight` parameter by two buffers, `weight_packed` (the codes of the weight
+    quantizer, packed to its bit width, see [`~optimum_dfq.formats.packing`]) and `weight_shape`; the weight
+    quantizer keeps its `scale` and `zero_point`. The forward pass then uses [`quantized_weight`], which dequantizes
+    the codes and is bit-for-bit the fake-quantized float weight it replaces. This is what quantized checkpoints
+    store, and freezing is one-way: the float weight is gone.
+
+    While frozen, reading `module.weight` returns that dequantized weight (a new tensor on each read, so writing
+    into it changes nothing), because model code reads e.g. `projection.weight.dtype`.
+    """
+
+    @property
+    def is_frozen(self) -> bool:
+        """Whether the weight is stored as packed integer codes."""
+        return "weight_packed" in self._buffers
+
+    def weight_dims(self) -> tuple[int, ...]:
+        """The (unpacked) weight shape, output channels first."""
+        raise NotImplementedError
+
+    def _packable_quantizer(self) -> UniformQuantizer:
+        quantizer = self.weight_quantizer
+        if not isinstance(quantizer, UniformQuantizer):
+            raise DFQError(
+                f"{quantizer.site or type(self).__name__}: only uniform weight quantizers can be packed, got "
+                f"{type(quantizer).__name__}."
+            )
+        return quantizer
+
+    def _set_packed(self, packed: torch.Tensor, shape: torch.Tensor) -> None:
+        del self.weight
+        self.register_buffer("weight_packed", packed)
+        self.register_buffer("weight_shape", shape)
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Replaces the float weight by its packed integer codes (no-op when already frozen).
+
+        Raises:
+            `CalibrationError`: when the weight quantizer is not calibrated yet.
+        """
+        if self.is_frozen:
+            return
+        quantizer = self._packable_quantizer()
+        if not bool(quantizer.calibrated):
+            raise CalibrationError(
+                f"{quantizer.site or type(self).__name__}: cannot freeze an uncalibrated weight quantizer; "
+                "calibrate the model first (DataFreeViTQuantizer.quantize does)."
+            )
+        weight = self.weight
+        codes = quantizer.codes(weight.detach())
+        shape = torch.tensor(weight.shape, dtype=torch.int64, device=weight.device)
+        self._set_packed(pack_codes(codes, quantizer.bits), shape)
+
+    def prepare_frozen(self) -> None:
+        """Switches to the frozen layout with uninitialised buffers, to be filled by loading a checkpoint."""
+        if self.is_frozen:
+            return
+        quantizer = self._packable_quantizer()
+        device = self.weight.device
+        dims = self.weight_dims()
+        packed = torch.empty(packed_shape(dims, quantizer.bits), dtype=torch.uint8, device=device)
+        self._set_packed(packed, torch.empty(len(dims), dtype=torch.int64, device=device))
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight the forward pass uses: fake-quantized float weight, or the dequantized codes when frozen."""
+        if not self.is_frozen:
+            return self.weight_quantizer(self.weight)
+        quantizer = self.weight_quantizer
+        if quantizer.mode == "off":
+            raise DFQError(
+                f"{quantizer.site or type(self).__name__}: the weight is frozen to integer codes, so it cannot run "
+                "in float (weight quantizer mode 'off'). Use the float model that was quantized instead."
+            )
+        return quantizer.dequantize(unpack_codes(self.weight_packed, quantizer.bits, self.weight_dims()))
+
+    def calibrate_weights(self) -> None:
+        if self.is_frozen:
+            raise DFQError(
+                f"{type(self).__name__} weights are frozen to integer codes and cannot be re-calibrated; "
+                "quantize the float model again instead."
+            )
+        super().calibrate_weights()
+
+    def __getattr__(self, name: str):
+        if name == "weight" and "weight_packed" in self.__dict__.get("_buffers", {}):
+            return self.quantized_weight()
+        return super().__getattr__(name)
+
+
 @register_qmodule(nn.Linear)
-class QLinear(QModuleMixin, nn.Module):
+class QLinear(FrozenWeightMixin, QModuleMixin, nn.Module):
     """Linear layer with a fake-quantized weight and (optionally) a fake-quantized input.
 
     The input quantizer is absent when the input is already quantized upstream (post-LayerNorm activations are
@@ -27,6 +121,10 @@ class QLinear(QModuleMixin, nn.Module):
         in_features (`int`), out_features (`int`), bias (`bool`): as `nn.Linear`.
         weight_quantizer (`Quantizer`): quantizer of the weight (per output channel: axis 0).
         input_quantizer (`Quantizer`, *optional*): quantizer of the input activations.
+
+    Attributes:
+        input_correction (`nn.Module`, *optional*): an activation correction applied to the (dequantized) input
+            right before the matmul (see `calibration/correction.py`); `None` unless an unfolded correction was fitted.
     """
 
     def __init__(
@@ -43,6 +141,7 @@ class QLinear(QModuleMixin, nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.weight_quantizer = weight_quantizer
         self.input_quantizer = input_quantizer
+        self.input_correction: nn.Module | None = None
 
     @classmethod
     def from_float(
@@ -67,17 +166,22 @@ class QLinear(QModuleMixin, nn.Module):
             self.bias = nn.Parameter(torch.zeros(self.out_features, device=self.weight.device, dtype=self.weight.dtype))
         return self.bias
 
+    def weight_dims(self) -> tuple[int, ...]:
+        return (self.out_features, self.in_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        return F.linear(x, self.weight_quantizer(self.weight), self.bias)
+        if self.input_correction is not None:
+            x = self.input_correction(x)
+        return F.linear(x, self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 @register_qmodule(nn.Conv2d)
-class QConv2d(QModuleMixin, nn.Conv2d):
+class QConv2d(FrozenWeightMixin, QModuleMixin, nn.Conv2d):
     """Conv2d (the patch embedding) with a fake-quantized weight and input image.
 
     Args:
@@ -110,10 +214,13 @@ class QConv2d(QModuleMixin, nn.Conv2d):
                 qmodule.bias.copy_(module.bias)
         return qmodule
 
+    def weight_dims(self) -> tuple[int, ...]:
+        return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        return self._conv_forward(x, self.weight_quantizer(self.weight), self.bias)
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
 
 
 class QLayerNorm(QModuleMixin, nn.LayerNorm):

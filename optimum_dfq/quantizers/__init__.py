@@ -7,6 +7,7 @@ from typing import Any
 from .base import MODES, Quantizer
 from .log import Log2Quantizer, LogSqrt2Quantizer
 from .stats import tail_quantiles
+from .tanq import TanQuantizer, tanq_codebook
 from .uniform import UniformQuantizer, round_ste
 
 QUANTIZER_REGISTRY: dict[str, type[Quantizer]] = {}
@@ -20,7 +21,7 @@ def register_quantizer_kind(cls: type[Quantizer]) -> type[Quantizer]:
     return cls
 
 
-for _cls in (UniformQuantizer, Log2Quantizer, LogSqrt2Quantizer):
+for _cls in (UniformQuantizer, Log2Quantizer, LogSqrt2Quantizer, TanQuantizer):
     register_quantizer_kind(_cls)
 
 
@@ -47,9 +48,11 @@ __all__ = [
     "Log2Quantizer",
     "LogSqrt2Quantizer",
     "Quantizer",
+    "TanQuantizer",
     "UniformQuantizer",
     "build_quantizer",
     "register_quantizer_kind",
     "round_ste",
+    "tanq_codebook",
     "tail_quantiles",
 ]

@@ -90,6 +90,9 @@ class UniformQuantizer(Quantizer):
         self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None = None
     ) -> torch.Tensor:
         scale, zero_point = self._broadcast(scale, x, axis), self._broadcast(zero_point, x, axis)
+        if not (x.requires_grad or scale.requires_grad):  # in-place fast path (calibration searches, inference)
+            q = x / scale
+            return q.round_().add_(zero_point).clamp_(0, self.qmax).sub_(zero_point).mul_(scale)
         q = torch.clamp(round_ste(x / scale) + zero_point, 0, self.qmax)
         return (q - zero_point) * scale
 

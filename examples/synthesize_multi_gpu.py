@@ -1,0 +1,59 @@
+"""Synthesize a data-free calibration set on several GPUs (or CPU processes) and save it as a dataset.
+
+The images are split over the processes (image `i` depends only on the seed and `i`, so the set is the same on one
+GPU or eight), gathered, and written by the main process with `save_calibration_set` (a `datasets` folder; load it
+with `optimum_dfq.synthesis.load_calibration_set` or `datasets.load_from_disk`).
+
+    # 8 GPUs, 32 PSAQ-ViT images each:
+    accelerate launch --multi_gpu --num_processes 8 examples/synthesize_multi_gpu.py \\
+        --model facebook/deit-tiny-patch16-224 --synthesizer psaq --num-images 256 --output calib/deit-tiny-psaq
+    # CPU-only machine, 2 processes (torchrun; the script builds PartialState(cpu=True) itself):
+    torchrun --nproc_per_node 2 examples/synthesize_multi_gpu.py --model examples/models/vit-cifar10 \\
+        --num-images 8 --hyperparameters '{"iterations": [2, 2], "warmup": 1}' --output /tmp/calib
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+import torch
+from accelerate import PartialState
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+from optimum_dfq.synthesis import get_synthesizer, save_calibration_set, save_image_grid
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="Hub id or folder of a ViT/DeiT/Swin classifier")
+    parser.add_argument("--synthesizer", default="psaq", help="psaq, sardfq, dfq-vit or gaussian")
+    parser.add_argument("--num-images", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=None, help="images per optimisation batch")
+    parser.add_argument("--hyperparameters", default="{}", help="JSON overrides of the synthesizer's defaults")
+    parser.add_argument("--cache-dir", default=None, help="cache/resume directory shared by all processes")
+    parser.add_argument("--output", required=True, help="folder to save the calibration set to")
+    parser.add_argument("--grid", default=None, help="also write a PNG grid of the first images here")
+    args = parser.parse_args()
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    logging.basicConfig(level=logging.INFO if state.is_main_process else logging.WARNING)
+    model = AutoModelForImageClassification.from_pretrained(args.model).to(state.device)
+    processor = AutoImageProcessor.from_pretrained(args.model)
+    synthesizer = get_synthesizer(args.synthesizer, **json.loads(args.hyperparameters))
+    kwargs = {"image_processor": processor}
+    if args.synthesizer != "gaussian":
+        kwargs.update(batch_size=args.batch_size, state=state, cache_dir=args.cache_dir)
+    calibration = synthesizer.synthesize(model, args.num_images, seed=args.seed, **kwargs)
+    if state.is_main_process:
+        save_calibration_set(calibration, args.output)
+        if args.grid:
+            save_image_grid(calibration, args.grid, processor.image_mean, processor.image_std)
+        print(f"{len(calibration)} images from {state.num_processes} process(es) saved to {args.output}")
+    state.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()

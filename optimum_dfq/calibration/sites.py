@@ -1,0 +1,155 @@
+"""Roles of Linear layers (`qkv`, `o_proj`, `fc1`, `fc2`, `reduction`, `classifier`), found from structure and dataflow.
+
+A role is decided without parameter names: by which adapter-typed module contains the Linear (a transformer block,
+its attention module, Swin's patch merging, or none = a classifier head) and by what it reads, observed in one
+forward pass in floating point:
+
+* inside the attention module: reads the attention module's own input → `qkv`, anything else → `o_proj`;
+* inside a block but outside attention: reads a LayerNorm output of the block → `fc1`, anything else → `fc2`;
+* inside a patch-merging module → `reduction`; outside every block → `classifier`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import CORRECTION_SITES
+from ..models import ModelAdapter
+from ..nn import QLinear
+from ..quantizers import Quantizer
+
+ROLES = CORRECTION_SITES
+
+
+@dataclass(frozen=True)
+class LinearGroup:
+    """Linears that read one and the same (quantized) tensor: a correction site.
+
+    Attributes:
+        role (`str`): one of [`ROLES`].
+        names (`tuple[str, ...]`): module names, in forward order (q, k, v share one site when their input is
+            quantized once, at the LayerNorm output).
+    """
+
+    role: str
+    names: tuple[str, ...]
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, QLinear))
+
+
+@contextlib.contextmanager
+def _runnable(model: nn.Module) -> Iterator[None]:
+    """Switches off the quantizers that are not calibrated yet, so that a probe forward pass runs. Calibrated ones
+    stay as they are: frozen (packed) weights cannot run in float, and the dataflow does not depend on them."""
+    quantizers = [m for m in model.modules() if isinstance(m, Quantizer) and not bool(m.calibrated)]
+    saved = [q.mode for q in quantizers]
+    for quantizer in quantizers:
+        quantizer.set_mode("off")
+    try:
+        yield
+    finally:
+        for quantizer, mode in zip(quantizers, saved):
+            quantizer.set_mode(mode)
+
+
+def _inside(name: str, containers: list[str]) -> str | None:
+    for container in containers:
+        if name.startswith(container + "."):
+            return container
+    return None
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.shape == b.shape and torch.equal(a, b))
+
+
+@torch.no_grad()
+def linear_roles(model: nn.Module, adapter: ModelAdapter, pixel_values: torch.Tensor) -> dict[str, str]:
+    """Maps every Linear (float or [`QLinear`]) of `model` to its role, in forward order.
+
+    Args:
+        model (`PreTrainedModel`): a float or quantized ViT/DeiT/Swin (its uncalibrated quantizers are switched
+            off for the probe).
+        adapter (`ModelAdapter`): its adapter.
+        pixel_values (`torch.Tensor`): a small probe batch (one image is enough).
+
+    Returns:
+        `dict[str, str]`: Linear name → role, ordered by first call.
+    """
+    blocks = [name for name, _ in adapter.blocks(model)]
+    attentions = [name for name, _ in adapter.attention_modules(model)]
+    mergings = [] if adapter.merging_type is None else [
+        name for name, m in model.named_modules() if isinstance(m, adapter.merging_type)
+    ]
+    linear_inputs: dict[str, torch.Tensor] = {}
+    attention_inputs: dict[str, torch.Tensor] = {}
+    norm_outputs: dict[str, list[torch.Tensor]] = {}
+
+    def attention_hook(name):
+        def hook(module, args, kwargs):
+            attention_inputs.setdefault(name, args[0] if args else kwargs["hidden_states"])
+        return hook
+
+    handles = []
+    for name, module in model.named_modules():
+        if is_linear(module):
+            handles.append(module.register_forward_pre_hook(
+                lambda m, args, n=name: linear_inputs.setdefault(n, args[0])))
+        elif name in attentions:
+            handles.append(module.register_forward_pre_hook(attention_hook(name), with_kwargs=True))
+        elif isinstance(module, nn.LayerNorm) and _inside(name, blocks):
+            block = _inside(name, blocks)
+            handles.append(module.register_forward_hook(
+                lambda m, args, out, b=block: norm_outputs.setdefault(b, []).append(out)))
+    try:
+        with _runnable(model):
+            model(pixel_values=pixel_values)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    roles: dict[str, str] = {}
+    for name, x in linear_inputs.items():
+        attention, block = _inside(name, attentions), _inside(name, blocks)
+        if _inside(name, mergings):
+            roles[name] = "reduction"
+        elif attention is not None:
+            roles[name] = "qkv" if _same(x, attention_inputs[attention]) else "o_proj"
+        elif block is not None:
+            roles[name] = "fc1" if any(_same(x, out) for out in norm_outputs.get(block, [])) else "fc2"
+        else:
+            roles[name] = "classifier"
+    return roles
+
+
+def linear_groups(model: nn.Module, roles: dict[str, str], wanted: list[str] | tuple[str, ...]) -> list[LinearGroup]:
+    """Correction sites of the wanted roles: [`QLinear`]s grouped by the tensor that reaches their matmul.
+
+    q, k and v of one attention module form one group when none of them has its own input quantizer (their input
+    is then the quantized LayerNorm output they share); otherwise every Linear is its own group. Float Linears
+    (kept out of quantization) are skipped.
+
+    Args:
+        model (`nn.Module`): the quantized model.
+        roles (`dict[str, str]`): from [`linear_roles`].
+        wanted (`list[str]`): the roles to keep.
+
+    Returns:
+        `list[LinearGroup]` in forward order.
+    """
+    members: dict[str, tuple[str, list[str]]] = {}  # site key -> (role, names); dicts keep forward order
+    for name, role in roles.items():
+        module = model.get_submodule(name)
+        if role not in wanted or not isinstance(module, QLinear):
+            continue
+        shares_input = role == "qkv" and module.input_quantizer is None
+        key = name.rpartition(".")[0] + ".<qkv>" if shares_input else name
+        members.setdefault(key, (role, []))[1].append(name)
+    return [LinearGroup(role, tuple(names)) for role, names in members.values()]

@@ -1,0 +1,209 @@
+"""Command line: `optimum-dfq {quantize,synthesize,evaluate}` and the same group as `optimum-cli dfq ...`.
+
+Imports stay light at module level (only argparse) so that `optimum-cli --help` does not load torch. User errors
+(bad preset, missing model, unknown synthesizer, unreadable recipe, ...) print one line and exit with status 2;
+anything else is a bug and keeps its traceback.
+
+Multi-GPU synthesis: `accelerate launch --multi_gpu --num_processes 8 -m optimum_dfq.cli quantize ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+PROG = "optimum-dfq"
+
+
+def _add_quantize(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "quantize",
+        help="quantize a ViT/DeiT/Swin image classifier data-free and save it",
+        description="Quantize MODEL (Hub id or local folder) without real data and save it to OUTPUT_DIR with "
+        "save_pretrained (packed weights, quantization config, image processor).",
+    )
+    parser.add_argument("model", help="float model: Hub id (e.g. facebook/deit-small-patch16-224) or local folder")
+    parser.add_argument("output_dir", help="where to save the quantized model")
+    parser.add_argument("--bits", default=None, help="bit preset: w8a8, w6a6, w4a8, w4a4, w3a4, w3a3, w8a16, w4a16 "
+                        "(default: the recipe's, else w4a4)")
+    parser.add_argument("--synthesizer", default=None, help="calibration-image synthesizer (default: the recipe's, "
+                        "else the library default)")
+    parser.add_argument("--num-images", type=int, default=None, help="number of calibration images (default 32)")
+    parser.add_argument("--recipe", default=None, help="YAML recipe (DFQConfig fields), e.g. recipes/sardfq_w4a4.yaml")
+    parser.add_argument("--seed", type=int, default=None, help="seed of synthesis and calibration (default 0)")
+    parser.add_argument("--calibration-dataset", default=None,
+                        help="calibrate on REAL images instead (parquet file, dataset folder or Hub id)")
+    parser.add_argument("--calibration-split", default="train", help="split of --calibration-dataset")
+    parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="also push the result to this Hub repo")
+    parser.set_defaults(handler=run_quantize)
+
+
+def _add_synthesize(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "synthesize",
+        help="synthesize a calibration set for a model and save it (plus a PNG grid)",
+        description="Synthesize NUM_IMAGES calibration images from MODEL and save them as a `datasets` dataset in "
+        "OUTPUT_DIR, with a PNG grid of the de-normalised images for a visual check.",
+    )
+    parser.add_argument("model", help="float model: Hub id or local folder")
+    parser.add_argument("output_dir", help="where to save the calibration set")
+    parser.add_argument("--synthesizer", default="gaussian", help="synthesizer name (default gaussian)")
+    parser.add_argument("--num-images", type=int, default=32, help="number of images (default 32)")
+    parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    parser.add_argument("--iterations", type=int, default=None,
+                        help="total optimisation steps, split evenly over the synthesizer's phases (default: the "
+                        "paper's, e.g. 2 x 500 for psaq)")
+    parser.set_defaults(handler=run_synthesize)
+
+
+def _add_evaluate(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="top-1/top-5 accuracy of a (quantized) model on a labelled image dataset",
+        description="Evaluate MODEL_OR_DIR on a labelled image dataset; prints top-1/top-5 and writes JSON.",
+    )
+    parser.add_argument("model", help="model folder or Hub id (quantized optimum_dfq checkpoints load too)")
+    parser.add_argument("--dataset", required=True, help="parquet file, dataset folder or Hub id")
+    parser.add_argument("--split", default="test", help="dataset split (default test)")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--output", default=None, help="JSON file for the results (default: print only)")
+    parser.set_defaults(handler=run_evaluate)
+
+
+def add_commands(parser: argparse.ArgumentParser) -> None:
+    """Adds the `quantize`, `synthesize` and `evaluate` sub-commands to `parser`."""
+    subparsers = parser.add_subparsers(title="commands", dest="dfq_command", metavar="COMMAND")
+    _add_quantize(subparsers)
+    _add_synthesize(subparsers)
+    _add_evaluate(subparsers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Data-free low-bit quantization of Hugging Face vision transformers (ViT, DeiT, Swin).",
+    )
+    add_commands(parser)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------- handlers
+def _load_quantizer(model: str):
+    from .quantizer import DataFreeViTQuantizer
+
+    return DataFreeViTQuantizer.from_pretrained(model)
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from .calibration.data import load_image_dataset
+    from .config import DFQConfig
+
+    config = DFQConfig.from_yaml(args.recipe) if args.recipe else DFQConfig()
+    if args.num_images is not None and args.num_images < 1:
+        raise ValueError(f"--num-images must be at least 1, got {args.num_images}.")
+    quantizer = _load_quantizer(args.model)
+    dataset = None
+    if args.calibration_dataset:
+        dataset = load_image_dataset(args.calibration_dataset, args.calibration_split)
+    qmodel = quantizer.quantize(bits=args.bits, config=config, synthesizer=args.synthesizer,
+                                num_images=args.num_images, seed=args.seed, calibration_dataset=dataset,
+                                save_dir=args.output_dir)
+    final = qmodel.config.quantization_config
+    source = "real images" if (dataset is not None or final.calibration_dataset) else f"'{final.synthesizer}'"
+    print(f"quantized {args.model} to {final.bits} with {final.num_images} calibration images from {source}; "
+          f"saved to {args.output_dir}")
+    if args.push_to_hub:
+        qmodel.push_to_hub(args.push_to_hub)
+        print(f"pushed to {args.push_to_hub}")
+    return 0
+
+
+def run_synthesize(args: argparse.Namespace) -> int:
+    from .synthesis import get_synthesizer
+    from .synthesis.dataset import save_calibration_set
+    from .synthesis.visualize import save_image_grid
+
+    if args.num_images < 1:
+        raise ValueError(f"--num-images must be at least 1, got {args.num_images}.")
+    quantizer = _load_quantizer(args.model)
+    synthesizer = get_synthesizer(args.synthesizer)
+    if args.iterations is not None:
+        phases = len(getattr(synthesizer, "iterations", ()))
+        if not phases:
+            raise ValueError(f"Synthesizer '{args.synthesizer}' does not optimise images; drop --iterations.")
+        if args.iterations < phases:
+            raise ValueError(f"--iterations must be at least {phases} (one per phase) for '{args.synthesizer}'.")
+        per_phase = args.iterations // phases
+        synthesizer = get_synthesizer(args.synthesizer, iterations=[per_phase] * phases,
+                                      warmup=min(synthesizer.warmup, max(1, per_phase // 5)))
+    calibration = synthesizer.synthesize(quantizer.model, args.num_images, seed=args.seed,
+                                         image_processor=quantizer.image_processor)
+    output = Path(args.output_dir)
+    save_calibration_set(calibration, output)
+    processor = quantizer.image_processor
+    grid = output / "grid.png"
+    save_image_grid(calibration, grid, mean=getattr(processor, "image_mean", None),
+                    std=getattr(processor, "image_std", None))
+    print(f"synthesized {len(calibration)} images with '{args.synthesizer}'; saved to {output} (preview: {grid})")
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from .calibration.data import load_image_dataset
+    from .evaluation import evaluate_accuracy
+
+    quantizer = _load_quantizer(args.model)
+    dataset = load_image_dataset(args.dataset, args.split)
+    if args.limit is not None:
+        dataset = dataset.select(range(min(args.limit, len(dataset))))
+    results = evaluate_accuracy(quantizer.model, dataset, quantizer.image_processor, batch_size=args.batch_size)
+    results.update({"model": args.model, "dataset": args.dataset, "split": args.split})
+    line = f"top-1 {100 * results['top1']:.2f}%"
+    if "top5" in results:
+        line += f"  top-5 {100 * results['top5']:.2f}%"
+    print(f"{line}  ({results['num_examples']} examples of {args.dataset}:{args.split})")
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .errors import DFQError
+
+    errors: list[type[BaseException]] = [DFQError, FileNotFoundError, OSError, ValueError]
+    try:
+        from datasets.exceptions import DatasetNotFoundError
+
+        errors.append(DatasetNotFoundError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
+    """Runs the handler of a parsed command; user errors become one line on stderr and exit status 2."""
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        (parser or build_parser()).print_help()
+        return 2
+    try:
+        return handler(args)
+    except _user_errors() as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `optimum-dfq` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return dispatch(args, parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

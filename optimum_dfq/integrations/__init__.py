@@ -1,0 +1,1 @@
+"""Integrations with other libraries of the Hugging Face ecosystem."""

@@ -1,0 +1,271 @@
+"""transformers integration: `from_pretrained` / `save_pretrained` / `push_to_hub` for optimum_dfq checkpoints.
+
+`import optimum_dfq` registers [`DFQConfig`] as the quantization config and [`DFQHfQuantizer`] as the quantizer of
+`quant_method="optimum_dfq"` (idempotently). Then
+
+```python
+import optimum_dfq  # required before from_pretrained
+from transformers import AutoModelForImageClassification
+
+model = AutoModelForImageClassification.from_pretrained("org/vit-w4a4-dfq")
+```
+
+rebuilds the frozen quantized skeleton on the meta device, lets transformers fill it from the checkpoint, verifies
+the load (see [`~formats.checkpoint.verify_loaded`]) and returns a model that predicts bit-identically to the saved
+one. `from_pretrained(float_checkpoint, quantization_config=DFQConfig())` is refused: DFQ needs synthesis and
+calibration, done by `DataFreeViTQuantizer.quantize`.
+
+**Loading without `import optimum_dfq`.** transformers has no plug-in discovery: it does not know
+`quant_method="optimum_dfq"`, only logs `Unknown quantization type, got optimum_dfq ... we will skip the
+quantization`, and would load the packed checkpoint as a *randomly initialised float model* (every `weight` missing,
+every `weight_packed` unexpected, a warning only). To make that path fail instead, checkpoints also carry
+`"attn_implementation": "optimum_dfq"` in `config.json` (quantized models run that attention anyway, so it costs
+the normal path nothing). Without the import, transformers stops while building the model with
+`ValueError: Specified attn_implementation="optimum_dfq" is not supported. The only possible arguments are ...`.
+The one way around it is to pass `attn_implementation=` explicitly to `from_pretrained` without importing
+optimum_dfq; transformers then loads random weights with only a "LOAD REPORT" warning: don't.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+from ..calibration.convert import QuantizationPlan
+from ..config import QUANT_METHOD, DFQConfig
+from ..errors import CheckpointError, ConfigError, DFQError
+from ..formats.checkpoint import (
+    CheckpointInfo,
+    build_skeleton,
+    checkpoint_metadata,
+    freeze_model,
+    read_checkpoint_info,
+    verify_loaded,
+)
+from ..nn.attention import ATTENTION_IMPLEMENTATION, ATTENTION_QUANTIZERS_ATTR, register_attention_implementation
+
+logger = logging.getLogger(__name__)
+
+#: Values of `save_pretrained(format=...)`.
+NATIVE_FORMAT, COMPRESSED_TENSORS_FORMAT = "optimum_dfq", "compressed-tensors"
+
+
+class DFQHfQuantizer(HfQuantizer):
+    """transformers' side of optimum_dfq checkpoints (registered for `quant_method="optimum_dfq"`).
+
+    Only pre-quantized checkpoints are loaded (`requires_calibration=True`). The instance attached to a model as
+    `model.hf_quantizer` also carries what is needed to save it again.
+
+    Args:
+        quantization_config (`DFQConfig`): the checkpoint's config.
+        plan (`QuantizationPlan`, *optional*): the structure quantization gave the model (LayerNorm → consuming
+            Linears, activation corrections); read from the checkpoint when loading, given by `quantize()` otherwise.
+        provenance (`dict`, *optional*): `{"base_model": <float model id>, "calibration": <calibration-set summary>}`
+            (saved in the checkpoint, shown in the model card).
+        image_processor (*optional*): uploaded with the model by `push_to_hub`.
+        eval_results (`list[huggingface_hub.EvalResult]`, *optional*): written into the model card.
+    """
+
+    requires_calibration = True
+
+    def __init__(
+        self,
+        quantization_config: DFQConfig,
+        plan: QuantizationPlan | None = None,
+        provenance: dict[str, Any] | None = None,
+        image_processor: Any | None = None,
+        eval_results: list | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not kwargs.get("pre_quantized", True):
+            raise ConfigError(
+                "optimum_dfq cannot quantize inside from_pretrained: data-free quantization synthesizes calibration "
+                "images and calibrates first. Quantize the float model with "
+                "`optimum_dfq.DataFreeViTQuantizer.from_pretrained(path).quantize(bits=...)`, save it, and load that "
+                "checkpoint without `quantization_config=`."
+            )
+        super().__init__(quantization_config, **kwargs)
+        self.plan = plan
+        self.provenance = dict(provenance or {})
+        self.image_processor = image_processor
+        self.eval_results = eval_results
+        self._checkpoint: CheckpointInfo | None = None
+
+    # ------------------------------------------------------------------ loading
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        register_attention_implementation()
+
+    def update_attn_implementation(self, config):
+        requested = config._attn_implementation
+        if requested not in (None, ATTENTION_IMPLEMENTATION):
+            logger.warning(
+                "optimum_dfq models run the %r attention implementation (the attention quantizers need the explicit "
+                "probabilities); ignoring attn_implementation=%r.", ATTENTION_IMPLEMENTATION, requested
+            )
+        config._attn_implementation = ATTENTION_IMPLEMENTATION
+        return config
+
+    def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files=None, **kwargs: Any):
+        info = read_checkpoint_info(checkpoint_files)
+        self._checkpoint = info
+        self.provenance = {**info.provenance, **self.provenance}
+        try:
+            self.plan = build_skeleton(model, self.quantization_config, info.plan)
+        except (AttributeError, KeyError) as err:  # a plan naming modules this architecture does not have
+            raise CheckpointError(
+                f"The checkpoint's quantization plan does not fit {type(model).__name__}: {err!r}. It was saved from "
+                "another architecture; load it with the class named in its config.json."
+            ) from err
+        return model
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any):
+        if self._checkpoint is not None:
+            verify_loaded(model, self._checkpoint)
+            self._checkpoint = None
+        attach_quantized_model(model, self)
+        return model
+
+    def update_weight_conversions(self, weight_conversions: list, model: nn.Module) -> list:
+        """Shields the attention quantizers' keys from the model's legacy key renamings while loading.
+
+        ViT/DeiT checkpoints are loaded through unanchored regex renamings such as `attention.key -> k_proj`, which
+        would also rewrite `attention.dfq_attention.key.scale`. The key segment is swapped for a neutral one before
+        the model's renamings and restored after them (saving reverses the list, so the same pair applies).
+        """
+        from transformers.core_model_loading import WeightRenaming
+
+        conversions = super().update_weight_conversions(weight_conversions, model)
+        shielded = f"{ATTENTION_QUANTIZERS_ATTR}."
+        placeholder = "optimum_dfq_attn_quantizers."
+        return [WeightRenaming(shielded, placeholder), *conversions, WeightRenaming(placeholder, shielded)]
+
+    # ------------------------------------------------------------------ saving
+    def get_state_dict_and_metadata(self, model: nn.Module):
+        if self.plan is None:
+            raise DFQError("This quantizer does not know the model's quantization plan; it cannot write a checkpoint.")
+        return None, checkpoint_metadata(model, self.plan, self.provenance)
+
+    def is_serializable(self) -> bool:  # a method in transformers 5 (a property in 4.x)
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------- model attachment
+def attach_quantized_model(model: nn.Module, hf_quantizer: DFQHfQuantizer) -> nn.Module:
+    """Makes `model` look like a quantized model loaded by `from_pretrained` (also after `quantize()`).
+
+    Sets `model.hf_quantizer`, `is_quantized`, `quantization_method` and `config.quantization_config`; writes
+    `attn_implementation="optimum_dfq"` into the config (the guard against loading without the import, see the
+    module docstring); and binds two methods on the instance: `save_pretrained(..., format=...)` (native, or
+    `"compressed-tensors"`) and the upload step of `push_to_hub`, which replaces transformers' generic README with
+    optimum_dfq's model card (see [`~optimum_dfq.hub`]).
+
+    Args:
+        model (`PreTrainedModel`): a frozen quantized model.
+        hf_quantizer (`DFQHfQuantizer`): its quantizer.
+
+    Returns:
+        The same `model`.
+    """
+    model.hf_quantizer = hf_quantizer
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+    model.config.quantization_config = hf_quantizer.quantization_config
+    model.config.attn_implementation = ATTENTION_IMPLEMENTATION  # serialised into config.json
+    # partials of module-level functions (not bound methods) so that deepcopy and pickle keep working
+    model.save_pretrained = functools.partial(_save_pretrained, model)
+    model._upload_modified_files = functools.partial(_upload_modified_files, model)
+    return model
+
+
+def finalize_quantized_model(
+    model: nn.Module,
+    config: DFQConfig,
+    plan: QuantizationPlan,
+    *,
+    base_model: str | None = None,
+    calibration: Mapping[str, Any] | None = None,
+    image_processor: Any | None = None,
+) -> nn.Module:
+    """Freezes a freshly calibrated model and attaches its [`DFQHfQuantizer`] (what `quantize()` returns).
+
+    Args:
+        model (`PreTrainedModel`): the calibrated quantized model (modified in place).
+        config (`DFQConfig`): the run's config.
+        plan (`QuantizationPlan`): returned by `quantize_model` (what rebuilds the structure when loading).
+        base_model (`str`, *optional*): Hub id or path of the float model (provenance).
+        calibration (`Mapping`, *optional*): the calibration set's metadata (`source`, `synthesizer`, `seed`, ...).
+        image_processor (*optional*): the model's image processor (pushed with it).
+
+    Returns:
+        The same `model`, frozen: saving it writes packed weights, and it predicts exactly like the reloaded checkpoint.
+    """
+    freeze_model(model)
+    provenance = {"base_model": base_model or None, "calibration": _calibration_summary(calibration or {})}
+    hf_quantizer = DFQHfQuantizer(
+        config, plan=plan, provenance=provenance, image_processor=image_processor
+    )
+    return attach_quantized_model(model, hf_quantizer)
+
+
+def _calibration_summary(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    keys = ("source", "synthesizer", "num_images", "seed", "hyperparameters")
+    return json.loads(json.dumps({k: metadata[k] for k in keys if k in metadata}, default=str))
+
+
+def _save_pretrained(self, save_directory: str | os.PathLike, *args: Any, format: str = NATIVE_FORMAT, **kwargs: Any):
+    """`save_pretrained` of quantized models; `format="compressed-tensors"` exports for plain transformers."""
+    if format == COMPRESSED_TENSORS_FORMAT:
+        from ..formats.compressed_tensors import export_compressed_tensors
+
+        return export_compressed_tensors(self, save_directory, *args, **kwargs)
+    if format != NATIVE_FORMAT:
+        raise ConfigError(
+            f"Unknown save format {format!r}; use {NATIVE_FORMAT!r} (default, every quantizer) or "
+            f"{COMPRESSED_TENSORS_FORMAT!r} (Linear-only configs, loads without optimum_dfq)."
+        )
+    return type(self).save_pretrained(self, save_directory, *args, **kwargs)
+
+
+def _upload_modified_files(self, working_dir: str | os.PathLike, repo_id: str, *args: Any, **kwargs: Any):
+    """transformers' upload step, after writing optimum_dfq's model card over the generic one."""
+    from ..hub import write_repo_extras
+
+    write_repo_extras(self, working_dir, repo_id)
+    return type(self)._upload_modified_files(self, working_dir, repo_id, *args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- registration
+def _register(mapping: dict, name: str, cls: type, decorator) -> None:
+    existing = mapping.get(name)
+    if existing is None:
+        decorator(name)(cls)
+    elif existing is not cls:
+        same = (existing.__module__, existing.__qualname__) == (cls.__module__, cls.__qualname__)
+        if not same:
+            raise DFQError(
+                f"transformers already has a {name!r} quantization entry from {existing.__module__}."
+                f"{existing.__qualname__}; two packages claim the same quant_method. Uninstall one of them."
+            )
+        mapping[name] = cls  # the same class re-imported (importlib.reload): keep the newest definition
+
+
+def register_quantization_method() -> None:
+    """Registers `quant_method="optimum_dfq"` with transformers (idempotent; `import optimum_dfq` calls it).
+
+    Also registers the `"optimum_dfq"` attention implementation that quantized models run.
+    """
+    register_attention_implementation()
+    _register(AUTO_QUANTIZATION_CONFIG_MAPPING, QUANT_METHOD, DFQConfig, register_quantization_config)
+    _register(AUTO_QUANTIZER_MAPPING, QUANT_METHOD, DFQHfQuantizer, register_quantizer)

@@ -1,0 +1,111 @@
+"""On-disk cache of synthesis runs: per-batch shards while a run goes on, the finished set when it is done.
+
+A run lives in `<cache_dir>/<run key>/`. Each finished batch is written atomically (temporary file + rename) as
+`shards/<start>-<stop>.safetensors`, so an interrupted run resumes after its last finished batch. The finished set
+is saved with [`save_calibration_set`] into `calibration_set/` (also via a rename), whose presence marks the run
+complete. The directory must be visible to every process of a multi-process run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ..calibration.data import CalibrationSet
+from .context import BatchRecord
+from .dataset import load_calibration_set, save_calibration_set, to_jsonable
+
+_SHARD_RE = re.compile(r"^(\d+)-(\d+)\.safetensors$")
+_EXTRA_PREFIX = "extra."
+
+
+class SynthesisCache:
+    """The cache directory of one synthesis run.
+
+    Args:
+        root (`str` or `PathLike`): the cache root (`cache_dir=` of `synthesize`).
+        key (`str`): the run's fingerprint (hash of synthesizer, hyper-parameters, model, seed, image count).
+
+    Example:
+        >>> cache = SynthesisCache("~/.cache/optimum_dfq/synthesis", key)  # doctest: +SKIP
+    """
+
+    def __init__(self, root: str | os.PathLike, key: str) -> None:
+        self.directory = Path(os.path.expanduser(os.fspath(root))) / key
+        self.shards = self.directory / "shards"
+        self.complete_path = self.directory / "calibration_set"
+
+    def is_complete(self) -> bool:
+        return self.complete_path.is_dir()
+
+    def load_complete(self) -> CalibrationSet:
+        return load_calibration_set(self.complete_path)
+
+    def save_complete(self, calibration_set: CalibrationSet) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".calibration_set-", dir=self.directory))
+        try:
+            save_calibration_set(calibration_set, staging / "set")
+            os.replace(staging / "set", self.complete_path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def write_run_info(self, material: dict[str, Any]) -> None:
+        """Writes the description of the run (what its key hashes), for people inspecting the cache."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(self.directory / "run.json", json.dumps(to_jsonable(material), indent=2, sort_keys=True))
+
+    def shard_ranges(self) -> list[tuple[int, int]]:
+        """`(start, stop)` of every finished batch, sorted."""
+        if not self.shards.is_dir():
+            return []
+        ranges = []
+        for entry in self.shards.iterdir():
+            match = _SHARD_RE.match(entry.name)
+            if match:
+                ranges.append((int(match.group(1)), int(match.group(2))))
+        return sorted(ranges)
+
+    def write_shard(self, record: BatchRecord) -> None:
+        self.shards.mkdir(parents=True, exist_ok=True)
+        tensors = {"pixel_values": record.pixel_values.contiguous()}
+        if record.labels is not None:
+            tensors["labels"] = record.labels.detach().cpu().contiguous()
+        if record.soft_labels is not None:
+            tensors["soft_labels"] = record.soft_labels.detach().cpu().contiguous()
+        for name, value in record.extras.items():
+            tensors[_EXTRA_PREFIX + name] = value.detach().cpu().contiguous()
+        metadata = {"start": str(record.start), "stop": str(record.stop), "history": json.dumps(record.history)}
+        final = self.shards / f"{record.start:08d}-{record.stop:08d}.safetensors"
+        handle, temporary = tempfile.mkstemp(prefix=".shard-", dir=self.shards)
+        os.close(handle)
+        try:
+            save_file(tensors, temporary, metadata=metadata)
+            os.replace(temporary, final)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+
+    def read_shard(self, start: int, stop: int) -> BatchRecord:
+        path = self.shards / f"{start:08d}-{stop:08d}.safetensors"
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        extras = {k[len(_EXTRA_PREFIX):]: v for k, v in tensors.items() if k.startswith(_EXTRA_PREFIX)}
+        return BatchRecord(start, stop, tensors["pixel_values"], tensors.get("labels"), tensors.get("soft_labels"),
+                           extras, json.loads(metadata.get("history", "{}")))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    handle, temporary = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    with os.fdopen(handle, "w", encoding="utf-8") as file:
+        file.write(text)
+    os.replace(temporary, path)

@@ -1,0 +1,137 @@
+"""Calibration sets as `datasets.Dataset`s: save, load, share like any other data.
+
+Columns: `pixel_values` (`Array3D` float32, the normalised images), `labels` (int64) and `soft_labels` (fixed-length
+float32 lists) when present, and `metadata`: the calibration set's provenance as JSON. `DatasetInfo.description`
+holds the same JSON for people browsing the dataset, but `push_to_hub` keeps only features and splits of the
+`DatasetInfo`, so the column is what is read back; repeated strings cost next to nothing in Parquet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..calibration.data import CalibrationSet
+from ..errors import CalibrationError
+
+METADATA_COLUMN = "metadata"
+
+
+def calibration_set_to_dataset(calibration_set: CalibrationSet):
+    """Converts a calibration set to a `datasets.Dataset` (one row per image).
+
+    Args:
+        calibration_set (`CalibrationSet`): the set.
+
+    Returns:
+        `datasets.Dataset`
+
+    Example:
+        >>> ds = calibration_set_to_dataset(CalibrationSet(torch.zeros(2, 3, 4, 4), metadata={"seed": 0}))
+        >>> ds.column_names
+        ['pixel_values', 'metadata']
+    """
+    from datasets import Array3D, Dataset, DatasetInfo, Features, List, Value
+
+    pixels = calibration_set.pixel_values.detach().cpu().float()
+    count = pixels.shape[0]
+    metadata = json.dumps(to_jsonable(calibration_set.metadata), sort_keys=True)
+    data: dict[str, Any] = {"pixel_values": pixels.numpy()}
+    features: dict[str, Any] = {"pixel_values": Array3D(shape=tuple(pixels.shape[1:]), dtype="float32")}
+    if calibration_set.labels is not None:
+        data["labels"] = calibration_set.labels.detach().cpu().long().numpy()
+        features["labels"] = Value("int64")
+    if calibration_set.soft_labels is not None:
+        soft = calibration_set.soft_labels.detach().cpu().float()
+        data["soft_labels"] = soft.numpy()
+        features["soft_labels"] = List(Value("float32"), length=soft.shape[1])
+    data[METADATA_COLUMN] = [metadata] * count
+    features[METADATA_COLUMN] = Value("string")
+    features = Features(features)
+    return Dataset.from_dict(data, features=features, info=DatasetInfo(description=metadata, features=features))
+
+
+def calibration_set_from_dataset_dict(dataset, split: str | None = None) -> CalibrationSet:
+    """Inverse of [`calibration_set_to_dataset`].
+
+    Args:
+        dataset (`datasets.Dataset` or `datasets.DatasetDict`): as written by [`calibration_set_to_dataset`] (or
+            loaded back from disk or the Hub).
+        split (`str`, *optional*): split to use when `dataset` is a `DatasetDict` (required if it has several).
+
+    Returns:
+        `CalibrationSet`
+    """
+    from datasets import DatasetDict
+
+    if isinstance(dataset, DatasetDict):
+        if split is None:
+            if len(dataset) != 1:
+                raise CalibrationError(f"The DatasetDict has splits {list(dataset)}; pass split=<name>.")
+            split = next(iter(dataset))
+        dataset = dataset[split]
+    if "pixel_values" not in dataset.column_names:
+        raise CalibrationError(
+            f"Not a calibration-set dataset: no 'pixel_values' column (columns: {dataset.column_names})."
+        )
+    columns = dataset.with_format("numpy")[:]
+    labels = columns.get("labels")
+    soft_labels = columns.get("soft_labels")
+    return CalibrationSet(
+        pixel_values=torch.from_numpy(np.ascontiguousarray(columns["pixel_values"], dtype=np.float32)),
+        labels=torch.from_numpy(np.asarray(labels, dtype=np.int64)) if labels is not None else None,
+        soft_labels=torch.from_numpy(np.asarray(soft_labels, dtype=np.float32)) if soft_labels is not None else None,
+        metadata=_read_metadata(dataset),
+    )
+
+
+def save_calibration_set(calibration_set: CalibrationSet, path: str | os.PathLike) -> None:
+    """Writes a calibration set to `path` with `datasets`' `save_to_disk`.
+
+    Example:
+        >>> save_calibration_set(calib, "calib/deit-tiny-psaq")  # doctest: +SKIP
+    """
+    calibration_set_to_dataset(calibration_set).save_to_disk(str(path))
+
+
+def load_calibration_set(path: str | os.PathLike) -> CalibrationSet:
+    """Reads a calibration set written by [`save_calibration_set`].
+
+    Example:
+        >>> calib = load_calibration_set("calib/deit-tiny-psaq")  # doctest: +SKIP
+    """
+    from datasets import load_from_disk
+
+    if not os.path.isdir(path):
+        raise CalibrationError(f"No saved calibration set at {str(path)!r}.")
+    return calibration_set_from_dataset_dict(load_from_disk(str(path)))
+
+
+def _read_metadata(dataset) -> dict[str, Any]:
+    if METADATA_COLUMN in dataset.column_names and len(dataset) > 0:
+        text = dataset[0][METADATA_COLUMN]
+    else:
+        text = dataset.info.description
+    try:
+        return json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        return {"description": text}
+
+
+def to_jsonable(value: Any) -> Any:
+    """Converts tuples, tensors and numpy values inside metadata to plain JSON types."""
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return to_jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    return value

@@ -1,0 +1,301 @@
+"""Loss terms of the pixel optimisation.
+
+A term is a small callable object: it holds its per-image targets (labels, priors, TV targets) for one batch and
+returns one value per image (`[B]`), unweighted. The engine multiplies by the term's weight at that step, sums over
+terms and images, and logs every term's mean. Per-image values (rather than batch means) keep an image's gradient
+independent of the other images of its batch.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .context import StepContext
+from .features import ATTENTION_OUTPUTS, ATTENTION_PROBS
+from .kde import patch_similarity_entropy
+
+Weight = float | Callable[[StepContext], float]
+
+
+class LossTerm(ABC):
+    """One term of the synthesis loss.
+
+    Args:
+        weight (`float` or `Callable[[StepContext], float]`): constant weight, or a schedule such as [`PhaseRamp`].
+            Steps where the weight is 0 skip the term.
+
+    Attributes:
+        name (`str`): the name it is logged under.
+        needs (`frozenset[str]`): features to capture (`"attention_outputs"`, `"attention_probs"`).
+    """
+
+    name: str = ""
+    needs: frozenset[str] = frozenset()
+
+    def __init__(self, weight: Weight = 1.0) -> None:
+        self.weight = weight
+
+    def weight_at(self, ctx: StepContext) -> float:
+        """The weight at this step."""
+        return float(self.weight(ctx)) if callable(self.weight) else float(self.weight)
+
+    @abstractmethod
+    def __call__(self, ctx: StepContext) -> torch.Tensor:
+        """Returns the `[B]` unweighted per-image values of the term."""
+
+
+class PhaseRamp:
+    """A weight that is 0 before phase `phase`, then rises linearly to `max_weight` over `ramp_fraction` of it.
+
+    Args:
+        phase (`int`): the (0-based) phase in which the term switches on.
+        max_weight (`float`): the weight reached at the end of the ramp (kept in later phases).
+        ramp_fraction (`float`): fraction of the phase over which the weight ramps up (0 = no ramp).
+
+    Example:
+        >>> ramp = PhaseRamp(phase=1, max_weight=2.0, ramp_fraction=0.5)
+    """
+
+    def __init__(self, phase: int, max_weight: float = 1.0, ramp_fraction: float = 1.0) -> None:
+        self.phase, self.max_weight, self.ramp_fraction = int(phase), float(max_weight), float(ramp_fraction)
+
+    def __call__(self, ctx: StepContext) -> float:
+        if ctx.phase < self.phase:
+            return 0.0
+        if ctx.phase > self.phase or self.ramp_fraction <= 0:
+            return self.max_weight
+        ramp_steps = max(self.ramp_fraction * ctx.phase_iterations, 1.0)
+        return self.max_weight * min(1.0, (ctx.phase_step + 1) / ramp_steps)
+
+
+class CrossEntropyTerm(LossTerm):
+    """Cross-entropy of each image's logits to its hard label (PSAQ-ViT's `loss_oh`).
+
+    Args:
+        labels (`torch.Tensor`): `[B]` class ids.
+        weight: see [`LossTerm`].
+    """
+
+    name = "ce"
+
+    def __init__(self, labels: torch.Tensor, weight: Weight = 1.0) -> None:
+        super().__init__(weight)
+        self.labels = labels
+
+    def __call__(self, ctx: StepContext) -> torch.Tensor:
+        logits = ctx.image_rows(ctx.logits)
+        return F.cross_entropy(logits, self.labels.to(logits.device), reduction="none")
+
+
+class SoftLabelTerm(LossTerm):
+    """Soft cross-entropy `-Σ_k T_k log softmax(f(x))_k` of every input row (image and its crops) to its target.
+
+    A row's value goes to its parent image, so an image with crops sums its own and its crops' terms (each crop
+    counts like an independent image, as SARDFQ's MSR describes).
+
+    Args:
+        targets (`torch.Tensor`): `[R, num_labels]` target distributions, one per model input row.
+        weight: see [`LossTerm`].
+    """
+
+    name = "sl"
+
+    def __init__(self, targets: torch.Tensor, weight: Weight = 1.0) -> None:
+        super().__init__(weight)
+        self.targets = targets
+
+    def __call__(self, ctx: StepContext) -> torch.Tensor:
+        targets = self.targets.to(ctx.logits.device)
+        per_row = -(targets * F.log_softmax(ctx.logits.float(), dim=-1)).sum(-1)
+        return ctx.per_image_sum(per_row)
+
+
+def total_variation(images: torch.Tensor) -> torch.Tensor:
+    """PSAQ-ViT's image prior, per image: the sum of the L2 norms of the four neighbour differences.
+
+    Differences are taken horizontally, vertically and along both diagonals, exactly as PSAQ-ViT's
+    `get_image_prior_losses`, but each image's norms are its own. The backward is hand-written: it accumulates the
+    four differences into one gradient buffer instead of autograd's eight zero-filled slice gradients.
+
+    Args:
+        images (`torch.Tensor`): `[B, C, H, W]`.
+
+    Returns:
+        `torch.Tensor`: `[B]`.
+
+    Example:
+        >>> float(total_variation(torch.zeros(1, 3, 4, 4)))
+        0.0
+    """
+    return _TotalVariation.apply(images)
+
+
+def _tv_slices():
+    # (minuend, subtrahend) slices of PSAQ-ViT's diff1..diff4 on the last two dimensions.
+    full, head, tail = slice(None), slice(None, -1), slice(1, None)
+    return (
+        ((full, head), (full, tail)),
+        ((head, full), (tail, full)),
+        ((tail, head), (head, tail)),
+        ((head, head), (tail, tail)),
+    )
+
+
+class _TotalVariation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, images: torch.Tensor) -> torch.Tensor:
+        diffs = [images[..., a[0], a[1]] - images[..., b[0], b[1]] for a, b in _tv_slices()]
+        norms = [torch.linalg.vector_norm(diff.flatten(1), dim=1) for diff in diffs]
+        ctx.save_for_backward(images, *diffs, *norms)
+        return torch.stack(norms).sum(0)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        images, *saved = ctx.saved_tensors
+        diffs, norms = saved[:4], saved[4:]
+        grad = torch.zeros_like(images)
+        for (a, b), diff, norm in zip(_tv_slices(), diffs, norms):
+            scale = torch.where(norm > 0, grad_output / norm, torch.zeros_like(norm)).view(-1, 1, 1, 1)
+            weighted = diff * scale
+            grad[..., a[0], a[1]] += weighted
+            grad[..., b[0], b[1]] -= weighted
+        return grad
+
+
+class TotalVariationTerm(LossTerm):
+    """`|scale · TV(x) - τ|` per image, PSAQ-ViT's `||TV(x̃) - τ||` brought to one image.
+
+    PSAQ-ViT takes the norms over a whole batch of 32 images of 224×224 pixels, with `τ ~ U(2500, 3000)` and the
+    other terms averaged over the batch. For similar images a batch norm is `sqrt(32)` times an image's, and a norm
+    over pixels grows with `sqrt(H·W)`. With `scale = sqrt(reference_batch · reference_size² / (H · W))`, this
+    per-image term (summed over images, like every other term) gives each image the same gradient relative to its
+    other terms as the original batch term does, at any image size.
+
+    Args:
+        targets (`torch.Tensor`): `[B]` per-image `τ`.
+        scale (`float`): the factor applied to the image's TV.
+        weight: see [`LossTerm`] (PSAQ-ViT: 0.05).
+    """
+
+    name = "tv"
+
+    def __init__(self, targets: torch.Tensor, scale: float = 1.0, weight: Weight = 0.05) -> None:
+        super().__init__(weight)
+        self.targets = targets
+        self.scale = float(scale)
+
+    @staticmethod
+    def reference_scale(image_size: tuple[int, int], reference: tuple[int, int] | None) -> float:
+        """`scale` for images of `image_size` `(H, W)` given a `(batch, side)` reference (`None` = 1)."""
+        if reference is None:
+            return 1.0
+        batch, side = reference
+        return math.sqrt(batch * side * side / (image_size[0] * image_size[1]))
+
+    def __call__(self, ctx: StepContext) -> torch.Tensor:
+        return (self.scale * total_variation(ctx.images) - self.targets.to(ctx.images.device)).abs()
+
+
+class PatchSimilarityEntropyTerm(LossTerm):
+    """PSAQ-ViT's patch-similarity entropy, negated: `-Σ_l H_l` over attention modules `l`.
+
+    At each attention module, `A·V` (before the output projection) is averaged over heads, prefix tokens (CLS, DeiT's
+    distillation token) are dropped, and [`patch_similarity_entropy`] is taken per image. For windowed attention
+    (Swin) it is taken per window and averaged over the image's windows: each window's tokens form one similarity
+    distribution (PSAQ-ViT's code instead drops the first token of every window and pools all windows' similarities
+    into one KDE, which we do not reproduce).
+
+    Args:
+        sites (`list[int]`, *optional*): indices of the attention modules to use (all if `None`).
+        bandwidth (`float`), num_points (`int`), floor (`float`): KDE settings (PSAQ-ViT: 0.01, 10, 1e-4).
+        weight: see [`LossTerm`].
+    """
+
+    name = "pse"
+    needs = frozenset({ATTENTION_OUTPUTS})
+
+    def __init__(
+        self,
+        sites: list[int] | None = None,
+        bandwidth: float = 0.01,
+        num_points: int = 10,
+        floor: float = 1e-4,
+        weight: Weight = 1.0,
+    ) -> None:
+        super().__init__(weight)
+        self.sites, self.bandwidth, self.num_points, self.floor = sites, bandwidth, num_points, floor
+
+    def __call__(self, ctx: StepContext) -> torch.Tensor:
+        batch = ctx.num_images
+        groups: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        for site in ctx.sites:
+            if self.sites is not None and site.index not in self.sites:
+                continue
+            output = ctx.image_rows(ctx.features.attention_output(site.index), site.windows).mean(dim=2)
+            if site.windows == 1:
+                output = output[:, ctx.num_prefix_tokens :]
+            groups.setdefault((site.windows, *output.shape), []).append(output)
+        total = ctx.images.new_zeros(batch)
+        for (windows, *_), outputs in groups.items():
+            # All modules of one shape in one call: a dozen small ops instead of a dozen per module.
+            entropy = patch_similarity_entropy(torch.cat(outputs), self.bandwidth, self.num_points, self.floor)
+            total = total - entropy.view(len(outputs), batch, windows).mean(dim=2).sum(dim=0)
+        return total
+
+
+class AttentionPriorTerm(LossTerm):
+    """SARDFQ's Attention Priors Alignment: `Σ_l (l/L) Σ_h MSE(A^c_{l,h}, prior_{l,h})` per image.
+
+    `A^c` is, for ViT/DeiT, the CLS query's attention row over the patch tokens (prefix-token columns removed, the
+    rest renormalised to sum 1); for windowed attention (Swin), the attention averaged over the queries of each window
+    (the MSE is then averaged over windows too).
+
+    Args:
+        priors (`dict[int, torch.Tensor]`): attention-site index → `[B, windows, heads, tokens]` target maps.
+        depth_weights (`dict[int, float]`): attention-site index → weight (SARDFQ: `l / L`).
+        weight: see [`LossTerm`] (SARDFQ's `α1`).
+    """
+
+    name = "apa"
+    needs = frozenset({ATTENTION_PROBS})
+
+    def __init__(self, priors: dict[int, torch.Tensor], depth_weights: dict[int, float], weight: Weight = 1.0) -> None:
+        super().__init__(weight)
+        self.priors, self.depth_weights = priors, depth_weights
+
+    def __call__(self, ctx: StepContext) -> torch.Tensor:
+        batch = ctx.num_images
+        total = ctx.images.new_zeros(batch)
+        for site in ctx.sites:
+            if site.index not in self.priors:
+                continue
+            probs = ctx.image_rows(ctx.features.attention_probs(site.index), site.windows).float()
+            attention = aligned_attention(probs, batch, site.windows, ctx.num_prefix_tokens)
+            prior = self.priors[site.index].to(attention.device)
+            mse = (attention - prior).square().mean(dim=(1, 3)).sum(dim=1)
+            total = total + self.depth_weights[site.index] * mse
+        return total
+
+
+def aligned_attention(probs: torch.Tensor, batch: int, windows: int, num_prefix_tokens: int) -> torch.Tensor:
+    """The attention maps APA aligns: `[B, windows, heads, patch tokens]`, each summing to 1.
+
+    Args:
+        probs (`torch.Tensor`): `[B·windows, heads, queries, keys]` attention probabilities of the batch's images.
+        batch (`int`), windows (`int`): images and windows per image.
+        num_prefix_tokens (`int`): prefix tokens of global attention (ignored for windowed attention).
+
+    Returns:
+        `torch.Tensor`
+    """
+    if windows == 1 and num_prefix_tokens > 0:
+        row = probs[:, :, 0, num_prefix_tokens:]
+        row = row / row.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        return row.view(batch, 1, *row.shape[1:])
+    averaged = probs.mean(dim=2)
+    return averaged.view(batch, windows, *averaged.shape[1:])

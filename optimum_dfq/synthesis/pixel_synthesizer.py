@@ -1,0 +1,350 @@
+"""`PixelSynthesizer`: the common driver of optimisation-based synthesizers (PSAQ-ViT, SARDFQ, DFQ-ViT).
+
+It splits the images into batches of consecutive global indices, shards the batches over processes, runs the
+engine on each batch, caches and resumes per batch, gathers the batches and records provenance. Subclasses only say
+what to optimise for a batch ([`PixelSynthesizer.plan_batch`]).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from abc import abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..calibration.data import CalibrationSet, expected_image_shape
+from ..errors import SynthesisError
+from ..models.adapters import ModelAdapter, get_adapter
+from ..version import __version__
+from .base import Synthesizer
+from .cache import SynthesisCache
+from .dataset import to_jsonable
+from .context import BatchPlan, BatchRecord
+from .distributed import broadcast_from_main, gather_lists, resolve_state
+from .engine import EngineConfig, optimize_batch
+from .features import AttentionSite, probe_attention_sites
+from .hashing import model_fingerprint, run_fingerprint
+from .normalization import normalization_stats, valid_pixel_range
+
+logger = logging.getLogger(__name__)
+
+#: PSAQ-ViT's learning rates: 0.25 for windowed attention (Swin), 0.2 otherwise.
+DEFAULT_LR = {False: 0.2, True: 0.25}
+DEFAULT_BATCH_SIZE = 32
+
+
+@dataclass
+class ModelInfo:
+    """What a synthesizer knows about the model when planning a batch.
+
+    Attributes:
+        model (`nn.Module`): the frozen model (on `device`).
+        adapter (`ModelAdapter`): its adapter.
+        sites (`list[AttentionSite]`): its attention modules, in forward order.
+        image_shape (`tuple[int, int, int]`): `(C, H, W)`.
+        num_labels (`int`): classes of the classifier.
+        device (`torch.device`): where the optimisation runs.
+    """
+
+    model: nn.Module
+    adapter: ModelAdapter
+    sites: list[AttentionSite]
+    image_shape: tuple[int, int, int]
+    num_labels: int
+    device: torch.device
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.adapter.num_prefix_tokens
+
+
+class PixelSynthesizer(Synthesizer):
+    """Base class of synthesizers that optimise pixels with the shared engine.
+
+    Args:
+        lr (`float`, *optional*): peak learning rate; PSAQ-ViT's 0.2 (ViT/DeiT) or 0.25 (Swin) when `None`.
+        betas (`tuple[float, float]`, defaults to `(0.5, 0.9)`), eps (`float`, defaults to 1e-8): Adam settings.
+        iterations (`tuple[int, ...]`, defaults to `(500, 500)`): steps of each phase.
+        warmup (`int`, defaults to 100): warm-up steps of each phase.
+        jitter (`tuple[int, ...]`, defaults to `(15, 30)`): maximum roll offset of each phase, in pixels.
+        flip_prob (`float`, defaults to 0.5): horizontal-flip probability.
+        log_every (`int`, defaults to 50): INFO logging (and loss-history summary) period, in steps.
+    """
+
+    def __init__(
+        self,
+        *,
+        lr: float | None = None,
+        betas: Sequence[float] = (0.5, 0.9),
+        eps: float = 1e-8,
+        iterations: Sequence[int] | int = (500, 500),
+        warmup: int = 100,
+        jitter: Sequence[int] | int = (15, 30),
+        flip_prob: float = 0.5,
+        log_every: int = 50,
+    ) -> None:
+        self.lr = None if lr is None else float(lr)
+        self.betas = tuple(float(b) for b in betas)
+        self.eps = float(eps)
+        self.iterations = tuple(int(n) for n in (iterations if isinstance(iterations, Sequence) else [iterations]))
+        self.warmup = int(warmup)
+        self.jitter = tuple(int(j) for j in (jitter if isinstance(jitter, Sequence) else [jitter]))
+        self.flip_prob = float(flip_prob)
+        self.log_every = int(log_every)
+        self.engine_config(windowed=False)
+
+    def engine_config(self, windowed: bool) -> EngineConfig:
+        """The engine settings for a model with (`windowed=True`) or without windowed attention."""
+        return EngineConfig(
+            lr=self.lr if self.lr is not None else DEFAULT_LR[windowed], betas=self.betas, eps=self.eps,
+            iterations=self.iterations, warmup=self.warmup, jitter=self.jitter, flip_prob=self.flip_prob,
+            log_every=self.log_every,
+        )
+
+    @abstractmethod
+    def plan_batch(self, info: ModelInfo, indices: list[int], seed: int) -> BatchPlan:
+        """Initial images, loss terms (with their targets) and views of one batch.
+
+        Every random draw for image `i` must come from generators seeded by `(seed, i)` (see
+        [`stream_generator`]), so that the image does not depend on its batch-mates.
+        """
+
+    def finish_batch(self, info: ModelInfo, plan: BatchPlan, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Extra per-image values (`[B]` tensors) to record for a finished batch; none by default."""
+        return {}
+
+    def finalize(self, calibration_set: CalibrationSet) -> CalibrationSet:
+        """Last touch on the assembled set (e.g. reordering); identity by default."""
+        return calibration_set
+
+    def synthesize(
+        self,
+        model,
+        num_images: int,
+        *,
+        seed: int = 0,
+        image_processor=None,
+        image_mean: Sequence[float] | None = None,
+        image_std: Sequence[float] | None = None,
+        batch_size: int | None = None,
+        state=None,
+        cache_dir: str | os.PathLike | None = None,
+        device: str | torch.device | None = None,
+        on_batch_end: Callable[[BatchRecord], None] | None = None,
+    ) -> CalibrationSet:
+        """Synthesizes `num_images` calibration images for `model`.
+
+        Args:
+            model (`PreTrainedModel`): a ViT, DeiT or Swin classifier; left unchanged (mode, gradients, device).
+            num_images (`int`): how many images.
+            seed (`int`, defaults to 0): image `i` depends only on `(seed, i)`, not on batching or processes.
+            image_processor (*optional*): the model's image processor; its mean/std give the valid pixel range.
+            image_mean (`Sequence[float]`, *optional*), image_std (`Sequence[float]`, *optional*): explicit
+                normalisation instead of `image_processor`.
+            batch_size (`int`, *optional*): images optimised together (a speed/memory knob only: every loss term is
+                per image). Defaults to `min(32, ceil(num_images / processes))`.
+            state (`accelerate.PartialState`, *optional*): process state; built with `cpu=<no CUDA>` if omitted.
+                Batches are split over its processes and gathered on all of them.
+            cache_dir (`str` or `PathLike`, *optional*): cache root; a finished run with the same synthesizer,
+                hyper-parameters, model weights, normalisation, seed and `num_images` is loaded instead of
+                recomputed, and an interrupted one resumes after its last finished batch.
+            device (`str` or `torch.device`, *optional*): where to optimise (the model's device by default; the model
+                is moved there for the run and back afterwards).
+            on_batch_end (`Callable[[BatchRecord], None]`, *optional*): called after each finished (and cached)
+                batch of this process.
+
+        Returns:
+            `CalibrationSet`: images in the model's normalised space, hard labels, soft labels when the method makes
+            them, and metadata (method, hyper-parameters, model fingerprint, seed, library version, loss history).
+
+        Example:
+            >>> from optimum_dfq.synthesis import get_synthesizer
+            >>> synth = get_synthesizer("psaq")
+            >>> calib = synth.synthesize(model, 32, seed=0, image_processor=processor)  # doctest: +SKIP
+        """
+        if not isinstance(num_images, int) or num_images < 1:
+            raise SynthesisError(f"num_images must be a positive integer, got {num_images!r}.")
+        if batch_size is not None and batch_size < 1:
+            raise SynthesisError(f"batch_size must be positive, got {batch_size}.")
+        adapter = get_adapter(model)
+        shape = expected_image_shape(model)
+        mean, std = normalization_stats(image_processor, image_mean, image_std, shape[0])
+        state = resolve_state(state)
+        fingerprint = model_fingerprint(model)
+        material = self._run_material(model, fingerprint, num_images, seed, mean, std)
+        key = run_fingerprint(material)
+        cache = SynthesisCache(cache_dir, key) if cache_dir is not None else None
+        if broadcast_from_main(state, cache is not None and cache.is_complete()):
+            logger.info("Loading the cached calibration set from %s", cache.complete_path)
+            return cache.load_complete()
+        done = broadcast_from_main(state, cache.shard_ranges() if cache is not None else [])
+        if cache is not None and state.is_main_process:
+            cache.write_run_info(material)
+        remaining = [i for i in range(num_images) if not any(start <= i < stop for start, stop in done)]
+        if batch_size is None:
+            batch_size = max(1, min(DEFAULT_BATCH_SIZE, math.ceil(max(len(remaining), 1) / state.num_processes)))
+        chunks = _contiguous_chunks(remaining, batch_size)
+        if done:
+            logger.info("Resuming: %d of %d images already cached", num_images - len(remaining), num_images)
+        config = self.engine_config(adapter.windowed)
+        records: list[BatchRecord] = []
+        with frozen_model(model, device) as run_device, state.split_between_processes(chunks) as my_chunks:
+            info = ModelInfo(model, adapter, probe_attention_sites(model, adapter), shape,
+                             int(model.config.num_labels), run_device)
+            records = self._run_chunks(info, list(my_chunks), seed, config, (mean, std), state, cache, on_batch_end)
+        records = gather_lists(state, records)
+        if cache is not None:
+            records += [cache.read_shard(start, stop) for start, stop in done]
+        records.sort(key=lambda record: record.start)
+        calibration_set = self.finalize(self._assemble(records, material, config, key))
+        if cache is not None:
+            if state.is_main_process:
+                cache.save_complete(calibration_set)
+            state.wait_for_everyone()
+        return calibration_set
+
+    def _run_chunks(self, info, chunks, seed, config, stats, state, cache, on_batch_end) -> list[BatchRecord]:
+        from tqdm.auto import tqdm
+
+        bounds = valid_pixel_range(*stats)
+        records = []
+        with tqdm(total=len(chunks) * config.total_steps, desc=f"{self.name} synthesis",
+                  disable=not state.is_main_process) as progress:
+            for start, stop in chunks:
+                plan = self.plan_batch(info, list(range(start, stop)), seed)
+                plan.init = plan.init.to(info.device)
+                result = optimize_batch(info.model, plan, config, bounds=bounds, sites=info.sites,
+                                        num_prefix_tokens=info.num_prefix_tokens, seed=seed, progress=progress,
+                                        log=state.is_main_process)
+                extras = self.finish_batch(info, plan, result.images)
+                record = BatchRecord(start, stop, result.images, _cpu(plan.labels), _cpu(plan.soft_labels),
+                                     {k: v.detach().cpu() for k, v in extras.items()}, result.history)
+                if cache is not None:
+                    cache.write_shard(record)
+                records.append(record)
+                if on_batch_end is not None:
+                    on_batch_end(record)
+        return records
+
+    def _run_material(self, model, fingerprint: str, num_images: int, seed: int, mean, std) -> dict[str, Any]:
+        return {
+            "synthesizer": self.name,
+            "hyperparameters": self.hyperparameters(),
+            "model": {
+                "class": type(model).__name__,
+                "name_or_path": getattr(model.config, "_name_or_path", "") or "",
+                "fingerprint": fingerprint,
+            },
+            "num_images": num_images,
+            "seed": seed,
+            "image_mean": list(mean),
+            "image_std": list(std),
+            "library_version": __version__,
+        }
+
+    def _assemble(self, records: list[BatchRecord], material: dict[str, Any], config: EngineConfig,
+                  key: str) -> CalibrationSet:
+        pixel_values = torch.cat([record.pixel_values for record in records])
+        labels = _cat_optional([record.labels for record in records])
+        soft_labels = _cat_optional([record.soft_labels for record in records])
+        extras = {
+            name: torch.cat([record.extras[name] for record in records]).tolist() for name in records[0].extras
+        }
+        metadata = {"source": "synthetic", **material, "engine": asdict(config), "cache_key": key,
+                    "loss_history": summarize_history(records, config.log_every)}
+        if extras:
+            metadata["per_image"] = extras
+        return CalibrationSet(pixel_values=pixel_values, labels=labels, soft_labels=soft_labels,
+                              metadata=to_jsonable(metadata))
+
+
+def summarize_history(records: list[BatchRecord], every: int) -> dict[str, Any]:
+    """Per-step means over all images (batches weighted by size), kept every `every` steps and at the last step.
+
+    Returns:
+        `dict`: `{"steps": [...], "<term>": [...], "final": {"<term>": value}}` (`None` where a term was off).
+    """
+    sizes = [record.stop - record.start for record in records]
+    names = list(records[0].history)
+    length = len(records[0].history[names[0]]) if names else 0
+    steps = sorted(set(range(0, length, every)) | ({length - 1} if length else set()))
+    summary: dict[str, Any] = {"steps": steps}
+    final = {}
+    for name in names:
+        means = []
+        for step in steps:
+            values = [(record.history[name][step], size) for record, size in zip(records, sizes)]
+            present = [(v, n) for v, n in values if v is not None]
+            means.append(sum(v * n for v, n in present) / sum(n for _, n in present) if present else None)
+        summary[name] = means
+        final[name] = means[-1] if means else None
+    summary["final"] = final
+    return summary
+
+
+def _contiguous_chunks(indices: list[int], size: int) -> list[tuple[int, int]]:
+    chunks, run = [], []
+    for index in indices:
+        if run and (index != run[-1] + 1 or len(run) == size):
+            chunks.append((run[0], run[-1] + 1))
+            run = []
+        run.append(index)
+    if run:
+        chunks.append((run[0], run[-1] + 1))
+    return chunks
+
+
+@contextlib.contextmanager
+def frozen_model(model: nn.Module, device: str | torch.device | None = None) -> Iterator[torch.device]:
+    """Puts `model` in eval mode without parameter gradients (optionally on `device`) and restores it afterwards.
+
+    Args:
+        model (`nn.Module`): the model.
+        device (`str` or `torch.device`, *optional*): where to run; the model's own device if `None`.
+
+    Returns:
+        A context manager yielding the device the model is on inside it.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 2)
+        >>> with frozen_model(model):
+        ...     model.training, model.weight.requires_grad
+        (False, False)
+        >>> model.training, model.weight.requires_grad
+        (True, True)
+    """
+    original_device = next(model.parameters()).device
+    target = torch.device(device) if device is not None else original_device
+    modes = [module.training for module in model.modules()]
+    flags = [parameter.requires_grad for parameter in model.parameters()]
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    if target != original_device:
+        model.to(target)
+    try:
+        yield target
+    finally:
+        if target != original_device:
+            model.to(original_device)
+        for parameter, flag in zip(model.parameters(), flags):
+            parameter.requires_grad_(flag)
+        for module, mode in zip(model.modules(), modes):
+            module.training = mode
+
+
+def _cpu(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach().cpu()
+
+
+def _cat_optional(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+    if any(t is None for t in tensors):
+        return None
+    return torch.cat(tensors)

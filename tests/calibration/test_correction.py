@@ -1,0 +1,168 @@
+"""Activation correction (our interpretation of DFQ-ViT's ACM): fits, folding, and its effect on held-out images."""
+
+import copy
+
+import pytest
+import torch
+
+from optimum_dfq import ConfigError, DFQConfig
+from optimum_dfq.calibration import (
+    RidgeCorrection,
+    calibration_set_from_dataset,
+    fold_correction,
+    linear_roles,
+    quantize_model,
+    set_quantizer_modes,
+)
+from optimum_dfq.calibration.capture import capture_matmul_inputs
+from optimum_dfq.calibration.correction import attach_corrections, correction_groups, fit_affine, fit_ridge
+from optimum_dfq.calibration.engine import float_reference
+from optimum_dfq.models import get_adapter
+from optimum_dfq.nn import QLinear
+
+from ..conftest import tiny_vit
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def test_affine_fits_recover_a_planted_per_channel_map():
+    generator = torch.Generator().manual_seed(0)
+    x_q = torch.randn(4000, 8, generator=generator) * torch.linspace(0.5, 3, 8) + 1.0
+    a, c = torch.linspace(0.7, 1.3, 8), torch.linspace(-0.2, 0.2, 8)
+    x_fp = x_q * a + c
+    for method in ("least_squares", "moments"):
+        fitted = fit_affine(x_q, x_fp, method)
+        torch.testing.assert_close(fitted.scale, a, atol=1e-4, rtol=0)
+        torch.testing.assert_close(fitted.shift, c, atol=1e-4, rtol=0)
+    noisy = x_fp + 0.3 * torch.randn(x_fp.shape, generator=generator)
+    least_squares = fit_affine(x_q, noisy, "least_squares")
+    moments = fit_affine(x_q, noisy, "moments")
+    assert (least_squares(x_q) - noisy).pow(2).mean() <= (moments(x_q) - noisy).pow(2).mean()
+
+
+def test_ridge_fit_recovers_a_planted_matrix_and_shrinks_to_identity():
+    generator = torch.Generator().manual_seed(0)
+    x_q = torch.randn(4000, 6, generator=generator)
+    matrix = torch.eye(6) + 0.2 * torch.randn(6, 6, generator=generator)
+    x_fp = x_q @ matrix + 0.5
+    fitted = fit_ridge(x_q, x_fp, ridge_lambda=1e-8)
+    torch.testing.assert_close(fitted.matrix, matrix, atol=1e-4, rtol=0)
+    torch.testing.assert_close(fitted.bias, torch.full((6,), 0.5), atol=1e-4, rtol=0)
+    strong = fit_ridge(x_q, x_fp, ridge_lambda=1e6)
+    torch.testing.assert_close(strong.matrix, torch.eye(6), atol=1e-4, rtol=0)
+
+
+def test_roles_are_found_from_structure(tiny_model):
+    adapter = get_adapter(tiny_model)
+    roles = linear_roles(tiny_model, adapter, torch.randn(1, 3, 32, 32))
+    blocks = len(adapter.blocks(tiny_model))
+    counts = {role: list(roles.values()).count(role) for role in set(roles.values())}
+    assert counts["qkv"] == 3 * blocks and counts["o_proj"] == counts["fc1"] == counts["fc2"] == blocks
+    assert counts.get("reduction", 0) == (1 if adapter.family == "swin" else 0)
+    assert counts["classifier"] == (2 if type(tiny_model).__name__.endswith("WithTeacher") else 1)
+    # the last Linear called inside each attention module is its output projection
+    for name, _ in adapter.attention_modules(tiny_model):
+        inside = [n for n in roles if n.startswith(name + ".")]
+        assert [roles[n] for n in inside] == ["qkv", "qkv", "qkv", "o_proj"]
+
+
+@pytest.fixture(scope="module")
+def calibration(cifar_train, image_processor):
+    return calibration_set_from_dataset(cifar_train, image_processor, num_images=32, seed=0)
+
+
+def quantized(config, calibration, factory=tiny_vit):
+    model, _ = quantize_model(factory(), calibration, config)
+    return model
+
+
+def attached(model):
+    """Linear name → kind of its attached (unfolded) correction module."""
+    return {n: m.input_correction.kind for n, m in model.named_modules()
+            if isinstance(m, QLinear) and m.input_correction is not None}
+
+
+def test_folded_affine_correction_gives_the_logits_of_the_unfolded_one(calibration, cifar_test_pixels):
+    config = DFQConfig(bits="w3a8", correction={"kind": "affine", "fold": False})
+    unfolded, plan = quantize_model(tiny_vit(), calibration, config)
+    layout = attached(unfolded)
+    assert layout and layout == plan.corrections and set(layout.values()) == {"affine"}
+    folded = copy.deepcopy(unfolded)
+    for name in layout:
+        linear = folded.get_submodule(name)
+        fold_correction(linear, linear.input_correction, recalibrate_weights=False)
+        linear.input_correction = None
+    assert not attached(folded)
+    pixels = cifar_test_pixels[:32]
+    with torch.no_grad():
+        for model in (unfolded, folded):  # activations stay quantized; weights in float so that only the fold differs
+            set_quantizer_modes(model, weights="off")
+        difference = (unfolded(pixel_values=pixels).logits - folded(pixel_values=pixels).logits).abs().max()
+        corrected = unfolded(pixel_values=pixels).logits
+        for name in layout:
+            unfolded.get_submodule(name).input_correction = None
+        uncorrected = unfolded(pixel_values=pixels).logits
+    assert difference < 1e-5
+    assert (corrected - uncorrected).abs().max() > 1e-3  # the corrections really change the output
+
+
+@pytest.mark.parametrize("kind", ["affine", "ridge"])
+def test_correction_reduces_held_out_activation_error_at_the_corrected_sites(kind, calibration, cifar_test_pixels):
+    baseline = quantized(DFQConfig(bits="w3a8"), calibration)
+    reference = float_reference(baseline)  # same re-parameterised coordinates as the corrected sites
+    corrected = quantized(DFQConfig(bits="w3a8", correction={"kind": kind, "fold": False}), calibration)
+    groups = correction_groups(corrected, ["qkv", "o_proj", "fc1", "fc2"], cifar_test_pixels[:1])
+    sites = [group.names[0] for group in groups]
+    assert len(sites) == 8 and all(corrected.get_submodule(s).input_correction is not None for s in sites)
+    batches = [cifar_test_pixels[:128]]
+    target = capture_matmul_inputs(reference, sites, batches, max_rows=10**6)
+    before = capture_matmul_inputs(baseline, sites, batches, max_rows=10**6)
+    after = capture_matmul_inputs(corrected, sites, batches, max_rows=10**6)
+    mse_before = torch.stack([(before[s] - target[s]).pow(2).mean() for s in sites])
+    mse_after = torch.stack([(after[s] - target[s]).pow(2).mean() for s in sites])
+    assert mse_after.sum() < 0.9 * mse_before.sum()
+    assert (mse_after < mse_before).float().mean() >= 0.75
+
+
+def test_default_affine_correction_is_folded_and_ridge_stays_a_saved_module(calibration):
+    plain = quantized(DFQConfig(bits="w3a8"), calibration)
+    folded, plan = quantize_model(tiny_vit(), calibration, DFQConfig(bits="w3a8", correction={"sites": ["fc1", "fc2"]}))
+    assert not attached(folded)
+    assert plan.corrections == {f"vit.layers.{i}.mlp.{fc}": "folded" for i in range(2) for fc in ("fc1", "fc2")}
+    for name, module in folded.named_modules():
+        if isinstance(module, QLinear):
+            changed = not torch.equal(module.weight, plain.get_submodule(name).weight)
+            assert changed == name.endswith(("fc1", "fc2")), name  # only the corrected sites' weights moved
+    ridge, plan = quantize_model(tiny_vit(), calibration,
+                                 DFQConfig(bits="w3a8", correction={"kind": "ridge", "sites": ["o_proj"]}))
+    layout = attached(ridge)
+    assert len(layout) == 2 and layout == plan.corrections and set(layout.values()) == {"ridge"}
+    state = ridge.state_dict()
+    for name in layout:
+        module = ridge.get_submodule(name).input_correction
+        assert isinstance(module, RidgeCorrection)
+        assert not torch.equal(module.matrix, torch.eye(module.matrix.shape[0]))
+        torch.testing.assert_close(state[f"{name}.input_correction.matrix"], module.matrix)
+
+
+@pytest.mark.parametrize(
+    "options, fragment",
+    [({"knd": "affine"}, "'knd'"), ({"sites": ["qkv", "attn"]}, "'attn'"), ({"kind": "matrix"}, "'matrix'"),
+     ({"ridge_lambda": 0}, "ridge_lambda"), ({"fold": "yes"}, "fold")],
+)
+def test_bad_correction_options_are_named(options, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        DFQConfig(correction=options)
+
+
+def test_attach_corrections_rebuilds_the_layout_for_loading(calibration):
+    config = DFQConfig(bits="w3a8", correction={"kind": "ridge", "sites": ["qkv", "fc2"]})
+    model, plan = quantize_model(tiny_vit(), calibration, config)
+    skeleton, _ = quantize_model(tiny_vit(), calibration, DFQConfig(bits="w3a8"))
+    attach_corrections(skeleton, plan.corrections)
+    assert attached(skeleton) == attached(model)
+    assert set(skeleton.state_dict()) == set(model.state_dict())
+    skeleton.load_state_dict(model.state_dict())
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(skeleton(pixel_values=pixels).logits, model(pixel_values=pixels).logits)

@@ -1,0 +1,110 @@
+"""Block-wise reconstruction: argument capture/replay, frozen quantizers, and lower block-output error."""
+
+import pytest
+import torch
+
+from optimum_dfq import ConfigError, DFQConfig
+from optimum_dfq.calibration import calibration_set_from_dataset, iter_quantizers, quantize_model, reconstruct_blocks
+from optimum_dfq.calibration.capture import capture_block_calls, capture_block_outputs
+from optimum_dfq.calibration.engine import float_reference
+from optimum_dfq.models import get_adapter
+
+from ..conftest import TINY_MODELS, tiny_swin, tiny_vit
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def calibration(cifar_train, image_processor):
+    return calibration_set_from_dataset(cifar_train, image_processor, num_images=32, seed=0)
+
+
+@pytest.mark.parametrize("family", sorted(TINY_MODELS))
+def test_captured_block_calls_replay_to_the_same_outputs(family, calibration):
+    """Swin blocks take `input_dimensions` and flags besides the hidden states; replaying the captured call (on any
+    subset of images) must reproduce what the block computed inside the model."""
+    model, _ = quantize_model(TINY_MODELS[family](), calibration, DFQConfig(bits="w4a4"))
+    batches = calibration.batches(12)  # uneven batches: 12 + 12 + 8
+    for name, block in get_adapter(model).blocks(model):
+        calls = capture_block_calls(model, block, batches)
+        outputs = capture_block_outputs(model, block, batches)
+        assert calls.num_images == len(calibration) == outputs.shape[0]
+        with torch.no_grad():
+            torch.testing.assert_close(calls.replay(block), outputs)
+            index = torch.tensor([3, 17, 30])
+            torch.testing.assert_close(calls.replay(block, index), outputs[index])
+
+
+def block_errors(model, reference, pixels):
+    """Per-block MSE between the quantized model's and the float model's block outputs on `pixels`."""
+    errors = []
+    pairs = zip(get_adapter(model).blocks(model), get_adapter(reference).blocks(reference))
+    for (_, block), (_, float_block) in pairs:
+        quantized = capture_block_outputs(model, block, [pixels])
+        target = capture_block_outputs(reference, float_block, [pixels])
+        errors.append(float((quantized - target).pow(2).mean()))
+    return errors
+
+
+@pytest.mark.parametrize("factory", [tiny_vit, tiny_swin])
+def test_reconstruction_lowers_held_out_block_error_and_keeps_quantizers_frozen(factory, calibration,
+                                                                                cifar_test_pixels):
+    config = DFQConfig(bits="w4a4")
+    baseline, _ = quantize_model(factory(), calibration, config)
+    reference = float_reference(baseline)
+    model, _ = quantize_model(factory(), calibration, config)
+    before = {name: q.state_dict() for name, q in iter_quantizers(model)}
+    weights = {name: p.detach().clone() for name, p in model.named_parameters() if name.endswith("weight")}
+
+    options = {"iterations": 40, "lr": 1e-3, "batch_size": 8}
+    reports = reconstruct_blocks(model, reference, calibration, config.replace(reconstruction=options))
+
+    assert [r.name for r in reports] == [name for name, _ in get_adapter(model).blocks(model)]
+    assert all(r.loss_after < r.loss_before and r.kept for r in reports)
+    for name, quantizer in iter_quantizers(model):  # scales and zero points untouched
+        for key, value in quantizer.state_dict().items():
+            assert torch.equal(value, before[name][key]), f"{name}.{key}"
+    tuned = [n for n, p in model.named_parameters() if n.endswith("weight") and not torch.equal(p, weights[n])]
+    assert tuned and all(".layers." in n or ".blocks." in n for n in tuned)  # only the blocks' Linear weights
+    assert all(n.endswith(("_proj.weight", "fc1.weight", "fc2.weight")) for n in tuned)
+
+    held_out = cifar_test_pixels[:64]
+    with_reconstruction = block_errors(model, reference, held_out)
+    without = block_errors(baseline, reference, held_out)
+    assert with_reconstruction[-1] < without[-1]
+    assert sum(with_reconstruction) < sum(without)
+
+
+def test_a_block_that_cannot_improve_is_restored(calibration):
+    model, _ = quantize_model(tiny_vit(), calibration, DFQConfig(bits="w4a4"))
+    reference = float_reference(model)
+    snapshot = {n: p.detach().clone() for n, p in model.named_parameters()}
+    config = DFQConfig(bits="w4a4", reconstruction={"iterations": 3, "lr": 10.0, "batch_size": 4})
+    reports = reconstruct_blocks(model, reference, calibration, config)
+    for report in reports:
+        assert not report.kept and report.loss_after == report.loss_before
+    assert all(torch.equal(p, snapshot[n]) for n, p in model.named_parameters())
+
+
+def test_pipeline_runs_reconstruction_from_the_config(calibration):
+    plain, _ = quantize_model(tiny_vit(), calibration, DFQConfig(bits="w4a4"))
+    config = DFQConfig(bits="w4a4", reconstruction={"iterations": 5, "lr": 1e-3, "batch_size": 8})
+    assert config.reconstruction == {"iterations": 5, "lr": 1e-3, "batch_size": 8}
+    tuned, _ = quantize_model(tiny_vit(), calibration, config)
+    assert not torch.equal(plain.vit.layers[0].mlp.fc1.weight, tuned.vit.layers[0].mlp.fc1.weight)
+    assert torch.equal(plain.classifier.weight, tuned.classifier.weight)  # outside every block
+
+
+@pytest.mark.parametrize(
+    "options, fragment",
+    [({"iteration": 10}, "'iteration'"), ({"lr": -1.0}, "lr"), ({"batch_size": 0}, "batch_size")],
+)
+def test_bad_reconstruction_options_are_named(options, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        DFQConfig(reconstruction=options)
+
+
+def test_defaults_are_filled_in():
+    assert DFQConfig(reconstruction={"iterations": 100}).reconstruction == {"iterations": 100, "lr": 4e-5,
+                                                                            "batch_size": 32}
+    assert DFQConfig().reconstruction == {} and DFQConfig().correction == {}

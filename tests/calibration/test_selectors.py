@@ -1,0 +1,142 @@
+"""Scale selectors of RepQ re-parameterisation, measured on the consumers' output error (not on the chosen scale)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from optimum_dfq import DFQConfig
+from optimum_dfq.calibration import SCALE_SELECTOR_REGISTRY, quantization_disabled, quantize_model
+from optimum_dfq.calibration.convert import activation_quantizer, weight_quantizer
+from optimum_dfq.calibration.data import CalibrationSet
+from optimum_dfq.calibration.reparam import SelectorContext, consumer_output_error, reparameterize_layernorm
+from optimum_dfq.nn import QLayerNorm, QLinear
+
+from ..conftest import tiny_swin, tiny_vit
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+CHANNELS, OUTPUTS = 64, 48
+
+
+def planted_outlier_pair(seed=0):
+    """A LayerNorm with three outlier channels (gain 30, shifted) feeding q, k and v-like Linears."""
+    generator = torch.Generator().manual_seed(seed)
+    norm = nn.LayerNorm(CHANNELS)
+    linears = [nn.Linear(CHANNELS, OUTPUTS) for _ in range(3)]
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(CHANNELS, generator=generator))
+        norm.bias.copy_(0.1 * torch.randn(CHANNELS, generator=generator))
+        for c in (3, 17, 40):
+            norm.weight[c], norm.bias[c] = 30.0, 60.0
+        for linear in linears:
+            linear.weight.copy_(torch.randn(OUTPUTS, CHANNELS, generator=generator) / CHANNELS**0.5)
+            linear.bias.copy_(0.1 * torch.randn(OUTPUTS, generator=generator))
+    calibration = torch.randn(512, CHANNELS, generator=generator)
+    held_out = torch.randn(2048, CHANNELS, generator=generator)
+    return norm, linears, calibration, held_out
+
+
+def quantized_pair(norm, linears, calibration, config):
+    qnorm = QLayerNorm.from_float(norm, activation_quantizer(config, channels=CHANNELS), "norm")
+    qlinears = [QLinear.from_float(linear, weight_quantizer(config, OUTPUTS), None, f"linear{i}")
+                for i, linear in enumerate(linears)]
+    for qlinear in qlinears:
+        qlinear.calibrate_weights()
+    qnorm.output_quantizer.set_mode("observe")
+    with torch.no_grad():
+        qnorm(calibration)
+    qnorm.output_quantizer.calibrate()
+    qnorm.output_quantizer.set_mode("quantize")
+    return qnorm, qlinears
+
+
+def float_norm_output(norm, x):
+    with torch.no_grad():
+        return norm(x)
+
+
+def held_out_error(selector, monkeypatch=None, replacement=None):
+    """Consumer-output MSE on held-out inputs after re-parameterising with `selector` (and the choice made)."""
+    norm, linears, calibration, held_out = planted_outlier_pair()
+    config = DFQConfig(bits="w4a4", scale_selector=selector)
+    qnorm, qlinears = quantized_pair(norm, linears, calibration, config)
+    if replacement is not None:
+        monkeypatch.setitem(SCALE_SELECTOR_REGISTRY, selector, replacement)
+    reparameterize_layernorm(qnorm, qlinears, config, activations=float_norm_output(norm, calibration))
+    with torch.no_grad():
+        x = qnorm(held_out)
+        error = sum(float((q(x) - f(norm(held_out))).pow(2).mean()) for q, f in zip(qlinears, linears))
+    return error, float(qnorm.output_quantizer.scale), float(qnorm.output_quantizer.zero_point)
+
+
+def test_layer_scale_is_a_gauge_only_the_zero_point_matters(monkeypatch):
+    """With integer zero points the consumer output does not depend on the layer-wise scale (reparam.py docstring):
+    a selector returning 3x the median scale with the median's zero point gives the median's output exactly."""
+    median = SCALE_SELECTOR_REGISTRY["median"]
+    error_median, scale_median, zero_median = held_out_error("median")
+
+    def tripled(scale, zero_point):
+        s, z = median(scale, zero_point)
+        return 3 * s, torch.round(z)
+
+    error_tripled, scale_tripled, zero_tripled = held_out_error("mean", monkeypatch, tripled)
+    assert scale_tripled == pytest.approx(3 * scale_median) and zero_tripled == zero_median
+    assert error_tripled == pytest.approx(error_median, rel=1e-4)
+
+
+def test_search_beats_or_ties_every_fixed_selector_on_the_consumer_output_error():
+    norm, linears, calibration, _ = planted_outlier_pair()
+    config = DFQConfig(bits="w4a4")
+    qnorm, qlinears = quantized_pair(norm, linears, calibration, config)
+    scale, zero = qnorm.output_quantizer.scale.double(), qnorm.output_quantizer.zero_point.double()
+    assert scale.max() > 20 * scale.median()  # the planted outliers really dominate the mean scale
+    context = SelectorContext(float_norm_output(norm, calibration), qlinears, 4, round_zero_point=True)
+    errors = {
+        name: consumer_output_error(scale, zero, *SCALE_SELECTOR_REGISTRY[name](scale, zero), context)
+        for name in ("mean", "median", "mad")
+    }
+    searched = consumer_output_error(scale, zero, *SCALE_SELECTOR_REGISTRY["search"](scale, zero, context=context),
+                                     context)
+    assert searched <= min(errors.values()) * (1 + 1e-9)
+    # the measurement is the real thing: it matches the error of the re-parameterised modules on the same data
+    for name in ("mean", "median"):
+        held = copy.deepcopy((qnorm, qlinears))
+        reparameterize_layernorm(held[0], held[1], DFQConfig(bits="w4a4", scale_selector=name))
+        with torch.no_grad():
+            x = held[0](calibration)
+            real = sum(float((q(x) - f(norm(calibration))).pow(2).mean()) for q, f in zip(held[1], linears))
+        assert real == pytest.approx(errors[name], rel=1e-3)
+
+
+def test_search_without_activations_falls_back_to_the_median():
+    scale = torch.tensor([0.1, 0.2, 0.3, 5.0], dtype=torch.float64)
+    zero = torch.tensor([8.0, 7.0, 8.0, 2.0], dtype=torch.float64)
+    s, z = SCALE_SELECTOR_REGISTRY["search"](scale, zero)
+    s_median, z_median = SCALE_SELECTOR_REGISTRY["median"](scale, zero)
+    assert float(s) == float(s_median) and float(z) == float(z_median)
+
+
+@pytest.mark.parametrize("factory", [tiny_vit, tiny_swin])
+def test_search_in_the_pipeline_measures_layernorm_outputs_and_keeps_the_float_function(factory, monkeypatch):
+    contexts = []
+    search = SCALE_SELECTOR_REGISTRY["search"]
+
+    def spy(scale, zero_point, context=None):
+        contexts.append(context)
+        return search(scale, zero_point, context=context)
+
+    spy.needs_context = True
+    monkeypatch.setitem(SCALE_SELECTOR_REGISTRY, "search", spy)
+    model = factory()
+    pixels = torch.randn(6, 3, 32, 32)
+    config = DFQConfig(bits="w4a4", scale_selector="search")
+    qmodel, plan = quantize_model(copy.deepcopy(model), CalibrationSet(pixels), config)
+    assert len(contexts) == len(plan.layernorm_consumers) > 0
+    for context in contexts:
+        assert context is not None and context.activations.dim() == 2 and context.activations.shape[0] > 0
+        assert context.activations.shape[1] == context.consumers[0].in_features
+    with quantization_disabled(qmodel):
+        torch.testing.assert_close(qmodel(pixel_values=pixels).logits, model(pixel_values=pixels).logits,
+                                   atol=1e-4, rtol=1e-4)

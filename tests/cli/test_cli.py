@@ -1,0 +1,121 @@
+"""The command line, driven as a user would: subprocesses, offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ..conftest import FIXTURES, tiny_vit
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "optimum_dfq.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd or ROOT, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from transformers import ViTImageProcessor
+
+    from ..conftest import CIFAR_MEAN, CIFAR_STD
+
+    path = tmp_path_factory.mktemp("tiny-vit")
+    tiny_vit().save_pretrained(path)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=CIFAR_MEAN, image_std=CIFAR_STD).save_pretrained(path)
+    return path
+
+
+def test_help_explains_every_command():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("quantize", "synthesize", "evaluate"):
+        assert command in result.stdout
+    quantize_help = run_cli("quantize", "--help").stdout
+    for option in ("--bits", "--synthesizer", "--num-images", "--recipe", "--seed", "--push-to-hub"):
+        assert option in quantize_help
+
+
+def test_quantize_then_evaluate(model_dir, tmp_path):
+    out = tmp_path / "q"
+    result = run_cli("quantize", str(model_dir), str(out), "--bits", "w8a8", "--num-images", "4",
+                     "--synthesizer", "gaussian")
+    assert result.returncode == 0, result.stderr
+    assert "w8a8" in result.stdout and (out / "config.json").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["bits"] == "w8a8"
+    assert config["quantization_config"]["num_images"] == 4
+
+    report = tmp_path / "fp.json"
+    result = run_cli("evaluate", str(model_dir), "--dataset", str(FIXTURES / "cifar10_tiny_test.parquet"),
+                     "--limit", "32", "--output", str(report))
+    assert result.returncode == 0, result.stderr
+    assert "top-1" in result.stdout and "top-5" in result.stdout
+    data = json.loads(report.read_text())
+    assert data["num_examples"] == 32 and 0.0 <= data["top1"] <= data["top5"] <= 1.0
+
+
+@pytest.mark.parametrize("synthesizer, extra", [("gaussian", []), ("psaq", ["--iterations", "4"])])
+def test_synthesize_saves_a_dataset_and_a_grid(model_dir, tmp_path, synthesizer, extra):
+    from PIL import Image
+
+    from optimum_dfq.synthesis import load_calibration_set
+
+    out = tmp_path / "calib"
+    result = run_cli("synthesize", str(model_dir), str(out), "--synthesizer", synthesizer, "--num-images", "3", *extra)
+    assert result.returncode == 0, result.stderr
+    calibration = load_calibration_set(out)
+    assert calibration.pixel_values.shape == (3, 3, 32, 32)
+    assert calibration.metadata["synthesizer"] == synthesizer
+    with Image.open(out / "grid.png") as grid:
+        assert grid.size[0] >= 32 and grid.size[1] >= 32
+
+
+def test_quantize_with_real_calibration_data(model_dir, tmp_path):
+    result = run_cli("quantize", str(model_dir), str(tmp_path / "q"), "--bits", "w4a8", "--num-images", "8",
+                     "--calibration-dataset", str(FIXTURES / "cifar10_tiny_train.parquet"))
+    assert result.returncode == 0, result.stderr
+    assert "real images" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, reason",
+    [
+        (["quantize", "{model}", "{out}", "--bits", "w4x4"], "Unknown bit preset 'w4x4'"),
+        (["quantize", "{model}", "{out}", "--bits", "w9a9"], "outside 2..8"),
+        (["quantize", "{missing}", "{out}"], "missing-model"),
+        (["quantize", "{model}", "{out}", "--synthesizer", "dreams"], "Unknown synthesizer 'dreams'"),
+        (["quantize", "{model}", "{out}", "--recipe", "{bad_recipe}"], "not valid YAML"),
+        (["quantize", "{model}", "{out}", "--recipe", "{unknown_key_recipe}"], "wieght_bits"),
+        (["quantize", "{model}", "{out}", "--recipe", "{missing}.yaml"], "does not exist"),
+        (["quantize", "{model}", "{out}", "--num-images", "0"], "--num-images must be at least 1"),
+        (["evaluate", "{model}", "--dataset", "{missing}.parquet"], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_without_traceback(model_dir, tmp_path, args, reason):
+    bad_recipe = tmp_path / "bad.yaml"
+    bad_recipe.write_text("bits: [w4a4\n")
+    unknown_key_recipe = tmp_path / "unknown.yaml"
+    unknown_key_recipe.write_text("wieght_bits: 4\n")
+    values = {"model": str(model_dir), "out": str(tmp_path / "out"), "missing": str(tmp_path / "missing-model"),
+              "bad_recipe": str(bad_recipe), "unknown_key_recipe": str(unknown_key_recipe)}
+    result = run_cli(*[a.format(**values) for a in args])
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("optimum-dfq: error:")]
+    assert len(lines) == 1 and reason in lines[0], result.stderr
+
+
+def test_optimum_cli_lists_dfq():
+    result = subprocess.run(["optimum-cli", "--help"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0
+    assert "dfq" in result.stdout
+    sub = subprocess.run(["optimum-cli", "dfq", "quantize", "--help"], capture_output=True, text=True, timeout=300)
+    assert sub.returncode == 0 and "--bits" in sub.stdout

@@ -1,0 +1,42 @@
+"""Dense packing of 1..8-bit weight codes."""
+
+import math
+
+import pytest
+import torch
+
+from optimum_dfq.formats import pack_codes, packed_shape, unpack_codes
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("shape", [(5, 7), (3, 2, 4, 4), (16, 1), (4, 64)])
+def test_round_trip_every_width(bits, shape):
+    torch.manual_seed(bits)
+    codes = torch.randint(0, 2**bits, shape)
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8
+    assert tuple(packed.shape) == packed_shape(shape, bits) == (shape[0], math.ceil(math.prod(shape[1:]) * bits / 8))
+    unpacked = unpack_codes(packed, bits, shape)
+    assert unpacked.dtype == torch.uint8 and torch.equal(unpacked, codes.to(torch.uint8))
+
+
+def test_dense_layout_little_endian_bit_stream():
+    # 2-bit codes 1, 2, 3, 0 -> 0b00_11_10_01
+    assert pack_codes(torch.tensor([[1, 2, 3, 0]]), 2).tolist() == [[0b00111001]]
+    # 3-bit codes straddle bytes: 8 codes -> exactly 3 bytes, no padding between codes
+    codes = torch.tensor([[7, 0, 7, 0, 7, 0, 7, 0]])
+    bits = sum(7 << (6 * i) for i in range(4))  # code 2i at bit 6i
+    assert pack_codes(codes, 3).tolist() == [[bits & 0xFF, (bits >> 8) & 0xFF, bits >> 16]]
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="0..15"):
+        pack_codes(torch.tensor([[16]]), 4)
+    with pytest.raises(ValueError, match="0..15"):
+        pack_codes(torch.tensor([[-1]]), 4)
+    with pytest.raises(TypeError, match="integer tensor"):
+        pack_codes(torch.tensor([[1.0]]), 4)
+    with pytest.raises(ValueError, match="1..8-bit"):
+        pack_codes(torch.tensor([[1]]), 9)
+    with pytest.raises(ValueError, match=r"uint8 tensor of shape \[4, 2\]"):
+        unpack_codes(torch.zeros(4, 3, dtype=torch.uint8), 4, (4, 4))

@@ -1,0 +1,106 @@
+"""compressed-tensors export: loads in a fresh process with plain transformers, without importing optimum_dfq."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from optimum_dfq import ConfigError, DFQConfig
+from optimum_dfq.formats.compressed_tensors import export_compressed_tensors
+
+from ..conftest import tiny_deit_teacher, tiny_swin, tiny_vit
+from .conftest import logits, quantize, run_python
+
+pytest.importorskip(
+    "compressed_tensors",
+    reason='compressed-tensors is not installed (pip install "optimum-dfq[compressed-tensors]")',
+)
+
+LINEAR_ONLY = {"quantize_attention": False, "modules_to_not_convert": ["re:.*patch_embeddings\\.projection"]}
+EXPORTS = {  # name: (model, config, exact)
+    "vit-w4a16": (tiny_vit, DFQConfig(bits="w4a16"), True),
+    "vit-w4a16-symmetric": (tiny_vit, DFQConfig(bits="w4a16", weight_symmetric=True), True),
+    "swin-w3a16": (tiny_swin, DFQConfig(bits="w3a16"), True),
+    "deit-w8a16": (tiny_deit_teacher, DFQConfig(bits="w8a16"), True),
+    "vit-w8a8": (tiny_vit, DFQConfig(bits="w8a8", **LINEAR_ONLY), False),
+    "vit-w4a8": (tiny_vit, DFQConfig(bits="w4a8", **LINEAR_ONLY), False),
+}
+
+LOAD_SCRIPT = """
+import json, sys, torch
+from transformers import AutoModelForImageClassification
+
+pixels, out = torch.load({pixels!r}), {{}}
+for name, folder in json.loads({index!r}).items():
+    model = AutoModelForImageClassification.from_pretrained(folder)
+    with torch.no_grad():
+        out[name] = {{"logits": model(pixel_values=pixels).logits, "quantizer": type(model.hf_quantizer).__name__}}
+out["optimum_dfq imported"] = "optimum_dfq" in sys.modules
+torch.save(out, {out!r})
+"""
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, pixels):
+    root = tmp_path_factory.mktemp("ct")
+    folders, expected = {}, {}
+    for name, (factory, config, exact) in EXPORTS.items():
+        qmodel = quantize(factory, config=config)
+        folders[name] = str(root / name)
+        qmodel.save_pretrained(folders[name], format="compressed-tensors", exact=exact)
+        expected[name] = logits(qmodel, pixels[0])
+    out = root / "results.pt"
+    result = run_python(LOAD_SCRIPT.format(pixels=str(pixels[1]), index=json.dumps(folders), out=str(out)))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return folders, expected, torch.load(out)
+
+
+@pytest.mark.parametrize("name", sorted(EXPORTS))
+def test_plain_transformers_loads_the_export_without_optimum_dfq(name, exported):
+    folders, expected, results = exported
+    assert results["optimum_dfq imported"] is False
+    assert results[name]["quantizer"] == "CompressedTensorsHfQuantizer"
+    config = json.load(open(f"{folders[name]}/config.json"))
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert config["attn_implementation"] == "eager"
+    diff = (results[name]["logits"] - expected[name]).abs().max().item()
+    if EXPORTS[name][2]:  # exact exports: bit-identical predictions
+        assert diff == 0.0
+    else:  # activation rounding may differ on rare half-way values
+        assert diff < 1e-2
+
+
+def test_symmetric_weights_are_packed(exported):
+    folders, _, _ = exported
+    formats = {n: json.load(open(f"{f}/config.json"))["quantization_config"]["format"] for n, f in folders.items()}
+    assert formats["vit-w4a16-symmetric"] == "pack-quantized"
+    assert formats["vit-w4a16"] == "int-quantized"  # transformers cannot load packed asymmetric zero points
+
+
+def test_unexpressible_configs_raise_naming_the_loss(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        quantize(tiny_vit, "w4a4").save_pretrained(tmp_path, format="compressed-tensors")
+    message = str(info.value)
+    assert "attention quantizers (Q, K, softmax output, V) of 2 attention module(s)" in message
+    assert "image-input quantizer of the patch embedding vit.embeddings.patch_embeddings.projection" in message
+    assert "bit-exactness of the" in message and "exact=False" in message
+    assert not (tmp_path / "config.json").exists()
+
+    swin = quantize(tiny_swin, config=DFQConfig(bits="w8a8", **LINEAR_ONLY))
+    with pytest.raises(ConfigError, match="bias that re-parameterisation added to swin.encoder.layers.0.downsample"):
+        export_compressed_tensors(swin, tmp_path, exact=False)
+    corrected = quantize(tiny_vit, config=DFQConfig(bits="w4a16", correction={"kind": "ridge"}))
+    with pytest.raises(ConfigError, match=r"activation corrections attached to the inputs of 12 Linear\(s\)"):
+        export_compressed_tensors(corrected, tmp_path)
+    with pytest.raises(ConfigError, match="Unknown save format 'onnx'"):
+        swin.save_pretrained(tmp_path, format="onnx")
+
+
+def test_missing_package_is_named(monkeypatch, tmp_path):
+    qmodel = quantize(tiny_vit, "w4a16")
+    monkeypatch.setitem(sys.modules, "compressed_tensors", None)
+    with pytest.raises(ImportError, match=r"optimum-dfq\[compressed-tensors\]"):
+        export_compressed_tensors(qmodel, tmp_path)

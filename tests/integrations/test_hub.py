@@ -1,0 +1,150 @@
+"""Pushing to the Hub offline: only HfApi's HTTP methods are faked; pulling back goes through a hand-built cache."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.errors import EntryNotFoundError
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+from optimum_dfq import ConfigError, DataFreeViTQuantizer
+from optimum_dfq.hub import accuracy_eval_results, build_model_card
+
+from ..conftest import tiny_vit
+from .conftest import logits
+
+SHA = "a" * 40
+
+
+def read_card(repo: Path) -> ModelCard:
+    return ModelCard((repo / "README.md").read_text())  # ModelCard.load is faked while pushing
+
+
+class FakeHub:
+    """A local folder per repository, filled by the faked upload calls."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.commits: list[dict] = []
+
+    def repo(self, repo_id: str) -> Path:
+        return self.root / repo_id
+
+    # HfApi.create_repo / HfApi.upload_folder (optimum_dfq.hub.push_to_hub)
+    def create_repo(self, api, repo_id, **kwargs):
+        self.repo(repo_id).mkdir(parents=True, exist_ok=True)
+        return mock.Mock(repo_id=repo_id)
+
+    def upload_folder(self, api, *, repo_id, folder_path, commit_message=None, **kwargs):
+        shutil.copytree(folder_path, self.repo(repo_id), dirs_exist_ok=True)
+        self.commits.append({"repo_id": repo_id, "message": commit_message, "library": api.library_name})
+        return mock.Mock(oid=SHA)
+
+    # transformers.utils.hub.hf_api() (model.push_to_hub): create_repo + create_commit
+    def transformers_api(self):
+        hub = self
+
+        class Api:
+            def create_repo(self, repo_id, **kwargs):
+                return hub.create_repo(None, repo_id)
+
+            def create_commit(self, repo_id, operations, commit_message=None, **kwargs):
+                for operation in operations:
+                    target = hub.repo(repo_id) / operation.path_in_repo
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(operation.path_or_fileobj, target)
+                hub.commits.append({"repo_id": repo_id, "message": commit_message,
+                                    "files": sorted(op.path_in_repo for op in operations)})
+                return mock.Mock(commit_url="fake://commit")
+
+        return Api()
+
+    def install_in_cache(self, repo_id: str, cache: Path) -> None:
+        """Lays the repository out as huggingface_hub would have downloaded it at `main`."""
+        root = cache / f"models--{repo_id.replace('/', '--')}"
+        shutil.copytree(self.repo(repo_id), root / "snapshots" / SHA, dirs_exist_ok=True)
+        (root / "refs").mkdir(parents=True, exist_ok=True)
+        (root / "refs" / "main").write_text(SHA)
+
+
+@pytest.fixture
+def hub(tmp_path):
+    fake = FakeHub(tmp_path / "hub")
+    with mock.patch.object(HfApi, "create_repo", lambda api, repo_id, **kw: fake.create_repo(api, repo_id, **kw)), \
+            mock.patch.object(HfApi, "upload_folder", lambda api, **kw: fake.upload_folder(api, **kw)), \
+            mock.patch("transformers.utils.hub.hf_api", fake.transformers_api), \
+            mock.patch("transformers.utils.hub.ModelCard.load", side_effect=EntryNotFoundError("no remote card")):
+        yield fake
+
+
+def test_quantizer_push_uploads_model_processor_and_card_then_loads_by_repo_id(vit_w4a4, image_processor, hub,
+                                                                               tmp_path, pixels):
+    qmodel, _ = vit_w4a4
+    quantizer = DataFreeViTQuantizer(image_processor=image_processor)
+    results = accuracy_eval_results({"top1": 0.5, "top5": 0.875, "num_examples": 256}, dataset_id="cifar10",
+                                    dataset_name="CIFAR-10", split="test")
+    quantizer.push_to_hub(qmodel, "dfq-org/vit-tiny-w4a4", eval_results=results,
+                          base_model="google/vit-base-patch16-224")
+
+    repo = hub.repo("dfq-org/vit-tiny-w4a4")
+    assert sorted(p.name for p in repo.iterdir()) == [
+        "README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
+    assert hub.commits[-1]["library"] == "optimum-dfq"
+    card = read_card(repo)
+    assert "import optimum_dfq" in card.text
+    assert 'from_pretrained("dfq-org/vit-tiny-w4a4")' in card.text
+    assert "8 synthetic images from the `gaussian` synthesizer" in card.text and "No real image was used" in card.text
+    assert "bits: w4a4" in card.text  # the recipe
+    assert card.data.base_model == "google/vit-base-patch16-224" and card.data.base_model_relation == "quantized"
+    assert {"optimum-dfq", "data-free", "w4a4"} <= set(card.data.tags)
+    assert [(r.metric_name, r.metric_value, r.dataset_split) for r in card.data.eval_results] == [
+        ("Top-1 accuracy", 0.5, "test"), ("Top-5 accuracy", 0.875, "test")]
+    assert "model-index" in card.content
+
+    cache = tmp_path / "cache"
+    hub.install_in_cache("dfq-org/vit-tiny-w4a4", cache)
+    loaded = AutoModelForImageClassification.from_pretrained("dfq-org/vit-tiny-w4a4", cache_dir=cache)
+    assert AutoImageProcessor.from_pretrained("dfq-org/vit-tiny-w4a4", cache_dir=cache).size == image_processor.size
+    assert loaded.name_or_path == "dfq-org/vit-tiny-w4a4"
+    assert torch.equal(logits(loaded, pixels[0]), logits(qmodel, pixels[0]))
+
+
+def test_transformers_push_to_hub_uploads_our_card_not_the_generic_one(vit_w4a4, hub, tmp_path, pixels):
+    qmodel, _ = vit_w4a4
+    qmodel.push_to_hub("dfq-org/vit-tiny-w4a4-tf", tags=["extra-tag"])
+
+    commit = hub.commits[-1]
+    assert commit["files"] == ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
+    card = read_card(hub.repo("dfq-org/vit-tiny-w4a4-tf"))
+    assert "import optimum_dfq" in card.text and "automatically generated" not in card.text
+    assert "optimum-dfq" in card.data.tags
+
+    # a model loaded back from the Hub pushes the same way, and keeps the provenance recorded in the checkpoint
+    cache = tmp_path / "cache"
+    hub.install_in_cache("dfq-org/vit-tiny-w4a4-tf", cache)
+    loaded = AutoModelForImageClassification.from_pretrained("dfq-org/vit-tiny-w4a4-tf", cache_dir=cache)
+    assert torch.equal(logits(loaded, pixels[0]), logits(qmodel, pixels[0]))
+    loaded.push_to_hub("dfq-org/vit-tiny-w4a4-again")
+    again = read_card(hub.repo("dfq-org/vit-tiny-w4a4-again"))
+    assert "8 synthetic images from the `gaussian` synthesizer" in again.text
+
+
+def test_card_of_real_data_calibration_does_not_claim_data_free(cifar_train, image_processor):
+    qmodel = DataFreeViTQuantizer(tiny_vit(), image_processor).quantize(
+        bits="w8a8", calibration_dataset=cifar_train, num_images=8)
+    card = build_model_card(qmodel, "org/real")
+    assert "data-free" not in card.data.tags
+    assert "**real images**: 8 from a user-provided dataset" in card.text
+    assert "No real image was used" not in card.text
+
+
+def test_card_errors():
+    with pytest.raises(ConfigError, match="not an optimum_dfq quantized model"):
+        build_model_card(tiny_vit(), "org/float")
+    with pytest.raises(ConfigError, match="No 'top1'/'top5' accuracy"):
+        accuracy_eval_results({"loss": 1.0}, dataset_id="cifar10")

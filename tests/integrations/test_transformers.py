@@ -1,0 +1,205 @@
+"""`from_pretrained` / `save_pretrained` of optimum_dfq checkpoints through transformers' own loading."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForImageClassification
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+import optimum_dfq
+from optimum_dfq import CheckpointError, ConfigError, DFQConfig
+from optimum_dfq.formats.checkpoint import METADATA_KEY
+from optimum_dfq.integrations import transformers as integration
+
+from ..conftest import tiny_vit
+from .conftest import ROUND_TRIP_CASES, logits, run_python
+
+ROUND_TRIP_SCRIPT = """
+import json, sys, tempfile, torch
+import optimum_dfq  # registers the quantization method
+from transformers import AutoModelForImageClassification
+
+index, pixels = json.load(open(sys.argv[1] if len(sys.argv) > 1 else {index!r})), torch.load({pixels!r})
+out = {{}}
+for name, folder in index.items():
+    model, info = AutoModelForImageClassification.from_pretrained(folder, output_loading_info=True)
+    with torch.no_grad():
+        first = model(pixel_values=pixels).logits
+    with tempfile.TemporaryDirectory() as again:  # second save/load cycle, from the reloaded model
+        model.save_pretrained(again)
+        reloaded = AutoModelForImageClassification.from_pretrained(again)
+        with torch.no_grad():
+            second = reloaded(pixel_values=pixels).logits
+    state = model.state_dict()
+    out[name] = {{
+        "first": first, "second": second, "load_report": sum(len(v) for v in info.values()),
+        "quantizer": type(model.hf_quantizer).__name__, "attention": model.config._attn_implementation,
+        "packed_dtypes": sorted({{str(t.dtype) for k, t in state.items() if k.endswith("weight_packed")}}),
+        "float_linear_weights": [k for k in state if k.endswith(("q_proj.weight", "fc1.weight", "classifier.weight"))],
+    }}
+torch.save(out, {out!r})
+"""
+
+
+@pytest.fixture(scope="module")
+def fresh_process_results(round_trip_checkpoints, pixels, tmp_path_factory):
+    """Loads every round-trip checkpoint twice (save/load cycles) in ONE fresh interpreter."""
+    work = tmp_path_factory.mktemp("fresh")
+    index = work / "index.json"
+    index.write_text(json.dumps({k: v["dir"] for k, v in round_trip_checkpoints.items()}))
+    out = work / "results.pt"
+    result = run_python(ROUND_TRIP_SCRIPT.format(index=str(index), pixels=str(pixels[1]), out=str(out)))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return torch.load(out)
+
+
+@pytest.mark.parametrize("name", sorted(ROUND_TRIP_CASES))
+def test_fresh_process_load_predicts_exactly_like_the_quantized_model(name, round_trip_checkpoints,
+                                                                      fresh_process_results):
+    expected = round_trip_checkpoints[name]["logits"]
+    got = fresh_process_results[name]
+    assert got["quantizer"] == "DFQHfQuantizer"
+    assert got["attention"] == "optimum_dfq"
+    assert got["load_report"] == 0  # no missing, unexpected or mismatched key
+    assert got["packed_dtypes"] == ["torch.uint8"] and got["float_linear_weights"] == []
+    assert (got["first"] - expected).abs().max().item() == 0.0
+    assert (got["second"] - expected).abs().max().item() == 0.0
+
+
+def test_checkpoint_holds_packed_codes_and_full_config(round_trip_checkpoints):
+    folder = round_trip_checkpoints["vit-w3a4"]["dir"]
+    config = json.load(open(f"{folder}/config.json"))
+    assert config["quantization_config"] == DFQConfig(bits="w3a4", num_images=8).to_dict()
+    assert config["attn_implementation"] == "optimum_dfq"  # the guard against loading without the import
+    with safe_open(f"{folder}/model.safetensors", "pt") as handle:
+        keys = set(handle.keys())
+        packed = handle.get_tensor("vit.encoder.layer.0.intermediate.dense.weight_packed")  # legacy name on disk
+        assert json.loads(handle.metadata()[METADATA_KEY])["plan"]["layernorm_consumers"]
+    assert packed.dtype == torch.uint8 and tuple(packed.shape) == (64, 32 * 3 // 8)  # fc1: 64 x 32 at 3 bits
+    assert "vit.encoder.layer.0.intermediate.dense.weight" not in keys
+    assert "vit.encoder.layer.0.intermediate.dense.weight_quantizer.scale" in keys
+    assert "vit.encoder.layer.1.attention.dfq_attention.probs.scale" in keys
+
+
+def test_loading_without_import_fails_instead_of_returning_garbage(round_trip_checkpoints):
+    folder = round_trip_checkpoints["vit-w4a4"]["dir"]
+    result = run_python(f"""
+        import sys
+        from transformers import AutoModelForImageClassification, pipeline
+        for load in (lambda: AutoModelForImageClassification.from_pretrained({folder!r}),
+                     lambda: pipeline("image-classification", model={folder!r})):
+            try:
+                load()
+                print("LOADED")
+            except ValueError as err:
+                print("REFUSED:", str(err).replace("\\n", " "))
+        print("optimum_dfq imported:", "optimum_dfq" in sys.modules)
+    """)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert "LOADED" not in lines
+    refused = [line for line in lines if line.startswith("REFUSED:")]
+    assert len(refused) == 2
+    assert all('Specified `attn_implementation="optimum_dfq"` is not supported' in r for r in refused)
+    assert "optimum_dfq imported: False" in lines
+    assert "Unknown quantization type, got optimum_dfq" in result.stderr
+
+
+def test_registration_is_idempotent_and_survives_reload():
+    integration.register_quantization_method()
+    importlib.reload(optimum_dfq)
+    reloaded = importlib.reload(integration)
+    reloaded.register_quantization_method()
+    assert AUTO_QUANTIZATION_CONFIG_MAPPING["optimum_dfq"] is DFQConfig
+    assert AUTO_QUANTIZER_MAPPING["optimum_dfq"] is reloaded.DFQHfQuantizer
+
+
+def test_registration_refuses_a_foreign_claim(monkeypatch):
+    class Impostor(integration.HfQuantizer):
+        pass
+
+    monkeypatch.setitem(AUTO_QUANTIZER_MAPPING, "optimum_dfq", Impostor)
+    with pytest.raises(optimum_dfq.DFQError, match="two packages claim the same quant_method"):
+        integration.register_quantization_method()
+
+
+def test_quantizing_inside_from_pretrained_is_refused(tmp_path):
+    tiny_vit().save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="cannot quantize inside from_pretrained.*DataFreeViTQuantizer"):
+        AutoModelForImageClassification.from_pretrained(tmp_path, quantization_config=DFQConfig())
+
+
+def test_requested_attention_is_overridden(vit_w4a4, pixels):
+    qmodel, folder = vit_w4a4
+    model = AutoModelForImageClassification.from_pretrained(folder, attn_implementation="sdpa")
+    assert model.config._attn_implementation == "optimum_dfq"
+    assert torch.equal(logits(model, pixels[0]), logits(qmodel, pixels[0]))
+
+
+# ---------------------------------------------------------------------------------------------- broken checkpoints
+def _rewrite(folder, drop=None, add=None, flip=None, metadata=True):
+    path = folder / "model.safetensors"
+    with safe_open(path, "pt") as handle:
+        header = handle.metadata()
+    tensors = load_file(path)
+    if drop:
+        del tensors[drop]
+    if add:
+        tensors[add] = torch.zeros(3)
+    if flip:
+        tensors[flip] = tensors[flip].clone()
+        tensors[flip].view(-1)[0] ^= 1
+    save_file(tensors, path, metadata=header if metadata else {"format": "pt"})
+
+
+def _truncate(folder):
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000])
+
+
+def _corrupt_header(folder):
+    path = folder / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[0:8] = b"\xff" * 8
+    path.write_bytes(bytes(data))
+
+
+def _newer_format(folder):
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["format_version"] = 99
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+BROKEN = {
+    "corrupt header": (_corrupt_header, "corrupt or truncated.*header too large"),
+    "truncated file": (_truncate, "corrupt or truncated.*not fully covered"),
+    "missing packed weight": (lambda f: _rewrite(f, drop="vit.encoder.layer.0.attention.attention.query.weight_packed"),
+                              r"incomplete: 1 tensor\(s\).*vit\.layers\.0\.attention\.q_proj\.weight_packed"),
+    "missing quantizer scale": (lambda f: _rewrite(f, drop="vit.encoder.layer.1.attention.dfq_attention.probs.scale"),
+                                r"incomplete.*vit\.layers\.1\.attention\.dfq_attention\.probs\.scale"),
+    "extra tensor": (lambda f: _rewrite(f, add="vit.encoder.layer.0.extra"),
+                     "tensors the quantized model does not have: vit.encoder.layer.0.extra"),
+    "flipped data bit": (lambda f: _rewrite(f, flip="vit.encoder.layer.1.output.dense.weight_packed"),
+                         "SHA-256 mismatch.*corrupt"),
+    "metadata stripped": (lambda f: _rewrite(f, metadata=False), "has no 'optimum_dfq' metadata"),
+    "newer format version": (_newer_format, "format_version=99.*Upgrade optimum-dfq"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_broken_checkpoint_raises_a_clear_error(case, vit_w4a4, tmp_path):
+    _, folder = vit_w4a4
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    damage, message = BROKEN[case]
+    damage(broken)
+    with pytest.raises(CheckpointError, match=message):
+        AutoModelForImageClassification.from_pretrained(broken)

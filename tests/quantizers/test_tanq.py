@@ -1,0 +1,118 @@
+import pytest
+import torch
+
+from optimum_dfq import DataFreeViTQuantizer, DFQConfig
+from optimum_dfq.calibration import iter_quantizers
+from optimum_dfq.quantizers import QUANTIZER_REGISTRY, TanQuantizer, tanq_codebook
+
+from ..conftest import TINY_MODELS
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def attention_like(rows=64, keys=32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(rows, keys, generator=generator) * 3, dim=-1)
+
+
+def calibrated(quantizer, probs, value=None):
+    quantizer.set_mode("observe")
+    if value is not None:
+        quantizer.observe_value(value)
+    quantizer(probs)
+    quantizer.calibrate()
+    quantizer.set_mode("quantize")
+    return quantizer
+
+
+def test_spec_codebooks_are_reproduced():
+    # spec 10.3, b=3 and b=4 with kappa=0.9 (symmetric form)
+    torch.testing.assert_close(
+        tanq_codebook(3, 0.9), torch.tensor([0, .0216, .0696, .2404, .7596, .9304, .9784, 1], dtype=torch.float64),
+        atol=6e-5, rtol=0)
+    expected4 = [0, .0084, .0197, .0357, .0602, .1013, .1813, .3591, .6409, .8187, .8987, .9398, .9643, .9803, .9916, 1]
+    torch.testing.assert_close(tanq_codebook(4, 0.9), torch.tensor(expected4, dtype=torch.float64), atol=6e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("kappa", [0.5, 0.9, 0.95])
+def test_symmetric_codebook_shape(bits, kappa):
+    levels = tanq_codebook(bits, kappa)
+    assert levels.numel() == 2**bits
+    assert (levels[1:] > levels[:-1]).all()  # strictly monotone: 2^b distinct values
+    assert levels[0] == 0 and levels[-1] == 1
+    torch.testing.assert_close(levels + levels.flip(0), torch.ones_like(levels))  # symmetric about 1/2
+    gaps = levels[1:] - levels[:-1]
+    middle = gaps[gaps.numel() // 2]
+    assert gaps[0] < middle and gaps[-1] < middle  # denser near 0 and near 1 than in the middle
+
+
+def test_asymmetric_centre_moves_resolution_to_the_far_end():
+    toward_zero, toward_one = tanq_codebook(4, 0.9, centre=0.8), tanq_codebook(4, 0.9, centre=0.2)
+    for levels in (toward_zero, toward_one):
+        assert levels.numel() == 16 and levels[0] == 0 and levels[-1] == 1 and (levels[1:] > levels[:-1]).all()
+    assert toward_zero[1] < tanq_codebook(4, 0.9)[1] < toward_one[1]  # finer first step when c is far from 0
+    torch.testing.assert_close(toward_zero, 1 - toward_one.flip(0))
+
+
+def test_fake_quant_outputs_levels_monotonically_and_keeps_the_ends():
+    q = calibrated(TanQuantizer(bits=3), attention_like())
+    x = torch.linspace(0, 1, 1001)
+    out = q(x)
+    levels = q.levels()
+    assert set(out.tolist()) <= set(levels.tolist())
+    assert (out[1:] >= out[:-1]).all()
+    assert out[0] == 0 and out[-1] == 1
+    torch.testing.assert_close(q.dequantize(q.codes(x)), out)  # look-up-table path = fake quant
+
+
+def test_straight_through_gradient():
+    q = calibrated(TanQuantizer(bits=4), attention_like())
+    x = attention_like().requires_grad_(True)
+    q(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones_like(x))
+
+
+def brute_force(probs, value, bits, kappas, centres):
+    best = None
+    for kappa in kappas:
+        for centre in centres:
+            fixed = TanQuantizer(bits, kappas=[kappa], centres=[centre])
+            fixed.kappa.fill_(kappa)
+            fixed.centre.fill_(centre)
+            diff = probs - fixed.fake_quant(probs)
+            err = float((diff @ value).pow(2).sum()) if value is not None else float(diff.pow(2).sum())
+            if best is None or err < best[0]:
+                best = (err, kappa, centre)
+    return best[1:]
+
+
+def test_calibration_minimises_the_attention_output_error_with_v_and_the_probability_error_without():
+    probs = attention_like(rows=2 * 4 * 16, keys=16).reshape(2, 4, 16, 16)
+    generator = torch.Generator().manual_seed(1)
+    value = torch.randn(2, 4, 16, 8, generator=generator)
+    value[..., :2, :] *= 50  # a few tokens with large values: the A·V objective differs from the probability MSE
+    kappas, centres = (0.5, 0.7, 0.9, 0.95), (0.2, 0.5, 0.8)
+    with_v = calibrated(TanQuantizer(3, kappas, centres), probs, value)
+    without_v = calibrated(TanQuantizer(3, kappas, centres), probs)
+    expected_with = brute_force(probs, value, 3, kappas, centres)
+    expected_without = brute_force(probs, None, 3, kappas, centres)
+    assert expected_with != expected_without  # the case really tells the two objectives apart
+    assert (float(with_v.kappa), float(with_v.centre)) == pytest.approx(expected_with)
+    assert (float(without_v.kappa), float(without_v.centre)) == pytest.approx(expected_without)
+
+
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_selectable_from_the_config_and_sees_v(family, monkeypatch):
+    seen = []
+    original = TanQuantizer.observe_value
+    monkeypatch.setattr(TanQuantizer, "observe_value", lambda self, v: (seen.append(self.site), original(self, v)))
+    assert QUANTIZER_REGISTRY["tanq"] is TanQuantizer
+    model = TINY_MODELS[family]()
+    qmodel = DataFreeViTQuantizer().quantize(model, config=DFQConfig(bits="w4a4", post_softmax="tanq"), num_images=4)
+    probs = [(n, q) for n, q in iter_quantizers(qmodel) if n.endswith("dfq_attention.probs")]
+    assert probs and all(isinstance(q, TanQuantizer) and bool(q.calibrated) for _, q in probs)
+    assert sorted(set(seen)) == sorted(q.site for _, q in probs)  # every probs quantizer calibrated on A·V
+    state = qmodel.state_dict()
+    assert all(f"{n}.kappa" in state and f"{n}.centre" in state for n, _ in probs)
+    assert all(q.levels().numel() == 16 for _, q in probs)

@@ -1,0 +1,74 @@
+"""Caching and resuming synthesis runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from synth_helpers import FAST, NORM, SYNTHESIZERS, one_thread, tiny_vit  # noqa: F401
+
+import optimum_dfq.synthesis.pixel_synthesizer as pixel_synthesizer
+from optimum_dfq.synthesis import get_synthesizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class _Interrupt(RuntimeError):
+    pass
+
+
+def _count_optimisations(monkeypatch) -> list:
+    calls = []
+    real = pixel_synthesizer.optimize_batch
+
+    def counting(model, plan, *args, **kwargs):
+        calls.append(list(plan.indices))
+        return real(model, plan, *args, **kwargs)
+
+    monkeypatch.setattr(pixel_synthesizer, "optimize_batch", counting)
+    return calls
+
+
+@pytest.mark.parametrize("name", SYNTHESIZERS)
+def test_interrupted_run_resumes_to_the_uninterrupted_result(name, tmp_path, monkeypatch):
+    model = tiny_vit()
+    reference = get_synthesizer(name, **FAST).synthesize(model, 6, seed=0, batch_size=2, **NORM)
+
+    def interrupt_after_second_batch(record):
+        if record.start == 2:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        get_synthesizer(name, **FAST).synthesize(model, 6, seed=0, batch_size=2, cache_dir=tmp_path,
+                                                 on_batch_end=interrupt_after_second_batch, **NORM)
+    (run_dir,) = tmp_path.iterdir()
+    assert sorted(p.name for p in (run_dir / "shards").iterdir()) == ["00000000-00000002.safetensors",
+                                                                     "00000002-00000004.safetensors"]
+    assert not (run_dir / "calibration_set").exists()
+
+    calls = _count_optimisations(monkeypatch)
+    resumed = get_synthesizer(name, **FAST).synthesize(model, 6, seed=0, batch_size=2, cache_dir=tmp_path, **NORM)
+    assert calls == [[4, 5]]
+    assert torch.equal(resumed.pixel_values, reference.pixel_values)
+    assert torch.equal(resumed.labels, reference.labels)
+    if reference.soft_labels is not None:
+        assert torch.equal(resumed.soft_labels, reference.soft_labels)
+    assert resumed.metadata["loss_history"] == reference.metadata["loss_history"]
+    assert (run_dir / "calibration_set").is_dir()
+
+
+def test_finished_run_is_reused_without_optimising(tmp_path, monkeypatch):
+    model = tiny_vit()
+    first = get_synthesizer("psaq", **FAST).synthesize(model, 3, seed=0, cache_dir=tmp_path, **NORM)
+    calls = _count_optimisations(monkeypatch)
+    again = get_synthesizer("psaq", **FAST).synthesize(model, 3, seed=0, cache_dir=tmp_path, batch_size=1, **NORM)
+    assert calls == []
+    assert torch.equal(again.pixel_values, first.pixel_values) and torch.equal(again.labels, first.labels)
+    assert again.metadata == first.metadata
+
+    get_synthesizer("psaq", **FAST).synthesize(model, 3, seed=1, cache_dir=tmp_path, **NORM)
+    get_synthesizer("psaq", **dict(FAST, tv_weight=0.1)).synthesize(model, 3, seed=0, cache_dir=tmp_path, **NORM)
+    with torch.no_grad():
+        model.classifier.bias.add_(1.0)
+    get_synthesizer("psaq", **FAST).synthesize(model, 3, seed=0, cache_dir=tmp_path, **NORM)
+    assert len(calls) == 3
+    assert len(list(tmp_path.iterdir())) == 4

@@ -1,0 +1,79 @@
+"""Calibration sets as datasets, and the image grid."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from synth_helpers import FAST, MEAN, NORM, STD, tiny_swin
+
+from optimum_dfq.calibration import CalibrationSet
+from optimum_dfq.synthesis import (
+    calibration_set_from_dataset_dict,
+    calibration_set_to_dataset,
+    get_synthesizer,
+    load_calibration_set,
+    save_calibration_set,
+    save_image_grid,
+)
+
+
+@pytest.fixture(scope="module")
+def synthetic_set():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return get_synthesizer("sardfq", **FAST).synthesize(tiny_swin(), 3, seed=0, **NORM)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _assert_same(a: CalibrationSet, b: CalibrationSet) -> None:
+    assert torch.equal(a.pixel_values, b.pixel_values) and a.pixel_values.dtype == torch.float32
+    assert torch.equal(a.labels, b.labels)
+    assert torch.equal(a.soft_labels, b.soft_labels)
+    assert a.metadata == b.metadata
+
+
+def test_round_trip_through_save_and_load(synthetic_set, tmp_path):
+    save_calibration_set(synthetic_set, tmp_path / "calib")
+    loaded = load_calibration_set(tmp_path / "calib")
+    _assert_same(loaded, synthetic_set)
+    assert loaded.metadata["synthesizer"] == "sardfq"
+    assert loaded.metadata["hyperparameters"]["iterations"] == [2, 2]
+
+
+def test_dataset_columns_and_parquet_round_trip(synthetic_set, tmp_path):
+    from datasets import load_dataset
+
+    dataset = calibration_set_to_dataset(synthetic_set)
+    assert dataset.column_names == ["pixel_values", "labels", "soft_labels", "metadata"]
+    assert len(dataset) == 3 and '"synthesizer": "sardfq"' in dataset.info.description
+    _assert_same(calibration_set_from_dataset_dict(dataset), synthetic_set)
+    dataset.to_parquet(str(tmp_path / "calib.parquet"))
+    reloaded = load_dataset("parquet", data_files={"train": str(tmp_path / "calib.parquet")})
+    _assert_same(calibration_set_from_dataset_dict(reloaded), synthetic_set)
+
+
+def test_set_without_labels_round_trips(tmp_path):
+    plain = CalibrationSet(torch.randn(2, 3, 4, 4), metadata={"source": "synthetic"})
+    save_calibration_set(plain, tmp_path / "plain")
+    loaded = load_calibration_set(tmp_path / "plain")
+    assert torch.equal(loaded.pixel_values, plain.pixel_values)
+    assert loaded.labels is None and loaded.soft_labels is None and loaded.metadata == plain.metadata
+
+
+def test_image_grid_is_denormalised(tmp_path):
+    pixels = torch.zeros(5, 3, 4, 6)
+    pixels[0, 0] = (1 - MEAN[0]) / STD[0]
+    save_image_grid(CalibrationSet(pixels), tmp_path / "grid.png", MEAN, STD, columns=3, padding=1)
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.size == (3 * 7 + 1, 2 * 5 + 1) and grid.mode == "RGB"
+    assert grid.getpixel((1, 1)) == (255, round(MEAN[1] * 255), round(MEAN[2] * 255))
+    assert grid.getpixel((8, 1)) == tuple(round(m * 255) for m in MEAN)
+    assert grid.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_image_grid_reads_normalisation_from_metadata(synthetic_set, tmp_path):
+    save_image_grid(calibration_set_to_dataset(synthetic_set), tmp_path / "grid.png")
+    assert Image.open(tmp_path / "grid.png").size == (2 * 34 + 2, 2 * 34 + 2)

@@ -1,0 +1,150 @@
+"""Building blocks of the pixel-optimisation engine."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from synth_helpers import FAST, NORM, one_thread, tiny_deit, tiny_swin, tiny_vit  # noqa: F401
+
+from optimum_dfq.errors import SynthesisError
+from optimum_dfq.models import get_adapter
+from optimum_dfq.synthesis import BatchPlan, EngineConfig, LossTerm, get_synthesizer, optimize_batch
+from optimum_dfq.synthesis.augment import JitterFlip
+from optimum_dfq.synthesis.features import FeatureCapture, probe_attention_sites
+from optimum_dfq.synthesis.kde import patch_similarity_entropy
+from optimum_dfq.synthesis.normalization import normalization_stats, valid_pixel_range
+from optimum_dfq.synthesis.priors import gaussian_mixture_maps
+from optimum_dfq.synthesis.schedule import phase_learning_rate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_jitter_flip_matches_roll_then_flip():
+    images = torch.randn(3, 3, 8, 8)
+    offsets, flips = torch.tensor([2, -3, 0]), torch.tensor([True, False, True])
+    out = JitterFlip.apply(images, offsets, flips)
+    for b in range(3):
+        expected = torch.roll(images[b], (int(offsets[b]),) * 2, dims=(1, 2))
+        expected = expected.flip(-1) if flips[b] else expected
+        assert torch.equal(out[b], expected)
+
+
+def test_jitter_draws_depend_only_on_the_image_generator():
+    def draws(seeds):
+        aug = JitterFlip([torch.Generator().manual_seed(s) for s in seeds])
+        return [aug.draw(5) for _ in range(4)]
+
+    alone = draws([7])
+    together = draws([3, 7, 9])
+    for (o1, f1), (o3, f3) in zip(alone, together):
+        assert o1[0] == o3[1] and f1[0] == f3[1]
+
+
+def test_phase_learning_rate_warmup_then_cosine():
+    assert phase_learning_rate(0.2, 0, 500, 100) == pytest.approx(0.002)
+    assert phase_learning_rate(0.2, 99, 500, 100) == pytest.approx(0.2)
+    assert phase_learning_rate(0.2, 300, 500, 100) == pytest.approx(0.1)
+    assert phase_learning_rate(0.2, 499, 500, 100) < 1e-4
+
+
+def test_normalization_comes_from_the_processor_or_explicit_values(image_processor):
+    assert normalization_stats(image_processor) == (list(map(float, image_processor.image_mean)),
+                                                   list(map(float, image_processor.image_std)))
+    with pytest.raises(SynthesisError, match="image_processor"):
+        normalization_stats(None)
+    with pytest.raises(SynthesisError, match="both"):
+        normalization_stats(None, image_mean=[0.5, 0.5, 0.5])
+    low, high = valid_pixel_range([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+    assert torch.equal(low.flatten(), torch.full((3,), -2.0)) and torch.equal(high.flatten(), torch.full((3,), 2.0))
+
+
+def test_engine_config_rejects_mismatched_phases():
+    with pytest.raises(SynthesisError, match="jitter"):
+        EngineConfig(iterations=(10, 10, 10), jitter=(1, 2))
+    assert EngineConfig(iterations=(3, 4), jitter=5).jitter == (5, 5)
+
+
+def _psaq_reference_entropy(tokens: torch.Tensor) -> torch.Tensor:
+    """PSAQ-ViT's generate_data.py + utils/kde.py, one image at a time (the grid spans that image's range)."""
+    sims = torch.cosine_similarity(tokens.unsqueeze(1), tokens.unsqueeze(2), dim=3)
+    out = []
+    for b in range(tokens.shape[0]):
+        samples = sims[b].reshape(1, -1)
+        grid = torch.linspace(sims[b].min().item(), sims[b].max().item(), steps=10)[None]
+        var = 0.01**2
+        kernel = torch.exp(-(grid.view(1, 10, 1) - samples.view(1, 1, -1)).pow(2) / (2 * var))
+        density = (kernel / math.sqrt(2 * math.pi * var)).mean(-1) + 1e-4
+        out.append(torch.trapz(-density * torch.log(density), grid, dim=-1))
+    return torch.cat(out)
+
+
+def test_patch_similarity_entropy_matches_psaq_reference_values_and_gradients():
+    torch.manual_seed(0)
+    tokens = torch.randn(3, 20, 8)
+    ours_in, ref_in = tokens.clone().requires_grad_(), tokens.clone().requires_grad_()
+    ours, ref = patch_similarity_entropy(ours_in), _psaq_reference_entropy(ref_in)
+    assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-6)
+    ours.sum().backward()
+    ref.sum().backward()
+    assert torch.allclose(ours_in.grad, ref_in.grad, rtol=1e-3, atol=1e-4 * ref_in.grad.abs().max())
+
+
+def test_gaussian_mixture_priors_are_distributions():
+    maps = gaussian_mixture_maps(torch.Generator().manual_seed(0), 6, (4, 5), max_components=5)
+    assert maps.shape == (6, 20)
+    assert torch.allclose(maps.sum(-1), torch.ones(6)) and bool((maps >= 0).all())
+    assert not torch.allclose(maps[0], maps[1])
+
+
+@pytest.mark.parametrize("builder", [tiny_vit, tiny_deit, tiny_swin])
+def test_captured_attention_output_is_the_input_of_the_output_projection(builder):
+    model = builder()
+    sites = probe_attention_sites(model, get_adapter(model))
+    assert len(sites) == 2 + 2 * (builder is tiny_swin)
+    outputs = {}
+    handles = [site.module.register_forward_hook(lambda m, a, o, i=site.index: outputs.__setitem__(i, o[0]))
+               for site in sites]
+    with torch.no_grad(), FeatureCapture(model, sites, {"attention_outputs", "attention_probs"}) as capture:
+        model(pixel_values=torch.randn(2, 3, 32, 32))
+        for site in sites:
+            av = capture.attention_output(site.index)
+            assert av.shape[-2] == site.heads
+            projected = site.output_projection(av.flatten(-2))
+            assert torch.allclose(projected, outputs[site.index], atol=1e-6)
+            probs = capture.attention_probs(site.index)
+            assert probs.shape == (2 * site.windows, site.heads, site.tokens, site.tokens)
+    for handle in handles:
+        handle.remove()
+
+
+class _NaNTerm(LossTerm):
+    name = "broken"
+
+    def __call__(self, ctx):
+        return ctx.logits[: ctx.num_images].sum(-1) * float("nan")
+
+
+def test_non_finite_loss_names_the_term():
+    model = tiny_vit()
+    sites = probe_attention_sites(model, get_adapter(model))
+    plan = BatchPlan([0, 1], torch.randn(2, 3, 32, 32), [_NaNTerm()])
+    bounds = valid_pixel_range(NORM["image_mean"], NORM["image_std"])
+    with pytest.raises(SynthesisError, match="broken"):
+        optimize_batch(model, plan, EngineConfig(iterations=(2,), jitter=(1,), warmup=0), bounds=bounds, sites=sites,
+                       num_prefix_tokens=1, seed=0)
+
+
+def test_model_is_left_unchanged():
+    model = tiny_vit().train()
+    model.classifier.weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    implementation = model.config._attn_implementation
+    get_synthesizer("sardfq", **FAST).synthesize(model, 2, seed=0, **NORM)
+    assert model.training
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert model.config._attn_implementation == implementation
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())

@@ -1,0 +1,180 @@
+"""PSAQ-ViT, SARDFQ and DFQ-ViT synthesizers on tiny ViT, DeiT and Swin models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from synth_helpers import BUILDERS, FAST, NORM, SYNTHESIZERS, bounds, one_thread, tiny_vit  # noqa: F401
+
+from optimum_dfq.calibration.data import expected_image_shape
+from optimum_dfq.errors import SynthesisError
+from optimum_dfq.models import get_adapter
+from optimum_dfq.synthesis import StepContext, get_synthesizer
+from optimum_dfq.synthesis.features import FeatureCapture, probe_attention_sites
+from optimum_dfq.synthesis.pixel_synthesizer import ModelInfo, frozen_model
+from optimum_dfq.version import __version__
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+EXPECTED_TERMS = {"psaq": {"pse", "ce", "tv"}, "sardfq": {"apa", "sl", "tv"}, "dfq-vit": {"sl", "tv", "pse"}}
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+@pytest.mark.parametrize("name", SYNTHESIZERS)
+def test_synthesizer_runs_in_range_finite_and_deterministic(name, family):
+    model = BUILDERS[family]()
+    first = get_synthesizer(name, **FAST).synthesize(model, 3, seed=1, **NORM)
+    again = get_synthesizer(name, **FAST).synthesize(model, 3, seed=1, **NORM)
+    other = get_synthesizer(name, **FAST).synthesize(model, 3, seed=2, **NORM)
+
+    assert first.pixel_values.shape == (3, *expected_image_shape(model))
+    low, high = bounds()
+    assert bool((first.pixel_values >= low - 1e-6).all() and (first.pixel_values <= high + 1e-6).all())
+    assert not torch.equal(first.pixel_values, torch.randn(3, 3, 32, 32).clamp(low, high))
+    assert torch.equal(first.pixel_values, again.pixel_values) and torch.equal(first.labels, again.labels)
+    assert not torch.allclose(first.pixel_values, other.pixel_values)
+
+    history = first.metadata["loss_history"]
+    assert EXPECTED_TERMS[name] <= set(history["final"])
+    for term in EXPECTED_TERMS[name]:
+        values = [v for v in history[term] if v is not None]
+        assert values and all(math.isfinite(v) for v in values), term
+        assert history["final"][term] is not None, f"{term} was never active"
+    assert history["steps"] == [0, 1, 2, 3]
+    meta = first.metadata
+    assert meta["synthesizer"] == name and meta["seed"] == 1 and meta["library_version"] == __version__
+    assert len(meta["model"]["fingerprint"]) == 64 and meta["image_mean"] == NORM["image_mean"]
+    assert meta["hyperparameters"]["iterations"] == [2, 2]
+    assert first.labels.shape == (3,) and int(first.labels.max()) < 10
+    if name != "psaq":
+        assert first.soft_labels.shape == (3, 10)
+        assert torch.allclose(first.soft_labels.sum(-1), torch.ones(3))
+        assert torch.equal(first.soft_labels.argmax(-1), first.labels) or name == "sardfq"
+
+
+def _step_context(synth, model, indices):
+    adapter = get_adapter(model)
+    sites = probe_attention_sites(model, adapter)
+    info = ModelInfo(model, adapter, sites, expected_image_shape(model), 10, torch.device("cpu"))
+    plan = synth.plan_batch(info, indices, seed=0)
+    pixels = plan.init.clone().requires_grad_(True)
+    inputs = plan.views(pixels) if plan.views is not None else pixels
+    needs = set().union(*(term.needs for term in plan.terms))
+    return plan, pixels, inputs, sites, adapter, needs
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+@pytest.mark.parametrize("name", SYNTHESIZERS)
+def test_every_loss_term_has_a_finite_nonzero_pixel_gradient(name, family):
+    model = BUILDERS[family]()
+    synth = get_synthesizer(name, **FAST)
+    with frozen_model(model, None):
+        plan, pixels, inputs, sites, adapter, needs = _step_context(synth, model, [0, 1])
+        with FeatureCapture(model, sites, needs) as capture:
+            logits = model(pixel_values=inputs).logits
+            ctx = StepContext(3, 1, 1, 2, 4, inputs[:2], inputs, logits, plan.owners, capture, sites,
+                              adapter.num_prefix_tokens)
+            assert {term.name for term in plan.terms} == EXPECTED_TERMS[name]
+            for term in plan.terms:
+                value = term(ctx)
+                assert value.shape == (2,) and bool(torch.isfinite(value).all()), term.name
+                (grad,) = torch.autograd.grad(value.sum(), pixels, retain_graph=True)
+                assert bool(torch.isfinite(grad).all()), term.name
+                assert float(grad[0].abs().sum()) > 0 and float(grad[1].abs().sum()) > 0, term.name
+                assert term.weight_at(ctx) > 0, term.name
+
+
+@pytest.mark.parametrize("name", SYNTHESIZERS)
+def test_images_do_not_depend_on_their_batch_mates(name):
+    model = tiny_vit()
+    together = get_synthesizer(name, **FAST).synthesize(model, 3, seed=0, batch_size=3, **NORM)
+    alone = get_synthesizer(name, **FAST).synthesize(model, 3, seed=0, batch_size=1, **NORM)
+    assert torch.allclose(together.pixel_values, alone.pixel_values, atol=1e-5)
+    assert torch.equal(together.labels, alone.labels)
+
+
+def test_first_image_is_the_gaussian_synthesizers_image_before_optimisation():
+    model = tiny_vit()
+    gaussian = get_synthesizer("gaussian").synthesize(model, 2, seed=0)
+    synth = get_synthesizer("psaq", **FAST)
+    plan = _step_context(synth, model, [0, 1])[0]
+    assert torch.equal(plan.init, gaussian.pixel_values)
+
+
+def test_sardfq_crops_and_soft_labels():
+    model = tiny_vit()
+    synth = get_synthesizer("sardfq", **FAST)
+    plan, pixels, inputs, *_ = _step_context(synth, model, list(range(6)))
+    crops = inputs.shape[0] - 6
+    assert 6 <= crops <= 24
+    assert torch.equal(inputs[:6], pixels)
+    soft = plan.terms[1].targets
+    assert soft.shape == (6 + crops, 10) and torch.allclose(soft.sum(-1), torch.ones(6 + crops))
+    for position in range(6):
+        crop_rows = (plan.owners == position).nonzero().flatten()[1:]
+        assert 1 <= len(crop_rows) <= 4
+        crop_classes = soft[crop_rows].argmax(-1).tolist()
+        assert len(set(crop_classes + [int(plan.labels[position])])) == len(crop_rows) + 1
+        relevant = (soft[position] > soft[position].min() * 10).nonzero().flatten().tolist()
+        assert sorted(relevant) == sorted(crop_classes + [int(plan.labels[position])])
+    quadrant = inputs[6][None]
+    owner = int(plan.owners[6])
+    assert quadrant.shape == (1, 3, 32, 32) and int(owner) < 6
+    (grad,) = torch.autograd.grad(inputs[6].sum(), pixels)
+    touched = grad[owner].abs().sum(0) > 0
+    assert 0 < int(touched.sum()) <= 16 * 16 and int(grad.abs().sum(dim=(1, 2, 3)).gt(0).sum()) == 1
+
+
+def test_sardfq_aligns_only_the_second_half_with_depth_weights():
+    model = tiny_vit()
+    plan = _step_context(get_synthesizer("sardfq", **FAST), model, [0])[0]
+    apa = plan.terms[0]
+    assert apa.depth_weights == {1: 1.0}
+    assert apa.priors[1].shape == (1, 1, 2, 16)
+    assert torch.allclose(apa.priors[1].sum(-1), torch.ones(1, 1, 2))
+
+
+def test_dfq_vit_ramps_local_term_in_phase_two_and_orders_easy_to_hard():
+    model = tiny_vit()
+    settings = dict(FAST, iterations=(2, 3), jitter=(2, 2))
+    calib = get_synthesizer("dfq-vit", **settings).synthesize(model, 4, seed=0, **NORM)
+    history = calib.metadata["loss_history"]
+    assert history["pse"][:2] == [None, None] and all(v is not None for v in history["pse"][2:])
+    difficulty = calib.metadata["per_image"]["difficulty"]
+    assert difficulty == sorted(difficulty)
+    assert sorted(calib.metadata["order"]) == [0, 1, 2, 3]
+    plain = get_synthesizer("dfq-vit", order="index", **settings).synthesize(model, 4, seed=0, **NORM)
+    assert torch.equal(calib.pixel_values, plain.pixel_values[calib.metadata["order"]])
+
+    from optimum_dfq.synthesis.losses import PhaseRamp
+
+    ramp = PhaseRamp(phase=1, max_weight=2.0, ramp_fraction=0.5)
+    ctx = type("Ctx", (), {"phase": 1, "phase_iterations": 10, "phase_step": 1})()
+    assert ramp(ctx) == pytest.approx(0.8)
+    ctx.phase = 0
+    assert ramp(ctx) == 0.0
+
+
+def test_clear_errors():
+    with pytest.raises(SynthesisError, match="image_processor"):
+        get_synthesizer("psaq", **FAST).synthesize(tiny_vit(), 2)
+    with pytest.raises(SynthesisError, match="Invalid hyper-parameters"):
+        get_synthesizer("psaq", not_a_parameter=1)
+    with pytest.raises(SynthesisError, match="local_phase"):
+        get_synthesizer("dfq-vit", iterations=(5,), jitter=(1,), local_phase=1)
+    with pytest.raises(SynthesisError, match="num_images"):
+        get_synthesizer("psaq", **FAST).synthesize(tiny_vit(), 0, **NORM)
+
+
+def test_world_size_without_distributed_state_is_refused(monkeypatch):
+    from accelerate import PartialState
+
+    from optimum_dfq.synthesis.distributed import resolve_state
+
+    state = PartialState(cpu=True)
+    assert state.num_processes == 1
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SynthesisError, match="PartialState\\(cpu=True\\)"):
+        resolve_state(state)
