@@ -1,5 +1,7 @@
 """End-to-end tests of DataFreeViTQuantizer.quantize on tiny models of every supported family."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -97,11 +99,14 @@ def test_real_data_calibration_w8a8_matches_fp(tiny_model, cifar_train, image_pr
     count_levels_ok(qmodel)
 
 
-@pytest.mark.parametrize("bits", ["w4a4", "w3a3"])
-def test_real_data_calibration_low_bits(cifar_train, image_processor, bits):
-    model = tiny_vit()
+@pytest.mark.parametrize("family", sorted(TINY_MODELS))
+@pytest.mark.parametrize("bits", sorted(BIT_PRESETS))
+def test_every_preset_on_every_family_with_real_data(cifar_train, image_processor, family, bits):
+    model = TINY_MODELS[family]()
     qmodel = DataFreeViTQuantizer(model, image_processor).quantize(bits=bits, calibration_dataset=cifar_train)
     assert qmodel.config.quantization_config.num_images == 32
+    assert qmodel.config.quantization_config.bits == bits
+    assert torch.isfinite(qmodel(pixel_values=torch.randn(2, 3, 32, 32)).logits).all()
     count_levels_ok(qmodel)
 
 
@@ -234,3 +239,19 @@ def test_saved_synthetic_set_is_reusable_as_calibration_dataset(image_processor,
 def test_cache_dir_needs_a_caching_synthesizer(tmp_path):
     with pytest.raises(ValueError, match="has no cache"):
         DataFreeViTQuantizer().quantize(tiny_vit(), bits="w8a8", num_images=2, cache_dir=tmp_path)
+
+
+REFERENCE_VIT = Path(__file__).resolve().parents[1] / "examples" / "models" / "vit-cifar10"
+
+
+def test_reference_model_w8a8_agrees_with_fp(cifar_train, cifar_test):
+    """On the trained reference ViT, W8A8 with 32 real calibration images keeps >= 99% top-1 agreement."""
+    quantizer = DataFreeViTQuantizer.from_pretrained(str(REFERENCE_VIT))
+    pixels = quantizer.image_processor(images=[im.convert("RGB") for im in cifar_test["img"]],
+                                       return_tensors="pt")["pixel_values"]
+    qmodel = quantizer.quantize(bits="w8a8", calibration_dataset=cifar_train, num_images=32)
+    with torch.no_grad():
+        fp = quantizer.model(pixel_values=pixels).logits.argmax(-1)
+        q = qmodel(pixel_values=pixels).logits.argmax(-1)
+    assert len(pixels) == 256
+    assert (fp == q).float().mean() >= 0.99
