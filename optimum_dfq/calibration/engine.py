@@ -75,7 +75,8 @@ def calibrate_activations(model: nn.Module, calibration: CalibrationSet, config:
     it (so it sees the output of the already-quantized prefix). `"parallel"` observes all quantizers on the float
     activations in batches of `calibration_batch_size`, then calibrates them all.
     """
-    activation_quantizers = [(n, q) for n, q in iter_quantizers(model) if n not in weight_quantizer_names(model)]
+    weight_names = weight_quantizer_names(model)
+    activation_quantizers = [(n, q) for n, q in iter_quantizers(model) if n not in weight_names]
     if not activation_quantizers:
         return
     if config.calibration_order == "sequential":
