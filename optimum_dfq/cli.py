@@ -1,4 +1,4 @@
-"""Command line: `optimum-dfq {quantize,synthesize,evaluate}` and the same group as `optimum-cli dfq ...`.
+"""Command line: `optimum-dfq {quantize,synthesize,evaluate,export}` and the same group as `optimum-cli dfq ...`.
 
 Imports stay light at module level (only argparse) so that `optimum-cli --help` does not load torch. User errors
 (bad preset, missing model, unknown synthesizer, unreadable recipe, ...) print one line and exit with status 2;
@@ -74,12 +74,30 @@ def _add_evaluate(subparsers) -> None:
     parser.set_defaults(handler=run_evaluate)
 
 
+def _add_export(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="export a quantized model to ONNX (QDQ activations, integer weights) and report what runs in integer",
+        description="Export the quantized model MODEL_DIR to OUTPUT (.onnx) for ONNX Runtime: uniform quantizers "
+        "become QuantizeLinear/DequantizeLinear, Linear weights int8 constants (or 4-bit MatMulNBits), the rest "
+        "float ops. Prints the export report and writes it next to OUTPUT as JSON.",
+    )
+    parser.add_argument("model", help="a quantized optimum_dfq checkpoint (folder or Hub id)")
+    parser.add_argument("output", help="the .onnx file to write")
+    parser.add_argument("--no-int4-weights", action="store_true",
+                        help="store <=4-bit weights in int8 containers (integer matmul) instead of MatMulNBits")
+    parser.add_argument("--block-size", type=int, default=128, help="MatMulNBits block size (power of two >= 16)")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset of the default domain")
+    parser.set_defaults(handler=run_export)
+
+
 def add_commands(parser: argparse.ArgumentParser) -> None:
-    """Adds the `quantize`, `synthesize` and `evaluate` sub-commands to `parser`."""
+    """Adds the `quantize`, `synthesize`, `evaluate` and `export` sub-commands to `parser`."""
     subparsers = parser.add_subparsers(title="commands", dest="dfq_command", metavar="COMMAND")
     _add_quantize(subparsers)
     _add_synthesize(subparsers)
     _add_evaluate(subparsers)
+    _add_export(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,6 +186,22 @@ def run_evaluate(args: argparse.Namespace) -> int:
     print(f"{line}  ({results['num_examples']} examples of {args.dataset}:{args.split})")
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .errors import DFQError
+    from .export import to_onnx
+
+    quantizer = _load_quantizer(args.model)
+    if getattr(quantizer.model.config, "quantization_config", None) is None:
+        raise DFQError(f"{args.model} is not a quantized model; quantize it first with `{PROG} quantize`.")
+    report = to_onnx(quantizer.model, args.output, weight_only_int4=not args.no_int4_weights,
+                     block_size=args.block_size, opset=args.opset)
+    report_path = Path(args.output).with_suffix(".report.json")
+    report.save(report_path)
+    print(report.summary())
+    print(f"report: {report_path}")
     return 0
 
 

@@ -37,7 +37,7 @@ MIN_BITS, MAX_BITS = 2, 8
 
 OBSERVERS = ("percentile_mse", "minmax")
 POST_LAYERNORM_MODES = ("per_channel_reparam", "per_tensor", "per_channel")
-POST_SOFTMAX_QUANTIZERS = ("log_sqrt2", "log2", "uniform", "tanq")
+POST_SOFTMAX_QUANTIZERS = ("auto", "log_sqrt2", "log2", "uniform", "tanq")
 SCALE_SELECTORS = ("mean", "median", "mad", "search")
 #: Roles of the Linear layers whose input the activation correction can fix (see `calibration/sites.py`).
 CORRECTION_SITES = ("qkv", "o_proj", "fc1", "fc2", "reduction", "classifier")
@@ -124,8 +124,13 @@ class DFQConfig(QuantizationConfigMixin):
         round_zero_point (`bool`, defaults to `True`): round the re-parameterised zero point to an integer (RepQ-ViT's
             code leaves it fractional; integer deployment needs it rounded; FP equivalence holds either way).
         quantize_attention (`bool`, defaults to `True`): quantize both attention matmuls (Q, K, softmax output, V).
-        post_softmax (`str`, defaults to `"log_sqrt2"`): quantizer of the attention probabilities (`"log_sqrt2"`,
-            `"log2"`, `"uniform"`, or `"tanq"`: our interpretation of DopQ-ViT's tangent quantizer).
+        post_softmax (`str`, defaults to `"auto"`): quantizer of the attention probabilities (`"log_sqrt2"`,
+            `"log2"`, `"uniform"`, or `"tanq"`: our interpretation of DopQ-ViT's tangent quantizer). `"auto"` is
+            `"log_sqrt2"` (RepQ-ViT) below 8 activation bits and `"uniform"` (range starting at an exact 0) at 8 bits
+            and more: log-√2 levels are √2 apart whatever the bit width, a relative error of up to 19% on large
+            probabilities, while 8-bit uniform steps are 1/255; on the reference ViT, W8A8 top-1 agreement with the
+            float model is 96.9% with log-√2 and 98.8% with uniform (256 test images). Uniform also lowers to
+            integer QDQ in ONNX.
         calibration_order (`str`, defaults to `"sequential"`): `"sequential"` calibrates each quantizer on inputs
             produced by the already-quantized prefix of the network (RepQ-ViT's behaviour, the whole calibration set
             in one forward pass); `"parallel"` observes every quantizer on the float network, in batches.
@@ -165,7 +170,7 @@ class DFQConfig(QuantizationConfigMixin):
     scale_selector: str = "mean"
     round_zero_point: bool = True
     quantize_attention: bool = True
-    post_softmax: str = "log_sqrt2"
+    post_softmax: str = "auto"
     calibration_order: str = "sequential"
     calibration_batch_size: int = 32
     synthesizer: str = "gaussian"
@@ -239,6 +244,13 @@ class DFQConfig(QuantizationConfigMixin):
     def activation_bits(self) -> int | None:
         """Bits of the activation quantizers, `None` for weight-only quantization."""
         return parse_bits(self.bits)[1]
+
+    @property
+    def post_softmax_quantizer(self) -> str:
+        """`post_softmax` with `"auto"` resolved for this config's activation bits."""
+        if self.post_softmax != "auto":
+            return self.post_softmax
+        return "uniform" if (self.activation_bits or 16) >= 8 else "log_sqrt2"
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:

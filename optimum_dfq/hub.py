@@ -102,7 +102,7 @@ def _bits_rows(config: DFQConfig) -> list[tuple[str, str]]:
     ]
     if config.quantize_attention:
         rows.append(
-            ("attention", f"Q, K, V {config.activation_bits}-bit uniform; softmax output `{config.post_softmax}`")
+            ("attention", f"Q, K, V {config.activation_bits}-bit uniform; softmax output `{config.post_softmax_quantizer}`")
         )
     return rows
 

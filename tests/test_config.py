@@ -81,3 +81,10 @@ def test_replace_validates():
     assert config.replace(bits="w8a8").bits == "w8a8"
     with pytest.raises(BitPresetError):
         config.replace(bits="w10a10")
+
+
+@pytest.mark.parametrize("bits,expected", [("w8a8", "uniform"), ("w4a8", "uniform"), ("w6a6", "log_sqrt2"),
+                                           ("w4a4", "log_sqrt2"), ("w4a16", "uniform")])
+def test_auto_post_softmax_is_uniform_at_8_bits_and_log_sqrt2_below(bits, expected):
+    assert DFQConfig(bits=bits).post_softmax_quantizer == expected
+    assert DFQConfig(bits=bits, post_softmax="tanq").post_softmax_quantizer == "tanq"

@@ -89,11 +89,13 @@ def activation_quantizer(config: DFQConfig, bits: int | None = None, channels: i
 
 
 def probs_quantizer(config: DFQConfig) -> Quantizer:
-    if config.post_softmax == "uniform":
-        return activation_quantizer(config)
-    if config.post_softmax == "tanq":  # shape grid searched on A·V, no percentiles (quantizers/tanq.py)
+    kind = config.post_softmax_quantizer
+    if kind == "uniform":  # probabilities: the range starts at an exact 0
+        return build_quantizer("uniform", bits=config.activation_bits, observer=config.activation_observer,
+                               percentiles=config.activation_percentiles, include_zero=True)
+    if kind == "tanq":  # shape grid searched on A·V, no percentiles (quantizers/tanq.py)
         return build_quantizer("tanq", bits=config.activation_bits)
-    return build_quantizer(config.post_softmax, bits=config.activation_bits, percentiles=config.activation_percentiles)
+    return build_quantizer(kind, bits=config.activation_bits, percentiles=config.activation_percentiles)
 
 
 def convert_model(

@@ -29,6 +29,9 @@ class UniformQuantizer(Quantizer):
         observer (`str`, defaults to `"percentile_mse"`): `"percentile_mse"` (RepQ-ViT: among the candidate
             percentiles keep the range with the smallest quantization MSE) or `"minmax"`.
         percentiles (`list[float]`): candidate upper percentiles (lower = `1 - p`) for `"percentile_mse"`.
+        include_zero (`bool`, defaults to `False`): every candidate range contains 0 (so 0 is exactly representable
+            and the zero point lies in the code range, as integer runtimes require). Used for post-softmax
+            probabilities, whose lower percentiles are otherwise small positive numbers.
 
     Example:
         >>> q = UniformQuantizer(bits=4, observer="minmax")
@@ -47,8 +50,10 @@ class UniformQuantizer(Quantizer):
         symmetric: bool = False,
         observer: str = "percentile_mse",
         percentiles: list[float] | tuple[float, ...] = (0.999, 0.9999, 0.99999),
+        include_zero: bool = False,
     ) -> None:
         super().__init__(bits)
+        self.include_zero = include_zero
         if observer not in ("percentile_mse", "minmax"):
             raise ValueError(f"Unknown observer {observer!r}; expected 'percentile_mse' or 'minmax'.")
         self.channels = channels
@@ -77,6 +82,8 @@ class UniformQuantizer(Quantizer):
         return p.view(shape)
 
     def _params_from_range(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.include_zero:
+            lo, hi = torch.clamp(lo, max=0), torch.clamp(hi, min=0)
         if self.symmetric:
             bound = torch.maximum(lo.abs(), hi.abs())
             scale = (bound / (self.qmax / 2)).clamp(min=1e-8)

@@ -36,7 +36,7 @@ def model_dir(tmp_path_factory):
 def test_help_explains_every_command():
     result = run_cli("--help")
     assert result.returncode == 0
-    for command in ("quantize", "synthesize", "evaluate"):
+    for command in ("quantize", "synthesize", "evaluate", "export"):
         assert command in result.stdout
     quantize_help = run_cli("quantize", "--help").stdout
     for option in ("--bits", "--synthesizer", "--num-images", "--recipe", "--seed", "--push-to-hub"):
@@ -97,6 +97,7 @@ def test_quantize_with_real_calibration_data(model_dir, tmp_path):
         (["quantize", "{model}", "{out}", "--recipe", "{missing}.yaml"], "does not exist"),
         (["quantize", "{model}", "{out}", "--num-images", "0"], "--num-images must be at least 1"),
         (["evaluate", "{model}", "--dataset", "{missing}.parquet"], "does not exist"),
+        (["export", "{model}", "{out}.onnx"], "is not a quantized model"),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(model_dir, tmp_path, args, reason):
@@ -111,6 +112,18 @@ def test_bad_input_is_one_line_without_traceback(model_dir, tmp_path, args, reas
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("optimum-dfq: error:")]
     assert len(lines) == 1 and reason in lines[0], result.stderr
+
+
+def test_quantize_then_export_to_onnx(model_dir, tmp_path):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "q"
+    assert run_cli("quantize", str(model_dir), str(out), "--bits", "w4a8", "--num-images", "4").returncode == 0
+    result = run_cli("export", str(out), str(tmp_path / "model.onnx"))
+    assert result.returncode == 0, result.stderr
+    assert "MatMulNBits" in result.stdout and "onnxruntime vs PyTorch" in result.stdout
+    report = json.loads((tmp_path / "model.report.json").read_text())
+    assert report["integer_operators"] > 0 and report["top1_agreement"] == 1.0
+    assert (tmp_path / "model.onnx").stat().st_size == report["file_size"]
 
 
 def test_optimum_cli_lists_dfq():

@@ -109,3 +109,15 @@ def test_calibrate_mode_switches_to_quantize():
     out = q(x)
     assert q.mode == "quantize" and bool(q.calibrated)
     assert torch.unique(out).numel() <= 16
+
+
+def test_include_zero_keeps_zero_exact_and_the_zero_point_in_range():
+    probs = torch.softmax(torch.randn(64, 32) * 3, dim=-1) + 0.2  # bounded away from 0
+    plain, with_zero = UniformQuantizer(bits=8), UniformQuantizer(bits=8, include_zero=True)
+    for quantizer in (plain, with_zero):
+        quantizer.set_mode("observe")
+        quantizer(probs)
+        quantizer.calibrate()
+        quantizer.set_mode("quantize")
+    assert plain.zero_point < 0  # the lower percentile is positive: 0 is outside the plain range
+    assert with_zero.zero_point == 0 and with_zero(torch.zeros(3)).eq(0).all()

@@ -1,0 +1,480 @@
+"""Export a quantized model to ONNX with real integer weights and QDQ activations, and report what runs in integer.
+
+The exported graph is what ONNX Runtime needs to run int8 kernels on CPU:
+
+* every **uniform activation quantizer** (post-LayerNorm outputs, Linear inputs, the image, Q, K and V of attention,
+  a uniform post-softmax quantizer) becomes `QuantizeLinear → DequantizeLinear` with a uint8 container (codes of
+  fewer than 8 bits get a `Clip` before `QuantizeLinear`, which is exact);
+* every **Linear** weight becomes an int8 constant feeding `DequantizeLinear → MatMul` (ONNX Runtime fuses the
+  `DQ(activation), DQ(weight) → MatMul` pattern into an integer matmul), or, for weights of at most 4 bits and
+  `weight_only_int4=True`, ONNX Runtime's `com.microsoft::MatMulNBits` with the weight packed two codes per byte
+  (size first: the 4-bit weights stay 4-bit in the file, the matmul itself runs in float);
+* the patch-embedding **Conv2d** weight becomes an int8 constant through `DequantizeLinear`;
+* quantizers ONNX cannot express as QDQ (log2, log-√2, TanQ post-softmax; uniform quantizers whose zero point
+  falls outside the code range) are exported as the float operations that emulate them (`Log`, `Round`, `Clip`,
+  `Pow`...): numerically the same as PyTorch, but they run in float. Unfolded correction matrices are float
+  `MatMul`s.
+
+[`to_onnx`] returns an [`ExportReport`] listing every quantizer with its lowering, the integer/float operators ONNX
+Runtime actually runs after its graph optimisations, and the measured difference between ONNX Runtime's and
+PyTorch's logits on probe images.
+
+The exporter uses PyTorch's TorchScript-based ONNX exporter (`torch.onnx.export(..., dynamo=False)`), whose
+`autograd.Function.symbolic` hook is what lets each quantized layer choose its own ONNX nodes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import tempfile
+import types
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import DFQError
+from ..formats.packing import unpack_codes
+from ..nn.modules import QConv2d, QLinear
+from ..quantizers import Log2Quantizer, LogSqrt2Quantizer, Quantizer, UniformQuantizer
+from .onnx_ops import (
+    ActivationQDQ,
+    ActivationQDQSpec,
+    ConvSpec,
+    IntWeightConv2d,
+    IntWeightLinear,
+    IntWeightSpec,
+    LogQDQ,
+    LogQDQSpec,
+    NBitsLinear,
+    NBitsWeightSpec,
+    pack_matmul_nbits,
+)
+
+INTEGER_ORT_OPS = (
+    "QLinearMatMul",
+    "MatMulInteger",
+    "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul",
+    "QLinearConv",
+    "ConvInteger",
+    "QGemm",
+    "MatMulNBits",
+    "QAttention",
+)
+FLOAT_MATMUL_OPS = ("MatMul", "Gemm", "FusedMatMul", "Conv", "FusedConv", "FusedGemm")
+
+
+@dataclass
+class QuantizerExport:
+    """How one quantizer was lowered to ONNX.
+
+    Attributes:
+        name (`str`): module path of the quantizer in the PyTorch model.
+        kind (`str`): quantizer kind (`uniform`, `log2`, `log_sqrt2`, `tanq`...).
+        bits (`int`): its bit width.
+        role (`str`): `"weight"` or `"activation"`.
+        lowering (`str`): the ONNX construct that expresses it.
+        integer (`bool`): whether the exported graph hands this quantizer's values to ONNX Runtime as integers.
+        note (`str`): why a quantizer stayed in float, when it did.
+    """
+
+    name: str
+    kind: str
+    bits: int
+    role: str
+    lowering: str
+    integer: bool
+    note: str = ""
+
+
+@dataclass
+class ExportReport:
+    """What [`to_onnx`] wrote and how faithful it is.
+
+    Attributes:
+        path (`str`): the ONNX file.
+        file_size (`int`): its size in bytes.
+        quantizers (`list[QuantizerExport]`): every quantizer of the model, in module order.
+        ort_operators (`dict[str, int]`): operator counts of the graph ONNX Runtime runs after its optimisations
+            (empty when onnxruntime is not installed).
+        integer_operators (`int`), float_matmuls (`int`): the integer matmul/conv operators and the float ones in
+            that optimised graph.
+        max_abs_logit_diff (`float`, *optional*): max |ONNX Runtime - PyTorch| over the logits of the probe images.
+        top1_agreement (`float`, *optional*): fraction of probe images with the same arg-max in both.
+        num_probe_images (`int`): probe images used for the two figures above.
+    """
+
+    path: str
+    file_size: int
+    quantizers: list[QuantizerExport] = field(default_factory=list)
+    ort_operators: dict[str, int] = field(default_factory=dict)
+    integer_operators: int = 0
+    float_matmuls: int = 0
+    max_abs_logit_diff: float | None = None
+    top1_agreement: float | None = None
+    num_probe_images: int = 0
+
+    @property
+    def num_integer(self) -> int:
+        return sum(q.integer for q in self.quantizers)
+
+    @property
+    def num_float(self) -> int:
+        return sum(not q.integer for q in self.quantizers if q.lowering != "off")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def summary(self) -> str:
+        """A short human-readable summary (the CLI prints it)."""
+        lowered = Counter(q.lowering for q in self.quantizers)
+        lines = [
+            f"ONNX model: {self.path} ({self.file_size / 1e6:.2f} MB)",
+            f"quantizers: {len(self.quantizers)} ({self.num_integer} as integers, {self.num_float} emulated in float)",
+        ]
+        lines += [f"  {count:4d} x {lowering}" for lowering, count in sorted(lowered.items())]
+        floats = sorted({f"{q.kind}{q.bits} ({q.note})" for q in self.quantizers if not q.integer and q.note})
+        lines += [f"  float: {reason}" for reason in floats]
+        if self.ort_operators:
+            lines.append(
+                f"onnxruntime runs {self.integer_operators} integer matmul/conv operator(s) and "
+                f"{self.float_matmuls} float one(s)"
+            )
+        if self.max_abs_logit_diff is not None:
+            lines.append(
+                f"onnxruntime vs PyTorch on {self.num_probe_images} probe image(s): max |logit diff| = "
+                f"{self.max_abs_logit_diff:.3g}, top-1 agreement = {self.top1_agreement:.1%}"
+            )
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- specs
+def _activation_spec(quantizer: UniformQuantizer) -> ActivationQDQSpec | None:
+    """The QDQ form of a calibrated uniform activation quantizer, or `None` when uint8 QDQ cannot express it."""
+    if quantizer.bits > 8:
+        return None
+    zero_point = quantizer.zero_point.detach().cpu().double().numpy()
+    if not (np.all(zero_point == np.round(zero_point)) and zero_point.min() >= 0 and zero_point.max() <= quantizer.qmax):
+        return None
+    axis = quantizer.axis if quantizer.per_channel else None
+    return ActivationQDQSpec(
+        scale=quantizer.scale.detach().cpu().float().numpy().copy(),
+        zero_point=zero_point.astype(np.uint8),
+        qmax=quantizer.qmax,
+        axis=axis,
+    )
+
+
+def _weight_codes(module: QLinear | QConv2d) -> torch.Tensor:
+    quantizer = module._packable_quantizer()
+    if module.is_frozen:
+        return unpack_codes(module.weight_packed, quantizer.bits, module.weight_dims())
+    return quantizer.codes(module.weight.detach())
+
+
+def _int8_codes(codes: np.ndarray, zero_point: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unsigned codes `0 .. 2^bits - 1` → int8 container (shifted by 128 only when all 8 bits are used)."""
+    shift = 128 if bits == 8 else 0
+    return (codes.astype(np.int16) - shift).astype(np.int8), (zero_point.astype(np.int16) - shift).astype(np.int8)
+
+
+def _check_weight_quantizer(module: QLinear | QConv2d, name: str) -> UniformQuantizer:
+    quantizer = module._packable_quantizer()
+    if quantizer.mode != "quantize" or not bool(quantizer.calibrated):
+        raise DFQError(
+            f"{name}: its weight quantizer is {'uncalibrated' if not bool(quantizer.calibrated) else 'off'}; "
+            "export a model produced by DataFreeViTQuantizer.quantize (or loaded from a quantized checkpoint)."
+        )
+    zero_point = quantizer.zero_point.detach()
+    if quantizer.per_channel and quantizer.axis != 0:
+        raise DFQError(f"{name}: per-channel weight quantizers must be on axis 0 (output channels) to export.")
+    if not torch.equal(zero_point, zero_point.round()):
+        raise DFQError(f"{name}: the weight zero point is not an integer; it cannot be stored as integer codes.")
+    return quantizer
+
+
+def _linear_spec(module: QLinear, name: str, weight_only_int4: bool, block_size: int) -> tuple[object, str]:
+    quantizer = _check_weight_quantizer(module, name)
+    codes = _weight_codes(module).cpu().numpy()
+    scale = quantizer.scale.detach().cpu().float().numpy()
+    zero_point = quantizer.zero_point.detach().cpu().numpy().astype(np.int64)
+    bias = None if module.bias is None else module.bias.detach().cpu().float().numpy().copy()
+    weight = module.quantized_weight().detach().float().cpu()
+    if weight_only_int4 and quantizer.bits <= 4:
+        # no block wider than the (power-of-two rounded) row: padding would only add bytes
+        block_size = max(16, min(block_size, 1 << (module.in_features - 1).bit_length()))
+        packed, scales, zps = pack_matmul_nbits(codes.astype(np.uint8), scale, zero_point, block_size)
+        spec = NBitsWeightSpec(
+            packed, scales, zps, module.in_features, module.out_features, 4, block_size, bias, weight
+        )
+        return spec, f"MatMulNBits (4-bit container, block {block_size})"
+    codes8, zp8 = _int8_codes(codes, zero_point, quantizer.bits)
+    spec = IntWeightSpec(
+        codes=np.ascontiguousarray(codes8.T),  # [K, N]: the right operand of MatMul
+        scale=scale.copy(),
+        zero_point=zp8,
+        axis=1 if quantizer.per_channel else None,
+        bias=bias,
+        weight=weight,
+    )
+    return spec, "int8 DequantizeLinear -> MatMul"
+
+
+def _conv_spec(module: QConv2d, name: str) -> ConvSpec:
+    quantizer = _check_weight_quantizer(module, name)
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        raise DFQError(f"{name}: only zero padding with explicit sizes can be exported.")
+    codes = _weight_codes(module).cpu().numpy()
+    codes8, zp8 = _int8_codes(codes, quantizer.zero_point.detach().cpu().numpy().astype(np.int64), quantizer.bits)
+    weight = IntWeightSpec(
+        codes=codes8,
+        scale=quantizer.scale.detach().cpu().float().numpy().copy(),
+        zero_point=zp8,
+        axis=0 if quantizer.per_channel else None,
+        bias=None if module.bias is None else module.bias.detach().cpu().float().numpy().copy(),
+        weight=module.quantized_weight().detach().float().cpu(),
+    )
+    return ConvSpec(weight, tuple(module.stride), tuple(module.padding), tuple(module.dilation), module.groups)
+
+
+# ---------------------------------------------------------------------------------------------------- forwards
+def _qdq_forward(spec: ActivationQDQSpec):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ActivationQDQ.apply(x, spec)
+
+    return forward
+
+
+def _log_reference(quant_dequant, scale: float, x: torch.Tensor) -> torch.Tensor:
+    return quant_dequant(x, torch.tensor(scale, dtype=x.dtype))
+
+
+def _log_forward(spec: LogQDQSpec):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return LogQDQ.apply(x, spec)
+
+    return forward
+
+
+def _linear_forward(spec):
+    op = NBitsLinear if isinstance(spec, NBitsWeightSpec) else IntWeightLinear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        if self.input_correction is not None:
+            x = self.input_correction(x)
+        return op.apply(x, spec)
+
+    return forward
+
+
+def _conv_forward(spec: ConvSpec):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        return IntWeightConv2d.apply(x, spec)
+
+    return forward
+
+
+@contextlib.contextmanager
+def _lowered(model: nn.Module, weight_only_int4: bool, block_size: int) -> Iterator[list[QuantizerExport]]:
+    """Temporarily replaces the forwards of quantized modules by their ONNX-lowering twins."""
+    entries: list[QuantizerExport] = []
+    patched: list[nn.Module] = []
+    weight_quantizers = set()
+    for name, module in model.named_modules():
+        if isinstance(module, QLinear):
+            spec, lowering = _linear_spec(module, name, weight_only_int4, block_size)
+            module.forward = types.MethodType(_linear_forward(spec), module)
+        elif isinstance(module, QConv2d):
+            spec, lowering = _conv_spec(module, name), "int8 DequantizeLinear -> Conv"
+            module.forward = types.MethodType(_conv_forward(spec), module)
+        else:
+            continue
+        patched.append(module)
+        quantizer = module.weight_quantizer
+        weight_quantizers.add(id(quantizer))
+        entries.append(
+            QuantizerExport(f"{name}.weight_quantizer", quantizer.kind, quantizer.bits, "weight", lowering, True)
+        )
+        if module.input_correction if isinstance(module, QLinear) else None:
+            entries.append(
+                QuantizerExport(
+                    f"{name}.input_correction", "correction", 32, "activation", "float MatMul", False,
+                    "unfolded correction matrix",
+                )
+            )
+    for name, module in model.named_modules():
+        if not isinstance(module, Quantizer) or id(module) in weight_quantizers:
+            continue
+        if module.mode == "off":
+            entries.append(QuantizerExport(name, module.kind, module.bits, "activation", "off", False, "disabled"))
+            continue
+        if not bool(module.calibrated):
+            raise DFQError(f"{name}: the quantizer is not calibrated; quantize the model before exporting it.")
+        if isinstance(module, (Log2Quantizer, LogSqrt2Quantizer)):
+            steps = 2 if isinstance(module, LogSqrt2Quantizer) else 1
+            scale = float(module.scale)
+            # the PyTorch reference must not read the module's buffers (they are traced values during export)
+            reference = functools.partial(_log_reference, module._quant_dequant, scale)
+            log_spec = LogQDQSpec(scale, module.bits, steps, reference)
+            module.forward = types.MethodType(_log_forward(log_spec), module)
+            patched.append(module)
+            entries.append(
+                QuantizerExport(
+                    name, module.kind, module.bits, "activation", "float Log/Round/Exp", False,
+                    "no exact ONNX QDQ form for a logarithmic codebook",
+                )
+            )
+            continue
+        spec = _activation_spec(module) if isinstance(module, UniformQuantizer) else None
+        if spec is None:
+            note = (
+                "no exact ONNX QDQ form for a non-uniform codebook"
+                if not isinstance(module, UniformQuantizer)
+                else "zero point outside the uint8 code range"
+            )
+            entries.append(
+                QuantizerExport(name, module.kind, module.bits, "activation", "float emulation", False, note)
+            )
+            continue
+        module.forward = types.MethodType(_qdq_forward(spec), module)
+        patched.append(module)
+        lowering = "QuantizeLinear/DequantizeLinear uint8" + (" (+Clip)" if spec.qmax < 255 else "")
+        lowering += " per-channel" if spec.axis is not None else ""
+        entries.append(QuantizerExport(name, module.kind, module.bits, "activation", lowering, True))
+    try:
+        yield entries
+    finally:
+        for module in patched:
+            del module.forward
+
+
+class _LogitsOnly(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).logits
+
+
+# ---------------------------------------------------------------------------------------------------- public API
+def to_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    weight_only_int4: bool = True,
+    block_size: int = 128,
+    opset: int = 17,
+    probe_images: torch.Tensor | None = None,
+    verify: bool = True,
+) -> ExportReport:
+    """Exports a quantized ViT/DeiT/Swin image classifier to an ONNX file with integer weights and QDQ activations.
+
+    Args:
+        model (`PreTrainedModel`): a model quantized by optimum_dfq (fresh from `DataFreeViTQuantizer.quantize` or
+            loaded from a quantized checkpoint). Its input is `pixel_values [batch, channels, height, width]`
+            (dynamic batch) and its output the logits.
+        path (`str` or `os.PathLike`): the `.onnx` file to write.
+        weight_only_int4 (`bool`, defaults to `True`): Linear weights of at most 4 bits go through ONNX Runtime's
+            `com.microsoft::MatMulNBits` (packed 4-bit in the file; float matmul). With `False` they are stored in
+            int8 containers like 5..8-bit weights (integer matmul, no size gain over 8 bits).
+        block_size (`int`, defaults to 128): `MatMulNBits` block size (a power of two >= 16); per-channel scales are
+            repeated over the blocks of a row, so any value is exact.
+        opset (`int`, defaults to 17): ONNX opset of the default domain.
+        probe_images (`torch.Tensor`, *optional*): images used to compare ONNX Runtime with PyTorch; defaults to
+            8 standard-normal images of the model's input size (seeded).
+        verify (`bool`, defaults to `True`): run the exported file in ONNX Runtime (when installed) to fill the
+            report's operator counts and logit difference.
+
+    Returns:
+        [`ExportReport`]: every quantizer's lowering, ONNX Runtime's integer/float operator counts and the measured
+        ONNX Runtime vs PyTorch difference.
+
+    Raises:
+        `DFQError`: the model has no quantized layers, or a quantizer is uncalibrated or cannot be stored as
+            integers.
+
+    Example:
+        >>> from optimum_dfq.export import to_onnx  # doctest: +SKIP
+        >>> report = to_onnx(qmodel, "deit-w8a8.onnx")  # doctest: +SKIP
+        >>> print(report.summary())  # doctest: +SKIP
+    """
+    if block_size < 16 or block_size & (block_size - 1):
+        raise DFQError(f"block_size must be a power of two >= 16, got {block_size}.")
+    if not any(isinstance(m, (QLinear, QConv2d)) for m in model.modules()):
+        raise DFQError(
+            "The model has no quantized layers; quantize it with DataFreeViTQuantizer.quantize (or load a "
+            "quantized checkpoint) before exporting."
+        )
+    config = model.config
+    image_size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+    example = torch.zeros(1, config.num_channels, image_size, image_size)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    try:
+        with _lowered(model, weight_only_int4, block_size) as entries, torch.no_grad(), warnings.catch_warnings():
+            # the TorchScript exporter is deprecated upstream and warns about it, and tracing warns about
+            # shape-dependent Python branches that are constant for a fixed image size: neither is actionable here
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                _LogitsOnly(model),
+                (example,),
+                str(path),
+                dynamo=False,
+                opset_version=opset,
+                input_names=["pixel_values"],
+                output_names=["logits"],
+                dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
+                custom_opsets={"com.microsoft": 1},
+                do_constant_folding=True,
+            )
+    finally:
+        model.train(was_training)
+    report = ExportReport(path=str(path), file_size=path.stat().st_size, quantizers=entries)
+    if verify:
+        _verify(model, report, example, probe_images)
+    return report
+
+
+def _verify(model: nn.Module, report: ExportReport, example: torch.Tensor, probe_images: torch.Tensor | None) -> None:
+    try:
+        import onnx
+        import onnxruntime as ort
+    except ImportError:  # pragma: no cover - optional dependency (pip install "optimum-dfq[onnx]")
+        return
+    if probe_images is None:
+        generator = torch.Generator().manual_seed(0)
+        probe_images = torch.randn((8, *example.shape[1:]), generator=generator)
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        session = ort.InferenceSession(report.path, options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
+    counts = Counter(node.op_type for node in optimized.graph.node)
+    report.ort_operators = dict(sorted(counts.items()))
+    report.integer_operators = sum(counts[op] for op in INTEGER_ORT_OPS)
+    report.float_matmuls = sum(counts[op] for op in FLOAT_MATMUL_OPS)
+    ort_logits = session.run(["logits"], {"pixel_values": probe_images.numpy().astype(np.float32)})[0]
+    with torch.no_grad():
+        torch_logits = model(pixel_values=probe_images.to(next(model.parameters()).device)).logits.float().cpu()
+    report.max_abs_logit_diff = float(np.abs(ort_logits - torch_logits.numpy()).max())
+    report.top1_agreement = float((ort_logits.argmax(-1) == torch_logits.numpy().argmax(-1)).mean())
+    report.num_probe_images = int(probe_images.shape[0])

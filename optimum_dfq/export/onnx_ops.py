@@ -1,0 +1,244 @@
+"""Autograd functions whose ONNX symbolic is a QDQ (QuantizeLinear/DequantizeLinear) or integer-weight subgraph.
+
+Each function computes in PyTorch exactly what the fake-quantized module computes (so tracing never changes the
+numbers), and tells the TorchScript ONNX exporter which ONNX nodes express it. Quantization parameters are carried as
+NumPy arrays in a spec object (a non-tensor argument), so they become ONNX constants with the right integer types
+instead of float tensors traced through the graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+def _const(g, array: np.ndarray):
+    return g.op("Constant", value_t=torch.from_numpy(np.ascontiguousarray(array)))
+
+
+@dataclass
+class ActivationQDQSpec:
+    """A uniform activation quantizer lowered to `[Clip] → QuantizeLinear(uint8) → DequantizeLinear`.
+
+    Codes `0 .. qmax` live in a uint8 container; for `qmax < 255` a `Clip` to the representable float range runs
+    before `QuantizeLinear`, which reproduces the quantizer's clamp exactly.
+    """
+
+    scale: np.ndarray  # float32, shape () or (channels,)
+    zero_point: np.ndarray  # uint8, same shape
+    qmax: int
+    axis: int | None
+
+    def clip_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        zp = self.zero_point.astype(np.float32)
+        return ((0.0 - zp) * self.scale).astype(np.float32), ((self.qmax - zp) * self.scale).astype(np.float32)
+
+
+class ActivationQDQ(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, spec: ActivationQDQSpec) -> torch.Tensor:
+        scale = torch.from_numpy(spec.scale).to(x.dtype)
+        zero_point = torch.from_numpy(spec.zero_point.astype(np.float32)).to(x.dtype)
+        if spec.axis is not None:
+            shape = [1] * x.dim()
+            shape[spec.axis] = -1
+            scale, zero_point = scale.view(shape), zero_point.view(shape)
+        q = torch.clamp(torch.round(x / scale) + zero_point, 0, spec.qmax)
+        return (q - zero_point) * scale
+
+    @staticmethod
+    def symbolic(g, x, spec: ActivationQDQSpec):
+        kwargs = {} if spec.axis is None else {"axis_i": spec.axis}
+        if spec.qmax < 255:
+            lo, hi = spec.clip_bounds()
+            if spec.axis is None:
+                x = g.op("Clip", x, _const(g, lo), _const(g, hi))
+            else:  # per-channel bounds: Clip takes scalars only
+                shape = [1] * (spec.axis + 1) if spec.axis >= 0 else [1] * (-spec.axis)
+                shape[spec.axis] = -1
+                x = g.op("Max", x, _const(g, lo.reshape(shape)))
+                x = g.op("Min", x, _const(g, hi.reshape(shape)))
+        scale, zero_point = _const(g, spec.scale), _const(g, spec.zero_point)
+        q = g.op("QuantizeLinear", x, scale, zero_point, **kwargs)
+        return g.op("DequantizeLinear", q, scale, zero_point, **kwargs)
+
+
+@dataclass
+class IntWeightSpec:
+    """An integer weight `w = (codes - zero_point) · scale` stored as int8 (codes of up to 8 bits).
+
+    `codes` are the weight quantizer's unsigned codes shifted by 128 when they need all 8 bits, so that they fit
+    int8, the weight type ONNX Runtime's integer matmul kernels prefer.
+    """
+
+    codes: np.ndarray  # int8, layout of the ONNX operand
+    scale: np.ndarray  # float32, () or (channels,)
+    zero_point: np.ndarray  # int8
+    axis: int | None
+    bias: np.ndarray | None
+    weight: torch.Tensor  # the dequantized float weight in PyTorch layout (forward only)
+
+    def dequantize_node(self, g):
+        kwargs = {} if self.axis is None else {"axis_i": self.axis}
+        codes, scale, zero_point = _const(g, self.codes), _const(g, self.scale), _const(g, self.zero_point)
+        return g.op("DequantizeLinear", codes, scale, zero_point, **kwargs)
+
+
+class IntWeightLinear(torch.autograd.Function):
+    """`F.linear` with an int8 weight: `DequantizeLinear(codes[K, N], axis=1) → MatMul → Add(bias)`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, spec: IntWeightSpec) -> torch.Tensor:
+        bias = None if spec.bias is None else torch.from_numpy(spec.bias).to(x.dtype)
+        return F.linear(x, spec.weight.to(x.dtype), bias)
+
+    @staticmethod
+    def symbolic(g, x, spec: IntWeightSpec):
+        y = g.op("MatMul", x, spec.dequantize_node(g))
+        return y if spec.bias is None else g.op("Add", y, _const(g, spec.bias))
+
+
+@dataclass
+class ConvSpec:
+    weight: IntWeightSpec
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+
+
+class IntWeightConv2d(torch.autograd.Function):
+    """`F.conv2d` with an int8 weight: `DequantizeLinear(codes[O, I, kh, kw], axis=0) → Conv`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+        w = spec.weight
+        bias = None if w.bias is None else torch.from_numpy(w.bias).to(x.dtype)
+        return F.conv2d(x, w.weight.to(x.dtype), bias, spec.stride, spec.padding, spec.dilation, spec.groups)
+
+    @staticmethod
+    def symbolic(g, x, spec: ConvSpec):
+        inputs = [x, spec.weight.dequantize_node(g)]
+        if spec.weight.bias is not None:
+            inputs.append(_const(g, spec.weight.bias))
+        kernel = list(spec.weight.codes.shape[2:])
+        return g.op(
+            "Conv",
+            *inputs,
+            kernel_shape_i=kernel,
+            strides_i=list(spec.stride),
+            pads_i=list(spec.padding) * 2,
+            dilations_i=list(spec.dilation),
+            group_i=spec.groups,
+        )
+
+
+@dataclass
+class NBitsWeightSpec:
+    """A weight for ONNX Runtime's `com.microsoft::MatMulNBits` (block-wise, unsigned 4-bit codes, packed).
+
+    A per-channel quantizer is the block-wise case whose blocks of one output channel share scale and zero point.
+    """
+
+    packed: np.ndarray  # uint8 [N, n_blocks, block_size * bits / 8]
+    scales: np.ndarray  # float32 [N * n_blocks]
+    zero_points: np.ndarray  # uint8 [N * ceil(n_blocks * bits / 8)]
+    in_features: int
+    out_features: int
+    bits: int
+    block_size: int
+    bias: np.ndarray | None
+    weight: torch.Tensor
+
+
+def pack_matmul_nbits(
+    codes: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, block_size: int, bits: int = 4
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lays out unsigned codes `[N, K]` (values `< 2^bits`) with per-row scale/zero point as `MatMulNBits` expects.
+
+    Returns:
+        `(packed [N, n_blocks, blob], scales [N * n_blocks], zero_points [N * ceil(n_blocks * bits / 8)])`.
+    """
+    if bits != 4:
+        raise ValueError("Only 4-bit MatMulNBits containers are produced.")
+    n, k = codes.shape
+    n_blocks = -(-k // block_size)
+    padded = np.zeros((n, n_blocks * block_size), dtype=np.uint8)
+    padded[:, :k] = codes
+    padded = padded.reshape(n, n_blocks, block_size)
+    packed = (padded[..., 0::2] | (padded[..., 1::2] << 4)).astype(np.uint8)
+    scales = np.repeat(np.broadcast_to(scale, (n,))[:, None], n_blocks, axis=1).astype(np.float32).reshape(-1)
+    zp = np.repeat(np.broadcast_to(zero_point, (n,))[:, None], n_blocks, axis=1).astype(np.uint8)
+    if n_blocks % 2:
+        zp = np.concatenate([zp, np.zeros((n, 1), dtype=np.uint8)], axis=1)
+    zp_packed = (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
+    return packed, scales, zp_packed
+
+
+class NBitsLinear(torch.autograd.Function):
+    """`F.linear` with a 4-bit weight lowered to `com.microsoft::MatMulNBits` (weights stay packed in the file)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, spec: NBitsWeightSpec) -> torch.Tensor:
+        bias = None if spec.bias is None else torch.from_numpy(spec.bias).to(x.dtype)
+        return F.linear(x, spec.weight.to(x.dtype), bias)
+
+    @staticmethod
+    def symbolic(g, x, spec: NBitsWeightSpec):
+        y = g.op(
+            "com.microsoft::MatMulNBits",
+            x,
+            _const(g, spec.packed),
+            _const(g, spec.scales),
+            _const(g, spec.zero_points),
+            K_i=spec.in_features,
+            N_i=spec.out_features,
+            bits_i=spec.bits,
+            block_size_i=spec.block_size,
+        )
+        return y if spec.bias is None else g.op("Add", y, _const(g, spec.bias))
+
+
+@dataclass
+class LogQDQSpec:
+    """A log2 / log-√2 post-softmax quantizer lowered to float ONNX ops (no QDQ form exists for a log codebook).
+
+    `k = clip(round(-steps · log2(x / Δ)))` and `x̂ = Δ · 2^(-k / steps)`, written as `Log`, `Round`, `Clip` and
+    one `Exp` (`steps` = 1 for log2, 2 for log-√2): fewer and cheaper element-wise passes than tracing the PyTorch
+    formula (`Pow`, parity tests, `Where`). Log-√2 maps `k >= 2^b` to an exact zero; at 8 bits the smallest
+    non-zero level is `Δ · 2^-127.5`, so the zero test is skipped there and such inputs come out as at most
+    `Δ · 2^-128` instead of 0.
+    """
+
+    scale: float
+    bits: int
+    steps: int  # 1: log2, 2: log-sqrt2
+    reference: object  # the quantizer's own fake_quant (PyTorch forward)
+
+    @property
+    def exact_zero(self) -> bool:
+        return self.steps == 2 and self.bits < 8
+
+
+class LogQDQ(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, spec: LogQDQSpec) -> torch.Tensor:
+        return spec.reference(x)
+
+    @staticmethod
+    def symbolic(g, x, spec: LogQDQSpec):
+        ln2 = float(np.log(2.0))
+        top = 2**spec.bits - 1 if spec.steps == 1 or not spec.exact_zero else 2**spec.bits
+        f32 = lambda v: _const(g, np.asarray(v, dtype=np.float32))  # noqa: E731
+        k = g.op("Mul", g.op("Log", x), f32(-spec.steps / ln2))
+        k = g.op("Round", g.op("Add", k, f32(spec.steps * np.log2(spec.scale))))
+        if spec.steps == 1 or spec.exact_zero:
+            k = g.op("Clip", k, f32(0.0), f32(float(top)))
+        else:  # 8-bit log-sqrt2: no upper clip, see the class docstring
+            k = g.op("Max", k, f32(0.0))
+        out = g.op("Exp", g.op("Add", g.op("Mul", k, f32(-ln2 / spec.steps)), f32(np.log(spec.scale))))
+        if spec.exact_zero:
+            out = g.op("Where", g.op("Less", k, f32(float(top))), out, f32(0.0))
+        return out
