@@ -12,6 +12,12 @@ bit preset and backend.
     python benchmarks/accuracy.py                       # full run (all models, full test split)
     python benchmarks/accuracy.py --quick               # smoke run: 500 test images, short synthesis
     python benchmarks/accuracy.py --models examples/models/vit-cifar10 --bits w4a4 --sources real gaussian
+    python benchmarks/accuracy.py --resume ...          # keep rows already in accuracy.json (same settings)
+
+Rows are written to `accuracy.json` as soon as they are measured, so an interrupted run loses nothing, and runs on
+different models (or sources) can be made one after the other with `--resume` and end up in one table. W8A8 rows
+(`--onnx-bits`) are also exported with `optimum_dfq.export.to_onnx` and evaluated in ONNX Runtime (the table's
+"onnxruntime" column).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -92,6 +99,11 @@ def main() -> None:
     parser.add_argument("--synth-iterations", type=int, default=None, help="override synthesis iterations")
     parser.add_argument("--quick", action="store_true", help="500 test images, 100 synthesis iterations")
     parser.add_argument("--output-dir", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse rows of an existing accuracy.json measured with the same settings")
+    parser.add_argument("--onnx-bits", nargs="*", default=["w8a8"],
+                        help="bit presets whose rows are also evaluated through ONNX Runtime (needs onnxruntime)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
     if args.quick:
         args.eval_limit = args.eval_limit or 500
@@ -104,6 +116,8 @@ def main() -> None:
     from optimum_dfq.evaluation import evaluate_accuracy
 
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     backends = available_backends()
     if args.backends is not None:
         backends = {name: backends[name] for name in args.backends if name in backends}
@@ -116,63 +130,137 @@ def main() -> None:
         raise SystemExit("No reference model found under examples/models/ (train one with "
                          "examples/train_reference_model.py) and none given with --models.")
 
-    rows: list[dict[str, Any]] = []
-    started = time.perf_counter()
+    settings = run_settings(args)
+    args.commands = ["python benchmarks/accuracy.py " + " ".join(sys.argv[1:])]
+    rows, earlier_s = previous_rows(args, settings) if args.resume else ([], 0.0)
+    done = {row_key(r) for r in rows}
+    started = time.perf_counter() - earlier_s  # the reported time includes the runs whose rows are kept
+    default_source = DFQConfig().synthesizer
     for model_dir in models:
         quantizer = DataFreeViTQuantizer.from_pretrained(str(model_dir))
         model, processor = quantizer.model.float().eval(), quantizer.image_processor
-        fp = evaluate_accuracy(model, test, processor, progress=False)
-        rows.append({"model": model_dir.name, "source": "float32", "backend": "-", "bits": "fp32",
-                     "top1": fp["top1"]})
-        print(f"{model_dir.name}: FP32 top-1 {100 * fp['top1']:.2f}%", flush=True)
+        if (model_dir.name, "float32", "-", "fp32") not in done:
+            fp = evaluate_accuracy(model, test, processor, progress=False)
+            rows.append({"model": model_dir.name, "source": "float32", "backend": "-", "bits": "fp32",
+                         "top1": fp["top1"]})
+            write_results(rows, args, settings, time.perf_counter() - started, __version__)
+        fp_top1 = next(r["top1"] for r in rows if row_key(r) == (model_dir.name, "float32", "-", "fp32"))
+        print(f"{model_dir.name}: FP32 top-1 {100 * fp_top1:.2f}%", flush=True)
+        calibrations: dict[str, Any] = {}
         for source in args.sources:
-            t0 = time.perf_counter()
-            calibration = calibration_for(source, model, processor, args, train)
-            synth_s = time.perf_counter() - t0
             variants = [("repq", b) for b in args.bits]
             if source == "default":
                 variants += [(name, b) for name in backends if name != "repq" for b in ABLATION_BITS if b in args.bits]
+            variants = [(backend, b) for backend, b in variants if (model_dir.name, source, backend, b) not in done]
+            if not variants:
+                continue
+            synthesizer = default_source if source == "default" else source
+            t0 = time.perf_counter()
+            if synthesizer not in calibrations:  # "default" reuses the set of the synthesizer it names
+                calibrations[synthesizer] = calibration_for(synthesizer, model, processor, args, train)
+            calibration = calibrations[synthesizer]
+            synth_s = time.perf_counter() - t0
             for backend, bits in variants:
                 config = DFQConfig(bits=bits, num_images=args.num_images, seed=args.seed, **backends[backend])
                 t1 = time.perf_counter()
                 qmodel = quantizer.quantize(model, config=config, calibration_dataset=calibration)
                 quant_s = time.perf_counter() - t1
                 result = evaluate_accuracy(qmodel, test, processor, progress=False)
-                rows.append({"model": model_dir.name, "source": source, "backend": backend, "bits": bits,
-                             "top1": result["top1"], "synthesis_s": round(synth_s, 1),
-                             "quantize_s": round(quant_s, 1)})
-                print(f"  {source:>8} {backend:>15} {bits}: top-1 {100 * result['top1']:.2f}%", flush=True)
-    write_results(rows, args, time.perf_counter() - started, __version__)
+                row = {"model": model_dir.name, "source": source, "backend": backend, "bits": bits,
+                       "top1": result["top1"], "synthesis_s": round(synth_s, 1), "quantize_s": round(quant_s, 1)}
+                if source == "default":
+                    row["synthesizer"] = synthesizer
+                line = f"  {source:>8} {backend:>15} {bits}: top-1 {100 * result['top1']:.2f}%"
+                if bits in args.onnx_bits:
+                    row["top1_onnxruntime"] = onnxruntime_top1(qmodel, test, processor)
+                    line += f" (onnxruntime {100 * row['top1_onnxruntime']:.2f}%)"
+                rows.append(row)
+                write_results(rows, args, settings, time.perf_counter() - started, __version__)
+                print(line, flush=True)
+    write_results(rows, args, settings, time.perf_counter() - started, __version__)
+    print(f"wrote {Path(args.output_dir) / 'accuracy.md'}, accuracy.json, accuracy.png")
 
 
-def write_results(rows: list[dict[str, Any]], args, seconds: float, version: str) -> None:
+def run_settings(args) -> dict[str, Any]:
+    """What makes two rows comparable (a resumed run only reuses rows measured with the same settings)."""
+    return {"eval_images": args.eval_limit or 10000, "num_images": args.num_images, "seed": args.seed,
+            "synth_iterations": args.synth_iterations or "synthesizer default"}
+
+
+def row_key(row: dict[str, Any]) -> tuple[str, str, str, str]:
+    return row["model"], row["source"], row["backend"], row["bits"]
+
+
+def previous_rows(args, settings: dict[str, Any]) -> tuple[list[dict[str, Any]], float]:
+    path = Path(args.output_dir) / "accuracy.json"
+    if not path.exists():
+        return [], 0.0
+    previous = json.loads(path.read_text())
+    if {k: previous["meta"].get(k) for k in settings} != settings:
+        raise SystemExit(f"{path} was measured with other settings ({previous['meta']}); drop --resume or match them.")
+    args.commands = previous["meta"].get("commands", []) + args.commands
+    return previous["rows"], float(previous["meta"].get("seconds", 0))
+
+
+def onnxruntime_top1(qmodel, test, processor) -> float:
+    """Top-1 of the model exported with `optimum_dfq.export.to_onnx`, run in ONNX Runtime."""
+    import tempfile
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from optimum_dfq.export import to_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        to_onnx(qmodel, path, verify=False)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        correct = 0
+        for start in range(0, len(test), 250):
+            batch = test[start : start + 250]
+            images = [image.convert("RGB") for image in batch["img"]]
+            pixels = processor(images=images, return_tensors="np")["pixel_values"].astype(np.float32)
+            logits = session.run(["logits"], {"pixel_values": pixels})[0]
+            correct += int((logits.argmax(-1) == np.asarray(batch["label"])).sum())
+    return correct / len(test)
+
+
+def write_results(rows: list[dict[str, Any]], args, settings: dict[str, Any], seconds: float, version: str) -> None:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    path = out / "accuracy.json"
     meta = {"library_version": version, "seconds": round(seconds), "machine": f"{platform.machine()}, "
-            f"{os.cpu_count()} CPU cores", "eval_images": args.eval_limit or 10000, "num_images": args.num_images,
-            "seed": args.seed, "synth_iterations": args.synth_iterations or "synthesizer default",
-            "command": "python benchmarks/accuracy.py" + (" --quick" if args.quick else "")}
-    (out / "accuracy.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+            f"{os.cpu_count()} CPU cores", **settings,
+            "commands": args.commands}
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = ["# Accuracy benchmark (CIFAR-10 test top-1, %)", "",
-             f"Command: `{meta['command']}`; {meta['eval_images']} test images; {args.num_images} calibration images; "
-             f"library {version}; {meta['machine']}; took {seconds / 60:.0f} min.", ""]
+             "Commands: " + "; ".join(f"`{c}`" for c in meta["commands"]) + f"; {meta['eval_images']} test images; {args.num_images} calibration images "
+             f"(real: CIFAR-10 *train* images); library {version}; {meta['machine']}.", "",
+             "The `onnxruntime` cells are the same quantized model exported with `optimum_dfq.export.to_onnx` and "
+             "run in ONNX Runtime.", ""]
     for model in dict.fromkeys(r["model"] for r in rows):
         model_rows = [r for r in rows if r["model"] == model]
-        fp = next(r["top1"] for r in model_rows if r["source"] == "float32")
+        fp = next((r["top1"] for r in model_rows if r["source"] == "float32"), float("nan"))
         bits = list(dict.fromkeys(r["bits"] for r in model_rows if r["bits"] != "fp32"))
-        lines += [f"## {model} (FP32 {100 * fp:.2f}%)", "", "| source | backend | " + " | ".join(bits) + " |",
-                  "|---|---|" + "---|" * len(bits)]
+        onnx_bits = [b for b in bits if any("top1_onnxruntime" in r for r in model_rows if r["bits"] == b)]
+        header = bits + [f"{b} onnxruntime" for b in onnx_bits]
+        lines += [f"## {model} (FP32 {100 * fp:.2f}%)", "", "| source | backend | " + " | ".join(header) + " |",
+                  "|---|---|" + "---:|" * len(header)]
         keys = dict.fromkeys((r["source"], r["backend"]) for r in model_rows if r["bits"] != "fp32")
         for source, backend in keys:
             cells = []
-            for b in bits:
+            for column in header:
+                b, field = (column.split()[0], "top1_onnxruntime") if column.endswith("onnxruntime") else (column, "top1")
                 hit = [r for r in model_rows if (r["source"], r["backend"], r["bits"]) == (source, backend, b)]
-                cells.append(f"{100 * hit[0]['top1']:.2f}" if hit else "–")
-            lines.append(f"| {source} | {backend} | " + " | ".join(cells) + " |")
+                cells.append(f"{100 * hit[0][field]:.2f}" if hit and field in hit[0] else "–")
+            name = source
+            synth = next((r.get("synthesizer") for r in model_rows if r["source"] == source and "synthesizer" in r), None)
+            if synth:
+                name = f"{source} (= {synth})"
+            lines.append(f"| {name} | {backend} | " + " | ".join(cells) + " |")
         lines.append("")
     (out / "accuracy.md").write_text("\n".join(lines))
     plot(rows, out / "accuracy.png")
-    print(f"wrote {out / 'accuracy.md'}, accuracy.json, accuracy.png")
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:

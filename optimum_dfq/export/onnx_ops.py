@@ -86,13 +86,18 @@ class IntWeightSpec:
         return g.op("DequantizeLinear", codes, scale, zero_point, **kwargs)
 
 
+def _reference_linear(x: torch.Tensor, spec: "IntWeightSpec | NBitsWeightSpec") -> torch.Tensor:
+    """The PyTorch value of a lowered Linear: `F.linear` with the dequantized weight."""
+    bias = None if spec.bias is None else torch.from_numpy(spec.bias).to(x.dtype)
+    return F.linear(x, spec.weight.to(x.dtype), bias)
+
+
 class IntWeightLinear(torch.autograd.Function):
     """`F.linear` with an int8 weight: `DequantizeLinear(codes[K, N], axis=1) → MatMul → Add(bias)`."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, spec: IntWeightSpec) -> torch.Tensor:
-        bias = None if spec.bias is None else torch.from_numpy(spec.bias).to(x.dtype)
-        return F.linear(x, spec.weight.to(x.dtype), bias)
+        return _reference_linear(x, spec)
 
     @staticmethod
     def symbolic(g, x, spec: IntWeightSpec):
@@ -182,8 +187,7 @@ class NBitsLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, spec: NBitsWeightSpec) -> torch.Tensor:
-        bias = None if spec.bias is None else torch.from_numpy(spec.bias).to(x.dtype)
-        return F.linear(x, spec.weight.to(x.dtype), bias)
+        return _reference_linear(x, spec)
 
     @staticmethod
     def symbolic(g, x, spec: NBitsWeightSpec):
