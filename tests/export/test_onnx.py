@@ -144,3 +144,21 @@ def test_errors_name_the_problem(tmp_path):
         to_onnx(TINY_MODELS["vit"](), tmp_path / "x.onnx")
     with pytest.raises(DFQError, match="power of two"):
         to_onnx(TINY_MODELS["vit"](), tmp_path / "x.onnx", block_size=24)
+
+
+@pytest.mark.parametrize("bits", ["w4a16", "w8a16"])
+def test_weight_only_models_export(bits, calibration, tmp_path):
+    qmodel = _quantize("swin", bits, calibration)
+    report = to_onnx(qmodel, tmp_path / "model.onnx")
+    assert {q.role for q in report.quantizers} == {"weight"}
+    uses_nbits = any(node.op_type == "MatMulNBits" for node in onnx.load(tmp_path / "model.onnx").graph.node)
+    assert uses_nbits == (bits == "w4a16")
+    # ONNX Runtime fuses int8 DequantizeLinear -> MatMul into MatMulNBits and, by default, computes it with int8
+    # activations (session.qdq_matmulnbits_accuracy_level = 4); at level 0 the weight-only model is exact
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    pixels = calibration[:4]
+    with torch.no_grad():
+        expected = qmodel(pixel_values=pixels).logits.numpy()
+    np.testing.assert_allclose(session.run(["logits"], {"pixel_values": pixels.numpy()})[0], expected, atol=1e-4)
