@@ -152,20 +152,31 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def merge_resumed_args(
-    cli: argparse.Namespace, saved: dict[str, Any], defaults: argparse.Namespace
-) -> argparse.Namespace:
-    """On resume, take the hyperparameters from the checkpoint; refuse explicit CLI values that contradict them."""
+def merge_resumed_args(cli: argparse.Namespace, saved: dict[str, Any], explicit: set[str]) -> argparse.Namespace:
+    """On resume, take the hyperparameters from the checkpoint; refuse explicit CLI values that contradict them.
+
+    `explicit` names the options given on the command line (even when equal to their default), so that e.g.
+    `--epochs 20` extends a 12-epoch run although 20 is the default.
+    """
     merged = copy.copy(cli)
     for key in HYPERPARAMETERS:
         cli_value, saved_value = getattr(cli, key), saved[key]
-        if cli_value != getattr(defaults, key) and cli_value != saved_value:
+        if key in explicit and cli_value != saved_value:
             if key == "epochs":
                 print(f"[resume] epochs {saved_value} -> {cli_value}: the cosine schedule is stretched from here on")
                 continue
             raise ValueError(f"--{key.replace('_', '-')}={cli_value} contradicts the checkpoint ({saved_value})")
         setattr(merged, key, saved_value)
     return merged
+
+
+def explicit_options(argv: list[str] | None) -> set[str]:
+    """Destinations of the options actually given on the command line."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+        action.required = False
+    return set(vars(parser.parse_args(argv)))
 
 
 def reproduce_command(args: argparse.Namespace) -> str:
@@ -1005,7 +1016,7 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint = find_checkpoint(Path(args.output_dir))
         if checkpoint is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {args.output_dir}")
-        args = merge_resumed_args(args, read_checkpoint_args(checkpoint), parser.parse_args(["--output-dir", "x"]))
+        args = merge_resumed_args(args, read_checkpoint_args(checkpoint), explicit_options(argv))
     args = finalize_args(args)
     torch.set_num_threads(args.threads)
     train(args, start_time)
