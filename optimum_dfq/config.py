@@ -294,7 +294,7 @@ class DFQConfig(QuantizationConfigMixin):
         return config
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "DFQConfig":
+    def from_yaml(cls, path: str | Path) -> DFQConfig:
         """Reads a YAML recipe (see `recipes/`).
 
         Args:
@@ -328,7 +328,7 @@ class DFQConfig(QuantizationConfigMixin):
             Path(path).write_text(text, encoding="utf-8")
         return text
 
-    def replace(self, **changes: Any) -> "DFQConfig":
+    def replace(self, **changes: Any) -> DFQConfig:
         """Returns a copy with `changes` applied (validated like a new config)."""
         data = self.to_dict()
         data.update(changes)

@@ -166,7 +166,9 @@ def _activation_spec(quantizer: UniformQuantizer) -> ActivationQDQSpec | None:
     if quantizer.bits > 8:
         return None
     zero_point = quantizer.zero_point.detach().cpu().double().numpy()
-    if not (np.all(zero_point == np.round(zero_point)) and zero_point.min() >= 0 and zero_point.max() <= quantizer.qmax):
+    if not (
+        np.all(zero_point == np.round(zero_point)) and zero_point.min() >= 0 and zero_point.max() <= quantizer.qmax
+    ):
         return None
     axis = quantizer.axis if quantizer.per_channel else None
     return ActivationQDQSpec(
@@ -314,7 +316,12 @@ def _lowered(model: nn.Module, weight_only_int4: bool, block_size: int) -> Itera
         if module.input_correction if isinstance(module, QLinear) else None:
             entries.append(
                 QuantizerExport(
-                    f"{name}.input_correction", "correction", 32, "activation", "float MatMul", False,
+                    f"{name}.input_correction",
+                    "correction",
+                    32,
+                    "activation",
+                    "float MatMul",
+                    False,
                     "unfolded correction matrix",
                 )
             )
@@ -336,7 +343,12 @@ def _lowered(model: nn.Module, weight_only_int4: bool, block_size: int) -> Itera
             patched.append(module)
             entries.append(
                 QuantizerExport(
-                    name, module.kind, module.bits, "activation", "float Log/Round/Exp", False,
+                    name,
+                    module.kind,
+                    module.bits,
+                    "activation",
+                    "float Log/Round/Exp",
+                    False,
                     "no exact ONNX QDQ form for a logarithmic codebook",
                 )
             )

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+
 def _const(g, array: np.ndarray):
     return g.op("Constant", value_t=torch.from_numpy(np.ascontiguousarray(array)))
 
@@ -86,7 +87,7 @@ class IntWeightSpec:
         return g.op("DequantizeLinear", codes, scale, zero_point, **kwargs)
 
 
-def _reference_linear(x: torch.Tensor, spec: "IntWeightSpec | NBitsWeightSpec") -> torch.Tensor:
+def _reference_linear(x: torch.Tensor, spec: IntWeightSpec | NBitsWeightSpec) -> torch.Tensor:
     """The PyTorch value of a lowered Linear: `F.linear` with the dequantized weight."""
     bias = None if spec.bias is None else torch.from_numpy(spec.bias).to(x.dtype)
     return F.linear(x, spec.weight.to(x.dtype), bias)
@@ -235,7 +236,10 @@ class LogQDQ(torch.autograd.Function):
     def symbolic(g, x, spec: LogQDQSpec):
         ln2 = float(np.log(2.0))
         top = 2**spec.bits - 1 if spec.steps == 1 or not spec.exact_zero else 2**spec.bits
-        f32 = lambda v: _const(g, np.asarray(v, dtype=np.float32))  # noqa: E731
+
+        def f32(value):
+            return _const(g, np.asarray(value, dtype=np.float32))
+
         k = g.op("Mul", g.op("Log", x), f32(-spec.steps / ln2))
         k = g.op("Round", g.op("Add", k, f32(spec.steps * np.log2(spec.scale))))
         if spec.steps == 1 or spec.exact_zero:
