@@ -1,0 +1,41 @@
+"""The reference-model trainer's resume logic: saved hyperparameters win unless an option is given explicitly."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    spec = importlib.util.spec_from_file_location("train_reference_model", ROOT / "examples" / "train_reference_model.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being created
+    spec.loader.exec_module(module)
+    return module
+
+
+def _resume(trainer, argv, saved_overrides):
+    parser = trainer.build_parser()
+    saved = vars(parser.parse_args(["--output-dir", "x"]))
+    saved.update(saved_overrides)
+    return trainer.merge_resumed_args(parser.parse_args(argv), saved, trainer.explicit_options(argv))
+
+
+def test_resume_takes_saved_hyperparameters(trainer):
+    merged = _resume(trainer, ["--output-dir", "x", "--resume"], {"epochs": 12, "lr": 5e-4})
+    assert (merged.epochs, merged.lr) == (12, 5e-4)
+
+
+def test_explicit_epochs_extend_the_run_even_when_equal_to_the_default(trainer):
+    default_epochs = trainer.build_parser().parse_args(["--output-dir", "x"]).epochs
+    merged = _resume(trainer, ["--output-dir", "x", "--resume", "--epochs", str(default_epochs)], {"epochs": 12})
+    assert merged.epochs == default_epochs
+
+
+def test_explicit_contradiction_is_an_error(trainer):
+    with pytest.raises(ValueError, match="--lr=0.01 contradicts the checkpoint"):
+        _resume(trainer, ["--output-dir", "x", "--resume", "--lr", "0.01"], {"lr": 5e-4})
