@@ -313,7 +313,7 @@ def _lowered(model: nn.Module, weight_only_int4: bool, block_size: int) -> Itera
         entries.append(
             QuantizerExport(f"{name}.weight_quantizer", quantizer.kind, quantizer.bits, "weight", lowering, True)
         )
-        if module.input_correction if isinstance(module, QLinear) else None:
+        if isinstance(module, QLinear) and module.input_correction is not None:
             entries.append(
                 QuantizerExport(
                     f"{name}.input_correction",

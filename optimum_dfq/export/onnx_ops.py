@@ -87,6 +87,10 @@ class IntWeightSpec:
         return g.op("DequantizeLinear", codes, scale, zero_point, **kwargs)
 
 
+def _add_bias(g, y, bias: np.ndarray | None):
+    return y if bias is None else g.op("Add", y, _const(g, bias))
+
+
 def _reference_linear(x: torch.Tensor, spec: IntWeightSpec | NBitsWeightSpec) -> torch.Tensor:
     """The PyTorch value of a lowered Linear: `F.linear` with the dequantized weight."""
     bias = None if spec.bias is None else torch.from_numpy(spec.bias).to(x.dtype)
@@ -103,7 +107,7 @@ class IntWeightLinear(torch.autograd.Function):
     @staticmethod
     def symbolic(g, x, spec: IntWeightSpec):
         y = g.op("MatMul", x, spec.dequantize_node(g))
-        return y if spec.bias is None else g.op("Add", y, _const(g, spec.bias))
+        return _add_bias(g, y, spec.bias)
 
 
 @dataclass
@@ -203,7 +207,7 @@ class NBitsLinear(torch.autograd.Function):
             bits_i=spec.bits,
             block_size_i=spec.block_size,
         )
-        return y if spec.bias is None else g.op("Add", y, _const(g, spec.bias))
+        return _add_bias(g, y, spec.bias)
 
 
 @dataclass
