@@ -13,9 +13,14 @@ bit preset and backend.
     python benchmarks/accuracy.py --quick               # smoke run: 500 test images, short synthesis
     python benchmarks/accuracy.py --models examples/models/vit-cifar10 --bits w4a4 --sources real gaussian
     python benchmarks/accuracy.py --resume ...          # keep rows already in accuracy.json (same settings)
+    python benchmarks/accuracy.py --resume --include /tmp/deit/accuracy.json   # merge a run made elsewhere
 
 Rows are written to `accuracy.json` as soon as they are measured, so an interrupted run loses nothing, and runs on
-different models (or sources) can be made one after the other with `--resume` and end up in one table. W8A8 rows
+different models (or sources) can be made one after the other with `--resume` and end up in one table, or side by side
+in separate `--output-dir`s and merged with `--include`. The "default" rows name the synthesizer the library
+defaults to; where the same run already exists under that synthesizer's own name (same backend and bits), it is
+reused rather than recomputed (the row says `"same_as"`); on `--resume`, rows measured as "default" when the default
+was another synthesizer become rows of that synthesizer's source. W8A8 rows
 (`--onnx-bits`) are also exported with `optimum_dfq.export.to_onnx` and evaluated in ONNX Runtime (the table's
 "onnxruntime" column).
 """
@@ -51,6 +56,8 @@ BACKENDS: dict[str, dict[str, Any]] = {
     "+reconstruction": {"reconstruction": {"iterations": 100}},
 }
 ABLATION_BITS = ["w4a4", "w3a4"]
+TARGETS_DOC = ("Targets (issue #6), per model, for the library default: W4A8 >= real W4A8 - 1.0; W4A4 >= real W4A4 - 5.0; "
+               "W4A4 >= gaussian W4A4 + 5.0.")
 
 
 def available_backends() -> dict[str, dict[str, Any]]:
@@ -104,6 +111,10 @@ def main() -> None:
     parser.add_argument("--onnx-bits", nargs="*", default=["w8a8"],
                         help="bit presets whose rows are also evaluated through ONNX Runtime (needs onnxruntime)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--ablation-bits", nargs="*", default=ABLATION_BITS,
+                        help="bit presets of the backend ablation rows (on the default source)")
+    parser.add_argument("--include", nargs="*", default=[],
+                        help="accuracy.json files of other runs (same settings) whose rows are merged in")
     args = parser.parse_args()
     if args.quick:
         args.eval_limit = args.eval_limit or 500
@@ -132,10 +143,15 @@ def main() -> None:
 
     settings = run_settings(args)
     args.commands = ["python benchmarks/accuracy.py " + " ".join(sys.argv[1:])]
-    rows, earlier_s = previous_rows(args, settings) if args.resume else ([], 0.0)
+    default_source = DFQConfig().synthesizer
+    rows, earlier_s = previous_rows(args, settings, default_source) if args.resume else ([], 0.0)
+    for extra in args.include:
+        extra_rows, extra_s = read_rows(Path(extra), args, settings, default_source)
+        known = {row_key(r) for r in rows}
+        rows += [r for r in extra_rows if row_key(r) not in known]
+        earlier_s += extra_s
     done = {row_key(r) for r in rows}
     started = time.perf_counter() - earlier_s  # the reported time includes the runs whose rows are kept
-    default_source = DFQConfig().synthesizer
     for model_dir in models:
         quantizer = DataFreeViTQuantizer.from_pretrained(str(model_dir))
         model, processor = quantizer.model.float().eval(), quantizer.image_processor
@@ -150,8 +166,17 @@ def main() -> None:
         for source in args.sources:
             variants = [("repq", b) for b in args.bits]
             if source == "default":
-                variants += [(name, b) for name in backends if name != "repq" for b in ABLATION_BITS if b in args.bits]
+                variants += [(name, b) for name in backends if name != "repq" for b in args.ablation_bits
+                             if b in args.bits]
             variants = [(backend, b) for backend, b in variants if (model_dir.name, source, backend, b) not in done]
+            if source == "default":  # the identical run under the synthesizer's own name is reused, not repeated
+                for backend, bits in list(variants):
+                    same = [r for r in rows if row_key(r) == (model_dir.name, default_source, backend, bits)]
+                    if same:
+                        rows.append({**same[0], "source": "default", "synthesizer": default_source,
+                                     "same_as": default_source})
+                        variants.remove((backend, bits))
+                write_results(rows, args, settings, time.perf_counter() - started, __version__)
             if not variants:
                 continue
             synthesizer = default_source if source == "default" else source
@@ -191,15 +216,48 @@ def row_key(row: dict[str, Any]) -> tuple[str, str, str, str]:
     return row["model"], row["source"], row["backend"], row["bits"]
 
 
-def previous_rows(args, settings: dict[str, Any]) -> tuple[list[dict[str, Any]], float]:
+def previous_rows(args, settings: dict[str, Any], default_source: str) -> tuple[list[dict[str, Any]], float]:
     path = Path(args.output_dir) / "accuracy.json"
     if not path.exists():
         return [], 0.0
+    return read_rows(path, args, settings, default_source)
+
+
+def read_rows(path: Path, args, settings: dict[str, Any], default_source: str) -> tuple[list[dict[str, Any]], float]:
+    """Rows of an earlier run measured with the same settings (and its commands, added to this run's)."""
+    if not path.exists():
+        raise SystemExit(f"{path} does not exist.")
     previous = json.loads(path.read_text())
     if {k: previous["meta"].get(k) for k in settings} != settings:
         raise SystemExit(f"{path} was measured with other settings ({previous['meta']}); drop --resume or match them.")
-    args.commands = previous["meta"].get("commands", []) + args.commands
-    return previous["rows"], float(previous["meta"].get("seconds", 0))
+    args.commands = [c for c in previous["meta"].get("commands", []) if c not in args.commands] + args.commands
+    rows = []
+    for row in previous["rows"]:
+        if row["source"] == "default" and row.get("synthesizer") != default_source:
+            # measured when the default was another synthesizer: it is a row of that synthesizer's source
+            row = {k: v for k, v in row.items() if k not in ("synthesizer", "same_as")} | {"source": row["synthesizer"]}
+            if any(row_key(r) == row_key(row) for r in previous["rows"]):
+                continue
+        rows.append(row)
+    return rows, float(previous["meta"].get("seconds", 0))
+
+
+def target_checks(model_rows: list[dict[str, Any]]) -> list[str]:
+    """The issue's targets for the library default, checked against this model's rows (where they exist)."""
+    def top1(source: str, bits: str) -> float | None:
+        hit = [r["top1"] for r in model_rows if (r["source"], r["backend"], r["bits"]) == (source, "repq", bits)]
+        return 100 * hit[0] if hit else None
+
+    checks = [("W4A8 >= real - 1.0", top1("default", "w4a8"), top1("real", "w4a8"), -1.0),
+              ("W4A4 >= real - 5.0", top1("default", "w4a4"), top1("real", "w4a4"), -5.0),
+              ("W4A4 >= gaussian + 5.0", top1("default", "w4a4"), top1("gaussian", "w4a4"), 5.0)]
+    lines = []
+    for name, value, reference, margin in checks:
+        if value is None or reference is None:
+            continue
+        verdict = "met" if value >= reference + margin else "MISSED"
+        lines.append(f"- {name}: {value:.2f} vs {reference + margin:.2f} ({verdict})")
+    return lines
 
 
 def onnxruntime_top1(qmodel, test, processor) -> float:
@@ -237,7 +295,8 @@ def write_results(rows: list[dict[str, Any]], args, settings: dict[str, Any], se
              "Commands: " + "; ".join(f"`{c}`" for c in meta["commands"]) + f"; {meta['eval_images']} test images; {args.num_images} calibration images "
              f"(real: CIFAR-10 *train* images); library {version}; {meta['machine']}.", "",
              "The `onnxruntime` cells are the same quantized model exported with `optimum_dfq.export.to_onnx` and "
-             "run in ONNX Runtime.", ""]
+             "run in ONNX Runtime. Rows marked `same_as` in accuracy.json reuse the identical run of that synthesizer.",
+             "", TARGETS_DOC, ""]
     for model in dict.fromkeys(r["model"] for r in rows):
         model_rows = [r for r in rows if r["model"] == model]
         fp = next((r["top1"] for r in model_rows if r["source"] == "float32"), float("nan"))
@@ -258,6 +317,8 @@ def write_results(rows: list[dict[str, Any]], args, settings: dict[str, Any], se
             if synth:
                 name = f"{source} (= {synth})"
             lines.append(f"| {name} | {backend} | " + " | ".join(cells) + " |")
+        checks = target_checks(model_rows)
+        lines += ["", "Targets for the default:", *checks] if checks else []
         lines.append("")
     (out / "accuracy.md").write_text("\n".join(lines))
     plot(rows, out / "accuracy.png")

@@ -50,7 +50,8 @@ def _add_synthesize(subparsers) -> None:
     )
     parser.add_argument("model", help="float model: Hub id or local folder")
     parser.add_argument("output_dir", help="where to save the calibration set")
-    parser.add_argument("--synthesizer", default="gaussian", help="synthesizer name (default gaussian)")
+    parser.add_argument("--synthesizer", default=None, help="synthesizer name: dfq-vit, sardfq, psaq, gaussian "
+                        "(default: the library default, DFQConfig().synthesizer)")
     parser.add_argument("--num-images", type=int, default=32, help="number of images (default 32)")
     parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     parser.add_argument("--iterations", type=int, default=None,
@@ -148,6 +149,10 @@ def run_synthesize(args: argparse.Namespace) -> int:
     if args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}.")
     quantizer = _load_quantizer(args.model)
+    if args.synthesizer is None:
+        from .config import DFQConfig
+
+        args.synthesizer = DFQConfig().synthesizer
     synthesizer = get_synthesizer(args.synthesizer)
     if args.iterations is not None:
         phases = len(getattr(synthesizer, "iterations", ()))

@@ -135,7 +135,10 @@ class DFQConfig(QuantizationConfigMixin):
             produced by the already-quantized prefix of the network (RepQ-ViT's behaviour, the whole calibration set
             in one forward pass); `"parallel"` observes every quantizer on the float network, in batches.
         calibration_batch_size (`int`, defaults to 32): batch size of forward passes in `"parallel"` calibration.
-        synthesizer (`str`, defaults to `"gaussian"`): name of the calibration-image synthesizer.
+        synthesizer (`str`, defaults to `"dfq-vit"`): name of the calibration-image synthesizer. The default is the
+            source the accuracy benchmark (`benchmarks/results/accuracy.md`) shows best among the data-free ones;
+            synthesizers that optimise pixels need the model's normalisation (pass the image processor, which
+            `DataFreeViTQuantizer.from_pretrained` loads). `"gaussian"` needs nothing and takes no time.
         synthesizer_kwargs (`dict`): hyper-parameters of the synthesizer (its defaults otherwise).
         calibration_dataset (`dict`): real-data calibration instead of synthesis (for comparisons and for
             reproducing real-data baselines): `{"path": <dataset folder, parquet file or Hub id>, "split": "train"}`.
@@ -173,7 +176,7 @@ class DFQConfig(QuantizationConfigMixin):
     post_softmax: str = "auto"
     calibration_order: str = "sequential"
     calibration_batch_size: int = 32
-    synthesizer: str = "gaussian"
+    synthesizer: str = "dfq-vit"
     synthesizer_kwargs: dict[str, Any] = field(default_factory=dict)
     calibration_dataset: dict[str, Any] = field(default_factory=dict)
     num_images: int = 32

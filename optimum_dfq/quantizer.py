@@ -98,8 +98,8 @@ class DataFreeViTQuantizer(OptimumQuantizer):
             bits (`str`, *optional*): bit preset (`"w8a8"`, `"w6a6"`, `"w4a8"`, `"w4a4"`, `"w3a4"`, `"w3a3"`,
                 `"w8a16"`, `"w4a16"`, or any `w{2..8}a{2..8|16}`); overrides `config.bits`; default `"w4a4"`.
             config (`DFQConfig`, *optional*): full run definition; the explicit arguments below override its fields.
-            synthesizer (`str`, *optional*): calibration-image synthesizer (`"gaussian"`, ...); ignored when
-                `calibration_dataset` is given.
+            synthesizer (`str`, *optional*): calibration-image synthesizer (`"dfq-vit"` by default, `"sardfq"`,
+                `"psaq"`, `"gaussian"`, ...); ignored when `calibration_dataset` is given.
             num_images (`int`, *optional*): number of calibration images (default 32).
             calibration_dataset (*optional*): real calibration data instead of synthesis: a `datasets.Dataset` with an
                 image column (preprocessed with the image processor), a [`CalibrationSet`], or a `[N, C, H, W]` tensor

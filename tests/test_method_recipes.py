@@ -34,13 +34,13 @@ def recipe(name: str, **changes) -> DFQConfig:
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_dopq_vit_recipe_has_tanq_and_reconstructs_every_block(family, caplog):
+def test_dopq_vit_recipe_has_tanq_and_reconstructs_every_block(family, caplog, image_processor):
     config = DFQConfig.from_yaml(RECIPES / "dopq_vit_w4a4.yaml")
     assert (config.bits, config.post_softmax, config.scale_selector) == ("w4a4", "tanq", "median")
     assert config.reconstruction == {"iterations": 1000, "lr": 4e-5, "batch_size": 32}
     model = FAMILIES[family]()
     with caplog.at_level(logging.INFO, logger="optimum_dfq.calibration.reconstruction"):
-        qmodel = DataFreeViTQuantizer().quantize(model, config=recipe("dopq_vit_w4a4.yaml"))  # no dataset
+        qmodel = DataFreeViTQuantizer(model, image_processor).quantize(config=recipe("dopq_vit_w4a4.yaml"))  # no data
     probs = [q for n, q in iter_quantizers(qmodel) if n.endswith("dfq_attention.probs")]
     assert len(probs) == len(get_adapter(qmodel).attention_modules(qmodel))
     assert all(isinstance(q, TanQuantizer) and bool(q.calibrated) and q.levels().numel() == 16 for q in probs)

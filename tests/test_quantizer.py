@@ -75,7 +75,7 @@ def test_every_preset_on_every_family_with_gaussian(family, bits):
 
 
 def test_sites_of_the_repq_placement(tiny_model):
-    qmodel = DataFreeViTQuantizer().quantize(tiny_model, bits="w4a4", num_images=4)
+    qmodel = DataFreeViTQuantizer().quantize(tiny_model, bits="w4a4", synthesizer="gaussian", num_images=4)
     names = [n for n, _ in iter_quantizers(qmodel)]
     norms = [m for m in qmodel.modules() if isinstance(m, QLayerNorm)]
     assert norms and all(not m.output_quantizer.per_channel for m in norms)  # re-parameterised to per tensor
@@ -126,16 +126,16 @@ def test_from_pretrained_local_folder_and_instance(tmp_path, image_processor):
 def test_seeded_runs_are_reproducible():
     model = tiny_vit()
     pixels = torch.randn(2, 3, 32, 32)
-    a = DataFreeViTQuantizer().quantize(model, bits="w4a4", num_images=8, seed=3)(pixel_values=pixels).logits
-    b = DataFreeViTQuantizer().quantize(model, bits="w4a4", num_images=8, seed=3)(pixel_values=pixels).logits
-    c = DataFreeViTQuantizer().quantize(model, bits="w4a4", num_images=8, seed=4)(pixel_values=pixels).logits
+    a = DataFreeViTQuantizer().quantize(model, bits="w4a4", num_images=8, seed=3, synthesizer="gaussian")(pixel_values=pixels).logits
+    b = DataFreeViTQuantizer().quantize(model, bits="w4a4", num_images=8, seed=3, synthesizer="gaussian")(pixel_values=pixels).logits
+    c = DataFreeViTQuantizer().quantize(model, bits="w4a4", num_images=8, seed=4, synthesizer="gaussian")(pixel_values=pixels).logits
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
 
 
 def test_parallel_calibration_order():
     model = tiny_vit()
-    config = DFQConfig(bits="w8a8", calibration_order="parallel", calibration_batch_size=3)
+    config = DFQConfig(bits="w8a8", calibration_order="parallel", calibration_batch_size=3, synthesizer="gaussian")
     qmodel = DataFreeViTQuantizer().quantize(model, config=config, num_images=8)
     pixels = torch.randn(4, 3, 32, 32)
     cosine = F.cosine_similarity(qmodel(pixel_values=pixels).logits, model(pixel_values=pixels).logits, dim=-1)
@@ -144,7 +144,8 @@ def test_parallel_calibration_order():
 
 def test_modules_to_not_convert():
     model = tiny_vit()
-    config = DFQConfig(bits="w4a4", modules_to_not_convert=["classifier", "re:.*layers\\.0\\.mlp\\.fc1"])
+    config = DFQConfig(bits="w4a4", synthesizer="gaussian",
+                       modules_to_not_convert=["classifier", "re:.*layers\\.0\\.mlp\\.fc1"])
     qmodel = DataFreeViTQuantizer().quantize(model, config=config, num_images=4)
     assert type(qmodel.classifier) is torch.nn.Linear
     assert type(qmodel.vit.layers[0].mlp.fc1) is torch.nn.Linear
@@ -208,7 +209,7 @@ def test_inf_in_calibration_activations():
     with torch.no_grad():
         model.vit.layers[1].layernorm_after.bias[0] = float("inf")  # a broken float model
     with pytest.raises(CalibrationError, match=r"non-finite value\(s\) \(NaN/inf\).*vit\.layers\.1\.layernorm_after"):
-        DataFreeViTQuantizer().quantize(model, bits="w8a8", num_images=4)
+        DataFreeViTQuantizer().quantize(model, bits="w8a8", synthesizer="gaussian", num_images=4)
 
 
 def test_unknown_synthesizer():
@@ -238,7 +239,8 @@ def test_saved_synthetic_set_is_reusable_as_calibration_dataset(image_processor,
 
 def test_cache_dir_needs_a_caching_synthesizer(tmp_path):
     with pytest.raises(ValueError, match="has no cache"):
-        DataFreeViTQuantizer().quantize(tiny_vit(), bits="w8a8", num_images=2, cache_dir=tmp_path)
+        DataFreeViTQuantizer().quantize(tiny_vit(), bits="w8a8", synthesizer="gaussian", num_images=2,
+                                        cache_dir=tmp_path)
 
 
 REFERENCE_VIT = Path(__file__).resolve().parents[1] / "examples" / "models" / "vit-cifar10"
@@ -258,3 +260,9 @@ def test_reference_model_w8a8_agrees_with_fp(cifar_train, cifar_test):
         q = qmodel(pixel_values=pixels).logits.argmax(-1)
     assert len(pixels) == 256
     assert (fp == q).float().mean() >= 0.99
+
+
+def test_default_synthesizer_without_image_processor_names_the_fix():
+    assert DFQConfig().synthesizer != "gaussian"  # the default optimises pixels, so it needs the model's pixel range
+    with pytest.raises(SynthesisError, match="image_processor=AutoImageProcessor.from_pretrained"):
+        DataFreeViTQuantizer().quantize(tiny_vit(), bits="w8a8", num_images=2)

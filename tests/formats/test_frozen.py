@@ -48,7 +48,7 @@ def test_freezing_is_exact_and_packs_every_weight(factory):
 
 
 def test_quantize_returns_a_frozen_model_that_refuses_float_use():
-    qmodel = DataFreeViTQuantizer().quantize(tiny_vit(), bits="w4a4", num_images=4)
+    qmodel = DataFreeViTQuantizer().quantize(tiny_vit(), bits="w4a4", synthesizer="gaussian", num_images=4)
     assert all(m.is_frozen for m in qmodel.modules() if isinstance(m, (QLinear, QConv2d)))
     assert qmodel.hf_quantizer.plan.layernorm_consumers  # what rebuilds the skeleton when loading
     with pytest.raises(DFQError, match="cannot be re-calibrated"):
@@ -58,7 +58,7 @@ def test_quantize_returns_a_frozen_model_that_refuses_float_use():
 
 
 def test_saving_float_weights_as_a_checkpoint_is_refused(tmp_path):
-    qmodel = DataFreeViTQuantizer().quantize(tiny_vit(), bits="w4a4", num_images=4)
+    qmodel = DataFreeViTQuantizer().quantize(tiny_vit(), bits="w4a4", synthesizer="gaussian", num_images=4)
     unfrozen = _unfrozen(tiny_vit(), "w4a4")
     with pytest.raises(CheckpointError, match="still float"):
         check_saveable(unfrozen)

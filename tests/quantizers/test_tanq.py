@@ -109,7 +109,8 @@ def test_selectable_from_the_config_and_sees_v(family, monkeypatch):
     monkeypatch.setattr(TanQuantizer, "observe_value", lambda self, v: (seen.append(self.site), original(self, v)))
     assert QUANTIZER_REGISTRY["tanq"] is TanQuantizer
     model = TINY_MODELS[family]()
-    qmodel = DataFreeViTQuantizer().quantize(model, config=DFQConfig(bits="w4a4", post_softmax="tanq"), num_images=4)
+    qmodel = DataFreeViTQuantizer().quantize(model, config=DFQConfig(bits="w4a4", post_softmax="tanq"),
+                                            synthesizer="gaussian", num_images=4)
     probs = [(n, q) for n, q in iter_quantizers(qmodel) if n.endswith("dfq_attention.probs")]
     assert probs and all(isinstance(q, TanQuantizer) and bool(q.calibrated) for _, q in probs)
     assert sorted(set(seen)) == sorted(q.site for _, q in probs)  # every probs quantizer calibrated on A·V
