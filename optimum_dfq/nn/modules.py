@@ -154,11 +154,7 @@ class QLinear(FrozenWeightMixin, QModuleMixin, nn.Module):
             _label(weight_quantizer, f"{site}.weight"),
             _label(input_quantizer, f"{site}.input"),
         )
-        with torch.no_grad():
-            qmodule.weight.copy_(module.weight)
-            if module.bias is not None:
-                qmodule.bias.copy_(module.bias)
-        return qmodule.to(module.weight.device)
+        return _copy_parameters(module, qmodule).to(module.weight.device)
 
     def ensure_bias(self) -> nn.Parameter:
         """Creates a zero bias if the layer has none (re-parameterisation moves a shift into it)."""
@@ -208,11 +204,7 @@ class QConv2d(FrozenWeightMixin, QModuleMixin, nn.Conv2d):
         )
         qmodule.weight_quantizer = _label(weight_quantizer, f"{site}.weight")
         qmodule.input_quantizer = _label(input_quantizer, f"{site}.input")
-        with torch.no_grad():
-            qmodule.weight.copy_(module.weight)
-            if module.bias is not None:
-                qmodule.bias.copy_(module.bias)
-        return qmodule
+        return _copy_parameters(module, qmodule)
 
     def weight_dims(self) -> tuple[int, ...]:
         return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
@@ -241,12 +233,17 @@ class QLayerNorm(QModuleMixin, nn.LayerNorm):
             dtype=module.weight.dtype if module.weight is not None else None,
         )
         qmodule.output_quantizer = _label(output_quantizer, f"{site}.output")
-        with torch.no_grad():
-            if module.weight is not None:
-                qmodule.weight.copy_(module.weight)
-            if module.bias is not None:
-                qmodule.bias.copy_(module.bias)
-        return qmodule
+        return _copy_parameters(module, qmodule)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.output_quantizer(super().forward(x))
+
+
+def _copy_parameters(source: nn.Module, target: nn.Module) -> nn.Module:
+    """Copies the float layer's weight and bias into its quantized replacement; returns the replacement."""
+    with torch.no_grad():
+        if source.weight is not None:
+            target.weight.copy_(source.weight)
+        if source.bias is not None:
+            target.bias.copy_(source.bias)
+    return target
