@@ -56,6 +56,7 @@ BACKENDS: dict[str, dict[str, Any]] = {
     "+reconstruction": {"reconstruction": {"iterations": 100}},
 }
 ABLATION_BITS = ["w4a4", "w3a4"]
+DEFAULT_SYNTHESIZER_LABEL = "library default"
 TARGETS_DOC = ("Targets (issue #6), per model, for the library default: W4A8 >= real W4A8 - 1.0; W4A4 >= real W4A4 - 5.0; "
                "W4A4 >= gaussian W4A4 + 5.0.")
 
@@ -321,7 +322,32 @@ def write_results(rows: list[dict[str, Any]], args, settings: dict[str, Any], se
         lines += ["", "Targets for the default:", *checks] if checks else []
         lines.append("")
     (out / "accuracy.md").write_text("\n".join(lines))
+    (out / "headline.md").write_text(headline(rows))
     plot(rows, out / "accuracy.png")
+
+
+SOURCE_NAMES = {"real": "real images (32 train images)", "gaussian": "Gaussian noise", "psaq": "PSAQ-ViT synthesis",
+                "sardfq": "SARDFQ synthesis", "dfq-vit": "DFQ-ViT synthesis"}
+
+
+def headline(rows: list[dict[str, Any]]) -> str:
+    """The README's headline: RepQ-ViT backend, every model and calibration source, top-1 % per bit preset."""
+    bits = list(dict.fromkeys(r["bits"] for r in rows if r["bits"] != "fp32" and r["backend"] == "repq"))
+    lines = ["| model (FP32 top-1) | calibration | " + " | ".join(b.upper() for b in bits) + " |",
+             "|---|---|" + "---:|" * len(bits)]
+    default = DEFAULT_SYNTHESIZER_LABEL
+    for model in dict.fromkeys(r["model"] for r in rows):
+        model_rows = [r for r in rows if r["model"] == model]
+        fp = next((r["top1"] for r in model_rows if r["source"] == "float32"), float("nan"))
+        for source, name in SOURCE_NAMES.items():
+            cells = [next((f"{100 * r['top1']:.2f}" for r in model_rows
+                           if (r["source"], r["backend"], r["bits"]) == (source, "repq", b)), "–") for b in bits]
+            if all(c == "–" for c in cells):
+                continue
+            is_default = any(r.get("synthesizer") == source for r in model_rows if r["source"] == "default")
+            label = f"**{name}** ({default})" if is_default else name
+            lines.append(f"| {model} ({100 * fp:.2f}) | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:

@@ -710,6 +710,23 @@ def export_model(
     return metrics["accuracy"]
 
 
+def schedule_history(log_path: Path) -> str:
+    """Where the run was extended with `--resume --epochs N` (the learning rate rises again), read from its log."""
+    if not log_path.exists():
+        return ""
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    restarts = [(now["epoch"], before["lr"], now["lr"], before["test_accuracy"])
+                for before, now in zip(records, records[1:]) if now["lr"] > 1.05 * before["lr"] and now["epoch"] > 2]
+    if not restarts:
+        return ""
+    lines = ["", "**Training history.** The command above reproduces the hyper-parameters, not this exact run: it was",
+             "extended from its checkpoint with `--resume --epochs N`, which stretches the cosine schedule from that",
+             "point on (the learning rate rises again):", ""]
+    lines += [f"- from epoch {epoch}: lr {low:.2g} at the end of epoch {epoch - 1}, {high:.2g} at the end of epoch {epoch} "
+              f"(test top-1 after epoch {epoch - 1}: {100 * acc:.2f}%)" for epoch, low, high, acc in restarts]
+    return "\n".join(lines) + "\n"
+
+
 def model_card(args: argparse.Namespace, results: dict[str, Any], model: torch.nn.Module) -> str:
     """Markdown model card with Hub-style metadata."""
     cfg = model.config
@@ -813,7 +830,7 @@ Checkpoint epoch {results["epoch"]}, optimizer step {results["global_step"]}.
 
 The run may be split over several sessions with `--max-minutes` and continued with
 `--output-dir {args.output_dir} --resume`; resuming restores model, optimizer, scheduler and RNG states exactly.
-
+{schedule_history(Path(args.output_dir) / "train_log.jsonl")}
 ## Usage
 
 ```python

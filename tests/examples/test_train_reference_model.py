@@ -39,3 +39,15 @@ def test_explicit_epochs_extend_the_run_even_when_equal_to_the_default(trainer):
 def test_explicit_contradiction_is_an_error(trainer):
     with pytest.raises(ValueError, match="--lr=0.01 contradicts the checkpoint"):
         _resume(trainer, ["--output-dir", "x", "--resume", "--lr", "0.01"], {"lr": 5e-4})
+
+
+def test_model_card_history_lists_each_schedule_extension(trainer, tmp_path):
+    log = tmp_path / "train_log.jsonl"
+    lrs = [1e-3, 5e-4, 1e-4, 1e-5, 2e-4, 5e-5, 1e-5]  # one extension: the rise after epoch 4
+    log.write_text("".join(f'{{"epoch": {i + 1}, "lr": {lr}, "test_accuracy": 0.{50 + i}}}\n' for i, lr in enumerate(lrs)))
+    history = trainer.schedule_history(log)
+    assert history.count("- from epoch") == 1
+    assert "from epoch 5: lr 1e-05 at the end of epoch 4, 0.0002 at the end of epoch 5" in history
+    assert "53.00%" in history
+    log.write_text("".join(f'{{"epoch": {i + 1}, "lr": {lr}, "test_accuracy": 0.5}}\n' for i, lr in enumerate(lrs[:4])))
+    assert trainer.schedule_history(log) == ""  # a run that was never extended has no history section
