@@ -145,12 +145,15 @@ def main() -> None:
     settings = run_settings(args)
     args.commands = ["python benchmarks/accuracy.py " + " ".join(sys.argv[1:])]
     default_source = DFQConfig().synthesizer
+    args.included_seconds = {}
     rows, earlier_s = previous_rows(args, settings, default_source) if args.resume else ([], 0.0)
     for extra in args.include:
         extra_rows, extra_s = read_rows(Path(extra), args, settings, default_source)
         known = {row_key(r) for r in rows}
         rows += [r for r in extra_rows if row_key(r) not in known]
-        earlier_s += extra_s
+        # a file merged before only adds the time it ran since then
+        earlier_s += extra_s - args.included_seconds.get(str(extra), 0.0)
+        args.included_seconds[str(extra)] = extra_s
     done = {row_key(r) for r in rows}
     started = time.perf_counter() - earlier_s  # the reported time includes the runs whose rows are kept
     for model_dir in models:
@@ -232,6 +235,8 @@ def read_rows(path: Path, args, settings: dict[str, Any], default_source: str) -
     if {k: previous["meta"].get(k) for k in settings} != settings:
         raise SystemExit(f"{path} was measured with other settings ({previous['meta']}); drop --resume or match them.")
     args.commands = [c for c in previous["meta"].get("commands", []) if c not in args.commands] + args.commands
+    if path == Path(args.output_dir) / "accuracy.json":
+        args.included_seconds = dict(previous["meta"].get("included_seconds", {}))
     rows = []
     for row in previous["rows"]:
         if row["source"] == "default" and row.get("synthesizer") != default_source:
@@ -290,7 +295,7 @@ def write_results(rows: list[dict[str, Any]], args, settings: dict[str, Any], se
     path = out / "accuracy.json"
     meta = {"library_version": version, "seconds": round(seconds), "machine": f"{platform.machine()}, "
             f"{os.cpu_count()} CPU cores", **settings,
-            "commands": args.commands}
+            "commands": args.commands, "included_seconds": getattr(args, "included_seconds", {})}
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = ["# Accuracy benchmark (CIFAR-10 test top-1, %)", "",
              "Commands: " + "; ".join(f"`{c}`" for c in meta["commands"]) + f"; {meta['eval_images']} test images; {args.num_images} calibration images "
