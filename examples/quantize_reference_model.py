@@ -17,8 +17,8 @@ the others reuse the same calibration set from the synthesis cache.
 from __future__ import annotations
 
 import argparse
-import json
 import inspect
+import json
 import os
 import tempfile
 import time
