@@ -56,7 +56,6 @@ BACKENDS: dict[str, dict[str, Any]] = {
     "+reconstruction": {"reconstruction": {"iterations": 100}},
 }
 ABLATION_BITS = ["w4a4", "w3a4"]
-DEFAULT_SYNTHESIZER_LABEL = "library default"
 TARGETS_DOC = ("Targets (issue #6), per model, for the library default: W4A8 >= real W4A8 - 1.0; W4A4 >= real W4A4 - 5.0; "
                "W4A4 >= gaussian W4A4 + 5.0.")
 
@@ -174,13 +173,14 @@ def main() -> None:
                              if b in args.bits]
             variants = [(backend, b) for backend, b in variants if (model_dir.name, source, backend, b) not in done]
             if source == "default":  # the identical run under the synthesizer's own name is reused, not repeated
-                for backend, bits in list(variants):
-                    same = [r for r in rows if row_key(r) == (model_dir.name, default_source, backend, bits)]
-                    if same:
-                        rows.append({**same[0], "source": "default", "synthesizer": default_source,
-                                     "same_as": default_source})
-                        variants.remove((backend, bits))
-                write_results(rows, args, settings, time.perf_counter() - started, __version__)
+                measured = {row_key(r): r for r in rows}
+                reused = [(b, measured[(model_dir.name, default_source, b, bits)]) for b, bits in variants
+                          if (model_dir.name, default_source, b, bits) in measured]
+                for backend, row in reused:
+                    rows.append({**row, "source": "default", "synthesizer": default_source, "same_as": default_source})
+                    variants.remove((backend, row["bits"]))
+                if reused:
+                    write_results(rows, args, settings, time.perf_counter() - started, __version__)
             if not variants:
                 continue
             synthesizer = default_source if source == "default" else source
@@ -340,7 +340,6 @@ def headline(rows: list[dict[str, Any]]) -> str:
     bits = list(dict.fromkeys(r["bits"] for r in rows if r["bits"] != "fp32" and r["backend"] == "repq"))
     lines = ["| model (FP32 top-1) | calibration | " + " | ".join(b.upper() for b in bits) + " |",
              "|---|---|" + "---:|" * len(bits)]
-    default = DEFAULT_SYNTHESIZER_LABEL
     for model in dict.fromkeys(r["model"] for r in rows):
         model_rows = [r for r in rows if r["model"] == model]
         fp = next((r["top1"] for r in model_rows if r["source"] == "float32"), float("nan"))
@@ -350,7 +349,7 @@ def headline(rows: list[dict[str, Any]]) -> str:
             if all(c == "–" for c in cells):
                 continue
             is_default = any(r.get("synthesizer") == source for r in model_rows if r["source"] == "default")
-            label = f"**{name}** ({default})" if is_default else name
+            label = f"**{name}** (library default)" if is_default else name
             lines.append(f"| {model} ({100 * fp:.2f}) | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

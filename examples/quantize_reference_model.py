@@ -61,24 +61,25 @@ def main() -> None:
     fp = evaluate_accuracy(model, dataset, quantizer.image_processor, progress=False)
     rows = [{"model": "float32", "top1": fp["top1"], "seconds": 0.0}]
     print(f"{'float32':>8}  top-1 {100 * fp['top1']:6.2f}%")
+    from optimum_dfq import DFQConfig, get_synthesizer
+
+    args.synthesizer = args.synthesizer or DFQConfig().synthesizer
+    caches = "cache_dir" in inspect.signature(get_synthesizer(args.synthesizer).synthesize).parameters
     with tempfile.TemporaryDirectory() as scratch:
-        cache_dir = args.cache_dir or scratch
+        cache_dir = (args.cache_dir or scratch) if caches else None  # noise needs no cache (and refuses one)
         for bits in args.bits:
             rows.append(quantize_and_evaluate(quantizer, model, dataset, bits, args, cache_dir))
     if args.output:
         Path(args.output).write_text(json.dumps(rows, indent=2))
 
 
-def quantize_and_evaluate(quantizer, model, dataset, bits: str, args, cache_dir: str) -> dict:
+def quantize_and_evaluate(quantizer, model, dataset, bits: str, args, cache_dir: str | None) -> dict:
     """One bit preset: quantize data-free (the first preset synthesizes, the others reuse the set) and evaluate."""
-    from optimum_dfq import DFQConfig, get_synthesizer
     from optimum_dfq.evaluation import evaluate_accuracy
 
-    synthesizer = args.synthesizer or DFQConfig().synthesizer
-    cached = cache_dir if "cache_dir" in inspect.signature(get_synthesizer(synthesizer).synthesize).parameters else None
     start = time.perf_counter()
-    qmodel = quantizer.quantize(model, bits=bits, synthesizer=synthesizer, num_images=args.num_images, seed=args.seed,
-                                cache_dir=cached)
+    qmodel = quantizer.quantize(model, bits=bits, synthesizer=args.synthesizer, num_images=args.num_images,
+                                seed=args.seed, cache_dir=cache_dir)
     seconds = time.perf_counter() - start
     result = evaluate_accuracy(qmodel, dataset, quantizer.image_processor, progress=False)
     config = qmodel.config.quantization_config
