@@ -79,6 +79,8 @@ def reference_models() -> list[Path]:
 
 
 def calibration_for(source: str, model, processor, args, train) -> Any:
+    import inspect
+
     from optimum_dfq import DFQConfig, get_synthesizer
     from optimum_dfq.calibration import calibration_set_from_dataset
 
@@ -90,8 +92,11 @@ def calibration_for(source: str, model, processor, args, train) -> Any:
         phases = len(get_synthesizer(name).iterations)
         per_phase = max(1, args.synth_iterations // phases)
         kwargs = {"iterations": [per_phase] * phases, "warmup": max(1, per_phase // 5)}
-    return get_synthesizer(name, **kwargs).synthesize(model, args.num_images, seed=args.seed,
-                                                      image_processor=processor)
+    synthesizer = get_synthesizer(name, **kwargs)
+    extra = {}
+    if args.synthesis_cache and "cache_dir" in inspect.signature(synthesizer.synthesize).parameters:
+        extra["cache_dir"] = args.synthesis_cache
+    return synthesizer.synthesize(model, args.num_images, seed=args.seed, image_processor=processor, **extra)
 
 
 def main() -> None:
@@ -115,6 +120,12 @@ def main() -> None:
                         help="bit presets of the backend ablation rows (on the default source)")
     parser.add_argument("--include", nargs="*", default=[],
                         help="accuracy.json files of other runs (same settings) whose rows are merged in")
+    parser.add_argument("--redo-bits", nargs="*", default=[],
+                        help="with --resume: drop the kept rows of these bit presets for the models of this run, so "
+                             "they are measured again or taken from --include (e.g. after a library default that "
+                             "affects them changed)")
+    parser.add_argument("--synthesis-cache", default=None,
+                        help="synthesis cache folder: synthesized sets are kept there and reused by later runs")
     args = parser.parse_args()
     if args.quick:
         args.eval_limit = args.eval_limit or 500
@@ -146,6 +157,9 @@ def main() -> None:
     default_source = DFQConfig().synthesizer
     args.included_seconds = {}
     rows, earlier_s = previous_rows(args, settings, default_source) if args.resume else ([], 0.0)
+    if args.redo_bits:  # stale rows of this run's own table; rows merged with --include replace them
+        names = {m.name for m in models}
+        rows = [r for r in rows if not (r["model"] in names and r["bits"] in args.redo_bits)]
     for extra in args.include:
         extra_rows, extra_s = read_rows(Path(extra), args, settings, default_source)
         known = {row_key(r) for r in rows}
@@ -214,6 +228,12 @@ def run_settings(args) -> dict[str, Any]:
     """What makes two rows comparable (a resumed run only reuses rows measured with the same settings)."""
     return {"eval_images": args.eval_limit or 10000, "num_images": args.num_images, "seed": args.seed,
             "synth_iterations": args.synth_iterations or "synthesizer default"}
+
+
+def bit_order(bits) -> list[str]:
+    """Distinct bit presets, the benchmark's presets first in their usual order (rows may be re-measured later)."""
+    distinct = list(dict.fromkeys(bits))
+    return sorted(distinct, key=lambda b: (DEFAULT_BITS.index(b) if b in DEFAULT_BITS else len(DEFAULT_BITS)))
 
 
 def row_key(row: dict[str, Any]) -> tuple[str, str, str, str]:
@@ -298,15 +318,17 @@ def write_results(rows: list[dict[str, Any]], args, settings: dict[str, Any], se
             "commands": args.commands, "included_seconds": getattr(args, "included_seconds", {})}
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = ["# Accuracy benchmark (CIFAR-10 test top-1, %)", "",
-             "Commands: " + "; ".join(f"`{c}`" for c in meta["commands"]) + f"; {meta['eval_images']} test images; {args.num_images} calibration images "
-             f"(real: CIFAR-10 *train* images); library {version}; {meta['machine']}.", "",
-             "The `onnxruntime` cells are the same quantized model exported with `optimum_dfq.export.to_onnx` and "
-             "run in ONNX Runtime. Rows marked `same_as` in accuracy.json reuse the identical run of that synthesizer.",
+             "Commands: " + "; ".join(f"`{c}`" for c in meta["commands"])
+             + (f"; {meta['eval_images']} test images; {args.num_images} calibration images "
+                f"(real: CIFAR-10 *train* images); library {version}; {meta['machine']}."), "",
+             ("The `onnxruntime` cells are the same quantized model exported with `optimum_dfq.export.to_onnx` and "
+              "run in ONNX Runtime. Rows marked `same_as` in accuracy.json reuse the identical run of that "
+              "synthesizer."),
              "", TARGETS_DOC, ""]
     for model in dict.fromkeys(r["model"] for r in rows):
         model_rows = [r for r in rows if r["model"] == model]
         fp = next((r["top1"] for r in model_rows if r["source"] == "float32"), float("nan"))
-        bits = list(dict.fromkeys(r["bits"] for r in model_rows if r["bits"] != "fp32"))
+        bits = bit_order(r["bits"] for r in model_rows if r["bits"] != "fp32")
         onnx_bits = [b for b in bits if any("top1_onnxruntime" in r for r in model_rows if r["bits"] == b)]
         header = bits + [f"{b} onnxruntime" for b in onnx_bits]
         lines += [f"## {model} (FP32 {100 * fp:.2f}%)", "", "| source | backend | " + " | ".join(header) + " |",
@@ -337,7 +359,7 @@ SOURCE_NAMES = {"real": "real images (32 train images)", "gaussian": "Gaussian n
 
 def headline(rows: list[dict[str, Any]]) -> str:
     """The README's headline: RepQ-ViT backend, every model and calibration source, top-1 % per bit preset."""
-    bits = list(dict.fromkeys(r["bits"] for r in rows if r["bits"] != "fp32" and r["backend"] == "repq"))
+    bits = bit_order(r["bits"] for r in rows if r["bits"] != "fp32" and r["backend"] == "repq")
     lines = ["| model (FP32 top-1) | calibration | " + " | ".join(b.upper() for b in bits) + " |",
              "|---|---|" + "---:|" * len(bits)]
     for model in dict.fromkeys(r["model"] for r in rows):
@@ -367,7 +389,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
         model_rows = [r for r in rows if r["model"] == model and r["backend"] == "repq"]
-        bits = list(dict.fromkeys(r["bits"] for r in model_rows))
+        bits = bit_order(r["bits"] for r in model_rows)
         for source in dict.fromkeys(r["source"] for r in model_rows):
             ys = [next((100 * r["top1"] for r in model_rows if r["source"] == source and r["bits"] == b), None)
                   for b in bits]

@@ -239,19 +239,19 @@ def markdown(result: dict) -> str:
             if not any(name.startswith(k.split(" fake")[0]) for k in row["latency_s"]):
                 lines.append(f"| {name} (size only) | - | - | {size / 1e6:.2f} |")
         if "top1_onnxruntime_w8a8" in row:
-            lines += ["", f"Top-1 on {row['num_test_images']} CIFAR-10 test images: PyTorch W8A8 "
-                      f"{row['top1_pytorch_w8a8']:.2%}, onnxruntime W8A8 {row['top1_onnxruntime_w8a8']:.2%} "
-                      f"(difference {abs(row['top1_pytorch_w8a8'] - row['top1_onnxruntime_w8a8']) * 100:.2f} "
-                      f"points), FP32 ONNX {row['top1_fp32_onnx']:.2%}."]
+            lines += ["", (f"Top-1 on {row['num_test_images']} CIFAR-10 test images: PyTorch W8A8 "
+                           f"{row['top1_pytorch_w8a8']:.2%}, onnxruntime W8A8 {row['top1_onnxruntime_w8a8']:.2%} "
+                           f"(difference {abs(row['top1_pytorch_w8a8'] - row['top1_onnxruntime_w8a8']) * 100:.2f} "
+                           f"points), FP32 ONNX {row['top1_fp32_onnx']:.2%}.")]
         lines.append("")
     if result.get("vit_small"):
         vs = result["vit_small"]
         lines += [
             "## Targets (ViT-Small shape)", "",
-            f"- W8A8 ONNX / FP32 ONNX latency at batch 32: **{vs['latency_ratio_w8a8_vs_fp32_onnx_b32']:.3f}** "
-            f"(target <= {LATENCY_TARGET}); at batch 1: {vs['latency_ratio_w8a8_vs_fp32_onnx_b1']:.3f}",
-            f"- 4-bit-weight ONNX / FP32 ONNX file size: **{vs['size_ratio_w4_vs_fp32_onnx']:.3f}** "
-            f"(target <= {SIZE_TARGET}); 8-bit: {vs['size_ratio_w8_vs_fp32_onnx']:.3f}", ""]
+            (f"- W8A8 ONNX / FP32 ONNX latency at batch 32: **{vs['latency_ratio_w8a8_vs_fp32_onnx_b32']:.3f}** "
+             f"(target <= {LATENCY_TARGET}); at batch 1: {vs['latency_ratio_w8a8_vs_fp32_onnx_b1']:.3f}"),
+            (f"- 4-bit-weight ONNX / FP32 ONNX file size: **{vs['size_ratio_w4_vs_fp32_onnx']:.3f}** "
+             f"(target <= {SIZE_TARGET}); 8-bit: {vs['size_ratio_w8_vs_fp32_onnx']:.3f}"), ""]
     return "\n".join(lines)
 
 

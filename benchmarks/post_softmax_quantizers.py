@@ -19,18 +19,18 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-from transformers import (  # noqa: E402
+import torch
+from transformers import (
     AutoModelForImageClassification,
     ViTConfig,
     ViTForImageClassification,
     ViTImageProcessor,
 )
 
-from optimum_dfq.models import get_adapter  # noqa: E402
-from optimum_dfq.nn import AttentionQuantizers, use_quantized_attention  # noqa: E402
-from optimum_dfq.nn.attention import ATTENTION_QUANTIZERS_ATTR  # noqa: E402
-from optimum_dfq.quantizers import Quantizer, TanQuantizer, build_quantizer  # noqa: E402
+from optimum_dfq.models import get_adapter
+from optimum_dfq.nn import AttentionQuantizers, use_quantized_attention
+from optimum_dfq.nn.attention import ATTENTION_QUANTIZERS_ATTR
+from optimum_dfq.quantizers import Quantizer, TanQuantizer, build_quantizer
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "examples" / "models" / "vit-cifar10"

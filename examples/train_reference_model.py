@@ -515,7 +515,7 @@ def build_scheduler(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step linear warm-up then cosine decay to `min_lr`."""
     total = args.epochs * steps_per_epoch
-    warmup = int(round(args.warmup_epochs * steps_per_epoch))
+    warmup = round(args.warmup_epochs * steps_per_epoch)
     floor = args.min_lr / args.lr
 
     def factor(step: int) -> float:

@@ -182,8 +182,8 @@ def build_model_card(
     origin = f"[`{base_model}`](https://huggingface.co/{base_model})" if base_model else f"a `{architecture}`"
     rows = _bits_rows(config) + [
         ("calibration", calibration),
-        ("range estimation", f"`{config.calibration_order}` calibration; activations `{config.activation_observer}`, "
-                             f"weights `{config.weight_observer}`"),
+        ("range estimation", (f"`{config.calibration_order}` calibration; activations "
+                              f"`{config.activation_range_observer}`, weights `{config.weight_observer}`")),
         ("checkpoint", f"optimum_dfq format v{config.format_version}, written by optimum-dfq {config.library_version}"),
     ]
     table = "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])

@@ -50,7 +50,7 @@ class DataFreeViTQuantizer(OptimumQuantizer):
     @classmethod
     def from_pretrained(
         cls, model_or_path: PreTrainedModel | str | os.PathLike, image_processor: Any | None = None, **kwargs: Any
-    ) -> "DataFreeViTQuantizer":
+    ) -> DataFreeViTQuantizer:
         """Creates a quantizer for a model instance, a local folder or a Hub id.
 
         Args:

@@ -88,3 +88,13 @@ def test_replace_validates():
 def test_auto_post_softmax_is_uniform_at_8_bits_and_log_sqrt2_below(bits, expected):
     assert DFQConfig(bits=bits).post_softmax_quantizer == expected
     assert DFQConfig(bits=bits, post_softmax="tanq").post_softmax_quantizer == "tanq"
+
+
+@pytest.mark.parametrize("bits,expected", [("w8a8", "minmax"), ("w4a8", "minmax"), ("w6a6", "percentile_mse"),
+                                           ("w4a4", "percentile_mse"), ("w3a3", "percentile_mse")])
+def test_auto_activation_observer_is_minmax_at_8_bits_and_percentile_mse_below(bits, expected):
+    assert DFQConfig(bits=bits).activation_observer == "auto"
+    assert DFQConfig(bits=bits).activation_range_observer == expected
+    assert DFQConfig(bits=bits, activation_observer="percentile_mse").activation_range_observer == "percentile_mse"
+    with pytest.raises(ConfigError, match="activation_observer"):
+        DFQConfig(bits=bits, activation_observer="max")

@@ -83,7 +83,7 @@ def activation_quantizer(config: DFQConfig, bits: int | None = None, channels: i
         bits=bits or config.activation_bits,
         channels=channels,
         axis=-1,
-        observer=config.activation_observer,
+        observer=config.activation_range_observer,
         percentiles=config.activation_percentiles,
     )
 
@@ -91,7 +91,7 @@ def activation_quantizer(config: DFQConfig, bits: int | None = None, channels: i
 def probs_quantizer(config: DFQConfig) -> Quantizer:
     kind = config.post_softmax_quantizer
     if kind == "uniform":  # probabilities: the range starts at an exact 0
-        return build_quantizer("uniform", bits=config.activation_bits, observer=config.activation_observer,
+        return build_quantizer("uniform", bits=config.activation_bits, observer=config.activation_range_observer,
                                percentiles=config.activation_percentiles, include_zero=True)
     if kind == "tanq":  # shape grid searched on A·V, no percentiles (quantizers/tanq.py)
         return build_quantizer("tanq", bits=config.activation_bits)

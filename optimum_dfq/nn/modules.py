@@ -146,7 +146,7 @@ class QLinear(FrozenWeightMixin, QModuleMixin, nn.Module):
     @classmethod
     def from_float(
         cls, module: nn.Linear, weight_quantizer: Quantizer, input_quantizer: Quantizer | None, site: str
-    ) -> "QLinear":
+    ) -> QLinear:
         qmodule = cls(
             module.in_features,
             module.out_features,
@@ -188,7 +188,7 @@ class QConv2d(FrozenWeightMixin, QModuleMixin, nn.Conv2d):
     @classmethod
     def from_float(
         cls, module: nn.Conv2d, weight_quantizer: Quantizer, input_quantizer: Quantizer | None, site: str
-    ) -> "QConv2d":
+    ) -> QConv2d:
         qmodule = cls(
             module.in_channels,
             module.out_channels,
@@ -223,7 +223,7 @@ class QLayerNorm(QModuleMixin, nn.LayerNorm):
     """
 
     @classmethod
-    def from_float(cls, module: nn.LayerNorm, output_quantizer: Quantizer, site: str) -> "QLayerNorm":
+    def from_float(cls, module: nn.LayerNorm, output_quantizer: Quantizer, site: str) -> QLayerNorm:
         qmodule = cls(
             module.normalized_shape,
             eps=module.eps,

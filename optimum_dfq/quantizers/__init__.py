@@ -53,6 +53,6 @@ __all__ = [
     "build_quantizer",
     "register_quantizer_kind",
     "round_ste",
-    "tanq_codebook",
     "tail_quantiles",
+    "tanq_codebook",
 ]

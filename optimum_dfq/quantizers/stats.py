@@ -18,11 +18,11 @@ def _order_statistics(x: torch.Tensor, positions: Sequence[float], largest: bool
     """Values at fractional ascending positions measured from the top (largest) or bottom end of the last dim."""
     n = x.shape[-1]
     depth = max(positions)  # distance from the chosen end, in elements
-    k = min(n, int(math.floor(depth)) + 2)
+    k = min(n, math.floor(depth) + 2)
     tail = torch.topk(x, k, dim=-1, largest=largest, sorted=True).values
     out = []
     for distance in positions:
-        low = int(math.floor(distance))
+        low = math.floor(distance)
         high = min(low + 1, k - 1)
         frac = distance - low
         a, b = tail[..., low], tail[..., high]

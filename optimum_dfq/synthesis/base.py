@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 from ..calibration.data import CalibrationSet
 from ..errors import SynthesisError
 
-SYNTHESIZERS: dict[str, type["Synthesizer"]] = {}
+SYNTHESIZERS: dict[str, type[Synthesizer]] = {}
 
 
 def register_synthesizer(name: str):
@@ -22,7 +22,7 @@ def register_synthesizer(name: str):
     return wrapper
 
 
-def get_synthesizer(name: str, **hyperparameters: Any) -> "Synthesizer":
+def get_synthesizer(name: str, **hyperparameters: Any) -> Synthesizer:
     """Instantiates a registered synthesizer.
 
     Args:

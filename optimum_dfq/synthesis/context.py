@@ -30,7 +30,7 @@ class BatchPlan:
 
     indices: list[int]
     init: torch.Tensor
-    terms: list["LossTerm"]
+    terms: list[LossTerm]
     labels: torch.Tensor | None = None
     soft_labels: torch.Tensor | None = None
     views: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -69,8 +69,8 @@ class StepContext:
     inputs: torch.Tensor
     logits: torch.Tensor
     owners: torch.Tensor
-    features: "FeatureCapture"
-    sites: list["AttentionSite"] = field(default_factory=list)
+    features: FeatureCapture
+    sites: list[AttentionSite] = field(default_factory=list)
     num_prefix_tokens: int = 0
 
     @property

@@ -25,8 +25,8 @@ from ..models.adapters import ModelAdapter, get_adapter
 from ..version import __version__
 from .base import Synthesizer
 from .cache import SynthesisCache
-from .dataset import to_jsonable
 from .context import BatchPlan, BatchRecord
+from .dataset import to_jsonable
 from .distributed import broadcast_from_main, gather_lists, resolve_state
 from .engine import EngineConfig, optimize_batch
 from .features import AttentionSite, probe_attention_sites

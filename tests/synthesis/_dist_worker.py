@@ -12,10 +12,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from safetensors.torch import save_file  # noqa: E402
-from synth_helpers import BUILDERS, FAST, NORM  # noqa: E402
+from safetensors.torch import save_file
+from synth_helpers import BUILDERS, FAST, NORM
 
-from optimum_dfq.synthesis import get_synthesizer  # noqa: E402
+from optimum_dfq.synthesis import get_synthesizer
 
 #: Which tiny model each synthesizer runs on (Swin covers windowed attention, SARDFQ covers crops).
 CASES = {"psaq": "vit", "sardfq": "swin", "dfq-vit": "deit"}

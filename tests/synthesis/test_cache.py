@@ -6,8 +6,7 @@ import pytest
 import torch
 from synth_helpers import FAST, NORM, SYNTHESIZERS, one_thread, tiny_vit  # noqa: F401
 
-import optimum_dfq.synthesis.pixel_synthesizer as pixel_synthesizer
-from optimum_dfq.synthesis import get_synthesizer
+from optimum_dfq.synthesis import get_synthesizer, pixel_synthesizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
