@@ -79,24 +79,20 @@ def reference_models() -> list[Path]:
 
 
 def calibration_for(source: str, model, processor, args, train) -> Any:
-    import inspect
+    from optimum_dfq import DataFreeViTQuantizer, DFQConfig, get_synthesizer
 
-    from optimum_dfq import DFQConfig, get_synthesizer
-    from optimum_dfq.calibration import calibration_set_from_dataset
-
-    if source == "real":
-        return calibration_set_from_dataset(train, processor, args.num_images, seed=args.seed)
     name = DFQConfig().synthesizer if source == "default" else source
     kwargs: dict[str, Any] = {}
-    if args.synth_iterations and name != "gaussian":
+    if args.synth_iterations and name not in ("real", "gaussian"):
         phases = len(get_synthesizer(name).iterations)
         per_phase = max(1, args.synth_iterations // phases)
         kwargs = {"iterations": [per_phase] * phases, "warmup": max(1, per_phase // 5)}
-    synthesizer = get_synthesizer(name, **kwargs)
-    extra = {}
-    if args.synthesis_cache and "cache_dir" in inspect.signature(synthesizer.synthesize).parameters:
-        extra["cache_dir"] = args.synthesis_cache
-    return synthesizer.synthesize(model, args.num_images, seed=args.seed, image_processor=processor, **extra)
+    config = DFQConfig(num_images=args.num_images, seed=args.seed, synthesizer_kwargs=kwargs,
+                       **({} if name == "real" else {"synthesizer": name}))
+    # Gaussian noise costs nothing to draw, so it has no cache
+    cache_dir = args.synthesis_cache if name not in ("real", "gaussian") else None
+    return DataFreeViTQuantizer.calibration_set(model, config, train if name == "real" else None, processor,
+                                                cache_dir=cache_dir)
 
 
 def main() -> None:
@@ -127,6 +123,8 @@ def main() -> None:
     parser.add_argument("--synthesis-cache", default=None,
                         help="synthesis cache folder: synthesized sets are kept there and reused by later runs")
     args = parser.parse_args()
+    if args.redo_bits and not args.resume:
+        parser.error("--redo-bits drops rows of the table that --resume keeps; add --resume.")
     if args.quick:
         args.eval_limit = args.eval_limit or 500
         args.synth_iterations = args.synth_iterations or 100

@@ -115,12 +115,10 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         for r in chosen:
             lines.append(f"| {variant} | {r['pool']} seed {r['seed']} | {100 * r['agreement_fixture256']:.2f} | "
                          f"{100 * r['agreement_test2000']:.2f} | {r['logit_mse_test2000']:.2e} |")
-
-        def mean(key: str, rows_: list[dict[str, Any]] = chosen) -> float:
-            return sum(r[key] for r in rows_) / len(rows_)
-
-        lines.append(f"| **{variant}** | **mean** | **{100 * mean('agreement_fixture256'):.2f}** | "
-                     f"**{100 * mean('agreement_test2000'):.2f}** | **{mean('logit_mse_test2000'):.2e}** |")
+        mean = {key: sum(r[key] for r in chosen) / len(chosen)
+                for key in ("agreement_fixture256", "agreement_test2000", "logit_mse_test2000")}
+        lines.append(f"| **{variant}** | **mean** | **{100 * mean['agreement_fixture256']:.2f}** | "
+                     f"**{100 * mean['agreement_test2000']:.2f}** | **{mean['logit_mse_test2000']:.2e}** |")
     return "\n".join(lines) + "\n"
 
 
