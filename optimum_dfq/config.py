@@ -119,9 +119,10 @@ class DFQConfig(QuantizationConfigMixin):
             `"percentile_mse"` below). At 8 bits the rounding step is fine enough that clipping costs more than it
             saves: on the reference ViT at W8A8 (32 real images) the percentile-MSE search clips, above all, the
             attention keys, whose few large values decide where attention goes. With min/max ranges the logit MSE
-            falls from 8.8e-4 to 7.2e-4 and the mean agreement rises from 98.88% to 99.07% (6 calibration draws, first 2000 CIFAR-10 test images,
-            `benchmarks/results/w8a8_agreement.md`); DFQ-ViT-calibrated Swin gains 0.6 points of top-1 at W8A8 and
-            W4A8 (`benchmarks/results/accuracy.md`). Below 8 bits clipping pays, and percentile-MSE stays.
+            falls from 8.8e-4 to 7.2e-4 and the mean agreement rises from 98.88% to 99.07% (6 calibration draws,
+            first 2000 CIFAR-10 test images, `benchmarks/results/w8a8_agreement.md`); DFQ-ViT-calibrated Swin gains
+            0.6 points of top-1 at W8A8 and W4A8 (`benchmarks/results/accuracy.md`). Below 8 bits clipping pays, and
+            percentile-MSE stays.
         activation_percentiles (`list[float]`): candidate percentiles for activations.
         post_layernorm (`str`, defaults to `"per_channel_reparam"`): treatment of post-LayerNorm activations (inputs
             of q/k/v, fc1 and Swin's patch-merging reduction): calibrated per channel then re-parameterised to per
