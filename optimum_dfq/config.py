@@ -37,6 +37,7 @@ MIN_BITS, MAX_BITS = 2, 8
 
 OBSERVERS = ("percentile_mse", "minmax")
 ACTIVATION_OBSERVERS = ("auto", *OBSERVERS)
+INPUT_RANGES = ("auto", "pixels", "calibrated")
 POST_LAYERNORM_MODES = ("per_channel_reparam", "per_tensor", "per_channel")
 POST_SOFTMAX_QUANTIZERS = ("auto", "log_sqrt2", "log2", "uniform", "tanq")
 SCALE_SELECTORS = ("mean", "median", "mad", "search")
@@ -110,6 +111,14 @@ class DFQConfig(QuantizationConfigMixin):
         bits (`str`, defaults to `"w4a4"`): bit preset, see [`parse_bits`].
         input_bits (`int`, defaults to 8): bits of the image-input quantizer of the patch embedding (RepQ-ViT keeps
             it at 8 whatever the preset).
+        input_range (`str`, defaults to `"auto"`): levels of the image-input quantizer. `"pixels"`: per channel, the
+            normalised values of the `2^input_bits` evenly spaced raw pixel values, taken from the image processor's
+            `image_mean`/`image_std` (no calibration; at 8 bits an 8-bit image passes unchanged, see
+            `quantizers/pixel.py`). `"calibrated"`: one range for all channels, from the calibration images with the
+            activation observer (RepQ-ViT). `"auto"` is resolved by `DataFreeViTQuantizer.quantize`: `"pixels"` when
+            it has an image processor that rescales 8-bit pixels by 1/255, else `"calibrated"`; the quantized model's
+            config stores the resolved value (a stored `"auto"`, from checkpoints older than this option, loads as
+            `"calibrated"`).
         weight_observer (`str`, defaults to `"percentile_mse"`): range estimator of weight quantizers
             (`"percentile_mse"` or `"minmax"`).
         weight_symmetric (`bool`, defaults to `False`): symmetric (zero point 0) instead of asymmetric weights.
@@ -135,11 +144,13 @@ class DFQConfig(QuantizationConfigMixin):
         quantize_attention (`bool`, defaults to `True`): quantize both attention matmuls (Q, K, softmax output, V).
         post_softmax (`str`, defaults to `"auto"`): quantizer of the attention probabilities (`"log_sqrt2"`,
             `"log2"`, `"uniform"`, or `"tanq"`: our interpretation of DopQ-ViT's tangent quantizer). `"auto"` is
-            `"log_sqrt2"` (RepQ-ViT) below 8 activation bits and `"uniform"` (range starting at an exact 0) at 8 bits
-            and more: log-√2 levels are √2 apart whatever the bit width, a relative error of up to 19% on large
-            probabilities, while 8-bit uniform steps are 1/255; on the reference ViT, W8A8 top-1 agreement with the
-            float model is 96.9% with log-√2 and 98.8% with uniform (256 test images). Uniform also lowers to
-            integer QDQ in ONNX.
+            `"log_sqrt2"` (RepQ-ViT) below 8 activation bits and `"tanq"` at 8 bits and more. Log-√2 levels are √2
+            apart whatever the bit width (a relative error of up to 19% on large probabilities); 8-bit uniform steps
+            of 1/255 are too coarse for the many probabilities near 1/N; TanQ puts fine steps near 0 and near 1. On
+            the reference ViT at W8A8 the logit MSE against the float model is 7.2e-4 with uniform and 5.0e-4 with
+            TanQ (6 calibration draws, `benchmarks/results/w8a8_agreement.md`). TanQ's codebook is not uniform, so
+            ONNX export runs it (and the A·V matmul) as float ops; `"uniform"` (range from an exact 0) lowers the
+            whole W8A8 graph to integer QDQ.
         calibration_order (`str`, defaults to `"sequential"`): `"sequential"` calibrates each quantizer on inputs
             produced by the already-quantized prefix of the network (RepQ-ViT's behaviour, the whole calibration set
             in one forward pass); `"parallel"` observes every quantizer on the float network, in batches.
@@ -173,6 +184,7 @@ class DFQConfig(QuantizationConfigMixin):
 
     bits: str = "w4a4"
     input_bits: int = 8
+    input_range: str = "auto"
     weight_observer: str = "percentile_mse"
     weight_symmetric: bool = False
     weight_percentiles: list[float] = field(default_factory=lambda: list(DEFAULT_PERCENTILES))
@@ -203,6 +215,7 @@ class DFQConfig(QuantizationConfigMixin):
         self.bits = self.bits.strip().lower() if isinstance(self.bits, str) else self.bits
         parse_bits(self.bits)
         self._check_types()
+        _check_choice("input_range", self.input_range, INPUT_RANGES)
         _check_choice("weight_observer", self.weight_observer, OBSERVERS)
         _check_choice("activation_observer", self.activation_observer, ACTIVATION_OBSERVERS)
         _check_choice("post_layernorm", self.post_layernorm, POST_LAYERNORM_MODES)
@@ -269,7 +282,7 @@ class DFQConfig(QuantizationConfigMixin):
         """`post_softmax` with `"auto"` resolved for this config's activation bits."""
         if self.post_softmax != "auto":
             return self.post_softmax
-        return "uniform" if (self.activation_bits or 16) >= 8 else "log_sqrt2"
+        return "tanq" if (self.activation_bits or 16) >= 8 else "log_sqrt2"
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -96,8 +96,10 @@ def _bits_rows(config: DFQConfig) -> list[tuple[str, str]]:
         rows.append(("activations", "float (weight-only quantization)"))
         return rows
     rows += [
-        ("activations",
-         f"{config.activation_bits}-bit, static per-tensor ranges (image input {config.input_bits}-bit)"),
+        ("activations", f"{config.activation_bits}-bit, static per-tensor ranges"),
+        ("image input", f"{config.input_bits}-bit, " + (
+            "levels on the pixel grid of the image processor, per channel" if config.input_range == "pixels"
+            else "one calibrated range")),
         ("post-LayerNorm activations", f"`{config.post_layernorm}` (scale selector `{config.scale_selector}`)"),
     ]
     if config.quantize_attention:

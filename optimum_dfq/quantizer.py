@@ -12,7 +12,7 @@ import torch
 from optimum.quantization_base import OptimumQuantizer
 from transformers import PreTrainedModel
 
-from .calibration import CalibrationSet, calibration_set_from_dataset, quantize_model
+from .calibration import CalibrationSet, calibration_set_from_dataset, quantize_model, resolve_input_range
 from .calibration.data import load_image_dataset
 from .config import DFQConfig
 from .errors import CalibrationError, ConfigError
@@ -126,7 +126,8 @@ class DataFreeViTQuantizer(OptimumQuantizer):
         torch.manual_seed(config.seed)
         calibration = self.calibration_set(model, config, calibration_dataset, image_processor, cache_dir)
         qmodel = copy.deepcopy(model)
-        _, plan = quantize_model(qmodel, calibration, config)
+        config, input_normalization = resolve_input_range(config, image_processor)
+        _, plan = quantize_model(qmodel, calibration, config, input_normalization)
         finalize_quantized_model(qmodel, config, plan, base_model=model.name_or_path,
                                  calibration={**calibration.metadata, "num_images": len(calibration)},
                                  image_processor=image_processor)

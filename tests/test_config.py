@@ -83,9 +83,9 @@ def test_replace_validates():
         config.replace(bits="w10a10")
 
 
-@pytest.mark.parametrize("bits,expected", [("w8a8", "uniform"), ("w4a8", "uniform"), ("w6a6", "log_sqrt2"),
-                                           ("w4a4", "log_sqrt2"), ("w4a16", "uniform")])
-def test_auto_post_softmax_is_uniform_at_8_bits_and_log_sqrt2_below(bits, expected):
+@pytest.mark.parametrize("bits,expected", [("w8a8", "tanq"), ("w4a8", "tanq"), ("w6a6", "log_sqrt2"),
+                                           ("w4a4", "log_sqrt2"), ("w4a16", "tanq")])
+def test_auto_post_softmax_is_tanq_at_8_bits_and_log_sqrt2_below(bits, expected):
     assert DFQConfig(bits=bits).post_softmax_quantizer == expected
     assert DFQConfig(bits=bits, post_softmax="tanq").post_softmax_quantizer == "tanq"
 

@@ -254,18 +254,24 @@ def test_cache_dir_needs_a_caching_synthesizer(tmp_path):
                                         cache_dir=tmp_path)
 
 
-REFERENCE_VIT = Path(__file__).resolve().parents[1] / "examples" / "models" / "vit-cifar10"
+REFERENCE_MODELS = Path(__file__).resolve().parents[1] / "examples" / "models"
+DEIT_MISS = ("issue #2's target is not met on the reference DeiT: 98.83% top-1 agreement on these 256 images (3 flips) "
+             "and 99.00% on the first 2000 test images, with the same 64 calibration images; ViT and Swin meet it. "
+             "Strict, so it flags when it passes")
 
 
-@pytest.mark.xfail(strict=True, reason="target of issue #2 not met on this 256-image fixture: 97.66% top-1 agreement "
-                   "(6 flips, top-2 margins 0.8-3.1%) with this calibration draw; over 6 calibration draws the mean is "
-                   "98.76% here and 99.07% on the first 2000 CIFAR-10 test images; strict, so it flags when it passes")
-def test_reference_model_w8a8_agrees_with_fp(cifar_train, cifar_test):
-    """On the trained reference ViT, W8A8 with 32 real calibration images keeps >= 99% top-1 agreement."""
-    quantizer = DataFreeViTQuantizer.from_pretrained(str(REFERENCE_VIT))
+@pytest.mark.parametrize("name", ["vit-cifar10", "swin-cifar10",
+                                  pytest.param("deit-cifar10", marks=pytest.mark.xfail(strict=True, reason=DEIT_MISS))])
+def test_reference_model_w8a8_agrees_with_fp(name, cifar_train, cifar_test):
+    """On the trained reference models, W8A8 calibrated on the 64 real images of the fixture pool keeps >= 99% top-1
+    agreement with the float model on 256 test images (issue #2). With 32 images the agreement on these 256 images
+    depends on the draw (one flip is 0.39 points): `benchmarks/results/w8a8_agreement.md` lists 6 draws of each."""
+    quantizer = DataFreeViTQuantizer.from_pretrained(str(REFERENCE_MODELS / name))
     pixels = quantizer.image_processor(images=[im.convert("RGB") for im in cifar_test["img"]],
                                        return_tensors="pt")["pixel_values"]
-    qmodel = quantizer.quantize(bits="w8a8", calibration_dataset=cifar_train, num_images=32)
+    qmodel = quantizer.quantize(bits="w8a8", calibration_dataset=cifar_train, num_images=len(cifar_train))
+    config = qmodel.config.quantization_config
+    assert (config.input_range, config.post_softmax_quantizer, config.num_images) == ("pixels", "tanq", 64)
     with torch.no_grad():
         fp = quantizer.model(pixel_values=pixels).logits.argmax(-1)
         q = qmodel(pixel_values=pixels).logits.argmax(-1)

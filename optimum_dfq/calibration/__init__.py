@@ -1,6 +1,6 @@
 """Calibration: calibration sets, the conversion to quantized modules, calibration and re-parameterisation."""
 
-from .convert import QuantizationPlan, convert_model
+from .convert import QuantizationPlan, convert_model, resolve_input_range
 from .correction import (
     AffineCorrection,
     CorrectionRecord,
@@ -46,5 +46,6 @@ __all__ = [
     "register_scale_selector",
     "reparameterize_layernorm",
     "reparameterize_model",
+    "resolve_input_range",
     "set_quantizer_modes",
 ]

@@ -3,7 +3,7 @@
 | site | tensor | quantizer |
 |---|---|---|
 | S1 | patch-embedding weight | w-bits, per output filter |
-| S2 | image input of the patch embedding | `input_bits` (8), per tensor |
+| S2 | image input of the patch embedding | `input_bits` (8): the pixel grid per channel, or calibrated per tensor |
 | S3 | LayerNorm outputs read by q/k/v, fc1, Swin's reduction | a-bits, per channel (→ per tensor after re-param.) |
 | S4 | inputs of every other Linear (o_proj, post-GELU fc2, classifiers) | a-bits, per tensor |
 | S5 | every Linear weight, classifiers included | w-bits, per output channel |
@@ -16,17 +16,22 @@ LayerNorm, softmax, GELU, residual additions and position embeddings stay in flo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
 from ..config import DFQConfig
+from ..errors import ConfigError
 from ..models import ModelAdapter
 from ..nn import AttentionQuantizers, QConv2d, QLayerNorm, QLinear
 from ..nn.attention import ATTENTION_QUANTIZERS_ATTR
-from ..quantizers import Quantizer, build_quantizer
+from ..quantizers import PixelGridQuantizer, Quantizer, build_quantizer
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +93,73 @@ def activation_quantizer(config: DFQConfig, bits: int | None = None, channels: i
     )
 
 
+PixelNormalization = tuple[Sequence[float], Sequence[float]]
+
+
+def pixel_normalization(image_processor: Any | None) -> tuple[PixelNormalization | None, str]:
+    """The `(image_mean, image_std)` of an image processor that maps 8-bit pixels to the model's input, or `None` and
+    the reason why the pixel grid is unknown."""
+    if image_processor is None:
+        return None, "no image processor was given"
+    if getattr(image_processor, "do_rescale", False) is not True:
+        return None, "the image processor does not rescale pixels (do_rescale is not True)"
+    factor = getattr(image_processor, "rescale_factor", None)
+    if factor is None or not math.isclose(float(factor), 1 / 255, rel_tol=1e-6):
+        return None, f"the image processor's rescale_factor is {factor}, not 1/255 (8-bit pixels)"
+    if getattr(image_processor, "do_normalize", True) is False:
+        return ([0.0], [1.0]), ""
+    mean, std = getattr(image_processor, "image_mean", None), getattr(image_processor, "image_std", None)
+    if mean is None or std is None:
+        return None, "the image processor has no image_mean/image_std"
+    return (mean, std), ""
+
+
+def resolve_input_range(config: DFQConfig, image_processor: Any | None) -> tuple[DFQConfig, PixelNormalization | None]:
+    """Resolves `config.input_range` (`"auto"` → `"pixels"` or `"calibrated"`) with the model's image processor.
+
+    Args:
+        config (`DFQConfig`): the run's config.
+        image_processor (*optional*): the model's image processor.
+
+    Returns:
+        `tuple[DFQConfig, PixelNormalization | None]`: the config with a concrete `input_range`, and the
+        normalisation the pixel grid is built from (`None` for `"calibrated"`).
+
+    Example:
+        >>> resolve_input_range(DFQConfig(bits="w8a8"), None)[0].input_range
+        'calibrated'
+    """
+    if config.input_range == "calibrated" or config.activation_bits is None:
+        return config, None
+    normalization, reason = pixel_normalization(image_processor)
+    if normalization is None:
+        if config.input_range == "pixels":
+            raise ConfigError(
+                f"DFQConfig(input_range='pixels') builds the image-input levels from the image processor, but "
+                f"{reason}. Pass `image_processor=AutoImageProcessor.from_pretrained(<model>)` to quantize(), or use "
+                "input_range='calibrated'."
+            )
+        logger.info("Image input quantized with a calibrated range: %s (input_range='auto').", reason)
+        return dataclasses.replace(config, input_range="calibrated"), None
+    return dataclasses.replace(config, input_range="pixels"), normalization
+
+
+def input_quantizer(config: DFQConfig, channels: int, normalization: PixelNormalization | None) -> Quantizer:
+    """The quantizer of the image input (site S2): the pixel grid, or a calibrated per-tensor range.
+
+    A stored `"auto"` comes from a checkpoint written before `input_range` existed, when the input was calibrated.
+    """
+    if config.input_range != "pixels":
+        return activation_quantizer(config, bits=config.input_bits)
+    quantizer = PixelGridQuantizer(bits=config.input_bits, channels=channels)
+    if normalization is not None:
+        mean, std = normalization
+        mean = list(mean) * channels if len(mean) == 1 else mean
+        std = list(std) * channels if len(std) == 1 else std
+        quantizer.set_normalization(mean, std)
+    return quantizer
+
+
 def probs_quantizer(config: DFQConfig) -> Quantizer:
     kind = config.post_softmax_quantizer
     if kind == "uniform":  # probabilities: the range starts at an exact 0
@@ -99,15 +171,21 @@ def probs_quantizer(config: DFQConfig) -> Quantizer:
 
 
 def convert_model(
-    model: nn.Module, config: DFQConfig, adapter: ModelAdapter, layernorm_consumers: dict[str, list[str]]
+    model: nn.Module,
+    config: DFQConfig,
+    adapter: ModelAdapter,
+    layernorm_consumers: dict[str, list[str]],
+    input_normalization: PixelNormalization | None = None,
 ) -> QuantizationPlan:
     """Replaces modules of `model` in place by their quantized twins (quantizers still uncalibrated).
 
     Args:
         model (`PreTrainedModel`): the float model (a copy: it is modified).
-        config (`DFQConfig`): bits and quantizer choices.
+        config (`DFQConfig`): bits and quantizer choices (`input_range` resolved, see [`resolve_input_range`]).
         adapter (`ModelAdapter`): the model family's structure.
         layernorm_consumers (`dict`): from [`find_layernorm_consumers`] on the float model.
+        input_normalization (*optional*): `(image_mean, image_std)` of the pixel-grid input quantizer; `None` when
+            the quantizer's parameters come from a checkpoint.
 
     Returns:
         `QuantizationPlan`
@@ -130,7 +208,7 @@ def convert_model(
         if _matches(name, skip):
             plan.skipped.append(name)
             continue
-        input_q = activation_quantizer(config, bits=config.input_bits) if quantize_activations else None
+        input_q = input_quantizer(config, module.in_channels, input_normalization) if quantize_activations else None
         _set_submodule(model, name, QConv2d.from_float(module, weight_quantizer(config, module.out_channels),
                                                        input_q, name))
 

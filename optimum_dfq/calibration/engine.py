@@ -12,12 +12,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import DFQConfig
-from ..errors import CalibrationError
+from ..errors import CalibrationError, ConfigError
 from ..models import find_layernorm_consumers, get_adapter
 from ..nn import QModuleMixin, use_quantized_attention
 from ..quantizers import Quantizer
 from .capture import capture_module_inputs
-from .convert import QuantizationPlan, convert_model
+from .convert import PixelNormalization, QuantizationPlan, convert_model
 from .correction import correct_activations, correction_layout
 from .data import CalibrationSet
 from .reconstruction import reconstruct_blocks
@@ -94,7 +94,12 @@ def calibrate_activations(model: nn.Module, calibration: CalibrationSet, config:
         raise CalibrationError(f"These quantizers received no calibration data: {missed}.")
 
 
-def quantize_model(model: nn.Module, calibration: CalibrationSet, config: DFQConfig) -> tuple[nn.Module, QuantizationPlan]:
+def quantize_model(
+    model: nn.Module,
+    calibration: CalibrationSet,
+    config: DFQConfig,
+    input_normalization: PixelNormalization | None = None,
+) -> tuple[nn.Module, QuantizationPlan]:
     """Quantizes `model` in place with the RepQ-ViT pipeline.
 
     1. find the LayerNorm → Linear pairs by dataflow; 2. swap in quantized modules (sites S1-S8);
@@ -111,17 +116,23 @@ def quantize_model(model: nn.Module, calibration: CalibrationSet, config: DFQCon
     Args:
         model (`PreTrainedModel`): a float ViT/DeiT/Swin (modified in place; pass a copy).
         calibration (`CalibrationSet`): calibration images in the model's input space.
-        config (`DFQConfig`): the run definition.
+        config (`DFQConfig`): the run definition (`input_range` resolved, see [`resolve_input_range`]).
+        input_normalization (*optional*): `(image_mean, image_std)` for `input_range="pixels"`.
 
     Returns:
         `tuple[PreTrainedModel, QuantizationPlan]`
     """
+    if config.input_range == "pixels" and input_normalization is None and config.activation_bits is not None:
+        raise ConfigError(
+            "input_range='pixels' needs the image processor's normalisation; resolve the config with "
+            "resolve_input_range(config, image_processor) and pass its normalisation as input_normalization."
+        )
     adapter = get_adapter(model)
     calibration.check_image_size(model)
     model.eval()
     use_quantized_attention(model)
     consumers = find_layernorm_consumers(model, calibration.pixel_values[:1])
-    plan = convert_model(model, config, adapter, consumers)
+    plan = convert_model(model, config, adapter, consumers, input_normalization)
     calibrate_weights(model)
     calibrate_activations(model, calibration, config)
     if config.post_layernorm == "per_channel_reparam":

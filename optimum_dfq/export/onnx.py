@@ -10,8 +10,8 @@ The exported graph is what ONNX Runtime needs to run int8 kernels on CPU:
   `weight_only_int4=True`, ONNX Runtime's `com.microsoft::MatMulNBits` with the weight packed two codes per byte
   (size first: the 4-bit weights stay 4-bit in the file, the matmul itself runs in float);
 * the patch-embedding **Conv2d** weight becomes an int8 constant through `DequantizeLinear`;
-* quantizers ONNX cannot express as QDQ (log2, log-√2, TanQ post-softmax; uniform quantizers whose zero point
-  falls outside the code range) are exported as the float operations that emulate them (`Log`, `Round`, `Clip`,
+* quantizers ONNX cannot express as QDQ (log2, log-√2, TanQ post-softmax; the pixel-grid image input, whose
+  per-channel zero points are fractional; uniform quantizers whose zero point falls outside the code range) are exported as the float operations that emulate them (`Log`, `Round`, `Clip`,
   `Pow`...): numerically the same as PyTorch, but they run in float. Unfolded correction matrices are float
   `MatMul`s.
 
@@ -44,7 +44,7 @@ from torch import nn
 from ..errors import DFQError
 from ..formats.packing import unpack_codes
 from ..nn.modules import QConv2d, QLinear
-from ..quantizers import Log2Quantizer, LogSqrt2Quantizer, Quantizer, UniformQuantizer
+from ..quantizers import Log2Quantizer, LogSqrt2Quantizer, PixelGridQuantizer, Quantizer, UniformQuantizer
 from .onnx_ops import (
     ActivationQDQ,
     ActivationQDQSpec,
@@ -355,11 +355,12 @@ def _lowered(model: nn.Module, weight_only_int4: bool, block_size: int) -> Itera
             continue
         spec = _activation_spec(module) if isinstance(module, UniformQuantizer) else None
         if spec is None:
-            note = (
-                "no exact ONNX QDQ form for a non-uniform codebook"
-                if not isinstance(module, UniformQuantizer)
-                else "zero point outside the uint8 code range"
-            )
+            if isinstance(module, PixelGridQuantizer):
+                note = "pixel grid: per-channel fractional zero point, no uint8 QDQ form"
+            elif isinstance(module, UniformQuantizer):
+                note = "zero point outside the uint8 code range"
+            else:
+                note = "no exact ONNX QDQ form for a non-uniform codebook"
             entries.append(
                 QuantizerExport(name, module.kind, module.bits, "activation", "float emulation", False, note)
             )

@@ -6,6 +6,7 @@ from typing import Any
 
 from .base import MODES, Quantizer
 from .log import Log2Quantizer, LogSqrt2Quantizer
+from .pixel import PixelGridQuantizer
 from .stats import tail_quantiles
 from .tanq import TanQuantizer, tanq_codebook
 from .uniform import UniformQuantizer, round_ste
@@ -21,7 +22,7 @@ def register_quantizer_kind(cls: type[Quantizer]) -> type[Quantizer]:
     return cls
 
 
-for _cls in (UniformQuantizer, Log2Quantizer, LogSqrt2Quantizer, TanQuantizer):
+for _cls in (UniformQuantizer, Log2Quantizer, LogSqrt2Quantizer, TanQuantizer, PixelGridQuantizer):
     register_quantizer_kind(_cls)
 
 
@@ -47,6 +48,7 @@ __all__ = [
     "QUANTIZER_REGISTRY",
     "Log2Quantizer",
     "LogSqrt2Quantizer",
+    "PixelGridQuantizer",
     "Quantizer",
     "TanQuantizer",
     "UniformQuantizer",

@@ -57,8 +57,8 @@ def test_onnxruntime_matches_pytorch_and_report_lists_every_quantizer(family, bi
     assert {q.name for q in report.quantizers} == quantizer_names
     assert report.num_integer + report.num_float == len(quantizer_names)
     floats = {q.kind for q in report.quantizers if not q.integer}
-    # the default post-softmax quantizer is log-sqrt2 below 8 bits (float ops); everything else lowers to integers
-    assert floats == (set() if bits == "w8a8" else {"log_sqrt2"})
+    # the default post-softmax quantizer (TanQ at 8 bits, log-sqrt2 below) runs as float ops; the rest is integer
+    assert floats == ({"tanq"} if bits == "w8a8" else {"log_sqrt2"})
     assert report.integer_operators > 0 and report.max_abs_logit_diff is not None
 
 

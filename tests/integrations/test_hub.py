@@ -100,6 +100,7 @@ def test_quantizer_push_uploads_model_processor_and_card_then_loads_by_repo_id(v
     assert 'from_pretrained("dfq-org/vit-tiny-w4a4")' in card.text
     assert "8 synthetic images from the `gaussian` synthesizer" in card.text and "No real image was used" in card.text
     assert "bits: w4a4" in card.text  # the recipe
+    assert "image input | 8-bit, levels on the pixel grid of the image processor" in card.text  # vit_w4a4 has one
     assert card.data.base_model == "google/vit-base-patch16-224" and card.data.base_model_relation == "quantized"
     assert {"optimum-dfq", "data-free", "w4a4"} <= set(card.data.tags)
     assert [(r.metric_name, r.metric_value, r.dataset_split) for r in card.data.eval_results] == [

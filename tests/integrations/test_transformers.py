@@ -76,7 +76,9 @@ def test_fresh_process_load_predicts_exactly_like_the_quantized_model(name, roun
 def test_checkpoint_holds_packed_codes_and_full_config(round_trip_checkpoints):
     folder = round_trip_checkpoints["vit-w3a4"]["dir"]
     config = json.load(open(f"{folder}/config.json"))
-    assert config["quantization_config"] == DFQConfig(bits="w3a4", num_images=8, synthesizer="gaussian").to_dict()
+    # the stored config is the run's, with input_range="auto" resolved (no image processor: a calibrated range)
+    expected = DFQConfig(bits="w3a4", num_images=8, synthesizer="gaussian", input_range="calibrated")
+    assert config["quantization_config"] == expected.to_dict()
     assert config["attn_implementation"] == "optimum_dfq"  # the guard against loading without the import
     with safe_open(f"{folder}/model.safetensors", "pt") as handle:
         keys = set(handle.keys())
