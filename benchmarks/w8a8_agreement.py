@@ -41,9 +41,13 @@ MODELS = ROOT / "examples" / "models"
 VARIANTS: dict[str, dict[str, Any]] = {
     "percentile-MSE ranges, uniform softmax, calibrated input": {
         "activation_observer": "percentile_mse", "post_softmax": "uniform", "input_range": "calibrated"},
-    "min/max ranges, uniform softmax, calibrated input": {"post_softmax": "uniform", "input_range": "calibrated"},
-    "min/max ranges, TanQ softmax, calibrated input": {"input_range": "calibrated"},
-    "default (min/max ranges, TanQ softmax, pixel-grid input)": {},
+    "min/max ranges, uniform softmax, calibrated input": {"activation_observer": "minmax", "post_softmax": "uniform",
+                                                          "input_range": "calibrated"},
+    "min/max ranges, TanQ softmax, calibrated input": {"activation_observer": "minmax", "input_range": "calibrated"},
+    "min/max ranges, TanQ softmax, pixel-grid input": {"activation_observer": "minmax"},
+    "min/max ranges, TanQ softmax, pixel-grid input, 64 calibration images": {"activation_observer": "minmax",
+                                                                              "num_images": 64},
+    "default (min/max ranges but percentile-MSE after GELU, TanQ softmax, pixel-grid input)": {},
     "default, 64 calibration images": {"num_images": 64},
 }
 

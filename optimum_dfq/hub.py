@@ -185,7 +185,8 @@ def build_model_card(
     rows = _bits_rows(config) + [
         ("calibration", calibration),
         ("range estimation", (f"`{config.calibration_order}` calibration; activations "
-                              f"`{config.activation_range_observer}`, weights `{config.weight_observer}`")),
+                              f"`{config.activation_range_observer}` (after an activation function "
+                              f"`{config.post_activation_range_observer}`), weights `{config.weight_observer}`")),
         ("checkpoint", f"optimum_dfq format v{config.format_version}, written by optimum-dfq {config.library_version}"),
     ]
     table = "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])

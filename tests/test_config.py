@@ -98,3 +98,9 @@ def test_auto_activation_observer_is_minmax_at_8_bits_and_percentile_mse_below(b
     assert DFQConfig(bits=bits, activation_observer="percentile_mse").activation_range_observer == "percentile_mse"
     with pytest.raises(ConfigError, match="activation_observer"):
         DFQConfig(bits=bits, activation_observer="max")
+
+
+@pytest.mark.parametrize("bits", ["w8a8", "w4a8", "w6a6", "w4a4", "w3a3"])
+def test_post_activation_inputs_keep_percentile_mse_unless_the_observer_is_explicit(bits):
+    assert DFQConfig(bits=bits).post_activation_range_observer == "percentile_mse"
+    assert DFQConfig(bits=bits, activation_observer="minmax").post_activation_range_observer == "minmax"

@@ -82,13 +82,16 @@ def weight_quantizer(config: DFQConfig, channels: int) -> Quantizer:
     )
 
 
-def activation_quantizer(config: DFQConfig, bits: int | None = None, channels: int | None = None) -> Quantizer:
+def activation_quantizer(
+    config: DFQConfig, bits: int | None = None, channels: int | None = None, post_activation: bool = False
+) -> Quantizer:
+    observer = config.post_activation_range_observer if post_activation else config.activation_range_observer
     return build_quantizer(
         "uniform",
         bits=bits or config.activation_bits,
         channels=channels,
         axis=-1,
-        observer=config.activation_range_observer,
+        observer=observer,
         percentiles=config.activation_percentiles,
     )
 
@@ -176,6 +179,7 @@ def convert_model(
     adapter: ModelAdapter,
     layernorm_consumers: dict[str, list[str]],
     input_normalization: PixelNormalization | None = None,
+    activation_consumers: Sequence[str] = (),
 ) -> QuantizationPlan:
     """Replaces modules of `model` in place by their quantized twins (quantizers still uncalibrated).
 
@@ -186,6 +190,9 @@ def convert_model(
         layernorm_consumers (`dict`): from [`find_layernorm_consumers`] on the float model.
         input_normalization (*optional*): `(image_mean, image_std)` of the pixel-grid input quantizer; `None` when
             the quantizer's parameters come from a checkpoint.
+        activation_consumers (`Sequence[str]`): Linears reading an activation function's output, from
+            [`find_activation_consumers`]; their input quantizers use `config.post_activation_range_observer`. Empty
+            when the quantizers' parameters come from a checkpoint (the range estimator only acts in calibration).
 
     Returns:
         `QuantizationPlan`
@@ -218,7 +225,7 @@ def convert_model(
             continue
         input_q = None
         if quantize_activations and name not in shared_inputs:
-            input_q = activation_quantizer(config)
+            input_q = activation_quantizer(config, post_activation=name in activation_consumers)
         _set_submodule(model, name, QLinear.from_float(module, weight_quantizer(config, module.out_features),
                                                        input_q, name))
 

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from ..config import DFQConfig
 from ..errors import CalibrationError, ConfigError
-from ..models import find_layernorm_consumers, get_adapter
+from ..models import find_activation_consumers, find_layernorm_consumers, get_adapter
 from ..nn import QModuleMixin, use_quantized_attention
 from ..quantizers import Quantizer
 from .capture import capture_module_inputs
@@ -131,8 +131,9 @@ def quantize_model(
     calibration.check_image_size(model)
     model.eval()
     use_quantized_attention(model)
-    consumers = find_layernorm_consumers(model, calibration.pixel_values[:1])
-    plan = convert_model(model, config, adapter, consumers, input_normalization)
+    example = calibration.pixel_values[:1]
+    plan = convert_model(model, config, adapter, find_layernorm_consumers(model, example), input_normalization,
+                         activation_consumers=find_activation_consumers(model, example))
     calibrate_weights(model)
     calibrate_activations(model, calibration, config)
     if config.post_layernorm == "per_channel_reparam":

@@ -1,15 +1,18 @@
-"""Dataflow tracing: which Linear layers read a LayerNorm's output.
+"""Dataflow tracing: which Linear layers read a LayerNorm's output, and which read an activation function's.
 
 RepQ-ViT re-parameterises a per-channel post-LayerNorm quantizer by folding scales into the LayerNorm's affine
 parameters and into every Linear that consumes its output. We find those pairs by running one forward pass and
 matching tensors, not names: a Linear consumes a LayerNorm's output when its input holds exactly the same values,
 up to a permutation of token positions (Swin partitions and shifts windows in between; that is fine for a
 per-channel fold). Padding or any arithmetic in between breaks the equality, and the pair is (correctly) not found.
+The same matching finds the Linears fed by an activation function (the MLP's second Linear, site S5), whose input
+range is estimated differently (see `DFQConfig.activation_observer`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -22,7 +25,64 @@ def _channel_signature(x: torch.Tensor) -> tuple[int, torch.Tensor]:
     return flat.shape[0], flat.sum(dim=0)
 
 
+def is_activation_function(module: nn.Module) -> bool:
+    """Whether `module` is an element-wise activation function: a `torch.nn` activation (GELU, ReLU, SiLU, ...) or
+    one of transformers' `ACT2FN` modules. Softmax is a normalisation over a dimension, not an element-wise
+    activation, and is excluded."""
+    if isinstance(module, (nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.MultiheadAttention)):
+        return False
+    return type(module).__module__ in ("torch.nn.modules.activation", "transformers.activations")
+
+
 @torch.no_grad()
+def find_consumers(
+    model: nn.Module, pixel_values: torch.Tensor, is_producer: Callable[[nn.Module], bool]
+) -> dict[str, list[str]]:
+    """Maps each producer module (by name) to the Linear layers that read its output directly.
+
+    Args:
+        model (`nn.Module`): the float model.
+        pixel_values (`torch.Tensor`): one small example batch (a single image is enough).
+        is_producer (`Callable[[nn.Module], bool]`): which modules count as producers.
+
+    Returns:
+        `dict[str, list[str]]`: producer name → names of consuming Linears, in forward order; producers with no
+        direct Linear consumer are absent.
+
+    Example:
+        >>> find_consumers(model, pixel_values[:1], lambda m: isinstance(m, nn.LayerNorm))  # doctest: +SKIP
+        {'vit.encoder.layer.0.layernorm_before': ['...query', '...key', '...value'], ...}
+    """
+    outputs: dict[str, torch.Tensor] = {}
+    linear_inputs: list[tuple[str, torch.Tensor]] = []
+    handles = []
+    for name, module in model.named_modules():
+        if is_producer(module):
+            handles.append(module.register_forward_hook(lambda m, i, o, n=name: outputs.__setitem__(n, o)))
+        elif isinstance(module, nn.Linear):
+            handles.append(module.register_forward_pre_hook(lambda m, i, n=name: linear_inputs.append((n, i[0]))))
+    try:
+        model(pixel_values=pixel_values)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    signatures = {name: _channel_signature(out) for name, out in outputs.items() if torch.is_tensor(out)}
+    consumers: dict[str, list[str]] = {}
+    for linear_name, x in linear_inputs:
+        rows, sums = _channel_signature(x)
+        for producer_name, (producer_rows, producer_sums) in signatures.items():
+            if rows != producer_rows or sums.shape != producer_sums.shape:
+                continue
+            if not torch.allclose(sums, producer_sums, rtol=1e-9, atol=1e-9):
+                continue
+            producer_out = outputs[producer_name].reshape(-1)
+            if torch.equal(torch.sort(producer_out).values, torch.sort(x.reshape(-1)).values):
+                consumers.setdefault(producer_name, []).append(linear_name)
+                break
+    return consumers
+
+
 def find_layernorm_consumers(model: nn.Module, pixel_values: torch.Tensor) -> dict[str, list[str]]:
     """Maps each LayerNorm (by module name) to the Linear layers that read its output directly.
 
@@ -34,31 +94,19 @@ def find_layernorm_consumers(model: nn.Module, pixel_values: torch.Tensor) -> di
         `dict[str, list[str]]`: LayerNorm name → names of consuming Linears, in forward order; LayerNorms with no
         direct Linear consumer are absent.
     """
-    norm_outputs: dict[str, torch.Tensor] = {}
-    linear_inputs: list[tuple[str, torch.Tensor]] = []
-    handles = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.LayerNorm):
-            handles.append(module.register_forward_hook(lambda m, i, o, n=name: norm_outputs.__setitem__(n, o)))
-        elif isinstance(module, nn.Linear):
-            handles.append(module.register_forward_pre_hook(lambda m, i, n=name: linear_inputs.append((n, i[0]))))
-    try:
-        model(pixel_values=pixel_values)
-    finally:
-        for handle in handles:
-            handle.remove()
+    return find_consumers(model, pixel_values, lambda module: isinstance(module, nn.LayerNorm))
 
-    signatures = {name: _channel_signature(out) for name, out in norm_outputs.items()}
-    consumers: dict[str, list[str]] = {}
-    for linear_name, x in linear_inputs:
-        rows, sums = _channel_signature(x)
-        for norm_name, (norm_rows, norm_sums) in signatures.items():
-            if rows != norm_rows or sums.shape != norm_sums.shape:
-                continue
-            if not torch.allclose(sums, norm_sums, rtol=1e-9, atol=1e-9):
-                continue
-            norm_out = norm_outputs[norm_name].reshape(-1)
-            if torch.equal(torch.sort(norm_out).values, torch.sort(x.reshape(-1)).values):
-                consumers.setdefault(norm_name, []).append(linear_name)
-                break
-    return consumers
+
+def find_activation_consumers(model: nn.Module, pixel_values: torch.Tensor) -> list[str]:
+    """The Linear layers that read an activation function's output directly (in ViT, DeiT and Swin: each MLP's
+    second Linear, whose input is the GELU output).
+
+    Args:
+        model (`nn.Module`): the float model.
+        pixel_values (`torch.Tensor`): one small example batch (a single image is enough).
+
+    Returns:
+        `list[str]`: names of the Linears, in forward order.
+    """
+    consumers = find_consumers(model, pixel_values, is_activation_function)
+    return [name for names in consumers.values() for name in names]

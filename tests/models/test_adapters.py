@@ -3,7 +3,7 @@ import torch
 from transformers import BeitConfig, BeitForImageClassification
 
 from optimum_dfq import UnsupportedArchitectureError
-from optimum_dfq.models import find_layernorm_consumers, get_adapter
+from optimum_dfq.models import find_activation_consumers, find_layernorm_consumers, get_adapter
 
 
 def test_unsupported_architecture_names_the_supported_ones():
@@ -50,3 +50,18 @@ def test_layernorm_consumers_follow_dataflow(tiny_model):
     # the classifier reads a slice / pooled LayerNorm output: not a per-channel fold target
     for names in consumers.values():
         assert not any("classifier" in n for n in names)
+
+
+def test_activation_consumers_are_the_mlp_output_linears(tiny_model):
+    adapter = get_adapter(tiny_model)
+    pixels = torch.randn(1, 3, 32, 32)
+    post_gelu = find_activation_consumers(tiny_model, pixels)
+    assert len(post_gelu) == len(adapter.blocks(tiny_model))  # one MLP per block
+    linears = dict(adapter.linears(tiny_model))
+    post_layernorm = {name for names in find_layernorm_consumers(tiny_model, pixels).values() for name in names}
+    attention_linears = {id(m) for _, att in adapter.attention_modules(tiny_model)
+                         for m in att.modules() if isinstance(m, torch.nn.Linear)}
+    for name in post_gelu:
+        linear = linears[name]
+        assert name not in post_layernorm and id(linear) not in attention_linears
+        assert linear.in_features > linear.out_features  # the MLP's down projection (mlp_ratio > 1)
