@@ -162,3 +162,21 @@ def test_weight_only_models_export(bits, calibration, tmp_path):
     with torch.no_grad():
         expected = qmodel(pixel_values=pixels).logits.numpy()
     np.testing.assert_allclose(session.run(["logits"], {"pixel_values": pixels.numpy()})[0], expected, atol=1e-4)
+
+
+def test_pixel_grid_input_exports_and_matches_onnxruntime(calibration, cifar_test_pixels, image_processor, tmp_path):
+    model = TINY_MODELS["vit"]()
+    config = DFQConfig(bits="w8a8", num_images=len(calibration), calibration_batch_size=len(calibration))
+    qmodel = DataFreeViTQuantizer(model, image_processor).quantize(config=config, calibration_dataset=calibration)
+    assert qmodel.config.quantization_config.input_range == "pixels"
+    report = to_onnx(qmodel, tmp_path / "model.onnx")
+    kinds = {q.name: q.kind for q in report.quantizers if not q.integer}
+    image_input = [name for name in kinds if name.endswith("patch_embeddings.projection.input_quantizer")]
+    assert len(image_input) == 1 and kinds[image_input[0]] == "pixel_grid"  # fractional zero points: float ops
+    assert set(kinds.values()) == {"pixel_grid", "tanq"}
+    pixels = cifar_test_pixels[:32]
+    with torch.no_grad():
+        expected = qmodel(pixel_values=pixels).logits.numpy()
+    got = _run(tmp_path / "model.onnx", pixels)
+    assert np.abs(got - expected).mean() < 1e-2 * np.abs(expected).mean()
+    assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.9
