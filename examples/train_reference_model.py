@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import math
 import os
@@ -716,7 +717,7 @@ def schedule_history(log_path: Path) -> str:
         return ""
     records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     restarts = [(now["epoch"], before["lr"], now["lr"], before["test_accuracy"])
-                for before, now in zip(records, records[1:]) if now["lr"] > 1.05 * before["lr"] and now["epoch"] > 2]
+                for before, now in itertools.pairwise(records) if now["lr"] > 1.05 * before["lr"] and now["epoch"] > 2]
     if not restarts:
         return ""
     lines = ["", "**Training history.** The command above reproduces the hyper-parameters, not this exact run: it was",

@@ -121,7 +121,7 @@ class FeatureCapture:
         self._handles = []
         self._context = None
 
-    def __enter__(self) -> FeatureCapture:
+    def __enter__(self) -> FeatureCapture:  # noqa: PYI034 (typing.Self needs Python 3.11)
         if ATTENTION_OUTPUTS in self.needs:
             for site in self.sites:
                 self._handles.append(site.output_projection.register_forward_pre_hook(self._output_hook(site)))

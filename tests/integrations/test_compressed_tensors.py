@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,7 +64,7 @@ def test_plain_transformers_loads_the_export_without_optimum_dfq(name, exported)
     folders, expected, results = exported
     assert results["optimum_dfq imported"] is False
     assert results[name]["quantizer"] == "CompressedTensorsHfQuantizer"
-    config = json.load(open(f"{folders[name]}/config.json"))
+    config = json.loads(Path(folders[name], "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
     assert config["attn_implementation"] == "eager"
     diff = (results[name]["logits"] - expected[name]).abs().max().item()
@@ -75,7 +76,8 @@ def test_plain_transformers_loads_the_export_without_optimum_dfq(name, exported)
 
 def test_symmetric_weights_are_packed(exported):
     folders, _, _ = exported
-    formats = {n: json.load(open(f"{f}/config.json"))["quantization_config"]["format"] for n, f in folders.items()}
+    formats = {n: json.loads(Path(f, "config.json").read_text())["quantization_config"]["format"]
+               for n, f in folders.items()}
     assert formats["vit-w4a16-symmetric"] == "pack-quantized"
     assert formats["vit-w4a16"] == "int-quantized"  # transformers cannot load packed asymmetric zero points
 

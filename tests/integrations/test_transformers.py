@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,7 +76,7 @@ def test_fresh_process_load_predicts_exactly_like_the_quantized_model(name, roun
 
 def test_checkpoint_holds_packed_codes_and_full_config(round_trip_checkpoints):
     folder = round_trip_checkpoints["vit-w3a4"]["dir"]
-    config = json.load(open(f"{folder}/config.json"))
+    config = json.loads(Path(folder, "config.json").read_text())
     # the stored config is the run's, with input_range="auto" resolved (no image processor: a calibrated range)
     expected = DFQConfig(bits="w3a4", num_images=8, synthesizer="gaussian", input_range="calibrated")
     assert config["quantization_config"] == expected.to_dict()

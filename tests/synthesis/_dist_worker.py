@@ -32,7 +32,7 @@ def main() -> None:
     for name, family in CASES.items():
         batches = []
         calib = get_synthesizer(name, **FAST).synthesize(
-            BUILDERS[family](), args.num_images, seed=0, on_batch_end=lambda r: batches.append([r.start, r.stop]),
+            BUILDERS[family](), args.num_images, seed=0, on_batch_end=lambda r, batches=batches: batches.append([r.start, r.stop]),
             **NORM,
         )
         state = PartialState()
