@@ -142,6 +142,7 @@ def test_card_of_real_data_calibration_does_not_claim_data_free(cifar_train, ima
     assert "data-free" not in card.data.tags
     assert "**real images**: 8 from a user-provided dataset" in card.text
     assert "No real image was used" not in card.text
+    assert "activations `minmax` (after an activation function `percentile_mse`)" in card.text  # 8-bit ranges
 
 
 def test_card_errors():
