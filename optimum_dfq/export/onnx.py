@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import tempfile
 import types
@@ -58,6 +59,8 @@ from .onnx_ops import (
     NBitsWeightSpec,
     pack_matmul_nbits,
 )
+
+logger = logging.getLogger(__name__)
 
 INTEGER_ORT_OPS = (
     "QLinearMatMul",
@@ -462,6 +465,15 @@ def to_onnx(
     finally:
         model.train(was_training)
     report = ExportReport(path=str(path), file_size=path.stat().st_size, quantizers=entries)
+    floats = Counter(q.kind for q in entries if q.role == "activation" and not q.integer)
+    if floats:
+        logger.warning(
+            "%s: %d activation quantizer(s) are exported as float operations (%s), so the matmuls they feed run in "
+            "float and the model can be slower than its FP32 export (benchmarks/results/inference_speed.md). For an "
+            "all-integer W8A8 graph, quantize with DFQConfig(bits='w8a8', post_softmax='uniform', "
+            "input_range='calibrated').",
+            path.name, sum(floats.values()), ", ".join(f"{kind} x{n}" for kind, n in sorted(floats.items())),
+        )
     if verify:
         _verify(model, report, example, probe_images)
     return report

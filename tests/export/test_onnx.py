@@ -180,3 +180,24 @@ def test_pixel_grid_input_exports_and_matches_onnxruntime(calibration, cifar_tes
     got = _run(tmp_path / "model.onnx", pixels)
     assert np.abs(got - expected).mean() < 1e-2 * np.abs(expected).mean()
     assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.9
+
+
+def test_float_emulated_activations_are_warned_about_with_the_integer_fix(calibration, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="optimum_dfq.export.onnx"):
+        to_onnx(_quantize("vit", "w8a8", calibration), tmp_path / "default.onnx", verify=False)  # TanQ softmax
+    assert "tanq x2" in caplog.text and "post_softmax='uniform', input_range='calibrated'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="optimum_dfq.export.onnx"):
+        to_onnx(_quantize("vit", "w8a8", calibration, post_softmax="uniform"), tmp_path / "int.onnx", verify=False)
+    assert "float operations" not in caplog.text
+
+
+def test_integer_recipe_exports_every_quantizer_as_integers(calibration, image_processor, tmp_path):
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "w8a8_integer_onnx.yaml"
+    config = DFQConfig.from_yaml(recipe).replace(num_images=len(calibration), calibration_batch_size=len(calibration))
+    qmodel = DataFreeViTQuantizer(TINY_MODELS["deit_teacher"](), image_processor).quantize(
+        config=config, calibration_dataset=calibration)  # with an image processor: still a calibrated input range
+    report = to_onnx(qmodel, tmp_path / "model.onnx", verify=False)
+    assert all(q.integer for q in report.quantizers), [q for q in report.quantizers if not q.integer]
