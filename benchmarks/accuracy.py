@@ -114,6 +114,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--ablation-bits", nargs="*", default=ABLATION_BITS,
                         help="bit presets of the backend ablation rows (on the default source)")
+    parser.add_argument("--ablation-sources", nargs="*", default=["default"],
+                        help="calibration sources that also get the backend ablation rows (default: the default only)")
     parser.add_argument("--include", nargs="*", default=[],
                         help="accuracy.json files of other runs (same settings) whose rows are merged in")
     parser.add_argument("--redo-bits", nargs="*", default=[],
@@ -180,7 +182,7 @@ def main() -> None:
         calibrations: dict[str, Any] = {}
         for source in args.sources:
             variants = [("repq", b) for b in args.bits]
-            if source == "default":
+            if source in args.ablation_sources:
                 variants += [(name, b) for name in backends if name != "repq" for b in args.ablation_bits
                              if b in args.bits]
             variants = [(backend, b) for backend, b in variants if (model_dir.name, source, backend, b) not in done]

@@ -84,8 +84,9 @@ def test_replace_validates():
 
 
 @pytest.mark.parametrize("bits,expected", [("w8a8", "tanq"), ("w4a8", "tanq"), ("w6a6", "log_sqrt2"),
-                                           ("w4a4", "log_sqrt2"), ("w4a16", "tanq")])
-def test_auto_post_softmax_is_tanq_at_8_bits_and_log_sqrt2_below(bits, expected):
+                                           ("w4a4", "log_sqrt2"), ("w3a4", "log_sqrt2"), ("w3a3", "tanq"),
+                                           ("w4a16", "tanq")])
+def test_auto_post_softmax_is_tanq_at_8_and_at_3_bits_and_log_sqrt2_between(bits, expected):
     assert DFQConfig(bits=bits).post_softmax_quantizer == expected
     assert DFQConfig(bits=bits, post_softmax="tanq").post_softmax_quantizer == "tanq"
 
