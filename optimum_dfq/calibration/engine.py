@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from ..config import DFQConfig
 from ..errors import CalibrationError, ConfigError
-from ..models import find_activation_consumers, find_layernorm_consumers, get_adapter
+from ..models import find_quantization_consumers, get_adapter
 from ..nn import QModuleMixin, use_quantized_attention
 from ..quantizers import Quantizer
 from .capture import capture_module_inputs
@@ -131,9 +131,13 @@ def quantize_model(
     calibration.check_image_size(model)
     model.eval()
     use_quantized_attention(model)
-    example = calibration.pixel_values[:1]
-    plan = convert_model(model, config, adapter, find_layernorm_consumers(model, example), input_normalization,
-                         activation_consumers=find_activation_consumers(model, example))
+    layernorm_consumers, activation_consumers = find_quantization_consumers(model, calibration.pixel_values[:1])
+    if not activation_consumers and config.activation_bits is not None:
+        logger.warning("No Linear reads an activation-function module's output, so no input gets the "
+                       "post-activation range estimator (%s); check the model's MLP.",
+                       config.post_activation_range_observer)
+    plan = convert_model(model, config, adapter, layernorm_consumers, input_normalization,
+                         activation_consumers=activation_consumers)
     calibrate_weights(model)
     calibrate_activations(model, calibration, config)
     if config.post_layernorm == "per_channel_reparam":

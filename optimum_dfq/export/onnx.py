@@ -465,7 +465,7 @@ def to_onnx(
     finally:
         model.train(was_training)
     report = ExportReport(path=str(path), file_size=path.stat().st_size, quantizers=entries)
-    floats = Counter(q.kind for q in entries if q.role == "activation" and not q.integer)
+    floats = Counter(q.kind for q in entries if q.role == "activation" and not q.integer and q.lowering != "off")
     if floats:
         logger.warning(
             "%s: %d activation quantizer(s) are exported as float operations (%s), so the matmuls they feed run in "

@@ -51,7 +51,7 @@ def find_consumers(
 
     Example:
         >>> find_consumers(model, pixel_values[:1], lambda m: isinstance(m, nn.LayerNorm))  # doctest: +SKIP
-        {'vit.encoder.layer.0.layernorm_before': ['...query', '...key', '...value'], ...}
+        {'vit.layers.0.layernorm_before': ['vit.layers.0.attention.q_proj', ...], ...}
     """
     outputs: dict[str, torch.Tensor] = {}
     linear_inputs: list[tuple[str, torch.Tensor]] = []
@@ -110,3 +110,23 @@ def find_activation_consumers(model: nn.Module, pixel_values: torch.Tensor) -> l
     """
     consumers = find_consumers(model, pixel_values, is_activation_function)
     return [name for names in consumers.values() for name in names]
+
+
+def find_quantization_consumers(model: nn.Module, pixel_values: torch.Tensor) -> tuple[dict[str, list[str]], list[str]]:
+    """[`find_layernorm_consumers`] and [`find_activation_consumers`] from one forward pass.
+
+    Args:
+        model (`nn.Module`): the float model.
+        pixel_values (`torch.Tensor`): one small example batch (a single image is enough).
+
+    Returns:
+        `tuple[dict[str, list[str]], list[str]]`: LayerNorm name → consuming Linears, and the Linears reading an
+        activation function's output.
+    """
+    modules = dict(model.named_modules())
+    consumers = find_consumers(
+        model, pixel_values, lambda module: isinstance(module, nn.LayerNorm) or is_activation_function(module)
+    )
+    layernorm = {name: names for name, names in consumers.items() if isinstance(modules[name], nn.LayerNorm)}
+    activation = [linear for name, names in consumers.items() if name not in layernorm for linear in names]
+    return layernorm, activation
