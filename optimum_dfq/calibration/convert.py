@@ -47,11 +47,15 @@ class QuantizationPlan:
             weight and bias, which may have created the bias) or the kind of the correction module attached as its
             `input_correction` (`"affine"`, `"ridge"`); see `calibration/correction.py`. Loading a checkpoint
             rebuilds this structure with `attach_corrections`.
+        activation_consumers (`list[str]`): Linears whose input quantizer reads an activation function's output
+            and so uses `DFQConfig.post_activation_range_observer`. Recorded so that a loaded checkpoint rebuilds
+            the same range estimators (checkpoints written before this field existed load with an empty list).
     """
 
     layernorm_consumers: dict[str, list[str]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     corrections: dict[str, str] = field(default_factory=dict)
+    activation_consumers: list[str] = field(default_factory=list)
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
@@ -191,8 +195,8 @@ def convert_model(
         input_normalization (*optional*): `(image_mean, image_std)` of the pixel-grid input quantizer; `None` when
             the quantizer's parameters come from a checkpoint.
         activation_consumers (`Sequence[str]`): Linears reading an activation function's output, from
-            [`find_activation_consumers`]; their input quantizers use `config.post_activation_range_observer`. Empty
-            when the quantizers' parameters come from a checkpoint (the range estimator only acts in calibration).
+            [`find_activation_consumers`] (or a checkpoint's plan); their input quantizers use
+            `config.post_activation_range_observer`.
 
     Returns:
         `QuantizationPlan`
@@ -225,7 +229,10 @@ def convert_model(
             continue
         input_q = None
         if quantize_activations and name not in shared_inputs:
-            input_q = activation_quantizer(config, post_activation=name in activation_consumers)
+            post_activation = name in activation_consumers
+            input_q = activation_quantizer(config, post_activation=post_activation)
+            if post_activation:
+                plan.activation_consumers.append(name)
         _set_submodule(model, name, QLinear.from_float(module, weight_quantizer(config, module.out_features),
                                                        input_q, name))
 

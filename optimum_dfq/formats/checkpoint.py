@@ -244,7 +244,8 @@ def build_skeleton(model: nn.Module, config: DFQConfig, saved: QuantizationPlan)
     Returns:
         `QuantizationPlan`
     """
-    plan = convert_model(model, config, get_adapter(model), dict(saved.layernorm_consumers))
+    plan = convert_model(model, config, get_adapter(model), dict(saved.layernorm_consumers),
+                         activation_consumers=list(saved.activation_consumers))
     if config.post_layernorm == "per_channel_reparam":
         for norm_name, consumers in plan.layernorm_consumers.items():
             norm = model.get_submodule(norm_name)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from optimum_dfq import DataFreeViTQuantizer, DFQConfig
+from optimum_dfq.calibration import iter_quantizers
 
 from ..conftest import tiny_deit_teacher, tiny_swin, tiny_vit
 
@@ -30,6 +31,11 @@ ROUND_TRIP_CASES = {
 def quantize(factory, bits: str | None = None, **kwargs):
     """Gaussian-calibrated quantization on 8 images; `bits` overrides `config.bits` when both are given."""
     return DataFreeViTQuantizer().quantize(factory(), bits=bits, synthesizer="gaussian", num_images=8, **kwargs)
+
+
+def quantizer_layout(model) -> dict[str, tuple[str, int | None, str | None]]:
+    """Every quantizer's kind, bit width and range estimator, by module name."""
+    return {name: (type(q).__name__, q.bits, getattr(q, "observer", None)) for name, q in iter_quantizers(model)}
 
 
 def logits(model, pixels: torch.Tensor) -> torch.Tensor:
@@ -61,7 +67,7 @@ def round_trip_checkpoints(tmp_path_factory, pixels) -> dict[str, dict]:
     for name, (factory, kwargs) in ROUND_TRIP_CASES.items():
         qmodel = quantize(factory, **kwargs)
         qmodel.save_pretrained(root / name)
-        out[name] = {"dir": str(root / name), "logits": logits(qmodel, pixels[0])}
+        out[name] = {"dir": str(root / name), "logits": logits(qmodel, pixels[0]), "layout": quantizer_layout(qmodel)}
     return out
 
 

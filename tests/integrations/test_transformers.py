@@ -16,11 +16,12 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 
 import optimum_dfq
 from optimum_dfq import CheckpointError, ConfigError, DFQConfig
+from optimum_dfq.calibration import iter_quantizers
 from optimum_dfq.formats.checkpoint import METADATA_KEY
 from optimum_dfq.integrations import transformers as integration
 
 from ..conftest import tiny_vit
-from .conftest import ROUND_TRIP_CASES, logits, run_python
+from .conftest import ROUND_TRIP_CASES, logits, quantizer_layout, run_python
 
 ROUND_TRIP_SCRIPT = """
 import json, sys, tempfile, torch
@@ -72,6 +73,36 @@ def test_fresh_process_load_predicts_exactly_like_the_quantized_model(name, roun
     assert got["packed_dtypes"] == ["torch.uint8"] and got["float_linear_weights"] == []
     assert (got["first"] - expected).abs().max().item() == 0.0
     assert (got["second"] - expected).abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("name", ["vit-w4a4", "deit_teacher-w8a8", "swin-w4a8"])
+def test_loaded_model_rebuilds_every_quantizer_with_its_range_estimator(name, round_trip_checkpoints):
+    # the post-activation estimator (fc2's input) is chosen by dataflow at quantization time, so the checkpoint
+    # must carry which Linears got it; a reload that rebuilt them with the general estimator would recalibrate
+    # differently and print a card that does not match the model
+    saved = round_trip_checkpoints[name]
+    loaded = AutoModelForImageClassification.from_pretrained(saved["dir"])
+    assert quantizer_layout(loaded) == saved["layout"]
+    observers = {observer for _, _, observer in saved["layout"].values()}
+    expected = {"percentile_mse", "minmax"} if name.endswith("a8") else {"percentile_mse"}
+    assert expected <= observers  # at 8 activation bits only fc2's inputs use percentile-MSE
+
+
+def test_checkpoint_written_before_activation_consumers_were_recorded_still_loads(round_trip_checkpoints, pixels,
+                                                                                tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(round_trip_checkpoints["vit-w8a8"]["dir"], old)
+    path = old / "model.safetensors"
+    with safe_open(path, "pt") as handle:
+        header = handle.metadata()
+    payload = json.loads(header[METADATA_KEY])
+    assert payload["plan"].pop("activation_consumers")  # the layout of the 0.x checkpoints on disk
+    save_file(load_file(path), path, metadata={**header, METADATA_KEY: json.dumps(payload)})
+    loaded = AutoModelForImageClassification.from_pretrained(old)
+    assert torch.equal(logits(loaded, pixels[0]), round_trip_checkpoints["vit-w8a8"]["logits"])
+    activation_observers = {q.observer for name, q in iter_quantizers(loaded)
+                            if getattr(q, "observer", None) and not name.endswith("weight_quantizer")}
+    assert activation_observers == {"minmax"}  # no record: every input gets the general 8-bit estimator
 
 
 def test_checkpoint_holds_packed_codes_and_full_config(round_trip_checkpoints):
