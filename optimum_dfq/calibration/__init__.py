@@ -20,9 +20,10 @@ from .engine import (
 )
 from .reconstruction import BlockReport, reconstruct_blocks
 from .reparam import SCALE_SELECTOR_REGISTRY, register_scale_selector, reparameterize_layernorm, reparameterize_model
-from .sites import linear_roles
+from .sites import ACTIVATION_SITES, activation_sites, linear_roles
 
 __all__ = [
+    "ACTIVATION_SITES",
     "SCALE_SELECTOR_REGISTRY",
     "AffineCorrection",
     "BlockReport",
@@ -30,6 +31,7 @@ __all__ = [
     "CorrectionRecord",
     "QuantizationPlan",
     "RidgeCorrection",
+    "activation_sites",
     "attach_corrections",
     "calibrate_activations",
     "calibrate_weights",

@@ -20,10 +20,15 @@ from torch import nn
 
 from ..config import CORRECTION_SITES
 from ..models import ModelAdapter
-from ..nn import QLinear
+from ..nn import AttentionQuantizers, QConv2d, QLayerNorm, QLinear
 from ..quantizers import Quantizer
 
 ROLES = CORRECTION_SITES
+
+#: Groups of activation quantizers, by the tensor they quantize, in the forward order of a block (RepQ-ViT's sites
+#: S2-S8, with the post-LayerNorm site S3 and the Linear-input site S4 split by which Linear reads the tensor).
+ACTIVATION_SITES = ("image", "qkv_input", "query", "key", "probs", "value", "o_proj_input", "fc1_input",
+                    "fc2_input", "reduction_input", "classifier_input")
 
 
 @dataclass(frozen=True)
@@ -153,3 +158,55 @@ def linear_groups(model: nn.Module, roles: dict[str, str], wanted: list[str] | t
         key = name.rpartition(".")[0] + ".<qkv>" if shares_input else name
         members.setdefault(key, (role, []))[1].append(name)
     return [LinearGroup(role, tuple(names)) for role, names in members.values()]
+
+
+def activation_sites(
+    model: nn.Module, adapter: ModelAdapter, pixel_values: torch.Tensor, layernorm_consumers: dict[str, list[str]]
+) -> dict[str, list[str]]:
+    """Groups the activation quantizers of a quantized model by the tensor they quantize (see [`ACTIVATION_SITES`]).
+
+    A quantized LayerNorm's output quantizer belongs to the site of the Linears that read it (`qkv_input`,
+    `fc1_input`, `reduction_input`); a Linear's own input quantizer to `<role>_input`; the attention quantizers to
+    `query`, `key`, `probs` and `value`; the patch embedding's to `image`. Used to attribute a quantized model's
+    error to its sites, e.g. by leaving one site in floating point (`benchmarks/site_attribution.py`).
+
+    Args:
+        model (`PreTrainedModel`): a quantized ViT/DeiT/Swin.
+        adapter (`ModelAdapter`): its adapter.
+        pixel_values (`torch.Tensor`): a small probe batch (one image is enough).
+        layernorm_consumers (`dict[str, list[str]]`): the quantization plan's LayerNorm → Linears map
+            (`model.hf_quantizer.plan.layernorm_consumers`).
+
+    Returns:
+        `dict[str, list[str]]`: site → quantizer module names, in [`ACTIVATION_SITES`] order; empty sites are absent.
+
+    Example:
+
+    ```python
+    >>> from optimum_dfq.calibration.sites import activation_sites
+    >>> from optimum_dfq.models import get_adapter
+    >>> sites = activation_sites(qmodel, get_adapter(qmodel), pixel_values[:1],
+    ...                          qmodel.hf_quantizer.plan.layernorm_consumers)
+    >>> sorted(sites)[:3]
+    ['classifier_input', 'fc1_input', 'fc2_input']
+    ```
+    """
+    roles = linear_roles(model, adapter, pixel_values)
+    sites: dict[str, list[str]] = {site: [] for site in ACTIVATION_SITES}
+    for name, module in model.named_modules():
+        if isinstance(module, QConv2d) and module.input_quantizer is not None:
+            sites["image"].append(f"{name}.input_quantizer")
+        elif isinstance(module, QLinear) and module.input_quantizer is not None:
+            sites[f"{roles[name]}_input"].append(f"{name}.input_quantizer")
+        elif isinstance(module, QLayerNorm):
+            readers = {roles[consumer] for consumer in layernorm_consumers.get(name, [])}
+            if len(readers) != 1:
+                raise ValueError(
+                    f"The quantized LayerNorm {name} is read by Linears of roles {sorted(readers)}; expected exactly "
+                    "one role. Pass the plan of this model (model.hf_quantizer.plan.layernorm_consumers)."
+                )
+            sites[f"{readers.pop()}_input"].append(f"{name}.output_quantizer")
+        elif isinstance(module, AttentionQuantizers):
+            for part in ("query", "key", "probs", "value"):
+                sites[part].append(f"{name}.{part}")
+    return {site: names for site, names in sites.items() if names}

@@ -14,7 +14,8 @@ the full [`DFQConfig`] as `quantization_config`, and safetensors files whose ten
 | everything else | the float tensors of the model (LayerNorm affine after re-parameterisation, biases, embeddings) |
 
 The safetensors header metadata holds one JSON entry under [`METADATA_KEY`]: the [`QuantizationPlan`] (the
-LayerNorm → Linear consumer map and the activation-correction layout) that rebuilds the skeleton without running
+LayerNorm → Linear consumer map, the Linears reading an activation function's output, and the activation-correction
+layout) that rebuilds the skeleton without running
 the model, provenance (the float `base_model` and a summary of the
 calibration set, for model cards), the float dtype, and a SHA-256 digest of the whole state dict that proves a
 loaded model is bit-identical to the saved one.

@@ -1,0 +1,56 @@
+"""Activation-quantizer sites, found from structure and dataflow."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from optimum_dfq import DataFreeViTQuantizer
+from optimum_dfq.calibration import iter_quantizers
+from optimum_dfq.calibration.sites import ACTIVATION_SITES, activation_sites
+from optimum_dfq.models import find_activation_consumers, get_adapter
+
+from ..conftest import tiny_deit_teacher, tiny_swin, tiny_vit
+
+PIXELS = torch.randn(1, 3, 32, 32)
+
+
+def sites_of(factory, bits="w4a4"):
+    model = factory()
+    post_gelu = find_activation_consumers(model, PIXELS)
+    qmodel = DataFreeViTQuantizer().quantize(model, bits=bits, synthesizer="gaussian", num_images=4)
+    sites = activation_sites(qmodel, get_adapter(qmodel), PIXELS, qmodel.hf_quantizer.plan.layernorm_consumers)
+    return qmodel, sites, post_gelu
+
+
+@pytest.mark.parametrize("factory", [tiny_vit, tiny_deit_teacher, tiny_swin], ids=["vit", "deit", "swin"])
+def test_every_activation_quantizer_has_exactly_one_site(factory):
+    qmodel, sites, post_gelu = sites_of(factory)
+    activations = {name for name, _ in iter_quantizers(qmodel) if not name.endswith("weight_quantizer")}
+    listed = [name for names in sites.values() for name in names]
+    assert sorted(listed) == sorted(activations)  # each once, none missing
+    assert list(sites) == [site for site in ACTIVATION_SITES if site in sites]
+    blocks = len(list(get_adapter(qmodel).blocks(qmodel)))
+    for site in ("qkv_input", "query", "key", "probs", "value", "o_proj_input", "fc1_input", "fc2_input"):
+        assert len(sites[site]) == blocks, site
+    # the site found by role agrees with the dataflow tracing of the float model
+    assert sites["fc2_input"] == [f"{name}.input_quantizer" for name in post_gelu]
+    assert all(name.endswith("output_quantizer") for name in sites["qkv_input"] + sites["fc1_input"])
+    assert len(sites["image"]) == 1 and len(sites["classifier_input"]) >= 1
+
+
+def test_swin_patch_merging_is_its_own_site():
+    _, sites, _ = sites_of(tiny_swin)
+    assert len(sites["reduction_input"]) == 1  # depths [2, 2]: one patch merging
+    _, vit_sites, _ = sites_of(tiny_vit)
+    assert "reduction_input" not in vit_sites
+
+
+def test_a_wrong_consumer_map_is_refused():
+    qmodel, sites, _ = sites_of(tiny_vit)
+    plan = dict(qmodel.hf_quantizer.plan.layernorm_consumers)
+    norm, consumers = next(iter(plan.items()))
+    fc2 = sites["fc2_input"][0].rpartition(".input_quantizer")[0]
+    plan[norm] = [*consumers, fc2]  # a qkv LayerNorm claimed to feed fc2 too
+    with pytest.raises(ValueError, match="expected exactly one role"):
+        activation_sites(qmodel, get_adapter(qmodel), PIXELS, plan)
