@@ -76,7 +76,7 @@ def main() -> None:
             config = DFQConfig(bits=args.bits, num_images=args.num_images, seed=args.seed)
             qmodel = quantizer.quantize(model, config=config, calibration_dataset=calibration)
             probe = calibration.pixel_values[:1]
-            sites = activation_sites(qmodel, get_adapter(qmodel), probe, qmodel.hf_quantizer.plan.layernorm_consumers)
+            sites = activation_sites(qmodel, get_adapter(qmodel), probe)
             row = {"model": folder.name, "source": source, "fp32": fp, "quantized": top1(qmodel),
                    "sites": {}, "quantizers": {site: len(names) for site, names in sites.items()}}
             for site, names in sites.items():

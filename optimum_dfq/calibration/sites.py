@@ -161,7 +161,10 @@ def linear_groups(model: nn.Module, roles: dict[str, str], wanted: list[str] | t
 
 
 def activation_sites(
-    model: nn.Module, adapter: ModelAdapter, pixel_values: torch.Tensor, layernorm_consumers: dict[str, list[str]]
+    model: nn.Module,
+    adapter: ModelAdapter,
+    pixel_values: torch.Tensor,
+    layernorm_consumers: dict[str, list[str]] | None = None,
 ) -> dict[str, list[str]]:
     """Groups the activation quantizers of a quantized model by the tensor they quantize (see [`ACTIVATION_SITES`]).
 
@@ -174,8 +177,9 @@ def activation_sites(
         model (`PreTrainedModel`): a quantized ViT/DeiT/Swin.
         adapter (`ModelAdapter`): its adapter.
         pixel_values (`torch.Tensor`): a small probe batch (one image is enough).
-        layernorm_consumers (`dict[str, list[str]]`): the quantization plan's LayerNorm → Linears map
-            (`model.hf_quantizer.plan.layernorm_consumers`).
+        layernorm_consumers (`dict[str, list[str]]`, *optional*): the quantization plan's LayerNorm → Linears map;
+            by default the one of the model's own plan (`model.hf_quantizer.plan.layernorm_consumers`, set by
+            `quantize()` and by `from_pretrained`).
 
     Returns:
         `dict[str, list[str]]`: site → quantizer module names, in [`ACTIVATION_SITES`] order; empty sites are absent.
@@ -185,12 +189,17 @@ def activation_sites(
     ```python
     >>> from optimum_dfq.calibration.sites import activation_sites
     >>> from optimum_dfq.models import get_adapter
-    >>> sites = activation_sites(qmodel, get_adapter(qmodel), pixel_values[:1],
-    ...                          qmodel.hf_quantizer.plan.layernorm_consumers)
+    >>> sites = activation_sites(qmodel, get_adapter(qmodel), pixel_values[:1])
     >>> sorted(sites)[:3]
     ['classifier_input', 'fc1_input', 'fc2_input']
     ```
     """
+    if layernorm_consumers is None:
+        plan = getattr(getattr(model, "hf_quantizer", None), "plan", None)
+        if plan is None:
+            raise ValueError("The model has no quantization plan (it was not made by quantize() or loaded from an "
+                             "optimum_dfq checkpoint); pass layernorm_consumers=.")
+        layernorm_consumers = plan.layernorm_consumers
     roles = linear_roles(model, adapter, pixel_values)
     sites: dict[str, list[str]] = {site: [] for site in ACTIVATION_SITES}
     for name, module in model.named_modules():

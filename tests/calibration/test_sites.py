@@ -19,7 +19,7 @@ def sites_of(factory, bits="w4a4"):
     model = factory()
     post_gelu = find_activation_consumers(model, PIXELS)
     qmodel = DataFreeViTQuantizer().quantize(model, bits=bits, synthesizer="gaussian", num_images=4)
-    sites = activation_sites(qmodel, get_adapter(qmodel), PIXELS, qmodel.hf_quantizer.plan.layernorm_consumers)
+    sites = activation_sites(qmodel, get_adapter(qmodel), PIXELS)  # the model's own plan
     return qmodel, sites, post_gelu
 
 
@@ -54,3 +54,18 @@ def test_a_wrong_consumer_map_is_refused():
     plan[norm] = [*consumers, fc2]  # a qkv LayerNorm claimed to feed fc2 too
     with pytest.raises(ValueError, match="expected exactly one role"):
         activation_sites(qmodel, get_adapter(qmodel), PIXELS, plan)
+
+
+def test_a_model_without_a_plan_needs_the_consumer_map():
+    model = tiny_vit()
+    with pytest.raises(ValueError, match="no quantization plan.*layernorm_consumers="):
+        activation_sites(model, get_adapter(model), PIXELS)
+
+
+def test_a_loaded_checkpoint_has_the_same_sites(tmp_path):
+    from transformers import AutoModelForImageClassification
+
+    qmodel, sites, _ = sites_of(tiny_swin, bits="w4a8")
+    qmodel.save_pretrained(tmp_path)
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path)
+    assert activation_sites(loaded, get_adapter(loaded), PIXELS) == sites
