@@ -51,7 +51,7 @@ def main() -> None:
     from datasets import load_dataset
 
     from optimum_dfq import DataFreeViTQuantizer, DFQConfig, __version__
-    from optimum_dfq.calibration.sites import activation_sites
+    from optimum_dfq.calibration import activation_sites, quantization_disabled
     from optimum_dfq.evaluation import evaluate_accuracy
     from optimum_dfq.models import get_adapter
 
@@ -80,13 +80,8 @@ def main() -> None:
             row = {"model": folder.name, "source": source, "fp32": fp, "quantized": top1(qmodel),
                    "sites": {}, "quantizers": {site: len(names) for site, names in sites.items()}}
             for site, names in sites.items():
-                quantizers = [qmodel.get_submodule(name) for name in names]
-                modes = [q.mode for q in quantizers]
-                for q in quantizers:
-                    q.set_mode("off")
-                row["sites"][site] = top1(qmodel)
-                for q, mode in zip(quantizers, modes):
-                    q.set_mode(mode)
+                with quantization_disabled(qmodel, names):
+                    row["sites"][site] = top1(qmodel)
                 print(f"{folder.name} | {source} | {site} in float: {row['sites'][site]:.2f} "
                       f"(all quantized {row['quantized']:.2f})", flush=True)
             rows.append(row)
@@ -111,29 +106,26 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
               "fully quantized model. The last column is how much of the gap between the first two sources that "
               f"site accounts for. Library {meta['library_version']}; {meta['seconds']} s on {meta['machine']}; "
               f"`{meta['command']}`."), ""]
+    pair = sources[:2] if len(sources) >= 2 else []  # the share column compares the first two sources
+
+    def share(values: dict[str, float]) -> str:
+        return f" {values[pair[1]] - values[pair[0]] + 0.0:+.2f} |" if pair else ""  # + 0.0: no "-0.00"
+
     for model in dict.fromkeys(r["model"] for r in rows):
         by_source = {r["source"]: r for r in rows if r["model"] == model}
         first = by_source[sources[0]]
-        pair = sources[:2] if len(sources) >= 2 else None
-        header = "| site (quantizers) | " + " | ".join(sources) + (
-            f" | share of the {pair[0]} - {pair[1]} gap |" if pair else " |")
-        lines += [f"## {model} (FP32 {first['fp32']:.2f})", "", header,
-                  "|---|" + "---:|" * (len(sources) + (1 if pair else 0))]
-        lines.append("| all quantized | " + " | ".join(f"{by_source[s]['quantized']:.2f}" for s in sources)
-                     + (f" | gap {by_source[pair[0]]['quantized'] - by_source[pair[1]]['quantized']:+.2f} |"
-                        if pair else " |"))
+        lines += [f"## {model} (FP32 {first['fp32']:.2f})", "",
+                  "| site (quantizers) | " + " | ".join(sources) + " |"
+                  + (f" share of the {pair[0]} - {pair[1]} gap |" if pair else ""),
+                  "|---|" + "---:|" * (len(sources) + len(pair[:1]))]
+        quantized = {source: row["quantized"] for source, row in by_source.items()}
+        lines.append("| all quantized | " + " | ".join(f"{quantized[s]:.2f}" for s in sources) + " |"
+                     + (f" gap {quantized[pair[0]] - quantized[pair[1]]:+.2f} |" if pair else ""))
         for site, count in first["quantizers"].items():
-            cells = []
-            for source in sources:
-                row = by_source[source]
-                cells.append(f"{row['sites'][site]:.2f} ({row['sites'][site] - row['quantized'] + 0.0:+.2f})")
-            share = ""
-            if pair:
-                a, b = by_source[pair[0]], by_source[pair[1]]
-                # gap closed by floating this site = its recovery under the second source minus under the first
-                closed = (b["sites"][site] - b["quantized"]) - (a["sites"][site] - a["quantized"])
-                share = f" | {closed + 0.0:+.2f} |"  # + 0.0: no "-0.00"
-            lines.append(f"| {site} ({count}) | " + " | ".join(cells) + (share or " |"))
+            # what floating this site regains under each source; the share is the second's minus the first's
+            regained = {source: row["sites"][site] - row["quantized"] for source, row in by_source.items()}
+            cells = [f"{by_source[s]['sites'][site]:.2f} ({regained[s] + 0.0:+.2f})" for s in sources]
+            lines.append(f"| {site} ({count}) | " + " | ".join(cells) + " |" + share(regained))
         lines.append("")
     return "\n".join(lines)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import torch
 from torch import nn
@@ -50,15 +50,18 @@ def set_quantizer_modes(model: nn.Module, weights: str | None = None, activation
 
 
 @contextlib.contextmanager
-def quantization_disabled(model: nn.Module) -> Iterator[None]:
-    """Runs the model in floating point (every quantizer off) inside the block, restoring the modes after."""
-    saved = {name: q.mode for name, q in iter_quantizers(model)}
-    set_quantizer_modes(model, weights="off", activations="off")
+def quantization_disabled(model: nn.Module, names: Collection[str] | None = None) -> Iterator[None]:
+    """Runs the model with quantizers off inside the block (all of them, or those named in `names`, e.g. one site
+    of [`activation_sites`]), restoring their modes after."""
+    quantizers = [q for name, q in iter_quantizers(model) if names is None or name in names]
+    saved = [q.mode for q in quantizers]
+    for quantizer in quantizers:
+        quantizer.set_mode("off")
     try:
         yield
     finally:
-        for name, quantizer in iter_quantizers(model):
-            quantizer.set_mode(saved[name])
+        for quantizer, mode in zip(quantizers, saved):
+            quantizer.set_mode(mode)
 
 
 def calibrate_weights(model: nn.Module) -> None:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..config import CORRECTION_SITES
+from ..errors import ConfigError
 from ..models import ModelAdapter
 from ..nn import AttentionQuantizers, QConv2d, QLayerNorm, QLinear
 from ..quantizers import Quantizer
@@ -197,7 +198,7 @@ def activation_sites(
     if layernorm_consumers is None:
         plan = getattr(getattr(model, "hf_quantizer", None), "plan", None)
         if plan is None:
-            raise ValueError("The model has no quantization plan (it was not made by quantize() or loaded from an "
+            raise ConfigError("The model has no quantization plan (it was not made by quantize() or loaded from an "
                              "optimum_dfq checkpoint); pass layernorm_consumers=.")
         layernorm_consumers = plan.layernorm_consumers
     roles = linear_roles(model, adapter, pixel_values)
@@ -210,7 +211,7 @@ def activation_sites(
         elif isinstance(module, QLayerNorm):
             readers = {roles[consumer] for consumer in layernorm_consumers.get(name, [])}
             if len(readers) != 1:
-                raise ValueError(
+                raise ConfigError(
                     f"The quantized LayerNorm {name} is read by Linears of roles {sorted(readers)}; expected exactly "
                     "one role. Pass the plan of this model (model.hf_quantizer.plan.layernorm_consumers)."
                 )

@@ -69,3 +69,15 @@ def test_a_loaded_checkpoint_has_the_same_sites(tmp_path):
     qmodel.save_pretrained(tmp_path)
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path)
     assert activation_sites(loaded, get_adapter(loaded), PIXELS) == sites
+
+
+def test_one_site_can_run_in_float_and_is_restored():
+    from optimum_dfq.calibration import quantization_disabled
+
+    qmodel, sites, _ = sites_of(tiny_vit)
+    before = {name: q.mode for name, q in iter_quantizers(qmodel)}
+    with quantization_disabled(qmodel, sites["fc1_input"]):
+        off = {name for name, q in iter_quantizers(qmodel) if q.mode == "off"}
+    assert off == set(sites["fc1_input"]) | {name for name, mode in before.items() if mode == "off"}
+    assert sites["fc1_input"] and not off & set(sites["qkv_input"])
+    assert {name: q.mode for name, q in iter_quantizers(qmodel)} == before
