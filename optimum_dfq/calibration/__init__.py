@@ -10,14 +10,8 @@ from .correction import (
     fold_correction,
 )
 from .data import CalibrationSet, calibration_set_from_dataset, expected_image_shape
-from .engine import (
-    calibrate_activations,
-    calibrate_weights,
-    iter_quantizers,
-    quantization_disabled,
-    quantize_model,
-    set_quantizer_modes,
-)
+from .engine import calibrate_activations, calibrate_weights, quantize_model
+from .modes import iter_quantizers, quantization_disabled, set_quantizer_modes
 from .reconstruction import BlockReport, reconstruct_blocks
 from .reparam import SCALE_SELECTOR_REGISTRY, register_scale_selector, reparameterize_layernorm, reparameterize_model
 from .sites import ACTIVATION_SITES, activation_sites, linear_roles

@@ -11,8 +11,6 @@ forward pass in floating point:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +20,7 @@ from ..config import CORRECTION_SITES
 from ..errors import ConfigError
 from ..models import ModelAdapter
 from ..nn import AttentionQuantizers, QConv2d, QLayerNorm, QLinear
-from ..quantizers import Quantizer
+from .modes import iter_quantizers, quantization_disabled
 
 ROLES = CORRECTION_SITES
 
@@ -50,19 +48,10 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, QLinear))
 
 
-@contextlib.contextmanager
-def _runnable(model: nn.Module) -> Iterator[None]:
-    """Switches off the quantizers that are not calibrated yet, so that a probe forward pass runs. Calibrated ones
-    stay as they are: frozen (packed) weights cannot run in float, and the dataflow does not depend on them."""
-    quantizers = [m for m in model.modules() if isinstance(m, Quantizer) and not bool(m.calibrated)]
-    saved = [q.mode for q in quantizers]
-    for quantizer in quantizers:
-        quantizer.set_mode("off")
-    try:
-        yield
-    finally:
-        for quantizer, mode in zip(quantizers, saved):
-            quantizer.set_mode(mode)
+def _uncalibrated(model: nn.Module) -> list[str]:
+    """The quantizers to switch off so that a probe forward pass runs. Calibrated ones stay as they are: frozen
+    (packed) weights cannot run in float, and the dataflow does not depend on them."""
+    return [name for name, quantizer in iter_quantizers(model) if not bool(quantizer.calibrated)]
 
 
 def _inside(name: str, containers: list[str]) -> str | None:
@@ -115,7 +104,7 @@ def linear_roles(model: nn.Module, adapter: ModelAdapter, pixel_values: torch.Te
             handles.append(module.register_forward_hook(
                 lambda m, args, out, b=block: norm_outputs.setdefault(b, []).append(out)))
     try:
-        with _runnable(model):
+        with quantization_disabled(model, _uncalibrated(model)):
             model(pixel_values=pixel_values)
     finally:
         for handle in handles:
