@@ -13,6 +13,7 @@ from optimum.quantization_base import OptimumQuantizer
 from transformers import PreTrainedModel
 
 from .calibration import CalibrationSet, calibration_set_from_dataset, quantize_model, resolve_input_range
+from .calibration.convert import check_convertible
 from .calibration.data import load_image_dataset
 from .config import DFQConfig
 from .errors import CalibrationError, ConfigError
@@ -119,8 +120,9 @@ class DataFreeViTQuantizer(OptimumQuantizer):
         model = model if model is not None else self.model
         if model is None:
             raise ConfigError("No model to quantize: pass `model=` or create the quantizer with from_pretrained(...).")
-        get_adapter(model)
+        adapter = get_adapter(model)
         config = self._resolve_config(config, bits, synthesizer, num_images, seed)
+        check_convertible(model, adapter, config.modules_to_not_convert)
         image_processor = image_processor if image_processor is not None else self.image_processor
 
         torch.manual_seed(config.seed)

@@ -29,7 +29,7 @@ from torch import nn
 from ..config import DFQConfig
 from ..errors import ConfigError
 from ..models import ModelAdapter
-from ..nn import AttentionQuantizers, QConv2d, QLayerNorm, QLinear
+from ..nn import AttentionQuantizers, QLayerNorm, quantized_class_for
 from ..nn.attention import ATTENTION_QUANTIZERS_ATTR
 from ..quantizers import PixelGridQuantizer, Quantizer, build_quantizer
 
@@ -58,7 +58,7 @@ class QuantizationPlan:
     activation_consumers: list[str] = field(default_factory=list)
 
 
-def _matches(name: str, patterns: list[str]) -> bool:
+def _matches(name: str, patterns: Sequence[str]) -> bool:
     for pattern in patterns:
         if pattern.startswith("re:"):
             if re.fullmatch(pattern[3:], name):
@@ -66,6 +66,33 @@ def _matches(name: str, patterns: list[str]) -> bool:
         elif name == pattern:
             return True
     return False
+
+
+def check_convertible(model: nn.Module, adapter: ModelAdapter, modules_to_not_convert: Sequence[str]) -> None:
+    """Raises `ConfigError` if a layer that would be quantized has no registered quantized class.
+
+    Called before calibration, so that an unsupported layer is reported before minutes of synthesis are spent.
+
+    Args:
+        model (`nn.Module`): the float model.
+        adapter (`ModelAdapter`): its family's structure, from [`get_adapter`].
+        modules_to_not_convert (`Sequence[str]`): names or `re:` patterns kept in float.
+    """
+    for modules in (adapter.patch_embeddings(model), adapter.linears(model)):
+        _with_quantized_class(modules, modules_to_not_convert, QuantizationPlan())
+
+
+def _with_quantized_class(
+    modules: list[tuple[str, nn.Module]], skip: Sequence[str], plan: QuantizationPlan
+) -> list[tuple[str, nn.Module, type[nn.Module]]]:
+    """The modules to convert with their registered quantized class; the skipped ones are recorded in `plan`."""
+    converted = []
+    for name, module in modules:
+        if _matches(name, skip):
+            plan.skipped.append(name)
+        else:
+            converted.append((name, module, quantized_class_for(module, name)))
+    return converted
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -215,26 +242,25 @@ def convert_model(
             plan.layernorm_consumers[norm_name] = list(consumers)
             shared_inputs.update(consumers)
 
-    for name, module in adapter.patch_embeddings(model):
-        if _matches(name, skip):
-            plan.skipped.append(name)
-            continue
-        input_q = input_quantizer(config, module.in_channels, input_normalization) if quantize_activations else None
-        _set_submodule(model, name, QConv2d.from_float(module, weight_quantizer(config, module.out_channels),
-                                                       input_q, name))
+    # Every quantized class is looked up before the first module is replaced, so that an unsupported layer leaves
+    # the model untouched.
+    patch_embeddings = _with_quantized_class(adapter.patch_embeddings(model), skip, plan)
+    linears = _with_quantized_class(adapter.linears(model), skip, plan)
 
-    for name, module in adapter.linears(model):
-        if _matches(name, skip):
-            plan.skipped.append(name)
-            continue
+    for name, module, qclass in patch_embeddings:
+        input_q = input_quantizer(config, module.in_channels, input_normalization) if quantize_activations else None
+        _set_submodule(model, name, qclass.from_float(module, weight_quantizer(config, module.out_channels), input_q,
+                                                      name))
+
+    for name, module, qclass in linears:
         input_q = None
         if quantize_activations and name not in shared_inputs:
             post_activation = name in activation_consumers
             input_q = activation_quantizer(config, post_activation=post_activation)
             if post_activation:
                 plan.activation_consumers.append(name)
-        _set_submodule(model, name, QLinear.from_float(module, weight_quantizer(config, module.out_features),
-                                                       input_q, name))
+        _set_submodule(model, name, qclass.from_float(module, weight_quantizer(config, module.out_features), input_q,
+                                                      name))
 
     per_channel = config.post_layernorm in ("per_channel_reparam", "per_channel")
     for norm_name in plan.layernorm_consumers:

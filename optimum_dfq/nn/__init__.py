@@ -10,7 +10,7 @@ from .attention import (
     use_quantized_attention,
 )
 from .modules import QConv2d, QLayerNorm, QLinear
-from .qmodule import QModuleMixin, qmodule_class_for, register_qmodule
+from .qmodule import QModuleMixin, qmodule_class_for, quantized_class_for, register_qmodule
 
 __all__ = [
     "ATTENTION_IMPLEMENTATION",
@@ -23,6 +23,7 @@ __all__ = [
     "capture_attention",
     "dfq_attention_forward",
     "qmodule_class_for",
+    "quantized_class_for",
     "register_attention_implementation",
     "register_qmodule",
     "use_quantized_attention",

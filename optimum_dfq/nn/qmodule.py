@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from ..errors import ConfigError
 from ..quantizers import Quantizer
 
 _QMODULE_TABLE: dict[type[nn.Module], type[nn.Module]] = {}
@@ -24,6 +25,24 @@ def register_qmodule(float_cls: type[nn.Module]):
 def qmodule_class_for(module: nn.Module) -> type[nn.Module] | None:
     """The registered quantized class for `module`'s exact type, or `None`."""
     return _QMODULE_TABLE.get(type(module))
+
+
+def quantized_class_for(module: nn.Module, name: str) -> type[nn.Module]:
+    """The registered quantized class for `module` (at path `name`); a clear error when there is none.
+
+    The lookup is by exact type: a subclass of `nn.Linear` may change what the layer computes, so it is not
+    quantized as if it were a plain `nn.Linear`.
+    """
+    qclass = qmodule_class_for(module)
+    if qclass is None:
+        kind = type(module)
+        registered = ", ".join(sorted(f"{t.__module__}.{t.__qualname__}" for t in _QMODULE_TABLE))
+        raise ConfigError(
+            f"{name} is a {kind.__module__}.{kind.__qualname__}, which has no registered quantized class "
+            f"(registered: {registered}). Keep it in float with DFQConfig(modules_to_not_convert=[{name!r}]) or "
+            f"register a quantized twin with @register_qmodule({kind.__qualname__})."
+        )
+    return qclass
 
 
 class QModuleMixin:
