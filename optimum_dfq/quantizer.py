@@ -177,7 +177,10 @@ class DataFreeViTQuantizer(OptimumQuantizer):
         config: DFQConfig | None, bits: str | None, synthesizer: str | None, num_images: int | None, seed: int | None
     ) -> DFQConfig:
         if config is not None and not isinstance(config, DFQConfig):
-            raise ConfigError(f"config must be a DFQConfig, got {type(config).__name__}.")
+            raise ConfigError(
+                f"config must be a DFQConfig, got {type(config).__name__}. Build one with DFQConfig(...), "
+                "DFQConfig.from_dict(...) or DFQConfig.from_yaml('recipes/default.yaml')."
+            )
         config = config or DFQConfig()
         overrides = {
             key: value

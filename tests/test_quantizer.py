@@ -11,6 +11,7 @@ from optimum_dfq import (
     BIT_PRESETS,
     BitPresetError,
     CalibrationError,
+    ConfigError,
     DataFreeViTQuantizer,
     DFQConfig,
     ImageSizeError,
@@ -21,7 +22,7 @@ from optimum_dfq.calibration import iter_quantizers
 from optimum_dfq.nn import QConv2d, QLayerNorm, QLinear
 from optimum_dfq.quantizers import LogSqrt2Quantizer
 
-from .conftest import TINY_MODELS, tiny_vit
+from .conftest import FIXTURES, TINY_MODELS, tiny_vit
 
 
 def count_levels_ok(model) -> None:
@@ -126,9 +127,12 @@ def test_from_pretrained_local_folder_and_instance(tmp_path, image_processor):
 def test_seeded_runs_are_reproducible():
     model = tiny_vit()
     pixels = torch.randn(2, 3, 32, 32)
-    a = DataFreeViTQuantizer().quantize(model, bits="w4a4", num_images=8, seed=3, synthesizer="gaussian")(pixel_values=pixels).logits
-    b = DataFreeViTQuantizer().quantize(model, bits="w4a4", num_images=8, seed=3, synthesizer="gaussian")(pixel_values=pixels).logits
-    c = DataFreeViTQuantizer().quantize(model, bits="w4a4", num_images=8, seed=4, synthesizer="gaussian")(pixel_values=pixels).logits
+
+    def logits(seed: int) -> torch.Tensor:
+        qmodel = DataFreeViTQuantizer().quantize(model, bits="w4a4", num_images=8, seed=seed, synthesizer="gaussian")
+        return qmodel(pixel_values=pixels).logits
+
+    a, b, c = logits(3), logits(3), logits(4)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
 
@@ -293,3 +297,41 @@ def test_default_synthesizer_without_image_processor_names_the_fix():
     assert DFQConfig().synthesizer != "gaussian"  # the default optimises pixels, so it needs the model's pixel range
     with pytest.raises(SynthesisError, match="image_processor=AutoImageProcessor.from_pretrained"):
         DataFreeViTQuantizer().quantize(tiny_vit(), bits="w8a8", num_images=2)
+
+
+def test_from_pretrained_folder_without_image_processor_warns_with_the_fix(tmp_path, caplog):
+    tiny_vit().save_pretrained(tmp_path)  # no preprocessor_config.json
+    with caplog.at_level("WARNING", logger="optimum_dfq.quantizer"):
+        quantizer = DataFreeViTQuantizer.from_pretrained(str(tmp_path))
+    assert quantizer.model is not None and quantizer.image_processor is None
+    assert "has no image processor; pass image_processor= for real-data calibration" in caplog.text
+
+
+def test_config_must_be_a_dfqconfig():
+    with pytest.raises(ConfigError, match=r"config must be a DFQConfig, got dict.*DFQConfig\.from_dict"):
+        DataFreeViTQuantizer().quantize(tiny_vit(), config={"bits": "w8a8"})
+
+
+def test_calibration_dataset_from_the_config_is_loaded(image_processor):
+    model = tiny_vit()
+    spec = {"path": str(FIXTURES / "cifar10_tiny_train.parquet"), "split": "train"}
+    config = DFQConfig(bits="w8a8", num_images=5, seed=2, calibration_dataset=spec)
+    calibration = DataFreeViTQuantizer.calibration_set(model, config, None, image_processor)
+    assert calibration.metadata == {"source": "real", "num_images": 5, "seed": 2}
+    assert calibration.pixel_values.shape == (5, 3, 32, 32) and calibration.labels.shape == (5,)
+
+
+def test_calibration_set_is_used_as_given_and_checked_against_the_model():
+    from optimum_dfq.calibration import CalibrationSet
+
+    model, config = tiny_vit(), DFQConfig(bits="w8a8")
+    given = CalibrationSet(torch.randn(2, 3, 32, 32), metadata={"source": "mine"})
+    assert DataFreeViTQuantizer.calibration_set(model, config, given, None) is given
+    with pytest.raises(ImageSizeError, match=r"\(3, 16, 16\).*expects \(3, 32, 32\)"):
+        DataFreeViTQuantizer.calibration_set(model, config, CalibrationSet(torch.randn(2, 3, 16, 16)), None)
+
+
+def test_unsupported_calibration_dataset_type_names_the_accepted_ones():
+    with pytest.raises(CalibrationError,
+                       match="must be a datasets.Dataset, a CalibrationSet or a pixel tensor, got list"):
+        DataFreeViTQuantizer().quantize(tiny_vit(), bits="w8a8", calibration_dataset=[torch.randn(3, 32, 32)])

@@ -159,4 +159,7 @@ def load_image_dataset(path: str, split: str = "train", name: str | None = None)
     try:
         return datasets.load_dataset(path, name, split=split)
     except (FileNotFoundError, ConnectionError, ValueError) as err:
-        raise CalibrationError(f"Could not load dataset {path!r} (split {split!r}): {err}") from err
+        raise CalibrationError(
+            f"Could not load dataset {path!r} (split {split!r}): {err}. Pass a *.parquet file, a folder written by "
+            "save_to_disk, a folder of data files, or a Hub dataset id (gated ones need a token)."
+        ) from err

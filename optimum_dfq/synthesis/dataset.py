@@ -76,7 +76,9 @@ def calibration_set_from_dataset_dict(dataset, split: str | None = None) -> Cali
         dataset = dataset[split]
     if "pixel_values" not in dataset.column_names:
         raise CalibrationError(
-            f"Not a calibration-set dataset: no 'pixel_values' column (columns: {dataset.column_names})."
+            f"Not a calibration-set dataset: no 'pixel_values' column (columns: {dataset.column_names}). Pass a "
+            "dataset written by calibration_set_to_dataset / save_calibration_set (a real image dataset goes to "
+            "DataFreeViTQuantizer.quantize(calibration_dataset=...) as is)."
         )
     columns = dataset.with_format("numpy")[:]
     labels = columns.get("labels")
@@ -107,7 +109,10 @@ def load_calibration_set(path: str | os.PathLike) -> CalibrationSet:
     from datasets import load_from_disk
 
     if not os.path.isdir(path):
-        raise CalibrationError(f"No saved calibration set at {str(path)!r}.")
+        raise CalibrationError(
+            f"No saved calibration set at {str(path)!r} (no such folder); check the path, or write one first with "
+            "save_calibration_set(calibration_set, path)."
+        )
     return calibration_set_from_dataset_dict(load_from_disk(str(path)))
 
 

@@ -83,5 +83,8 @@ def _per_channel(values, num_channels: int, name: str) -> list[float]:
     if len(values) == 1:
         values = values * num_channels
     if len(values) != num_channels:
-        raise SynthesisError(f"{name} has {len(values)} values but the model has {num_channels} input channels.")
+        raise SynthesisError(
+            f"{name} has {len(values)} values but the model has {num_channels} input channels; pass one value per "
+            "channel, or a single value for all of them."
+        )
     return values

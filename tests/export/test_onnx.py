@@ -201,3 +201,37 @@ def test_integer_recipe_exports_every_quantizer_as_integers(calibration, image_p
         config=config, calibration_dataset=calibration)  # with an image processor: still a calibrated input range
     report = to_onnx(qmodel, tmp_path / "model.onnx", verify=False)
     assert all(q.integer for q in report.quantizers), [q for q in report.quantizers if not q.integer]
+
+
+def test_zero_point_outside_the_codes_is_emulated_in_float_and_reported(calibration, tmp_path, caplog):
+    import json
+
+    from optimum_dfq.quantizers import UniformQuantizer
+
+    qmodel = _quantize("vit", "w8a8", calibration, post_softmax="uniform")  # otherwise an all-integer graph
+    name = "vit.layers.0.mlp.fc2.input_quantizer"
+    shifted = qmodel.get_submodule(name)
+    assert type(shifted) is UniformQuantizer and not shifted.per_channel
+    shifted.set_params(shifted.scale, torch.tensor(-3.0))  # a range above 0: no uint8 zero point expresses it
+    with caplog.at_level("WARNING", logger="optimum_dfq.export.onnx"):
+        report = to_onnx(qmodel, tmp_path / "model.onnx")
+    assert "1 activation quantizer(s) are exported as float operations (uniform x1)" in caplog.text
+    floats = [q for q in report.quantizers if not q.integer]
+    assert [(q.name, q.lowering, q.note) for q in floats] == [
+        (name, "float emulation", "zero point outside the uint8 code range")]
+    with torch.no_grad():
+        logits = qmodel(pixel_values=calibration[:4]).logits.numpy()
+    np.testing.assert_allclose(_run(tmp_path / "model.onnx", calibration[:4]), logits, atol=1e-2 * np.abs(logits).max())
+    assert report.max_abs_logit_diff < 1e-2 * np.abs(logits).max() and report.num_probe_images == 8
+
+    summary = report.summary().splitlines()
+    assert summary[0] == f"ONNX model: {tmp_path / 'model.onnx'} ({report.file_size / 1e6:.2f} MB)"
+    total = len(report.quantizers)
+    assert summary[1] == f"quantizers: {total} ({total - 1} as integers, 1 emulated in float)"
+    assert "     1 x float emulation" in summary
+    assert "  float: uniform8 (zero point outside the uint8 code range)" in summary
+    assert f"onnxruntime runs {report.integer_operators} integer matmul/conv operator(s) and " in summary[-2]
+    assert summary[-1].startswith("onnxruntime vs PyTorch on 8 probe image(s): max |logit diff| = ")
+    report.save(tmp_path / "report.json")
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved == report.to_dict() and saved["quantizers"][0] == vars(report.quantizers[0])

@@ -117,3 +117,31 @@ def test_selectable_from_the_config_and_sees_v(family, monkeypatch):
     state = qmodel.state_dict()
     assert all(f"{n}.kappa" in state and f"{n}.centre" in state for n, _ in probs)
     assert all(q.levels().numel() == 16 for _, q in probs)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"kappas": [0.9, 1.0]}, r"kappa must be in \(0, 1\), got 1.0"),
+    ({"kappas": [0.0]}, r"kappa must be in \(0, 1\), got 0.0"),
+    ({"centres": [0.5, 1.2]}, r"centre must be in \(0, 1\), got 1.2"),
+    ({"centres": [0.0]}, r"centre must be in \(0, 1\), got 0.0"),
+    ({"kappas": []}, "at least one candidate kappa and one centre"),
+    ({"centres": ()}, "at least one candidate kappa and one centre"),
+])
+def test_invalid_search_grids_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TanQuantizer(4, **kwargs)
+
+
+def test_reset_forgets_the_observed_values():
+    probs = attention_like(rows=2 * 4 * 16, keys=16).reshape(2, 4, 16, 16)
+    value = torch.randn(2, 4, 16, 8, generator=torch.Generator().manual_seed(1))
+    value[..., :2, :] *= 50  # as above: the A·V and probability-MSE objectives pick different shapes
+    kappas, centres = (0.5, 0.7, 0.9, 0.95), (0.2, 0.5, 0.8)
+    quantizer = TanQuantizer(3, kappas, centres)
+    quantizer.observe_value(value)  # a stale V, e.g. from an aborted calibration
+    quantizer.reset()
+    calibrated(quantizer, probs)
+    expected = brute_force(probs, None, 3, kappas, centres)
+    assert expected != brute_force(probs, value, 3, kappas, centres)
+    assert (float(quantizer.kappa), float(quantizer.centre)) == pytest.approx(expected)
+    assert f"kappa={expected[0]:.3g}, centre={expected[1]:.3g}" in repr(quantizer)  # the calibrated shape is shown

@@ -8,6 +8,7 @@ from PIL import Image
 from synth_helpers import FAST, MEAN, NORM, STD, tiny_swin
 
 from optimum_dfq.calibration import CalibrationSet
+from optimum_dfq.errors import CalibrationError
 from optimum_dfq.synthesis import (
     calibration_set_from_dataset_dict,
     calibration_set_to_dataset,
@@ -77,3 +78,46 @@ def test_image_grid_is_denormalised(tmp_path):
 def test_image_grid_reads_normalisation_from_metadata(synthetic_set, tmp_path):
     save_image_grid(calibration_set_to_dataset(synthetic_set), tmp_path / "grid.png")
     assert Image.open(tmp_path / "grid.png").size == (2 * 34 + 2, 2 * 34 + 2)
+
+
+def test_several_splits_need_an_explicit_split():
+    from datasets import DatasetDict
+
+    one = calibration_set_to_dataset(CalibrationSet(torch.zeros(1, 3, 2, 2), metadata={"seed": 1}))
+    two = calibration_set_to_dataset(CalibrationSet(torch.ones(2, 3, 2, 2), metadata={"seed": 2}))
+    splits = DatasetDict({"a": one, "b": two})
+    with pytest.raises(CalibrationError, match=r"splits \['a', 'b'\]; pass split=<name>"):
+        calibration_set_from_dataset_dict(splits)
+    picked = calibration_set_from_dataset_dict(splits, split="b")
+    assert torch.equal(picked.pixel_values, torch.ones(2, 3, 2, 2)) and picked.metadata == {"seed": 2}
+
+
+def test_a_dataset_without_pixel_values_is_refused_with_the_fix(cifar_train):
+    with pytest.raises(CalibrationError, match=r"no 'pixel_values' column \(columns: \['img', 'label'\]\).*"
+                                               r"calibration_set_to_dataset"):
+        calibration_set_from_dataset_dict(cifar_train)
+
+
+def test_loading_a_missing_folder_names_the_path_and_the_fix(tmp_path):
+    with pytest.raises(CalibrationError, match=r"No saved calibration set at '.*nowhere'.*save_calibration_set"):
+        load_calibration_set(tmp_path / "nowhere")
+
+
+def test_metadata_falls_back_to_the_description_without_a_metadata_column():
+    from datasets import Dataset, DatasetInfo
+
+    written = calibration_set_to_dataset(CalibrationSet(torch.zeros(2, 3, 2, 2), metadata={"seed": 7}))
+    assert calibration_set_from_dataset_dict(written.remove_columns("metadata")).metadata == {"seed": 7}
+    pixels = {"pixel_values": torch.zeros(1, 3, 2, 2).numpy()}
+    hand_made = Dataset.from_dict(pixels, info=DatasetInfo(description="made by hand"))
+    assert calibration_set_from_dataset_dict(hand_made).metadata == {"description": "made by hand"}  # not JSON
+    assert calibration_set_from_dataset_dict(Dataset.from_dict(pixels)).metadata == {}
+
+
+def test_tensor_and_numpy_metadata_is_stored_as_plain_json(tmp_path):
+    import numpy as np
+
+    metadata = {"tensor": torch.tensor([[1, 2]]), "scalar": np.float32(0.5), "array": np.arange(3), 4: (1, 2)}
+    save_calibration_set(CalibrationSet(torch.zeros(1, 3, 2, 2), metadata=metadata), tmp_path / "calib")
+    loaded = load_calibration_set(tmp_path / "calib").metadata
+    assert loaded == {"tensor": [[1, 2]], "scalar": 0.5, "array": [0, 1, 2], "4": [1, 2]}

@@ -1,0 +1,56 @@
+"""Calibration sets from tensors and real image datasets, and loading image datasets from disk."""
+
+import pytest
+import torch
+
+from optimum_dfq import CalibrationError
+from optimum_dfq.calibration import CalibrationSet, calibration_set_from_dataset
+from optimum_dfq.calibration.data import load_image_dataset
+
+from ..conftest import FIXTURES
+
+TRAIN_PARQUET = FIXTURES / "cifar10_tiny_train.parquet"
+
+
+@pytest.mark.parametrize("pixels,got", [(torch.zeros(3, 32, 32), r"Tensor with shape torch.Size\(\[3, 32, 32\]\)"),
+                                        ([[0.0]], "list with shape None")])
+def test_pixel_values_must_be_a_4d_tensor(pixels, got):
+    with pytest.raises(CalibrationError, match=rf"must be a \[N, C, H, W\] tensor, got {got}"):
+        CalibrationSet(pixel_values=pixels)
+
+
+def test_dataset_without_image_column_names_the_needed_feature(cifar_train, image_processor):
+    with pytest.raises(CalibrationError, match=r"no image column \(features: \['label'\]\).*datasets.Image"):
+        calibration_set_from_dataset(cifar_train.remove_columns("img"), image_processor, num_images=2)
+
+
+def test_dataset_without_class_labels_gives_an_unlabelled_set(cifar_train, image_processor):
+    labelled = calibration_set_from_dataset(cifar_train, image_processor, num_images=3, seed=1)
+    unlabelled = calibration_set_from_dataset(cifar_train.remove_columns("label"), image_processor, num_images=3,
+                                              seed=1)
+    assert labelled.labels is not None and unlabelled.labels is None
+    assert torch.equal(unlabelled.pixel_values, labelled.pixel_values)  # same images, only the labels are gone
+
+
+def test_load_image_dataset_from_a_missing_parquet_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.parquet.*does not exist"):
+        load_image_dataset(str(tmp_path / "missing.parquet"))
+
+
+def test_load_image_dataset_from_save_to_disk_folders(cifar_train, tmp_path):
+    from datasets import DatasetDict
+
+    train, test = cifar_train.select(range(3)), cifar_train.select(range(3, 5))
+    train.save_to_disk(str(tmp_path / "single"))
+    DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "splits"))
+
+    single = load_image_dataset(str(tmp_path / "single"), split="ignored for a single split")
+    assert single["label"] == train["label"] and single.features == train.features
+    picked = load_image_dataset(str(tmp_path / "splits"), split="test")
+    assert picked["label"] == test["label"] and len(picked) == 2
+
+
+def test_load_image_dataset_failure_names_the_path_and_the_accepted_forms(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CalibrationError, match=r"Could not load dataset '.*empty' \(split 'train'\).*\*\.parquet file"):
+        load_image_dataset(str(tmp_path / "empty"))
