@@ -317,6 +317,12 @@ class DFQConfig(QuantizationConfigMixin):
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()
 
+    def get(self, key: str, default: Any = None) -> Any:
+        """Mapping-style read of a field. transformers' loader reads `config.quantization_config` with `.get`
+        (it expects the dict form of `config.json`), so this lets `from_pretrained(path, config=qmodel.config)`
+        take the config of a model quantized in memory."""
+        return getattr(self, key, default) if key in self.__dataclass_fields__ else default
+
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
         """Builds a config from a dict, refusing unknown keys and newer format versions.

@@ -97,7 +97,8 @@ def check_saveable(model: nn.Module) -> None:
     uncalibrated = _uncalibrated(model)
     if uncalibrated:
         raise CheckpointError(
-            f"Cannot save a quantized checkpoint: quantizer(s) {_listing(uncalibrated)} are not calibrated."
+            f"Cannot save a quantized checkpoint: quantizer(s) {_listing(uncalibrated)} are not calibrated. "
+            "Calibrate them before saving (DataFreeViTQuantizer.quantize returns fully calibrated models)."
         )
 
 
@@ -303,11 +304,15 @@ def verify_loaded(model: nn.Module, info: CheckpointInfo) -> None:
             stored = tuple(int(s) for s in module.weight_shape.tolist())
             if stored != module.weight_dims():
                 raise CheckpointError(
-                    f"{name}.weight_shape is {list(stored)} but the module's weight is {list(module.weight_dims())}."
+                    f"{name}.weight_shape is {list(stored)} but the module's weight is {list(module.weight_dims())}. "
+                    "The file is damaged or was written for another model; save it again from the quantized model."
                 )
     uncalibrated = _uncalibrated(model)
     if uncalibrated:
-        raise CheckpointError(f"The checkpoint has uncalibrated quantizer(s): {_listing(uncalibrated)}.")
+        raise CheckpointError(
+            f"The checkpoint has uncalibrated quantizer(s): {_listing(uncalibrated)}. optimum_dfq never saves those, "
+            "so the file was altered; save it again from the quantized model."
+        )
     current = _float_dtype(model)
     if info.float_dtype is not None and current != info.float_dtype:
         logger.info("Loaded in %s instead of %s: skipping the checkpoint digest check.", current, info.float_dtype)

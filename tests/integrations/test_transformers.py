@@ -177,6 +177,15 @@ def test_requested_attention_is_overridden(vit_w4a4, pixels):
     assert torch.equal(logits(model, pixels[0]), logits(qmodel, pixels[0]))
 
 
+
+def test_loading_with_the_in_memory_models_config(vit_w4a4, pixels):
+    qmodel, folder = vit_w4a4
+    assert isinstance(qmodel.config.quantization_config, DFQConfig)
+    model = AutoModelForImageClassification.from_pretrained(folder, config=qmodel.config)
+    assert torch.equal(logits(model, pixels[0]), logits(qmodel, pixels[0]))
+    assert qmodel.config.quantization_config.get("bits") == "w4a4"
+    assert qmodel.config.quantization_config.get("load_in_8bit", False) is False
+
 # ---------------------------------------------------------------------------------------------- broken checkpoints
 def _rewrite(folder, drop=None, add=None, flip=None, metadata=True):
     path = folder / "model.safetensors"
