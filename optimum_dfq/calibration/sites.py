@@ -177,11 +177,20 @@ def activation_sites(
     Example:
 
     ```python
+    >>> import torch
+    >>> from transformers import ViTConfig, ViTForImageClassification
+    >>> from optimum_dfq import DataFreeViTQuantizer
     >>> from optimum_dfq.calibration.sites import activation_sites
     >>> from optimum_dfq.models import get_adapter
-    >>> sites = activation_sites(qmodel, get_adapter(qmodel), pixel_values[:1])
+    >>> config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+    ...                    intermediate_size=64, num_labels=10)
+    >>> qmodel = DataFreeViTQuantizer().quantize(ViTForImageClassification(config), bits="w4a4",
+    ...                                          synthesizer="gaussian", num_images=4)
+    >>> sites = activation_sites(qmodel, get_adapter(qmodel), torch.zeros(1, 3, 32, 32))
     >>> sorted(sites)[:3]
     ['classifier_input', 'fc1_input', 'fc2_input']
+    >>> sites["fc2_input"]
+    ['vit.layers.0.mlp.fc2.input_quantizer']
     ```
     """
     if layernorm_consumers is None:
