@@ -56,8 +56,8 @@ BACKENDS: dict[str, dict[str, Any]] = {
     "+reconstruction": {"reconstruction": {"iterations": 100}},
 }
 ABLATION_BITS = ["w4a4", "w3a4"]
-TARGETS_DOC = ("Targets (issue #6), per model, for the library default: W4A8 >= real W4A8 - 1.0; W4A4 >= real W4A4 - 5.0; "
-               "W4A4 >= gaussian W4A4 + 5.0.")
+TARGETS_DOC = ("Targets (issue #6), per model, for the library default: W4A8 >= real W4A8 - 1.0; "
+               "W4A4 >= real W4A4 - 5.0; W4A4 >= gaussian W4A4 + 5.0.")
 
 
 def available_backends() -> dict[str, dict[str, Any]]:
@@ -337,11 +337,13 @@ def write_results(rows: list[dict[str, Any]], args, settings: dict[str, Any], se
         for source, backend in keys:
             cells = []
             for column in header:
-                b, field = (column.split()[0], "top1_onnxruntime") if column.endswith("onnxruntime") else (column, "top1")
+                onnx = column.endswith("onnxruntime")
+                b, field = (column.split()[0], "top1_onnxruntime") if onnx else (column, "top1")
                 hit = [r for r in model_rows if (r["source"], r["backend"], r["bits"]) == (source, backend, b)]
                 cells.append(f"{100 * hit[0][field]:.2f}" if hit and field in hit[0] else "–")
             name = source
-            synth = next((r.get("synthesizer") for r in model_rows if r["source"] == source and "synthesizer" in r), None)
+            synth = next((r.get("synthesizer") for r in model_rows
+                          if r["source"] == source and "synthesizer" in r), None)
             if synth:
                 name = f"{source} (= {synth})"
             lines.append(f"| {name} | {backend} | " + " | ".join(cells) + " |")

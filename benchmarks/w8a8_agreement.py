@@ -131,7 +131,8 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
               "images; `test2000` = the first 2000 CIFAR-10 test images. Agreement in %, logit MSE against the "
               "float logits; `>= 99%` counts the draws that reach the target."), ""]
     for model in dict.fromkeys(r["model"] for r in rows):
-        lines += [f"## {model}", "", "| variant | draw | agreement fixture256 | agreement test2000 | logit MSE test2000 |",
+        lines += [f"## {model}", "",
+                  "| variant | draw | agreement fixture256 | agreement test2000 | logit MSE test2000 |",
                   "|---|---|---:|---:|---:|"]
         of_model = [r for r in rows if r["model"] == model]
         for variant in dict.fromkeys(r["variant"] for r in of_model):

@@ -723,8 +723,8 @@ def schedule_history(log_path: Path) -> str:
     lines = ["", "**Training history.** The command above reproduces the hyper-parameters, not this exact run: it was",
              "extended from its checkpoint with `--resume --epochs N`, which stretches the cosine schedule from that",
              "point on (the learning rate rises again):", ""]
-    lines += [f"- from epoch {epoch}: lr {low:.2g} at the end of epoch {epoch - 1}, {high:.2g} at the end of epoch {epoch} "
-              f"(test top-1 after epoch {epoch - 1}: {100 * acc:.2f}%)" for epoch, low, high, acc in restarts]
+    lines += [f"- from epoch {epoch}: lr {low:.2g} at the end of epoch {epoch - 1}, {high:.2g} at the end of epoch "
+              f"{epoch} (test top-1 after epoch {epoch - 1}: {100 * acc:.2f}%)" for epoch, low, high, acc in restarts]
     return "\n".join(lines) + "\n"
 
 

@@ -40,7 +40,6 @@ ACTIVATION_OBSERVERS = ("auto", *OBSERVERS)
 INPUT_RANGES = ("auto", "pixels", "calibrated")
 POST_LAYERNORM_MODES = ("per_channel_reparam", "per_tensor", "per_channel")
 POST_SOFTMAX_QUANTIZERS = ("auto", "log_sqrt2", "log2", "uniform", "tanq")
-SCALE_SELECTORS = ("mean", "median", "mad", "search")
 #: Roles of the Linear layers whose input the activation correction can fix (see `calibration/sites.py`).
 CORRECTION_SITES = ("qkv", "o_proj", "fc1", "fc2", "reduction", "classifier")
 CORRECTION_KINDS = ("affine", "ridge")
@@ -98,6 +97,13 @@ def parse_bits(bits: str) -> tuple[int, int | None]:
     return weight_bits, activation_bits
 
 
+def registered_scale_selectors() -> tuple[str, ...]:
+    """The built-in scale selectors and those added with `optimum_dfq.calibration.register_scale_selector`."""
+    from .calibration.reparam import SCALE_SELECTOR_REGISTRY  # imported late: calibration imports this module
+
+    return tuple(SCALE_SELECTOR_REGISTRY)
+
+
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"DFQConfig.{name}={value!r} is not one of {list(choices)}.")
@@ -140,7 +146,8 @@ class DFQConfig(QuantizationConfigMixin):
             tensor (RepQ-ViT), plain per tensor, or kept per channel (not integer-friendly; for ablations).
         scale_selector (`str`, defaults to `"mean"`): how the layer-wise scale is chosen from the channel scales when
             re-parameterising (`"mean"` = RepQ-ViT; `"median"` and `"mad"` = our reading of DopQ-ViT's MOSF;
-            `"search"` = our reading of DopQ-ViT v2's SOSF, a search on the consumers' output error).
+            `"search"` = our reading of DopQ-ViT v2's SOSF, a search on the consumers' output error), or a name added
+            with `optimum_dfq.calibration.register_scale_selector`.
         round_zero_point (`bool`, defaults to `True`): round the re-parameterised zero point to an integer (RepQ-ViT's
             code leaves it fractional; integer deployment needs it rounded; FP equivalence holds either way).
         quantize_attention (`bool`, defaults to `True`): quantize both attention matmuls (Q, K, softmax output, V).
@@ -230,7 +237,11 @@ class DFQConfig(QuantizationConfigMixin):
         _check_choice("activation_observer", self.activation_observer, ACTIVATION_OBSERVERS)
         _check_choice("post_layernorm", self.post_layernorm, POST_LAYERNORM_MODES)
         _check_choice("post_softmax", self.post_softmax, POST_SOFTMAX_QUANTIZERS)
-        _check_choice("scale_selector", self.scale_selector, SCALE_SELECTORS)
+        if self.scale_selector not in registered_scale_selectors():
+            raise ConfigError(
+                f"DFQConfig.scale_selector={self.scale_selector!r} is not one of {list(registered_scale_selectors())}; "
+                "a custom selector must be registered with optimum_dfq.calibration.register_scale_selector first."
+            )
         _check_choice("calibration_order", self.calibration_order, CALIBRATION_ORDERS)
         if not 2 <= self.input_bits <= 8:
             raise ConfigError(f"DFQConfig.input_bits={self.input_bits} must be in 2..8.")

@@ -104,7 +104,8 @@ def _bits_rows(config: DFQConfig) -> list[tuple[str, str]]:
     ]
     if config.quantize_attention:
         rows.append(
-            ("attention", f"Q, K, V {config.activation_bits}-bit uniform; softmax output `{config.post_softmax_quantizer}`")
+            ("attention",
+             f"Q, K, V {config.activation_bits}-bit uniform; softmax output `{config.post_softmax_quantizer}`")
         )
     return rows
 

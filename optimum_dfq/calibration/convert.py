@@ -41,8 +41,10 @@ class QuantizationPlan:
     """Which modules get quantized, and how post-LayerNorm sites are shared.
 
     Attributes:
-        layernorm_consumers (`dict[str, list[str]]`): quantized LayerNorm name → the Linears reading its output.
-        skipped (`list[str]`): modules kept in float because of `modules_to_not_convert`.
+        layernorm_consumers (`dict[str, list[str]]`): quantized LayerNorm name → the Linears reading its output
+            (which then have no input quantizer of their own). Empty when activations stay float.
+        skipped (`list[str]`): patch embeddings, Linears and attention modules kept in float because they match
+            `DFQConfig.modules_to_not_convert`.
         corrections (`dict[str, str]`): Linear name → `"folded"` (an activation correction was folded into its
             weight and bias, which may have created the bias) or the kind of the correction module attached as its
             `input_correction` (`"affine"`, `"ridge"`); see `calibration/correction.py`. Loading a checkpoint
@@ -160,8 +162,11 @@ def resolve_input_range(config: DFQConfig, image_processor: Any | None) -> tuple
         normalisation the pixel grid is built from (`None` for `"calibrated"`).
 
     Example:
-        >>> resolve_input_range(DFQConfig(bits="w8a8"), None)[0].input_range
-        'calibrated'
+
+    ```python
+    >>> resolve_input_range(DFQConfig(bits="w8a8"), None)[0].input_range
+    'calibrated'
+    ```
     """
     if config.input_range == "calibrated" or config.activation_bits is None:
         return config, None
@@ -214,19 +219,48 @@ def convert_model(
 ) -> QuantizationPlan:
     """Replaces modules of `model` in place by their quantized twins (quantizers still uncalibrated).
 
+    The patch-embedding `Conv2d` and every `nn.Linear` become [`QConv2d`] / [`QLinear`], the LayerNorms of
+    `layernorm_consumers` become [`QLayerNorm`]s with an output quantizer (shared by the Linears that read it), and
+    each attention module gets [`AttentionQuantizers`], which run once the model uses the quantized attention
+    (`optimum_dfq.nn.use_quantized_attention`). With float activations (`bits="w4a16"`, ...) only weights get
+    quantizers. Modules matching `config.modules_to_not_convert` stay float.
+
     Args:
         model (`PreTrainedModel`): the float model (a copy: it is modified).
         config (`DFQConfig`): bits and quantizer choices (`input_range` resolved, see [`resolve_input_range`]).
         adapter (`ModelAdapter`): the model family's structure.
-        layernorm_consumers (`dict`): from [`find_layernorm_consumers`] on the float model.
-        input_normalization (*optional*): `(image_mean, image_std)` of the pixel-grid input quantizer; `None` when
-            the quantizer's parameters come from a checkpoint.
-        activation_consumers (`Sequence[str]`): Linears reading an activation function's output, from
-            [`find_activation_consumers`] (or a checkpoint's plan); their input quantizers use
-            `config.post_activation_range_observer`.
+        layernorm_consumers (`dict[str, list[str]]`): LayerNorm → consuming Linears, from
+            [`find_layernorm_consumers`] on the float model; an empty dict gives every Linear its own input quantizer.
+        input_normalization (`tuple[Sequence[float], Sequence[float]]`, *optional*): `(image_mean, image_std)` of
+            the pixel-grid input quantizer (`input_range="pixels"`); `None` when the quantizer's parameters come from
+            a checkpoint.
+        activation_consumers (`Sequence[str]`, *optional*, defaults to `()`): Linears reading an activation
+            function's output, from [`find_activation_consumers`] (or a checkpoint's plan); their input quantizers
+            use `config.post_activation_range_observer`.
 
     Returns:
-        `QuantizationPlan`
+        `QuantizationPlan`: the LayerNorms actually quantized, the skipped modules and the activation consumers
+        that got their own range estimator (`corrections` is left empty).
+
+    Raises:
+        `ConfigError`: when a module to convert has no registered quantized class (checked before anything is
+            replaced, so the model is then left unchanged).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers import ViTConfig, ViTForImageClassification
+    >>> from optimum_dfq import DFQConfig
+    >>> from optimum_dfq.calibration import convert_model
+    >>> from optimum_dfq.models import find_layernorm_consumers, get_adapter
+    >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+    ...                                             num_attention_heads=2, intermediate_size=64, num_labels=10))
+    >>> consumers = find_layernorm_consumers(model, torch.zeros(1, 3, 32, 32))
+    >>> plan = convert_model(model, DFQConfig(bits="w4a4", input_range="calibrated"), get_adapter(model), consumers)
+    >>> type(model.classifier).__name__, list(plan.layernorm_consumers)
+    ('QLinear', ['vit.layers.0.layernorm_before', 'vit.layers.0.layernorm_after'])
+    ```
     """
     plan = QuantizationPlan()
     skip = config.modules_to_not_convert

@@ -45,10 +45,25 @@ logger = logging.getLogger(__name__)
 
 
 class AffineCorrection(nn.Module):
-    """Per-channel affine correction `x ← scale ⊙ x + shift` (identity when created).
+    """Per-channel affine correction `x ← scale ⊙ x + shift` on the last dimension (the identity when created).
+
+    `scale` and `shift` are buffers (saved in the `state_dict`, not trained); [`fit_affine`] sets them.
 
     Args:
         channels (`int`): size of the last dimension.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from optimum_dfq.calibration import AffineCorrection
+    >>> correction = AffineCorrection(4)
+    >>> x = torch.randn(2, 5, 4)
+    >>> torch.equal(correction(x), x), sorted(correction.state_dict())
+    (True, ['scale', 'shift'])
+    >>> correction.as_linear_map()[0].shape  # the equivalent diagonal matrix
+    torch.Size([4, 4])
+    ```
     """
 
     kind = "affine"
@@ -67,10 +82,24 @@ class AffineCorrection(nn.Module):
 
 
 class RidgeCorrection(nn.Module):
-    """Full-matrix correction `x ← x @ matrix + bias` (identity when created).
+    """Full-matrix correction `x ← x @ matrix + bias` on the last dimension (the identity when created).
+
+    `matrix` (`[channels, channels]`) and `bias` are buffers (saved in the `state_dict`, not trained); [`fit_ridge`]
+    sets them.
 
     Args:
         channels (`int`): size of the last dimension.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from optimum_dfq.calibration import RidgeCorrection
+    >>> correction = RidgeCorrection(4)
+    >>> x = torch.randn(2, 5, 4)
+    >>> torch.equal(correction(x), x), sorted(correction.state_dict())
+    (True, ['bias', 'matrix'])
+    ```
     """
 
     kind = "ridge"
@@ -93,13 +122,20 @@ CORRECTION_MODULES: dict[str, type[nn.Module]] = {"affine": AffineCorrection, "r
 
 @dataclass
 class CorrectionRecord:
-    """What one fitted site did (calibration-set MSE between quantized and float activations).
+    """What the correction did at one site, as returned by [`correct_activations`].
+
+    The MSEs are measured on the token rows used for fitting (about `max_tokens` rows subsampled from the calibration
+    images), at the site's first Linear, between what its matmul multiplies in the quantized and in the float model.
 
     Attributes:
-        role (`str`), linears (`tuple[str, ...]`): the site.
-        mse_before (`float`), mse_after (`float`): activation MSE without / with the correction.
+        role (`str`): the Linears' role (`"qkv"`, `"o_proj"`, `"fc1"`, `"fc2"`, `"reduction"` or `"classifier"`).
+        linears (`tuple[str, ...]`): names of the Linears that read the corrected tensor (q, k and v together when
+            they share their input).
+        mse_before (`float`): activation MSE without the correction.
+        mse_after (`float`): activation MSE with the correction applied.
         kind (`str`): `"affine"` or `"ridge"`.
-        folded (`bool`): folded into the Linears' weights (else attached as `input_correction`).
+        folded (`bool`): whether the correction was folded into the Linears' weights and biases (otherwise it is
+            attached to each of them as `input_correction`).
     """
 
     role: str
@@ -180,13 +216,34 @@ def fit_correction(x_q: torch.Tensor, x_fp: torch.Tensor, options: dict) -> nn.M
 def fold_correction(linear: QLinear, correction: nn.Module, recalibrate_weights: bool = True) -> None:
     """Folds a correction that precedes `linear` into its float weight and bias (in place).
 
-    `F.linear(x M + β, W, b) = F.linear(x, W Mᵀ, b + W β)`. The weight quantizer is then re-calibrated on the folded
-    float weight (unless `recalibrate_weights=False`).
+    `F.linear(x M + β, W, b) = F.linear(x, W Mᵀ, b + W β)`; a zero bias is created first if the layer has none. The
+    weight quantizer is then re-calibrated on the folded float weight (unless `recalibrate_weights=False`). The
+    correction module itself is not attached to `linear`.
 
     Args:
         linear (`QLinear`): the consumer (its weight must still be float, not frozen).
-        correction (`AffineCorrection` or `RidgeCorrection`): the fitted correction.
-        recalibrate_weights (`bool`): re-calibrate the weight quantizer afterwards.
+        correction (`AffineCorrection` or `RidgeCorrection`): the fitted correction (any module with an
+            `as_linear_map()` method returning `(M, β)`).
+        recalibrate_weights (`bool`, *optional*, defaults to `True`): re-calibrate the weight quantizer afterwards.
+
+    Raises:
+        `DFQError`: when the weight of `linear` is frozen to integer codes.
+
+    Example:
+
+    ```python
+    >>> from torch import nn
+    >>> from optimum_dfq.calibration import AffineCorrection, fold_correction
+    >>> from optimum_dfq.nn import QLinear
+    >>> from optimum_dfq.quantizers import build_quantizer
+    >>> linear = QLinear.from_float(nn.Linear(4, 3, bias=False), build_quantizer("uniform", bits=8, channels=3, axis=0),
+    ...                             None, "fc")
+    >>> correction = AffineCorrection(4)
+    >>> correction.shift[:] = 0.5
+    >>> fold_correction(linear, correction)
+    >>> linear.bias is not None, bool(linear.weight_quantizer.calibrated)
+    (True, True)
+    ```
     """
     if linear.is_frozen:
         raise DFQError(
@@ -224,8 +281,11 @@ def correct_activations(
         `list[CorrectionRecord]`, one per site.
 
     Example:
-        >>> cfg = DFQConfig(bits="w3a8", correction={"kind": "affine", "sites": ["fc1", "fc2"]})  # doctest: +SKIP
-        >>> records = correct_activations(qmodel, float_model, calibration, cfg)  # doctest: +SKIP
+
+    ```python
+    >>> cfg = DFQConfig(bits="w3a8", correction={"kind": "affine", "sites": ["fc1", "fc2"]})  # doctest: +SKIP
+    >>> records = correct_activations(qmodel, float_model, calibration, cfg)  # doctest: +SKIP
+    ```
     """
     options = config.correction
     if not options:
@@ -263,7 +323,35 @@ def correction_layout(records: list[CorrectionRecord]) -> dict[str, str]:
 
 def attach_corrections(model: nn.Module, layout: dict[str, str]) -> None:
     """Rebuilds the structure described by [`correction_layout`] with identity values, ready to be filled from a
-    checkpoint: a bias on every Linear a correction was folded into, an identity module where one is attached."""
+    checkpoint (in place).
+
+    A Linear marked `"folded"` gets a zero bias if it has none; a Linear marked `"affine"` or `"ridge"` gets an
+    identity [`AffineCorrection`] or [`RidgeCorrection`] as its `input_correction` (on its weight quantizer's
+    device), replacing any correction it had. Checkpoint loading calls this with the saved
+    `QuantizationPlan.corrections`.
+
+    Args:
+        model (`nn.Module`): a quantized model.
+        layout (`dict[str, str]`): [`QLinear`] name → `"folded"`, `"affine"` or `"ridge"`.
+
+    Raises:
+        `KeyError`: when a kind is none of the three.
+        `AttributeError`: when a name is not a submodule of `model`.
+
+    Example:
+
+    ```python
+    >>> from transformers import ViTConfig, ViTForImageClassification
+    >>> from optimum_dfq import DataFreeViTQuantizer
+    >>> from optimum_dfq.calibration import attach_corrections
+    >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+    ...                                             num_attention_heads=2, intermediate_size=64, num_labels=10))
+    >>> qmodel = DataFreeViTQuantizer().quantize(model, bits="w4a4", synthesizer="gaussian", num_images=4)
+    >>> attach_corrections(qmodel, {"classifier": "ridge"})
+    >>> type(qmodel.classifier.input_correction).__name__
+    'RidgeCorrection'
+    ```
+    """
     for name, kind in layout.items():
         linear = model.get_submodule(name)
         if kind == "folded":

@@ -19,7 +19,21 @@ class CalibrationSet:
             (or synthesized in that space).
         labels (`torch.Tensor`, *optional*): `[N]` hard labels (class ids), when known.
         soft_labels (`torch.Tensor`, *optional*): `[N, num_classes]` soft targets, when the synthesizer made them.
-        metadata (`dict`): provenance: source/method, hyper-parameters, seed, model, library version.
+        metadata (`dict[str, Any]`, *optional*): provenance: source/method, hyper-parameters, seed, model, library
+            version (empty by default).
+
+    Raises:
+        `CalibrationError`: when `pixel_values` is not a 4-D tensor, holds no image, or holds NaN/inf values.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from optimum_dfq.calibration import CalibrationSet
+    >>> calibration = CalibrationSet(pixel_values=torch.randn(10, 3, 32, 32), metadata={"source": "gaussian"})
+    >>> len(calibration), [batch.shape[0] for batch in calibration.batches(4)]
+    (10, [4, 4, 2])
+    ```
     """
 
     pixel_values: torch.Tensor
@@ -57,11 +71,38 @@ class CalibrationSet:
             )
 
     def batches(self, batch_size: int) -> list[torch.Tensor]:
+        """Splits `pixel_values` into consecutive batches of `batch_size` images (the last one may be smaller).
+
+        Args:
+            batch_size (`int`): images per batch.
+
+        Returns:
+            `list[torch.Tensor]`: views of `pixel_values`, in order.
+        """
         return list(torch.split(self.pixel_values, batch_size))
 
 
 def expected_image_shape(model: torch.nn.Module) -> tuple[int, int, int]:
-    """`(channels, height, width)` the model accepts, from its config."""
+    """Returns the `(channels, height, width)` of the images a model accepts, read from its config.
+
+    Args:
+        model (`PreTrainedModel`): a model whose config has `image_size` (an `int` or a `(height, width)` pair) and
+            `num_channels`.
+
+    Returns:
+        `tuple[int, int, int]`
+
+    Example:
+
+    ```python
+    >>> from transformers import ViTConfig, ViTForImageClassification
+    >>> from optimum_dfq.calibration import expected_image_shape
+    >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+    ...                                             num_attention_heads=2, intermediate_size=64, num_labels=10))
+    >>> expected_image_shape(model)
+    (3, 32, 32)
+    ```
+    """
     config = model.config
     size = config.image_size
     height, width = (size, size) if isinstance(size, int) else tuple(size)
@@ -96,15 +137,39 @@ def calibration_set_from_dataset(
 ) -> CalibrationSet:
     """Takes real images from a `datasets` image dataset and runs them through the model's image processor.
 
+    Images are converted to RGB first. Labels come from the first `ClassLabel` column, if there is one.
+
     Args:
-        dataset (`datasets.Dataset`): a map-style dataset with an `Image` column (and optionally a `ClassLabel`).
-        image_processor: the model's image processor (`AutoImageProcessor.from_pretrained(model_id)`).
+        dataset (`datasets.Dataset`): a map-style dataset with a `datasets.Image` column (the first one is used) and
+            optionally a `ClassLabel` column.
+        image_processor (`BaseImageProcessor`): the model's image processor
+            (`AutoImageProcessor.from_pretrained(model_id)`).
         num_images (`int`, *optional*): how many images to take (all if `None`).
-        seed (`int`): seed of the shuffle that picks them.
-        shuffle (`bool`): pick a random subset (RepQ-ViT takes one shuffled batch of training images).
+        seed (`int`, *optional*, defaults to 0): seed of the shuffle that picks them.
+        shuffle (`bool`, *optional*, defaults to `True`): pick a random subset (RepQ-ViT takes one shuffled batch of
+            training images); otherwise the first `num_images`.
 
     Returns:
-        `CalibrationSet`
+        `CalibrationSet`: the processed images, their labels (or `None`) and `metadata` with `source="real"`,
+        `num_images` and `seed`.
+
+    Raises:
+        `CalibrationError`: when `image_processor` is `None`, the dataset is empty or has no image column, or
+            `num_images` exceeds its length.
+
+    Example:
+
+    ```python
+    >>> from datasets import ClassLabel, Dataset, Features, Image
+    >>> from PIL import Image as PILImage
+    >>> from transformers import ViTImageProcessor
+    >>> from optimum_dfq.calibration import calibration_set_from_dataset
+    >>> features = Features({"image": Image(), "label": ClassLabel(names=["cat", "dog"])})
+    >>> dataset = Dataset.from_dict({"image": [PILImage.new("RGB", (40, 40))] * 6, "label": [0, 1] * 3}, features)
+    >>> calibration = calibration_set_from_dataset(dataset, ViTImageProcessor(size={"height": 32, "width": 32}), 4)
+    >>> calibration.pixel_values.shape, calibration.labels.shape
+    (torch.Size([4, 3, 32, 32]), torch.Size([4]))
+    ```
     """
     if image_processor is None:
         raise CalibrationError(

@@ -28,6 +28,33 @@ logger = logging.getLogger(__name__)
 
 
 def calibrate_weights(model: nn.Module) -> None:
+    """(Re-)calibrates the weight quantizer of every quantized module of `model` from its current float weight.
+
+    Each weight quantizer forgets its old parameters, observes the weight, calibrates and is left in `"quantize"`
+    mode (or `"off"` if it was off). Modules without a weight quantizer ([`QLayerNorm`]) are skipped.
+
+    Args:
+        model (`nn.Module`): a model converted by [`convert_model`] (weights not frozen yet).
+
+    Raises:
+        `DFQError`: when a module's weight is frozen to integer codes (e.g. a model returned by
+            `DataFreeViTQuantizer.quantize`).
+
+    Example:
+
+    ```python
+    >>> from transformers import ViTConfig, ViTForImageClassification
+    >>> from optimum_dfq import DFQConfig
+    >>> from optimum_dfq.calibration import calibrate_weights, convert_model, iter_quantizers
+    >>> from optimum_dfq.models import get_adapter
+    >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+    ...                                             num_attention_heads=2, intermediate_size=64, num_labels=10))
+    >>> plan = convert_model(model, DFQConfig(bits="w4a4"), get_adapter(model), layernorm_consumers={})
+    >>> calibrate_weights(model)
+    >>> sum(bool(q.calibrated) for name, q in iter_quantizers(model) if name.endswith("weight_quantizer"))
+    8
+    ```
+    """
     for module in model.modules():
         if isinstance(module, QModuleMixin):
             module.calibrate_weights()
@@ -35,11 +62,45 @@ def calibrate_weights(model: nn.Module) -> None:
 
 @torch.no_grad()
 def calibrate_activations(model: nn.Module, calibration: CalibrationSet, config: DFQConfig) -> None:
-    """Calibrates every activation quantizer on the calibration images.
+    """Calibrates every activation quantizer of a converted model on the calibration images.
 
     `"sequential"` order runs the whole set in one forward pass, each quantizer calibrating when the data reaches
-    it (so it sees the output of the already-quantized prefix). `"parallel"` observes all quantizers on the float
-    activations in batches of `calibration_batch_size`, then calibrates them all.
+    it (so it sees the output of the already-quantized prefix). `"parallel"` runs batches of
+    `calibration_batch_size` with every activation quantizer only observing (passing its input through), then
+    calibrates them all; weight quantizers keep their mode, so after [`calibrate_weights`] the observed activations
+    are those of the weight-quantized model. Afterwards every activation quantizer is in `"quantize"` mode. Does
+    nothing when the model has no activation quantizer (e.g. `bits="w4a16"`).
+
+    Args:
+        model (`nn.Module`): a model converted by [`convert_model`], its weight quantizers calibrated and its
+            attention switched to the quantized implementation (`optimum_dfq.nn.use_quantized_attention`), so that
+            the attention quantizers receive data.
+        calibration (`CalibrationSet`): the calibration images.
+        config (`DFQConfig`): `calibration_order` and `calibration_batch_size` are read.
+
+    Raises:
+        `CalibrationError`: when some activation quantizers received no data (their names are listed).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers import ViTConfig, ViTForImageClassification
+    >>> from optimum_dfq import DFQConfig
+    >>> from optimum_dfq.calibration import CalibrationSet, calibrate_activations, calibrate_weights, convert_model
+    >>> from optimum_dfq.calibration import iter_quantizers
+    >>> from optimum_dfq.models import get_adapter
+    >>> from optimum_dfq.nn import use_quantized_attention
+    >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+    ...                                             num_attention_heads=2, intermediate_size=64, num_labels=10))
+    >>> config = DFQConfig(bits="w4a4")
+    >>> plan = convert_model(model.eval(), config, get_adapter(model), layernorm_consumers={})
+    >>> calibrate_weights(model)
+    >>> previous = use_quantized_attention(model)
+    >>> calibrate_activations(model, CalibrationSet(pixel_values=torch.randn(4, 3, 32, 32)), config)
+    >>> all(bool(q.calibrated) for _, q in iter_quantizers(model))
+    True
+    ```
     """
     weight_names = weight_quantizer_names(model)
     activation_quantizers = [(n, q) for n, q in iter_quantizers(model) if n not in weight_names]
@@ -83,10 +144,35 @@ def quantize_model(
         model (`PreTrainedModel`): a float ViT/DeiT/Swin (modified in place; pass a copy).
         calibration (`CalibrationSet`): calibration images in the model's input space.
         config (`DFQConfig`): the run definition (`input_range` resolved, see [`resolve_input_range`]).
-        input_normalization (*optional*): `(image_mean, image_std)` for `input_range="pixels"`.
+        input_normalization (`tuple[Sequence[float], Sequence[float]]`, *optional*): `(image_mean, image_std)`,
+            needed when `config.input_range == "pixels"` (the second item returned by [`resolve_input_range`]).
 
     Returns:
-        `tuple[PreTrainedModel, QuantizationPlan]`
+        `tuple[PreTrainedModel, QuantizationPlan]`: `model` itself (fake-quantized, weights still float: unlike
+        `DataFreeViTQuantizer.quantize` nothing is frozen and no `hf_quantizer` is attached) and the plan of what
+        was converted.
+
+    Raises:
+        `ConfigError`: when `input_range="pixels"` and activations are quantized but no `input_normalization` is
+            given, or when a layer to quantize has no registered quantized class.
+        `UnsupportedArchitectureError`: when `model` is not a supported ViT/DeiT/Swin class.
+        `ImageSizeError`: when the calibration images do not match the model's input size.
+        `CalibrationError`: when some activation quantizer receives no calibration data.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers import ViTConfig, ViTForImageClassification
+    >>> from optimum_dfq import DFQConfig
+    >>> from optimum_dfq.calibration import CalibrationSet, quantize_model
+    >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+    ...                                             num_attention_heads=2, intermediate_size=64, num_labels=10))
+    >>> calibration = CalibrationSet(pixel_values=torch.randn(4, 3, 32, 32))
+    >>> qmodel, plan = quantize_model(model, calibration, DFQConfig(bits="w4a4", input_range="calibrated"))
+    >>> qmodel is model, type(model.classifier).__name__, plan.activation_consumers
+    (True, 'QLinear', ['vit.layers.0.mlp.fc2'])
+    ```
     """
     if config.input_range == "pixels" and input_normalization is None and config.activation_bits is not None:
         raise ConfigError(

@@ -41,8 +41,10 @@ class BlockReport:
 
     Attributes:
         name (`str`): the block's module name.
-        loss_before (`float`), loss_after (`float`): block-output MSE against the float model, before and after.
-        kept (`bool`): whether the tuned weights were kept (`loss_after < loss_before`).
+        loss_before (`float`): block-output MSE against the float model before tuning.
+        loss_after (`float`): the same MSE after reconstruction; equal to `loss_before` when the tuned weights were
+            discarded (the tuned loss is then only logged).
+        kept (`bool`): whether the tuned weights were kept (their loss was lower than `loss_before`).
     """
 
     name: str
@@ -137,8 +139,11 @@ def reconstruct_blocks(
         `list[BlockReport]`, one per block.
 
     Example:
-        >>> cfg = DFQConfig(bits="w4a4", reconstruction={"iterations": 100})  # doctest: +SKIP
-        >>> reports = reconstruct_blocks(qmodel, float_model, calibration, cfg)  # doctest: +SKIP
+
+    ```python
+    >>> cfg = DFQConfig(bits="w4a4", reconstruction={"iterations": 100})  # doctest: +SKIP
+    >>> reports = reconstruct_blocks(qmodel, float_model, calibration, cfg)  # doctest: +SKIP
+    ```
     """
     options = config.reconstruction
     if not options:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..config import DFQConfig
+from ..errors import ConfigError
 from ..nn import QLayerNorm, QLinear
 from ..quantizers import UniformQuantizer
 from .convert import activation_quantizer
@@ -61,17 +62,58 @@ class SelectorContext:
 
 
 def register_scale_selector(name: str, needs_context: bool = False):
-    """Decorator registering `fn(scale[C], zero_point[C]) -> (layer_scale, layer_zero_point)`.
+    """Decorator that registers a scale selector `fn(scale[C], zero_point[C]) -> (layer_scale, layer_zero_point)`.
 
-    With `needs_context=True` the function is called as `fn(scale, zero_point, context=SelectorContext | None)`.
+    A scale selector picks the layer-wise (per-tensor) scale and zero point that [`reparameterize_layernorm`] folds a
+    per-channel post-LayerNorm quantizer into; it receives the per-channel parameters as float64 tensors. With
+    `needs_context=True` it is called as `fn(scale, zero_point, context=SelectorContext | None)`. Once registered, the
+    name is accepted by `DFQConfig(scale_selector=...)`. A name already taken by another function is refused (delete
+    it from [`SCALE_SELECTOR_REGISTRY`] first to replace it).
+
+    Args:
+        name (`str`): the key in [`SCALE_SELECTOR_REGISTRY`].
+        needs_context (`bool`, *optional*, defaults to `False`): whether the selector measures on calibration
+            activations and consumers (a [`SelectorContext`]); `quantize_model` then captures them.
+
+    Returns:
+        `Callable[[ScaleSelector], ScaleSelector]`: the decorator, which returns the function unchanged (with a
+        `needs_context` attribute set).
+
+    Raises:
+        `ConfigError`: (from the decorator) when `name` is registered to another function.
+
+    Example:
+
+    ```python
+    >>> from optimum_dfq import DFQConfig
+    >>> from optimum_dfq.calibration import SCALE_SELECTOR_REGISTRY, register_scale_selector
+    >>> @register_scale_selector("max")
+    ... def max_selector(scale, zero_point):
+    ...     return scale.max(), zero_point.mean()
+    >>> SCALE_SELECTOR_REGISTRY["max"] is max_selector, max_selector.needs_context
+    (True, False)
+    >>> DFQConfig(bits="w4a4", scale_selector="max").scale_selector
+    'max'
+    >>> del SCALE_SELECTOR_REGISTRY["max"]  # the registry is global
+    ```
     """
 
     def wrapper(fn: ScaleSelector) -> ScaleSelector:
+        existing = SCALE_SELECTOR_REGISTRY.get(name)
+        if existing is not None and _qualified(existing) != _qualified(fn):
+            raise ConfigError(
+                f"Scale selector {name!r} is already registered to {_qualified(existing)}; choose another name, or "
+                f"`del SCALE_SELECTOR_REGISTRY[{name!r}]` first to replace it."
+            )
         fn.needs_context = needs_context
         SCALE_SELECTOR_REGISTRY[name] = fn
         return fn
 
     return wrapper
+
+
+def _qualified(fn: ScaleSelector) -> str:
+    return f"{fn.__module__}.{fn.__qualname__}"
 
 
 def selector_needs_context(name: str) -> bool:
@@ -199,13 +241,41 @@ def reparameterize_layernorm(
 ) -> None:
     """Folds the per-channel output quantizer of `norm` into per-tensor form (in place).
 
+    The LayerNorm's weight and bias and the consumers' weights and biases are rescaled so that the float function is
+    unchanged (a zero bias is created on consumers without one), and `norm.output_quantizer` is replaced by a
+    calibrated per-tensor uniform quantizer in the same mode.
+
     Args:
-        norm (`QLayerNorm`): LayerNorm with a calibrated per-channel output quantizer.
-        consumers (`list[QLinear]`): every Linear reading its output (q, k and v all get the same fold).
-        config (`DFQConfig`): `scale_selector` and `round_zero_point`.
-        recalibrate_weights (`bool`): re-calibrate the consumers' weight quantizers afterwards.
+        norm (`QLayerNorm`): LayerNorm with a calibrated per-channel uniform output quantizer.
+        consumers (`list[QLinear]`): every Linear reading its output (q, k and v all get the same fold); leaving one
+            out changes the model's function. Their weights must still be float (not frozen).
+        config (`DFQConfig`): `scale_selector` and `round_zero_point` are read; the new per-tensor quantizer is
+            built from it (with the bits of the old one).
+        recalibrate_weights (`bool`, *optional*, defaults to `True`): re-calibrate the consumers' weight quantizers
+            afterwards.
         activations (`torch.Tensor`, *optional*): `[rows, C]` float outputs of `norm` on calibration images, for
-            selectors that measure (`"search"`).
+            selectors that measure (`"search"`; without them it falls back to the median).
+
+    Raises:
+        `ValueError`: when the output quantizer is not a per-channel uniform quantizer, or `norm` has no weight or
+            no bias.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers import ViTConfig, ViTForImageClassification
+    >>> from optimum_dfq import DFQConfig
+    >>> from optimum_dfq.calibration import CalibrationSet, quantize_model, reparameterize_layernorm
+    >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+    ...                                             num_attention_heads=2, intermediate_size=64, num_labels=10))
+    >>> config = DFQConfig(bits="w4a4", input_range="calibrated", post_layernorm="per_channel")  # no re-param. yet
+    >>> model, plan = quantize_model(model, CalibrationSet(pixel_values=torch.randn(4, 3, 32, 32)), config)
+    >>> norm = model.get_submodule("vit.layers.0.layernorm_after")
+    >>> reparameterize_layernorm(norm, [model.get_submodule("vit.layers.0.mlp.fc1")], config)
+    >>> norm.output_quantizer.per_channel
+    False
+    ```
     """
     quantizer = norm.output_quantizer
     if not isinstance(quantizer, UniformQuantizer) or not quantizer.per_channel:
@@ -251,10 +321,35 @@ def reparameterize_model(
     recalibrate_weights: bool = True,
     activations: dict[str, torch.Tensor] | None = None,
 ) -> int:
-    """Applies [`reparameterize_layernorm`] to every quantized LayerNorm of `model`; returns how many were folded.
+    """Applies [`reparameterize_layernorm`] to every quantized LayerNorm of `model` (in place).
 
-    `activations` (LayerNorm name → `[rows, C]` float outputs, see `engine.capture_layernorm_outputs`) is needed by
-    measuring selectors (`"search"`).
+    Args:
+        model (`nn.Module`): a calibrated quantized model whose post-LayerNorm quantizers are per channel (weights
+            not frozen).
+        layernorm_consumers (`dict[str, list[str]]`): [`QLayerNorm`] name → names of the Linears reading its output,
+            as in `QuantizationPlan.layernorm_consumers`.
+        config (`DFQConfig`): see [`reparameterize_layernorm`].
+        recalibrate_weights (`bool`, *optional*, defaults to `True`): re-calibrate the consumers' weight quantizers.
+        activations (`dict[str, torch.Tensor]`, *optional*): LayerNorm name → `[rows, C]` float outputs on
+            calibration images (see `engine.capture_layernorm_outputs`), for measuring selectors (`"search"`).
+
+    Returns:
+        `int`: how many LayerNorms were folded (every entry of `layernorm_consumers`).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers import ViTConfig, ViTForImageClassification
+    >>> from optimum_dfq import DFQConfig
+    >>> from optimum_dfq.calibration import CalibrationSet, quantize_model, reparameterize_model
+    >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+    ...                                             num_attention_heads=2, intermediate_size=64, num_labels=10))
+    >>> config = DFQConfig(bits="w4a4", input_range="calibrated", post_layernorm="per_channel")  # no re-param. yet
+    >>> model, plan = quantize_model(model, CalibrationSet(pixel_values=torch.randn(4, 3, 32, 32)), config)
+    >>> reparameterize_model(model, plan.layernorm_consumers, config)
+    2
+    ```
     """
     folded = 0
     activations = activations or {}

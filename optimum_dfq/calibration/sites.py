@@ -69,6 +69,9 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 def linear_roles(model: nn.Module, adapter: ModelAdapter, pixel_values: torch.Tensor) -> dict[str, str]:
     """Maps every Linear (float or [`QLinear`]) of `model` to its role, in forward order.
 
+    The roles (`"qkv"`, `"o_proj"`, `"fc1"`, `"fc2"`, `"reduction"`, `"classifier"`) are found from the module
+    structure and one probe forward pass (see the module docstring), not from parameter names.
+
     Args:
         model (`PreTrainedModel`): a float or quantized ViT/DeiT/Swin (its uncalibrated quantizers are switched
             off for the probe).
@@ -76,7 +79,21 @@ def linear_roles(model: nn.Module, adapter: ModelAdapter, pixel_values: torch.Te
         pixel_values (`torch.Tensor`): a small probe batch (one image is enough).
 
     Returns:
-        `dict[str, str]`: Linear name → role, ordered by first call.
+        `dict[str, str]`: Linear name → role, ordered by first call; Linears not called in the probe are absent.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers import ViTConfig, ViTForImageClassification
+    >>> from optimum_dfq.calibration import linear_roles
+    >>> from optimum_dfq.models import get_adapter
+    >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+    ...                                             num_attention_heads=2, intermediate_size=64, num_labels=10))
+    >>> roles = linear_roles(model, get_adapter(model), torch.zeros(1, 3, 32, 32))
+    >>> list(roles.values())
+    ['qkv', 'qkv', 'qkv', 'o_proj', 'fc1', 'fc2', 'classifier']
+    ```
     """
     blocks = [name for name, _ in adapter.blocks(model)]
     attentions = [name for name, _ in adapter.attention_modules(model)]

@@ -11,9 +11,9 @@ The exported graph is what ONNX Runtime needs to run int8 kernels on CPU:
   (size first: the 4-bit weights stay 4-bit in the file, the matmul itself runs in float);
 * the patch-embedding **Conv2d** weight becomes an int8 constant through `DequantizeLinear`;
 * quantizers ONNX cannot express as QDQ (log2, log-√2, TanQ post-softmax; the pixel-grid image input, whose
-  per-channel zero points are fractional; uniform quantizers whose zero point falls outside the code range) are exported as the float operations that emulate them (`Log`, `Round`, `Clip`,
-  `Pow`...): numerically the same as PyTorch, but they run in float. Unfolded correction matrices are float
-  `MatMul`s.
+  per-channel zero points are fractional; uniform quantizers whose zero point falls outside the code range) are
+  exported as the float operations that emulate them (`Log`, `Round`, `Clip`, `Pow`...): numerically the same as
+  PyTorch, but they run in float. Unfolded correction matrices are float `MatMul`s.
 
 [`to_onnx`] returns an [`ExportReport`] listing every quantizer with its lowering, the integer/float operators ONNX
 Runtime actually runs after its graph optimisations, and the measured difference between ONNX Runtime's and
@@ -78,16 +78,18 @@ FLOAT_MATMUL_OPS = ("MatMul", "Gemm", "FusedMatMul", "Conv", "FusedConv", "Fused
 
 @dataclass
 class QuantizerExport:
-    """How one quantizer was lowered to ONNX.
+    """How one quantizer (or one unfolded input correction) of the model was lowered to ONNX.
 
     Attributes:
-        name (`str`): module path of the quantizer in the PyTorch model.
-        kind (`str`): quantizer kind (`uniform`, `log2`, `log_sqrt2`, `tanq`...).
-        bits (`int`): its bit width.
-        role (`str`): `"weight"` or `"activation"`.
-        lowering (`str`): the ONNX construct that expresses it.
+        name (`str`): module path of the quantizer in the PyTorch model (`"<layer>.input_correction"` for a
+            correction matrix).
+        kind (`str`): quantizer kind (`uniform`, `log2`, `log_sqrt2`, `tanq`, `pixel_grid`...), or `"correction"`.
+        bits (`int`): its bit width (32 for a correction matrix).
+        role (`str`): `"weight"` or `"activation"` (corrections count as activations).
+        lowering (`str`): the ONNX construct that expresses it, e.g. `"int8 DequantizeLinear -> MatMul"`,
+            `"QuantizeLinear/DequantizeLinear uint8"`, `"float emulation"`, or `"off"` for a disabled quantizer.
         integer (`bool`): whether the exported graph hands this quantizer's values to ONNX Runtime as integers.
-        note (`str`): why a quantizer stayed in float, when it did.
+        note (`str`, defaults to `""`): why a quantizer stayed in float, when it did (`"disabled"` when off).
     """
 
     name: str
@@ -106,7 +108,9 @@ class ExportReport:
     Attributes:
         path (`str`): the ONNX file.
         file_size (`int`): its size in bytes.
-        quantizers (`list[QuantizerExport]`): every quantizer of the model, in module order.
+        quantizers (`list[QuantizerExport]`): every quantizer of the model: first the weight quantizers (and
+            unfolded input corrections) of the quantized Linear/Conv2d layers, then all other quantizers, each
+            group in module order.
         ort_operators (`dict[str, int]`): operator counts of the graph ONNX Runtime runs after its optimisations
             (empty when onnxruntime is not installed).
         integer_operators (`int`), float_matmuls (`int`): the integer matmul/conv operators and the float ones in
@@ -128,16 +132,20 @@ class ExportReport:
 
     @property
     def num_integer(self) -> int:
+        """Number of entries of `quantizers` exported as integers."""
         return sum(q.integer for q in self.quantizers)
 
     @property
     def num_float(self) -> int:
+        """Number of entries of `quantizers` emulated in float (disabled quantizers are not counted)."""
         return sum(not q.integer for q in self.quantizers if q.lowering != "off")
 
     def to_dict(self) -> dict:
+        """The report as a JSON-serialisable `dict` (the quantizer entries become dicts too)."""
         return asdict(self)
 
     def save(self, path: str | os.PathLike) -> None:
+        """Writes [`to_dict`] to `path` as indented JSON."""
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     def summary(self) -> str:

@@ -34,7 +34,24 @@ class ModelAdapter:
         num_prefix_tokens (`int`): non-patch tokens before the patch tokens (CLS = 1; DeiT CLS + distillation = 2).
         windowed (`bool`): attention runs on local windows (Swin) rather than on all tokens.
         merging_type (`type`, *optional*): Swin's patch-merging class (its LayerNorm → reduction pair is
-            re-parameterised like the blocks' pairs).
+            re-parameterised like the blocks' pairs); `None` for models without one.
+
+    The attributes are also the constructor's arguments. [`get_adapter`] returns the adapter of a model from
+    [`ADAPTERS`].
+
+    Example:
+
+    ```python
+    >>> from transformers import ViTConfig, ViTForImageClassification
+    >>> from optimum_dfq.models import get_adapter
+    >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+    ...                                             num_attention_heads=2, intermediate_size=64, num_labels=10))
+    >>> adapter = get_adapter(model)
+    >>> adapter.family, adapter.num_prefix_tokens, adapter.patch_grid(model)
+    ('vit', 1, (4, 4))
+    >>> [name for name, _ in adapter.blocks(model)]
+    ['vit.layers.0']
+    ```
     """
 
     family: str
@@ -73,7 +90,8 @@ class ModelAdapter:
 _VIT = ModelAdapter("vit", ViTLayer, ViTAttention, num_prefix_tokens=1, windowed=False)
 _DEIT = ModelAdapter("deit", DeiTLayer, DeiTAttention, num_prefix_tokens=2, windowed=False)
 _DEIT_PLAIN = ModelAdapter("deit", DeiTLayer, DeiTAttention, num_prefix_tokens=2, windowed=False)
-_SWIN = ModelAdapter("swin", SwinLayer, SwinAttention, num_prefix_tokens=0, windowed=True, merging_type=SwinPatchMerging)
+_SWIN = ModelAdapter("swin", SwinLayer, SwinAttention, num_prefix_tokens=0, windowed=True,
+                     merging_type=SwinPatchMerging)
 
 ADAPTERS: dict[type[nn.Module], ModelAdapter] = {
     ViTForImageClassification: _VIT,
@@ -84,13 +102,30 @@ ADAPTERS: dict[type[nn.Module], ModelAdapter] = {
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:
-    """Returns the adapter of a supported model, or raises [`UnsupportedArchitectureError`].
+    """Returns the adapter of a supported model, looked up by its exact class in [`ADAPTERS`].
+
+    Supported: `ViTForImageClassification`, `DeiTForImageClassification`, `DeiTForImageClassificationWithTeacher`
+    and `SwinForImageClassification` (float or quantized; subclasses are not matched).
 
     Args:
         model (`nn.Module`): a transformers image-classification model.
 
     Returns:
         `ModelAdapter`
+
+    Raises:
+        `UnsupportedArchitectureError`: when the model's class is not supported.
+
+    Example:
+
+    ```python
+    >>> from transformers import ViTConfig, ViTForImageClassification
+    >>> from optimum_dfq.models import get_adapter
+    >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+    ...                                             num_attention_heads=2, intermediate_size=64, num_labels=10))
+    >>> get_adapter(model).family
+    'vit'
+    ```
     """
     adapter = ADAPTERS.get(type(model))
     if adapter is None:

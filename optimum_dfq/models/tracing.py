@@ -5,8 +5,8 @@ parameters and into every Linear that consumes its output. We find those pairs b
 matching tensors, not names: a Linear consumes a LayerNorm's output when its input holds exactly the same values,
 up to a permutation of token positions (Swin partitions and shifts windows in between; that is fine for a
 per-channel fold). Padding or any arithmetic in between breaks the equality, and the pair is (correctly) not found.
-The same matching finds the Linears fed by an activation function (the MLP's second Linear, site S5), whose input
-range is estimated differently (see `DFQConfig.activation_observer`).
+The same matching finds the Linears fed by an activation function (the MLP's second Linear, part of site S4), whose
+input range is estimated differently (see `DFQConfig.post_activation_range_observer`).
 """
 
 from __future__ import annotations
@@ -50,8 +50,11 @@ def find_consumers(
         direct Linear consumer are absent.
 
     Example:
-        >>> find_consumers(model, pixel_values[:1], lambda m: isinstance(m, nn.LayerNorm))  # doctest: +SKIP
-        {'vit.layers.0.layernorm_before': ['vit.layers.0.attention.q_proj', ...], ...}
+
+    ```python
+    >>> find_consumers(model, pixel_values[:1], lambda m: isinstance(m, nn.LayerNorm))  # doctest: +SKIP
+    {'vit.layers.0.layernorm_before': ['vit.layers.0.attention.q_proj', ...], ...}
+    ```
     """
     outputs: dict[str, torch.Tensor] = {}
     linear_inputs: list[tuple[str, torch.Tensor]] = []
@@ -92,7 +95,21 @@ def find_layernorm_consumers(model: nn.Module, pixel_values: torch.Tensor) -> di
 
     Returns:
         `dict[str, list[str]]`: LayerNorm name → names of consuming Linears, in forward order; LayerNorms with no
-        direct Linear consumer are absent.
+        direct Linear consumer are absent. Only `nn.Linear` layers are seen, so a quantized model gives `{}`.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers import ViTConfig, ViTForImageClassification
+    >>> from optimum_dfq.models import find_layernorm_consumers
+    >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+    ...                                             num_attention_heads=2, intermediate_size=64, num_labels=10))
+    >>> find_layernorm_consumers(model, torch.zeros(1, 3, 32, 32))
+    {'vit.layers.0.layernorm_before': ['vit.layers.0.attention.q_proj', 'vit.layers.0.attention.k_proj',
+                                       'vit.layers.0.attention.v_proj'],
+     'vit.layers.0.layernorm_after': ['vit.layers.0.mlp.fc1']}
+    ```
     """
     return find_consumers(model, pixel_values, lambda module: isinstance(module, nn.LayerNorm))
 
@@ -106,7 +123,20 @@ def find_activation_consumers(model: nn.Module, pixel_values: torch.Tensor) -> l
         pixel_values (`torch.Tensor`): one small example batch (a single image is enough).
 
     Returns:
-        `list[str]`: names of the Linears, in forward order.
+        `list[str]`: names of the Linears, in forward order. Only `nn.Linear` layers are seen, so a quantized model
+        gives `[]`.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers import ViTConfig, ViTForImageClassification
+    >>> from optimum_dfq.models import find_activation_consumers
+    >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+    ...                                             num_attention_heads=2, intermediate_size=64, num_labels=10))
+    >>> find_activation_consumers(model, torch.zeros(1, 3, 32, 32))
+    ['vit.layers.0.mlp.fc2']
+    ```
     """
     consumers = find_consumers(model, pixel_values, is_activation_function)
     return [name for names in consumers.values() for name in names]
@@ -122,6 +152,19 @@ def find_quantization_consumers(model: nn.Module, pixel_values: torch.Tensor) ->
     Returns:
         `tuple[dict[str, list[str]], list[str]]`: LayerNorm name → consuming Linears, and the Linears reading an
         activation function's output.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers import ViTConfig, ViTForImageClassification
+    >>> from optimum_dfq.models import find_quantization_consumers
+    >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+    ...                                             num_attention_heads=2, intermediate_size=64, num_labels=10))
+    >>> layernorm_consumers, activation_consumers = find_quantization_consumers(model, torch.zeros(1, 3, 32, 32))
+    >>> sorted(layernorm_consumers), activation_consumers
+    (['vit.layers.0.layernorm_after', 'vit.layers.0.layernorm_before'], ['vit.layers.0.mlp.fc2'])
+    ```
     """
     modules = dict(model.named_modules())
     consumers = find_consumers(

@@ -10,7 +10,7 @@ from .attention import (
     use_quantized_attention,
 )
 from .modules import QConv2d, QLayerNorm, QLinear
-from .qmodule import QModuleMixin, qmodule_class_for, quantized_class_for, register_qmodule
+from .qmodule import QModuleMixin, qmodule_class_for, quantized_class_for, register_qmodule, unregister_qmodule
 
 __all__ = [
     "ATTENTION_IMPLEMENTATION",
@@ -26,5 +26,6 @@ __all__ = [
     "quantized_class_for",
     "register_attention_implementation",
     "register_qmodule",
+    "unregister_qmodule",
     "use_quantized_attention",
 ]

@@ -26,10 +26,27 @@ ATTENTION_QUANTIZERS_ATTR = "dfq_attention"
 class AttentionQuantizers(nn.Module):
     """The four attention quantization sites of one attention module.
 
+    Conversion stores an instance as the attention module's `dfq_attention` attribute; [`dfq_attention_forward`]
+    finds it there and fake-quantizes the operands of both attention matmuls with it.
+
     Args:
-        query (`Quantizer`), key (`Quantizer`): operands of `Q·Kᵀ` (per tensor, uniform).
+        query (`Quantizer`): `Q`, the left operand of `Q·Kᵀ` (per tensor, uniform).
+        key (`Quantizer`): `K`, the right operand of `Q·Kᵀ` (per tensor, uniform).
         probs (`Quantizer`): post-softmax probabilities, the left operand of `A·V` (log-√2 in RepQ-ViT).
         value (`Quantizer`): `V`, the right operand of `A·V` (per tensor, uniform).
+        site (`str`, defaults to `""`): path of the attention module; each quantizer's `site` becomes
+            `"<site>.query"`, `"<site>.key"`... (just `"query"`, `"key"`... when empty).
+
+    Example:
+
+    ```python
+    >>> from optimum_dfq.nn import AttentionQuantizers
+    >>> from optimum_dfq.quantizers import LogSqrt2Quantizer, UniformQuantizer
+    >>> quantizers = AttentionQuantizers(UniformQuantizer(bits=4), UniformQuantizer(bits=4), LogSqrt2Quantizer(bits=4),
+    ...                                  UniformQuantizer(bits=4), site="attn")
+    >>> [q.site for q in quantizers.quantizers()]
+    ['attn.query', 'attn.key', 'attn.probs', 'attn.value']
+    ```
     """
 
     def __init__(self, query: Quantizer, key: Quantizer, probs: Quantizer, value: Quantizer, site: str = "") -> None:
@@ -39,11 +56,16 @@ class AttentionQuantizers(nn.Module):
             getattr(self, name).site = f"{site}.{name}" if site else name
 
     def quantizers(self) -> Iterator[Quantizer]:
+        """Yields the query, key, probs and value quantizers, in that order."""
         yield from (self.query, self.key, self.probs, self.value)
 
     def quantize_probs(self, probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """Quantizes the probabilities; hands `value` (the V they multiply) to a probs quantizer that calibrates on
-        the attention output `A·V` (it declares `observes_value = True`, e.g. TanQ) while it is observing."""
+        """Quantizes the probabilities with the probs quantizer and returns them.
+
+        A probs quantizer that calibrates on the attention output `A·V` (it declares `observes_value = True`, e.g.
+        TanQ) also receives `value` (the `V` the probabilities multiply) while its mode is `"observe"` or
+        `"calibrate"`.
+        """
         if getattr(self.probs, "observes_value", False) and self.probs.mode in ("observe", "calibrate"):
             self.probs.observe_value(value)
         return self.probs(probs)
@@ -51,7 +73,13 @@ class AttentionQuantizers(nn.Module):
 
 @dataclass
 class AttentionRecord:
-    """One call of an attention module: the module and its probabilities `[batch·windows, heads, queries, keys]`."""
+    """One call of an attention module, as recorded by [`capture_attention`].
+
+    Attributes:
+        module (`nn.Module`): the attention module that was called.
+        probs (`torch.Tensor`): its attention probabilities `[batch·windows, heads, queries, keys]`, after dropout
+            and before any quantization, with their autograd graph.
+    """
 
     module: nn.Module
     probs: torch.Tensor
@@ -99,7 +127,39 @@ def dfq_attention_forward(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eager attention with optional fake-quantization of Q, K, the probabilities and V."""
+    """Eager attention with optional fake-quantization of Q, K, the probabilities and V.
+
+    This is the function registered as the `"optimum_dfq"` attention implementation; transformers calls it from
+    the attention modules of ViT, DeiT and Swin. It computes `softmax(Q·Kᵀ·scaling + mask)·V`. When `module` has a
+    `dfq_attention` attribute (an [`AttentionQuantizers`]), Q and K are quantized before `Q·Kᵀ`, and V and the
+    probabilities before `A·V`. Every call inside a [`capture_attention`] block is recorded.
+
+    Args:
+        module (`nn.Module`): the calling attention module (its `training` flag controls dropout).
+        query (`torch.Tensor`): `[batch, heads, queries, head_dim]`.
+        key (`torch.Tensor`): `[batch, heads, keys, head_dim]`.
+        value (`torch.Tensor`): `[batch, heads, keys, head_dim]`.
+        attention_mask (`torch.Tensor`, *optional*): additive mask, broadcastable to `[batch, heads, queries, keys]`.
+        scaling (`float`, *optional*): factor applied to `Q·Kᵀ`; defaults to `head_dim ** -0.5`.
+        dropout (`float`, defaults to 0.0): dropout probability of the attention probabilities (training mode only).
+        kwargs (*optional*): other arguments passed by transformers; ignored.
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: the attention output `[batch, queries, heads, head_dim]` and the
+        probabilities `[batch, heads, queries, keys]` (the quantized ones when `module` is quantized).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from torch import nn
+    >>> from optimum_dfq.nn import dfq_attention_forward
+    >>> query = key = value = torch.randn(2, 3, 5, 4)  # [batch, heads, tokens, head_dim]
+    >>> output, probs = dfq_attention_forward(nn.Module(), query, key, value, attention_mask=None)
+    >>> output.shape, probs.shape
+    (torch.Size([2, 5, 3, 4]), torch.Size([2, 3, 5, 5]))
+    ```
+    """
     quantizers: AttentionQuantizers | None = getattr(module, ATTENTION_QUANTIZERS_ATTR, None)
     if scaling is None:
         scaling = query.size(-1) ** -0.5
@@ -120,7 +180,21 @@ def dfq_attention_forward(
 
 
 def register_attention_implementation() -> None:
-    """Registers `"optimum_dfq"` with transformers' `AttentionInterface` (idempotent)."""
+    """Registers [`dfq_attention_forward`] as the `"optimum_dfq"` attention implementation of transformers.
+
+    After this, models accept `attn_implementation="optimum_dfq"`. `import optimum_dfq` already calls it; calling it
+    again does nothing.
+
+    Example:
+
+    ```python
+    >>> from transformers import AttentionInterface
+    >>> from optimum_dfq.nn import register_attention_implementation
+    >>> register_attention_implementation()
+    >>> "optimum_dfq" in AttentionInterface()
+    True
+    ```
+    """
     from transformers import AttentionInterface
 
     if ATTENTION_IMPLEMENTATION not in AttentionInterface._global_mapping:
@@ -138,7 +212,30 @@ def _set_implementation(model: nn.Module, implementation: str | None) -> None:
 
 
 def use_quantized_attention(model: nn.Module) -> str | None:
-    """Switches `model` to the `"optimum_dfq"` eager attention; returns the previous implementation name."""
+    """Switches `model` to the `"optimum_dfq"` eager attention, registering it first if needed.
+
+    The switch stays in place (quantized models need it); restore the returned name with
+    `model.set_attn_implementation(previous)` to undo it.
+
+    Args:
+        model (`PreTrainedModel`): a ViT, DeiT or Swin model (anything with a `config`).
+
+    Returns:
+        `str` or `None`: the model's previous `config._attn_implementation`, e.g. `"sdpa"` or `"eager"`.
+
+    Example:
+
+    ```python
+    >>> from transformers import ViTConfig, ViTForImageClassification
+    >>> from optimum_dfq.nn import use_quantized_attention
+    >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+    ...                                             num_attention_heads=2, intermediate_size=64))
+    >>> previous = use_quantized_attention(model)
+    >>> model.config._attn_implementation
+    'optimum_dfq'
+    >>> model.set_attn_implementation(previous)  # switch back
+    ```
+    """
     register_attention_implementation()
     previous = model.config._attn_implementation
     if previous != ATTENTION_IMPLEMENTATION:

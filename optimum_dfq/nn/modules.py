@@ -112,19 +112,39 @@ class FrozenWeightMixin:
 
 @register_qmodule(nn.Linear)
 class QLinear(FrozenWeightMixin, QModuleMixin, nn.Module):
-    """Linear layer with a fake-quantized weight and (optionally) a fake-quantized input.
+    """Linear layer with a fake-quantized weight and, optionally, a fake-quantized input.
 
-    The input quantizer is absent when the input is already quantized upstream (post-LayerNorm activations are
-    quantized at the LayerNorm's output, once for q, k and v together).
+    The input quantizer is `None` when the input is already quantized upstream (post-LayerNorm activations are
+    quantized once at the LayerNorm's output, for q, k and v together). The constructor leaves the weight
+    uninitialised and the bias at zero; build the layer from a float one with [`from_float`]. Its quantizers must be
+    calibrated (or switched off) before the forward pass, which raises `CalibrationError` otherwise; [`freeze`] then
+    stores the weight as packed integer codes.
 
     Args:
-        in_features (`int`), out_features (`int`), bias (`bool`): as `nn.Linear`.
-        weight_quantizer (`Quantizer`): quantizer of the weight (per output channel: axis 0).
+        in_features (`int`): size of each input sample, as in `nn.Linear`.
+        out_features (`int`): size of each output sample, as in `nn.Linear`.
+        bias (`bool`): whether the layer has a bias.
+        weight_quantizer (`Quantizer`): quantizer of the weight (per output channel: `channels=out_features`,
+            `axis=0`).
         input_quantizer (`Quantizer`, *optional*): quantizer of the input activations.
 
     Attributes:
         input_correction (`nn.Module`, *optional*): an activation correction applied to the (dequantized) input
             right before the matmul (see `calibration/correction.py`); `None` unless an unfolded correction was fitted.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from torch import nn
+    >>> from optimum_dfq.nn import QLinear
+    >>> from optimum_dfq.quantizers import UniformQuantizer
+    >>> layer = QLinear.from_float(nn.Linear(8, 4), UniformQuantizer(bits=4, channels=4, axis=0), None, site="fc")
+    >>> layer.calibrate_weights(); layer(torch.randn(2, 8)).shape
+    torch.Size([2, 4])
+    >>> layer.freeze(); layer.is_frozen, layer.weight_packed.dtype  # 4-bit codes, two per byte
+    (True, torch.uint8)
+    ```
     """
 
     def __init__(
@@ -147,6 +167,20 @@ class QLinear(FrozenWeightMixin, QModuleMixin, nn.Module):
     def from_float(
         cls, module: nn.Linear, weight_quantizer: Quantizer, input_quantizer: Quantizer | None, site: str
     ) -> QLinear:
+        """Builds the quantized twin of a float `nn.Linear`, with a copy of its weight and bias.
+
+        Args:
+            module (`nn.Linear`): the float layer (left unchanged).
+            weight_quantizer (`Quantizer`): quantizer of the weight; its `site` becomes `"<site>.weight"`.
+            input_quantizer (`Quantizer`, *optional*): quantizer of the input, or `None`; its `site` becomes
+                `"<site>.input"`.
+            site (`str`): the layer's path in the model, used to label the quantizers.
+
+        Returns:
+            [`QLinear`]: the new layer, moved (quantizers included) to the device of `module.weight`. Its parameters
+            have the default floating-point dtype, whatever the dtype of `module`. The quantizers are used as given
+            (uncalibrated if they were).
+        """
         qmodule = cls(
             module.in_features,
             module.out_features,
@@ -178,17 +212,53 @@ class QLinear(FrozenWeightMixin, QModuleMixin, nn.Module):
 
 @register_qmodule(nn.Conv2d)
 class QConv2d(FrozenWeightMixin, QModuleMixin, nn.Conv2d):
-    """Conv2d (the patch embedding) with a fake-quantized weight and input image.
+    """Conv2d (the patch embedding) with a fake-quantized weight and, optionally, a fake-quantized input image.
+
+    The constructor takes the arguments of `nn.Conv2d` and sets no quantizers: build the layer from a float one with
+    [`from_float`], which attaches them. As for [`QLinear`], its quantizers must be calibrated (or switched off)
+    before the forward pass, and [`freeze`] stores the weight as packed integer codes.
 
     Args:
-        weight_quantizer (`Quantizer`): per output filter (axis 0).
-        input_quantizer (`Quantizer`, *optional*): quantizer of the image (8-bit in RepQ-ViT's placement).
+        in_channels (`int`): channels of the input image, as in `nn.Conv2d`.
+        out_channels (`int`): number of filters, as in `nn.Conv2d`.
+        kernel_size (`int` or `tuple[int, int]`): as in `nn.Conv2d`.
+        kwargs (*optional*): the other arguments of `nn.Conv2d` (`stride`, `padding`, `bias`, `device`, `dtype`...).
+
+    Attributes:
+        weight_quantizer (`Quantizer`): quantizer of the weight, per output filter (`axis=0`).
+        input_quantizer (`Quantizer`, *optional*): quantizer of the image (8-bit in RepQ-ViT's placement), or `None`.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from torch import nn
+    >>> from optimum_dfq.nn import QConv2d
+    >>> from optimum_dfq.quantizers import UniformQuantizer
+    >>> conv = QConv2d.from_float(nn.Conv2d(3, 8, kernel_size=4, stride=4),
+    ...                           UniformQuantizer(bits=4, channels=8, axis=0), None, site="patch_embeddings")
+    >>> conv.calibrate_weights(); conv(torch.randn(1, 3, 16, 16)).shape
+    torch.Size([1, 8, 4, 4])
+    ```
     """
 
     @classmethod
     def from_float(
         cls, module: nn.Conv2d, weight_quantizer: Quantizer, input_quantizer: Quantizer | None, site: str
     ) -> QConv2d:
+        """Builds the quantized twin of a float `nn.Conv2d`, with the same geometry and a copy of its weight and bias.
+
+        Args:
+            module (`nn.Conv2d`): the float layer (left unchanged).
+            weight_quantizer (`Quantizer`): quantizer of the weight; its `site` becomes `"<site>.weight"`.
+            input_quantizer (`Quantizer`, *optional*): quantizer of the image, or `None`; its `site` becomes
+                `"<site>.input"`.
+            site (`str`): the layer's path in the model, used to label the quantizers.
+
+        Returns:
+            [`QConv2d`]: the new layer, on the device and with the dtype of `module.weight`. The quantizers are used
+            as given: they are neither moved nor calibrated.
+        """
         qmodule = cls(
             module.in_channels,
             module.out_channels,
@@ -219,11 +289,46 @@ class QLayerNorm(QModuleMixin, nn.LayerNorm):
     """LayerNorm whose output is fake-quantized: the post-LayerNorm site that feeds q/k/v, fc1 or Swin's reduction.
 
     The LayerNorm itself runs in floating point (as in RepQ-ViT); only its output is quantized, once for all its
-    consumers. The output quantizer is per channel until re-parameterisation makes it per tensor.
+    consumers. The output quantizer is per channel until re-parameterisation makes it per tensor. The constructor
+    takes the arguments of `nn.LayerNorm` and sets no quantizer: build the layer with [`from_float`]. Unlike
+    [`QLinear`] and [`QConv2d`], it is not in the [`register_qmodule`] registry: the quantization plan decides which
+    LayerNorms to quantize.
+
+    Args:
+        normalized_shape (`int` or `tuple[int, ...]`): the normalised trailing shape, as in `nn.LayerNorm`.
+        kwargs (*optional*): the other arguments of `nn.LayerNorm` (`eps`, `elementwise_affine`, `bias`, `device`,
+            `dtype`).
+
+    Attributes:
+        output_quantizer (`Quantizer`): quantizer of the normalised output.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from torch import nn
+    >>> from optimum_dfq.nn import QLayerNorm
+    >>> from optimum_dfq.quantizers import UniformQuantizer
+    >>> norm = QLayerNorm.from_float(nn.LayerNorm(8), UniformQuantizer(bits=3, observer="minmax"), site="norm")
+    >>> norm.output_quantizer.set_mode("calibrate")  # calibrate on the first batch, then quantize
+    >>> norm(torch.randn(16, 8)).unique().numel() <= 8, norm.output_quantizer.mode
+    (True, 'quantize')
+    ```
     """
 
     @classmethod
     def from_float(cls, module: nn.LayerNorm, output_quantizer: Quantizer, site: str) -> QLayerNorm:
+        """Builds the quantized twin of a float `nn.LayerNorm`, with the same shape, `eps` and affine parameters.
+
+        Args:
+            module (`nn.LayerNorm`): the float layer (left unchanged).
+            output_quantizer (`Quantizer`): quantizer of the output; its `site` becomes `"<site>.output"`.
+            site (`str`): the layer's path in the model, used to label the quantizer.
+
+        Returns:
+            [`QLayerNorm`]: the new layer, on the device and with the dtype of `module.weight` (when it has one). The
+            quantizer is used as given: it is neither moved nor calibrated.
+        """
         qmodule = cls(
             module.normalized_shape,
             eps=module.eps,

@@ -15,9 +15,42 @@ QUANTIZER_REGISTRY: dict[str, type[Quantizer]] = {}
 
 
 def register_quantizer_kind(cls: type[Quantizer]) -> type[Quantizer]:
-    """Class decorator adding a quantizer to the registry under its `kind`."""
+    """Class decorator that adds a quantizer class to [`QUANTIZER_REGISTRY`] under its `kind` name.
+
+    A `kind` already taken by another class is refused: remove it from [`QUANTIZER_REGISTRY`] first to replace it.
+
+    Args:
+        cls (`type[Quantizer]`): a [`Quantizer`] subclass with a non-empty `kind` class attribute.
+
+    Returns:
+        `type[Quantizer]`: `cls` itself, unchanged.
+
+    Raises:
+        `ValueError`: when `cls.kind` is empty or already registered to another class.
+
+    Example:
+
+    ```python
+    >>> from optimum_dfq.quantizers import QUANTIZER_REGISTRY, UniformQuantizer, build_quantizer
+    >>> from optimum_dfq.quantizers import register_quantizer_kind
+    >>> @register_quantizer_kind
+    ... class MinMaxQuantizer(UniformQuantizer):
+    ...     kind = "uniform_minmax"
+    ...     def __init__(self, bits: int, **kwargs) -> None:
+    ...         super().__init__(bits, observer="minmax", **kwargs)
+    >>> build_quantizer("uniform_minmax", bits=4).observer
+    'minmax'
+    >>> del QUANTIZER_REGISTRY["uniform_minmax"]  # unregister again
+    ```
+    """
     if not cls.kind:
         raise ValueError(f"{cls.__name__} has no `kind` name.")
+    existing = QUANTIZER_REGISTRY.get(cls.kind)
+    if existing is not None and (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(
+            f"Quantizer kind {cls.kind!r} is already registered to {existing.__module__}.{existing.__qualname__}; "
+            f"choose another kind, or `del QUANTIZER_REGISTRY[{cls.kind!r}]` first to replace it."
+        )
     QUANTIZER_REGISTRY[cls.kind] = cls
     return cls
 
@@ -27,14 +60,29 @@ for _cls in (UniformQuantizer, Log2Quantizer, LogSqrt2Quantizer, TanQuantizer, P
 
 
 def build_quantizer(kind: str, **kwargs: Any) -> Quantizer:
-    """Instantiates a registered quantizer by kind name.
+    """Instantiates a registered quantizer from its kind name.
 
     Args:
-        kind (`str`): registry name, e.g. `"uniform"`, `"log2"`, `"log_sqrt2"`.
-        kwargs: constructor arguments of that quantizer.
+        kind (`str`): registry name: `"uniform"`, `"log2"`, `"log_sqrt2"`, `"tanq"`, `"pixel_grid"`, or one added
+            with [`register_quantizer_kind`].
+        kwargs (`Any`, *optional*): keyword arguments passed to that class's constructor (e.g. `bits`).
 
     Returns:
-        `Quantizer`
+        `Quantizer`: a new, uncalibrated quantizer in `"quantize"` mode.
+
+    Raises:
+        `ValueError`: when `kind` is not registered (the message lists the registered kinds).
+
+    Example:
+
+    ```python
+    >>> from optimum_dfq.quantizers import build_quantizer
+    >>> q = build_quantizer("log_sqrt2", bits=4)
+    >>> type(q).__name__, q.mode, bool(q.calibrated)
+    ('LogSqrt2Quantizer', 'quantize', False)
+    >>> q.levels().numel()  # 2^4 levels plus an exact zero
+    17
+    ```
     """
     try:
         cls = QUANTIZER_REGISTRY[kind]

@@ -25,13 +25,48 @@ MODES = ("observe", "calibrate", "quantize", "off")
 
 
 class Quantizer(nn.Module, ABC):
-    """Base class of fake-quantizers.
+    """Base class of fake-quantizers, with an explicit observe → calibrate → quantize life cycle.
 
-    Subclasses implement [`fake_quant`], [`levels`] and [`_calibrate_from`]. Calibration parameters are registered
-    buffers, so they travel with `state_dict()`.
+    The `mode` attribute says what `forward` does with its input:
+
+    * `"observe"`: stores a detached copy of the input and returns the input unchanged;
+    * `"calibrate"`: stores the input, calls [`calibrate`] at once, switches the mode to `"quantize"` and returns the
+      quantized input;
+    * `"quantize"` (the mode of a new quantizer): returns `fake_quant(x)`, with a straight-through gradient when `x`
+      requires grad; raises `CalibrationError` if the quantizer is not calibrated yet;
+    * `"off"`: returns the input unchanged, calibrated or not.
+
+    [`calibrate`] turns the stored observations into parameters and sets the `calibrated` buffer, but does not change
+    the mode: after observing, call `set_mode("quantize")` yourself. [`reset`] drops the observations and clears
+    `calibrated`, also without changing the mode. Subclasses implement [`fake_quant`], [`levels`] and
+    [`_calibrate_from`]; they keep their parameters in registered buffers, so they travel with `state_dict()`.
 
     Args:
-        bits (`int`): bit width (2..8 for activations and weights, 8 for the image input).
+        bits (`int`): bit width, 1..16 (the library uses 2..8 for weights and activations, 8 for the image input).
+
+    Attributes:
+        kind (`str`): class-level registry name (see [`register_quantizer_kind`]); empty on the base class.
+        mode (`str`): one of `"observe"`, `"calibrate"`, `"quantize"`, `"off"`; change it with [`set_mode`].
+        site (`str`): human-readable location in the model, set by the module that owns the quantizer (used in
+            error messages); empty until then.
+        calibrated (`torch.Tensor`): boolean buffer, `True` once parameters have been computed or set.
+
+    Raises:
+        `ValueError`: when `bits` is outside 1..16.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from optimum_dfq.quantizers import UniformQuantizer
+    >>> q, x = UniformQuantizer(bits=2, observer="minmax"), torch.linspace(0, 1, 9)
+    >>> q.set_mode("observe"); torch.equal(q(x), x)  # observing leaves the input unchanged
+    True
+    >>> q.calibrate(); q.mode, bool(q.calibrated)  # calibrating does not switch the mode
+    ('observe', True)
+    >>> q.set_mode("quantize"); q(x).unique().numel()  # 2 bits: at most 4 distinct values
+    4
+    ```
     """
 
     kind: ClassVar[str] = ""
@@ -48,12 +83,13 @@ class Quantizer(nn.Module, ABC):
 
     # ------------------------------------------------------------------ life cycle
     def set_mode(self, mode: str) -> None:
+        """Sets `mode` to `"observe"`, `"calibrate"`, `"quantize"` or `"off"`; raises `ValueError` otherwise."""
         if mode not in MODES:
             raise ValueError(f"Unknown quantizer mode {mode!r}; expected one of {MODES}.")
         self.mode = mode
 
     def observe(self, x: torch.Tensor) -> None:
-        """Records a tensor for calibration (detached)."""
+        """Records a tensor for calibration (detached); raises `CalibrationError` if it holds NaN or inf."""
         x = x.detach()
         # amax/amin propagate NaN and expose inf without materialising a boolean mask
         if x.numel() and not (torch.isfinite(x.amax()) and torch.isfinite(x.amin())):
@@ -67,10 +103,14 @@ class Quantizer(nn.Module, ABC):
 
     @property
     def num_observed(self) -> int:
+        """Number of elements recorded since the last [`calibrate`] or [`reset`]."""
         return sum(t.numel() for t in self._observed)
 
     def calibrate(self) -> None:
-        """Computes the quantization parameters from everything observed so far, then forgets the observations."""
+        """Computes the quantization parameters from everything observed so far, then forgets the observations.
+
+        Sets `calibrated` but leaves `mode` unchanged. Raises `CalibrationError` when nothing was observed.
+        """
         if not self._observed:
             raise CalibrationError(
                 f"Quantizer at {self.site or type(self).__name__} has observed nothing: calibrate() needs at least "
@@ -82,7 +122,7 @@ class Quantizer(nn.Module, ABC):
         self.calibrated.fill_(True)
 
     def reset(self) -> None:
-        """Drops observations and marks the quantizer uncalibrated."""
+        """Drops observations and marks the quantizer uncalibrated (the mode and parameter values are kept)."""
         self._observed = []
         self.calibrated.fill_(False)
 

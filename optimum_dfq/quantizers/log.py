@@ -37,13 +37,32 @@ class _LogQuantizer(Quantizer):
 
 
 class Log2Quantizer(_LogQuantizer):
-    """Log2 quantizer: `q = clamp(round(-log2(a / Δ)), 0, 2^b - 1)`, `â = Δ · 2^-q` (FQ-ViT / I&S-ViT notation).
+    """Log2 quantizer of non-negative values such as attention probabilities.
 
-    Its codebook has exactly `2^b` values `Δ · 2^-k`, `k = 0 .. 2^b - 1`; zero maps to the smallest level.
+    `q = clamp(round(-log2(a / Δ)), 0, 2^b - 1)` and `â = Δ · 2^-q` (FQ-ViT / I&S-ViT notation). The codebook has
+    exactly `2^b` values `Δ · 2^-k`, `k = 0 .. 2^b - 1`: values above Δ saturate to Δ and zero maps to the smallest
+    level. Negative inputs are not supported (their logarithm is NaN, and so is their output).
+
+    Calibration sets the scale Δ to the upper percentile of the observed values, among `percentiles`, whose
+    quantization has the smallest mean squared error.
 
     Args:
-        bits (`int`): bit width.
-        percentiles (`list[float]`): candidate percentiles for Δ, chosen by MSE.
+        bits (`int`): bit width, 1..16.
+        percentiles (`list[float]` or `tuple[float, ...]`, defaults to `(0.999, 0.9999, 0.99999)`): candidate
+            upper percentiles for Δ.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from optimum_dfq.quantizers import Log2Quantizer
+    >>> q = Log2Quantizer(bits=3)
+    >>> q.set_mode("calibrate")  # calibrate on the first input, then quantize
+    >>> q(torch.linspace(0, 1, 1000)).unique().numel()  # 2^3 levels
+    8
+    >>> q.mode, q.levels().numel()
+    ('quantize', 8)
+    ```
     """
 
     kind = "log2"
@@ -66,9 +85,26 @@ class LogSqrt2Quantizer(_LogQuantizer):
     `{Δ · 2^(-k/2), k = 0 .. 2^b - 1} ∪ {0}`: **2^b + 1 values**, the extra exact zero needing a reserved code in an
     integer kernel. [`levels`] returns all of them.
 
+    Calibration and inputs are as in [`Log2Quantizer`]: Δ is the candidate upper percentile with the smallest mean
+    squared error, and inputs must be non-negative.
+
     Args:
-        bits (`int`): bit width.
-        percentiles (`list[float]`): candidate percentiles for Δ, chosen by MSE.
+        bits (`int`): bit width, 1..16.
+        percentiles (`list[float]` or `tuple[float, ...]`, defaults to `(0.999, 0.9999, 0.99999)`): candidate
+            upper percentiles for Δ.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from optimum_dfq.quantizers import LogSqrt2Quantizer
+    >>> q = LogSqrt2Quantizer(bits=3)
+    >>> q.set_mode("calibrate")  # calibrate on the first input, then quantize
+    >>> q(torch.linspace(0, 1, 1000)).unique().numel()  # 2^3 levels plus an exact zero
+    9
+    >>> q.levels().numel(), q.levels().min().item()
+    (9, 0.0)
+    ```
     """
 
     kind = "log_sqrt2"

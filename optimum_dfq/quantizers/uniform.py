@@ -10,7 +10,30 @@ from .stats import tail_quantiles
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """`round` with a straight-through gradient."""
+    """Rounds to the nearest integer in the forward pass and passes the gradient through unchanged.
+
+    The result equals `torch.round(x)`, but its gradient with respect to `x` is the identity (the straight-through
+    estimator), so losses on rounded values can still train what produced `x`.
+
+    Args:
+        x (`torch.Tensor`): values to round, of any shape.
+
+    Returns:
+        `torch.Tensor`: `torch.round(x)`, with the same shape and dtype as `x`.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from optimum_dfq.quantizers import round_ste
+    >>> x = torch.tensor([0.4, 1.6], requires_grad=True)
+    >>> y = round_ste(x)
+    >>> y.tolist()
+    [0.0, 2.0]
+    >>> y.sum().backward(); x.grad.tolist()  # torch.round alone would give zero gradients
+    [1.0, 1.0]
+    ```
+    """
     return x + (torch.round(x) - x).detach()
 
 

@@ -12,9 +12,40 @@ SYNTHESIZERS: dict[str, type[Synthesizer]] = {}
 
 
 def register_synthesizer(name: str):
-    """Class decorator registering a [`Synthesizer`] under `name` (used by `quantize(synthesizer=name)`)."""
+    """Class decorator that registers a [`Synthesizer`] subclass under `name`.
+
+    Registered synthesizers can be built with [`get_synthesizer`] and selected with `quantize(synthesizer=name)`.
+    The decorator sets the class's `name` attribute and returns the class itself. A name already taken by another
+    class is refused (unregister it first with `del SYNTHESIZERS[name]` to replace it).
+
+    Args:
+        name (`str`): the registry name, e.g. `"psaq"`.
+
+    Returns:
+        `Callable[[type[Synthesizer]], type[Synthesizer]]`: the decorator.
+
+    Example:
+
+    ```python
+    >>> from optimum_dfq.synthesis import SYNTHESIZERS, GaussianSynthesizer, get_synthesizer, register_synthesizer
+    >>> @register_synthesizer("wide-noise")
+    ... class WideNoise(GaussianSynthesizer):
+    ...     def __init__(self, std: float = 3.0) -> None:
+    ...         super().__init__(std=std)
+    >>> synth = get_synthesizer("wide-noise")
+    >>> synth.name, synth.std
+    ('wide-noise', 3.0)
+    >>> del SYNTHESIZERS["wide-noise"]  # unregister again
+    ```
+    """
 
     def wrapper(cls: type[Synthesizer]) -> type[Synthesizer]:
+        existing = SYNTHESIZERS.get(name)
+        if existing is not None and _qualified(existing) != _qualified(cls):
+            raise SynthesisError(
+                f"Synthesizer name {name!r} is already registered to {_qualified(existing)}; choose another name, or "
+                f"unregister it first with `del optimum_dfq.synthesis.SYNTHESIZERS[{name!r}]`."
+            )
         cls.name = name
         SYNTHESIZERS[name] = cls
         return cls
@@ -22,15 +53,35 @@ def register_synthesizer(name: str):
     return wrapper
 
 
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def get_synthesizer(name: str, **hyperparameters: Any) -> Synthesizer:
-    """Instantiates a registered synthesizer.
+    """Instantiates a registered synthesizer by name.
+
+    Built-in names are `"gaussian"`, `"psaq"`, `"sardfq"` and `"dfq-vit"`; more can be added with
+    [`register_synthesizer`].
 
     Args:
-        name (`str`): registry name, e.g. `"gaussian"`.
-        hyperparameters: overrides of the synthesizer's defaults.
+        name (`str`): the registry name, e.g. `"gaussian"`.
+        **hyperparameters: keyword arguments passed to the synthesizer's constructor, overriding its defaults.
 
     Returns:
-        `Synthesizer`
+        `Synthesizer`: a new instance of the registered class.
+
+    Raises:
+        `SynthesisError`: if `name` is not registered, or if the constructor raises a `TypeError` (e.g. an unknown
+            keyword). Other errors of the constructor's own checks propagate unchanged.
+
+    Example:
+
+    ```python
+    >>> from optimum_dfq.synthesis import get_synthesizer
+    >>> synth = get_synthesizer("gaussian", std=0.5)
+    >>> type(synth).__name__, synth.hyperparameters()
+    ('GaussianSynthesizer', {'mean': 0.0, 'std': 0.5})
+    ```
     """
     try:
         cls = SYNTHESIZERS[name]
@@ -46,10 +97,30 @@ def get_synthesizer(name: str, **hyperparameters: Any) -> Synthesizer:
 
 
 class Synthesizer(ABC):
-    """Makes a calibration set for a float model without real data.
+    """Abstract base class of synthesizers, which make a calibration set for a float model without real data.
 
     Subclasses set their hyper-parameters in `__init__` (with the papers' values as defaults), register themselves
-    with [`register_synthesizer`] and implement [`synthesize`].
+    with [`register_synthesizer`] and implement [`~Synthesizer.synthesize`]. Public instance attributes are the
+    hyper-parameters reported by [`~Synthesizer.hyperparameters`].
+
+    Attributes:
+        name (`str`): the registry name, set by [`register_synthesizer`] (inherited by subclasses; `""` if no class
+            in the hierarchy was registered).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from optimum_dfq import CalibrationSet
+    >>> from optimum_dfq.synthesis import Synthesizer
+    >>> class Constant(Synthesizer):
+    ...     def __init__(self, value: float = 0.0) -> None:
+    ...         self.value = value
+    ...     def synthesize(self, model, num_images, *, seed=0, image_processor=None):
+    ...         return CalibrationSet(torch.full((num_images, 3, 32, 32), self.value), metadata={"seed": seed})
+    >>> len(Constant(0.5).synthesize(None, 4)), Constant(0.5).hyperparameters()
+    (4, {'value': 0.5})
+    ```
     """
 
     name: ClassVar[str] = ""
@@ -61,10 +132,17 @@ class Synthesizer(ABC):
         Args:
             model (`PreTrainedModel`): the float model (left unchanged).
             num_images (`int`): how many images.
-            seed (`int`): the run's seed; image `i` must depend only on `(seed, i)`.
-            image_processor: the model's image processor (mean/std give the valid pixel range), if known.
+            seed (`int`, *optional*, defaults to 0): the run's seed; image `i` must depend only on `(seed, i)`.
+            image_processor (*optional*): the model's image processor (its mean/std give the valid pixel range).
+
+        Returns:
+            `CalibrationSet`: the images, any labels, and provenance metadata.
         """
 
     def hyperparameters(self) -> dict[str, Any]:
-        """The synthesizer's hyper-parameters (recorded in the calibration set's metadata)."""
+        """The synthesizer's hyper-parameters (recorded in the calibration set's metadata).
+
+        Returns:
+            `dict[str, Any]`: every instance attribute whose name does not start with `_`.
+        """
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}

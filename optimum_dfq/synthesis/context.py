@@ -17,15 +17,30 @@ if TYPE_CHECKING:
 class BatchPlan:
     """What a synthesizer asks the engine to optimise for one batch of images.
 
+    Returned by [`PixelSynthesizer.plan_batch`] and consumed by [`optimize_batch`].
+
     Args:
-        indices (`list[int]`): global indices of the batch's images.
+        indices (`list[int]`): global indices of the batch's `B` images.
         init (`torch.Tensor`): `[B, C, H, W]` initial pixels (normalised space).
         terms (`list[LossTerm]`): the loss terms, holding their per-image targets.
         labels (`torch.Tensor`, *optional*): `[B]` hard labels stored in the calibration set.
         soft_labels (`torch.Tensor`, *optional*): `[B, num_labels]` soft targets stored in the calibration set.
-        views (`Callable`, *optional*): maps the `[B, C, H, W]` images to the `[R, C, H, W]` model inputs (the first
-            `B` rows must be the images themselves, e.g. followed by crops). Identity if `None`.
+        views (`Callable[[torch.Tensor], torch.Tensor]`, *optional*): maps the `[B, C, H, W]` images to the
+            `[R, C, H, W]` model inputs (the first `B` rows must be the images themselves, e.g. followed by crops).
+            Identity if `None`.
         owners (`torch.Tensor`, *optional*): `[R]` position in the batch of the image each input row comes from.
+            Defaults to `torch.arange(B)`, which only fits when `views` adds no rows; set it whenever it does.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from optimum_dfq.synthesis import BatchPlan, CrossEntropyTerm
+    >>> labels = torch.tensor([3, 7])
+    >>> plan = BatchPlan([10, 11], torch.randn(2, 3, 32, 32), [CrossEntropyTerm(labels)], labels=labels)
+    >>> plan.owners
+    tensor([0, 1])
+    ```
     """
 
     indices: list[int]
@@ -45,19 +60,22 @@ class BatchPlan:
 class StepContext:
     """Everything a loss term may read at one optimisation step.
 
+    Built by [`optimize_batch`] once per step and passed to every loss term and weight schedule.
+
     Attributes:
         step (`int`): global step (0-based) over all phases.
         phase (`int`): phase index (0-based).
-        phase_step (`int`): step within the phase.
+        phase_step (`int`): step within the phase (0-based).
         phase_iterations (`int`): length of the current phase.
         total_steps (`int`): steps over all phases.
-        images (`torch.Tensor`): `[B, C, H, W]` augmented images (the loss is computed on these).
+        images (`torch.Tensor`): `[B, C, H, W]` augmented images, i.e. the first `B` rows of `inputs` (the loss is
+            computed on these, not on the un-augmented pixels).
         inputs (`torch.Tensor`): `[R, C, H, W]` augmented model inputs (`images` first, then any extra views).
-        logits (`torch.Tensor`): `[R, num_labels]`.
-        owners (`torch.Tensor`): `[R]` batch position of each input row's image.
+        logits (`torch.Tensor`): `[R, num_labels]` model outputs for `inputs`.
+        owners (`torch.Tensor`): `[R]` batch position of each input row's image (on the images' device).
         features (`FeatureCapture`): captured attention outputs / probabilities of this forward pass.
-        sites (`list[AttentionSite]`): the model's attention modules.
-        num_prefix_tokens (`int`): CLS (+ distillation) tokens before the patch tokens.
+        sites (`list[AttentionSite]`, defaults to `[]`): the model's attention modules.
+        num_prefix_tokens (`int`, defaults to 0): CLS (+ distillation) tokens before the patch tokens.
     """
 
     step: int
@@ -75,6 +93,7 @@ class StepContext:
 
     @property
     def num_images(self) -> int:
+        """`B`, the number of images of the batch (input rows of extra views not counted)."""
         return self.images.shape[0]
 
     def image_rows(self, tensor: torch.Tensor, windows: int = 1) -> torch.Tensor:
@@ -92,12 +111,18 @@ class StepContext:
 class BatchRecord:
     """A finished batch: what is cached per batch and gathered across processes.
 
+    Passed to the `on_batch_end` callback of [`PixelSynthesizer.synthesize`]. All tensors are on CPU.
+
     Attributes:
-        start (`int`), stop (`int`): the batch holds global indices `start..stop-1`.
-        pixel_values (`torch.Tensor`): `[B, C, H, W]` final images (CPU).
-        labels (`torch.Tensor`, *optional*), soft_labels (`torch.Tensor`, *optional*): the plan's labels.
-        extras (`dict[str, torch.Tensor]`): other per-image values (`[B]`), e.g. DFQ-ViT's difficulty.
-        history (`dict[str, list[float | None]]`): per-step loss history of the batch.
+        start (`int`): global index of the batch's first image.
+        stop (`int`): one past the global index of its last image (the batch holds `start..stop-1`).
+        pixel_values (`torch.Tensor`): `[B, C, H, W]` final images.
+        labels (`torch.Tensor`, *optional*): `[B]` hard labels of the batch's plan ([`BatchPlan`]).
+        soft_labels (`torch.Tensor`, *optional*): `[B, num_labels]` soft labels of the batch's plan.
+        extras (`dict[str, torch.Tensor]`, defaults to `{}`): other `[B]` per-image values returned by
+            [`PixelSynthesizer.finish_batch`], e.g. DFQ-ViT's `"difficulty"`.
+        history (`dict[str, list[float | None]]`, defaults to `{}`): per-step loss history of the batch (see
+            [`BatchResult`]).
     """
 
     start: int

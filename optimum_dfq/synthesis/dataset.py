@@ -56,15 +56,37 @@ def calibration_set_to_dataset(calibration_set: CalibrationSet):
 
 
 def calibration_set_from_dataset_dict(dataset, split: str | None = None) -> CalibrationSet:
-    """Inverse of [`calibration_set_to_dataset`].
+    """Converts a calibration-set dataset back to a [`CalibrationSet`] (inverse of [`calibration_set_to_dataset`]).
+
+    Metadata is read from the first row's `metadata` column, or else from `DatasetInfo.description`; text that is
+    not JSON is kept as `{"description": text}`.
 
     Args:
         dataset (`datasets.Dataset` or `datasets.DatasetDict`): as written by [`calibration_set_to_dataset`] (or
             loaded back from disk or the Hub).
-        split (`str`, *optional*): split to use when `dataset` is a `DatasetDict` (required if it has several).
+        split (`str`, *optional*): split to use when `dataset` is a `DatasetDict` (required if it has several;
+            ignored for a `Dataset`).
 
     Returns:
-        `CalibrationSet`
+        `CalibrationSet`: float32 `pixel_values`, int64 `labels` and float32 `soft_labels` when those columns exist,
+        and the metadata.
+
+    Raises:
+        `CalibrationError`: if a `DatasetDict` has several splits and `split` is `None`, if `split` is not one of
+            them, if there is no `pixel_values` column, or if the dataset is empty.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from datasets import DatasetDict
+    >>> from optimum_dfq import CalibrationSet
+    >>> from optimum_dfq.synthesis import calibration_set_from_dataset_dict, calibration_set_to_dataset
+    >>> calib = CalibrationSet(torch.zeros(2, 3, 4, 4), labels=torch.tensor([1, 2]), metadata={"seed": 0})
+    >>> back = calibration_set_from_dataset_dict(DatasetDict(train=calibration_set_to_dataset(calib)))
+    >>> back.pixel_values.shape, back.labels.tolist(), back.metadata
+    (torch.Size([2, 3, 4, 4]), [1, 2], {'seed': 0})
+    ```
     """
     from datasets import DatasetDict
 
@@ -73,6 +95,8 @@ def calibration_set_from_dataset_dict(dataset, split: str | None = None) -> Cali
             if len(dataset) != 1:
                 raise CalibrationError(f"The DatasetDict has splits {list(dataset)}; pass split=<name>.")
             split = next(iter(dataset))
+        if split not in dataset:
+            raise CalibrationError(f"The DatasetDict has no split {split!r}; its splits are {list(dataset)}.")
         dataset = dataset[split]
     if "pixel_values" not in dataset.column_names:
         raise CalibrationError(
@@ -80,6 +104,8 @@ def calibration_set_from_dataset_dict(dataset, split: str | None = None) -> Cali
             "dataset written by calibration_set_to_dataset / save_calibration_set (a real image dataset goes to "
             "DataFreeViTQuantizer.quantize(calibration_dataset=...) as is)."
         )
+    if len(dataset) == 0:
+        raise CalibrationError("The calibration-set dataset has no rows; synthesize or save a non-empty set.")
     columns = dataset.with_format("numpy")[:]
     labels = columns.get("labels")
     soft_labels = columns.get("soft_labels")
@@ -92,10 +118,26 @@ def calibration_set_from_dataset_dict(dataset, split: str | None = None) -> Cali
 
 
 def save_calibration_set(calibration_set: CalibrationSet, path: str | os.PathLike) -> None:
-    """Writes a calibration set to `path` with `datasets`' `save_to_disk`.
+    """Writes a calibration set to the folder `path` with `datasets`' `save_to_disk`.
+
+    The folder holds the dataset of [`calibration_set_to_dataset`]; read it back with [`load_calibration_set`] or
+    `datasets.load_from_disk`.
+
+    Args:
+        calibration_set (`CalibrationSet`): the set to save.
+        path (`str` or `os.PathLike`): the destination folder.
 
     Example:
-        >>> save_calibration_set(calib, "calib/deit-tiny-psaq")  # doctest: +SKIP
+
+    ```python
+    >>> import os, tempfile, torch
+    >>> from optimum_dfq import CalibrationSet
+    >>> from optimum_dfq.synthesis import save_calibration_set
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     save_calibration_set(CalibrationSet(torch.zeros(2, 3, 4, 4)), os.path.join(tmp, "calib"))
+    ...     os.path.isfile(os.path.join(tmp, "calib", "dataset_info.json"))
+    True
+    ```
     """
     calibration_set_to_dataset(calibration_set).save_to_disk(str(path))
 
@@ -103,8 +145,29 @@ def save_calibration_set(calibration_set: CalibrationSet, path: str | os.PathLik
 def load_calibration_set(path: str | os.PathLike) -> CalibrationSet:
     """Reads a calibration set written by [`save_calibration_set`].
 
+    Args:
+        path (`str` or `os.PathLike`): the folder written by [`save_calibration_set`] (or by `save_to_disk` of a
+            single-split `DatasetDict` in the same format).
+
+    Returns:
+        `CalibrationSet`
+
+    Raises:
+        `CalibrationError`: if `path` is not a folder, holds no dataset saved by `save_to_disk`, or holds one that
+            is not a calibration set (see [`calibration_set_from_dataset_dict`]).
+
     Example:
-        >>> calib = load_calibration_set("calib/deit-tiny-psaq")  # doctest: +SKIP
+
+    ```python
+    >>> import os, tempfile, torch
+    >>> from optimum_dfq import CalibrationSet
+    >>> from optimum_dfq.synthesis import load_calibration_set, save_calibration_set
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     save_calibration_set(CalibrationSet(torch.zeros(2, 3, 4, 4), metadata={"seed": 0}), tmp)
+    ...     calib = load_calibration_set(tmp)
+    >>> len(calib), calib.metadata
+    (2, {'seed': 0})
+    ```
     """
     from datasets import load_from_disk
 
@@ -113,7 +176,13 @@ def load_calibration_set(path: str | os.PathLike) -> CalibrationSet:
             f"No saved calibration set at {str(path)!r} (no such folder); check the path, or write one first with "
             "save_calibration_set(calibration_set, path)."
         )
-    return calibration_set_from_dataset_dict(load_from_disk(str(path)))
+    try:
+        dataset = load_from_disk(str(path))
+    except FileNotFoundError as err:
+        raise CalibrationError(
+            f"{str(path)!r} holds no saved dataset ({err}); pass a folder written by save_calibration_set."
+        ) from err
+    return calibration_set_from_dataset_dict(dataset)
 
 
 def _read_metadata(dataset) -> dict[str, Any]:

@@ -85,9 +85,10 @@ class BatchResult:
     """The optimised images of one batch and the per-step history of its loss terms.
 
     Attributes:
-        images (`torch.Tensor`): `[B, C, H, W]` on CPU.
-        history (`dict[str, list[float | None]]`): per step, each term's mean over the batch's images (`None` where
-            its weight was 0), the weighted `"total"` and the learning rate `"lr"`.
+        images (`torch.Tensor`): `[B, C, H, W]` final (un-augmented, clamped) pixels, detached, on CPU.
+        history (`dict[str, list[float | None]]`, defaults to `{}`): one value per step under each term's `name`
+            (its unweighted mean over the batch's images, `None` at steps where its weight was 0), under `"total"`
+            (the weighted loss summed over terms, averaged over images) and under `"lr"` (the learning rate).
     """
 
     images: torch.Tensor
@@ -106,21 +107,46 @@ def optimize_batch(
     progress=None,
     log: bool = False,
 ) -> BatchResult:
-    """Optimises the pixels of one batch.
+    """Optimises the pixels of one batch with Adam against a frozen model (the engine behind [`PixelSynthesizer`]).
+
+    At each step every image is rolled and flipped (its own random draw), the model is run on the augmented inputs,
+    the weighted loss terms are summed over terms and images, one Adam step updates the un-augmented pixels, and the
+    pixels are clamped into `bounds`. The model is used as given: freeze it first (eval mode, no parameter
+    gradients; [`PixelSynthesizer.synthesize`] does this) and put it on the device of `plan.init`.
 
     Args:
-        model (`nn.Module`): the frozen float model (eval mode, no parameter gradients).
-        plan (`BatchPlan`): initial images, loss terms and views of the batch.
+        model (`nn.Module`): the frozen float model, called as `model(pixel_values=...).logits`.
+        plan (`BatchPlan`): initial images, loss terms and views of the batch; `plan.init` is not modified.
         config (`EngineConfig`): optimisation settings.
         bounds (`tuple[torch.Tensor, torch.Tensor]`): `[1, C, 1, 1]` per-channel low/high pixel bounds.
-        sites (`list[AttentionSite]`): the model's attention modules.
+        sites (`list[AttentionSite]`): the model's attention modules (may be empty when no term reads attention
+            features).
         num_prefix_tokens (`int`): CLS/distillation tokens of the model.
         seed (`int`): the run's seed (augmentation streams are seeded by `(seed, global index)`).
-        progress (*optional*): a tqdm bar updated once per step.
-        log (`bool`): log the loss terms every `config.log_every` steps.
+        progress (*optional*): a tqdm-like bar; its `update(1)` is called once per step.
+        log (`bool`, *optional*, defaults to `False`): log the loss terms at INFO level every `config.log_every`
+            steps and at the last step.
 
     Returns:
-        `BatchResult`
+        `BatchResult`: the final images and the per-step loss history.
+
+    Raises:
+        `SynthesisError`: if the loss becomes NaN/inf, or if every term has weight 0 at some step.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers import ViTConfig, ViTForImageClassification
+    >>> from optimum_dfq.synthesis import BatchPlan, CrossEntropyTerm, EngineConfig, optimize_batch
+    >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+    ...     num_attention_heads=2, intermediate_size=64, num_labels=10)).eval().requires_grad_(False)
+    >>> plan = BatchPlan([0, 1], torch.randn(2, 3, 32, 32), [CrossEntropyTerm(torch.tensor([3, 7]))])
+    >>> result = optimize_batch(model, plan, EngineConfig(iterations=(2, 2), warmup=1, jitter=(2, 4)),
+    ...     bounds=(-torch.ones(1, 3, 1, 1), torch.ones(1, 3, 1, 1)), sites=[], num_prefix_tokens=1, seed=0)
+    >>> result.images.shape, sorted(result.history), len(result.history["total"])
+    (torch.Size([2, 3, 32, 32]), ['ce', 'lr', 'total'], 4)
+    ```
     """
     device = plan.init.device
     images = plan.init.detach().clone().requires_grad_(True)
@@ -131,6 +157,11 @@ def optimize_batch(
     batch = len(plan.indices)
     channel_bounds = list(zip(bounds[0].flatten().tolist(), bounds[1].flatten().tolist()))
     needs = set().union(*(term.needs for term in plan.terms))
+    names = [term.name for term in plan.terms]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise SynthesisError(f"Loss terms {repeated} appear more than once in the batch plan; their histories would "
+                             "overwrite each other. Give each term a distinct `name`.")
     history: dict[str, list[float | None]] = {term.name: [] for term in plan.terms}
     history.update(total=[], lr=[])
     step = 0
@@ -142,6 +173,11 @@ def optimize_batch(
                     group["lr"] = lr
                 offsets, flips = augment.draw(max_offset)
                 inputs = plan.views(images) if plan.views is not None else images
+                if inputs.shape[0] != owners.numel():
+                    raise SynthesisError(
+                        f"The batch's views give {inputs.shape[0]} model inputs but BatchPlan.owners has "
+                        f"{owners.numel()} entries; set owners to the batch position of each input row's image."
+                    )
                 inputs = JitterFlip.apply(inputs, offsets[owners], flips[owners])
                 capture.clear()
                 logits = model(pixel_values=inputs).logits

@@ -9,7 +9,30 @@ from .base import Synthesizer, register_synthesizer
 
 
 def image_generator(seed: int, index: int) -> torch.Generator:
-    """A generator seeded by `(run seed, global image index)`, so image `i` is the same however work is split."""
+    """A CPU random generator seeded by `(run seed, global image index)`.
+
+    Drawing image `i` from its own generator makes it the same however the images are split into batches or
+    processes. The generator's seed is `(seed * 1_000_003 + index) mod (2**63 - 1)`.
+
+    Args:
+        seed (`int`): the run's seed.
+        index (`int`): the image's global index.
+
+    Returns:
+        `torch.Generator`: a new CPU generator.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from optimum_dfq.synthesis import image_generator
+    >>> first = torch.randn(3, generator=image_generator(0, 7))
+    >>> torch.equal(first, torch.randn(3, generator=image_generator(0, 7)))
+    True
+    >>> torch.equal(first, torch.randn(3, generator=image_generator(1, 7)))
+    False
+    ```
+    """
     generator = torch.Generator()
     generator.manual_seed((seed * 1_000_003 + index) % (2**63 - 1))
     return generator

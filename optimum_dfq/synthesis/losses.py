@@ -23,15 +23,33 @@ Weight = float | Callable[[StepContext], float]
 
 
 class LossTerm(ABC):
-    """One term of the synthesis loss.
+    """Abstract base class of the terms of the synthesis loss.
+
+    A subclass sets `name` (and `needs` if it reads attention features) and implements `__call__`, which returns
+    the unweighted `[B]` per-image values at one step. The engine multiplies them by the weight at that step and
+    sums over terms and images.
 
     Args:
-        weight (`float` or `Callable[[StepContext], float]`): constant weight, or a schedule such as [`PhaseRamp`].
-            Steps where the weight is 0 skip the term.
+        weight (`float` or `Callable[[StepContext], float]`, defaults to 1.0): constant weight, or a schedule such as
+            [`PhaseRamp`]. Steps where the weight is 0 skip the term.
 
     Attributes:
-        name (`str`): the name it is logged under.
-        needs (`frozenset[str]`): features to capture (`"attention_outputs"`, `"attention_probs"`).
+        name (`str`): the key it is logged under in the loss history (should be unique within a plan).
+        needs (`frozenset[str]`): features to capture (`"attention_outputs"`, `"attention_probs"`); empty by default.
+        weight (`float` or `Callable[[StepContext], float]`): as passed.
+
+    Example:
+
+    ```python
+    >>> from optimum_dfq.synthesis import LossTerm
+    >>> class MeanSquare(LossTerm):
+    ...     name = "l2"
+    ...     def __call__(self, ctx):
+    ...         return ctx.images.square().flatten(1).mean(dim=1)
+    >>> term = MeanSquare(weight=0.1)
+    >>> term.name, term.needs, term.weight
+    ('l2', frozenset(), 0.1)
+    ```
     """
 
     name: str = ""
@@ -41,12 +59,26 @@ class LossTerm(ABC):
         self.weight = weight
 
     def weight_at(self, ctx: StepContext) -> float:
-        """The weight at this step."""
+        """The weight at this step.
+
+        Args:
+            ctx (`StepContext`): the current step (only read by a callable weight).
+
+        Returns:
+            `float`
+        """
         return float(self.weight(ctx)) if callable(self.weight) else float(self.weight)
 
     @abstractmethod
     def __call__(self, ctx: StepContext) -> torch.Tensor:
-        """Returns the `[B]` unweighted per-image values of the term."""
+        """Returns the `[B]` unweighted per-image values of the term.
+
+        Args:
+            ctx (`StepContext`): the current step.
+
+        Returns:
+            `torch.Tensor`: `[B]`, differentiable w.r.t. `ctx.images`/`ctx.inputs`.
+        """
 
 
 class PhaseRamp:
@@ -74,11 +106,25 @@ class PhaseRamp:
 
 
 class CrossEntropyTerm(LossTerm):
-    """Cross-entropy of each image's logits to its hard label (PSAQ-ViT's `loss_oh`).
+    """Cross-entropy of each image's logits to its hard label (PSAQ-ViT's `loss_oh`), logged as `"ce"`.
+
+    Only the logits of the images themselves are used; rows of extra views (crops) are ignored.
 
     Args:
         labels (`torch.Tensor`): `[B]` class ids.
-        weight: see [`LossTerm`].
+        weight (`float` or `Callable[[StepContext], float]`, defaults to 1.0): see [`LossTerm`].
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from optimum_dfq.synthesis import CrossEntropyTerm, StepContext
+    >>> images = torch.zeros(2, 3, 8, 8)
+    >>> ctx = StepContext(0, 0, 0, 1, 1, images=images, inputs=images, logits=torch.zeros(2, 10),
+    ...                   owners=torch.arange(2), features=None)
+    >>> CrossEntropyTerm(torch.tensor([3, 7]))(ctx).shape
+    torch.Size([2])
+    ```
     """
 
     name = "ce"
@@ -95,12 +141,25 @@ class CrossEntropyTerm(LossTerm):
 class SoftLabelTerm(LossTerm):
     """Soft cross-entropy `-Σ_k T_k log softmax(f(x))_k` of every input row (image and its crops) to its target.
 
-    A row's value goes to its parent image, so an image with crops sums its own and its crops' terms (each crop
-    counts like an independent image, as SARDFQ's MSR describes).
+    Logged as `"sl"`. A row's value goes to its parent image (`ctx.owners`), so an image with crops sums its own and
+    its crops' terms (each crop counts like an independent image, as SARDFQ's MSR describes).
 
     Args:
         targets (`torch.Tensor`): `[R, num_labels]` target distributions, one per model input row.
-        weight: see [`LossTerm`].
+        weight (`float` or `Callable[[StepContext], float]`, defaults to 1.0): see [`LossTerm`].
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from optimum_dfq.synthesis import SoftLabelTerm, StepContext
+    >>> inputs = torch.zeros(3, 3, 8, 8)  # two images, then one crop of image 0
+    >>> ctx = StepContext(0, 0, 0, 1, 1, images=inputs[:2], inputs=inputs, logits=torch.zeros(3, 10),
+    ...                   owners=torch.tensor([0, 1, 0]), features=None)
+    >>> values = SoftLabelTerm(torch.full((3, 10), 0.1))(ctx)
+    >>> (values / values[1]).round().tolist()  # image 0 also carries its crop's term
+    [2.0, 1.0]
+    ```
     """
 
     name = "sl"
@@ -176,10 +235,27 @@ class TotalVariationTerm(LossTerm):
     per-image term (summed over images, like every other term) gives each image the same gradient relative to its
     other terms as the original batch term does, at any image size.
 
+    Logged as `"tv"`; computed on `ctx.images` (not on crops).
+
     Args:
         targets (`torch.Tensor`): `[B]` per-image `τ`.
-        scale (`float`): the factor applied to the image's TV.
-        weight: see [`LossTerm`] (PSAQ-ViT: 0.05).
+        scale (`float`, *optional*, defaults to 1.0): the factor applied to the image's TV (see
+            [`~TotalVariationTerm.reference_scale`]).
+        weight (`float` or `Callable[[StepContext], float]`, defaults to 0.05): see [`LossTerm`] (PSAQ-ViT: 0.05).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from optimum_dfq.synthesis import StepContext, TotalVariationTerm
+    >>> images = torch.zeros(2, 3, 8, 8)
+    >>> ctx = StepContext(0, 0, 0, 1, 1, images=images, inputs=images, logits=torch.zeros(2, 10),
+    ...                   owners=torch.arange(2), features=None)
+    >>> TotalVariationTerm(torch.tensor([2500.0, 3000.0]))(ctx).tolist()  # flat images have TV 0
+    [2500.0, 3000.0]
+    >>> TotalVariationTerm.reference_scale((224, 224), (4, 224))
+    2.0
+    ```
     """
 
     name = "tv"
@@ -191,7 +267,16 @@ class TotalVariationTerm(LossTerm):
 
     @staticmethod
     def reference_scale(image_size: tuple[int, int], reference: tuple[int, int] | None) -> float:
-        """`scale` for images of `image_size` `(H, W)` given a `(batch, side)` reference (`None` = 1)."""
+        """`scale` for images of `image_size` `(H, W)` given a `(batch, side)` reference.
+
+        Args:
+            image_size (`tuple[int, int]`): `(H, W)` of the images.
+            reference (`tuple[int, int]`, *optional*): `(batch size, image side)` at which the TV target was set;
+                `None` gives 1.
+
+        Returns:
+            `float`: `sqrt(batch · side² / (H · W))`.
+        """
         if reference is None:
             return 1.0
         batch, side = reference
@@ -210,10 +295,24 @@ class PatchSimilarityEntropyTerm(LossTerm):
     distribution (PSAQ-ViT's code instead drops the first token of every window and pools all windows' similarities
     into one KDE, which we do not reproduce).
 
+    Logged as `"pse"`; reads the `"attention_outputs"` features of the images (not of crops). Minimising it
+    maximises the entropy.
+
     Args:
         sites (`list[int]`, *optional*): indices of the attention modules to use (all if `None`).
-        bandwidth (`float`), num_points (`int`), floor (`float`): KDE settings (PSAQ-ViT: 0.01, 10, 1e-4).
-        weight: see [`LossTerm`].
+        bandwidth (`float`, *optional*, defaults to 0.01): KDE bandwidth.
+        num_points (`int`, *optional*, defaults to 10): KDE evaluation points.
+        floor (`float`, *optional*, defaults to 1e-4): added to the density before the entropy.
+        weight (`float` or `Callable[[StepContext], float]`, defaults to 1.0): see [`LossTerm`].
+
+    Example:
+
+    ```python
+    >>> from optimum_dfq.synthesis import PatchSimilarityEntropyTerm, PhaseRamp
+    >>> term = PatchSimilarityEntropyTerm(sites=[0, 1], weight=PhaseRamp(phase=1))  # on from the second phase
+    >>> term.name, sorted(term.needs)
+    ('pse', ['attention_outputs'])
+    ```
     """
 
     name = "pse"
@@ -255,10 +354,26 @@ class AttentionPriorTerm(LossTerm):
     rest renormalised to sum 1); for windowed attention (Swin), the attention averaged over the queries of each window
     (the MSE is then averaged over windows too).
 
+    Logged as `"apa"`; reads the `"attention_probs"` features of the images (not of crops). Only the sites that
+    have a prior are used.
+
     Args:
-        priors (`dict[int, torch.Tensor]`): attention-site index → `[B, windows, heads, tokens]` target maps.
-        depth_weights (`dict[int, float]`): attention-site index → weight (SARDFQ: `l / L`).
-        weight: see [`LossTerm`] (SARDFQ's `α1`).
+        priors (`dict[int, torch.Tensor]`): attention-site index → `[B, windows, heads, tokens]` target maps, where
+            `tokens` is the number of patch tokens (ViT/DeiT, `windows = 1`) or of tokens per window (Swin).
+        depth_weights (`dict[int, float]`): attention-site index → weight (SARDFQ: `l / L`); needs every key of
+            `priors`.
+        weight (`float` or `Callable[[StepContext], float]`, defaults to 1.0): see [`LossTerm`] (SARDFQ's `α1`).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from optimum_dfq.synthesis import AttentionPriorTerm
+    >>> priors = {1: torch.full((2, 1, 2, 16), 1 / 16)}  # 2 images, 1 window, 2 heads, a 4×4 patch grid
+    >>> term = AttentionPriorTerm(priors, depth_weights={1: 1.0}, weight=1000.0)
+    >>> term.name, sorted(term.needs)
+    ('apa', ['attention_probs'])
+    ```
     """
 
     name = "apa"

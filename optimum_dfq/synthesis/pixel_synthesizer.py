@@ -44,13 +44,16 @@ DEFAULT_BATCH_SIZE = 32
 class ModelInfo:
     """What a synthesizer knows about the model when planning a batch.
 
+    Built by [`PixelSynthesizer.synthesize`] and passed to `plan_batch` and `finish_batch`.
+
     Attributes:
-        model (`nn.Module`): the frozen model (on `device`).
+        model (`nn.Module`): the frozen model (eval mode, no parameter gradients, on `device`).
         adapter (`ModelAdapter`): its adapter.
         sites (`list[AttentionSite]`): its attention modules, in forward order.
-        image_shape (`tuple[int, int, int]`): `(C, H, W)`.
-        num_labels (`int`): classes of the classifier.
+        image_shape (`tuple[int, int, int]`): `(C, H, W)` of the model's inputs, from its config.
+        num_labels (`int`): classes of the classifier (`model.config.num_labels`).
         device (`torch.device`): where the optimisation runs.
+        num_prefix_tokens (`int`): read-only; the adapter's CLS (+ distillation) token count.
     """
 
     model: nn.Module
@@ -62,20 +65,49 @@ class ModelInfo:
 
     @property
     def num_prefix_tokens(self) -> int:
+        """CLS (+ distillation) tokens before the patch tokens (0 for Swin)."""
         return self.adapter.num_prefix_tokens
 
 
 class PixelSynthesizer(Synthesizer):
-    """Base class of synthesizers that optimise pixels with the shared engine.
+    """Abstract base class of synthesizers that optimise pixels with the shared engine ([`optimize_batch`]).
+
+    A subclass implements [`~PixelSynthesizer.plan_batch`] (what to optimise for a batch) and may override
+    [`~PixelSynthesizer.finish_batch`] and [`~PixelSynthesizer.finalize`]; batching, sharding over processes,
+    caching and provenance come from [`~PixelSynthesizer.synthesize`]. All arguments are keyword-only.
 
     Args:
         lr (`float`, *optional*): peak learning rate; PSAQ-ViT's 0.2 (ViT/DeiT) or 0.25 (Swin) when `None`.
-        betas (`tuple[float, float]`, defaults to `(0.5, 0.9)`), eps (`float`, defaults to 1e-8): Adam settings.
-        iterations (`tuple[int, ...]`, defaults to `(500, 500)`): steps of each phase.
+        betas (`Sequence[float]`, defaults to `(0.5, 0.9)`): Adam betas.
+        eps (`float`, defaults to 1e-8): Adam epsilon.
+        iterations (`int` or `Sequence[int]`, defaults to `(500, 500)`): steps of each phase (an `int` is one phase).
         warmup (`int`, defaults to 100): warm-up steps of each phase.
-        jitter (`tuple[int, ...]`, defaults to `(15, 30)`): maximum roll offset of each phase, in pixels.
+        jitter (`int` or `Sequence[int]`, defaults to `(15, 30)`): maximum roll offset of each phase, in pixels (one
+            value is used for every phase).
         flip_prob (`float`, defaults to 0.5): horizontal-flip probability.
         log_every (`int`, defaults to 50): INFO logging (and loss-history summary) period, in steps.
+
+    Raises:
+        `SynthesisError`: if the settings are invalid (checked by [`EngineConfig`]).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers import ViTConfig, ViTForImageClassification
+    >>> from optimum_dfq.synthesis import BatchPlan, CrossEntropyTerm, PixelSynthesizer, image_generator
+    >>> class ClassZero(PixelSynthesizer):  # pushes every image towards class 0
+    ...     def plan_batch(self, info, indices, seed):
+    ...         init = torch.stack([torch.randn(info.image_shape, generator=image_generator(seed, i)) for i in indices])
+    ...         labels = torch.zeros(len(indices), dtype=torch.long)
+    ...         return BatchPlan(indices, init, [CrossEntropyTerm(labels.to(info.device))], labels=labels)
+    >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+    ...     num_attention_heads=2, intermediate_size=64, num_labels=10))
+    >>> calib = ClassZero(iterations=(2, 2), warmup=1, jitter=(2, 4)).synthesize(model, 3, image_mean=[0.5] * 3,
+    ...                                                                          image_std=[0.5] * 3)
+    >>> calib.pixel_values.shape, calib.labels.tolist()
+    (torch.Size([3, 3, 32, 32]), [0, 0, 0])
+    ```
     """
 
     def __init__(
@@ -101,7 +133,14 @@ class PixelSynthesizer(Synthesizer):
         self.engine_config(windowed=False)
 
     def engine_config(self, windowed: bool) -> EngineConfig:
-        """The engine settings for a model with (`windowed=True`) or without windowed attention."""
+        """The engine settings for a model with (`windowed=True`) or without windowed attention.
+
+        Args:
+            windowed (`bool`): whether the model uses windowed attention (Swin); picks the default `lr`.
+
+        Returns:
+            `EngineConfig`
+        """
         return EngineConfig(
             lr=self.lr if self.lr is not None else DEFAULT_LR[windowed], betas=self.betas, eps=self.eps,
             iterations=self.iterations, warmup=self.warmup, jitter=self.jitter, flip_prob=self.flip_prob,
@@ -113,15 +152,40 @@ class PixelSynthesizer(Synthesizer):
         """Initial images, loss terms (with their targets) and views of one batch.
 
         Every random draw for image `i` must come from generators seeded by `(seed, i)` (see
-        [`stream_generator`]), so that the image does not depend on its batch-mates.
+        [`image_generator`] and [`stream_generator`]), so that the image does not depend on its batch-mates.
+
+        Args:
+            info (`ModelInfo`): the model, its attention sites, input shape, classes and device.
+            indices (`list[int]`): global indices of the batch's images (consecutive).
+            seed (`int`): the run's seed.
+
+        Returns:
+            `BatchPlan`: `init` may be on any device (it is moved to `info.device`); targets put on `info.device`
+            here are not copied again at every step.
         """
 
     def finish_batch(self, info: ModelInfo, plan: BatchPlan, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Extra per-image values (`[B]` tensors) to record for a finished batch; none by default."""
+        """Extra per-image values to record for a finished batch; none by default.
+
+        Args:
+            info (`ModelInfo`): as given to `plan_batch`.
+            plan (`BatchPlan`): the batch's plan.
+            images (`torch.Tensor`): `[B, C, H, W]` final images (CPU).
+
+        Returns:
+            `dict[str, torch.Tensor]`: name → `[B]` values, stored in `metadata["per_image"][name]`.
+        """
         return {}
 
     def finalize(self, calibration_set: CalibrationSet) -> CalibrationSet:
-        """Last touch on the assembled set (e.g. reordering); identity by default."""
+        """Last touch on the assembled set (e.g. reordering); identity by default.
+
+        Args:
+            calibration_set (`CalibrationSet`): all images in global index order, with metadata.
+
+        Returns:
+            `CalibrationSet`
+        """
         return calibration_set
 
     def synthesize(
@@ -164,10 +228,24 @@ class PixelSynthesizer(Synthesizer):
             `CalibrationSet`: images in the model's normalised space, hard labels, soft labels when the method makes
             them, and metadata (method, hyper-parameters, model fingerprint, seed, library version, loss history).
 
+        Raises:
+            `SynthesisError`: if `num_images` is not a positive `int`, `batch_size` is below 1, or no valid
+                normalisation is given (neither `image_processor` nor `image_mean`/`image_std`).
+            `UnsupportedArchitectureError`: if the model is not a supported ViT, DeiT or Swin classifier.
+
         Example:
-            >>> from optimum_dfq.synthesis import get_synthesizer
-            >>> synth = get_synthesizer("psaq")
-            >>> calib = synth.synthesize(model, 32, seed=0, image_processor=processor)  # doctest: +SKIP
+
+        ```python
+        >>> from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+        >>> from optimum_dfq.synthesis import get_synthesizer
+        >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32,
+        ...     num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, num_labels=10))
+        >>> processor = ViTImageProcessor(size={"height": 32, "width": 32})
+        >>> synth = get_synthesizer("psaq", iterations=(2, 2), warmup=1, jitter=(2, 4))  # tiny run; defaults: 2 × 500
+        >>> calib = synth.synthesize(model, 2, seed=0, image_processor=processor)
+        >>> calib.pixel_values.shape, calib.metadata["synthesizer"], calib.metadata["num_images"]
+        (torch.Size([2, 3, 32, 32]), 'psaq', 2)
+        ```
         """
         if not isinstance(num_images, int) or num_images < 1:
             raise SynthesisError(f"num_images must be a positive integer, got {num_images!r}.")

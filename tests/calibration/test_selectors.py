@@ -140,3 +140,29 @@ def test_search_in_the_pipeline_measures_layernorm_outputs_and_keeps_the_float_f
     with quantization_disabled(qmodel):
         torch.testing.assert_close(qmodel(pixel_values=pixels).logits, model(pixel_values=pixels).logits,
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_a_registered_selector_is_selectable_by_name_and_its_name_is_protected():
+    from optimum_dfq import DataFreeViTQuantizer
+    from optimum_dfq.calibration import register_scale_selector
+    from optimum_dfq.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="register_scale_selector"):
+        DFQConfig(scale_selector="test_first")
+    calls = []
+
+    @register_scale_selector("test_first")
+    def first_channel(scale, zero_point):
+        calls.append(scale.numel())
+        return scale[0], zero_point[0]
+
+    try:
+        config = DFQConfig(bits="w4a4", synthesizer="gaussian", scale_selector="test_first")
+        DataFreeViTQuantizer().quantize(tiny_vit(), config=config, num_images=4)
+        assert calls and set(calls) == {32}  # one call per post-LayerNorm site, over the hidden channels
+        with pytest.raises(ConfigError, match="'test_first' is already registered"):
+            register_scale_selector("test_first")(lambda scale, zero_point: (scale[1], zero_point[1]))
+        with pytest.raises(ConfigError, match="'mean' is already registered"):
+            register_scale_selector("mean")(first_channel)
+    finally:
+        del SCALE_SELECTOR_REGISTRY["test_first"]

@@ -29,7 +29,8 @@ def model_dir(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("tiny-vit")
     tiny_vit().save_pretrained(path)
-    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=CIFAR_MEAN, image_std=CIFAR_STD).save_pretrained(path)
+    processor = ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=CIFAR_MEAN, image_std=CIFAR_STD)
+    processor.save_pretrained(path)
     return path
 
 

@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_example():
-    spec = importlib.util.spec_from_file_location("quantize_deit_and_push", ROOT / "examples" / "quantize_deit_and_push.py")
+    path = ROOT / "examples" / "quantize_deit_and_push.py"
+    spec = importlib.util.spec_from_file_location("quantize_deit_and_push", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def trainer():
-    spec = importlib.util.spec_from_file_location("train_reference_model", ROOT / "examples" / "train_reference_model.py")
+    path = ROOT / "examples" / "train_reference_model.py"
+    spec = importlib.util.spec_from_file_location("train_reference_model", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up while being created
     spec.loader.exec_module(module)
@@ -44,7 +45,8 @@ def test_explicit_contradiction_is_an_error(trainer):
 def test_model_card_history_lists_each_schedule_extension(trainer, tmp_path):
     log = tmp_path / "train_log.jsonl"
     lrs = [1e-3, 5e-4, 1e-4, 1e-5, 2e-4, 5e-5, 1e-5]  # one extension: the rise after epoch 4
-    log.write_text("".join(f'{{"epoch": {i + 1}, "lr": {lr}, "test_accuracy": 0.{50 + i}}}\n' for i, lr in enumerate(lrs)))
+    rows = (f'{{"epoch": {i + 1}, "lr": {lr}, "test_accuracy": 0.{50 + i}}}\n' for i, lr in enumerate(lrs))
+    log.write_text("".join(rows))
     history = trainer.schedule_history(log)
     assert history.count("- from epoch") == 1
     assert "from epoch 5: lr 1e-05 at the end of epoch 4, 0.0002 at the end of epoch 5" in history

@@ -136,7 +136,8 @@ def test_reloaded_checkpoint_exports_like_the_in_memory_model(calibration, tmp_p
     reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "ckpt")
     to_onnx(qmodel, tmp_path / "a.onnx", verify=False)
     to_onnx(reloaded, tmp_path / "b.onnx", verify=False)
-    np.testing.assert_array_equal(_run(tmp_path / "a.onnx", calibration[:4]), _run(tmp_path / "b.onnx", calibration[:4]))
+    first, second = _run(tmp_path / "a.onnx", calibration[:4]), _run(tmp_path / "b.onnx", calibration[:4])
+    np.testing.assert_array_equal(first, second)
 
 
 def test_errors_name_the_problem(tmp_path):

@@ -10,7 +10,15 @@ from optimum_dfq import DataFreeViTQuantizer, DFQConfig
 from optimum_dfq.calibration import convert_model
 from optimum_dfq.errors import ConfigError
 from optimum_dfq.models import get_adapter
-from optimum_dfq.nn import QConv2d, QLinear, QModuleMixin, qmodule_class_for, quantized_class_for
+from optimum_dfq.nn import (
+    QConv2d,
+    QLinear,
+    QModuleMixin,
+    qmodule_class_for,
+    quantized_class_for,
+    register_qmodule,
+    unregister_qmodule,
+)
 from optimum_dfq.quantizers import UniformQuantizer
 
 from ..conftest import tiny_vit
@@ -27,6 +35,21 @@ def test_registry_maps_float_types_to_their_quantized_twins():
     assert qmodule_class_for(nn.Linear(4, 4)) is QLinear
     assert qmodule_class_for(nn.Conv2d(3, 8, 2)) is QConv2d
     assert qmodule_class_for(ScaledLinear(4, 4)) is None
+
+
+def test_a_float_class_keeps_its_twin_until_unregistered():
+    class OtherQLinear(QLinear):
+        pass
+
+    with pytest.raises(ConfigError, match=r"nn\.modules\.linear\.Linear already has .*QLinear.*unregister_qmodule"):
+        register_qmodule(nn.Linear)(OtherQLinear)
+    assert qmodule_class_for(nn.Linear(2, 2)) is QLinear
+    register_qmodule(ScaledLinear)(OtherQLinear)
+    try:
+        assert qmodule_class_for(ScaledLinear(2, 2)) is OtherQLinear
+    finally:
+        unregister_qmodule(ScaledLinear)
+    assert qmodule_class_for(ScaledLinear(2, 2)) is None
 
 
 def test_unregistered_subclass_is_refused_with_the_fix():
@@ -69,7 +92,8 @@ def test_unregistered_layer_kept_in_float_on_request():
 
 
 def test_mixin_separates_weight_and_activation_quantizers():
-    layer = QLinear.from_float(nn.Linear(8, 4), UniformQuantizer(bits=4, channels=4, axis=0), UniformQuantizer(bits=8), "fc")
+    weight_quantizer, input_quantizer = UniformQuantizer(bits=4, channels=4, axis=0), UniformQuantizer(bits=8)
+    layer = QLinear.from_float(nn.Linear(8, 4), weight_quantizer, input_quantizer, "fc")
     assert isinstance(layer, QModuleMixin)
     assert [name for name, _ in layer.named_quantizers()] == ["weight_quantizer", "input_quantizer"]
     assert list(layer.weight_quantizers()) == [layer.weight_quantizer]
@@ -78,7 +102,8 @@ def test_mixin_separates_weight_and_activation_quantizers():
 
 def test_calibrate_weights_quantizes_the_weight_to_its_grid():
     torch.manual_seed(0)
-    layer = QLinear.from_float(nn.Linear(16, 4), UniformQuantizer(bits=3, channels=4, axis=0, observer="minmax"), None, "fc")
+    weight_quantizer = UniformQuantizer(bits=3, channels=4, axis=0, observer="minmax")
+    layer = QLinear.from_float(nn.Linear(16, 4), weight_quantizer, None, "fc")
     layer.calibrate_weights()
     assert layer.weight_quantizer.mode == "quantize"
     quantized = layer.quantized_weight()

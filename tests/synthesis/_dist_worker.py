@@ -32,8 +32,8 @@ def main() -> None:
     for name, family in CASES.items():
         batches = []
         calib = get_synthesizer(name, **FAST).synthesize(
-            BUILDERS[family](), args.num_images, seed=0, on_batch_end=lambda r, batches=batches: batches.append([r.start, r.stop]),
-            **NORM,
+            BUILDERS[family](), args.num_images, seed=0,
+            on_batch_end=lambda r, batches=batches: batches.append([r.start, r.stop]), **NORM,
         )
         state = PartialState()
         report[name] = {"batches": batches, "num_processes": state.num_processes}

@@ -90,6 +90,20 @@ def test_several_splits_need_an_explicit_split():
         calibration_set_from_dataset_dict(splits)
     picked = calibration_set_from_dataset_dict(splits, split="b")
     assert torch.equal(picked.pixel_values, torch.ones(2, 3, 2, 2)) and picked.metadata == {"seed": 2}
+    with pytest.raises(CalibrationError, match=r"no split 'c'; its splits are \['a', 'b'\]"):
+        calibration_set_from_dataset_dict(splits, split="c")
+
+
+def test_an_empty_calibration_set_dataset_is_refused():
+    empty = calibration_set_to_dataset(CalibrationSet(torch.zeros(1, 3, 2, 2))).select([])
+    with pytest.raises(CalibrationError, match="has no rows"):
+        calibration_set_from_dataset_dict(empty)
+
+
+def test_loading_a_folder_without_a_saved_dataset_names_it(tmp_path):
+    (tmp_path / "not-a-set").mkdir()
+    with pytest.raises(CalibrationError, match=r"'.*not-a-set' holds no saved dataset.*save_calibration_set"):
+        load_calibration_set(tmp_path / "not-a-set")
 
 
 def test_a_dataset_without_pixel_values_is_refused_with_the_fix(cifar_train):

@@ -148,3 +148,31 @@ def test_model_is_left_unchanged():
     assert model.config._attn_implementation == implementation
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+
+
+def _run(plan: BatchPlan) -> None:
+    model = tiny_vit()
+    optimize_batch(model, plan, EngineConfig(iterations=(1,), jitter=(0,), warmup=0),
+                   bounds=valid_pixel_range(NORM["image_mean"], NORM["image_std"]),
+                   sites=probe_attention_sites(model, get_adapter(model)), num_prefix_tokens=1, seed=0)
+
+
+class _MeanLogit(LossTerm):
+    name = "mean"
+
+    def __call__(self, ctx):
+        return ctx.logits[: ctx.num_images].mean(-1)
+
+
+def test_views_that_add_rows_need_owners():
+    plan = BatchPlan([0, 1], torch.randn(2, 3, 32, 32), [_MeanLogit()], views=lambda x: torch.cat([x, x[:1]]))
+    with pytest.raises(SynthesisError, match="views give 3 model inputs but BatchPlan.owners has 2 entries"):
+        _run(plan)
+    plan.owners = torch.tensor([0, 1, 0])
+    _run(plan)
+
+
+def test_loss_terms_with_the_same_name_are_refused():
+    with pytest.raises(SynthesisError, match=r"Loss terms \['mean'\] appear more than once"):
+        _run(BatchPlan([0], torch.randn(1, 3, 32, 32), [_MeanLogit(), _MeanLogit()]))
+

@@ -1,0 +1,44 @@
+"""Switching quantizers by kind or by name."""
+
+from __future__ import annotations
+
+import pytest
+
+from optimum_dfq import DataFreeViTQuantizer
+from optimum_dfq.calibration import iter_quantizers, quantization_disabled, set_quantizer_modes
+from optimum_dfq.errors import ConfigError
+
+from ..conftest import tiny_vit
+
+
+@pytest.fixture(scope="module")
+def qmodel():
+    return DataFreeViTQuantizer().quantize(tiny_vit(), bits="w4a4", synthesizer="gaussian", num_images=4)
+
+
+def test_unknown_quantizer_names_are_refused_and_nothing_is_switched(qmodel):
+    before = {name: q.mode for name, q in iter_quantizers(qmodel)}
+    names = ["classifier.input_quantizer", "classifier.nope"]
+    with (pytest.raises(ConfigError, match=r"\['classifier\.nope'\] are not quantizers of the model"),
+          quantization_disabled(qmodel, names)):
+        pass
+    assert {name: q.mode for name, q in iter_quantizers(qmodel)} == before
+
+
+def test_modes_are_restored_even_when_the_block_raises(qmodel):
+    before = {name: q.mode for name, q in iter_quantizers(qmodel)}
+    with pytest.raises(RuntimeError, match="inside"), quantization_disabled(qmodel, ["classifier.input_quantizer"]):
+        assert qmodel.classifier.input_quantizer.mode == "off"
+        raise RuntimeError("inside")
+    assert {name: q.mode for name, q in iter_quantizers(qmodel)} == before
+
+
+def test_set_quantizer_modes_switches_activations_only(qmodel):
+    activations = [q for name, q in iter_quantizers(qmodel) if not name.endswith("weight_quantizer")]
+    weights = [q for name, q in iter_quantizers(qmodel) if name.endswith("weight_quantizer")]
+    try:
+        set_quantizer_modes(qmodel, activations="off")
+        assert {q.mode for q in activations} == {"off"}
+        assert {q.mode for q in weights} == {"quantize"}
+    finally:
+        set_quantizer_modes(qmodel, activations="quantize")
