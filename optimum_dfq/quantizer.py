@@ -111,6 +111,9 @@ class DataFreeViTQuantizer(OptimumQuantizer):
             cache_dir (`str` or `os.PathLike`, *optional*): synthesis cache: a finished set with identical arguments
                 is reused, an interrupted synthesis resumes from its last finished batch.
 
+        A model in half precision (`float16` / `bfloat16`) is copied to float32 first, with a warning: calibration
+        and the fake-quantized model run in float32.
+
         Returns:
             `PreTrainedModel`: same class and outputs as the input; `model.config.quantization_config` is the
             [`DFQConfig`] of the run. Its weights are frozen to packed integer codes and it carries
@@ -121,6 +124,7 @@ class DataFreeViTQuantizer(OptimumQuantizer):
         if model is None:
             raise ConfigError("No model to quantize: pass `model=` or create the quantizer with from_pretrained(...).")
         adapter = get_adapter(model)
+        model = _in_float32(model)
         config = self._resolve_config(config, bits, synthesizer, num_images, seed)
         check_convertible(model, adapter, config.modules_to_not_convert)
         image_processor = image_processor if image_processor is not None else self.image_processor
@@ -227,3 +231,15 @@ class DataFreeViTQuantizer(OptimumQuantizer):
             )
         calibration.check_image_size(model)
         return calibration
+
+
+def _in_float32(model: PreTrainedModel) -> PreTrainedModel:
+    """`model` itself when its floating-point parameters are float32, else a float32 copy (with a warning)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if dtypes <= {torch.float32}:
+        return model
+    names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+    logger.warning("The model's parameters are %s; it is calibrated and quantized as a float32 copy (the input model "
+                   "is left unchanged), and the quantized model runs in float32.", names)
+    return copy.deepcopy(model).float()
+

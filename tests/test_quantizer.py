@@ -1,5 +1,6 @@
 """End-to-end tests of DataFreeViTQuantizer.quantize on tiny models of every supported family."""
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,19 @@ def test_seeded_runs_are_reproducible():
     a, b, c = logits(3), logits(3), logits(4)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_is_quantized_as_a_float32_copy(dtype, caplog):
+    pixels = torch.randn(2, 3, 32, 32)
+    half = tiny_vit().to(dtype)
+    upcast = copy.deepcopy(half).float()
+    reference = DataFreeViTQuantizer().quantize(upcast, bits="w4a4", num_images=4, synthesizer="gaussian")
+    with caplog.at_level("WARNING", logger="optimum_dfq.quantizer"):
+        qmodel = DataFreeViTQuantizer().quantize(half, bits="w4a4", num_images=4, synthesizer="gaussian")
+    assert "calibrated and quantized as a float32 copy" in caplog.text
+    assert {p.dtype for p in half.parameters()} == {dtype}
+    assert torch.equal(qmodel(pixel_values=pixels).logits, reference(pixel_values=pixels).logits)
 
 
 def test_parallel_calibration_order():
