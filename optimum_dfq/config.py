@@ -40,6 +40,8 @@ ACTIVATION_OBSERVERS = ("auto", *OBSERVERS)
 INPUT_RANGES = ("auto", "pixels", "calibrated")
 POST_LAYERNORM_MODES = ("per_channel_reparam", "per_tensor", "per_channel")
 POST_SOFTMAX_QUANTIZERS = ("auto", "log_sqrt2", "log2", "uniform", "tanq")
+#: Built-in scale selectors; `optimum_dfq.calibration.register_scale_selector` adds more.
+SCALE_SELECTORS = ("mean", "median", "mad", "search")
 #: Roles of the Linear layers whose input the activation correction can fix (see `calibration/sites.py`).
 CORRECTION_SITES = ("qkv", "o_proj", "fc1", "fc2", "reduction", "classifier")
 CORRECTION_KINDS = ("affine", "ridge")
@@ -95,13 +97,6 @@ def parse_bits(bits: str) -> tuple[int, int | None]:
             "(or 16 for weight-only); choose e.g. 'w4a8'."
         )
     return weight_bits, activation_bits
-
-
-def registered_scale_selectors() -> tuple[str, ...]:
-    """The built-in scale selectors and those added with `optimum_dfq.calibration.register_scale_selector`."""
-    from .calibration.reparam import SCALE_SELECTOR_REGISTRY  # imported late: calibration imports this module
-
-    return tuple(SCALE_SELECTOR_REGISTRY)
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -237,11 +232,11 @@ class DFQConfig(QuantizationConfigMixin):
         _check_choice("activation_observer", self.activation_observer, ACTIVATION_OBSERVERS)
         _check_choice("post_layernorm", self.post_layernorm, POST_LAYERNORM_MODES)
         _check_choice("post_softmax", self.post_softmax, POST_SOFTMAX_QUANTIZERS)
-        if self.scale_selector not in registered_scale_selectors():
-            raise ConfigError(
-                f"DFQConfig.scale_selector={self.scale_selector!r} is not one of {list(registered_scale_selectors())}; "
-                "a custom selector must be registered with optimum_dfq.calibration.register_scale_selector first."
-            )
+        # Checked against the selector registry when quantizing, not here: a checkpoint made with a custom selector
+        # must load in a process that never registered it (the selector's effect is folded into the weights).
+        if not isinstance(self.scale_selector, str) or not self.scale_selector:
+            raise ConfigError(f"DFQConfig.scale_selector={self.scale_selector!r} must be a selector name, e.g. "
+                              f"one of {list(SCALE_SELECTORS)}.")
         _check_choice("calibration_order", self.calibration_order, CALIBRATION_ORDERS)
         if not 2 <= self.input_bits <= 8:
             raise ConfigError(f"DFQConfig.input_bits={self.input_bits} must be in 2..8.")
@@ -329,9 +324,27 @@ class DFQConfig(QuantizationConfigMixin):
         return self.to_dict()
 
     def get(self, key: str, default: Any = None) -> Any:
-        """Mapping-style read of a field. transformers' loader reads `config.quantization_config` with `.get`
-        (it expects the dict form of `config.json`), so this lets `from_pretrained(path, config=qmodel.config)`
-        take the config of a model quantized in memory."""
+        """Reads a field like `dict.get` does.
+
+        transformers' loader reads `config.quantization_config` with `.get` (it expects the dict form of
+        `config.json`); this lets `from_pretrained(path, config=qmodel.config)` take an in-memory model's config.
+
+        Args:
+            key (`str`): a field name, e.g. `"bits"`.
+            default (*optional*): returned when `key` is not a field.
+
+        Returns:
+            The field's value, or `default`.
+
+        Example:
+
+        ```python
+        >>> from optimum_dfq import DFQConfig
+        >>> config = DFQConfig(bits="w4a8")
+        >>> config.get("bits"), config.get("quant_method"), config.get("load_in_8bit", False)
+        ('w4a8', 'optimum_dfq', False)
+        ```
+        """
         return getattr(self, key, default) if key in self.__dataclass_fields__ else default
 
     @classmethod

@@ -15,6 +15,7 @@ from transformers import PreTrainedModel
 from .calibration import CalibrationSet, calibration_set_from_dataset, quantize_model, resolve_input_range
 from .calibration.convert import check_convertible
 from .calibration.data import load_image_dataset
+from .calibration.reparam import get_scale_selector
 from .config import DFQConfig
 from .errors import CalibrationError, ConfigError
 from .integrations.transformers import finalize_quantized_model
@@ -124,14 +125,16 @@ class DataFreeViTQuantizer(OptimumQuantizer):
         if model is None:
             raise ConfigError("No model to quantize: pass `model=` or create the quantizer with from_pretrained(...).")
         adapter = get_adapter(model)
-        model = _in_float32(model)
         config = self._resolve_config(config, bits, synthesizer, num_images, seed)
         check_convertible(model, adapter, config.modules_to_not_convert)
+        get_scale_selector(config.scale_selector)
+        float32_model = _float32_copy(model)
+        model = float32_model if float32_model is not None else model
         image_processor = image_processor if image_processor is not None else self.image_processor
 
         torch.manual_seed(config.seed)
         calibration = self.calibration_set(model, config, calibration_dataset, image_processor, cache_dir)
-        qmodel = copy.deepcopy(model)
+        qmodel = float32_model if float32_model is not None else copy.deepcopy(model)
         config, input_normalization = resolve_input_range(config, image_processor)
         _, plan = quantize_model(qmodel, calibration, config, input_normalization)
         finalize_quantized_model(qmodel, config, plan, base_model=model.name_or_path,
@@ -233,13 +236,14 @@ class DataFreeViTQuantizer(OptimumQuantizer):
         return calibration
 
 
-def _in_float32(model: PreTrainedModel) -> PreTrainedModel:
-    """`model` itself when its floating-point parameters are float32, else a float32 copy (with a warning)."""
+def _float32_copy(model: PreTrainedModel) -> PreTrainedModel | None:
+    """A float32 copy of a model with half-precision parameters (with a warning); `None` for a float32 model."""
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if dtypes <= {torch.float32}:
-        return model
+        return None
     names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
     logger.warning("The model's parameters are %s; it is calibrated and quantized as a float32 copy (the input model "
                    "is left unchanged), and the quantized model runs in float32.", names)
-    return copy.deepcopy(model).float()
-
+    upcast = copy.deepcopy(model).float()
+    upcast.config.dtype = torch.float32
+    return upcast

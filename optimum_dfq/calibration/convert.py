@@ -29,7 +29,7 @@ from torch import nn
 from ..config import DFQConfig
 from ..errors import ConfigError
 from ..models import ModelAdapter
-from ..nn import AttentionQuantizers, QLayerNorm, quantized_class_for
+from ..nn import AttentionQuantizers, QLayerNorm, QModuleMixin, quantized_class_for
 from ..nn.attention import ATTENTION_QUANTIZERS_ATTR
 from ..quantizers import PixelGridQuantizer, Quantizer, build_quantizer
 
@@ -79,6 +79,9 @@ def check_convertible(model: nn.Module, adapter: ModelAdapter, modules_to_not_co
         model (`nn.Module`): the float model.
         adapter (`ModelAdapter`): its family's structure, from [`get_adapter`].
         modules_to_not_convert (`Sequence[str]`): names or `re:` patterns kept in float.
+
+    Raises:
+        `ConfigError`: when a layer to convert is already quantized or has no registered quantized class.
     """
     for modules in (adapter.patch_embeddings(model), adapter.linears(model)):
         _with_quantized_class(modules, modules_to_not_convert, QuantizationPlan())
@@ -92,6 +95,9 @@ def _with_quantized_class(
     for name, module in modules:
         if _matches(name, skip):
             plan.skipped.append(name)
+        elif isinstance(module, QModuleMixin):
+            raise ConfigError(f"{name} is already quantized ({type(module).__name__}): quantize the float model, not a "
+                              "quantized one.")
         else:
             converted.append((name, module, quantized_class_for(module, name)))
     return converted

@@ -215,12 +215,15 @@ def load_image_dataset(path: str, split: str = "train", name: str | None = None)
     local = Path(path)
     if local.suffix == ".parquet":
         if not local.exists():
-            raise FileNotFoundError(f"Dataset file {path!r} does not exist.")
+            raise CalibrationError(f"Dataset file {path!r} does not exist; check the path.")
         return datasets.load_dataset("parquet", data_files={split: str(local)}, split=split)
     if local.is_dir() and (local / "state.json").exists():
         return datasets.load_from_disk(str(local))
     if local.is_dir() and (local / "dataset_dict.json").exists():
-        return datasets.load_from_disk(str(local))[split]
+        splits = datasets.load_from_disk(str(local))
+        if split not in splits:
+            raise CalibrationError(f"The dataset at {path!r} has no split {split!r}; its splits are {list(splits)}.")
+        return splits[split]
     try:
         return datasets.load_dataset(path, name, split=split)
     except (FileNotFoundError, ConnectionError, ValueError) as err:

@@ -43,6 +43,7 @@ def iter_quantizers(model: nn.Module) -> Iterator[tuple[str, Quantizer]]:
 
 
 def weight_quantizer_names(model: nn.Module) -> set[str]:
+    """The module names of `model`'s weight quantizers (the `weight_quantizer` of each quantized layer)."""
     return {name for name, _ in iter_quantizers(model) if name.endswith("weight_quantizer")}
 
 

@@ -67,8 +67,10 @@ def register_scale_selector(name: str, needs_context: bool = False):
     A scale selector picks the layer-wise (per-tensor) scale and zero point that [`reparameterize_layernorm`] folds a
     per-channel post-LayerNorm quantizer into; it receives the per-channel parameters as float64 tensors. With
     `needs_context=True` it is called as `fn(scale, zero_point, context=SelectorContext | None)`. Once registered, the
-    name is accepted by `DFQConfig(scale_selector=...)`. A name already taken by another function is refused (delete
-    it from [`SCALE_SELECTOR_REGISTRY`] first to replace it).
+    name can be used as `DFQConfig(scale_selector=...)` to quantize; loading a checkpoint made with it does not need
+    the registration (its effect is folded into the weights). A name already taken by another function is refused
+    (delete it from [`SCALE_SELECTOR_REGISTRY`] first to replace it); the same function registered again (a module
+    reloaded, a notebook cell re-run) simply replaces itself.
 
     Args:
         name (`str`): the key in [`SCALE_SELECTOR_REGISTRY`].
@@ -87,14 +89,14 @@ def register_scale_selector(name: str, needs_context: bool = False):
     ```python
     >>> from optimum_dfq import DFQConfig
     >>> from optimum_dfq.calibration import SCALE_SELECTOR_REGISTRY, register_scale_selector
-    >>> @register_scale_selector("max")
+    >>> @register_scale_selector("doc_max")
     ... def max_selector(scale, zero_point):
     ...     return scale.max(), zero_point.mean()
-    >>> SCALE_SELECTOR_REGISTRY["max"] is max_selector, max_selector.needs_context
+    >>> SCALE_SELECTOR_REGISTRY["doc_max"] is max_selector, max_selector.needs_context
     (True, False)
-    >>> DFQConfig(bits="w4a4", scale_selector="max").scale_selector
-    'max'
-    >>> del SCALE_SELECTOR_REGISTRY["max"]  # the registry is global
+    >>> DFQConfig(bits="w4a4", scale_selector="doc_max").scale_selector
+    'doc_max'
+    >>> del SCALE_SELECTOR_REGISTRY["doc_max"]  # the registry is global
     ```
     """
 
@@ -116,9 +118,30 @@ def _qualified(fn: ScaleSelector) -> str:
     return f"{fn.__module__}.{fn.__qualname__}"
 
 
+def get_scale_selector(name: str) -> ScaleSelector:
+    """The registered scale selector `name`.
+
+    Args:
+        name (`str`): a key of [`SCALE_SELECTOR_REGISTRY`], e.g. `DFQConfig.scale_selector`.
+
+    Returns:
+        `ScaleSelector`
+
+    Raises:
+        `ConfigError`: when no selector is registered under `name`.
+    """
+    selector = SCALE_SELECTOR_REGISTRY.get(name)
+    if selector is None:
+        raise ConfigError(
+            f"Unknown scale selector {name!r}; registered: {sorted(SCALE_SELECTOR_REGISTRY)}. Register a custom "
+            "one with optimum_dfq.calibration.register_scale_selector before quantizing."
+        )
+    return selector
+
+
 def selector_needs_context(name: str) -> bool:
     """Whether the selector `name` measures on calibration activations (see [`SelectorContext`])."""
-    return bool(getattr(SCALE_SELECTOR_REGISTRY[name], "needs_context", False))
+    return bool(getattr(get_scale_selector(name), "needs_context", False))
 
 
 @register_scale_selector("mean")
@@ -283,7 +306,7 @@ def reparameterize_layernorm(
     if norm.weight is None or norm.bias is None:
         raise ValueError(f"{quantizer.site}: re-parameterisation needs a LayerNorm with weight and bias.")
     scale, zero_point = quantizer.scale.double(), quantizer.zero_point.double()
-    selector = SCALE_SELECTOR_REGISTRY[config.scale_selector]
+    selector = get_scale_selector(config.scale_selector)
     if selector_needs_context(config.scale_selector):
         context = None if activations is None else SelectorContext(
             activations, consumers, quantizer.bits, config.round_zero_point

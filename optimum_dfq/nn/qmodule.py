@@ -18,7 +18,8 @@ def register_qmodule(float_cls: type[nn.Module]):
     Conversion looks the twin up for each patch-embedding and linear layer of the model (by exact type) and builds
     the replacement with `twin.from_float(module, weight_quantizer, input_quantizer, site)`, the class method of
     [`QLinear`] and [`QConv2d`]. A float class that already has another twin is refused: unregister it first with
-    [`unregister_qmodule`].
+    [`unregister_qmodule`]. A twin with the same module and qualified name (a module reloaded, a notebook cell re-run)
+    replaces itself.
 
     Args:
         float_cls (`type[nn.Module]`): the float layer class, e.g. `nn.Linear`.
@@ -126,7 +127,7 @@ def quantized_class_for(module: nn.Module, name: str) -> type[nn.Module]:
     >>> quantized_class_for(nn.GELU(), "mlp.act")
     Traceback (most recent call last):
         ...
-    optimum_dfq.errors.ConfigError: mlp.act is a torch.nn.modules.activation.GELU, which has no registered ...
+    optimum_dfq.errors.ConfigError: mlp.act is of type torch.nn.modules.activation.GELU, which has no registered ...
     ```
     """
     qclass = qmodule_class_for(module)
@@ -134,7 +135,7 @@ def quantized_class_for(module: nn.Module, name: str) -> type[nn.Module]:
         kind = type(module)
         registered = ", ".join(sorted(f"{t.__module__}.{t.__qualname__}" for t in _QMODULE_TABLE))
         raise ConfigError(
-            f"{name} is a {kind.__module__}.{kind.__qualname__}, which has no registered quantized class "
+            f"{name} is of type {kind.__module__}.{kind.__qualname__}, which has no registered quantized class "
             f"(registered: {registered}). Keep it in float with DFQConfig(modules_to_not_convert=[{name!r}]) or "
             f"register a quantized twin with @register_qmodule({kind.__qualname__})."
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import ConfigError
 from .base import MODES, Quantizer
 from .log import Log2Quantizer, LogSqrt2Quantizer
 from .pixel import PixelGridQuantizer
@@ -18,6 +19,7 @@ def register_quantizer_kind(cls: type[Quantizer]) -> type[Quantizer]:
     """Class decorator that adds a quantizer class to [`QUANTIZER_REGISTRY`] under its `kind` name.
 
     A `kind` already taken by another class is refused: remove it from [`QUANTIZER_REGISTRY`] first to replace it.
+    A class with the same module and qualified name (a module reloaded, a notebook cell re-run) replaces itself.
 
     Args:
         cls (`type[Quantizer]`): a [`Quantizer`] subclass with a non-empty `kind` class attribute.
@@ -26,7 +28,7 @@ def register_quantizer_kind(cls: type[Quantizer]) -> type[Quantizer]:
         `type[Quantizer]`: `cls` itself, unchanged.
 
     Raises:
-        `ValueError`: when `cls.kind` is empty or already registered to another class.
+        `ConfigError`: when `cls.kind` is empty or already registered to another class.
 
     Example:
 
@@ -44,10 +46,10 @@ def register_quantizer_kind(cls: type[Quantizer]) -> type[Quantizer]:
     ```
     """
     if not cls.kind:
-        raise ValueError(f"{cls.__name__} has no `kind` name.")
+        raise ConfigError(f"{cls.__name__} has no `kind` name; set the class attribute `kind = \"...\"`.")
     existing = QUANTIZER_REGISTRY.get(cls.kind)
     if existing is not None and (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
-        raise ValueError(
+        raise ConfigError(
             f"Quantizer kind {cls.kind!r} is already registered to {existing.__module__}.{existing.__qualname__}; "
             f"choose another kind, or `del QUANTIZER_REGISTRY[{cls.kind!r}]` first to replace it."
         )
@@ -71,7 +73,7 @@ def build_quantizer(kind: str, **kwargs: Any) -> Quantizer:
         `Quantizer`: a new, uncalibrated quantizer in `"quantize"` mode.
 
     Raises:
-        `ValueError`: when `kind` is not registered (the message lists the registered kinds).
+        `ConfigError`: when `kind` is not registered (the message lists the registered kinds).
 
     Example:
 
@@ -87,7 +89,7 @@ def build_quantizer(kind: str, **kwargs: Any) -> Quantizer:
     try:
         cls = QUANTIZER_REGISTRY[kind]
     except KeyError:
-        raise ValueError(f"Unknown quantizer kind {kind!r}; registered: {sorted(QUANTIZER_REGISTRY)}.") from None
+        raise ConfigError(f"Unknown quantizer kind {kind!r}; registered: {sorted(QUANTIZER_REGISTRY)}.") from None
     return cls(**kwargs)
 
 

@@ -16,7 +16,8 @@ def register_synthesizer(name: str):
 
     Registered synthesizers can be built with [`get_synthesizer`] and selected with `quantize(synthesizer=name)`.
     The decorator sets the class's `name` attribute and returns the class itself. A name already taken by another
-    class is refused (unregister it first with `del SYNTHESIZERS[name]` to replace it).
+    class is refused (unregister it first with `del SYNTHESIZERS[name]` to replace it); a class with the same module and
+    qualified name (a module reloaded, a notebook cell re-run) replaces itself.
 
     Args:
         name (`str`): the registry name, e.g. `"psaq"`.

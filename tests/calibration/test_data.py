@@ -33,7 +33,7 @@ def test_dataset_without_class_labels_gives_an_unlabelled_set(cifar_train, image
 
 
 def test_load_image_dataset_from_a_missing_parquet_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing.parquet.*does not exist"):
+    with pytest.raises(CalibrationError, match="missing.parquet.*does not exist; check the path"):
         load_image_dataset(str(tmp_path / "missing.parquet"))
 
 
@@ -48,6 +48,8 @@ def test_load_image_dataset_from_save_to_disk_folders(cifar_train, tmp_path):
     assert single["label"] == train["label"] and single.features == train.features
     picked = load_image_dataset(str(tmp_path / "splits"), split="test")
     assert picked["label"] == test["label"] and len(picked) == 2
+    with pytest.raises(CalibrationError, match=r"no split 'validation'; its splits are \['train', 'test'\]"):
+        load_image_dataset(str(tmp_path / "splits"), split="validation")
 
 
 def test_load_image_dataset_failure_names_the_path_and_the_accepted_forms(tmp_path):

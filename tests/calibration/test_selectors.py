@@ -142,13 +142,20 @@ def test_search_in_the_pipeline_measures_layernorm_outputs_and_keeps_the_float_f
                                    atol=1e-4, rtol=1e-4)
 
 
-def test_a_registered_selector_is_selectable_by_name_and_its_name_is_protected():
+def test_a_registered_selector_is_selectable_by_name_and_its_name_is_protected(tmp_path):
     from optimum_dfq import DataFreeViTQuantizer
     from optimum_dfq.calibration import register_scale_selector
     from optimum_dfq.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="register_scale_selector"):
-        DFQConfig(scale_selector="test_first")
+    from ..integrations.conftest import run_python
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibration images were requested before the selector was checked")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(DataFreeViTQuantizer, "calibration_set", no_calibration)
+        with pytest.raises(ConfigError, match="Unknown scale selector 'test_first'.*register_scale_selector"):
+            DataFreeViTQuantizer().quantize(tiny_vit(), config=DFQConfig(bits="w4a4", scale_selector="test_first"))
     calls = []
 
     @register_scale_selector("test_first")
@@ -158,11 +165,22 @@ def test_a_registered_selector_is_selectable_by_name_and_its_name_is_protected()
 
     try:
         config = DFQConfig(bits="w4a4", synthesizer="gaussian", scale_selector="test_first")
-        DataFreeViTQuantizer().quantize(tiny_vit(), config=config, num_images=4)
+        qmodel = DataFreeViTQuantizer().quantize(tiny_vit(), config=config, num_images=4)
         assert calls and set(calls) == {32}  # one call per post-LayerNorm site, over the hidden channels
+        qmodel.save_pretrained(tmp_path)
         with pytest.raises(ConfigError, match="'test_first' is already registered"):
             register_scale_selector("test_first")(lambda scale, zero_point: (scale[1], zero_point[1]))
         with pytest.raises(ConfigError, match="'mean' is already registered"):
             register_scale_selector("mean")(first_channel)
     finally:
         del SCALE_SELECTOR_REGISTRY["test_first"]
+
+    # A process that never registered the selector loads the checkpoint: its effect is folded into the weights.
+    loaded = run_python(f"""
+        import optimum_dfq, torch
+        from transformers import AutoModelForImageClassification
+        model = AutoModelForImageClassification.from_pretrained({str(tmp_path)!r})
+        print(model.config.quantization_config.scale_selector)
+    """)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip().endswith("test_first")

@@ -184,7 +184,8 @@ def test_loading_with_the_in_memory_models_config(vit_w4a4, pixels):
     model = AutoModelForImageClassification.from_pretrained(folder, config=qmodel.config)
     assert torch.equal(logits(model, pixels[0]), logits(qmodel, pixels[0]))
     assert qmodel.config.quantization_config.get("bits") == "w4a4"
-    assert qmodel.config.quantization_config.get("load_in_8bit", False) is False
+    assert qmodel.config.quantization_config.get("quant_method") == "optimum_dfq"
+    assert qmodel.config.quantization_config.get("not_a_field", 3) == 3
 
 # ---------------------------------------------------------------------------------------------- broken checkpoints
 def _rewrite(folder, drop=None, add=None, flip=None, metadata=True):

@@ -52,8 +52,20 @@ def test_a_float_class_keeps_its_twin_until_unregistered():
     assert qmodule_class_for(ScaledLinear(2, 2)) is None
 
 
+def test_registering_the_same_twin_again_is_allowed():
+    assert register_qmodule(nn.Linear)(QLinear) is QLinear
+    assert qmodule_class_for(nn.Linear(2, 2)) is QLinear
+
+
+def test_an_already_quantized_model_is_refused():
+    qmodel = DataFreeViTQuantizer().quantize(tiny_vit(), bits="w8a8", synthesizer="gaussian", num_images=2)
+    with pytest.raises(ConfigError, match=r"is already quantized \(QConv2d\): quantize the float model"):
+        DataFreeViTQuantizer().quantize(qmodel, bits="w4a4", synthesizer="gaussian", num_images=2)
+
+
 def test_unregistered_subclass_is_refused_with_the_fix():
-    with pytest.raises(ConfigError, match=r"blocks\.0 is a .*ScaledLinear.*modules_to_not_convert=\['blocks\.0'\]"):
+    fix = r"modules_to_not_convert=\['blocks\.0'\]"
+    with pytest.raises(ConfigError, match=rf"blocks\.0 is of type .*ScaledLinear.*{fix}"):
         quantized_class_for(ScaledLinear(4, 4), "blocks.0")
 
 
