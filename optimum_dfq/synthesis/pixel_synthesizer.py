@@ -23,7 +23,7 @@ from ..calibration.data import CalibrationSet, expected_image_shape
 from ..errors import SynthesisError
 from ..models.adapters import ModelAdapter, get_adapter
 from ..version import __version__
-from .base import Synthesizer
+from .base import SYNTHESIZERS, Synthesizer
 from .cache import SynthesisCache
 from .context import BatchPlan, BatchRecord
 from .dataset import to_jsonable
@@ -312,7 +312,11 @@ class PixelSynthesizer(Synthesizer):
         return records
 
     def _run_material(self, model, fingerprint: str, num_images: int, seed: int, mean, std) -> dict[str, Any]:
-        return {
+        material: dict[str, Any] = {}
+        if SYNTHESIZERS.get(self.name) is not type(self):
+            # An unregistered subclass inherits its parent's `name`: its class keeps its images apart in the cache.
+            material["synthesizer_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        return material | {
             "synthesizer": self.name,
             "hyperparameters": self.hyperparameters(),
             "model": {

@@ -71,3 +71,20 @@ def test_finished_run_is_reused_without_optimising(tmp_path, monkeypatch):
     get_synthesizer("psaq", **FAST).synthesize(model, 3, seed=0, cache_dir=tmp_path, **NORM)
     assert len(calls) == 3
     assert len(list(tmp_path.iterdir())) == 4
+
+
+def test_an_unregistered_subclass_does_not_reuse_its_parents_images(tmp_path, monkeypatch):
+    from optimum_dfq.synthesis import PSAQSynthesizer
+
+    class DarkerPSAQ(PSAQSynthesizer):  # inherits name "psaq"; a different method all the same
+        def finalize(self, calibration_set):
+            calibration_set.pixel_values = calibration_set.pixel_values - 0.1
+            return calibration_set
+
+    model = tiny_vit()
+    parent = PSAQSynthesizer(**FAST).synthesize(model, 2, seed=0, cache_dir=tmp_path, **NORM)
+    calls = _count_optimisations(monkeypatch)
+    child = DarkerPSAQ(**FAST).synthesize(model, 2, seed=0, cache_dir=tmp_path, **NORM)
+    assert calls, "the subclass reused the parent's cached images"
+    assert child.metadata["synthesizer_class"].endswith("DarkerPSAQ") and "synthesizer_class" not in parent.metadata
+    assert not torch.equal(child.pixel_values, parent.pixel_values)
