@@ -128,13 +128,11 @@ class DataFreeViTQuantizer(OptimumQuantizer):
         config = self._resolve_config(config, bits, synthesizer, num_images, seed)
         check_convertible(model, adapter, config.modules_to_not_convert)
         get_scale_selector(config.scale_selector)
-        float32_model = _float32_copy(model)
-        model = float32_model if float32_model is not None else model
         image_processor = image_processor if image_processor is not None else self.image_processor
 
+        qmodel = _float32_copy(model)
         torch.manual_seed(config.seed)
-        calibration = self.calibration_set(model, config, calibration_dataset, image_processor, cache_dir)
-        qmodel = float32_model if float32_model is not None else copy.deepcopy(model)
+        calibration = self.calibration_set(qmodel, config, calibration_dataset, image_processor, cache_dir)
         config, input_normalization = resolve_input_range(config, image_processor)
         _, plan = quantize_model(qmodel, calibration, config, input_normalization)
         finalize_quantized_model(qmodel, config, plan, base_model=model.name_or_path,
@@ -236,14 +234,14 @@ class DataFreeViTQuantizer(OptimumQuantizer):
         return calibration
 
 
-def _float32_copy(model: PreTrainedModel) -> PreTrainedModel | None:
-    """A float32 copy of a model with half-precision parameters (with a warning); `None` for a float32 model."""
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    if dtypes <= {torch.float32}:
-        return None
-    names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
-    logger.warning("The model's parameters are %s; it is calibrated and quantized as a float32 copy (the input model "
-                   "is left unchanged), and the quantized model runs in float32.", names)
-    upcast = copy.deepcopy(model).float()
-    upcast.config.dtype = torch.float32
-    return upcast
+def _float32_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """The copy of `model` that gets quantized, upcast to float32 (with a warning) if it is in half precision."""
+    qmodel = copy.deepcopy(model)
+    dtypes = {p.dtype for p in qmodel.parameters() if p.is_floating_point()}
+    if not dtypes <= {torch.float32}:
+        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+        logger.warning("The model's parameters are %s; it is calibrated and quantized as a float32 copy (the input "
+                       "model is left unchanged), and the quantized model runs in float32.", names)
+        qmodel.float()
+        qmodel.config.dtype = torch.float32
+    return qmodel

@@ -84,17 +84,17 @@ def check_convertible(model: nn.Module, adapter: ModelAdapter, modules_to_not_co
         `ConfigError`: when a layer to convert is already quantized or has no registered quantized class.
     """
     for modules in (adapter.patch_embeddings(model), adapter.linears(model)):
-        _with_quantized_class(modules, modules_to_not_convert, QuantizationPlan())
+        _with_quantized_class(modules, modules_to_not_convert, skipped=[])
 
 
 def _with_quantized_class(
-    modules: list[tuple[str, nn.Module]], skip: Sequence[str], plan: QuantizationPlan
+    modules: list[tuple[str, nn.Module]], skip: Sequence[str], skipped: list[str]
 ) -> list[tuple[str, nn.Module, type[nn.Module]]]:
-    """The modules to convert with their registered quantized class; the skipped ones are recorded in `plan`."""
+    """The modules to convert with their registered quantized class; the names of skipped ones go to `skipped`."""
     converted = []
     for name, module in modules:
         if _matches(name, skip):
-            plan.skipped.append(name)
+            skipped.append(name)
         elif isinstance(module, QModuleMixin):
             raise ConfigError(f"{name} is already quantized ({type(module).__name__}): quantize the float model, not a "
                               "quantized one.")
@@ -284,8 +284,8 @@ def convert_model(
 
     # Every quantized class is looked up before the first module is replaced, so that an unsupported layer leaves
     # the model untouched.
-    patch_embeddings = _with_quantized_class(adapter.patch_embeddings(model), skip, plan)
-    linears = _with_quantized_class(adapter.linears(model), skip, plan)
+    patch_embeddings = _with_quantized_class(adapter.patch_embeddings(model), skip, plan.skipped)
+    linears = _with_quantized_class(adapter.linears(model), skip, plan.skipped)
 
     for name, module, qclass in patch_embeddings:
         input_q = input_quantizer(config, module.in_channels, input_normalization) if quantize_activations else None

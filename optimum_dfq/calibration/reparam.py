@@ -33,6 +33,7 @@ from ..config import DFQConfig
 from ..errors import ConfigError
 from ..nn import QLayerNorm, QLinear
 from ..quantizers import UniformQuantizer
+from ..registry import qualified_name, register_unique
 from .convert import activation_quantizer
 
 logger = logging.getLogger(__name__)
@@ -101,21 +102,15 @@ def register_scale_selector(name: str, needs_context: bool = False):
     """
 
     def wrapper(fn: ScaleSelector) -> ScaleSelector:
-        existing = SCALE_SELECTOR_REGISTRY.get(name)
-        if existing is not None and _qualified(existing) != _qualified(fn):
-            raise ConfigError(
-                f"Scale selector {name!r} is already registered to {_qualified(existing)}; choose another name, or "
-                f"`del SCALE_SELECTOR_REGISTRY[{name!r}]` first to replace it."
-            )
+        register_unique(SCALE_SELECTOR_REGISTRY, name, fn, lambda existing: ConfigError(
+            f"Scale selector {name!r} is already registered to {qualified_name(existing)}; choose another name, or "
+            f"`del SCALE_SELECTOR_REGISTRY[{name!r}]` first to replace it."
+        ))
         fn.needs_context = needs_context
         SCALE_SELECTOR_REGISTRY[name] = fn
         return fn
 
     return wrapper
-
-
-def _qualified(fn: ScaleSelector) -> str:
-    return f"{fn.__module__}.{fn.__qualname__}"
 
 
 def get_scale_selector(name: str) -> ScaleSelector:

@@ -51,6 +51,7 @@ from ..formats.checkpoint import (
     verify_loaded,
 )
 from ..nn.attention import ATTENTION_IMPLEMENTATION, ATTENTION_QUANTIZERS_ATTR, register_attention_implementation
+from ..registry import qualified_name, register_unique
 
 logger = logging.getLogger(__name__)
 
@@ -251,14 +252,11 @@ def _register(mapping: dict, name: str, cls: type, decorator) -> None:
     existing = mapping.get(name)
     if existing is None:
         decorator(name)(cls)
-    elif existing is not cls:
-        same = (existing.__module__, existing.__qualname__) == (cls.__module__, cls.__qualname__)
-        if not same:
-            raise DFQError(
-                f"transformers already has a {name!r} quantization entry from {existing.__module__}."
-                f"{existing.__qualname__}; two packages claim the same quant_method. Uninstall one of them."
-            )
-        mapping[name] = cls  # the same class re-imported (importlib.reload): keep the newest definition
+    else:
+        register_unique(mapping, name, cls, lambda existing: DFQError(
+            f"transformers already has a {name!r} quantization entry from {qualified_name(existing)}; two packages "
+            "claim the same quant_method. Uninstall one of them."
+        ))
 
 
 def register_quantization_method() -> None:

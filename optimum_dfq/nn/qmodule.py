@@ -8,6 +8,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..quantizers import Quantizer
+from ..registry import qualified_name, register_unique
 
 _QMODULE_TABLE: dict[type[nn.Module], type[nn.Module]] = {}
 
@@ -47,13 +48,10 @@ def register_qmodule(float_cls: type[nn.Module]):
     """
 
     def wrapper(cls: type[nn.Module]) -> type[nn.Module]:
-        existing = _QMODULE_TABLE.get(float_cls)
-        if existing is not None and _qualified(existing) != _qualified(cls):
-            raise ConfigError(
-                f"{_qualified(float_cls)} already has the quantized class {_qualified(existing)}; call "
-                f"unregister_qmodule({float_cls.__qualname__}) first to replace it."
-            )
-        _QMODULE_TABLE[float_cls] = cls
+        register_unique(_QMODULE_TABLE, float_cls, cls, lambda existing: ConfigError(
+            f"{qualified_name(float_cls)} already has the quantized class {qualified_name(existing)}; call "
+            f"unregister_qmodule({float_cls.__qualname__}) first to replace it."
+        ))
         return cls
 
     return wrapper
@@ -66,10 +64,6 @@ def unregister_qmodule(float_cls: type[nn.Module]) -> None:
         float_cls (`type[nn.Module]`): the float layer class given to [`register_qmodule`].
     """
     _QMODULE_TABLE.pop(float_cls, None)
-
-
-def _qualified(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def qmodule_class_for(module: nn.Module) -> type[nn.Module] | None:
@@ -133,9 +127,9 @@ def quantized_class_for(module: nn.Module, name: str) -> type[nn.Module]:
     qclass = qmodule_class_for(module)
     if qclass is None:
         kind = type(module)
-        registered = ", ".join(sorted(f"{t.__module__}.{t.__qualname__}" for t in _QMODULE_TABLE))
+        registered = ", ".join(sorted(qualified_name(t) for t in _QMODULE_TABLE))
         raise ConfigError(
-            f"{name} is of type {kind.__module__}.{kind.__qualname__}, which has no registered quantized class "
+            f"{name} is of type {qualified_name(kind)}, which has no registered quantized class "
             f"(registered: {registered}). Keep it in float with DFQConfig(modules_to_not_convert=[{name!r}]) or "
             f"register a quantized twin with @register_qmodule({kind.__qualname__})."
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ConfigError
+from ..registry import qualified_name, register_unique
 from .base import MODES, Quantizer
 from .log import Log2Quantizer, LogSqrt2Quantizer
 from .pixel import PixelGridQuantizer
@@ -47,13 +48,10 @@ def register_quantizer_kind(cls: type[Quantizer]) -> type[Quantizer]:
     """
     if not cls.kind:
         raise ConfigError(f"{cls.__name__} has no `kind` name; set the class attribute `kind = \"...\"`.")
-    existing = QUANTIZER_REGISTRY.get(cls.kind)
-    if existing is not None and (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
-        raise ConfigError(
-            f"Quantizer kind {cls.kind!r} is already registered to {existing.__module__}.{existing.__qualname__}; "
-            f"choose another kind, or `del QUANTIZER_REGISTRY[{cls.kind!r}]` first to replace it."
-        )
-    QUANTIZER_REGISTRY[cls.kind] = cls
+    register_unique(QUANTIZER_REGISTRY, cls.kind, cls, lambda existing: ConfigError(
+        f"Quantizer kind {cls.kind!r} is already registered to {qualified_name(existing)}; "
+        f"choose another kind, or `del QUANTIZER_REGISTRY[{cls.kind!r}]` first to replace it."
+    ))
     return cls
 
 

@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 from ..calibration.data import CalibrationSet
 from ..errors import SynthesisError
+from ..registry import qualified_name, register_unique
 
 SYNTHESIZERS: dict[str, type[Synthesizer]] = {}
 
@@ -41,21 +42,15 @@ def register_synthesizer(name: str):
     """
 
     def wrapper(cls: type[Synthesizer]) -> type[Synthesizer]:
-        existing = SYNTHESIZERS.get(name)
-        if existing is not None and _qualified(existing) != _qualified(cls):
-            raise SynthesisError(
-                f"Synthesizer name {name!r} is already registered to {_qualified(existing)}; choose another name, or "
-                f"unregister it first with `del optimum_dfq.synthesis.SYNTHESIZERS[{name!r}]`."
-            )
+        register_unique(SYNTHESIZERS, name, cls, lambda existing: SynthesisError(
+            f"Synthesizer name {name!r} is already registered to {qualified_name(existing)}; choose another name, or "
+            f"unregister it first with `del optimum_dfq.synthesis.SYNTHESIZERS[{name!r}]`."
+        ))
         cls.name = name
         SYNTHESIZERS[name] = cls
         return cls
 
     return wrapper
-
-
-def _qualified(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def get_synthesizer(name: str, **hyperparameters: Any) -> Synthesizer:

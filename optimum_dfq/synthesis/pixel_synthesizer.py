@@ -22,6 +22,7 @@ from torch import nn
 from ..calibration.data import CalibrationSet, expected_image_shape
 from ..errors import SynthesisError
 from ..models.adapters import ModelAdapter, get_adapter
+from ..registry import qualified_name
 from ..version import __version__
 from .base import SYNTHESIZERS, Synthesizer
 from .cache import SynthesisCache
@@ -315,7 +316,7 @@ class PixelSynthesizer(Synthesizer):
         material: dict[str, Any] = {}
         if SYNTHESIZERS.get(self.name) is not type(self):
             # An unregistered subclass inherits its parent's `name`: its class keeps its images apart in the cache.
-            material["synthesizer_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+            material["synthesizer_class"] = qualified_name(type(self))
         return material | {
             "synthesizer": self.name,
             "hyperparameters": self.hyperparameters(),
