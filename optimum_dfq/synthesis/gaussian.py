@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from ..calibration.data import CalibrationSet, expected_image_shape
 from .base import Synthesizer, register_synthesizer
+
+# Indices below this keep the linear seed formula that earlier releases (and their synthesis caches) used.
+_LINEAR_STREAMS = 1_000_003
 
 
 def image_generator(seed: int, index: int) -> torch.Generator:
     """A CPU random generator seeded by `(run seed, global image index)`.
 
     Drawing image `i` from its own generator makes it the same however the images are split into batches or
-    processes. The generator's seed is `(seed * 1_000_003 + index) mod (2**63 - 1)`.
+    processes. For the first 1,000,003 images of a run the generator's seed is `(seed * 1_000_003 + index) mod
+    (2**63 - 1)`, so no two (seed, index) pairs of nearby seeds share a stream; from index 1,000,003 on (where that
+    formula would repeat the streams of seed + 1) it is a SHA-256 hash of the pair.
 
     Args:
         seed (`int`): the run's seed.
@@ -20,6 +27,9 @@ def image_generator(seed: int, index: int) -> torch.Generator:
 
     Returns:
         `torch.Generator`: a new CPU generator.
+
+    Raises:
+        `ValueError`: when `index` is negative.
 
     Example:
 
@@ -33,8 +43,15 @@ def image_generator(seed: int, index: int) -> torch.Generator:
     False
     ```
     """
+    if index < 0:
+        raise ValueError(f"image index must be >= 0, got {index}.")
+    if index < _LINEAR_STREAMS:
+        stream_seed = (seed * _LINEAR_STREAMS + index) % (2**63 - 1)
+    else:
+        digest = hashlib.sha256(f"image/{int(seed)}/{int(index)}".encode()).digest()
+        stream_seed = int.from_bytes(digest[:7], "little")
     generator = torch.Generator()
-    generator.manual_seed((seed * 1_000_003 + index) % (2**63 - 1))
+    generator.manual_seed(stream_seed)
     return generator
 
 

@@ -178,3 +178,19 @@ def test_world_size_without_distributed_state_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SynthesisError, match="PartialState\\(cpu=True\\)"):
         resolve_state(state)
+
+
+def test_image_streams_are_distinct_across_seeds_and_beyond_a_million_images():
+    from optimum_dfq.synthesis import image_generator
+
+    def first(seed, index):
+        return torch.randn(4, generator=image_generator(seed, index))
+
+    # The linear formula's streams stay what earlier releases (and their caches) drew.
+    assert torch.equal(first(3, 5), torch.randn(4, generator=torch.Generator().manual_seed(3 * 1_000_003 + 5)))
+    # Past 1,000,003 images the linear formula would replay seed + 1's first images.
+    assert not torch.equal(first(0, 1_000_003), first(1, 0))
+    assert not torch.equal(first(0, 1_000_004), first(1, 1))
+    assert torch.equal(first(0, 1_000_004), first(0, 1_000_004))
+    with pytest.raises(ValueError, match="index"):
+        image_generator(0, -1)
