@@ -8,6 +8,8 @@ model carries it like any other Hugging Face quantization config.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,7 +179,10 @@ class DFQConfig(QuantizationConfigMixin):
             Empty (the default) means data-free.
         num_images (`int`, defaults to 32): number of calibration images.
         seed (`int`, defaults to 0): seed of synthesis and calibration.
-        modules_to_not_convert (`list[str]`): in-memory module names (or `re:` patterns) kept in float.
+        modules_to_not_convert (`list[str]`): in-memory module names (or `"re:"` + a regular expression matched
+            against the whole name) of patch embeddings, Linears, LayerNorms (their output quantizer) or attention
+            modules (their q/k/softmax/v quantizers) kept in float. An entry that matches none of them is refused
+            when quantizing.
         correction (`dict`): activation correction after calibration (our interpretation of DFQ-ViT's activation
             correction matrix); empty = off. Keys (missing ones get `CORRECTION_DEFAULTS`): `kind` (`"affine"`
             per-channel `a⊙x + c`, or `"ridge"` full matrix), `sites` (Linear roles whose input is corrected, from
@@ -224,8 +229,8 @@ class DFQConfig(QuantizationConfigMixin):
     _NON_FIELD_KEYS: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
-        self.bits = self.bits.strip().lower() if isinstance(self.bits, str) else self.bits
-        parse_bits(self.bits)
+        weight_bits, activation_bits = parse_bits(self.bits)
+        self.bits = f"w{weight_bits}a{activation_bits or 16}"  # canonical: " W4A08" is stored as "w4a8"
         self._check_types()
         _check_choice("input_range", self.input_range, INPUT_RANGES)
         _check_choice("weight_observer", self.weight_observer, OBSERVERS)
@@ -258,6 +263,9 @@ class DFQConfig(QuantizationConfigMixin):
             raise ConfigError(f"DFQConfig.quant_method must be {QUANT_METHOD!r}, got {self.quant_method!r}.")
         self.correction = _resolve_correction(self.correction)
         self.reconstruction = _resolve_reconstruction(self.reconstruction)
+        # JSON has no tuples: keep the in-memory form equal to what config.json reads back.
+        self.synthesizer_kwargs = _plain(self.synthesizer_kwargs)
+        self.calibration_dataset = _plain(self.calibration_dataset)
 
     def _check_types(self) -> None:
         for f in dataclasses.fields(self):
@@ -361,7 +369,12 @@ class DFQConfig(QuantizationConfigMixin):
         if not isinstance(config_dict, dict):
             raise ConfigError(f"A DFQConfig must be built from a mapping, got {type(config_dict).__name__}.")
         version = config_dict.get("format_version", FORMAT_VERSION)
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise CheckpointError(
+                f"This quantization config's format_version={version!r} must be an integer; the config is "
+                "malformed (was config.json edited by hand?). Re-save the quantized model."
+            )
+        if version > FORMAT_VERSION:
             raise CheckpointError(
                 f"This quantization config has format_version={version!r}, but optimum_dfq {__version__} reads "
                 f"format versions up to {FORMAT_VERSION}. Upgrade optimum-dfq (pip install -U optimum-dfq)."
@@ -420,6 +433,24 @@ class DFQConfig(QuantizationConfigMixin):
         data = self.to_dict()
         data.update(changes)
         return type(self).from_dict(data)
+
+
+_dataclass_init = DFQConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _checked_init(self: DFQConfig, *args: Any, **kwargs: Any) -> None:
+    known = [f.name for f in dataclasses.fields(DFQConfig)]
+    unknown = sorted(set(kwargs) - set(known))
+    if unknown:
+        hints = {name: difflib.get_close_matches(name, known, n=1) for name in unknown}
+        said = ", ".join(f"{name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                         for name, hint in hints.items())
+        raise ConfigError(f"Unknown DFQConfig argument(s) {said}. Valid arguments: {known}.")
+    _dataclass_init(self, *args, **kwargs)
+
+
+DFQConfig.__init__ = _checked_init
 
 
 def _fill_defaults(name: str, options: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from transformers import PreTrainedModel
 
 from .calibration import CalibrationSet, calibration_set_from_dataset, quantize_model, resolve_input_range
 from .calibration.convert import check_convertible
-from .calibration.data import load_image_dataset
+from .calibration.data import expected_image_shape, load_image_dataset
 from .calibration.reparam import get_scale_selector
 from .config import DFQConfig
 from .errors import CalibrationError, ConfigError
@@ -102,7 +102,9 @@ class DataFreeViTQuantizer(OptimumQuantizer):
             config (`DFQConfig`, *optional*): full run definition; the explicit arguments below override its fields.
             synthesizer (`str`, *optional*): calibration-image synthesizer (`"dfq-vit"` by default, `"sardfq"`,
                 `"psaq"`, `"gaussian"`, ...); ignored when `calibration_dataset` is given.
-            num_images (`int`, *optional*): number of calibration images (default 32).
+            num_images (`int`, *optional*): number of calibration images to synthesize or to draw from an image
+                dataset (default 32). A tensor, [`CalibrationSet`] or saved set of pixel values is used whole (the
+                stored config records its size); an explicit `num_images` that disagrees with its size is refused.
             calibration_dataset (*optional*): real calibration data instead of synthesis: a `datasets.Dataset` with an
                 image column (preprocessed with the image processor), a [`CalibrationSet`], or a `[N, C, H, W]` tensor
                 of already-normalised pixel values.
@@ -133,6 +135,7 @@ class DataFreeViTQuantizer(OptimumQuantizer):
         qmodel = _float32_copy(model)
         torch.manual_seed(config.seed)
         calibration = self.calibration_set(qmodel, config, calibration_dataset, image_processor, cache_dir)
+        config = _record_image_count(config, len(calibration), requested=num_images)
         config, input_normalization = resolve_input_range(config, image_processor)
         _, plan = quantize_model(qmodel, calibration, config, input_normalization)
         finalize_quantized_model(qmodel, config, plan, base_model=model.name_or_path,
@@ -192,7 +195,9 @@ class DataFreeViTQuantizer(OptimumQuantizer):
             for key, value in {"bits": bits, "synthesizer": synthesizer, "num_images": num_images, "seed": seed}.items()
             if value is not None
         }
-        return config.replace(**overrides) if overrides else config
+        config = config.replace(**overrides) if overrides else config
+        _warn_unused_activation_options(config)
+        return config
 
     @staticmethod
     def calibration_set(
@@ -218,12 +223,20 @@ class DataFreeViTQuantizer(OptimumQuantizer):
         elif isinstance(calibration_dataset, CalibrationSet):
             calibration = calibration_dataset
         elif isinstance(calibration_dataset, torch.Tensor):
-            calibration = CalibrationSet(pixel_values=calibration_dataset.float())
+            calibration = CalibrationSet(pixel_values=calibration_dataset)  # refuses raw (integer) pixels
+            calibration.pixel_values = calibration.pixel_values.float()
+        elif _is_streaming(calibration_dataset):
+            raise CalibrationError(
+                "calibration_dataset is a streaming datasets.IterableDataset, whose images cannot be counted or "
+                "sampled with a seed. Take the images first: `Dataset.from_list(list(dataset.take(n)))`, with the "
+                "features of the original (`features=dataset.features`), or load the split without streaming=True."
+            )
         elif hasattr(calibration_dataset, "features") and "pixel_values" in calibration_dataset.features:
             calibration = calibration_set_from_dataset_dict(calibration_dataset)  # a saved synthetic set
         elif hasattr(calibration_dataset, "features"):
             calibration = calibration_set_from_dataset(
-                calibration_dataset, image_processor, config.num_images, seed=config.seed
+                calibration_dataset, image_processor, config.num_images, seed=config.seed,
+                num_channels=expected_image_shape(model)[0],
             )
         else:
             raise CalibrationError(
@@ -232,6 +245,44 @@ class DataFreeViTQuantizer(OptimumQuantizer):
             )
         calibration.check_image_size(model)
         return calibration
+
+
+_ACTIVATION_ONLY_FIELDS = ("input_bits", "input_range", "activation_observer", "activation_percentiles",
+                           "post_layernorm", "scale_selector", "quantize_attention", "post_softmax")
+
+
+def _warn_unused_activation_options(config: DFQConfig) -> None:
+    """A weight-only preset keeps activations in float, so options of activation quantizers have no effect."""
+    if config.activation_bits is not None:
+        return
+    defaults = DFQConfig()
+    unused = [name for name in _ACTIVATION_ONLY_FIELDS if getattr(config, name) != getattr(defaults, name)]
+    if unused:
+        logger.warning("bits=%r is weight-only (activations stay float), so %s have no effect; choose a preset "
+                       "with activation bits (e.g. 'w4a8') to use them.", config.bits,
+                       ", ".join(f"{name}={getattr(config, name)!r}" for name in unused))
+
+
+def _record_image_count(config: DFQConfig, count: int, requested: int | None) -> DFQConfig:
+    """The config with the number of images calibration really used: a given tensor, `CalibrationSet` or saved set
+    is used whole, so an explicit `num_images` that disagrees with it is an error, not a silent subsample."""
+    if count == config.num_images:
+        return config
+    if requested is not None:
+        raise ConfigError(
+            f"num_images={requested} but the given calibration_dataset holds {count} images, and a tensor, "
+            "CalibrationSet or saved pixel_values set is used whole. Pass the images to use (e.g. "
+            f"`pixel_values[:{requested}]`) or drop num_images."
+        )
+    logger.info("Calibrating on all %d images of the given calibration set (DFQConfig.num_images=%d applies to "
+                "synthesis and to image datasets); the stored config records %d.", count, config.num_images, count)
+    return config.replace(num_images=count)
+
+
+def _is_streaming(dataset: Any) -> bool:
+    import datasets
+
+    return isinstance(dataset, datasets.IterableDataset)
 
 
 def _float32_copy(model: PreTrainedModel) -> PreTrainedModel:

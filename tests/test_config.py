@@ -48,6 +48,21 @@ def test_config_round_trips_through_dict_and_yaml(tmp_path):
 def test_unknown_key_is_named():
     with pytest.raises(ConfigError, match="weight_bitz"):
         DFQConfig.from_dict({"weight_bitz": 4})
+    with pytest.raises(ConfigError, match="'bitz' \\(did you mean 'bits'\\?\\)"):
+        DFQConfig(bitz="w4a4")
+
+
+def test_preset_is_stored_in_canonical_form():
+    assert DFQConfig(bits=" W4A08\n").bits == "w4a8"
+    assert DFQConfig(bits="w04a16").bits == "w4a16"
+    assert DFQConfig(bits="w4a08") == DFQConfig(bits="w4a8")
+
+
+def test_sequences_in_option_dicts_round_trip_as_lists():
+    config = DFQConfig(synthesizer="psaq", synthesizer_kwargs={"iterations": (2, 2), "tv_target": (1.0, 2.0)},
+                       calibration_dataset={"path": "cifar10"})
+    assert config.synthesizer_kwargs == {"iterations": [2, 2], "tv_target": [1.0, 2.0]}
+    assert DFQConfig.from_dict(config.to_dict()) == config
 
 
 def test_wrong_type_is_named():
@@ -65,6 +80,13 @@ def test_bad_choice_is_named():
 def test_newer_format_version_is_refused():
     with pytest.raises(CheckpointError, match="Upgrade optimum-dfq"):
         DFQConfig.from_dict({"format_version": FORMAT_VERSION + 1})
+
+
+@pytest.mark.parametrize("version", ["1", 1.0, True, None])
+def test_non_integer_format_version_is_called_malformed(version):
+    with pytest.raises(CheckpointError, match="must be an integer") as info:
+        DFQConfig.from_dict({"format_version": version})
+    assert "Upgrade" not in str(info.value)
 
 
 def test_yaml_errors(tmp_path):

@@ -1,7 +1,8 @@
 import pytest
 import torch
+from datasets import Value
 
-from optimum_dfq.errors import DFQError
+from optimum_dfq.errors import DFQError, ImageSizeError
 from optimum_dfq.evaluation import evaluate_accuracy, load_top_k_metric
 
 from .conftest import tiny_vit
@@ -34,8 +35,13 @@ def test_top5_dropped_for_five_or_fewer_classes(cifar_test, image_processor):
 
     model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
                                                 num_attention_heads=2, intermediate_size=64, num_labels=5)).eval()
-    result = evaluate_accuracy(model, cifar_test.select(range(8)), image_processor, progress=False)
+    five_classes = cifar_test.filter(lambda example: example["label"] < 5).select(range(8))
+    result = evaluate_accuracy(model, five_classes, image_processor, progress=False)
     assert set(result) == {"top1", "num_examples"}
+    assert set(evaluate_accuracy(model, five_classes, image_processor, top_k=(1, 4), progress=False)) == {
+        "top1", "top4", "num_examples"}
+    with pytest.raises(DFQError, match=r"top_k=\(5,\) leaves no accuracy.*top_k=\(1,\)"):
+        evaluate_accuracy(model, five_classes, image_processor, top_k=(5,), progress=False)
 
 
 def test_errors(cifar_test):
@@ -43,3 +49,52 @@ def test_errors(cifar_test):
         evaluate_accuracy(tiny_vit(), cifar_test.select(range(4)), None)
     with pytest.raises(DFQError, match="empty"):
         evaluate_accuracy(tiny_vit(), cifar_test.select([]), None)
+
+
+def test_labels_must_be_class_ids_of_the_model(cifar_test, image_processor):
+    subset = cifar_test.select(range(6))
+    renamed = subset.cast_column("label", Value("int64")).rename_column("label", "labels")
+    assert evaluate_accuracy(tiny_vit(), renamed, image_processor, progress=False)["num_examples"] == 6
+    unlabelled = subset.cast_column("label", Value("int64")).map(lambda _: {"label": -1})
+    with pytest.raises(DFQError, match=r"Labels \[-1\] .* 10 classes \(-1 marks an unlabelled split"):
+        evaluate_accuracy(tiny_vit(), unlabelled, image_processor, progress=False)
+    names = subset.cast_column("label", Value("string"))
+    with pytest.raises(DFQError, match=r"must be integer class ids, got \['str'\].*label2id"):
+        evaluate_accuracy(tiny_vit(), names, image_processor, progress=False)
+    with pytest.raises(DFQError, match="no label column.*rename_column"):
+        evaluate_accuracy(tiny_vit(), subset.remove_columns("label"), image_processor, progress=False)
+
+
+def test_streaming_dataset_and_wrong_image_size_are_named(cifar_test, image_processor):
+    from transformers import ViTImageProcessor
+
+    subset = cifar_test.select(range(4))
+    with pytest.raises(DFQError, match="streaming"):
+        evaluate_accuracy(tiny_vit(), subset.to_iterable_dataset(), image_processor, progress=False)
+    wrong_size = ViTImageProcessor(size={"height": 64, "width": 64})
+    with pytest.raises(ImageSizeError, match=r"\(3, 64, 64\) .* expects \(3, 32, 32\)"):
+        evaluate_accuracy(tiny_vit(), subset, wrong_size, progress=False)
+
+
+def test_training_mode_is_restored(cifar_test, image_processor):
+    model = tiny_vit().train()
+    evaluate_accuracy(model, cifar_test.select(range(4)), image_processor, progress=False)
+    assert model.training
+    model.eval()
+    evaluate_accuracy(model, cifar_test.select(range(4)), image_processor, progress=False)
+    assert not model.training
+
+
+def test_grayscale_model_is_evaluated_on_grayscale_images(cifar_test):
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                                num_attention_heads=2, intermediate_size=64, num_labels=10,
+                                                num_channels=1)).eval()
+    processor = ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5], image_std=[0.5])
+    subset = cifar_test.select(range(8))
+    pixels = processor(images=[im.convert("L") for im in subset["img"]], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        top1 = (model(pixel_values=pixels).logits.argmax(-1) == torch.tensor(subset["label"])).float().mean().item()
+    result = evaluate_accuracy(model, subset, processor, top_k=(1,), progress=False)
+    assert result["top1"] == pytest.approx(top1)

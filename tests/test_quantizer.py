@@ -1,6 +1,7 @@
 """End-to-end tests of DataFreeViTQuantizer.quantize on tiny models of every supported family."""
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -195,6 +196,21 @@ def test_modules_to_not_convert():
     assert isinstance(qmodel.vit.layers[1].mlp.fc1, QLinear)
 
 
+@pytest.mark.parametrize("entry", ["vit.layers.0", "vit.encoder.layer.0.output.dense", "re:.*query"])
+def test_modules_to_not_convert_entry_that_matches_nothing_is_refused(entry):
+    config = DFQConfig(bits="w4a4", synthesizer="gaussian", modules_to_not_convert=["classifier", entry])
+    with pytest.raises(ConfigError, match=rf"entries \['{re.escape(entry)}'\] match no .*'re:'"):
+        DataFreeViTQuantizer().quantize(tiny_vit(), config=config, num_images=2)
+
+
+def test_modules_to_not_convert_accepts_layernorm_and_attention_names():
+    config = DFQConfig(bits="w4a4", synthesizer="gaussian",
+                       modules_to_not_convert=["vit.layers.0.layernorm_before", "vit.layers.1.attention"])
+    qmodel = DataFreeViTQuantizer().quantize(tiny_vit(), config=config, num_images=2)
+    assert type(qmodel.vit.layers[0].layernorm_before) is torch.nn.LayerNorm
+    assert "vit.layers.1.attention" in qmodel.hf_quantizer.plan.skipped
+
+
 # ---------------------------------------------------------------------- errors
 def test_unknown_preset():
     with pytest.raises(BitPresetError, match="Unknown bit preset 'w4x4'"):
@@ -349,3 +365,55 @@ def test_unsupported_calibration_dataset_type_names_the_accepted_ones():
     with pytest.raises(CalibrationError,
                        match="must be a datasets.Dataset, a CalibrationSet or a pixel tensor, got list"):
         DataFreeViTQuantizer().quantize(tiny_vit(), bits="w8a8", calibration_dataset=[torch.randn(3, 32, 32)])
+
+
+def test_integer_pixel_tensor_is_refused_with_the_fix():
+    raw = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    with pytest.raises(CalibrationError, match=r"dtype torch\.uint8.*normalised.*image_processor\(images"):
+        DataFreeViTQuantizer().quantize(tiny_vit(), bits="w8a8", calibration_dataset=raw)
+
+
+def test_given_pixel_tensor_is_used_whole_and_its_size_recorded(caplog):
+    pixels = torch.randn(6, 3, 32, 32)
+    with caplog.at_level("INFO", logger="optimum_dfq.quantizer"):
+        qmodel = DataFreeViTQuantizer().quantize(tiny_vit(), bits="w8a8", calibration_dataset=pixels)
+    assert qmodel.config.quantization_config.num_images == 6
+    assert "all 6 images" in caplog.text
+    with pytest.raises(ConfigError, match=r"num_images=4 but the given calibration_dataset holds 6 images"):
+        DataFreeViTQuantizer().quantize(tiny_vit(), bits="w8a8", calibration_dataset=pixels, num_images=4)
+    explicit = DataFreeViTQuantizer().quantize(tiny_vit(), bits="w8a8", calibration_dataset=pixels, num_images=6)
+    assert torch.equal(explicit(pixel_values=pixels).logits, qmodel(pixel_values=pixels).logits)
+
+
+def test_streaming_calibration_dataset_is_refused_with_the_fix(cifar_train, image_processor):
+    with pytest.raises(CalibrationError, match=r"streaming .*Dataset\.from_list\(list\(dataset\.take\(n\)\)\)"):
+        DataFreeViTQuantizer(tiny_vit(), image_processor).quantize(
+            bits="w8a8", calibration_dataset=cifar_train.to_iterable_dataset(), num_images=4)
+
+
+def test_grayscale_model_calibrates_on_real_images(cifar_train):
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                                num_attention_heads=2, intermediate_size=64, num_labels=10,
+                                                num_channels=1)).eval()
+    processor = ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5], image_std=[0.5])
+    qmodel = DataFreeViTQuantizer(model, processor).quantize(bits="w8a8", calibration_dataset=cifar_train,
+                                                            num_images=8)
+    pixels = processor(images=[im.convert("L") for im in cifar_train["img"][:4]], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        error = F.mse_loss(qmodel(pixel_values=pixels).logits, model(pixel_values=pixels).logits).item()
+    assert error < 1e-2
+
+
+def test_activation_options_of_a_weight_only_preset_are_named_as_unused(caplog):
+    config = DFQConfig(bits="w4a16", post_softmax="tanq", scale_selector="median", synthesizer="gaussian",
+                       num_images=2)
+    with caplog.at_level("WARNING", logger="optimum_dfq.quantizer"):
+        DataFreeViTQuantizer().quantize(tiny_vit(), config=config)
+    assert "scale_selector='median', post_softmax='tanq' have no effect" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="optimum_dfq.quantizer"):
+        DataFreeViTQuantizer().quantize(tiny_vit(), config=config.replace(bits="w4a8"))
+    assert "no effect" not in caplog.text

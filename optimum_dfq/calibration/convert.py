@@ -81,10 +81,28 @@ def check_convertible(model: nn.Module, adapter: ModelAdapter, modules_to_not_co
         modules_to_not_convert (`Sequence[str]`): names or `re:` patterns kept in float.
 
     Raises:
-        `ConfigError`: when a layer to convert is already quantized or has no registered quantized class.
+        `ConfigError`: when a layer to convert is already quantized or has no registered quantized class, or when an
+            entry of `modules_to_not_convert` names no patch embedding, Linear, LayerNorm or attention module.
     """
     for modules in (adapter.patch_embeddings(model), adapter.linears(model)):
         _with_quantized_class(modules, modules_to_not_convert, skipped=[])
+    _check_every_pattern_matches(model, adapter, modules_to_not_convert)
+
+
+def _check_every_pattern_matches(model: nn.Module, adapter: ModelAdapter, patterns: Sequence[str]) -> None:
+    """An entry that matches nothing would quantize the module the user meant to keep in float: refuse it."""
+    names = [name for modules in (adapter.patch_embeddings(model), adapter.linears(model),
+                                  adapter.attention_modules(model)) for name, _ in modules]
+    names += [name for name, module in model.named_modules() if isinstance(module, nn.LayerNorm)]
+    unmatched = [pattern for pattern in patterns if not any(_matches(name, [pattern]) for name in names)]
+    if unmatched:
+        linears = [name for name, _ in adapter.linears(model)]
+        raise ConfigError(
+            f"modules_to_not_convert entries {unmatched} match no patch embedding, Linear, LayerNorm or attention "
+            f"module of this model. Entries are exact module names (e.g. {linears[:2]}) or 're:' + a regular "
+            "expression matched against the whole name (e.g. 're:.*\\.layers\\.0\\..*' for every layer of "
+            "block 0); list the model's names with `[name for name, _ in model.named_modules()]`."
+        )
 
 
 def _with_quantized_class(
@@ -153,6 +171,8 @@ def pixel_normalization(image_processor: Any | None) -> tuple[PixelNormalization
     mean, std = getattr(image_processor, "image_mean", None), getattr(image_processor, "image_std", None)
     if mean is None or std is None:
         return None, "the image processor has no image_mean/image_std"
+    # transformers accepts one float for every channel as well as a per-channel list.
+    mean, std = ([v] if isinstance(v, (int, float)) else list(v) for v in (mean, std))
     return (mean, std), ""
 
 

@@ -23,7 +23,8 @@ class CalibrationSet:
             version (empty by default).
 
     Raises:
-        `CalibrationError`: when `pixel_values` is not a 4-D tensor, holds no image, or holds NaN/inf values.
+        `CalibrationError`: when `pixel_values` is not a 4-D floating-point tensor, holds no image, or holds NaN/inf
+            values.
 
     Example:
 
@@ -51,6 +52,12 @@ class CalibrationSet:
         if self.pixel_values.shape[0] == 0:
             raise CalibrationError(
                 "The calibration set is empty. Pass at least one image (num_images >= 1, or a non-empty dataset)."
+            )
+        if not self.pixel_values.is_floating_point():
+            raise CalibrationError(
+                f"Calibration pixel_values have dtype {self.pixel_values.dtype}; they must be float pixel values "
+                "already normalised by the model's image processor (image_processor(images, "
+                "return_tensors='pt').pixel_values). To calibrate on raw images, pass a datasets.Dataset of them."
             )
         if not torch.isfinite(self.pixel_values).all():
             raise CalibrationError(
@@ -132,12 +139,39 @@ def label_column(dataset) -> str | None:
     return None
 
 
+def image_mode(num_channels: int) -> str:
+    """The PIL mode images are converted to before preprocessing for a model with `num_channels` input channels.
+
+    Args:
+        num_channels (`int`): the model's `config.num_channels`.
+
+    Returns:
+        `str`: `"L"` for 1 channel, `"RGB"` for 3.
+
+    Raises:
+        `ImageSizeError`: for any other channel count (no PIL mode maps onto it unambiguously).
+
+    Example:
+        >>> image_mode(3), image_mode(1)
+        ('RGB', 'L')
+    """
+    modes = {1: "L", 3: "RGB"}
+    if num_channels not in modes:
+        raise ImageSizeError(
+            f"The model takes {num_channels}-channel images; only 1-channel (grayscale) and 3-channel (RGB) models can "
+            "read images from a dataset. Pass preprocessed pixel values as a [N, C, H, W] tensor instead."
+        )
+    return modes[num_channels]
+
+
 def calibration_set_from_dataset(
-    dataset, image_processor, num_images: int | None = None, seed: int = 0, shuffle: bool = True
+    dataset, image_processor, num_images: int | None = None, seed: int = 0, shuffle: bool = True,
+    num_channels: int = 3,
 ) -> CalibrationSet:
     """Takes real images from a `datasets` image dataset and runs them through the model's image processor.
 
-    Images are converted to RGB first. Labels come from the first `ClassLabel` column, if there is one.
+    Images are converted to RGB first (grayscale for a 1-channel model). Labels come from the first `ClassLabel`
+    column, if there is one.
 
     Args:
         dataset (`datasets.Dataset`): a map-style dataset with a `datasets.Image` column (the first one is used) and
@@ -148,6 +182,7 @@ def calibration_set_from_dataset(
         seed (`int`, *optional*, defaults to 0): seed of the shuffle that picks them.
         shuffle (`bool`, *optional*, defaults to `True`): pick a random subset (RepQ-ViT takes one shuffled batch of
             training images); otherwise the first `num_images`.
+        num_channels (`int`, *optional*, defaults to 3): the model's input channels (see [`image_mode`]).
 
     Returns:
         `CalibrationSet`: the processed images, their labels (or `None`) and `metadata` with `source="real"`,
@@ -187,7 +222,8 @@ def calibration_set_from_dataset(
     if num_images is not None:
         dataset = dataset.select(range(num_images))
     images_col, labels_col = image_column(dataset), label_column(dataset)
-    images = [image.convert("RGB") for image in dataset[images_col]]
+    mode = image_mode(num_channels)
+    images = [image.convert(mode) for image in dataset[images_col]]
     pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"].float()
     labels = torch.tensor(dataset[labels_col]) if labels_col is not None else None
     return CalibrationSet(

@@ -7,6 +7,7 @@ renamed ViT's modules, and checkpoints keep the old names.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from torch import nn
@@ -128,6 +129,18 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     ```
     """
     adapter = ADAPTERS.get(type(model))
+    if adapter is None and isinstance(model, (str, os.PathLike)):
+        raise UnsupportedArchitectureError(
+            f"Got the model name or path {str(model)!r}, not a model. Load it first: "
+            f"`DataFreeViTQuantizer.from_pretrained({str(model)!r}).quantize(...)`, or pass "
+            "`AutoModelForImageClassification.from_pretrained(...)`."
+        )
+    original = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+    if adapter is None and original is not None and type(original) in ADAPTERS:
+        raise UnsupportedArchitectureError(
+            f"The model is wrapped by torch.compile ({type(model).__name__}); quantize the model it wraps, "
+            "`model._orig_mod`, and compile the quantized model afterwards if you wish."
+        )
     if adapter is None:
         supported = ", ".join(sorted(cls.__name__ for cls in ADAPTERS))
         raise UnsupportedArchitectureError(

@@ -18,6 +18,15 @@ def test_unsupported_architecture_names_the_supported_ones():
         assert name in message
 
 
+def test_model_name_and_compiled_model_are_refused_with_the_fix():
+    from ..conftest import tiny_vit
+
+    with pytest.raises(UnsupportedArchitectureError, match=r"DataFreeViTQuantizer\.from_pretrained\('org/vit'\)"):
+        get_adapter("org/vit")
+    with pytest.raises(UnsupportedArchitectureError, match=r"torch\.compile.*model\._orig_mod"):
+        get_adapter(torch.compile(tiny_vit()))
+
+
 def test_structure_is_found_by_type(tiny_model):
     adapter = get_adapter(tiny_model)
     blocks, attention = adapter.blocks(tiny_model), adapter.attention_modules(tiny_model)

@@ -117,3 +117,15 @@ def test_quantized_model_uses_and_stores_the_resolved_grid(image_processor, cifa
     with torch.no_grad():
         assert torch.equal(reloaded(pixel_values=cifar_test_pixels[:8]).logits,
                            qmodel(pixel_values=cifar_test_pixels[:8]).logits)
+
+
+def test_scalar_processor_statistics_build_the_same_grid_as_per_channel_ones():
+    def image_input(image_mean, image_std):
+        processor = ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=image_mean, image_std=image_std)
+        qmodel = DataFreeViTQuantizer(tiny_vit(), processor).quantize(bits="w8a8", synthesizer="gaussian",
+                                                                     num_images=2)
+        return qmodel.vit.embeddings.patch_embeddings.projection.input_quantizer
+
+    scalar, per_channel = image_input(0.5, 0.25), image_input([0.5] * 3, [0.25] * 3)
+    assert isinstance(scalar, PixelGridQuantizer)
+    assert torch.equal(scalar.levels(), per_channel.levels())
