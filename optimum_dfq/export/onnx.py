@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..calibration.data import expected_image_shape
 from ..errors import DFQError
 from ..formats.packing import unpack_codes
 from ..nn.modules import QConv2d, QLinear
@@ -431,8 +432,8 @@ def to_onnx(
         ONNX Runtime vs PyTorch difference.
 
     Raises:
-        `DFQError`: the model has no quantized layers, or a quantizer is uncalibrated or cannot be stored as
-            integers.
+        `DFQError`: the model has no quantized layers or is not in float32, or a quantizer is uncalibrated or cannot
+            be stored as integers.
 
     Example:
         >>> from optimum_dfq.export import to_onnx  # doctest: +SKIP
@@ -446,9 +447,14 @@ def to_onnx(
             "The model has no quantized layers; quantize it with DataFreeViTQuantizer.quantize (or load a "
             "quantized checkpoint) before exporting."
         )
-    config = model.config
-    image_size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
-    example = torch.zeros(1, config.num_channels, image_size, image_size)
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in (*model.parameters(), *model.buffers())
+                     if t.is_floating_point() and t.dtype != torch.float32})
+    if dtypes:
+        raise DFQError(
+            f"The model holds {', '.join(dtypes)} tensors; the ONNX export writes float32 scales and activations. "
+            "Export a float32 model: load the checkpoint without dtype= (or use model.to(torch.float32))."
+        )
+    example = torch.zeros(1, *expected_image_shape(model))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training

@@ -147,6 +147,32 @@ def test_errors_name_the_problem(tmp_path):
         to_onnx(TINY_MODELS["vit"](), tmp_path / "x.onnx", block_size=24)
 
 
+def test_half_precision_model_is_refused_with_the_fix(calibration, tmp_path):
+    from transformers import AutoModelForImageClassification
+
+    _quantize("vit", "w8a8", calibration).save_pretrained(tmp_path / "ckpt")
+    half = AutoModelForImageClassification.from_pretrained(tmp_path / "ckpt", dtype=torch.float16)
+    with pytest.raises(DFQError, match=r"float16 tensors.*without dtype="):
+        to_onnx(half, tmp_path / "x.onnx", verify=False)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_non_square_images_export(tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    model = ViTForImageClassification(ViTConfig(image_size=[32, 48], patch_size=8, hidden_size=32,
+                                                num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                                num_labels=10)).eval()
+    pixels = torch.randn(4, 3, 32, 48)
+    qmodel = DataFreeViTQuantizer(model).quantize(bits="w8a8", calibration_dataset=pixels)
+    report = to_onnx(qmodel, tmp_path / "wide.onnx")
+    assert report.top1_agreement == 1.0 and report.max_abs_logit_diff < 1e-3
+    with torch.no_grad():
+        np.testing.assert_allclose(_run(tmp_path / "wide.onnx", pixels), qmodel(pixel_values=pixels).logits.numpy(),
+                                   atol=1e-3)
+
+
 @pytest.mark.parametrize("bits", ["w4a16", "w8a16"])
 def test_weight_only_models_export(bits, calibration, tmp_path):
     qmodel = _quantize("swin", bits, calibration)
