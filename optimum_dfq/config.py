@@ -410,7 +410,7 @@ class DFQConfig(QuantizationConfigMixin):
 
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader())  # a SafeLoader subclass
         except FileNotFoundError as err:
             raise ConfigError(f"Recipe file {str(path)!r} does not exist.") from err
         except yaml.YAMLError as err:
@@ -433,6 +433,26 @@ class DFQConfig(QuantizationConfigMixin):
         data = self.to_dict()
         data.update(changes)
         return type(self).from_dict(data)
+
+
+def _unique_key_loader() -> type:
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """A safe loader that refuses a key written twice in one mapping (YAML lets the last one win silently)."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}; keep one of its values", key_node.start_mark
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 _dataclass_init = DFQConfig.__init__

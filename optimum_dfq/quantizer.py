@@ -101,7 +101,8 @@ class DataFreeViTQuantizer(OptimumQuantizer):
                 `"w8a16"`, `"w4a16"`, or any `w{2..8}a{2..8|16}`); overrides `config.bits`; default `"w4a4"`.
             config (`DFQConfig`, *optional*): full run definition; the explicit arguments below override its fields.
             synthesizer (`str`, *optional*): calibration-image synthesizer (`"dfq-vit"` by default, `"sardfq"`,
-                `"psaq"`, `"gaussian"`, ...); ignored when `calibration_dataset` is given.
+                `"psaq"`, `"gaussian"`, ...); refused together with real data (`calibration_dataset` here or in the
+                config), which it would not be used with.
             num_images (`int`, *optional*): number of calibration images to synthesize or to draw from an image
                 dataset (default 32). A tensor, [`CalibrationSet`] or saved set of pixel values is used whole (the
                 stored config records its size); an explicit `num_images` that disagrees with its size is refused.
@@ -128,6 +129,14 @@ class DataFreeViTQuantizer(OptimumQuantizer):
             raise ConfigError("No model to quantize: pass `model=` or create the quantizer with from_pretrained(...).")
         adapter = get_adapter(model)
         config = self._resolve_config(config, bits, synthesizer, num_images, seed)
+        if synthesizer is not None and (calibration_dataset is not None or config.calibration_dataset):
+            given = "calibration_dataset=" if calibration_dataset is not None else (
+                f"the config's calibration_dataset={config.calibration_dataset!r}")
+            raise ConfigError(
+                f"synthesizer={synthesizer!r} would not be used: the images come from {given}. Drop synthesizer= to "
+                "calibrate on those images, or drop the dataset (config.replace(calibration_dataset={})) to "
+                "synthesize."
+            )
         check_convertible(model, adapter, config.modules_to_not_convert)
         get_scale_selector(config.scale_selector)
         image_processor = image_processor if image_processor is not None else self.image_processor

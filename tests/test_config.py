@@ -96,6 +96,18 @@ def test_yaml_errors(tmp_path):
     bad.write_text("bits: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         DFQConfig.from_yaml(bad)
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("bits: w4a4\nseed: 1\nbits: w8a8\n")
+    with pytest.raises(ConfigError, match="not valid YAML.*duplicate key 'bits'"):
+        DFQConfig.from_yaml(twice)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("synthesizer_kwargs:\n  tv_weight: 0.1\n  tv_weight: 0.2\n")
+    with pytest.raises(ConfigError, match="duplicate key 'tv_weight'"):
+        DFQConfig.from_yaml(nested)
+    unsafe = tmp_path / "unsafe.yaml"
+    unsafe.write_text("bits: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        DFQConfig.from_yaml(unsafe)
 
 
 def test_replace_validates():

@@ -417,3 +417,14 @@ def test_activation_options_of_a_weight_only_preset_are_named_as_unused(caplog):
     with caplog.at_level("WARNING", logger="optimum_dfq.quantizer"):
         DataFreeViTQuantizer().quantize(tiny_vit(), config=config.replace(bits="w4a8"))
     assert "no effect" not in caplog.text
+
+
+def test_explicit_synthesizer_with_real_data_is_refused(image_processor):
+    pixels = torch.randn(4, 3, 32, 32)
+    with pytest.raises(ConfigError, match=r"synthesizer='psaq' would not be used: the images come from "
+                                          r"calibration_dataset="):
+        DataFreeViTQuantizer().quantize(tiny_vit(), bits="w8a8", synthesizer="psaq", calibration_dataset=pixels)
+    spec = {"path": str(FIXTURES / "cifar10_tiny_train.parquet")}
+    with pytest.raises(ConfigError, match=r"the config's calibration_dataset=.*config\.replace\(calibration_dataset"):
+        DataFreeViTQuantizer(tiny_vit(), image_processor).quantize(
+            config=DFQConfig(bits="w8a8", calibration_dataset=spec), synthesizer="psaq")
