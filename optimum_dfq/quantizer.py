@@ -138,6 +138,7 @@ class DataFreeViTQuantizer(OptimumQuantizer):
                 "synthesize."
             )
         check_convertible(model, adapter, config.modules_to_not_convert)
+        _check_finite_parameters(model)
         get_scale_selector(config.scale_selector)
         image_processor = image_processor if image_processor is not None else self.image_processor
 
@@ -286,6 +287,16 @@ def _record_image_count(config: DFQConfig, count: int, requested: int | None) ->
     logger.info("Calibrating on all %d images of the given calibration set (DFQConfig.num_images=%d applies to "
                 "synthesis and to image datasets); the stored config records %d.", count, config.num_images, count)
     return config.replace(num_images=count)
+
+
+def _check_finite_parameters(model: PreTrainedModel) -> None:
+    """Refuses a model with NaN/inf weights before any image is synthesized (calibrating it cannot succeed)."""
+    for name, parameter in model.named_parameters():
+        if parameter.is_floating_point() and not bool(torch.isfinite(parameter).all()):
+            raise CalibrationError(
+                f"The float model's parameter {name} holds NaN or inf values, so no calibration can make a usable "
+                "quantized model of it. Check the checkpoint (or the training run that wrote it)."
+            )
 
 
 def _is_streaming(dataset: Any) -> bool:

@@ -265,9 +265,19 @@ def test_nan_in_calibration_images():
 def test_inf_in_calibration_activations():
     model = tiny_vit()
     with torch.no_grad():
-        model.vit.layers[1].layernorm_after.bias[0] = float("inf")  # a broken float model
-    with pytest.raises(CalibrationError, match=r"non-finite value\(s\) \(NaN/inf\).*vit\.layers\.1\.layernorm_after"):
+        model.vit.layers[1].layernorm_after.bias.fill_(3e38)  # finite weights whose activations overflow
+    with pytest.raises(CalibrationError, match=r"non-finite value\(s\) \(NaN/inf\) reached the quantizer at"):
         DataFreeViTQuantizer().quantize(model, bits="w8a8", synthesizer="gaussian", num_images=4)
+
+
+def test_non_finite_weights_are_refused_before_synthesis(caplog):
+    model = tiny_vit()
+    with torch.no_grad():
+        model.vit.layers[0].mlp.fc1.weight[0, 0] = float("nan")
+    with caplog.at_level("WARNING"), pytest.raises(CalibrationError, match=r"parameter vit\.layers\.0\.mlp\.fc1"
+                                                                      r"\.weight holds NaN or inf"):
+        DataFreeViTQuantizer().quantize(model, bits="w8a8", synthesizer="psaq", num_images=2)
+    assert "synthesis" not in caplog.text and "No Linear" not in caplog.text
 
 
 def test_unknown_synthesizer():
