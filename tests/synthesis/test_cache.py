@@ -6,7 +6,9 @@ import pytest
 import torch
 from synth_helpers import FAST, NORM, SYNTHESIZERS, one_thread, tiny_vit  # noqa: F401
 
+from optimum_dfq import CalibrationSet
 from optimum_dfq.synthesis import get_synthesizer, pixel_synthesizer
+from optimum_dfq.synthesis.cache import SynthesisCache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -88,3 +90,16 @@ def test_an_unregistered_subclass_does_not_reuse_its_parents_images(tmp_path, mo
     assert calls, "the subclass reused the parent's cached images"
     assert child.metadata["synthesizer_class"].endswith("DarkerPSAQ") and "synthesizer_class" not in parent.metadata
     assert not torch.equal(child.pixel_values, parent.pixel_values)
+
+
+def test_a_set_saved_meanwhile_by_a_concurrent_run_is_kept(tmp_path, monkeypatch):
+    first = CalibrationSet(torch.zeros(2, 3, 4, 4), metadata={"run": 1})
+    second = CalibrationSet(torch.ones(2, 3, 4, 4), metadata={"run": 2})
+    cache = SynthesisCache(tmp_path, "key")
+    assert cache.save_complete(first)
+    assert not cache.save_complete(second)  # already complete: kept
+    answers = [True, False]  # the check before staging misses the set, as if the other run saved it just after
+    monkeypatch.setattr(SynthesisCache, "is_complete", lambda self: self.complete_path.is_dir() and answers.pop())
+    assert not cache.save_complete(second)  # the rename onto the saved set fails with ENOTEMPTY: the set is kept
+    assert torch.equal(cache.load_complete().pixel_values, first.pixel_values)
+    assert [p.name for p in (tmp_path / "key").iterdir()] == ["calibration_set"]  # no staging copy left behind
