@@ -1,10 +1,13 @@
 """On-disk cache of synthesis runs: per-batch shards while a run goes on, the finished set when it is done.
 
 A run lives in `<cache_dir>/<run key>/`. Each finished batch is written atomically (temporary file + rename) as
-`shards/<start>-<stop>.safetensors`, so an interrupted run resumes after its last finished batch. The finished set
-is saved with [`save_calibration_set`] into `calibration_set/` (also via a rename), whose presence marks the run
-complete. The directory must be visible to every process of a multi-process run. Two runs with the same key may
-share the directory: the first to finish saves the set and the other keeps it.
+`shards/<start>-<stop>.safetensors`, so an interrupted run resumes with the batches it has not finished. The
+finished set is saved with [`save_calibration_set`] into `calibration_set/` (also via a rename), whose presence
+marks the run complete. The directory must be visible to every process of a multi-process run.
+
+Shards are only reused by a run whose batch grid they lie on (see [`SynthesisCache.finished_chunks`]): a shard left by
+a run with another `batch_size` is ignored, never mixed in. Two runs with the same key may share the directory; the
+first to finish saves the set and the other keeps it.
 """
 
 from __future__ import annotations
@@ -96,6 +99,21 @@ class SynthesisCache:
             if match:
                 ranges.append((int(match.group(1)), int(match.group(2))))
         return sorted(ranges)
+
+    def finished_chunks(self, grid: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The chunks of `grid` whose shard is cached, in grid order.
+
+        Shards that are not chunks of `grid` (left by a run of the same key with another `batch_size`) are ignored:
+        mixing them in would overlap or leave gaps, and their images belong to another batch grid.
+
+        Args:
+            grid (`list[tuple[int, int]]`): the run's `(start, stop)` chunks.
+
+        Returns:
+            `list[tuple[int, int]]`
+        """
+        cached = set(self.shard_ranges())
+        return [chunk for chunk in grid if tuple(chunk) in cached]
 
     def write_shard(self, record: BatchRecord) -> None:
         self.shards.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ import torch
 from synth_helpers import FAST, NORM, SYNTHESIZERS, one_thread, tiny_vit  # noqa: F401
 
 from optimum_dfq import CalibrationSet
+from optimum_dfq.errors import SynthesisError
 from optimum_dfq.synthesis import get_synthesizer, pixel_synthesizer
 from optimum_dfq.synthesis.cache import SynthesisCache
 
@@ -90,6 +91,49 @@ def test_an_unregistered_subclass_does_not_reuse_its_parents_images(tmp_path, mo
     assert calls, "the subclass reused the parent's cached images"
     assert child.metadata["synthesizer_class"].endswith("DarkerPSAQ") and "synthesizer_class" not in parent.metadata
     assert not torch.equal(child.pixel_values, parent.pixel_values)
+
+
+def _interrupt_after_first_batch(record):
+    raise _Interrupt
+
+
+def test_shards_of_another_batch_size_are_ignored_not_mixed_in(tmp_path, monkeypatch):
+    model = tiny_vit()
+    for batch_size in (4, 3):  # two runs of the same key leave overlapping shards 0-4 and 0-3
+        with pytest.raises(_Interrupt):
+            get_synthesizer("psaq", **FAST).synthesize(model, 6, seed=0, batch_size=batch_size, cache_dir=tmp_path,
+                                                       on_batch_end=_interrupt_after_first_batch, **NORM)
+    (run_dir,) = tmp_path.iterdir()
+    assert sorted(p.name for p in (run_dir / "shards").iterdir()) == ["00000000-00000003.safetensors",
+                                                                     "00000000-00000004.safetensors"]
+    reference = get_synthesizer("psaq", **FAST).synthesize(model, 6, seed=0, batch_size=3, **NORM)
+
+    calls = _count_optimisations(monkeypatch)
+    resumed = get_synthesizer("psaq", **FAST).synthesize(model, 6, seed=0, batch_size=3, cache_dir=tmp_path, **NORM)
+    assert calls == [[3, 4, 5]]  # the shard 0-3 of this grid is reused, the shard 0-4 of the other grid ignored
+    assert len(resumed) == 6 and torch.equal(resumed.pixel_values, reference.pixel_values)
+    again = get_synthesizer("psaq", **FAST).synthesize(model, 6, seed=0, cache_dir=tmp_path, **NORM)
+    assert len(again) == 6 and torch.equal(again.pixel_values, reference.pixel_values)
+    assert again.metadata["batch_size"] == 3
+
+
+def test_batches_that_do_not_cover_the_images_exactly_are_refused(tmp_path, monkeypatch):
+    model = tiny_vit()
+    with pytest.raises(_Interrupt):
+        get_synthesizer("psaq", **FAST).synthesize(model, 4, seed=0, batch_size=2, cache_dir=tmp_path,
+                                                   on_batch_end=_interrupt_after_first_batch, **NORM)
+    real = SynthesisCache.read_shard
+
+    def overlapping(self, start, stop):  # a damaged shard that holds one image too many
+        record = real(self, start, stop)
+        record.stop += 1
+        return record
+
+    monkeypatch.setattr(SynthesisCache, "read_shard", overlapping)
+    with pytest.raises(SynthesisError, match="do not match the run's batch grid"):
+        get_synthesizer("psaq", **FAST).synthesize(model, 4, seed=0, batch_size=2, cache_dir=tmp_path, **NORM)
+    (run_dir,) = tmp_path.iterdir()
+    assert not (run_dir / "calibration_set").exists()
 
 
 def test_a_set_saved_meanwhile_by_a_concurrent_run_is_kept(tmp_path, monkeypatch):
