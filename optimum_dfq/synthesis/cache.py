@@ -85,7 +85,8 @@ class SynthesisCache:
         return True
 
     def write_run_info(self, material: dict[str, Any]) -> None:
-        """Writes the description of the run (what its key hashes), for people inspecting the cache."""
+        """Writes `run.json`, the description of the run (what its key hashes, plus provenance such as the model's
+        `name_or_path`), for people inspecting the cache."""
         self.directory.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(self.directory / "run.json", json.dumps(to_jsonable(material), indent=2, sort_keys=True))
 

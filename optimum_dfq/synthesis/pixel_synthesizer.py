@@ -36,7 +36,7 @@ from .dataset import to_jsonable
 from .distributed import broadcast_from_main, gather_lists, resolve_state, shard_chunks
 from .engine import EngineConfig, optimize_batch
 from .features import AttentionSite, probe_attention_sites
-from .hashing import model_fingerprint, run_fingerprint
+from .hashing import model_config_material, model_fingerprint, run_fingerprint
 from .normalization import normalization_stats, valid_pixel_range
 
 logger = logging.getLogger(__name__)
@@ -229,9 +229,10 @@ class PixelSynthesizer(Synthesizer):
             state (`accelerate.PartialState`, *optional*): process state; built with `cpu=<no CUDA>` if omitted.
                 Whole batches are split over its processes and gathered on all of them.
             cache_dir (`str` or `PathLike`, *optional*): cache root; a finished run with the same synthesizer,
-                hyper-parameters, model weights, normalisation, seed and `num_images` is loaded instead of
-                recomputed (whatever its `batch_size`, recorded in the set's metadata), and an interrupted one resumes
-                with the batches it has not finished. Cached batches of another `batch_size` are ignored.
+                resolved hyper-parameters (`log_every` aside), model weights and configuration, normalisation, seed
+                and `num_images` is loaded instead of recomputed (whatever its `batch_size`, recorded in the set's
+                metadata), and an interrupted one resumes with the batches it has not finished. Cached batches of
+                another `batch_size` are ignored.
             device (`str` or `torch.device`, *optional*): where to optimise (the model's device by default; the model
                 is moved there for the run and back afterwards).
             on_batch_end (`Callable[[BatchRecord], None]`, *optional*): called after each finished (and cached)
@@ -328,6 +329,21 @@ class PixelSynthesizer(Synthesizer):
                     on_batch_end(record)
         return records
 
+    def resolved_hyperparameters(self, config: EngineConfig) -> dict[str, Any]:
+        """The hyper-parameters as the run uses them: engine settings resolved, `log_every` left out.
+
+        What the cache key hashes: passing a default explicitly (e.g. `lr=0.2` on a ViT) or changing the logging
+        period gives the same key.
+
+        Args:
+            config (`EngineConfig`): the run's engine settings ([`PixelSynthesizer.engine_config`]).
+
+        Returns:
+            `dict[str, Any]`
+        """
+        engine = {k: v for k, v in asdict(config).items() if k != "log_every"}
+        return {k: v for k, v in self.hyperparameters().items() if k != "log_every"} | engine
+
     def _run_material(self, model, num_images: int, seed: int, mean, std, config: EngineConfig) -> dict[str, Any]:
         material: dict[str, Any] = {}
         if SYNTHESIZERS.get(self.name) is not type(self):
@@ -335,11 +351,12 @@ class PixelSynthesizer(Synthesizer):
             material["synthesizer_class"] = qualified_name(type(self))
         return material | {
             "synthesizer": self.name,
-            "hyperparameters": self.hyperparameters(),
+            "hyperparameters": self.resolved_hyperparameters(config),
             "model": {
                 "class": type(model).__name__,
-                "name_or_path": getattr(model.config, "_name_or_path", "") or "",
+                "name_or_path": getattr(model.config, "_name_or_path", "") or "",  # provenance only: not hashed
                 "fingerprint": model_fingerprint(model),
+                "config": model_config_material(model.config),
             },
             "num_images": num_images,
             "seed": seed,

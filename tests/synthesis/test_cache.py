@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import json
+
 import pytest
 import torch
-from synth_helpers import FAST, NORM, SYNTHESIZERS, one_thread, tiny_vit  # noqa: F401
+from synth_helpers import FAST, NORM, SYNTHESIZERS, one_thread, tiny_swin, tiny_vit  # noqa: F401
 
 from optimum_dfq import CalibrationSet
 from optimum_dfq.errors import SynthesisError
@@ -147,3 +150,59 @@ def test_a_set_saved_meanwhile_by_a_concurrent_run_is_kept(tmp_path, monkeypatch
     assert not cache.save_complete(second)  # the rename onto the saved set fails with ENOTEMPTY: the set is kept
     assert torch.equal(cache.load_complete().pixel_values, first.pixel_values)
     assert [p.name for p in (tmp_path / "key").iterdir()] == ["calibration_set"]  # no staging copy left behind
+
+
+def _variant(model, **config_changes):
+    config = copy.deepcopy(model.config)
+    for name, value in config_changes.items():
+        setattr(config, name, value)
+    variant = type(model)(config).eval()
+    variant.load_state_dict(model.state_dict())
+    return variant
+
+
+@pytest.mark.parametrize("change", [{"hidden_act": "relu"}, {"layer_norm_eps": 0.1}])
+def test_same_weights_with_another_config_do_not_reuse_the_images(change, tmp_path, monkeypatch):
+    model = tiny_vit()
+    first = get_synthesizer("psaq", **FAST).synthesize(model, 2, seed=0, cache_dir=tmp_path, **NORM)
+    calls = _count_optimisations(monkeypatch)
+    other = get_synthesizer("psaq", **FAST).synthesize(_variant(model, **change), 2, seed=0, cache_dir=tmp_path,
+                                                       **NORM)
+    assert calls and other.metadata["cache_key"] != first.metadata["cache_key"]
+    assert other.metadata["model"]["config"][next(iter(change))] == next(iter(change.values()))
+
+
+def test_swin_with_another_image_size_does_not_reuse_the_images(tmp_path):
+    small = tiny_swin()
+    large = _variant(small, image_size=64)  # same parameter names and shapes, different input size
+    get_synthesizer("psaq", **FAST).synthesize(small, 1, seed=0, cache_dir=tmp_path, **NORM)
+    calib = get_synthesizer("psaq", **FAST).synthesize(large, 1, seed=0, cache_dir=tmp_path, **NORM)
+    assert calib.pixel_values.shape == (1, 3, 64, 64)
+
+
+def test_logging_explicit_defaults_and_the_folder_do_not_change_the_key(tmp_path, monkeypatch):
+    model, swin = tiny_vit(), tiny_swin()
+    first = get_synthesizer("psaq", **FAST).synthesize(model, 2, seed=0, cache_dir=tmp_path, **NORM)
+    get_synthesizer("psaq", **FAST).synthesize(swin, 1, seed=0, cache_dir=tmp_path, **NORM)
+    calls = _count_optimisations(monkeypatch)
+    get_synthesizer("psaq", **dict(FAST, log_every=7)).synthesize(model, 2, seed=0, cache_dir=tmp_path, **NORM)
+    get_synthesizer("psaq", **dict(FAST, lr=0.2)).synthesize(model, 2, seed=0, cache_dir=tmp_path, **NORM)
+    get_synthesizer("psaq", **dict(FAST, lr=0.25)).synthesize(swin, 1, seed=0, cache_dir=tmp_path, **NORM)
+    get_synthesizer("psaq", **dict(FAST, jitter=(2, 4), iterations=[2, 2])).synthesize(model, 2, seed=0,
+                                                                                      cache_dir=tmp_path, **NORM)
+    copied = copy.deepcopy(model)
+    copied.config._name_or_path = "/elsewhere/vit-copy"  # the same weights loaded from another folder
+    again = get_synthesizer("psaq", **FAST).synthesize(copied, 2, seed=0, cache_dir=tmp_path, **NORM)
+    assert calls == []
+    assert again.metadata["cache_key"] == first.metadata["cache_key"]
+    run_info = json.loads((tmp_path / first.metadata["cache_key"] / "run.json").read_text())
+    assert "name_or_path" in run_info["model"] and "log_every" not in run_info["hyperparameters"]
+    assert first.metadata["hyperparameters"]["lr"] == 0.2
+
+
+def test_another_lr_still_changes_the_key(tmp_path, monkeypatch):
+    model = tiny_vit()
+    get_synthesizer("psaq", **FAST).synthesize(model, 2, seed=0, cache_dir=tmp_path, **NORM)
+    calls = _count_optimisations(monkeypatch)
+    get_synthesizer("psaq", **dict(FAST, lr=0.1)).synthesize(model, 2, seed=0, cache_dir=tmp_path, **NORM)
+    assert calls
