@@ -1,15 +1,17 @@
 """Synthesize a data-free calibration set on several GPUs (or CPU processes) and save it as a dataset.
 
-The images are split over the processes (image `i` depends only on the seed and `i`, so the set is the same on one
-GPU or eight), gathered, and written by the main process with `save_calibration_set` (a `datasets` folder; load it
-with `optimum_dfq.synthesis.load_calibration_set` or `datasets.load_from_disk`).
+The images are cut into batches of `--batch-size` (default `min(32, num_images)`) on a fixed grid and whole
+batches are split over the processes (image `i` depends on the seed, `i` and its batch, never on the number of
+processes, so the set is the same on one GPU or eight for the same `--batch-size`), gathered, and written by the main
+process with `save_calibration_set` (a `datasets` folder; load it with `optimum_dfq.synthesis.load_calibration_set`
+or `datasets.load_from_disk`). A process gets no work when there are fewer batches than processes.
 
-    # 8 GPUs, 32 PSAQ-ViT images each:
+    # 8 GPUs, one batch of 32 PSAQ-ViT images each:
     accelerate launch --multi_gpu --num_processes 8 examples/synthesize_multi_gpu.py \\
         --model facebook/deit-tiny-patch16-224 --synthesizer psaq --num-images 256 --output calib/deit-tiny-psaq
     # CPU-only machine, 2 processes (torchrun; the script builds PartialState(cpu=True) itself):
     torchrun --nproc_per_node 2 examples/synthesize_multi_gpu.py --model examples/models/vit-cifar10 \\
-        --num-images 8 --hyperparameters '{"iterations": [2, 2], "warmup": 1}' --output /tmp/calib
+        --num-images 8 --batch-size 4 --hyperparameters '{"iterations": [2, 2], "warmup": 1}' --output /tmp/calib
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ def main() -> None:
     parser.add_argument("--synthesizer", default="psaq", help="psaq, sardfq, dfq-vit or gaussian")
     parser.add_argument("--num-images", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=None, help="images per optimisation batch")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images per optimisation batch (default min(32, num_images)); changes the images slightly")
     parser.add_argument("--hyperparameters", default="{}", help="JSON overrides of the synthesizer's defaults")
     parser.add_argument("--cache-dir", default=None, help="cache/resume directory shared by all processes")
     parser.add_argument("--output", required=True, help="folder to save the calibration set to")

@@ -113,7 +113,7 @@ class DataFreeViTQuantizer(OptimumQuantizer):
             image_processor (*optional*): overrides the quantizer's image processor.
             save_dir (`str` or `os.PathLike`, *optional*): also `save_pretrained` the quantized model there.
             cache_dir (`str` or `os.PathLike`, *optional*): synthesis cache: a finished set with identical arguments
-                is reused, an interrupted synthesis resumes from its last finished batch.
+                is reused, an interrupted synthesis resumes with the batches it has not finished.
 
         A model in half precision (`float16` / `bfloat16`) is copied to float32 first, with a warning: calibration
         and the fake-quantized model run in float32.

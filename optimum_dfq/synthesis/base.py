@@ -128,7 +128,9 @@ class Synthesizer(ABC):
         Args:
             model (`PreTrainedModel`): the float model (left unchanged).
             num_images (`int`): how many images.
-            seed (`int`, *optional*, defaults to 0): the run's seed; image `i` must depend only on `(seed, i)`.
+            seed (`int`, *optional*, defaults to 0): the run's seed; image `i` must not depend on how many processes
+                share the work: only on `(seed, i)` (and, for synthesizers that optimise batches, on its batch of a
+                fixed grid, as in [`PixelSynthesizer.synthesize`]).
             image_processor (*optional*): the model's image processor (its mean/std give the valid pixel range).
 
         Returns:

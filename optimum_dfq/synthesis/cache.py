@@ -1,13 +1,18 @@
 """On-disk cache of synthesis runs: per-batch shards while a run goes on, the finished set when it is done.
 
 A run lives in `<cache_dir>/<run key>/`. Each finished batch is written atomically (temporary file + rename) as
-`shards/<start>-<stop>.safetensors`, so an interrupted run resumes after its last finished batch. The finished set
-is saved with [`save_calibration_set`] into `calibration_set/` (also via a rename), whose presence marks the run
-complete. The directory must be visible to every process of a multi-process run.
+`shards/<start>-<stop>.safetensors`, so an interrupted run resumes with the batches it has not finished. The
+finished set is saved with [`save_calibration_set`] into `calibration_set/` (also via a rename), whose presence
+marks the run complete. The directory must be visible to every process of a multi-process run.
+
+Shards are only reused by a run whose batch grid they lie on (see [`SynthesisCache.finished_chunks`]): a shard left by
+a run with another `batch_size` is ignored, never mixed in. Two runs with the same key may share the directory; the
+first to finish saves the set and the other keeps it.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -44,22 +49,44 @@ class SynthesisCache:
         self.complete_path = self.directory / "calibration_set"
 
     def is_complete(self) -> bool:
+        """Whether the finished set of this run is saved."""
         return self.complete_path.is_dir()
 
     def load_complete(self) -> CalibrationSet:
+        """The finished set of this run (see [`SynthesisCache.is_complete`])."""
         return load_calibration_set(self.complete_path)
 
-    def save_complete(self, calibration_set: CalibrationSet) -> None:
+    def save_complete(self, calibration_set: CalibrationSet) -> bool:
+        """Saves the finished set (staged in a temporary folder, then renamed into place).
+
+        If the set is already saved (a concurrent run with the same key finished first), that set is kept and the
+        staged copy is dropped: both runs have the same key, hence the same images.
+
+        Args:
+            calibration_set (`CalibrationSet`): the complete set of the run.
+
+        Returns:
+            `bool`: whether this call saved the set (`False` when an existing one was kept).
+        """
+        if self.is_complete():
+            return False
         self.directory.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".calibration_set-", dir=self.directory))
         try:
             save_calibration_set(calibration_set, staging / "set")
-            os.replace(staging / "set", self.complete_path)
+            try:
+                os.replace(staging / "set", self.complete_path)
+            except OSError as err:  # renaming onto a non-empty folder: another run saved the set meanwhile
+                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not self.is_complete():
+                    raise
+                return False
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        return True
 
     def write_run_info(self, material: dict[str, Any]) -> None:
-        """Writes the description of the run (what its key hashes), for people inspecting the cache."""
+        """Writes `run.json`, the description of the run (what its key hashes, plus provenance such as the model's
+        `name_or_path`), for people inspecting the cache."""
         self.directory.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(self.directory / "run.json", json.dumps(to_jsonable(material), indent=2, sort_keys=True))
 
@@ -73,6 +100,21 @@ class SynthesisCache:
             if match:
                 ranges.append((int(match.group(1)), int(match.group(2))))
         return sorted(ranges)
+
+    def finished_chunks(self, grid: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The chunks of `grid` whose shard is cached, in grid order.
+
+        Shards that are not chunks of `grid` (left by a run of the same key with another `batch_size`) are ignored:
+        mixing them in would overlap or leave gaps, and their images belong to another batch grid.
+
+        Args:
+            grid (`list[tuple[int, int]]`): the run's `(start, stop)` chunks.
+
+        Returns:
+            `list[tuple[int, int]]`
+        """
+        cached = set(self.shard_ranges())
+        return [chunk for chunk in grid if tuple(chunk) in cached]
 
     def write_shard(self, record: BatchRecord) -> None:
         self.shards.mkdir(parents=True, exist_ok=True)

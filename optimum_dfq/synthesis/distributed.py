@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from ..errors import SynthesisError
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def resolve_state(state=None):
@@ -57,3 +59,29 @@ def broadcast_from_main(state, value: Any) -> Any:
     from accelerate.utils import broadcast_object_list
 
     return broadcast_object_list([value], from_process=0)[0]
+
+
+def shard_chunks(chunks: list[T], process_index: int, num_processes: int) -> list[T]:
+    """The share of `chunks` that process `process_index` of `num_processes` works on.
+
+    Each process gets a contiguous block of whole chunks (the first `len(chunks) % num_processes` processes one more
+    than the others; a process may get none). The chunks themselves are never re-cut, so an image is optimised in
+    the same batch whatever the number of processes.
+
+    Args:
+        chunks (`list`): the work items, e.g. `(start, stop)` batches of a grid.
+        process_index (`int`): this process's rank.
+        num_processes (`int`): how many processes share the work.
+
+    Returns:
+        `list`: this process's chunks, in order.
+
+    Example:
+        >>> [shard_chunks([(0, 2), (2, 4), (4, 5)], rank, 2) for rank in (0, 1)]
+        [[(0, 2), (2, 4)], [(4, 5)]]
+        >>> shard_chunks([(0, 5)], 1, 2)
+        []
+    """
+    per_process, extra = divmod(len(chunks), num_processes)
+    start = process_index * per_process + min(process_index, extra)
+    return list(chunks[start:start + per_process + (1 if process_index < extra else 0)])

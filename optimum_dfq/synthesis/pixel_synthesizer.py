@@ -1,15 +1,20 @@
 """`PixelSynthesizer`: the common driver of optimisation-based synthesizers (PSAQ-ViT, SARDFQ, DFQ-ViT).
 
-It splits the images into batches of consecutive global indices, shards the batches over processes, runs the
-engine on each batch, caches and resumes per batch, gathers the batches and records provenance. Subclasses only say
-what to optimise for a batch ([`PixelSynthesizer.plan_batch`]).
+It cuts the images into batches on a fixed grid of consecutive global indices (`range(0, num_images, batch_size)`),
+hands whole batches to the processes, runs the engine on each batch, caches and resumes per batch, gathers the
+batches and records provenance. Subclasses only say what to optimise for a batch ([`PixelSynthesizer.plan_batch`]).
+
+The grid depends only on `num_images` and `batch_size`, never on the number of processes or on what a resumed run
+has left to do, so one process, several processes and an interrupted-then-resumed run give bit-identical images
+(on the same hardware and software). A different `batch_size` gives slightly different images: every loss term is
+per image, but the floating-point results of a batched forward pass depend on the batch's composition, and the
+optimisation amplifies those differences.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -28,10 +33,10 @@ from .base import SYNTHESIZERS, Synthesizer
 from .cache import SynthesisCache
 from .context import BatchPlan, BatchRecord
 from .dataset import to_jsonable
-from .distributed import broadcast_from_main, gather_lists, resolve_state
+from .distributed import broadcast_from_main, gather_lists, resolve_state, shard_chunks
 from .engine import EngineConfig, optimize_batch
 from .features import AttentionSite, probe_attention_sites
-from .hashing import model_fingerprint, run_fingerprint
+from .hashing import model_config_material, model_fingerprint, run_fingerprint
 from .normalization import normalization_stats, valid_pixel_range
 
 logger = logging.getLogger(__name__)
@@ -153,7 +158,8 @@ class PixelSynthesizer(Synthesizer):
         """Initial images, loss terms (with their targets) and views of one batch.
 
         Every random draw for image `i` must come from generators seeded by `(seed, i)` (see
-        [`image_generator`] and [`stream_generator`]), so that the image does not depend on its batch-mates.
+        [`image_generator`] and [`stream_generator`]), so that its draws do not depend on its batch-mates (the
+        batches themselves lie on a fixed grid, see [`PixelSynthesizer.synthesize`]).
 
         Args:
             info (`ModelInfo`): the model, its attention sites, input shape, classes and device.
@@ -209,17 +215,24 @@ class PixelSynthesizer(Synthesizer):
         Args:
             model (`PreTrainedModel`): a ViT, DeiT or Swin classifier; left unchanged (mode, gradients, device).
             num_images (`int`): how many images.
-            seed (`int`, defaults to 0): image `i` depends only on `(seed, i)`, not on batching or processes.
+            seed (`int`, defaults to 0): the run's seed. Image `i` is defined by `(seed, i)` and its batch on the
+                grid `range(0, num_images, batch_size)`: it does not depend on the number of processes nor on
+                interruptions and resumption, but may differ slightly for another `batch_size`.
             image_processor (*optional*): the model's image processor; its mean/std give the valid pixel range.
             image_mean (`Sequence[float]`, *optional*), image_std (`Sequence[float]`, *optional*): explicit
                 normalisation instead of `image_processor`.
-            batch_size (`int`, *optional*): images optimised together (a speed/memory knob only: every loss term is
-                per image). Defaults to `min(32, ceil(num_images / processes))`.
+            batch_size (`int`, *optional*): images optimised together; the batches are
+                `range(0, num_images, batch_size)` (the last one may be smaller). Every loss term is per image, but
+                the floating-point results of a batched forward pass depend on the batch, so another `batch_size`
+                gives slightly different images. Defaults to `min(32, num_images)`, whatever the number of processes:
+                pass a smaller `batch_size` to give every process a batch.
             state (`accelerate.PartialState`, *optional*): process state; built with `cpu=<no CUDA>` if omitted.
-                Batches are split over its processes and gathered on all of them.
+                Whole batches are split over its processes and gathered on all of them.
             cache_dir (`str` or `PathLike`, *optional*): cache root; a finished run with the same synthesizer,
-                hyper-parameters, model weights, normalisation, seed and `num_images` is loaded instead of
-                recomputed, and an interrupted one resumes after its last finished batch.
+                resolved hyper-parameters (`log_every` aside), model weights and configuration, normalisation, seed
+                and `num_images` is loaded instead of recomputed (whatever its `batch_size`, recorded in the set's
+                metadata), and an interrupted one resumes with the batches it has not finished. Cached batches of
+                another `batch_size` are ignored.
             device (`str` or `torch.device`, *optional*): where to optimise (the model's device by default; the model
                 is moved there for the run and back afterwards).
             on_batch_end (`Callable[[BatchRecord], None]`, *optional*): called after each finished (and cached)
@@ -227,11 +240,13 @@ class PixelSynthesizer(Synthesizer):
 
         Returns:
             `CalibrationSet`: images in the model's normalised space, hard labels, soft labels when the method makes
-            them, and metadata (method, hyper-parameters, model fingerprint, seed, library version, loss history).
+            them, and metadata (method, hyper-parameters, model fingerprint, seed, batch size, library version, loss
+            history).
 
         Raises:
-            `SynthesisError`: if `num_images` is not a positive `int`, `batch_size` is below 1, or no valid
-                normalisation is given (neither `image_processor` nor `image_mean`/`image_std`).
+            `SynthesisError`: if `num_images` is not a positive `int`, `batch_size` is below 1, no valid
+                normalisation is given (neither `image_processor` nor `image_mean`/`image_std`), or the gathered
+                batches do not cover the `num_images` images exactly once.
             `UnsupportedArchitectureError`: if the model is not a supported ViT, DeiT or Swin classifier.
 
         Example:
@@ -250,39 +265,41 @@ class PixelSynthesizer(Synthesizer):
         """
         if not isinstance(num_images, int) or num_images < 1:
             raise SynthesisError(f"num_images must be a positive integer, got {num_images!r}.")
-        if batch_size is not None and batch_size < 1:
-            raise SynthesisError(f"batch_size must be positive, got {batch_size}.")
+        batch_size = grid_batch_size(num_images, batch_size)
         adapter = get_adapter(model)
         shape = expected_image_shape(model)
         mean, std = normalization_stats(image_processor, image_mean, image_std, shape[0])
         state = resolve_state(state)
-        fingerprint = model_fingerprint(model)
-        material = self._run_material(model, fingerprint, num_images, seed, mean, std)
+        config = self.engine_config(adapter.windowed)
+        material = self._run_material(model, num_images, seed, mean, std, config)
         key = run_fingerprint(material)
         cache = SynthesisCache(cache_dir, key) if cache_dir is not None else None
         if broadcast_from_main(state, cache is not None and cache.is_complete()):
-            logger.info("Loading the cached calibration set from %s", cache.complete_path)
+            _log_main(state, "Loading the cached calibration set from %s", cache.complete_path)
             return cache.load_complete()
-        done = broadcast_from_main(state, cache.shard_ranges() if cache is not None else [])
+        grid = batch_grid(num_images, batch_size)
+        done = broadcast_from_main(state, cache.finished_chunks(grid) if cache is not None else [])
         if cache is not None and state.is_main_process:
             cache.write_run_info(material)
-        remaining = [i for i in range(num_images) if not any(start <= i < stop for start, stop in done)]
-        if batch_size is None:
-            batch_size = max(1, min(DEFAULT_BATCH_SIZE, math.ceil(max(len(remaining), 1) / state.num_processes)))
-        chunks = _contiguous_chunks(remaining, batch_size)
+        finished = set(done)
+        pending = [chunk for chunk in grid if chunk not in finished]
         if done:
-            logger.info("Resuming: %d of %d images already cached", num_images - len(remaining), num_images)
-        config = self.engine_config(adapter.windowed)
-        records: list[BatchRecord] = []
-        with frozen_model(model, device) as run_device, state.split_between_processes(chunks) as my_chunks:
+            _log_main(state, "Resuming: %d of %d images already cached", sum(b - a for a, b in done), num_images)
+        _warn_idle_processes(state, len(pending), batch_size)
+        with frozen_model(model, device) as run_device:
             info = ModelInfo(model, adapter, probe_attention_sites(model, adapter), shape,
                              int(model.config.num_labels), run_device)
-            records = self._run_chunks(info, list(my_chunks), seed, config, (mean, std), state, cache, on_batch_end)
+            my_chunks = shard_chunks(pending, state.process_index, state.num_processes)
+            records = self._run_chunks(info, my_chunks, seed, config, (mean, std), state, cache, on_batch_end)
         records = gather_lists(state, records)
         if cache is not None:
             records += [cache.read_shard(start, stop) for start, stop in done]
         records.sort(key=lambda record: record.start)
-        calibration_set = self.finalize(self._assemble(records, material, config, key))
+        _check_cover(records, grid, cache)
+        calibration_set = self.finalize(self._assemble(records, material, config, key, batch_size))
+        if len(calibration_set) != num_images:
+            raise SynthesisError(f"The assembled calibration set has {len(calibration_set)} images instead of "
+                                 f"num_images={num_images}; {type(self).__name__}.finalize must keep every image.")
         if cache is not None:
             if state.is_main_process:
                 cache.save_complete(calibration_set)
@@ -312,18 +329,34 @@ class PixelSynthesizer(Synthesizer):
                     on_batch_end(record)
         return records
 
-    def _run_material(self, model, fingerprint: str, num_images: int, seed: int, mean, std) -> dict[str, Any]:
+    def resolved_hyperparameters(self, config: EngineConfig) -> dict[str, Any]:
+        """The hyper-parameters as the run uses them: engine settings resolved, `log_every` left out.
+
+        What the cache key hashes: passing a default explicitly (e.g. `lr=0.2` on a ViT) or changing the logging
+        period gives the same key.
+
+        Args:
+            config (`EngineConfig`): the run's engine settings ([`PixelSynthesizer.engine_config`]).
+
+        Returns:
+            `dict[str, Any]`
+        """
+        engine = {k: v for k, v in asdict(config).items() if k != "log_every"}
+        return {k: v for k, v in self.hyperparameters().items() if k != "log_every"} | engine
+
+    def _run_material(self, model, num_images: int, seed: int, mean, std, config: EngineConfig) -> dict[str, Any]:
         material: dict[str, Any] = {}
         if SYNTHESIZERS.get(self.name) is not type(self):
             # An unregistered subclass inherits its parent's `name`: its class keeps its images apart in the cache.
             material["synthesizer_class"] = qualified_name(type(self))
         return material | {
             "synthesizer": self.name,
-            "hyperparameters": self.hyperparameters(),
+            "hyperparameters": self.resolved_hyperparameters(config),
             "model": {
                 "class": type(model).__name__,
-                "name_or_path": getattr(model.config, "_name_or_path", "") or "",
-                "fingerprint": fingerprint,
+                "name_or_path": getattr(model.config, "_name_or_path", "") or "",  # provenance only: not hashed
+                "fingerprint": model_fingerprint(model),
+                "config": model_config_material(model.config),
             },
             "num_images": num_images,
             "seed": seed,
@@ -332,16 +365,16 @@ class PixelSynthesizer(Synthesizer):
             "library_version": __version__,
         }
 
-    def _assemble(self, records: list[BatchRecord], material: dict[str, Any], config: EngineConfig,
-                  key: str) -> CalibrationSet:
+    def _assemble(self, records: list[BatchRecord], material: dict[str, Any], config: EngineConfig, key: str,
+                  batch_size: int) -> CalibrationSet:
         pixel_values = torch.cat([record.pixel_values for record in records])
         labels = _cat_optional([record.labels for record in records])
         soft_labels = _cat_optional([record.soft_labels for record in records])
         extras = {
             name: torch.cat([record.extras[name] for record in records]).tolist() for name in records[0].extras
         }
-        metadata = {"source": "synthetic", **material, "engine": asdict(config), "cache_key": key,
-                    "loss_history": summarize_history(records, config.log_every)}
+        metadata = {"source": "synthetic", **material, "engine": asdict(config), "batch_size": batch_size,
+                    "cache_key": key, "loss_history": summarize_history(records, config.log_every)}
         if extras:
             metadata["per_image"] = extras
         return CalibrationSet(pixel_values=pixel_values, labels=labels, soft_labels=soft_labels,
@@ -372,16 +405,65 @@ def summarize_history(records: list[BatchRecord], every: int) -> dict[str, Any]:
     return summary
 
 
-def _contiguous_chunks(indices: list[int], size: int) -> list[tuple[int, int]]:
-    chunks, run = [], []
-    for index in indices:
-        if run and (index != run[-1] + 1 or len(run) == size):
-            chunks.append((run[0], run[-1] + 1))
-            run = []
-        run.append(index)
-    if run:
-        chunks.append((run[0], run[-1] + 1))
-    return chunks
+def grid_batch_size(num_images: int, batch_size: int | None = None) -> int:
+    """The batch size of a run's grid: `batch_size` (at most `num_images`), or `min(32, num_images)` by default.
+
+    It depends only on its arguments, never on the number of processes or on a resumed run's remaining images.
+
+    Args:
+        num_images (`int`): images of the run.
+        batch_size (`int`, *optional*): the requested batch size.
+
+    Returns:
+        `int`
+
+    Raises:
+        `SynthesisError`: if `batch_size` is not a positive integer.
+
+    Example:
+        >>> grid_batch_size(100), grid_batch_size(5), grid_batch_size(5, 2), grid_batch_size(5, 8)
+        (32, 5, 2, 5)
+    """
+    if batch_size is None:
+        return min(DEFAULT_BATCH_SIZE, num_images)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise SynthesisError(f"batch_size must be a positive integer, got {batch_size!r}; pass e.g. batch_size=8, or "
+                             "None for the default.")
+    return min(batch_size, num_images)
+
+
+def batch_grid(num_images: int, batch_size: int) -> list[tuple[int, int]]:
+    """The fixed `(start, stop)` batches of a run: `range(0, num_images, batch_size)`, the last one maybe smaller.
+
+    Example:
+        >>> batch_grid(5, 2)
+        [(0, 2), (2, 4), (4, 5)]
+    """
+    return [(start, min(start + batch_size, num_images)) for start in range(0, num_images, batch_size)]
+
+
+def _check_cover(records: list[BatchRecord], grid: list[tuple[int, int]], cache: SynthesisCache | None) -> None:
+    got = [(record.start, record.stop) for record in records]
+    if got != grid:
+        fix = f"delete {cache.shards} and synthesize again" if cache is not None else "synthesize again"
+        raise SynthesisError(
+            f"The finished batches {got} do not match the run's batch grid {grid}, so the images would overlap or "
+            f"leave gaps: a cache shard or a process returned an unexpected batch. To fix it, {fix}."
+        )
+
+
+def _log_main(state, message: str, *args) -> None:
+    if state.is_main_process:
+        logger.info(message, *args)
+
+
+def _warn_idle_processes(state, num_batches: int, batch_size: int) -> None:
+    if state.is_main_process and 0 < num_batches < state.num_processes:
+        logger.warning(
+            "%d batch(es) of up to %d images to synthesize on %d processes: %d process(es) stay idle. Pass a smaller "
+            "batch_size to use them all (another batch_size gives slightly different images).",
+            num_batches, batch_size, state.num_processes, state.num_processes - num_batches,
+        )
 
 
 @contextlib.contextmanager

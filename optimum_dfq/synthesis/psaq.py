@@ -21,8 +21,9 @@ class PSAQSynthesizer(PixelSynthesizer):
     N(0, 1) init, Adam β = (0.5, 0.9), lr 0.2 (0.25 for Swin), 2 × 500 steps with cosine schedules and 100 warm-up
     steps, roll jitter 15 then 30 px and 50 % flips, clamping to the valid pixel range after each step.
 
-    Differences from the official code, all needed to make image `i` depend only on `(seed, i)` or to use the model's
-    own normalisation:
+    Differences from the official code, all needed to make image `i` independent of its batch-mates' draws and
+    losses (it depends on `(seed, i)` and, through floating-point results, on its batch of the fixed grid; see
+    [`PixelSynthesizer.synthesize`]) or to use the model's own normalisation:
 
     * every loss term is per image (the official TV norm runs over the whole batch; see [`TotalVariationTerm`] for
       the equivalent per-image form and how `τ` carries over to other image sizes), each image's KDE grid spans its

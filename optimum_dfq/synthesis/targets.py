@@ -1,5 +1,5 @@
 """Per-image targets of the synthesizers (initial noise, labels, soft labels, crop layouts), drawn from the image's
-own random streams so that image `i` depends only on `(seed, i)`."""
+own random streams so that the draws of image `i` depend only on `(seed, i)`."""
 
 from __future__ import annotations
 

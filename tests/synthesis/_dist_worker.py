@@ -1,4 +1,4 @@
-"""Worker of test_distributed.py: synthesizes with every synthesizer under torchrun and saves what it got.
+"""Worker of test_distributed.py: synthesizes under torchrun and saves what it got.
 
 Run: python -m torch.distributed.run --nproc_per_node 2 tests/synthesis/_dist_worker.py --out DIR
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -16,32 +17,49 @@ from safetensors.torch import save_file
 from synth_helpers import BUILDERS, FAST, NORM
 
 from optimum_dfq.synthesis import get_synthesizer
+from optimum_dfq.synthesis.distributed import resolve_state
 
 #: Which tiny model each synthesizer runs on (Swin covers windowed attention, SARDFQ covers crops).
 CASES = {"psaq": "vit", "sardfq": "swin", "dfq-vit": "deit"}
+
+
+class Interrupted(RuntimeError):
+    """Raised by rank 0 after its first cached batch, to simulate a run that dies half-way."""
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--num-images", type=int, default=5)
+    parser.add_argument("--names", default=",".join(CASES), help="synthesizers to run, comma-separated")
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--interrupt", action="store_true", help="rank 0 raises after its first finished batch")
+    parser.add_argument("--repeat", action="store_true", help="synthesize twice (the second time from the cache)")
     args = parser.parse_args()
-    from accelerate import PartialState
-
-    report = {}
-    for name, family in CASES.items():
-        batches = []
-        calib = get_synthesizer(name, **FAST).synthesize(
-            BUILDERS[family](), args.num_images, seed=0,
-            on_batch_end=lambda r, batches=batches: batches.append([r.start, r.stop]), **NORM,
-        )
-        state = PartialState()
-        report[name] = {"batches": batches, "num_processes": state.num_processes}
-        if state.is_main_process:
-            save_file({"pixel_values": calib.pixel_values.contiguous(), "labels": calib.labels.contiguous()},
-                      os.path.join(args.out, f"{name}.safetensors"))
-    with open(os.path.join(args.out, f"rank{PartialState().process_index}.json"), "w") as file:
+    logging.basicConfig(level=logging.INFO, format=f"[rank{os.environ.get('RANK', '-')}] %(message)s")
+    state = resolve_state()  # PartialState(cpu=True) on this CPU-only test machine, as the synthesizer builds it
+    report = {name: run_case(name, state, args) for name in args.names.split(",")}
+    with open(os.path.join(args.out, f"rank{state.process_index}.json"), "w") as file:
         json.dump(report, file)
+
+
+def run_case(name: str, state, args: argparse.Namespace) -> dict:
+    batches = []
+
+    def on_batch_end(record):
+        batches.append([record.start, record.stop])
+        if args.interrupt and state.is_main_process:
+            raise Interrupted(f"simulated interruption after images {record.start}-{record.stop}")
+
+    for _ in range(2 if args.repeat else 1):
+        calib = get_synthesizer(name, **FAST).synthesize(
+            BUILDERS[CASES[name]](), args.num_images, seed=0, cache_dir=args.cache_dir, on_batch_end=on_batch_end,
+            **NORM,
+        )
+    if state.is_main_process:
+        save_file({"pixel_values": calib.pixel_values.contiguous(), "labels": calib.labels.contiguous()},
+                  os.path.join(args.out, f"{name}.safetensors"))
+    return {"batches": batches, "num_processes": state.num_processes}
 
 
 if __name__ == "__main__":

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+import json
+
 import pytest
 import torch
-from synth_helpers import FAST, NORM, SYNTHESIZERS, one_thread, tiny_vit  # noqa: F401
+from synth_helpers import FAST, NORM, SYNTHESIZERS, one_thread, tiny_swin, tiny_vit  # noqa: F401
 
+from optimum_dfq import CalibrationSet
+from optimum_dfq.errors import SynthesisError
 from optimum_dfq.synthesis import get_synthesizer, pixel_synthesizer
+from optimum_dfq.synthesis.cache import SynthesisCache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -88,3 +94,115 @@ def test_an_unregistered_subclass_does_not_reuse_its_parents_images(tmp_path, mo
     assert calls, "the subclass reused the parent's cached images"
     assert child.metadata["synthesizer_class"].endswith("DarkerPSAQ") and "synthesizer_class" not in parent.metadata
     assert not torch.equal(child.pixel_values, parent.pixel_values)
+
+
+def _interrupt_after_first_batch(record):
+    raise _Interrupt
+
+
+def test_shards_of_another_batch_size_are_ignored_not_mixed_in(tmp_path, monkeypatch):
+    model = tiny_vit()
+    for batch_size in (4, 3):  # two runs of the same key leave overlapping shards 0-4 and 0-3
+        with pytest.raises(_Interrupt):
+            get_synthesizer("psaq", **FAST).synthesize(model, 6, seed=0, batch_size=batch_size, cache_dir=tmp_path,
+                                                       on_batch_end=_interrupt_after_first_batch, **NORM)
+    (run_dir,) = tmp_path.iterdir()
+    assert sorted(p.name for p in (run_dir / "shards").iterdir()) == ["00000000-00000003.safetensors",
+                                                                     "00000000-00000004.safetensors"]
+    reference = get_synthesizer("psaq", **FAST).synthesize(model, 6, seed=0, batch_size=3, **NORM)
+
+    calls = _count_optimisations(monkeypatch)
+    resumed = get_synthesizer("psaq", **FAST).synthesize(model, 6, seed=0, batch_size=3, cache_dir=tmp_path, **NORM)
+    assert calls == [[3, 4, 5]]  # the shard 0-3 of this grid is reused, the shard 0-4 of the other grid ignored
+    assert len(resumed) == 6 and torch.equal(resumed.pixel_values, reference.pixel_values)
+    again = get_synthesizer("psaq", **FAST).synthesize(model, 6, seed=0, cache_dir=tmp_path, **NORM)
+    assert len(again) == 6 and torch.equal(again.pixel_values, reference.pixel_values)
+    assert again.metadata["batch_size"] == 3
+
+
+def test_batches_that_do_not_cover_the_images_exactly_are_refused(tmp_path, monkeypatch):
+    model = tiny_vit()
+    with pytest.raises(_Interrupt):
+        get_synthesizer("psaq", **FAST).synthesize(model, 4, seed=0, batch_size=2, cache_dir=tmp_path,
+                                                   on_batch_end=_interrupt_after_first_batch, **NORM)
+    real = SynthesisCache.read_shard
+
+    def overlapping(self, start, stop):  # a damaged shard that holds one image too many
+        record = real(self, start, stop)
+        record.stop += 1
+        return record
+
+    monkeypatch.setattr(SynthesisCache, "read_shard", overlapping)
+    with pytest.raises(SynthesisError, match="do not match the run's batch grid"):
+        get_synthesizer("psaq", **FAST).synthesize(model, 4, seed=0, batch_size=2, cache_dir=tmp_path, **NORM)
+    (run_dir,) = tmp_path.iterdir()
+    assert not (run_dir / "calibration_set").exists()
+
+
+def test_a_set_saved_meanwhile_by_a_concurrent_run_is_kept(tmp_path, monkeypatch):
+    first = CalibrationSet(torch.zeros(2, 3, 4, 4), metadata={"run": 1})
+    second = CalibrationSet(torch.ones(2, 3, 4, 4), metadata={"run": 2})
+    cache = SynthesisCache(tmp_path, "key")
+    assert cache.save_complete(first)
+    assert not cache.save_complete(second)  # already complete: kept
+    answers = [True, False]  # the check before staging misses the set, as if the other run saved it just after
+    monkeypatch.setattr(SynthesisCache, "is_complete", lambda self: self.complete_path.is_dir() and answers.pop())
+    assert not cache.save_complete(second)  # the rename onto the saved set fails with ENOTEMPTY: the set is kept
+    assert torch.equal(cache.load_complete().pixel_values, first.pixel_values)
+    assert [p.name for p in (tmp_path / "key").iterdir()] == ["calibration_set"]  # no staging copy left behind
+
+
+def _variant(model, **config_changes):
+    config = copy.deepcopy(model.config)
+    for name, value in config_changes.items():
+        setattr(config, name, value)
+    variant = type(model)(config).eval()
+    variant.load_state_dict(model.state_dict())
+    return variant
+
+
+@pytest.mark.parametrize("change", [{"hidden_act": "relu"}, {"layer_norm_eps": 0.1}])
+def test_same_weights_with_another_config_do_not_reuse_the_images(change, tmp_path, monkeypatch):
+    model = tiny_vit()
+    first = get_synthesizer("psaq", **FAST).synthesize(model, 2, seed=0, cache_dir=tmp_path, **NORM)
+    calls = _count_optimisations(monkeypatch)
+    other = get_synthesizer("psaq", **FAST).synthesize(_variant(model, **change), 2, seed=0, cache_dir=tmp_path,
+                                                       **NORM)
+    assert calls and other.metadata["cache_key"] != first.metadata["cache_key"]
+    assert other.metadata["model"]["config"][next(iter(change))] == next(iter(change.values()))
+
+
+def test_swin_with_another_image_size_does_not_reuse_the_images(tmp_path):
+    small = tiny_swin()
+    large = _variant(small, image_size=64)  # same parameter names and shapes, different input size
+    get_synthesizer("psaq", **FAST).synthesize(small, 1, seed=0, cache_dir=tmp_path, **NORM)
+    calib = get_synthesizer("psaq", **FAST).synthesize(large, 1, seed=0, cache_dir=tmp_path, **NORM)
+    assert calib.pixel_values.shape == (1, 3, 64, 64)
+
+
+def test_logging_explicit_defaults_and_the_folder_do_not_change_the_key(tmp_path, monkeypatch):
+    model, swin = tiny_vit(), tiny_swin()
+    first = get_synthesizer("psaq", **FAST).synthesize(model, 2, seed=0, cache_dir=tmp_path, **NORM)
+    get_synthesizer("psaq", **FAST).synthesize(swin, 1, seed=0, cache_dir=tmp_path, **NORM)
+    calls = _count_optimisations(monkeypatch)
+    get_synthesizer("psaq", **dict(FAST, log_every=7)).synthesize(model, 2, seed=0, cache_dir=tmp_path, **NORM)
+    get_synthesizer("psaq", **dict(FAST, lr=0.2)).synthesize(model, 2, seed=0, cache_dir=tmp_path, **NORM)
+    get_synthesizer("psaq", **dict(FAST, lr=0.25)).synthesize(swin, 1, seed=0, cache_dir=tmp_path, **NORM)
+    get_synthesizer("psaq", **dict(FAST, jitter=(2, 4), iterations=[2, 2])).synthesize(model, 2, seed=0,
+                                                                                      cache_dir=tmp_path, **NORM)
+    copied = copy.deepcopy(model)
+    copied.config._name_or_path = "/elsewhere/vit-copy"  # the same weights loaded from another folder
+    again = get_synthesizer("psaq", **FAST).synthesize(copied, 2, seed=0, cache_dir=tmp_path, **NORM)
+    assert calls == []
+    assert again.metadata["cache_key"] == first.metadata["cache_key"]
+    run_info = json.loads((tmp_path / first.metadata["cache_key"] / "run.json").read_text())
+    assert "name_or_path" in run_info["model"] and "log_every" not in run_info["hyperparameters"]
+    assert first.metadata["hyperparameters"]["lr"] == 0.2
+
+
+def test_another_lr_still_changes_the_key(tmp_path, monkeypatch):
+    model = tiny_vit()
+    get_synthesizer("psaq", **FAST).synthesize(model, 2, seed=0, cache_dir=tmp_path, **NORM)
+    calls = _count_optimisations(monkeypatch)
+    get_synthesizer("psaq", **dict(FAST, lr=0.1)).synthesize(model, 2, seed=0, cache_dir=tmp_path, **NORM)
+    assert calls

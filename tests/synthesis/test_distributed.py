@@ -1,4 +1,4 @@
-"""Two CPU processes under torchrun give the images of one process."""
+"""Two CPU processes under torchrun give bit-identical images to one process, interrupted and resumed or not."""
 
 from __future__ import annotations
 
@@ -18,7 +18,10 @@ from synth_helpers import BUILDERS, FAST, NORM, one_thread  # noqa: F401
 from optimum_dfq.synthesis import get_synthesizer
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
-NUM_IMAGES = 5
+#: More than the default batch size (32), so that both processes get a batch of the grid (0-32, 32-34).
+NUM_IMAGES = 34
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def _free_port() -> int:
@@ -27,23 +30,52 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow
-@pytest.mark.usefixtures("one_thread")
-def test_two_processes_match_one_process(tmp_path):
+def _torchrun(out: Path, *worker_args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(Path.cwd()))
     env.pop("WORLD_SIZE", None)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), str(WORKER), "--out", str(tmp_path),
-               "--num-images", str(NUM_IMAGES)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, check=False, timeout=300)
+               "--master_port", str(_free_port()), str(WORKER), "--out", str(out), *worker_args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, check=False, timeout=300)
+
+
+def _reference(name: str, num_images: int):
+    return get_synthesizer(name, **FAST).synthesize(BUILDERS[CASES[name]](), num_images, seed=0, **NORM)
+
+
+def test_two_processes_match_one_process(tmp_path):
+    result = _torchrun(tmp_path, "--num-images", str(NUM_IMAGES))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
-    for name, family in CASES.items():
+    for name in CASES:
         assert ranks[0][name]["num_processes"] == 2 and ranks[1][name]["num_processes"] == 2
-        assert ranks[0][name]["batches"] == [[0, 3]] and ranks[1][name]["batches"] == [[3, 5]]
+        # Default batch size min(32, num_images), whatever the number of processes; each process runs whole batches.
+        assert ranks[0][name]["batches"] == [[0, 32]] and ranks[1][name]["batches"] == [[32, 34]]
         gathered = load_file(str(tmp_path / f"{name}.safetensors"))
-        reference = get_synthesizer(name, **FAST).synthesize(BUILDERS[family](), NUM_IMAGES, seed=0, **NORM)
-        assert gathered["pixel_values"].shape == reference.pixel_values.shape
-        assert torch.allclose(gathered["pixel_values"], reference.pixel_values, atol=1e-4), name
-        assert torch.equal(gathered["labels"], reference.labels)
+        reference = _reference(name, NUM_IMAGES)
+        assert torch.equal(gathered["pixel_values"], reference.pixel_values), name
+        assert torch.equal(gathered["labels"], reference.labels), name
+
+
+def test_interrupted_two_process_run_resumes_to_the_one_process_images(tmp_path):
+    num_images, cache = 70, tmp_path / "cache"  # grid 0-32, 32-64, 64-70: rank 0 gets two batches, rank 1 one
+    interrupted = _torchrun(tmp_path, "--num-images", str(num_images), "--names", "psaq", "--cache-dir", str(cache),
+                            "--interrupt")
+    assert interrupted.returncode != 0 and "simulated interruption" in interrupted.stderr + interrupted.stdout
+    (run_dir,) = cache.iterdir()
+    assert not (run_dir / "calibration_set").exists()
+    assert "00000000-00000032.safetensors" in {p.name for p in (run_dir / "shards").iterdir()}
+
+    resumed = _torchrun(tmp_path, "--num-images", str(num_images), "--names", "psaq", "--cache-dir", str(cache),
+                        "--repeat")
+    logs = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, logs[-3000:]
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text())["psaq"] for rank in (0, 1)]
+    ran = [batch for report in reports for batch in report["batches"]]
+    assert [32, 64] in ran and [0, 32] not in ran and set(map(tuple, ran)) <= {(32, 64), (64, 70)}
+    assert logs.count("Resuming:") == 1 and logs.count("Loading the cached calibration set") == 1, logs[-3000:]
+
+    reference = _reference("psaq", num_images)
+    gathered = load_file(str(tmp_path / "psaq.safetensors"))
+    assert torch.equal(gathered["pixel_values"], reference.pixel_values)
+    assert torch.equal(gathered["labels"], reference.labels)
