@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -111,19 +112,117 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------- handlers
+def _looks_like_local_path(model: str) -> bool:
+    """Whether `model` can only be meant as a local path (it cannot be a Hub id such as `"org/name"`)."""
+    if model.startswith(("/", ".", "~")) or (os.altsep and os.altsep in model) or model.endswith(os.sep):
+        return True
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        return True
+    return False
+
+
+def _resolve_model(model: str) -> str:
+    """Checks the MODEL argument before anything is loaded and returns what to pass to `from_pretrained`.
+
+    An existing folder is returned (with `~` expanded) and must hold a `config.json`; a path that exists but is a file,
+    or a local-looking path (`/...`, `./...`, `~/...`, `a/b/c`) that does not exist, is refused with the fix. Anything
+    else is a Hub id (`"org/name"`) and is returned unchanged.
+
+    Args:
+        model (`str`): the MODEL argument.
+
+    Returns:
+        `str`: a local folder or a Hub id.
+
+    Raises:
+        `FileNotFoundError`: no folder at a local-looking path, or a folder without `config.json`.
+        `NotADirectoryError`: the path is a file.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{model} holds no config.json, so it is not a model folder; pass the folder written by "
+                "save_pretrained (config.json and the weights)."
+            )
+        return str(path)
+    if path.exists():
+        hint = f" (here: {path.parent})" if (path.parent / "config.json").is_file() else ""
+        raise NotADirectoryError(
+            f"{model} is a file; pass the model folder that holds config.json and the weights instead{hint}."
+        )
+    if _looks_like_local_path(model):
+        raise FileNotFoundError(
+            f"no model folder at {path.absolute()}; check the path, or pass a Hub id such as "
+            "facebook/deit-small-patch16-224."
+        )
+    return model
+
+
 def _load_quantizer(model: str):
+    """The quantizer of MODEL (a local folder or a Hub id; see [`_resolve_model`] for the checks)."""
     from .quantizer import DataFreeViTQuantizer
 
-    return DataFreeViTQuantizer.from_pretrained(model)
+    source = _resolve_model(model)
+    try:
+        return DataFreeViTQuantizer.from_pretrained(source)
+    except OSError as err:
+        if Path(source).is_dir():
+            raise
+        # A Hub id that did not load: say that no local folder of that name exists either (a mistyped local path
+        # such as `models/vit` is also a valid Hub id).
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise OSError(f"no local folder {model} in {Path.cwd()}, and as a Hub id it did not load: {reason}") from err
+
+
+def _check_synthesizer_name(name: str) -> None:
+    """Refuses an unregistered synthesizer name with the registry's message (before any model is loaded)."""
+    from .synthesis import SYNTHESIZERS, get_synthesizer
+
+    if name not in SYNTHESIZERS:
+        get_synthesizer(name)  # raises SynthesisError("Unknown synthesizer ... Available: [...]")
+
+
+def _build_synthesizer(name: str | None, iterations: int | None):
+    """The synthesizer of `synthesize` (library default name if `None`), with `iterations` total steps if given."""
+    from .synthesis import get_synthesizer
+
+    if name is None:
+        from .config import DFQConfig
+
+        name = DFQConfig().synthesizer
+    _check_synthesizer_name(name)
+    synthesizer = get_synthesizer(name)
+    if iterations is None:
+        return synthesizer
+    phases = len(getattr(synthesizer, "iterations", ()))
+    if not phases:
+        raise ValueError(f"Synthesizer '{name}' does not optimise images; drop --iterations.")
+    if iterations < phases:
+        raise ValueError(f"--iterations must be at least {phases} (one per phase) for '{name}', got {iterations}.")
+    per_phase = iterations // phases
+    return get_synthesizer(name, iterations=[per_phase] * phases,
+                           warmup=min(synthesizer.warmup, max(1, per_phase // 5)))
 
 
 def run_quantize(args: argparse.Namespace) -> int:
     from .calibration.data import load_image_dataset
-    from .config import DFQConfig
+    from .config import DFQConfig, parse_bits
 
+    # Everything that can be checked without the model is checked before it is loaded (or downloaded).
     config = DFQConfig.from_yaml(args.recipe) if args.recipe else DFQConfig()
+    if args.bits is not None:
+        parse_bits(args.bits)
+    if args.synthesizer is not None:
+        _check_synthesizer_name(args.synthesizer)
     if args.num_images is not None and args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}.")
+    _resolve_model(args.model)
+
     quantizer = _load_quantizer(args.model)
     dataset = None
     if args.calibration_dataset:
@@ -142,27 +241,15 @@ def run_quantize(args: argparse.Namespace) -> int:
 
 
 def run_synthesize(args: argparse.Namespace) -> int:
-    from .synthesis import get_synthesizer
     from .synthesis.dataset import save_calibration_set
     from .synthesis.visualize import save_image_grid
 
     if args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}.")
-    quantizer = _load_quantizer(args.model)
-    if args.synthesizer is None:
-        from .config import DFQConfig
+    synthesizer = _build_synthesizer(args.synthesizer, args.iterations)
+    _resolve_model(args.model)
 
-        args.synthesizer = DFQConfig().synthesizer
-    synthesizer = get_synthesizer(args.synthesizer)
-    if args.iterations is not None:
-        phases = len(getattr(synthesizer, "iterations", ()))
-        if not phases:
-            raise ValueError(f"Synthesizer '{args.synthesizer}' does not optimise images; drop --iterations.")
-        if args.iterations < phases:
-            raise ValueError(f"--iterations must be at least {phases} (one per phase) for '{args.synthesizer}'.")
-        per_phase = args.iterations // phases
-        synthesizer = get_synthesizer(args.synthesizer, iterations=[per_phase] * phases,
-                                      warmup=min(synthesizer.warmup, max(1, per_phase // 5)))
+    quantizer = _load_quantizer(args.model)
     calibration = synthesizer.synthesize(quantizer.model, args.num_images, seed=args.seed,
                                          image_processor=quantizer.image_processor)
     output = Path(args.output_dir)
@@ -171,7 +258,7 @@ def run_synthesize(args: argparse.Namespace) -> int:
     grid = output / "grid.png"
     save_image_grid(calibration, grid, mean=getattr(processor, "image_mean", None),
                     std=getattr(processor, "image_std", None))
-    print(f"synthesized {len(calibration)} images with '{args.synthesizer}'; saved to {output} (preview: {grid})")
+    print(f"synthesized {len(calibration)} images with '{synthesizer.name}'; saved to {output} (preview: {grid})")
     return 0
 
 
