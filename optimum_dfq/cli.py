@@ -56,8 +56,9 @@ def _add_synthesize(subparsers) -> None:
     parser.add_argument("--num-images", type=int, default=32, help="number of images (default 32)")
     parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     parser.add_argument("--iterations", type=int, default=None,
-                        help="total optimisation steps, split evenly over the synthesizer's phases (default: the "
-                        "paper's, e.g. 2 x 500 for psaq)")
+                        help="total optimisation steps, split over the synthesizer's phases (the first phases get "
+                        "one more step when the total does not divide evenly, e.g. 5 -> 3 + 2; default: the paper's, "
+                        "e.g. 2 x 500 for psaq)")
     parser.set_defaults(handler=run_synthesize)
 
 
@@ -187,6 +188,26 @@ def _check_synthesizer_name(name: str) -> None:
         get_synthesizer(name)  # raises SynthesisError("Unknown synthesizer ... Available: [...]")
 
 
+def split_iterations(total: int, phases: int) -> list[int]:
+    """Splits `total` optimisation steps over `phases` phases, the first phases taking one more step if needed.
+
+    Args:
+        total (`int`): the `--iterations` total, at least `phases`.
+        phases (`int`): the number of phases of the synthesizer.
+
+    Returns:
+        `list[int]`: steps per phase, summing to `total`.
+
+    Example:
+        >>> split_iterations(5, 2)
+        [3, 2]
+        >>> split_iterations(1000, 2)
+        [500, 500]
+    """
+    base, extra = divmod(total, phases)
+    return [base + (phase < extra) for phase in range(phases)]
+
+
 def _build_synthesizer(name: str | None, iterations: int | None):
     """The synthesizer of `synthesize` (library default name if `None`), with `iterations` total steps if given."""
     from .synthesis import get_synthesizer
@@ -204,9 +225,8 @@ def _build_synthesizer(name: str | None, iterations: int | None):
         raise ValueError(f"Synthesizer '{name}' does not optimise images; drop --iterations.")
     if iterations < phases:
         raise ValueError(f"--iterations must be at least {phases} (one per phase) for '{name}', got {iterations}.")
-    per_phase = iterations // phases
-    return get_synthesizer(name, iterations=[per_phase] * phases,
-                           warmup=min(synthesizer.warmup, max(1, per_phase // 5)))
+    steps = split_iterations(iterations, phases)
+    return get_synthesizer(name, iterations=steps, warmup=min(synthesizer.warmup, max(1, min(steps) // 5)))
 
 
 def run_quantize(args: argparse.Namespace) -> int:
@@ -258,7 +278,10 @@ def run_synthesize(args: argparse.Namespace) -> int:
     grid = output / "grid.png"
     save_image_grid(calibration, grid, mean=getattr(processor, "image_mean", None),
                     std=getattr(processor, "image_std", None))
-    print(f"synthesized {len(calibration)} images with '{synthesizer.name}'; saved to {output} (preview: {grid})")
+    steps = getattr(synthesizer, "iterations", ())
+    schedule = f" ({sum(steps)} steps: {' + '.join(map(str, steps))})" if steps else ""
+    print(f"synthesized {len(calibration)} images with '{synthesizer.name}'{schedule}; saved to {output} "
+          f"(preview: {grid})")
     return 0
 
 

@@ -71,7 +71,7 @@ def test_quantize_then_evaluate(model_dir, tmp_path):
     assert data["num_examples"] == 32 and 0.0 <= data["top1"] <= data["top5"] <= 1.0
 
 
-@pytest.mark.parametrize("synthesizer, extra", [("gaussian", []), ("psaq", ["--iterations", "4"])])
+@pytest.mark.parametrize("synthesizer, extra", [("gaussian", []), ("psaq", ["--iterations", "5"])])
 def test_synthesize_saves_a_dataset_and_a_grid(model_dir, tmp_path, synthesizer, extra):
     from PIL import Image
 
@@ -83,6 +83,9 @@ def test_synthesize_saves_a_dataset_and_a_grid(model_dir, tmp_path, synthesizer,
     calibration = load_calibration_set(out)
     assert calibration.pixel_values.shape == (3, 3, 32, 32)
     assert calibration.metadata["synthesizer"] == synthesizer
+    if extra:  # 5 steps over psaq's 2 phases: all 5 run (3 + 2), and the stored metadata says so
+        assert calibration.metadata["engine"]["iterations"] == [3, 2]
+        assert "(5 steps: 3 + 2)" in result.stdout
     with Image.open(out / "grid.png") as grid:
         assert grid.size[0] >= 32 and grid.size[1] >= 32
 
@@ -163,6 +166,14 @@ def test_input_is_checked_before_the_model_is_loaded(model_dir, tmp_path, monkey
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("optimum-dfq: error:") and reason.format(**values) in lines[0]
 
+
+def test_split_iterations_spreads_the_remainder():
+    from optimum_dfq.cli import split_iterations
+
+    assert split_iterations(5, 2) == [3, 2]
+    assert split_iterations(7, 3) == [3, 2, 2]
+    assert split_iterations(1000, 2) == [500, 500]
+    assert split_iterations(2, 2) == [1, 1]
 
 
 def test_quantize_then_export_to_onnx(model_dir, tmp_path):
