@@ -4,7 +4,10 @@ Imports stay light at module level (only argparse) so that `optimum-cli --help` 
 (bad preset, missing model, unknown synthesizer, unreadable recipe, ...) print one line and exit with status 2;
 anything else is a bug and keeps its traceback.
 
-Multi-GPU synthesis: `accelerate launch --multi_gpu --num_processes 8 -m optimum_dfq.cli quantize ...`.
+Multi-GPU synthesis: `accelerate launch --multi_gpu --num_processes 8 -m optimum_dfq.cli quantize ...` (or
+`torchrun --nproc_per_node 2 -m optimum_dfq.cli synthesize ...` on CPU). Every process takes part in the sharded
+synthesis; only the main process writes the output and prints the result line, the others wait for it. `evaluate`
+and `export` are not sharded: under a launcher they run on the main process only.
 """
 
 from __future__ import annotations
@@ -180,6 +183,17 @@ def _load_quantizer(model: str):
         raise OSError(f"no local folder {model} in {Path.cwd()}, and as a Hub id it did not load: {reason}") from err
 
 
+def _process_state():
+    """The accelerate process state (one process unless started by `torchrun` / `accelerate launch`).
+
+    It is the state the synthesizers shard with (`PartialState(cpu=<no CUDA>)`), so the CLI and the synthesis agree
+    on which process is the main one.
+    """
+    from .synthesis.distributed import resolve_state
+
+    return resolve_state()
+
+
 def _check_synthesizer_name(name: str) -> None:
     """Refuses an unregistered synthesizer name with the registry's message (before any model is loaded)."""
     from .synthesis import SYNTHESIZERS, get_synthesizer
@@ -243,20 +257,28 @@ def run_quantize(args: argparse.Namespace) -> int:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}.")
     _resolve_model(args.model)
 
-    quantizer = _load_quantizer(args.model)
-    dataset = None
-    if args.calibration_dataset:
-        dataset = load_image_dataset(args.calibration_dataset, args.calibration_split)
+    # Under a launcher every process runs the same quantize() call, so each takes part in the sharded synthesis
+    # (which gathers the whole set on every process); the calibration that follows is deterministic and short
+    # next to synthesis, so the other processes repeat it rather than wait in a barrier that a long calibration
+    # (block reconstruction) could time out. Only the main process saves, pushes and prints.
+    state = _process_state()
+    with state.main_process_first():  # one Hub download / dataset cache write, then the others read it
+        quantizer = _load_quantizer(args.model)
+        dataset = None
+        if args.calibration_dataset:
+            dataset = load_image_dataset(args.calibration_dataset, args.calibration_split)
     qmodel = quantizer.quantize(bits=args.bits, config=config, synthesizer=args.synthesizer,
                                 num_images=args.num_images, seed=args.seed, calibration_dataset=dataset,
-                                save_dir=args.output_dir)
-    final = qmodel.config.quantization_config
-    source = "real images" if (dataset is not None or final.calibration_dataset) else f"'{final.synthesizer}'"
-    print(f"quantized {args.model} to {final.bits} with {final.num_images} calibration images from {source}; "
-          f"saved to {args.output_dir}")
-    if args.push_to_hub:
-        qmodel.push_to_hub(args.push_to_hub)
-        print(f"pushed to {args.push_to_hub}")
+                                save_dir=args.output_dir if state.is_main_process else None)
+    if state.is_main_process:
+        final = qmodel.config.quantization_config
+        source = "real images" if (dataset is not None or final.calibration_dataset) else f"'{final.synthesizer}'"
+        print(f"quantized {args.model} to {final.bits} with {final.num_images} calibration images from {source}; "
+              f"saved to {args.output_dir}")
+        if args.push_to_hub:
+            qmodel.push_to_hub(args.push_to_hub)
+            print(f"pushed to {args.push_to_hub}")
+    state.wait_for_everyone()
     return 0
 
 
@@ -269,19 +291,23 @@ def run_synthesize(args: argparse.Namespace) -> int:
     synthesizer = _build_synthesizer(args.synthesizer, args.iterations)
     _resolve_model(args.model)
 
-    quantizer = _load_quantizer(args.model)
+    state = _process_state()
+    with state.main_process_first():
+        quantizer = _load_quantizer(args.model)
     calibration = synthesizer.synthesize(quantizer.model, args.num_images, seed=args.seed,
                                          image_processor=quantizer.image_processor)
-    output = Path(args.output_dir)
-    save_calibration_set(calibration, output)
-    processor = quantizer.image_processor
-    grid = output / "grid.png"
-    save_image_grid(calibration, grid, mean=getattr(processor, "image_mean", None),
-                    std=getattr(processor, "image_std", None))
-    steps = getattr(synthesizer, "iterations", ())
-    schedule = f" ({sum(steps)} steps: {' + '.join(map(str, steps))})" if steps else ""
-    print(f"synthesized {len(calibration)} images with '{synthesizer.name}'{schedule}; saved to {output} "
-          f"(preview: {grid})")
+    if state.is_main_process:
+        output = Path(args.output_dir)
+        save_calibration_set(calibration, output)
+        processor = quantizer.image_processor
+        grid = output / "grid.png"
+        save_image_grid(calibration, grid, mean=getattr(processor, "image_mean", None),
+                        std=getattr(processor, "image_std", None))
+        steps = getattr(synthesizer, "iterations", ())
+        schedule = f" ({sum(steps)} steps: {' + '.join(map(str, steps))})" if steps else ""
+        print(f"synthesized {len(calibration)} images with '{synthesizer.name}'{schedule}; saved to {output} "
+              f"(preview: {grid})")
+    state.wait_for_everyone()
     return 0
 
 
@@ -289,6 +315,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from .calibration.data import load_image_dataset
     from .evaluation import evaluate_accuracy
 
+    if not _process_state().is_main_process:
+        return 0  # evaluation is not sharded: under a launcher the main process evaluates, the others stop here
     quantizer = _load_quantizer(args.model)
     dataset = load_image_dataset(args.dataset, args.split)
     if args.limit is not None:
@@ -308,6 +336,8 @@ def run_export(args: argparse.Namespace) -> int:
     from .errors import DFQError
     from .export import to_onnx
 
+    if not _process_state().is_main_process:
+        return 0  # the export is not sharded: under a launcher the main process exports, the others stop here
     quantizer = _load_quantizer(args.model)
     if getattr(quantizer.model.config, "quantization_config", None) is None:
         raise DFQError(f"{args.model} is not a quantized model; quantize it first with `{PROG} quantize`.")

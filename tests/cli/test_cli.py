@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -196,3 +197,45 @@ def test_optimum_cli_lists_dfq():
                          timeout=300)
     assert sub.returncode == 0 and "--bits" in sub.stdout
 
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_cli_torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 -m optimum_dfq.cli ARGS` on CPU (stdout of both processes, not tagged)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), "-m", "optimum_dfq.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, check=False, env=_env(), cwd=cwd, timeout=600)
+
+
+@pytest.mark.slow
+def test_synthesize_under_torchrun_writes_and_prints_once(model_dir, tmp_path):
+    from optimum_dfq.synthesis import load_calibration_set
+
+    out = tmp_path / "calib"
+    result = run_cli_torchrun("synthesize", str(model_dir), str(out), "--synthesizer", "psaq", "--num-images", "4",
+                              "--iterations", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert [line for line in result.stdout.splitlines() if line.startswith("synthesized")] == [
+        f"synthesized 4 images with 'psaq' (2 steps: 1 + 1); saved to {out} (preview: {out / 'grid.png'})"
+    ], result.stdout
+    calibration = load_calibration_set(out)
+    assert calibration.pixel_values.shape == (4, 3, 32, 32)
+    assert calibration.metadata["engine"]["iterations"] == [1, 1]
+
+
+@pytest.mark.slow
+def test_quantize_under_torchrun_saves_and_prints_once(model_dir, tmp_path):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text("bits: w8a8\nsynthesizer: psaq\nsynthesizer_kwargs:\n  iterations: [1, 1]\n  warmup: 1\n")
+    out = tmp_path / "q"
+    result = run_cli_torchrun("quantize", str(model_dir), str(out), "--recipe", str(recipe), "--num-images", "4",
+                              cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("quantized")]
+    assert len(lines) == 1 and "w8a8 with 4 calibration images from 'psaq'" in lines[0], result.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["num_images"] == 4
