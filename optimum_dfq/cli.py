@@ -4,13 +4,17 @@ Imports stay light at module level (only argparse) so that `optimum-cli --help` 
 (bad preset, missing model, unknown synthesizer, unreadable recipe, ...) print one line and exit with status 2;
 anything else is a bug and keeps its traceback.
 
-Multi-GPU synthesis: `accelerate launch --multi_gpu --num_processes 8 -m optimum_dfq.cli quantize ...`.
+Multi-GPU synthesis: `accelerate launch --multi_gpu --num_processes 8 -m optimum_dfq.cli quantize ...` (or
+`torchrun --nproc_per_node 2 -m optimum_dfq.cli synthesize ...` on CPU). Every process takes part in the sharded
+synthesis; only the main process writes the output and prints the result line, the others wait for it. `evaluate`
+and `export` are not sharded: under a launcher they run on the main process only.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,8 +59,9 @@ def _add_synthesize(subparsers) -> None:
     parser.add_argument("--num-images", type=int, default=32, help="number of images (default 32)")
     parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     parser.add_argument("--iterations", type=int, default=None,
-                        help="total optimisation steps, split evenly over the synthesizer's phases (default: the "
-                        "paper's, e.g. 2 x 500 for psaq)")
+                        help="total optimisation steps, split over the synthesizer's phases (the first phases get "
+                        "one more step when the total does not divide evenly, e.g. 5 -> 3 + 2; default: the paper's, "
+                        "e.g. 2 x 500 for psaq)")
     parser.set_defaults(handler=run_synthesize)
 
 
@@ -111,67 +116,198 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------- handlers
+def _looks_like_local_path(model: str) -> bool:
+    """Whether `model` can only be meant as a local path (it cannot be a Hub id such as `"org/name"`)."""
+    if model.startswith(("/", ".", "~")) or (os.altsep and os.altsep in model) or model.endswith(os.sep):
+        return True
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        return True
+    return False
+
+
+def _resolve_model(model: str) -> str:
+    """Checks the MODEL argument before anything is loaded and returns what to pass to `from_pretrained`.
+
+    An existing folder is returned (with `~` expanded) and must hold a `config.json`; a path that exists but is a file,
+    or a local-looking path (`/...`, `./...`, `~/...`, `a/b/c`) that does not exist, is refused with the fix. Anything
+    else is a Hub id (`"org/name"`) and is returned unchanged.
+
+    Args:
+        model (`str`): the MODEL argument.
+
+    Returns:
+        `str`: a local folder or a Hub id.
+
+    Raises:
+        `FileNotFoundError`: no folder at a local-looking path, or a folder without `config.json`.
+        `NotADirectoryError`: the path is a file.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{model} holds no config.json, so it is not a model folder; pass the folder written by "
+                "save_pretrained (config.json and the weights)."
+            )
+        return str(path)
+    if path.exists():
+        hint = f" (here: {path.parent})" if (path.parent / "config.json").is_file() else ""
+        raise NotADirectoryError(
+            f"{model} is a file; pass the model folder that holds config.json and the weights instead{hint}."
+        )
+    if _looks_like_local_path(model):
+        raise FileNotFoundError(
+            f"no model folder at {path.absolute()}; check the path, or pass a Hub id such as "
+            "facebook/deit-small-patch16-224."
+        )
+    return model
+
+
 def _load_quantizer(model: str):
+    """The quantizer of MODEL (a local folder or a Hub id; see [`_resolve_model`] for the checks)."""
     from .quantizer import DataFreeViTQuantizer
 
-    return DataFreeViTQuantizer.from_pretrained(model)
+    source = _resolve_model(model)
+    try:
+        return DataFreeViTQuantizer.from_pretrained(source)
+    except OSError as err:
+        if Path(source).is_dir():
+            raise
+        # A Hub id that did not load: say that no local folder of that name exists either (a mistyped local path
+        # such as `models/vit` is also a valid Hub id).
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise OSError(f"no local folder {model} in {Path.cwd()}, and as a Hub id it did not load: {reason}") from err
+
+
+def _process_state():
+    """The accelerate process state (one process unless started by `torchrun` / `accelerate launch`).
+
+    It is the state the synthesizers shard with (`PartialState(cpu=<no CUDA>)`), so the CLI and the synthesis agree
+    on which process is the main one.
+    """
+    from .synthesis.distributed import resolve_state
+
+    return resolve_state()
+
+
+def _check_synthesizer_name(name: str) -> None:
+    """Refuses an unregistered synthesizer name with the registry's message (before any model is loaded)."""
+    from .synthesis import SYNTHESIZERS, get_synthesizer
+
+    if name not in SYNTHESIZERS:
+        get_synthesizer(name)  # raises SynthesisError("Unknown synthesizer ... Available: [...]")
+
+
+def split_iterations(total: int, phases: int) -> list[int]:
+    """Splits `total` optimisation steps over `phases` phases, the first phases taking one more step if needed.
+
+    Args:
+        total (`int`): the `--iterations` total, at least `phases`.
+        phases (`int`): the number of phases of the synthesizer.
+
+    Returns:
+        `list[int]`: steps per phase, summing to `total`.
+
+    Example:
+        >>> split_iterations(5, 2)
+        [3, 2]
+        >>> split_iterations(1000, 2)
+        [500, 500]
+    """
+    base, extra = divmod(total, phases)
+    return [base + (phase < extra) for phase in range(phases)]
+
+
+def _build_synthesizer(name: str | None, iterations: int | None):
+    """The synthesizer of `synthesize` (library default name if `None`), with `iterations` total steps if given."""
+    from .synthesis import get_synthesizer
+
+    if name is None:
+        from .config import DFQConfig
+
+        name = DFQConfig().synthesizer
+    _check_synthesizer_name(name)
+    synthesizer = get_synthesizer(name)
+    if iterations is None:
+        return synthesizer
+    phases = len(getattr(synthesizer, "iterations", ()))
+    if not phases:
+        raise ValueError(f"Synthesizer '{name}' does not optimise images; drop --iterations.")
+    if iterations < phases:
+        raise ValueError(f"--iterations must be at least {phases} (one per phase) for '{name}', got {iterations}.")
+    steps = split_iterations(iterations, phases)
+    return get_synthesizer(name, iterations=steps, warmup=min(synthesizer.warmup, max(1, min(steps) // 5)))
 
 
 def run_quantize(args: argparse.Namespace) -> int:
     from .calibration.data import load_image_dataset
-    from .config import DFQConfig
+    from .config import DFQConfig, parse_bits
 
+    # Everything that can be checked without the model is checked before it is loaded (or downloaded).
     config = DFQConfig.from_yaml(args.recipe) if args.recipe else DFQConfig()
+    if args.bits is not None:
+        parse_bits(args.bits)
+    if args.synthesizer is not None:
+        _check_synthesizer_name(args.synthesizer)
     if args.num_images is not None and args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}.")
-    quantizer = _load_quantizer(args.model)
-    dataset = None
-    if args.calibration_dataset:
-        dataset = load_image_dataset(args.calibration_dataset, args.calibration_split)
+    _resolve_model(args.model)
+
+    # Under a launcher every process runs the same quantize() call, so each takes part in the sharded synthesis
+    # (which gathers the whole set on every process); the calibration that follows is deterministic and short
+    # next to synthesis, so the other processes repeat it rather than wait in a barrier that a long calibration
+    # (block reconstruction) could time out. Only the main process saves, pushes and prints.
+    state = _process_state()
+    with state.main_process_first():  # one Hub download / dataset cache write, then the others read it
+        quantizer = _load_quantizer(args.model)
+        dataset = None
+        if args.calibration_dataset:
+            dataset = load_image_dataset(args.calibration_dataset, args.calibration_split)
     qmodel = quantizer.quantize(bits=args.bits, config=config, synthesizer=args.synthesizer,
                                 num_images=args.num_images, seed=args.seed, calibration_dataset=dataset,
-                                save_dir=args.output_dir)
-    final = qmodel.config.quantization_config
-    source = "real images" if (dataset is not None or final.calibration_dataset) else f"'{final.synthesizer}'"
-    print(f"quantized {args.model} to {final.bits} with {final.num_images} calibration images from {source}; "
-          f"saved to {args.output_dir}")
-    if args.push_to_hub:
-        qmodel.push_to_hub(args.push_to_hub)
-        print(f"pushed to {args.push_to_hub}")
+                                save_dir=args.output_dir if state.is_main_process else None)
+    if state.is_main_process:
+        final = qmodel.config.quantization_config
+        source = "real images" if (dataset is not None or final.calibration_dataset) else f"'{final.synthesizer}'"
+        print(f"quantized {args.model} to {final.bits} with {final.num_images} calibration images from {source}; "
+              f"saved to {args.output_dir}")
+        if args.push_to_hub:
+            qmodel.push_to_hub(args.push_to_hub)
+            print(f"pushed to {args.push_to_hub}")
+    state.wait_for_everyone()
     return 0
 
 
 def run_synthesize(args: argparse.Namespace) -> int:
-    from .synthesis import get_synthesizer
     from .synthesis.dataset import save_calibration_set
     from .synthesis.visualize import save_image_grid
 
     if args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}.")
-    quantizer = _load_quantizer(args.model)
-    if args.synthesizer is None:
-        from .config import DFQConfig
+    synthesizer = _build_synthesizer(args.synthesizer, args.iterations)
+    _resolve_model(args.model)
 
-        args.synthesizer = DFQConfig().synthesizer
-    synthesizer = get_synthesizer(args.synthesizer)
-    if args.iterations is not None:
-        phases = len(getattr(synthesizer, "iterations", ()))
-        if not phases:
-            raise ValueError(f"Synthesizer '{args.synthesizer}' does not optimise images; drop --iterations.")
-        if args.iterations < phases:
-            raise ValueError(f"--iterations must be at least {phases} (one per phase) for '{args.synthesizer}'.")
-        per_phase = args.iterations // phases
-        synthesizer = get_synthesizer(args.synthesizer, iterations=[per_phase] * phases,
-                                      warmup=min(synthesizer.warmup, max(1, per_phase // 5)))
+    state = _process_state()
+    with state.main_process_first():
+        quantizer = _load_quantizer(args.model)
     calibration = synthesizer.synthesize(quantizer.model, args.num_images, seed=args.seed,
                                          image_processor=quantizer.image_processor)
-    output = Path(args.output_dir)
-    save_calibration_set(calibration, output)
-    processor = quantizer.image_processor
-    grid = output / "grid.png"
-    save_image_grid(calibration, grid, mean=getattr(processor, "image_mean", None),
-                    std=getattr(processor, "image_std", None))
-    print(f"synthesized {len(calibration)} images with '{args.synthesizer}'; saved to {output} (preview: {grid})")
+    if state.is_main_process:
+        output = Path(args.output_dir)
+        save_calibration_set(calibration, output)
+        processor = quantizer.image_processor
+        grid = output / "grid.png"
+        save_image_grid(calibration, grid, mean=getattr(processor, "image_mean", None),
+                        std=getattr(processor, "image_std", None))
+        steps = getattr(synthesizer, "iterations", ())
+        schedule = f" ({sum(steps)} steps: {' + '.join(map(str, steps))})" if steps else ""
+        print(f"synthesized {len(calibration)} images with '{synthesizer.name}'{schedule}; saved to {output} "
+              f"(preview: {grid})")
+    state.wait_for_everyone()
     return 0
 
 
@@ -179,6 +315,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from .calibration.data import load_image_dataset
     from .evaluation import evaluate_accuracy
 
+    if not _process_state().is_main_process:
+        return 0  # evaluation is not sharded: under a launcher the main process evaluates, the others stop here
     quantizer = _load_quantizer(args.model)
     dataset = load_image_dataset(args.dataset, args.split)
     if args.limit is not None:
@@ -198,6 +336,8 @@ def run_export(args: argparse.Namespace) -> int:
     from .errors import DFQError
     from .export import to_onnx
 
+    if not _process_state().is_main_process:
+        return 0  # the export is not sharded: under a launcher the main process exports, the others stop here
     quantizer = _load_quantizer(args.model)
     if getattr(quantizer.model.config, "quantization_config", None) is None:
         raise DFQError(f"{args.model} is not a quantized model; quantize it first with `{PROG} quantize`.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +16,18 @@ from ..conftest import FIXTURES, tiny_vit
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _env() -> dict[str, str]:
+    """Offline, quiet, one thread, and this checkout first on the path (the commands may run in another folder)."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, "-m", "optimum_dfq.cli", *args], capture_output=True, text=True, check=False,
-                          env=env, cwd=cwd or ROOT, timeout=600)
+                          env=_env(), cwd=cwd or ROOT, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +72,7 @@ def test_quantize_then_evaluate(model_dir, tmp_path):
     assert data["num_examples"] == 32 and 0.0 <= data["top1"] <= data["top5"] <= 1.0
 
 
-@pytest.mark.parametrize("synthesizer, extra", [("gaussian", []), ("psaq", ["--iterations", "4"])])
+@pytest.mark.parametrize("synthesizer, extra", [("gaussian", []), ("psaq", ["--iterations", "5"])])
 def test_synthesize_saves_a_dataset_and_a_grid(model_dir, tmp_path, synthesizer, extra):
     from PIL import Image
 
@@ -75,6 +84,9 @@ def test_synthesize_saves_a_dataset_and_a_grid(model_dir, tmp_path, synthesizer,
     calibration = load_calibration_set(out)
     assert calibration.pixel_values.shape == (3, 3, 32, 32)
     assert calibration.metadata["synthesizer"] == synthesizer
+    if extra:  # 5 steps over psaq's 2 phases: all 5 run (3 + 2), and the stored metadata says so
+        assert calibration.metadata["engine"]["iterations"] == [3, 2]
+        assert "(5 steps: 3 + 2)" in result.stdout
     with Image.open(out / "grid.png") as grid:
         assert grid.size[0] >= 32 and grid.size[1] >= 32
 
@@ -91,7 +103,9 @@ def test_quantize_with_real_calibration_data(model_dir, tmp_path):
     [
         (["quantize", "{model}", "{out}", "--bits", "w4x4"], "Unknown bit preset 'w4x4'"),
         (["quantize", "{model}", "{out}", "--bits", "w9a9"], "outside 2..8"),
-        (["quantize", "{missing}", "{out}"], "missing-model"),
+        (["quantize", "{missing}", "{out}"], "no model folder at {missing}"),
+        (["synthesize", "{missing}", "{out}"], "no model folder at {missing}"),
+        (["quantize", "nobody-here/missing-model", "{out}"], "no local folder nobody-here/missing-model in"),
         (["quantize", "{model}", "{out}", "--synthesizer", "dreams"], "Unknown synthesizer 'dreams'"),
         (["quantize", "{model}", "{out}", "--recipe", "{bad_recipe}"], "not valid YAML"),
         (["quantize", "{model}", "{out}", "--recipe", "{unknown_key_recipe}"], "wieght_bits"),
@@ -108,11 +122,59 @@ def test_bad_input_is_one_line_without_traceback(model_dir, tmp_path, args, reas
     unknown_key_recipe.write_text("wieght_bits: 4\n")
     values = {"model": str(model_dir), "out": str(tmp_path / "out"), "missing": str(tmp_path / "missing-model"),
               "bad_recipe": str(bad_recipe), "unknown_key_recipe": str(unknown_key_recipe)}
-    result = run_cli(*[a.format(**values) for a in args])
+    result = run_cli(*[a.format(**values) for a in args], cwd=tmp_path)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("optimum-dfq: error:")]
-    assert len(lines) == 1 and reason in lines[0], result.stderr
+    assert len(lines) == 1 and reason.format(**values) in lines[0], result.stderr
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Makes loading a model fail the test: the checks under test must refuse the input before any load/download."""
+    from optimum_dfq.quantizer import DataFreeViTQuantizer
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the model was loaded before the command-line input was checked")
+
+    monkeypatch.setattr(DataFreeViTQuantizer, "from_pretrained", fail)
+
+
+@pytest.mark.usefixtures("no_model_loading")
+@pytest.mark.parametrize(
+    "args, reason",
+    [
+        (["quantize", "{model}", "{out}", "--bits", "w4x4"], "Unknown bit preset 'w4x4'"),
+        (["quantize", "{model}", "{out}", "--synthesizer", "dreams"], "Unknown synthesizer 'dreams'"),
+        (["synthesize", "{model}", "{out}", "--synthesizer", "dreams"], "Unknown synthesizer 'dreams'"),
+        (["synthesize", "{model}", "{out}", "--synthesizer", "gaussian", "--iterations", "4"], "drop --iterations"),
+        (["synthesize", "{model}", "{out}", "--synthesizer", "psaq", "--iterations", "1"], "at least 2"),
+        (["synthesize", "{missing}", "{out}"], "no model folder at {missing}"),
+        (["quantize", "./missing-model", "{out}"], "no model folder at {tmp}/missing-model"),
+        (["quantize", "~/surely-missing-model-folder", "{out}"], "no model folder at {home}/surely-missing"),
+        (["quantize", "models/vit/missing-model", "{out}"], "no model folder at {tmp}/models/vit/missing-model"),
+        (["quantize", "{model}/config.json", "{out}"], "is a file; pass the model folder that holds config.json"),
+        (["evaluate", "{tmp}", "--dataset", "x.parquet"], "holds no config.json, so it is not a model folder"),
+    ],
+)
+def test_input_is_checked_before_the_model_is_loaded(model_dir, tmp_path, monkeypatch, capsys, args, reason):
+    from optimum_dfq.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    values = {"model": str(model_dir), "out": str(tmp_path / "out"), "missing": str(tmp_path / "missing-model"),
+              "tmp": str(tmp_path), "home": str(Path.home())}
+    assert main([a.format(**values) for a in args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("optimum-dfq: error:") and reason.format(**values) in lines[0]
+
+
+def test_split_iterations_spreads_the_remainder():
+    from optimum_dfq.cli import split_iterations
+
+    assert split_iterations(5, 2) == [3, 2]
+    assert split_iterations(7, 3) == [3, 2, 2]
+    assert split_iterations(1000, 2) == [500, 500]
+    assert split_iterations(2, 2) == [1, 1]
 
 
 def test_quantize_then_export_to_onnx(model_dir, tmp_path):
@@ -134,3 +196,46 @@ def test_optimum_cli_lists_dfq():
     sub = subprocess.run(["optimum-cli", "dfq", "quantize", "--help"], capture_output=True, text=True, check=False,
                          timeout=300)
     assert sub.returncode == 0 and "--bits" in sub.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_cli_torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 -m optimum_dfq.cli ARGS` on CPU (stdout of both processes, not tagged)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), "-m", "optimum_dfq.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, check=False, env=_env(), cwd=cwd, timeout=600)
+
+
+@pytest.mark.slow
+def test_synthesize_under_torchrun_writes_and_prints_once(model_dir, tmp_path):
+    from optimum_dfq.synthesis import load_calibration_set
+
+    out = tmp_path / "calib"
+    result = run_cli_torchrun("synthesize", str(model_dir), str(out), "--synthesizer", "psaq", "--num-images", "4",
+                              "--iterations", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert [line for line in result.stdout.splitlines() if line.startswith("synthesized")] == [
+        f"synthesized 4 images with 'psaq' (2 steps: 1 + 1); saved to {out} (preview: {out / 'grid.png'})"
+    ], result.stdout
+    calibration = load_calibration_set(out)
+    assert calibration.pixel_values.shape == (4, 3, 32, 32)
+    assert calibration.metadata["engine"]["iterations"] == [1, 1]
+
+
+@pytest.mark.slow
+def test_quantize_under_torchrun_saves_and_prints_once(model_dir, tmp_path):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text("bits: w8a8\nsynthesizer: psaq\nsynthesizer_kwargs:\n  iterations: [1, 1]\n  warmup: 1\n")
+    out = tmp_path / "q"
+    result = run_cli_torchrun("quantize", str(model_dir), str(out), "--recipe", str(recipe), "--num-images", "4",
+                              cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("quantized")]
+    assert len(lines) == 1 and "w8a8 with 4 calibration images from 'psaq'" in lines[0], result.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["num_images"] == 4
