@@ -24,6 +24,11 @@ the normal path nothing). Without the import, transformers stops while building 
 `ValueError: Specified attn_implementation="optimum_dfq" is not supported. The only possible arguments are ...`.
 The one way around it is to pass `attn_implementation=` explicitly to `from_pretrained` without importing
 optimum_dfq; transformers then loads random weights with only a "LOAD REPORT" warning: don't.
+
+**A `config.json` that lost its `quantization_config`.** With `import optimum_dfq` the `"optimum_dfq"` attention
+is registered, so transformers builds such a checkpoint as a float model with random weights. That model's first
+forward raises [`CheckpointError`] naming the missing `quantization_config` (see `optimum_dfq.nn.attention`: the
+attention refuses float models that did not opt in with `use_quantized_attention`).
 """
 
 from __future__ import annotations
