@@ -50,6 +50,9 @@ from ..errors import CheckpointError, ConfigError, DFQError
 from ..formats.checkpoint import (
     CheckpointInfo,
     build_skeleton,
+    check_architecture,
+    check_quantization_config,
+    check_tensor_shapes,
     checkpoint_metadata,
     freeze_model,
     read_checkpoint_info,
@@ -120,9 +123,18 @@ class DFQHfQuantizer(HfQuantizer):
         return config
 
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files=None, **kwargs: Any):
+        """Reads the checkpoint's headers, checks them against `config.json`, and builds the quantized skeleton.
+
+        Refused with [`CheckpointError`] before any tensor is loaded: a checkpoint of another class
+        ([`check_architecture`]), a `config.json` whose `quantization_config` is not the one the weights were saved
+        with ([`check_quantization_config`]), and tensors whose shapes do not fit the skeleton
+        ([`check_tensor_shapes`]).
+        """
         info = read_checkpoint_info(checkpoint_files)
         self._checkpoint = info
         self.provenance = {**info.provenance, **self.provenance}
+        check_architecture(model)
+        check_quantization_config(info, self.quantization_config)
         try:
             self.plan = build_skeleton(model, self.quantization_config, info.plan)
         except (AttributeError, KeyError) as err:  # a plan naming modules this architecture does not have
@@ -130,6 +142,7 @@ class DFQHfQuantizer(HfQuantizer):
                 f"The checkpoint's quantization plan does not fit {type(model).__name__}: {err!r}. It was saved from "
                 "another architecture; load it with the class named in its config.json."
             ) from err
+        check_tensor_shapes(model, info, self)
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any):
@@ -157,7 +170,7 @@ class DFQHfQuantizer(HfQuantizer):
     def get_state_dict_and_metadata(self, model: nn.Module):
         if self.plan is None:
             raise DFQError("This quantizer does not know the model's quantization plan; it cannot write a checkpoint.")
-        return None, checkpoint_metadata(model, self.plan, self.provenance)
+        return None, checkpoint_metadata(model, self.plan, self.provenance, self.quantization_config)
 
     def is_serializable(self) -> bool:  # a method in transformers 5 (a property in 4.x)
         return True
