@@ -166,6 +166,23 @@ class DFQHfQuantizer(HfQuantizer):
         placeholder = "optimum_dfq_attn_quantizers."
         return [WeightRenaming(shielded, placeholder), *conversions, WeightRenaming(placeholder, shielded)]
 
+    def _dequantize(self, model: nn.Module, dtype=None):
+        """`model.dequantize()` is refused: the packed low-bit weights cannot give back the float model.
+
+        Raises:
+            `NotImplementedError`: always, saying to load the float checkpoint instead (the model is left unchanged).
+        """
+        base_model = self.provenance.get("base_model")
+        origin = f" ({base_model!r})" if base_model else ""
+        bits = self.quantization_config.weight_bits
+        raise NotImplementedError(
+            f"optimum_dfq models cannot be dequantized: their weights are stored as {bits}-bit integer codes, and "
+            "the float weights they were rounded from (like the LayerNorms and biases that calibration "
+            "re-parameterised) cannot be recovered from them. Load the float checkpoint the model was quantized "
+            f"from{origin} with from_pretrained instead; the quantized model already runs in float (fake-quantized) "
+            "arithmetic."
+        )
+
     # ------------------------------------------------------------------ saving
     def get_state_dict_and_metadata(self, model: nn.Module):
         if self.plan is None:

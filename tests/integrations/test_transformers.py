@@ -158,6 +158,16 @@ def test_checkpoint_whose_config_lost_its_quantization_config_refuses_to_run(vit
         logits(model, pixels[0])
 
 
+def test_dequantize_is_refused_pointing_to_the_float_checkpoint(vit_w4a4, pixels):
+    _, folder = vit_w4a4
+    model = AutoModelForImageClassification.from_pretrained(folder)
+    before = logits(model, pixels[0])
+    with pytest.raises(NotImplementedError, match=r"cannot be dequantized: .* 4-bit integer codes.*cannot be "
+                                                  r"recovered.*Load the float checkpoint"):
+        model.dequantize()
+    assert model.is_quantized and torch.equal(logits(model, pixels[0]), before)  # left unchanged
+
+
 def test_registration_is_idempotent_and_survives_reload():
     integration.register_quantization_method()
     importlib.reload(optimum_dfq)
