@@ -106,6 +106,8 @@ class DFQHfQuantizer(HfQuantizer):
         self.provenance = dict(provenance or {})
         self.image_processor = image_processor
         self.eval_results = eval_results
+        #: folder of the checkpoint files this model was loaded from (its preprocessor_config.json is pushed with it)
+        self.source_dir: str | None = None
         self._checkpoint: CheckpointInfo | None = None
 
     # ------------------------------------------------------------------ loading
@@ -132,6 +134,7 @@ class DFQHfQuantizer(HfQuantizer):
         """
         info = read_checkpoint_info(checkpoint_files)
         self._checkpoint = info
+        self.source_dir = os.path.dirname(os.path.abspath(info.files[0]))
         self.provenance = {**info.provenance, **self.provenance}
         check_architecture(model)
         check_quantization_config(info, self.quantization_config)
@@ -240,15 +243,18 @@ def finalize_quantized_model(
         model (`PreTrainedModel`): the calibrated quantized model (modified in place).
         config (`DFQConfig`): the run's config.
         plan (`QuantizationPlan`): returned by `quantize_model` (what rebuilds the structure when loading).
-        base_model (`str`, *optional*): Hub id or path of the float model (provenance).
+        base_model (`str`, *optional*): Hub id or path of the float model; recorded as provenance only when it is a
+            Hub id and not an existing local path ([`~optimum_dfq.hub.hub_repo_id`]).
         calibration (`Mapping`, *optional*): the calibration set's metadata (`source`, `synthesizer`, `seed`, ...).
         image_processor (*optional*): the model's image processor (pushed with it).
 
     Returns:
         The same `model`, frozen: saving it writes packed weights, and it predicts exactly like the reloaded checkpoint.
     """
+    from ..hub import hub_repo_id
+
     freeze_model(model)
-    provenance = {"base_model": base_model or None, "calibration": _calibration_summary(calibration or {})}
+    provenance = {"base_model": hub_repo_id(base_model), "calibration": _calibration_summary(calibration or {})}
     hf_quantizer = DFQHfQuantizer(
         config, plan=plan, provenance=provenance, image_processor=image_processor
     )
