@@ -15,10 +15,13 @@ the full [`DFQConfig`] as `quantization_config`, and safetensors files whose ten
 
 The safetensors header metadata holds one JSON entry under [`METADATA_KEY`]: the [`QuantizationPlan`] (the
 LayerNorm → Linear consumer map, the Linears reading an activation function's output, and the activation-correction
-layout) that rebuilds the skeleton without running
-the model, provenance (the float `base_model` and a summary of the
-calibration set, for model cards), the float dtype, and a SHA-256 digest of the whole state dict that proves a
-loaded model is bit-identical to the saved one.
+layout) that rebuilds the skeleton without running the model, provenance (the float `base_model` and a summary of the
+calibration set, for model cards), the float dtype, a copy of the `quantization_config` (so that an edited or
+mismatched `config.json` is caught before any tensor is loaded), and SHA-256 digests that prove a loaded model is
+bit-identical to the saved one: of the whole state dict, of its integer and bool tensors alone (packed codes, weight
+shapes, calibration flags; checked whatever `dtype` the model is loaded in), and of the whole state dict with the
+float tensors cast to `bfloat16` and to `float16` (checked when `from_pretrained(dtype=...)` loads in those).
+Checkpoints written before these entries existed load without the corresponding check.
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ from torch import nn
 from ..calibration.convert import QuantizationPlan, activation_quantizer, convert_model
 from ..calibration.correction import attach_corrections
 from ..config import DFQConfig
-from ..errors import CheckpointError
-from ..models import get_adapter
+from ..errors import CheckpointError, DFQError
+from ..models import ADAPTERS, get_adapter
 from ..nn import QLayerNorm, QLinear
 from ..nn.modules import FrozenWeightMixin
 from ..quantizers import Quantizer
@@ -47,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 #: Key of the JSON entry in the safetensors header metadata.
 METADATA_KEY = "optimum_dfq"
+#: Float dtypes a checkpoint records a digest for (the state dict with its float tensors cast to them).
+CAST_DIGEST_DTYPES = (torch.bfloat16, torch.float16)
 _MAX_LISTED = 8
 
 
@@ -102,26 +107,52 @@ def check_saveable(model: nn.Module) -> None:
         )
 
 
-def state_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 over names, dtypes, shapes and bytes of every tensor (names sorted): equal iff bit-identical."""
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def state_digest(state_dict: Mapping[str, torch.Tensor], float_dtype: torch.dtype | None = None) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of every tensor (names sorted): equal iff bit-identical.
+
+    Args:
+        state_dict (`Mapping[str, torch.Tensor]`): the tensors.
+        float_dtype (`torch.dtype`, *optional*): cast every floating-point tensor to this dtype first (the digest of
+            the state a `from_pretrained(dtype=float_dtype)` load yields).
+
+    Returns:
+        `str`: the hexadecimal digest.
+    """
     digest = hashlib.sha256()
     for name in sorted(state_dict):
         tensor = state_dict[name].detach()
+        if float_dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(float_dtype)
         digest.update(f"{name}|{str(tensor.dtype).removeprefix('torch.')}|{list(tensor.shape)}|".encode())
         data = tensor.reshape(-1).contiguous().cpu()
         digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return digest.hexdigest()
 
 
+def _float_dtypes(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """The floating-point dtypes of `state_dict`, in order of first appearance."""
+    dtypes = [_dtype_name(t.dtype) for t in state_dict.values() if t.is_floating_point()]
+    return list(dict.fromkeys(dtypes))
+
+
 def _float_dtype(model: nn.Module) -> str | None:
-    for tensor in model.state_dict().values():
-        if tensor.is_floating_point():
-            return str(tensor.dtype).removeprefix("torch.")
-    return None
+    dtypes = _float_dtypes(model.state_dict())
+    return dtypes[0] if dtypes else None
+
+
+def _integer_tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: tensor for name, tensor in state_dict.items() if not tensor.is_floating_point()}
 
 
 def checkpoint_metadata(
-    model: nn.Module, plan: QuantizationPlan, provenance: Mapping[str, Any] | None = None
+    model: nn.Module,
+    plan: QuantizationPlan,
+    provenance: Mapping[str, Any] | None = None,
+    quantization_config: DFQConfig | None = None,
 ) -> dict[str, str]:
     """The safetensors header metadata of a checkpoint of `model` (one JSON string under [`METADATA_KEY`]).
 
@@ -129,17 +160,25 @@ def checkpoint_metadata(
         model (`PreTrainedModel`): a frozen quantized model (checked with [`check_saveable`]).
         plan (`QuantizationPlan`): the structure quantization gave the model (returned by `quantize_model`).
         provenance (`Mapping`, *optional*): JSON-serialisable `{"base_model": ..., "calibration": {...}}`.
+        quantization_config (`DFQConfig`, *optional*): the config written into `config.json` alongside; recorded so
+            that loading can check `config.json` against the weights ([`check_quantization_config`]).
 
     Returns:
         `dict[str, str]`
     """
     check_saveable(model)
+    state = model.state_dict()
     payload = {
         "plan": dataclasses.asdict(plan),
         "provenance": dict(provenance or {}),
         "float_dtype": _float_dtype(model),
-        "sha256": state_digest(model.state_dict()),
+        "sha256": state_digest(state),
+        "integer_sha256": state_digest(_integer_tensors(state)),
     }
+    if _float_dtypes(state):
+        payload["cast_sha256"] = {_dtype_name(dtype): state_digest(state, dtype) for dtype in CAST_DIGEST_DTYPES}
+    if quantization_config is not None:
+        payload["quantization_config"] = quantization_config.to_dict()
     return {METADATA_KEY: json.dumps(payload, sort_keys=True)}
 
 
@@ -153,14 +192,26 @@ class CheckpointInfo:
         provenance (`dict`): recorded at save time (`base_model`, `calibration`).
         float_dtype (`str`, *optional*): dtype of the saved float tensors.
         sha256 (`str`): digest of the saved state dict.
+        integer_sha256 (`str`, *optional*): digest of its integer and bool tensors (`None`: an older checkpoint).
+        cast_sha256 (`dict[str, str]`): digest of the state dict with the float tensors cast to each dtype named.
+        quantization_config (`dict`, *optional*): the `quantization_config` saved with the weights (`None`: an older
+            checkpoint).
         tensor_names (`set[str]`): every tensor name in the files (checkpoint names, possibly legacy ones).
+        tensor_shapes (`dict[str, tuple[int, ...]]`): the shape of every tensor in the files, by checkpoint name,
+            read from the headers.
+        files (`list[str]`): the checkpoint files.
     """
 
     plan: QuantizationPlan
     sha256: str
     provenance: dict[str, Any] = field(default_factory=dict)
     float_dtype: str | None = None
+    integer_sha256: str | None = None
+    cast_sha256: dict[str, str] = field(default_factory=dict)
+    quantization_config: dict[str, Any] | None = None
     tensor_names: set[str] = field(default_factory=set)
+    tensor_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
 
 
 def read_checkpoint_info(files: Sequence[str] | None) -> CheckpointInfo:
@@ -182,7 +233,7 @@ def read_checkpoint_info(files: Sequence[str] | None) -> CheckpointInfo:
             "optimum_dfq checkpoints load from safetensors files, but transformers resolved none (was a state_dict "
             "passed to from_pretrained?). Load from the saved folder or Hub repository instead."
         )
-    names: set[str] = set()
+    shapes: dict[str, tuple[int, ...]] = {}
     metadata: dict[str, str] | None = None
     for path in files:
         path = str(path)
@@ -193,7 +244,8 @@ def read_checkpoint_info(files: Sequence[str] | None) -> CheckpointInfo:
             )
         try:
             with safe_open(path, framework="pt") as handle:
-                names.update(handle.keys())
+                names = handle.keys()
+                shapes.update({name: tuple(handle.get_slice(name).get_shape()) for name in names})
                 metadata = metadata if metadata is not None else (handle.metadata() or {})
         except (SafetensorError, OSError) as err:
             raise CheckpointError(
@@ -216,12 +268,18 @@ def read_checkpoint_info(files: Sequence[str] | None) -> CheckpointInfo:
                 f"The checkpoint's quantization plan has field(s) {unknown} that this optimum_dfq version does not "
                 "know: it was written by a newer version. Upgrade optimum-dfq (pip install -U optimum-dfq)."
             )
+        quantization_config = payload.get("quantization_config")
         return CheckpointInfo(
             plan=QuantizationPlan(**payload["plan"]),
             sha256=str(payload["sha256"]),
             provenance=dict(payload.get("provenance") or {}),
             float_dtype=payload.get("float_dtype"),
-            tensor_names=names,
+            integer_sha256=payload.get("integer_sha256"),
+            cast_sha256={str(k): str(v) for k, v in (payload.get("cast_sha256") or {}).items()},
+            quantization_config=dict(quantization_config) if quantization_config is not None else None,
+            tensor_names=set(shapes),
+            tensor_shapes=shapes,
+            files=[str(path) for path in files],
         )
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise CheckpointError(
@@ -264,6 +322,142 @@ def build_skeleton(model: nn.Module, config: DFQConfig, saved: QuantizationPlan)
     return plan
 
 
+def check_architecture(model: nn.Module) -> None:
+    """Raises [`CheckpointError`] when `config.architectures` names another supported class than `model`'s.
+
+    A quantized checkpoint holds the packed weights and quantizers of its own class's heads (DeiT with or without
+    the distillation head, ...): it cannot fill another class, and the missing or unexpected tensors that loading it
+    anyway produces would otherwise look like a damaged file. Classes optimum_dfq does not support are left to
+    [`get_adapter`], which names the supported ones.
+
+    Args:
+        model (`PreTrainedModel`): the model being loaded (its config read from the checkpoint's `config.json`).
+
+    Raises:
+        `CheckpointError`: the checkpoint was saved from another supported class.
+    """
+    recorded = [str(name) for name in (getattr(model.config, "architectures", None) or [])]
+    supported = {cls.__name__ for cls in ADAPTERS}
+    saved = [name for name in recorded if name in supported]
+    if saved and type(model) in ADAPTERS and type(model).__name__ not in recorded:
+        raise CheckpointError(
+            f"This quantized checkpoint was saved from a {saved[0]} (config.json's `architectures`) but is being "
+            f"loaded into a {type(model).__name__}. Its packed weights and quantizers are those of {saved[0]}'s layers "
+            f"and heads, so it only loads into that class: use {saved[0]}.from_pretrained(...) or "
+            "AutoModelForImageClassification.from_pretrained(...). To get another head, quantize the float model of "
+            "that class."
+        )
+
+
+def check_quantization_config(info: CheckpointInfo, config: DFQConfig) -> None:
+    """Raises [`CheckpointError`] when `config.json`'s `quantization_config` is not the one saved with the weights.
+
+    The safetensors metadata keeps a copy of the config the weights were quantized with; an edited `config.json`, or
+    one from another save next to these weights, would otherwise build different quantizers (other bit widths, other
+    softmax quantizer, ...) that load silently or fail with a shape error. Checkpoints written before the copy was
+    recorded are not checked.
+
+    Args:
+        info (`CheckpointInfo`): what the checkpoint's headers say.
+        config (`DFQConfig`): the quantization config transformers read from `config.json`.
+
+    Raises:
+        `CheckpointError`: a field differs, or the saved copy is malformed.
+    """
+    if info.quantization_config is None:
+        return
+    try:
+        saved = DFQConfig.from_dict(dict(info.quantization_config)).to_dict()
+    except DFQError as err:
+        raise CheckpointError(
+            f"The quantization_config recorded in the '{METADATA_KEY}' metadata of the checkpoint is invalid "
+            f"({err}). The file is corrupt; download or save it again."
+        ) from err
+    current = config.to_dict()
+    differing = sorted(key for key in saved.keys() & current.keys() if saved[key] != current[key])
+    if differing:
+        details = "; ".join(
+            f"{key} is {current[key]!r} in config.json but {saved[key]!r} in the weights" for key in differing
+        )
+        raise CheckpointError(
+            f"config.json and the weights disagree: the `quantization_config` in config.json is not the one the "
+            f"weights (model.safetensors) were quantized with: {details}. config.json was edited, or it and the "
+            "weights come from different saves. Restore config.json from the same save as the weights (download the "
+            "checkpoint again with from_pretrained(..., force_download=True)), or re-save the quantized model."
+        )
+
+
+def _loading_names(model: nn.Module, names: Sequence[str], hf_quantizer: Any = None) -> dict[str, str]:
+    """Checkpoint name -> in-memory name, as transformers' loading renames them (identity when unavailable)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        conversions = get_model_conversion_mapping(model, None, hf_quantizer)
+        renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+        converters = [c for c in conversions if isinstance(c, WeightConverter)]
+        meta = model.state_dict()
+        prefix = getattr(model, "base_model_prefix", None)
+        out = {}
+        for name in names:
+            renamed, converted = rename_source_key(name, renamings, converters, prefix, meta)
+            out[name] = name if converted is not None else renamed  # converters merge tensors: shapes differ
+        return out
+    except Exception as err:  # noqa: BLE001 - transformers internals; verify_loaded still checks after loading
+        logger.debug("Could not map checkpoint names to the model's (%r); comparing shapes by name only.", err)
+        return {name: name for name in names}
+
+
+def check_tensor_shapes(model: nn.Module, info: CheckpointInfo, hf_quantizer: Any = None) -> None:
+    """Raises [`CheckpointError`] when a checkpoint tensor has another shape than the skeleton's (before loading).
+
+    transformers would stop on such a tensor with a generic `RuntimeError` (or, with `ignore_mismatched_sizes=True`,
+    replace it with a random one). The shapes come from the safetensors headers; names are mapped the way
+    transformers' loading maps them.
+
+    Args:
+        model (`PreTrainedModel`): the quantized skeleton ([`build_skeleton`]).
+        info (`CheckpointInfo`): what the checkpoint's headers say.
+        hf_quantizer (*optional*): the loading `HfQuantizer` (its key renamings apply).
+
+    Raises:
+        `CheckpointError`: naming the mismatched tensors and the likely cause (another `num_labels`, or
+            `config.json` and weights from different saves).
+    """
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    mapping = _loading_names(model, list(info.tensor_shapes), hf_quantizer)
+    mismatched = sorted(
+        (mapping[name], tuple(shape), expected[mapping[name]])
+        for name, shape in info.tensor_shapes.items()
+        if mapping[name] in expected and expected[mapping[name]] != tuple(shape)
+    )
+    if not mismatched:
+        return
+    shown = "; ".join(f"{name}: {list(saved)} in the checkpoint, {list(wanted)} in the model"
+                      for name, saved, wanted in mismatched[:_MAX_LISTED])
+    more = f" ... ({len(mismatched) - _MAX_LISTED} more)" if len(mismatched) > _MAX_LISTED else ""
+    num_labels = getattr(model.config, "num_labels", None)
+    if num_labels is not None and all(
+        wanted and saved and wanted[0] == num_labels != saved[0] for _, saved, wanted in mismatched
+    ):
+        cause = (
+            f"The model was built with num_labels={num_labels} (a `num_labels=` or `config=` given to "
+            f"from_pretrained) but the checkpoint's classifier has {mismatched[0][1][0]} outputs. A quantized "
+            "classifier cannot be resized or re-initialised (`ignore_mismatched_sizes` does not apply): load the "
+            f"checkpoint with its own labels, or quantize a float model fine-tuned for {num_labels} labels."
+        )
+    else:
+        cause = (
+            "config.json (its quantization_config or the model's sizes) and the weights come from different saves, or "
+            "the file was written for another model. Restore config.json and model.safetensors from the same save "
+            "(download the checkpoint again), or re-save the quantized model."
+        )
+    raise CheckpointError(
+        f"The checkpoint's tensors do not have the shapes of the quantized {type(model).__name__} built from its "
+        f"config.json: {shown}{more}. {cause}"
+    )
+
+
 def _checkpoint_names(model: nn.Module, names: list[str]) -> set[str]:
     """Best effort: the names `names` (in-memory) get in a checkpoint (transformers' save-time renaming)."""
     try:
@@ -277,10 +471,21 @@ def _checkpoint_names(model: nn.Module, names: list[str]) -> set[str]:
 def verify_loaded(model: nn.Module, info: CheckpointInfo) -> None:
     """Proves that loading filled the skeleton exactly with the checkpoint (raises [`CheckpointError`] otherwise).
 
-    Checks, in order: every tensor was loaded (transformers only warns about missing or shape-mismatched keys and
-    leaves them uninitialised), no checkpoint tensor was left unused, every packed weight has the module's shape,
-    every quantizer is calibrated, and the SHA-256 of the loaded state dict equals the saved one (skipped when
-    `from_pretrained(dtype=...)` changed the float dtype).
+    Checks, in order: every tensor was loaded (transformers only warns about missing keys and leaves them
+    uninitialised; shape mismatches were refused before loading by [`check_tensor_shapes`]), no checkpoint tensor
+    was left unused, every packed weight has the module's shape, every quantizer is calibrated, the SHA-256 of the
+    integer and bool tensors (packed codes, weight shapes, calibration flags) equals the saved one whatever the
+    float dtype, and the SHA-256 of the whole loaded state dict equals the saved one. When `from_pretrained(dtype=...)`
+    changed the float dtype, the whole state is compared with the digest recorded for that dtype (`bfloat16`,
+    `float16`); for another dtype, or a checkpoint written before those digests existed, only the integer tensors
+    are verified (an info log says so).
+
+    Args:
+        model (`PreTrainedModel`): the loaded quantized model.
+        info (`CheckpointInfo`): what the checkpoint's headers say.
+
+    Raises:
+        `CheckpointError`: naming what differs and how to get a sound file.
     """
     state = model.state_dict(keep_vars=True)
     flagged = [name for name, tensor in state.items() if getattr(tensor, "_is_hf_initialized", False)]
@@ -313,15 +518,36 @@ def verify_loaded(model: nn.Module, info: CheckpointInfo) -> None:
             f"The checkpoint has uncalibrated quantizer(s): {_listing(uncalibrated)}. optimum_dfq never saves those, "
             "so the file was altered; save it again from the quantized model."
         )
-    current = _float_dtype(model)
-    if info.float_dtype is not None and current != info.float_dtype:
-        logger.info("Loaded in %s instead of %s: skipping the checkpoint digest check.", current, info.float_dtype)
-        return
-    if state_digest(model.state_dict()) != info.sha256:
+    state = model.state_dict()
+    corrupt = ("the checkpoint file is corrupt. Download it again (from_pretrained(..., force_download=True)) or "
+               "re-save the model.")
+    if info.integer_sha256 is not None and state_digest(_integer_tensors(state)) != info.integer_sha256:
         raise CheckpointError(
-            "The loaded tensors differ from the ones that were saved (SHA-256 mismatch): the checkpoint file is "
-            "corrupt. Download it again (from_pretrained(..., force_download=True)) or re-save the model."
+            "The loaded integer tensors (packed weight codes, weight shapes, calibration flags) differ from the ones "
+            f"that were saved (SHA-256 mismatch): {corrupt}"
         )
+    loaded = _float_dtypes(state)
+    changed = [dtype for dtype in loaded if dtype != info.float_dtype]
+    if info.float_dtype is None or not changed:
+        if state_digest(state) != info.sha256:
+            raise CheckpointError(
+                f"The loaded tensors differ from the ones that were saved (SHA-256 mismatch): {corrupt}"
+            )
+        return
+    target = changed[0]
+    if len(changed) == 1 and target in info.cast_sha256:
+        if state_digest(state, getattr(torch, target)) != info.cast_sha256[target]:
+            raise CheckpointError(
+                f"The loaded tensors differ from the ones that were saved, cast to {target} (SHA-256 mismatch): "
+                f"{corrupt}"
+            )
+        return
+    if info.integer_sha256 is not None:
+        logger.info("Loaded in %s instead of %s: the checkpoint records no digest for that dtype, so only its integer "
+                    "tensors were verified.", target, info.float_dtype)
+    else:
+        logger.info("Loaded in %s instead of %s: the checkpoint was written before per-dtype and integer digests were "
+                    "recorded, so the digest check is skipped.", target, info.float_dtype)
 
 
 def consumers_of(model: nn.Module, layernorm_consumers: Mapping[str, list[str]]) -> dict[str, QLayerNorm]:

@@ -24,6 +24,11 @@ the normal path nothing). Without the import, transformers stops while building 
 `ValueError: Specified attn_implementation="optimum_dfq" is not supported. The only possible arguments are ...`.
 The one way around it is to pass `attn_implementation=` explicitly to `from_pretrained` without importing
 optimum_dfq; transformers then loads random weights with only a "LOAD REPORT" warning: don't.
+
+**A `config.json` that lost its `quantization_config`.** With `import optimum_dfq` the `"optimum_dfq"` attention
+is registered, so transformers builds such a checkpoint as a float model with random weights. That model's first
+forward raises [`CheckpointError`] naming the missing `quantization_config` (see `optimum_dfq.nn.attention`: the
+attention refuses float models that did not opt in with `use_quantized_attention`).
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ from ..errors import CheckpointError, ConfigError, DFQError
 from ..formats.checkpoint import (
     CheckpointInfo,
     build_skeleton,
+    check_architecture,
+    check_quantization_config,
+    check_tensor_shapes,
     checkpoint_metadata,
     freeze_model,
     read_checkpoint_info,
@@ -98,6 +106,8 @@ class DFQHfQuantizer(HfQuantizer):
         self.provenance = dict(provenance or {})
         self.image_processor = image_processor
         self.eval_results = eval_results
+        #: folder of the checkpoint files this model was loaded from (its preprocessor_config.json is pushed with it)
+        self.source_dir: str | None = None
         self._checkpoint: CheckpointInfo | None = None
 
     # ------------------------------------------------------------------ loading
@@ -115,9 +125,19 @@ class DFQHfQuantizer(HfQuantizer):
         return config
 
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files=None, **kwargs: Any):
+        """Reads the checkpoint's headers, checks them against `config.json`, and builds the quantized skeleton.
+
+        Refused with [`CheckpointError`] before any tensor is loaded: a checkpoint of another class
+        ([`check_architecture`]), a `config.json` whose `quantization_config` is not the one the weights were saved
+        with ([`check_quantization_config`]), and tensors whose shapes do not fit the skeleton
+        ([`check_tensor_shapes`]).
+        """
         info = read_checkpoint_info(checkpoint_files)
         self._checkpoint = info
+        self.source_dir = os.path.dirname(os.path.abspath(info.files[0]))
         self.provenance = {**info.provenance, **self.provenance}
+        check_architecture(model)
+        check_quantization_config(info, self.quantization_config)
         try:
             self.plan = build_skeleton(model, self.quantization_config, info.plan)
         except (AttributeError, KeyError) as err:  # a plan naming modules this architecture does not have
@@ -125,6 +145,7 @@ class DFQHfQuantizer(HfQuantizer):
                 f"The checkpoint's quantization plan does not fit {type(model).__name__}: {err!r}. It was saved from "
                 "another architecture; load it with the class named in its config.json."
             ) from err
+        check_tensor_shapes(model, info, self)
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any):
@@ -148,11 +169,28 @@ class DFQHfQuantizer(HfQuantizer):
         placeholder = "optimum_dfq_attn_quantizers."
         return [WeightRenaming(shielded, placeholder), *conversions, WeightRenaming(placeholder, shielded)]
 
+    def _dequantize(self, model: nn.Module, dtype=None):
+        """`model.dequantize()` is refused: the packed low-bit weights cannot give back the float model.
+
+        Raises:
+            `NotImplementedError`: always, saying to load the float checkpoint instead (the model is left unchanged).
+        """
+        base_model = self.provenance.get("base_model")
+        origin = f" ({base_model!r})" if base_model else ""
+        bits = self.quantization_config.weight_bits
+        raise NotImplementedError(
+            f"optimum_dfq models cannot be dequantized: their weights are stored as {bits}-bit integer codes, and "
+            "the float weights they were rounded from (like the LayerNorms and biases that calibration "
+            "re-parameterised) cannot be recovered from them. Load the float checkpoint the model was quantized "
+            f"from{origin} with from_pretrained instead; the quantized model already runs in float (fake-quantized) "
+            "arithmetic."
+        )
+
     # ------------------------------------------------------------------ saving
     def get_state_dict_and_metadata(self, model: nn.Module):
         if self.plan is None:
             raise DFQError("This quantizer does not know the model's quantization plan; it cannot write a checkpoint.")
-        return None, checkpoint_metadata(model, self.plan, self.provenance)
+        return None, checkpoint_metadata(model, self.plan, self.provenance, self.quantization_config)
 
     def is_serializable(self) -> bool:  # a method in transformers 5 (a property in 4.x)
         return True
@@ -205,15 +243,18 @@ def finalize_quantized_model(
         model (`PreTrainedModel`): the calibrated quantized model (modified in place).
         config (`DFQConfig`): the run's config.
         plan (`QuantizationPlan`): returned by `quantize_model` (what rebuilds the structure when loading).
-        base_model (`str`, *optional*): Hub id or path of the float model (provenance).
+        base_model (`str`, *optional*): Hub id or path of the float model; recorded as provenance only when it is a
+            Hub id and not an existing local path ([`~optimum_dfq.hub.hub_repo_id`]).
         calibration (`Mapping`, *optional*): the calibration set's metadata (`source`, `synthesizer`, `seed`, ...).
         image_processor (*optional*): the model's image processor (pushed with it).
 
     Returns:
         The same `model`, frozen: saving it writes packed weights, and it predicts exactly like the reloaded checkpoint.
     """
+    from ..hub import hub_repo_id
+
     freeze_model(model)
-    provenance = {"base_model": base_model or None, "calibration": _calibration_summary(calibration or {})}
+    provenance = {"base_model": hub_repo_id(base_model), "calibration": _calibration_summary(calibration or {})}
     hf_quantizer = DFQHfQuantizer(
         config, plan=plan, provenance=provenance, image_processor=image_processor
     )

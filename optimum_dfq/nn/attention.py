@@ -6,6 +6,13 @@ the operands of both matmuls are fake-quantized when the attention module carrie
 child. **A quantized model therefore always runs eager attention** (no SDPA/flash kernels): the quantizers need the
 explicit probabilities. The same function records attention probabilities for the synthesizers (see
 [`capture_attention`]), with gradients, on float models too.
+
+**A float model is refused unless it opted in.** Quantized checkpoints carry `"attn_implementation": "optimum_dfq"`
+in `config.json` (see `optimum_dfq.integrations.transformers`). If a tool strips their `quantization_config`,
+transformers loads them as float models with randomly initialised weights and that attention implementation.
+[`dfq_attention_forward`] therefore raises [`CheckpointError`] for an attention module that has no quantizers, whose
+config has no `quantization_config` and that was not switched over by [`use_quantized_attention`] (which
+[`capture_attention`] and calibration call).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import CheckpointError
 from ..quantizers import Quantizer
 
 ATTENTION_IMPLEMENTATION = "optimum_dfq"
@@ -86,6 +94,26 @@ class AttentionRecord:
 
 
 _CAPTURES: list[list[AttentionRecord]] = []
+#: Set (to `True`) by `use_quantized_attention` on the modules of a model switched to this attention on purpose; a
+#: plain attribute, so copies and pickles of the model keep it and checkpoints do not.
+OPT_IN_ATTR = "_optimum_dfq_attention_opt_in"
+
+
+def _check_quantized_or_opted_in(module: nn.Module) -> None:
+    """Raises [`CheckpointError`] when a float model runs this attention without having asked for it."""
+    config = getattr(module, "config", None)
+    if config is None or _CAPTURES or getattr(module, OPT_IN_ATTR, False):
+        return
+    if getattr(config, "quantization_config", None) is not None:
+        return
+    raise CheckpointError(
+        f"{type(module).__name__} runs the {ATTENTION_IMPLEMENTATION!r} attention implementation, but the model is "
+        "not quantized: its config has no `quantization_config`. This is what loading an optimum_dfq checkpoint whose "
+        "config.json lost its `quantization_config` (e.g. rewritten by a tool) gives: transformers then builds a "
+        "float model with randomly initialised weights. Restore `quantization_config` in config.json (download the "
+        "checkpoint again, or re-save it from the quantized model) and load it again. To run a float model with this "
+        "attention on purpose, call `optimum_dfq.nn.use_quantized_attention(model)` first."
+    )
 
 
 @contextlib.contextmanager
@@ -148,6 +176,10 @@ def dfq_attention_forward(
         `tuple[torch.Tensor, torch.Tensor]`: the attention output `[batch, queries, heads, head_dim]` and the
         probabilities `[batch, heads, queries, keys]` (the quantized ones when `module` is quantized).
 
+    Raises:
+        `CheckpointError`: `module` belongs to a float model that did not opt in, typically a quantized checkpoint
+            loaded without its `quantization_config`.
+
     Example:
 
     ```python
@@ -165,6 +197,8 @@ def dfq_attention_forward(
         scaling = query.size(-1) ** -0.5
     if quantizers is not None:
         query, key = quantizers.query(query), quantizers.key(key)
+    else:
+        _check_quantized_or_opted_in(module)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
         scores = scores + attention_mask
@@ -215,7 +249,8 @@ def use_quantized_attention(model: nn.Module) -> str | None:
     """Switches `model` to the `"optimum_dfq"` eager attention, registering it first if needed.
 
     The switch stays in place (quantized models need it); restore the returned name with
-    `model.set_attn_implementation(previous)` to undo it.
+    `model.set_attn_implementation(previous)` to undo it. It also marks the model's modules as having opted in, so
+    that [`dfq_attention_forward`] runs them even without quantizers or `quantization_config` (a float model).
 
     Args:
         model (`PreTrainedModel`): a ViT, DeiT or Swin model (anything with a `config`).
@@ -237,6 +272,9 @@ def use_quantized_attention(model: nn.Module) -> str | None:
     ```
     """
     register_attention_implementation()
+    for module in model.modules():
+        if getattr(module, "config", None) is not None:
+            setattr(module, OPT_IN_ATTR, True)
     previous = model.config._attn_implementation
     if previous != ATTENTION_IMPLEMENTATION:
         _set_implementation(model, ATTENTION_IMPLEMENTATION)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 
 import pytest
@@ -12,7 +13,12 @@ import transformers.core_model_loading
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForImageClassification, ViTForImageClassification
+from transformers import (
+    AutoConfig,
+    AutoModelForImageClassification,
+    DeiTForImageClassification,
+    ViTForImageClassification,
+)
 
 from optimum_dfq import CheckpointError
 from optimum_dfq.calibration.convert import QuantizationPlan
@@ -23,7 +29,7 @@ from optimum_dfq.formats.checkpoint import (
     verify_loaded,
 )
 
-from ..conftest import tiny_vit
+from ..conftest import tiny_deit_teacher, tiny_vit
 from ..integrations.conftest import quantize
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -121,12 +127,108 @@ def test_checkpoint_with_an_uncalibrated_quantizer_is_refused(checkpoint):
         AutoModelForImageClassification.from_pretrained(checkpoint)
 
 
-def test_loading_in_another_float_dtype_skips_the_digest_check_with_an_info_log(saved_vit, caplog):
+def _strip_metadata(folder, *keys):
+    """Removes `keys` from the checkpoint's metadata: what a checkpoint written before they existed holds."""
+    _edit(folder, plan=lambda payload: [payload.pop(key) for key in keys])
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
+def test_flipped_packed_code_is_caught_in_every_dtype(dtype, checkpoint):
+    packed = load_file(checkpoint / "model.safetensors")["classifier.weight_packed"].clone()
+    packed[0, 0] ^= 0xF0
+    _edit(checkpoint, tensors={"classifier.weight_packed": packed})
+    with pytest.raises(CheckpointError, match=r"integer tensors \(packed weight codes.*SHA-256 mismatch.*"
+                                              "force_download=True"):
+        AutoModelForImageClassification.from_pretrained(checkpoint, **({"dtype": dtype} if dtype else {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_load_checks_the_float_tensors_against_their_cast_digest(dtype, saved_vit, checkpoint, caplog):
     with caplog.at_level(logging.INFO, logger="optimum_dfq.formats.checkpoint"):
-        model = AutoModelForImageClassification.from_pretrained(saved_vit, dtype=torch.bfloat16)
+        model = AutoModelForImageClassification.from_pretrained(saved_vit, dtype=dtype)
+    assert model.dtype == dtype
+    assert not [r for r in caplog.records if r.name == "optimum_dfq.formats.checkpoint"]  # fully verified
+    scale = load_file(checkpoint / "model.safetensors")["classifier.weight_quantizer.scale"]
+    _edit(checkpoint, tensors={"classifier.weight_quantizer.scale": scale * 2})
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(CheckpointError, match=f"differ from the ones that were saved, cast to {name} "
+                                              r"\(SHA-256 mismatch\)"):
+        AutoModelForImageClassification.from_pretrained(checkpoint, dtype=dtype)
+
+
+def test_checkpoint_without_cast_digests_verifies_its_integer_tensors(checkpoint, caplog):
+    _strip_metadata(checkpoint, "cast_sha256")
+    with caplog.at_level(logging.INFO, logger="optimum_dfq.formats.checkpoint"):
+        AutoModelForImageClassification.from_pretrained(checkpoint, dtype=torch.float16)
+    logged = [r.getMessage() for r in caplog.records if r.name == "optimum_dfq.formats.checkpoint"]
+    assert logged == [("Loaded in float16 instead of float32: the checkpoint records no digest for that dtype, so "
+                      "only its integer tensors were verified.")]
+
+
+def test_checkpoint_without_integer_and_cast_digests_still_loads_in_another_dtype(checkpoint, caplog):
+    _strip_metadata(checkpoint, "integer_sha256", "cast_sha256")
+    with caplog.at_level(logging.INFO, logger="optimum_dfq.formats.checkpoint"):
+        model = AutoModelForImageClassification.from_pretrained(checkpoint, dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16
-    skipped = [r.getMessage() for r in caplog.records if r.name == "optimum_dfq.formats.checkpoint"]
-    assert skipped == ["Loaded in bfloat16 instead of float32: skipping the checkpoint digest check."]
+    logged = [r.getMessage() for r in caplog.records if r.name == "optimum_dfq.formats.checkpoint"]
+    assert logged == [("Loaded in bfloat16 instead of float32: the checkpoint was written before per-dtype and "
+                      "integer digests were recorded, so the digest check is skipped.")]
+    AutoModelForImageClassification.from_pretrained(checkpoint)  # float32: the whole-state digest still applies
+
+
+EDITED_CONFIGS = {
+    "input_bits": (4, "input_bits is 4 in config.json but 8 in the weights"),
+    "bits": ("w4a8", "bits is 'w4a8' in config.json but 'w4a4' in the weights"),
+    "weight_symmetric": (True, "weight_symmetric is True in config.json but False in the weights"),
+    "post_softmax": ("log2", "post_softmax is 'log2' in config.json but 'auto' in the weights"),
+}
+
+
+@pytest.mark.parametrize("field", sorted(EDITED_CONFIGS))
+def test_edited_quantization_config_is_refused_before_loading(field, checkpoint):
+    value, expected = EDITED_CONFIGS[field]
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["quantization_config"][field] = value
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=f"config.json and the weights disagree: .*{re.escape(expected)}.*"
+                                              "Restore config.json from the same save"):
+        AutoModelForImageClassification.from_pretrained(checkpoint)
+    _strip_metadata(checkpoint, "quantization_config")  # written before the copy was recorded: not checked
+    if field == "weight_symmetric":  # no structural effect: loads
+        AutoModelForImageClassification.from_pretrained(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def saved_vit_w8a8(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vit-w8a8")
+    quantize(tiny_vit, "w8a8").save_pretrained(folder)
+    return folder
+
+
+def test_weights_of_another_save_are_refused_by_config_then_by_shape(checkpoint, saved_vit_w8a8):
+    shutil.copy(saved_vit_w8a8 / "model.safetensors", checkpoint / "model.safetensors")  # w8a8 next to w4a4
+    with pytest.raises(CheckpointError, match="bits is 'w4a4' in config.json but 'w8a8' in the weights"):
+        AutoModelForImageClassification.from_pretrained(checkpoint)
+    _strip_metadata(checkpoint, "quantization_config")  # an older checkpoint: the header shapes catch it
+    with pytest.raises(CheckpointError, match=r"do not have the shapes of the quantized ViTForImageClassification "
+                                              r"built from its config.json: classifier\.weight_packed: \[10, 32\] in "
+                                              r"the checkpoint, \[10, 16\] in the model.*different saves"):
+        AutoModelForImageClassification.from_pretrained(checkpoint)
+
+
+@pytest.mark.parametrize("ignore", [False, True])
+def test_other_num_labels_is_named_as_the_cause(ignore, saved_vit):
+    with pytest.raises(CheckpointError, match=r"built with num_labels=5 .* classifier has 10 outputs.*cannot be "
+                                              "resized"):
+        AutoModelForImageClassification.from_pretrained(saved_vit, num_labels=5, ignore_mismatched_sizes=ignore)
+
+
+def test_checkpoint_of_another_class_names_the_saved_class(tmp_path):
+    quantize(tiny_deit_teacher, "w4a4").save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="saved from a DeiTForImageClassificationWithTeacher .* loaded into a "
+                                              r"DeiTForImageClassification\..*use DeiTForImageClassificationWith"
+                                              r"Teacher\.from_pretrained"):
+        DeiTForImageClassification.from_pretrained(tmp_path)
 
 
 def test_model_without_float_tensors_records_no_float_dtype_and_keeps_the_digest_check(tmp_path):

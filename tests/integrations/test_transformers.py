@@ -146,6 +146,28 @@ def test_loading_without_import_fails_instead_of_returning_garbage(round_trip_ch
     assert "Unknown quantization type, got optimum_dfq" in result.stderr
 
 
+def test_checkpoint_whose_config_lost_its_quantization_config_refuses_to_run(vit_w4a4, tmp_path, pixels):
+    _, folder = vit_w4a4
+    stripped = shutil.copytree(folder, tmp_path / "stripped")
+    config = json.loads((stripped / "config.json").read_text())
+    del config["quantization_config"]  # e.g. rewritten by a config tool; attn_implementation stays
+    (stripped / "config.json").write_text(json.dumps(config))
+    model = AutoModelForImageClassification.from_pretrained(stripped)  # transformers: random float weights
+    assert not getattr(model, "is_quantized", False)
+    with pytest.raises(CheckpointError, match=r"no `quantization_config`.*random.*Restore `quantization_config`"):
+        logits(model, pixels[0])
+
+
+def test_dequantize_is_refused_pointing_to_the_float_checkpoint(vit_w4a4, pixels):
+    _, folder = vit_w4a4
+    model = AutoModelForImageClassification.from_pretrained(folder)
+    before = logits(model, pixels[0])
+    with pytest.raises(NotImplementedError, match=r"cannot be dequantized: .* 4-bit integer codes.*cannot be "
+                                                  r"recovered.*Load the float checkpoint"):
+        model.dequantize()
+    assert model.is_quantized and torch.equal(logits(model, pixels[0]), before)  # left unchanged
+
+
 def test_registration_is_idempotent_and_survives_reload():
     integration.register_quantization_method()
     importlib.reload(optimum_dfq)
