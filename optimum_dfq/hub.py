@@ -184,6 +184,26 @@ def _calibration_text(config: DFQConfig, calibration: Mapping[str, Any]) -> tupl
     return f"{count} user-provided calibration images of unknown origin", False, None
 
 
+def _recipe_note(config: DFQConfig, calibration: Mapping[str, Any], description: str) -> str:
+    """A warning above the recipe when its calibration fields did not make the calibration set.
+
+    `quantize(calibration_dataset=...)` takes images directly (a dataset, a tensor or a saved synthetic set); the
+    config then still holds the default synthesis fields, which a reader would take for what was run.
+    """
+    source = calibration.get("source")
+    if not calibration:
+        return ""
+    if source == "synthetic" and calibration.get("synthesizer", config.synthesizer) == config.synthesizer and (
+            calibration.get("seed", config.seed) == config.seed):
+        return ""
+    if source == "real" and config.calibration_dataset:
+        return ""
+    return (
+        "\nThe calibration images were passed to `quantize()` directly, so this recipe's `synthesizer`, "
+        f"`synthesizer_kwargs`, `calibration_dataset` and `seed` did not make them (they were: {description}).\n"
+    )
+
+
 def build_model_card(
     model: nn.Module,
     repo_id: str,
@@ -298,7 +318,7 @@ predicts exactly like the quantized model that was saved.
 {table}
 
 ## Recipe
-
+{_recipe_note(config, provenance.get("calibration") or {}, calibration)}
 ```yaml
 {config.to_yaml().rstrip()}
 ```

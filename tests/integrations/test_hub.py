@@ -143,6 +143,24 @@ def test_card_of_real_data_calibration_does_not_claim_data_free(cifar_train, ima
     assert "**real images**: 8 from a user-provided dataset" in card.text
     assert "No real image was used" not in card.text
     assert "activations `minmax` (after an activation function `percentile_mse`)" in card.text  # 8-bit ranges
+    assert "so this recipe's `synthesizer`, `synthesizer_kwargs`, `calibration_dataset` and `seed` did not make" \
+        in card.text
+
+
+def test_recipe_is_not_annotated_when_it_made_the_calibration_set(vit_w4a4):
+    qmodel, _ = vit_w4a4
+    assert "did not make them" not in build_model_card(qmodel, "org/synthetic").text
+
+
+def test_recipe_note_for_a_saved_synthetic_set_of_another_seed(image_processor):
+    from optimum_dfq.synthesis import calibration_set_to_dataset, get_synthesizer
+
+    saved = get_synthesizer("gaussian").synthesize(tiny_vit(), 4, seed=3)
+    qmodel = DataFreeViTQuantizer(tiny_vit(), image_processor).quantize(
+        bits="w8a8", calibration_dataset=calibration_set_to_dataset(saved))
+    text = build_model_card(qmodel, "org/saved").text
+    assert "`gaussian` synthesizer" in text and "seed 3" in text
+    assert "did not make them" in text
 
 
 def test_local_base_model_is_never_declared_as_a_hub_model(tmp_path, monkeypatch):
