@@ -1,10 +1,11 @@
 """Synthesize a data-free calibration set on several GPUs (or CPU processes) and save it as a dataset.
 
-The images are cut into batches of `--batch-size` (default `min(32, num_images)`) on a fixed grid and whole
-batches are split over the processes (image `i` depends on the seed, `i` and its batch, never on the number of
-processes, so the set is the same on one GPU or eight for the same `--batch-size`), gathered, and written by the main
-process with `save_calibration_set` (a `datasets` folder; load it with `optimum_dfq.synthesis.load_calibration_set`
-or `datasets.load_from_disk`). A process gets no work when there are fewer batches than processes.
+The images are cut into batches of `--batch-size` (default `min(32, ceil(num_images / processes))`, a batch for
+every process) on a fixed grid and whole batches are split over the processes (image `i` depends on the seed, `i` and
+its batch, so the set is the same on one GPU or eight for the same `--batch-size`: fix it for images that do not
+depend on the number of processes), gathered, and written by the main process with `save_calibration_set` (a
+`datasets` folder; load it with `optimum_dfq.synthesis.load_calibration_set` or `datasets.load_from_disk`). A process
+gets no work when there are fewer batches than processes.
 
     # 8 GPUs, one batch of 32 PSAQ-ViT images each:
     accelerate launch --multi_gpu --num_processes 8 examples/synthesize_multi_gpu.py \\
@@ -34,7 +35,8 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="images per optimisation batch (default min(32, num_images)); changes the images slightly")
+                        help="images per optimisation batch (default min(32, ceil(num_images / processes))); "
+                             "another value changes the images slightly")
     parser.add_argument("--hyperparameters", default="{}", help="JSON overrides of the synthesizer's defaults")
     parser.add_argument("--cache-dir", default=None, help="cache/resume directory shared by all processes")
     parser.add_argument("--output", required=True, help="folder to save the calibration set to")

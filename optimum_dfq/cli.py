@@ -13,6 +13,7 @@ and `export` are not sharded: under a launcher they run on the main process only
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -21,6 +22,10 @@ from pathlib import Path
 
 PROG = "optimum-dfq"
 
+
+BATCH_SIZE_HELP = ("images synthesized together (default: min(32, ceil(num_images / processes)), so that every process "
+                   "gets a batch; fix it to make the images independent of the number of processes: another batch "
+                   "size gives slightly different images)")
 
 def _add_quantize(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -42,6 +47,7 @@ def _add_quantize(subparsers) -> None:
                         help="calibrate on REAL images instead (parquet file, dataset folder or Hub id)")
     parser.add_argument("--calibration-split", default="train", help="split of --calibration-dataset")
     parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="also push the result to this Hub repo")
+    parser.add_argument("--batch-size", type=int, default=None, help=BATCH_SIZE_HELP)
     parser.set_defaults(handler=run_quantize)
 
 
@@ -58,6 +64,7 @@ def _add_synthesize(subparsers) -> None:
                         "(default: the library default, DFQConfig().synthesizer)")
     parser.add_argument("--num-images", type=int, default=32, help="number of images (default 32)")
     parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    parser.add_argument("--batch-size", type=int, default=None, help=BATCH_SIZE_HELP)
     parser.add_argument("--iterations", type=int, default=None,
                         help="total optimisation steps, split over the synthesizer's phases (the first phases get "
                         "one more step when the total does not divide evenly, e.g. 5 -> 3 + 2; default: the paper's, "
@@ -255,6 +262,11 @@ def run_quantize(args: argparse.Namespace) -> int:
         _check_synthesizer_name(args.synthesizer)
     if args.num_images is not None and args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}.")
+    if args.batch_size is not None:
+        if args.calibration_dataset or config.calibration_dataset:
+            raise ValueError("--batch-size sets the synthesis batch size, but this run calibrates on real images; "
+                             "drop --batch-size.")
+        config = config.replace(synthesizer_kwargs={**config.synthesizer_kwargs, "batch_size": args.batch_size})
     _resolve_model(args.model)
 
     # Under a launcher every process runs the same quantize() call, so each takes part in the sharded synthesis
@@ -289,13 +301,20 @@ def run_synthesize(args: argparse.Namespace) -> int:
     if args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}.")
     synthesizer = _build_synthesizer(args.synthesizer, args.iterations)
+    if args.batch_size is not None:
+        if "batch_size" not in inspect.signature(synthesizer.synthesize).parameters:
+            raise ValueError(f"Synthesizer '{synthesizer.name}' does not optimise images in batches; drop "
+                             "--batch-size.")
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}.")
     _resolve_model(args.model)
 
     state = _process_state()
     with state.main_process_first():
         quantizer = _load_quantizer(args.model)
+    extra = {} if args.batch_size is None else {"batch_size": args.batch_size}
     calibration = synthesizer.synthesize(quantizer.model, args.num_images, seed=args.seed,
-                                         image_processor=quantizer.image_processor)
+                                         image_processor=quantizer.image_processor, **extra)
     if state.is_main_process:
         output = Path(args.output_dir)
         save_calibration_set(calibration, output)

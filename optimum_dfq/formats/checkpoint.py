@@ -371,7 +371,8 @@ def check_quantization_config(info: CheckpointInfo, config: DFQConfig) -> None:
     except DFQError as err:
         raise CheckpointError(
             f"The quantization_config recorded in the '{METADATA_KEY}' metadata of the checkpoint is invalid "
-            f"({err}). The file is corrupt; download or save it again."
+            f"({err}), although config.json's is valid: the weights file is damaged or was written by another "
+            "version of optimum-dfq than config.json. Download or save the checkpoint again as a whole."
         ) from err
     current = config.to_dict()
     differing = sorted(key for key in saved.keys() & current.keys() if saved[key] != current[key])

@@ -7,7 +7,8 @@ marks the run complete. The directory must be visible to every process of a mult
 
 Shards are only reused by a run whose batch grid they lie on (see [`SynthesisCache.finished_chunks`]): a shard left by
 a run with another `batch_size` is ignored, never mixed in. Two runs with the same key may share the directory; the
-first to finish saves the set and the other keeps it.
+first to finish saves the set, and the other returns that saved set instead of its own (which may differ slightly if
+its `batch_size` differed), so that every user of the key calibrates on the same images.
 """
 
 from __future__ import annotations

@@ -4,17 +4,20 @@ It cuts the images into batches on a fixed grid of consecutive global indices (`
 hands whole batches to the processes, runs the engine on each batch, caches and resumes per batch, gathers the
 batches and records provenance. Subclasses only say what to optimise for a batch ([`PixelSynthesizer.plan_batch`]).
 
-The grid depends only on `num_images` and `batch_size`, never on the number of processes or on what a resumed run
-has left to do, so one process, several processes and an interrupted-then-resumed run give bit-identical images
-(on the same hardware and software). A different `batch_size` gives slightly different images: every loss term is
-per image, but the floating-point results of a batched forward pass depend on the batch's composition, and the
-optimisation amplifies those differences.
+The grid is fixed when a run starts: by `batch_size` when it is given, otherwise by `num_images` and the number of
+processes (`min(32, ceil(num_images / num_processes))`, so that every process gets a batch). It never depends on what
+a resumed run has left to do. With the same `batch_size`, one process, several processes and an
+interrupted-then-resumed run give bit-identical images (on the same hardware and software). A different
+`batch_size` gives slightly different images: every loss term is per image, but the floating-point results of a
+batched forward pass depend on the batch's composition, and the optimisation amplifies those differences. So pass
+`batch_size` explicitly for images that do not depend on the number of processes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 import os
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -92,6 +95,9 @@ class PixelSynthesizer(Synthesizer):
             value is used for every phase).
         flip_prob (`float`, defaults to 0.5): horizontal-flip probability.
         log_every (`int`, defaults to 50): INFO logging (and loss-history summary) period, in steps.
+        batch_size (`int`, *optional*): the default `batch_size` of [`PixelSynthesizer.synthesize`]; settable here
+            so that `DFQConfig(synthesizer_kwargs={"batch_size": 8})` and recipes can fix it. Not part of the cache
+            key (a finished set is reused whatever its batch size).
 
     Raises:
         `SynthesisError`: if the settings are invalid (checked by [`EngineConfig`]).
@@ -127,7 +133,11 @@ class PixelSynthesizer(Synthesizer):
         jitter: Sequence[int] | int = (15, 30),
         flip_prob: float = 0.5,
         log_every: int = 50,
+        batch_size: int | None = None,
     ) -> None:
+        if batch_size is not None:
+            grid_batch_size(1, batch_size)  # refuses a non-positive or non-integer batch size now, not at synthesis
+        self.batch_size = batch_size
         self.lr = None if lr is None else float(lr)
         self.betas = tuple(float(b) for b in betas)
         self.eps = float(eps)
@@ -216,16 +226,17 @@ class PixelSynthesizer(Synthesizer):
             model (`PreTrainedModel`): a ViT, DeiT or Swin classifier; left unchanged (mode, gradients, device).
             num_images (`int`): how many images.
             seed (`int`, defaults to 0): the run's seed. Image `i` is defined by `(seed, i)` and its batch on the
-                grid `range(0, num_images, batch_size)`: it does not depend on the number of processes nor on
-                interruptions and resumption, but may differ slightly for another `batch_size`.
+                grid `range(0, num_images, batch_size)`: for a given `batch_size` it does not depend on the number of
+                processes nor on interruptions and resumption, but may differ slightly for another `batch_size`.
             image_processor (*optional*): the model's image processor; its mean/std give the valid pixel range.
             image_mean (`Sequence[float]`, *optional*), image_std (`Sequence[float]`, *optional*): explicit
                 normalisation instead of `image_processor`.
             batch_size (`int`, *optional*): images optimised together; the batches are
                 `range(0, num_images, batch_size)` (the last one may be smaller). Every loss term is per image, but
                 the floating-point results of a batched forward pass depend on the batch, so another `batch_size`
-                gives slightly different images. Defaults to `min(32, num_images)`, whatever the number of processes:
-                pass a smaller `batch_size` to give every process a batch.
+                gives slightly different images. Defaults to the synthesizer's `batch_size`, else to
+                `min(32, ceil(num_images / num_processes))`, so that every process gets a batch (the images then
+                depend on the number of processes: pass `batch_size` to make them independent of it).
             state (`accelerate.PartialState`, *optional*): process state; built with `cpu=<no CUDA>` if omitted.
                 Whole batches are split over its processes and gathered on all of them.
             cache_dir (`str` or `PathLike`, *optional*): cache root; a finished run with the same synthesizer,
@@ -265,11 +276,12 @@ class PixelSynthesizer(Synthesizer):
         """
         if not isinstance(num_images, int) or num_images < 1:
             raise SynthesisError(f"num_images must be a positive integer, got {num_images!r}.")
-        batch_size = grid_batch_size(num_images, batch_size)
+        state = resolve_state(state)
+        batch_size = grid_batch_size(num_images, batch_size if batch_size is not None else self.batch_size,
+                                     state.num_processes)
         adapter = get_adapter(model)
         shape = expected_image_shape(model)
         mean, std = normalization_stats(image_processor, image_mean, image_std, shape[0])
-        state = resolve_state(state)
         config = self.engine_config(adapter.windowed)
         material = self._run_material(model, num_images, seed, mean, std, config)
         key = run_fingerprint(material)
@@ -301,9 +313,12 @@ class PixelSynthesizer(Synthesizer):
             raise SynthesisError(f"The assembled calibration set has {len(calibration_set)} images instead of "
                                  f"num_images={num_images}; {type(self).__name__}.finalize must keep every image.")
         if cache is not None:
-            if state.is_main_process:
-                cache.save_complete(calibration_set)
+            saved = broadcast_from_main(state, cache.save_complete(calibration_set) if state.is_main_process else None)
             state.wait_for_everyone()
+            if not saved:  # a concurrent run of the same key finished first: its set is the cached one, use it too
+                _log_main(state, "Another run of the same key finished first; using its set from %s",
+                          cache.complete_path)
+                return cache.load_complete()
         return calibration_set
 
     def _run_chunks(self, info, chunks, seed, config, stats, state, cache, on_batch_end) -> list[BatchRecord]:
@@ -341,8 +356,9 @@ class PixelSynthesizer(Synthesizer):
         Returns:
             `dict[str, Any]`
         """
-        engine = {k: v for k, v in asdict(config).items() if k != "log_every"}
-        return {k: v for k, v in self.hyperparameters().items() if k != "log_every"} | engine
+        ignored = ("log_every", "batch_size")  # recorded in the set's metadata, not part of its identity
+        engine = {k: v for k, v in asdict(config).items() if k not in ignored}
+        return {k: v for k, v in self.hyperparameters().items() if k not in ignored} | engine
 
     def _run_material(self, model, num_images: int, seed: int, mean, std, config: EngineConfig) -> dict[str, Any]:
         material: dict[str, Any] = {}
@@ -405,14 +421,16 @@ def summarize_history(records: list[BatchRecord], every: int) -> dict[str, Any]:
     return summary
 
 
-def grid_batch_size(num_images: int, batch_size: int | None = None) -> int:
-    """The batch size of a run's grid: `batch_size` (at most `num_images`), or `min(32, num_images)` by default.
+def grid_batch_size(num_images: int, batch_size: int | None = None, num_processes: int = 1) -> int:
+    """The batch size of a run's grid: `batch_size` (at most `num_images`), or by default
+    `min(32, ceil(num_images / num_processes))`, so that every process gets a batch.
 
-    It depends only on its arguments, never on the number of processes or on a resumed run's remaining images.
+    It never depends on a resumed run's remaining images.
 
     Args:
         num_images (`int`): images of the run.
         batch_size (`int`, *optional*): the requested batch size.
+        num_processes (`int`, defaults to 1): processes the run is sharded over (used by the default only).
 
     Returns:
         `int`
@@ -423,13 +441,15 @@ def grid_batch_size(num_images: int, batch_size: int | None = None) -> int:
     Example:
         >>> grid_batch_size(100), grid_batch_size(5), grid_batch_size(5, 2), grid_batch_size(5, 8)
         (32, 5, 2, 5)
+        >>> grid_batch_size(32, num_processes=8), grid_batch_size(100, num_processes=2), grid_batch_size(5, 4, 2)
+        (4, 32, 4)
     """
     if batch_size is None:
-        return min(DEFAULT_BATCH_SIZE, num_images)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        return min(DEFAULT_BATCH_SIZE, -(-num_images // max(1, num_processes)))
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise SynthesisError(f"batch_size must be a positive integer, got {batch_size!r}; pass e.g. batch_size=8, or "
                              "None for the default.")
-    return min(batch_size, num_images)
+    return min(int(batch_size), num_images)
 
 
 def batch_grid(num_images: int, batch_size: int) -> list[tuple[int, int]]:
@@ -461,7 +481,8 @@ def _warn_idle_processes(state, num_batches: int, batch_size: int) -> None:
     if state.is_main_process and 0 < num_batches < state.num_processes:
         logger.warning(
             "%d batch(es) of up to %d images to synthesize on %d processes: %d process(es) stay idle. Pass a smaller "
-            "batch_size to use them all (another batch_size gives slightly different images).",
+            "batch_size (DFQConfig(synthesizer_kwargs={'batch_size': n}), or --batch-size) to use them all (another "
+            "batch_size gives slightly different images).",
             num_batches, batch_size, state.num_processes, state.num_processes - num_batches,
         )
 

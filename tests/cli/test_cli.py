@@ -72,7 +72,7 @@ def test_quantize_then_evaluate(model_dir, tmp_path):
     assert data["num_examples"] == 32 and 0.0 <= data["top1"] <= data["top5"] <= 1.0
 
 
-@pytest.mark.parametrize("synthesizer, extra", [("gaussian", []), ("psaq", ["--iterations", "5"])])
+@pytest.mark.parametrize("synthesizer, extra", [("gaussian", []), ("psaq", ["--iterations", "5", "--batch-size", "2"])])
 def test_synthesize_saves_a_dataset_and_a_grid(model_dir, tmp_path, synthesizer, extra):
     from PIL import Image
 
@@ -87,6 +87,7 @@ def test_synthesize_saves_a_dataset_and_a_grid(model_dir, tmp_path, synthesizer,
     if extra:  # 5 steps over psaq's 2 phases: all 5 run (3 + 2), and the stored metadata says so
         assert calibration.metadata["engine"]["iterations"] == [3, 2]
         assert "(5 steps: 3 + 2)" in result.stdout
+        assert calibration.metadata["batch_size"] == 2  # batches 0-2, 2-3
     with Image.open(out / "grid.png") as grid:
         assert grid.size[0] >= 32 and grid.size[1] >= 32
 
@@ -149,6 +150,10 @@ def no_model_loading(monkeypatch):
         (["synthesize", "{model}", "{out}", "--synthesizer", "dreams"], "Unknown synthesizer 'dreams'"),
         (["synthesize", "{model}", "{out}", "--synthesizer", "gaussian", "--iterations", "4"], "drop --iterations"),
         (["synthesize", "{model}", "{out}", "--synthesizer", "psaq", "--iterations", "1"], "at least 2"),
+        (["synthesize", "{model}", "{out}", "--synthesizer", "gaussian", "--batch-size", "2"], "drop --batch-size"),
+        (["synthesize", "{model}", "{out}", "--synthesizer", "psaq", "--batch-size", "0"], "--batch-size must be at"),
+        (["quantize", "{model}", "{out}", "--calibration-dataset", "x.parquet", "--batch-size", "2"],
+         "calibrates on real images; drop --batch-size"),
         (["synthesize", "{missing}", "{out}"], "no model folder at {missing}"),
         (["quantize", "./missing-model", "{out}"], "no model folder at {tmp}/missing-model"),
         (["quantize", "~/surely-missing-model-folder", "{out}"], "no model folder at {home}/surely-missing"),
@@ -225,6 +230,7 @@ def test_synthesize_under_torchrun_writes_and_prints_once(model_dir, tmp_path):
     calibration = load_calibration_set(out)
     assert calibration.pixel_values.shape == (4, 3, 32, 32)
     assert calibration.metadata["engine"]["iterations"] == [1, 1]
+    assert calibration.metadata["batch_size"] == 2 and "stay idle" not in result.stderr  # a batch for each process
 
 
 @pytest.mark.slow

@@ -206,3 +206,34 @@ def test_another_lr_still_changes_the_key(tmp_path, monkeypatch):
     calls = _count_optimisations(monkeypatch)
     get_synthesizer("psaq", **dict(FAST, lr=0.1)).synthesize(model, 2, seed=0, cache_dir=tmp_path, **NORM)
     assert calls
+
+
+def test_batch_size_set_on_the_synthesizer_is_used_and_not_part_of_the_key(tmp_path, monkeypatch):
+    calls = _count_optimisations(monkeypatch)
+    model = tiny_vit()
+    first = get_synthesizer("psaq", batch_size=2, **FAST).synthesize(model, 4, seed=0, cache_dir=tmp_path, **NORM)
+    assert calls == [[0, 1], [2, 3]] and first.metadata["batch_size"] == 2
+    again = get_synthesizer("psaq", **FAST).synthesize(model, 4, seed=0, cache_dir=tmp_path, **NORM)
+    assert len(calls) == 2 and torch.equal(again.pixel_values, first.pixel_values)  # loaded, not recomputed
+    explicit = get_synthesizer("psaq", batch_size=2, **FAST).synthesize(model, 4, seed=0, batch_size=4, **NORM)
+    assert calls[-1] == [0, 1, 2, 3] and explicit.metadata["batch_size"] == 4  # the call's batch_size wins
+    for bad in (0, 1.5, True):
+        with pytest.raises(SynthesisError, match="batch_size must be a positive integer"):
+            get_synthesizer("psaq", batch_size=bad)
+
+
+def test_a_run_that_finishes_second_returns_the_set_of_the_first(tmp_path):
+    model, finished_first = tiny_vit(), []
+
+    def concurrent_run_finishes_meanwhile(record):
+        if not finished_first:  # another process of the same key (other batch size) completes during this run
+            finished_first.append(get_synthesizer("psaq", **FAST).synthesize(
+                model, 4, seed=0, batch_size=4, cache_dir=tmp_path, **NORM))
+
+    second = get_synthesizer("psaq", **FAST).synthesize(model, 4, seed=0, batch_size=2, cache_dir=tmp_path,
+                                                         on_batch_end=concurrent_run_finishes_meanwhile, **NORM)
+    (first,) = finished_first
+    assert second.metadata["batch_size"] == first.metadata["batch_size"] == 4
+    assert torch.equal(second.pixel_values, first.pixel_values)
+    assert torch.equal(SynthesisCache(tmp_path, first.metadata["cache_key"]).load_complete().pixel_values,
+                       second.pixel_values)

@@ -18,7 +18,7 @@ from synth_helpers import BUILDERS, FAST, NORM, one_thread  # noqa: F401
 from optimum_dfq.synthesis import get_synthesizer
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
-#: More than the default batch size (32), so that both processes get a batch of the grid (0-32, 32-34).
+#: On 2 processes the default batch size is ceil(34 / 2) = 17: grid 0-17, 17-34, a batch for each process.
 NUM_IMAGES = 34
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -38,27 +38,28 @@ def _torchrun(out: Path, *worker_args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env, capture_output=True, text=True, check=False, timeout=300)
 
 
-def _reference(name: str, num_images: int):
-    return get_synthesizer(name, **FAST).synthesize(BUILDERS[CASES[name]](), num_images, seed=0, **NORM)
+def _reference(name: str, num_images: int, batch_size: int | None = None):
+    return get_synthesizer(name, **FAST).synthesize(BUILDERS[CASES[name]](), num_images, seed=0,
+                                                    batch_size=batch_size, **NORM)
 
 
-def test_two_processes_match_one_process(tmp_path):
+def test_two_processes_share_the_default_grid_and_match_one_process_with_its_batch_size(tmp_path):
     result = _torchrun(tmp_path, "--num-images", str(NUM_IMAGES))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     for name in CASES:
         assert ranks[0][name]["num_processes"] == 2 and ranks[1][name]["num_processes"] == 2
-        # Default batch size min(32, num_images), whatever the number of processes; each process runs whole batches.
-        assert ranks[0][name]["batches"] == [[0, 32]] and ranks[1][name]["batches"] == [[32, 34]]
+        # The default batch size gives every process a batch; one process with that batch size makes the same images.
+        assert ranks[0][name]["batches"] == [[0, 17]] and ranks[1][name]["batches"] == [[17, 34]]
         gathered = load_file(str(tmp_path / f"{name}.safetensors"))
-        reference = _reference(name, NUM_IMAGES)
+        reference = _reference(name, NUM_IMAGES, batch_size=17)
         assert torch.equal(gathered["pixel_values"], reference.pixel_values), name
         assert torch.equal(gathered["labels"], reference.labels), name
 
 
 def test_interrupted_two_process_run_resumes_to_the_one_process_images(tmp_path):
-    num_images, cache = 70, tmp_path / "cache"  # grid 0-32, 32-64, 64-70: rank 0 gets two batches, rank 1 one
+    num_images, cache = 70, tmp_path / "cache"  # grid 0-32, 32-64, 64-70 (batch min(32, 35)): rank 0 gets two batches
     interrupted = _torchrun(tmp_path, "--num-images", str(num_images), "--names", "psaq", "--cache-dir", str(cache),
                             "--interrupt")
     assert interrupted.returncode != 0 and "simulated interruption" in interrupted.stderr + interrupted.stdout
