@@ -167,7 +167,8 @@ class DFQConfig(QuantizationConfigMixin):
             W8A8 graph to integer QDQ (0.40x).
         calibration_order (`str`, defaults to `"sequential"`): `"sequential"` calibrates each quantizer on inputs
             produced by the already-quantized prefix of the network (RepQ-ViT's behaviour, the whole calibration set
-            in one forward pass); `"parallel"` observes every quantizer on the float network, in batches.
+            in one forward pass); `"parallel"` observes every activation quantizer on the weight-quantized network with
+            float activations, in batches.
         calibration_batch_size (`int`, defaults to 32): batch size of forward passes in `"parallel"` calibration.
         synthesizer (`str`, defaults to `"dfq-vit"`): name of the calibration-image synthesizer. The default is the
             source the accuracy benchmark (`benchmarks/results/accuracy.md`) shows best among the data-free ones;

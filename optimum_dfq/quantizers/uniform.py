@@ -37,6 +37,8 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+_MIN_SCALE = 1e-8
+
 class UniformQuantizer(Quantizer):
     """Uniform affine fake-quantizer: `q = clamp(round(x / s) + z, 0, 2^b - 1)`, `x̂ = (q - z) · s`.
 
@@ -105,14 +107,20 @@ class UniformQuantizer(Quantizer):
         return p.view(shape)
 
     def _params_from_range(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.include_zero:
-            lo, hi = torch.clamp(lo, max=0), torch.clamp(hi, min=0)
+        # A constant channel (lo == hi, e.g. a LayerNorm output with gamma = 0) would get the floor scale 1e-8 and a
+        # zero point of -lo * 1e8, which wrecks layer-wise statistics of zero points (RepQ-ViT's scale selectors);
+        # its range is widened to include 0 instead, which represents the constant exactly.
+        degenerate = (hi - lo) <= _MIN_SCALE * self.qmax
+        if self.include_zero or bool(degenerate.any()):
+            widen = torch.ones_like(degenerate) if self.include_zero else degenerate
+            lo = torch.where(widen, torch.clamp(lo, max=0), lo)
+            hi = torch.where(widen, torch.clamp(hi, min=0), hi)
         if self.symmetric:
             bound = torch.maximum(lo.abs(), hi.abs())
-            scale = (bound / (self.qmax / 2)).clamp(min=1e-8)
+            scale = (bound / (self.qmax / 2)).clamp(min=_MIN_SCALE)
             zero_point = torch.full_like(scale, float(2 ** (self.bits - 1)))
         else:
-            scale = ((hi - lo) / self.qmax).clamp(min=1e-8)
+            scale = ((hi - lo) / self.qmax).clamp(min=_MIN_SCALE)
             zero_point = torch.round(-lo / scale)
         return scale, zero_point
 

@@ -184,3 +184,27 @@ def test_a_registered_selector_is_selectable_by_name_and_its_name_is_protected(t
     """)
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout.strip().endswith("test_first")
+
+
+@pytest.mark.parametrize("selector", ["mean", "mad", "median"])
+def test_a_constant_layernorm_channel_does_not_wreck_the_layer_zero_point(selector):
+    from optimum_dfq import DataFreeViTQuantizer
+
+    def quantized_error(dead_channel: bool) -> tuple[float, torch.Tensor]:
+        model = tiny_vit()
+        norm = model.vit.layers[0].layernorm_after
+        with torch.no_grad():
+            norm.weight.copy_(1 + 0.3 * torch.randn(norm.weight.shape, generator=torch.Generator().manual_seed(1)))
+            if dead_channel:  # gamma = 0: the channel is the constant beta, as in a pruned model
+                norm.weight[3], norm.bias[3] = 0.0, 0.5
+        config = DFQConfig(bits="w4a4", synthesizer="gaussian", num_images=16, scale_selector=selector)
+        qmodel = DataFreeViTQuantizer().quantize(model, config=config)
+        pixels = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            error = float((qmodel(pixel_values=pixels).logits - model(pixel_values=pixels).logits).pow(2).mean())
+        return error, qmodel.vit.layers[0].layernorm_after.output_quantizer.zero_point
+
+    normal, _ = quantized_error(dead_channel=False)
+    dead, zero_point = quantized_error(dead_channel=True)
+    assert 0 <= float(zero_point) <= 15
+    assert dead < 3 * normal, (dead, normal)

@@ -121,3 +121,18 @@ def test_include_zero_keeps_zero_exact_and_the_zero_point_in_range():
         quantizer.set_mode("quantize")
     assert plain.zero_point < 0  # the lower percentile is positive: 0 is outside the plain range
     assert with_zero.zero_point == 0 and with_zero(torch.zeros(3)).eq(0).all()
+
+
+@pytest.mark.parametrize("observer", ["minmax", "percentile_mse"])
+def test_a_constant_channel_gets_a_range_through_zero_not_a_huge_zero_point(observer):
+    x = torch.randn(256, 4)
+    x[:, 1] = 0.5  # e.g. a LayerNorm output channel with gamma = 0 and beta = 0.5
+    x[:, 2] = 0.0
+    q = UniformQuantizer(bits=4, channels=4, axis=-1, observer=observer)
+    q.set_mode("observe")
+    q(x)
+    q.calibrate()
+    q.set_mode("quantize")
+    assert bool(((q.zero_point >= 0) & (q.zero_point <= q.qmax)).all()), q.zero_point
+    out = q(x)
+    assert torch.equal(out[:, 1], x[:, 1]) and torch.equal(out[:, 2], x[:, 2])  # the constants are exact levels
