@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .calibration.data import expected_image_shape, image_column, image_mode, label_column
+from .calibration.data import expected_image_shape, image_column, image_mode, is_streaming_dataset, label_column
 from .errors import DFQError, ImageSizeError
 
 METRIC_PATH = Path(__file__).parent / "metrics" / "top_k_accuracy"
@@ -80,7 +80,7 @@ def predict_top_k(
     """
     if image_processor is None:
         raise DFQError("Evaluation needs the model's image processor (AutoImageProcessor.from_pretrained(...)).")
-    if _is_streaming(dataset):
+    if is_streaming_dataset(dataset):
         raise DFQError(
             "The evaluation dataset is a streaming datasets.IterableDataset; load the split without streaming=True "
             "(or materialise it: `Dataset.from_list(list(dataset.take(n)), features=dataset.features)`)."
@@ -136,7 +136,7 @@ def evaluate_accuracy(
         >>> evaluate_accuracy(model, load_dataset("cifar10", split="test"), processor)  # doctest: +SKIP
         {'top1': 0.7512, 'top5': 0.9801, 'num_examples': 10000}
     """
-    if _is_streaming(dataset):
+    if is_streaming_dataset(dataset):
         raise DFQError("The evaluation dataset is a streaming datasets.IterableDataset; load it without "
                        "streaming=True.")
     if len(dataset) == 0:
@@ -155,8 +155,3 @@ def evaluate_accuracy(
     results["num_examples"] = len(references)
     return results
 
-
-def _is_streaming(dataset: Any) -> bool:
-    import datasets
-
-    return isinstance(dataset, datasets.IterableDataset)

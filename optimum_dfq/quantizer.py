@@ -14,7 +14,7 @@ from transformers import PreTrainedModel
 
 from .calibration import CalibrationSet, calibration_set_from_dataset, quantize_model, resolve_input_range
 from .calibration.convert import check_convertible
-from .calibration.data import expected_image_shape, load_image_dataset
+from .calibration.data import expected_image_shape, is_streaming_dataset, load_image_dataset
 from .calibration.reparam import get_scale_selector
 from .config import DFQConfig
 from .errors import CalibrationError, ConfigError
@@ -235,7 +235,7 @@ class DataFreeViTQuantizer(OptimumQuantizer):
         elif isinstance(calibration_dataset, torch.Tensor):
             calibration = CalibrationSet(pixel_values=calibration_dataset)  # refuses raw (integer) pixels
             calibration.pixel_values = calibration.pixel_values.float()
-        elif _is_streaming(calibration_dataset):
+        elif is_streaming_dataset(calibration_dataset):
             raise CalibrationError(
                 "calibration_dataset is a streaming datasets.IterableDataset, whose images cannot be counted or "
                 "sampled with a seed. Take the images first: `Dataset.from_list(list(dataset.take(n)))`, with the "
@@ -298,11 +298,6 @@ def _check_finite_parameters(model: PreTrainedModel) -> None:
                 "quantized model of it. Check the checkpoint (or the training run that wrote it)."
             )
 
-
-def _is_streaming(dataset: Any) -> bool:
-    import datasets
-
-    return isinstance(dataset, datasets.IterableDataset)
 
 
 def _float32_copy(model: PreTrainedModel) -> PreTrainedModel:

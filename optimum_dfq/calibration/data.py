@@ -139,6 +139,13 @@ def label_column(dataset) -> str | None:
     return None
 
 
+def is_streaming_dataset(dataset: Any) -> bool:
+    """Whether `dataset` is a streaming `datasets.IterableDataset` (no length, no seeded sampling)."""
+    import datasets
+
+    return isinstance(dataset, datasets.IterableDataset)
+
+
 def image_mode(num_channels: int) -> str:
     """The PIL mode images are converted to before preprocessing for a model with `num_channels` input channels.
 
