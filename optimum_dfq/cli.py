@@ -392,7 +392,9 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
         return handler(args)
     except _user_errors() as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+        # Under torchrun / accelerate launch every process may hit the error: say which one printed it.
+        rank = f"[rank {os.environ.get('RANK', '?')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"{PROG}: error: {rank}{message}", file=sys.stderr)
         return 2
 
 

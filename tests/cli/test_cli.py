@@ -245,3 +245,21 @@ def test_quantize_under_torchrun_saves_and_prints_once(model_dir, tmp_path):
     assert len(lines) == 1 and "w8a8 with 4 calibration images from 'psaq'" in lines[0], result.stdout
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["num_images"] == 4
+
+
+def test_errors_under_a_launcher_name_the_rank(monkeypatch, capsys):
+    import argparse
+
+    from optimum_dfq.cli import dispatch
+    from optimum_dfq.errors import ConfigError
+
+    def failing(args):
+        raise ConfigError("bad recipe")
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert dispatch(argparse.Namespace(handler=failing)) == 2
+    assert capsys.readouterr().err.strip() == "optimum-dfq: error: [rank 1] bad recipe"
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert dispatch(argparse.Namespace(handler=failing)) == 2
+    assert capsys.readouterr().err.strip() == "optimum-dfq: error: bad recipe"
