@@ -123,19 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------- handlers
-def _looks_like_local_path(model: str) -> bool:
-    """Whether `model` can only be meant as a local path (it cannot be a Hub id such as `"org/name"`)."""
-    if model.startswith(("/", ".", "~")) or (os.altsep and os.altsep in model) or model.endswith(os.sep):
-        return True
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(model)
-    except HFValidationError:
-        return True
-    return False
-
-
 def _resolve_model(model: str) -> str:
     """Checks the MODEL argument before anything is loaded and returns what to pass to `from_pretrained`.
 
@@ -166,7 +153,9 @@ def _resolve_model(model: str) -> str:
         raise NotADirectoryError(
             f"{model} is a file; pass the model folder that holds config.json and the weights instead{hint}."
         )
-    if _looks_like_local_path(model):
+    from .hub import looks_like_local_path
+
+    if looks_like_local_path(model):
         raise FileNotFoundError(
             f"no model folder at {path.absolute()}; check the path, or pass a Hub id such as "
             "facebook/deit-small-patch16-224."

@@ -436,6 +436,7 @@ class DFQConfig(QuantizationConfigMixin):
         return type(self).from_dict(data)
 
 
+@functools.cache
 def _unique_key_loader() -> type:
     import yaml
 

@@ -53,6 +53,14 @@ def _labels(dataset, num_labels: int) -> list[int]:
     return labels
 
 
+def _refuse_streaming(dataset) -> None:
+    if is_streaming_dataset(dataset):
+        raise DFQError(
+            "The evaluation dataset is a streaming datasets.IterableDataset; load the split without streaming=True "
+            "(or materialise it: `Dataset.from_list(list(dataset.take(n)), features=dataset.features)`)."
+        )
+
+
 @torch.no_grad()
 def predict_top_k(
     model, dataset, image_processor, k: int = 5, batch_size: int = 64, progress: bool = True
@@ -80,11 +88,7 @@ def predict_top_k(
     """
     if image_processor is None:
         raise DFQError("Evaluation needs the model's image processor (AutoImageProcessor.from_pretrained(...)).")
-    if is_streaming_dataset(dataset):
-        raise DFQError(
-            "The evaluation dataset is a streaming datasets.IterableDataset; load the split without streaming=True "
-            "(or materialise it: `Dataset.from_list(list(dataset.take(n)), features=dataset.features)`)."
-        )
+    _refuse_streaming(dataset)
     images_col = image_column(dataset)
     labels = _labels(dataset, model.config.num_labels)
     expected = expected_image_shape(model)
@@ -136,9 +140,7 @@ def evaluate_accuracy(
         >>> evaluate_accuracy(model, load_dataset("cifar10", split="test"), processor)  # doctest: +SKIP
         {'top1': 0.7512, 'top5': 0.9801, 'num_examples': 10000}
     """
-    if is_streaming_dataset(dataset):
-        raise DFQError("The evaluation dataset is a streaming datasets.IterableDataset; load it without "
-                       "streaming=True.")
+    _refuse_streaming(dataset)
     if len(dataset) == 0:
         raise DFQError("The evaluation dataset is empty.")
     if any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in top_k):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -111,8 +110,32 @@ def _bits_rows(config: DFQConfig) -> list[tuple[str, str]]:
     return rows
 
 
+def looks_like_local_path(name: str) -> bool:
+    """Whether `name` can only be meant as a local path: it starts with `/`, `.` or `~`, or is no valid Hub id.
+
+    Args:
+        name (`str`): a model argument or `name_or_path`.
+
+    Returns:
+        `bool`
+
+    Example:
+        >>> looks_like_local_path("./models/vit"), looks_like_local_path("a/b/c"), looks_like_local_path("org/vit")
+        (True, True, False)
+    """
+    if name.startswith(("/", ".", "~")) or (os.altsep and os.altsep in name) or name.endswith(os.sep):
+        return True
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return False
+
+
 def hub_repo_id(name: str | os.PathLike | None) -> str | None:
-    """`name` when it looks like a Hub repository id (`"org/name"`) and is not an existing local path, else `None`.
+    """`name` when it is a Hub repository id (`"org/name"`) and not an existing local path, else `None`.
 
     `quantize()` records the float model's `name_or_path` through this, so a model loaded from a local folder (even a
     relative `"models/vit"`, which looks like a repository id) is never declared as the card's `base_model`.
@@ -130,12 +153,9 @@ def hub_repo_id(name: str | os.PathLike | None) -> str | None:
     if name is None:
         return None
     name = os.fspath(name)
-    if name and re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.startswith(".") and not os.path.exists(name):
+    if "/" in name and not looks_like_local_path(name) and not os.path.exists(name):
         return name
     return None
-
-
-_hub_id = hub_repo_id
 
 
 def _source_processor_config(model: nn.Module) -> Path | None:
@@ -236,7 +256,7 @@ def build_model_card(
     config = _config_of(model)
     hf_quantizer = getattr(model, "hf_quantizer", None)
     provenance = getattr(hf_quantizer, "provenance", None) or {}
-    base_model = base_model or _hub_id(provenance.get("base_model"))
+    base_model = base_model or hub_repo_id(provenance.get("base_model"))
     if eval_results is None:
         eval_results = getattr(hf_quantizer, "eval_results", None)
     eval_results = list(eval_results or [])

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..config import DFQConfig
@@ -171,8 +172,6 @@ def pixel_normalization(image_processor: Any | None) -> tuple[PixelNormalization
     mean, std = getattr(image_processor, "image_mean", None), getattr(image_processor, "image_std", None)
     if mean is None or std is None:
         return None, "the image processor has no image_mean/image_std"
-    # transformers accepts one float for every channel as well as a per-channel list.
-    mean, std = ([v] if isinstance(v, (int, float)) else list(v) for v in (mean, std))
     return (mean, std), ""
 
 
@@ -218,10 +217,9 @@ def input_quantizer(config: DFQConfig, channels: int, normalization: PixelNormal
         return activation_quantizer(config, bits=config.input_bits)
     quantizer = PixelGridQuantizer(bits=config.input_bits, channels=channels)
     if normalization is not None:
-        mean, std = normalization
-        mean = list(mean) * channels if len(mean) == 1 else mean
-        std = list(std) * channels if len(std) == 1 else std
-        quantizer.set_normalization(mean, std)
+        # transformers' image processors take one value for all channels (a number or a one-element list) too
+        mean, std = (torch.as_tensor(v, dtype=torch.float32).flatten() for v in normalization)
+        quantizer.set_normalization(*(t.expand(channels) if t.numel() == 1 else t for t in (mean, std)))
     return quantizer
 
 
