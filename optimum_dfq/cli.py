@@ -92,13 +92,13 @@ def _add_export(subparsers) -> None:
         "export",
         help="export a quantized model to ONNX (QDQ activations, integer weights) and report what runs in integer",
         description="Export the quantized model MODEL_DIR to OUTPUT (.onnx) for ONNX Runtime: uniform quantizers "
-        "become QuantizeLinear/DequantizeLinear, Linear weights int8 constants (or 4-bit MatMulNBits), the rest "
+        "become QuantizeLinear/DequantizeLinear, Linear weights integer constants (or 4-bit MatMulNBits), the rest "
         "float ops. Prints the export report and writes it next to OUTPUT as JSON.",
     )
     parser.add_argument("model", help="a quantized optimum_dfq checkpoint (folder or Hub id)")
     parser.add_argument("output", help="the .onnx file to write")
     parser.add_argument("--no-int4-weights", action="store_true",
-                        help="store <=4-bit weights in int8 containers (integer matmul) instead of MatMulNBits")
+                        help="store <=4-bit weights in 8-bit containers (integer matmul) instead of MatMulNBits")
     parser.add_argument("--block-size", type=int, default=128, help="MatMulNBits block size (power of two >= 16)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset of the default domain")
     parser.set_defaults(handler=run_export)

@@ -5,11 +5,13 @@ The exported graph is what ONNX Runtime needs to run int8 kernels on CPU:
 * every **uniform activation quantizer** (post-LayerNorm outputs, Linear inputs, the image, Q, K and V of attention,
   a uniform post-softmax quantizer) becomes `QuantizeLinear → DequantizeLinear` with a uint8 container (codes of
   fewer than 8 bits get a `Clip` before `QuantizeLinear`, which is exact);
-* every **Linear** weight becomes an int8 constant feeding `DequantizeLinear → MatMul` (ONNX Runtime fuses the
+* every **Linear** weight becomes an integer constant feeding `DequantizeLinear → MatMul` (ONNX Runtime fuses the
   `DQ(activation), DQ(weight) → MatMul` pattern into an integer matmul), or, for weights of at most 4 bits and
   `weight_only_int4=True`, ONNX Runtime's `com.microsoft::MatMulNBits` with the weight packed two codes per byte
   (size first: the 4-bit weights stay 4-bit in the file, the matmul itself runs in float);
-* the patch-embedding **Conv2d** weight becomes an int8 constant through `DequantizeLinear`;
+* the patch-embedding **Conv2d** weight becomes an integer constant through `DequantizeLinear`;
+* integer weight constants are uint8 for 8-bit codes and int8 centred on zero for narrower ones: ONNX Runtime's
+  uint8 × int8 kernels saturate on x86 CPUs without VNNI when an int8 code lies outside [-64, 63];
 * quantizers ONNX cannot express as QDQ (log2, log-√2, TanQ post-softmax; the pixel-grid image input, whose
   per-channel zero points are fractional; uniform quantizers whose zero point falls outside the code range) are
   exported as the float operations that emulate them (`Log`, `Round`, `Clip`, `Pow`...): numerically the same as
@@ -87,7 +89,7 @@ class QuantizerExport:
         kind (`str`): quantizer kind (`uniform`, `log2`, `log_sqrt2`, `tanq`, `pixel_grid`...), or `"correction"`.
         bits (`int`): its bit width (32 for a correction matrix).
         role (`str`): `"weight"` or `"activation"` (corrections count as activations).
-        lowering (`str`): the ONNX construct that expresses it, e.g. `"int8 DequantizeLinear -> MatMul"`,
+        lowering (`str`): the ONNX construct that expresses it, e.g. `"uint8 DequantizeLinear -> MatMul"`,
             `"QuantizeLinear/DequantizeLinear uint8"`, `"float emulation"`, or `"off"` for a disabled quantizer.
         integer (`bool`): whether the exported graph hands this quantizer's values to ONNX Runtime as integers.
         note (`str`, defaults to `""`): why a quantizer stayed in float, when it did (`"disabled"` when off).
@@ -198,10 +200,19 @@ def _weight_codes(module: QLinear | QConv2d) -> torch.Tensor:
     return quantizer.codes(module.weight.detach())
 
 
-def _int8_codes(codes: np.ndarray, zero_point: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Unsigned codes `0 .. 2^bits - 1` → int8 container (shifted by 128 only when all 8 bits are used)."""
-    shift = 128 if bits == 8 else 0
-    return (codes.astype(np.int16) - shift).astype(np.int8), (zero_point.astype(np.int16) - shift).astype(np.int8)
+def _integer_container(codes: np.ndarray, zero_point: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """Unsigned codes `0 .. 2^bits - 1` → the ONNX integer container: uint8 for 8-bit codes, int8 centred on 0 below.
+
+    ONNX Runtime's uint8 × int8 kernels on x86 CPUs without VNNI (AVX2) add pairs of products in int16 with
+    saturation, so int8 weight codes beyond [-64, 63] can silently change the result of a fused integer matmul.
+    8-bit codes therefore go into uint8 (uint8 × uint8 kernels widen before multiplying), narrower codes into int8
+    shifted to `-2^(bits-1) .. 2^(bits-1) - 1`, which never saturates and keeps the faster uint8 × int8 kernels.
+    """
+    if bits == 8:
+        return codes.astype(np.uint8), zero_point.astype(np.uint8), "uint8"
+    shift = 1 << (bits - 1)
+    return ((codes.astype(np.int16) - shift).astype(np.int8), (zero_point.astype(np.int16) - shift).astype(np.int8),
+            "int8")
 
 
 def _check_weight_quantizer(module: QLinear | QConv2d, name: str) -> UniformQuantizer:
@@ -234,7 +245,7 @@ def _linear_spec(module: QLinear, name: str, weight_only_int4: bool, block_size:
             packed, scales, zps, module.in_features, module.out_features, 4, block_size, bias, weight
         )
         return spec, f"MatMulNBits (4-bit container, block {block_size})"
-    codes8, zp8 = _int8_codes(codes, zero_point, quantizer.bits)
+    codes8, zp8, container = _integer_container(codes, zero_point, quantizer.bits)
     spec = IntWeightSpec(
         codes=np.ascontiguousarray(codes8.T),  # [K, N]: the right operand of MatMul
         scale=scale.copy(),
@@ -243,15 +254,17 @@ def _linear_spec(module: QLinear, name: str, weight_only_int4: bool, block_size:
         bias=bias,
         weight=weight,
     )
-    return spec, "int8 DequantizeLinear -> MatMul"
+    return spec, f"{container} DequantizeLinear -> MatMul"
 
 
-def _conv_spec(module: QConv2d, name: str) -> ConvSpec:
+def _conv_spec(module: QConv2d, name: str) -> tuple[ConvSpec, str]:
     quantizer = _check_weight_quantizer(module, name)
     if module.padding_mode != "zeros" or isinstance(module.padding, str):
         raise DFQError(f"{name}: only zero padding with explicit sizes can be exported.")
     codes = _weight_codes(module).cpu().numpy()
-    codes8, zp8 = _int8_codes(codes, quantizer.zero_point.detach().cpu().numpy().astype(np.int64), quantizer.bits)
+    codes8, zp8, container = _integer_container(
+        codes, quantizer.zero_point.detach().cpu().numpy().astype(np.int64), quantizer.bits
+    )
     weight = IntWeightSpec(
         codes=codes8,
         scale=quantizer.scale.detach().cpu().float().numpy().copy(),
@@ -260,7 +273,8 @@ def _conv_spec(module: QConv2d, name: str) -> ConvSpec:
         bias=None if module.bias is None else module.bias.detach().cpu().float().numpy().copy(),
         weight=module.quantized_weight().detach().float().cpu(),
     )
-    return ConvSpec(weight, tuple(module.stride), tuple(module.padding), tuple(module.dilation), module.groups)
+    spec = ConvSpec(weight, tuple(module.stride), tuple(module.padding), tuple(module.dilation), module.groups)
+    return spec, f"{container} DequantizeLinear -> Conv"
 
 
 # ---------------------------------------------------------------------------------------------------- forwards
@@ -315,7 +329,7 @@ def _lowered(model: nn.Module, weight_only_int4: bool, block_size: int) -> Itera
             spec, lowering = _linear_spec(module, name, weight_only_int4, block_size)
             module.forward = types.MethodType(_linear_forward(spec), module)
         elif isinstance(module, QConv2d):
-            spec, lowering = _conv_spec(module, name), "int8 DequantizeLinear -> Conv"
+            spec, lowering = _conv_spec(module, name)
             module.forward = types.MethodType(_conv_forward(spec), module)
         else:
             continue
@@ -418,7 +432,7 @@ def to_onnx(
         path (`str` or `os.PathLike`): the `.onnx` file to write.
         weight_only_int4 (`bool`, defaults to `True`): Linear weights of at most 4 bits go through ONNX Runtime's
             `com.microsoft::MatMulNBits` (packed 4-bit in the file; float matmul). With `False` they are stored in
-            int8 containers like 5..8-bit weights (integer matmul, no size gain over 8 bits).
+            8-bit containers like 5..8-bit weights (integer matmul, no size gain over 8 bits).
         block_size (`int`, defaults to 128): `MatMulNBits` block size (a power of two >= 16); per-channel scales are
             repeated over the blocks of a row, so any value is exact.
         opset (`int`, defaults to 17): ONNX opset of the default domain.

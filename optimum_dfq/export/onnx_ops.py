@@ -68,15 +68,15 @@ class ActivationQDQ(torch.autograd.Function):
 
 @dataclass
 class IntWeightSpec:
-    """An integer weight `w = (codes - zero_point) · scale` stored as int8 (codes of up to 8 bits).
+    """An integer weight `w = (codes - zero_point) · scale` (codes of up to 8 bits).
 
-    `codes` are the weight quantizer's unsigned codes shifted by 128 when they need all 8 bits, so that they fit
-    int8, the weight type ONNX Runtime's integer matmul kernels prefer.
+    `codes` are the weight quantizer's unsigned codes, kept as uint8 when they need all 8 bits and shifted into int8
+    centred on zero otherwise (see `optimum_dfq.export.onnx._integer_container` for why).
     """
 
-    codes: np.ndarray  # int8, layout of the ONNX operand
+    codes: np.ndarray  # uint8 or int8, layout of the ONNX operand
     scale: np.ndarray  # float32, () or (channels,)
-    zero_point: np.ndarray  # int8
+    zero_point: np.ndarray  # same dtype as codes
     axis: int | None
     bias: np.ndarray | None
     weight: torch.Tensor  # the dequantized float weight in PyTorch layout (forward only)
@@ -98,7 +98,7 @@ def _reference_linear(x: torch.Tensor, spec: IntWeightSpec | NBitsWeightSpec) ->
 
 
 class IntWeightLinear(torch.autograd.Function):
-    """`F.linear` with an int8 weight: `DequantizeLinear(codes[K, N], axis=1) → MatMul → Add(bias)`."""
+    """`F.linear` with an integer weight: `DequantizeLinear(codes[K, N], axis=1) → MatMul → Add(bias)`."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, spec: IntWeightSpec) -> torch.Tensor:
@@ -120,7 +120,7 @@ class ConvSpec:
 
 
 class IntWeightConv2d(torch.autograd.Function):
-    """`F.conv2d` with an int8 weight: `DequantizeLinear(codes[O, I, kh, kw], axis=0) → Conv`."""
+    """`F.conv2d` with an integer weight: `DequantizeLinear(codes[O, I, kh, kw], axis=0) → Conv`."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:

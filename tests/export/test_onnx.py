@@ -85,6 +85,35 @@ def test_four_bit_weights_are_packed_with_matmul_nbits(calibration, tmp_path):
                                _run(tmp_path / "int8.onnx", calibration[:4]), atol=1e-4)
 
 
+def _dequantized_weight_codes(path) -> list[np.ndarray]:
+    """The integer constants that feed a `DequantizeLinear` directly (weights; activations come from QuantizeLinear)."""
+    graph = onnx.load(path).graph
+    constants = {init.name: onnx.numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            constants[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
+    return [constants[node.input[0]] for node in graph.node
+            if node.op_type == "DequantizeLinear" and node.input[0] in constants]
+
+
+@pytest.mark.parametrize("weight_bits", [8, 7, 6, 4])
+def test_integer_weights_cannot_saturate_u8s8_kernels(weight_bits, calibration, tmp_path):
+    """ONNX Runtime's uint8 x int8 kernels on x86 CPUs without VNNI (AVX2) add pairs of products in int16 with
+    saturation, so an int8 weight code beyond [-64, 63] can silently change the result (seen here: top-1 agreement
+    0.5 on an AVX2 CPU). 8-bit codes must therefore be stored as uint8 (uint8 x uint8 kernels widen first), narrower
+    ones as int8 centred on zero. Checked on the file, so it holds whatever CPU runs the test."""
+    qmodel = _quantize("vit", f"w{weight_bits}a8", calibration)
+    to_onnx(qmodel, tmp_path / "model.onnx", weight_only_int4=False)
+    codes = _dequantized_weight_codes(tmp_path / "model.onnx")
+    assert len(codes) == 6 * qmodel.config.num_hidden_layers + 2  # block Linears, classifier, patch-embedding conv
+    for array in codes:
+        if weight_bits == 8:
+            assert array.dtype == np.uint8
+        else:
+            assert array.dtype == np.int8 and array.min() >= -64 and array.max() <= 63
+    assert max(int(array.max()) - int(array.min()) for array in codes) == 2**weight_bits - 1
+
+
 @pytest.mark.parametrize("k,block_size", [(64, 32), (40, 16), (100, 128)])
 def test_pack_matmul_nbits_layout(k, block_size):
     rng = np.random.default_rng(0)
