@@ -314,13 +314,23 @@ def test_cache_dir_needs_a_caching_synthesizer(tmp_path):
 REFERENCE_MODELS = Path(__file__).resolve().parents[1] / "examples" / "models"
 
 
+@pytest.fixture(scope="module")
+def cifar_test_500():
+    """The 500 real CIFAR-10 test images the main job evaluates on (never used for calibration)."""
+    from datasets import load_dataset
+
+    path = REFERENCE_MODELS.parent / "data" / "cifar10_test_500.parquet"
+    return load_dataset("parquet", data_files={"test": str(path)}, split="test")
+
+
 @pytest.mark.parametrize("name", ["vit-cifar10", "deit-cifar10", "swin-cifar10"])
-def test_reference_model_w8a8_agrees_with_fp(name, cifar_train, cifar_test):
+def test_reference_model_w8a8_agrees_with_fp(name, cifar_train, cifar_test_500):
     """On the trained reference models, W8A8 calibrated on the 64 real images of the fixture pool keeps >= 99% top-1
-    agreement with the float model on 256 test images (issue #2). With 32 images the agreement on these 256 images
-    depends on the draw (one flip is 0.39 points): `benchmarks/results/w8a8_agreement.md` lists 6 draws of each."""
+    agreement with the float model on 500 test images (issue #2). Measured on 500 rather than 256 images: one flip in
+    256 is 0.39 points, and the float rounding of another CPU's kernels (AVX2 instead of AVX-512) flips a borderline
+    image or two (Swin: 3 of 256 there). `benchmarks/results/w8a8_agreement.md` lists draws on 2000 test images."""
     quantizer = DataFreeViTQuantizer.from_pretrained(str(REFERENCE_MODELS / name))
-    pixels = quantizer.image_processor(images=[im.convert("RGB") for im in cifar_test["img"]],
+    pixels = quantizer.image_processor(images=[im.convert("RGB") for im in cifar_test_500["img"]],
                                        return_tensors="pt")["pixel_values"]
     qmodel = quantizer.quantize(bits="w8a8", calibration_dataset=cifar_train, num_images=len(cifar_train))
     config = qmodel.config.quantization_config
@@ -329,7 +339,7 @@ def test_reference_model_w8a8_agrees_with_fp(name, cifar_train, cifar_test):
     with torch.no_grad():
         fp = quantizer.model(pixel_values=pixels).logits.argmax(-1)
         q = qmodel(pixel_values=pixels).logits.argmax(-1)
-    assert len(pixels) == 256
+    assert len(pixels) == 500
     assert (fp == q).float().mean() >= 0.99
 
 
