@@ -58,6 +58,7 @@ def main() -> None:
             save_image_grid(calibration, args.grid, processor.image_mean, processor.image_std)
         print(f"{len(calibration)} images from {state.num_processes} process(es) saved to {args.output}")
     state.wait_for_everyone()
+    state.destroy_process_group()  # gloo threads left at exit can abort a finished run ("terminate called ...")
 
 
 if __name__ == "__main__":

@@ -387,11 +387,27 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
         return 2
 
 
+def release_process_group() -> None:
+    """Destroys the default process group, if a run under `torchrun` / `accelerate launch` made one.
+
+    Gloo's worker threads still alive when the interpreter exits can abort a finished run with "terminate called
+    without an active exception" (exit status -6 although every image was saved); torch asks for
+    `destroy_process_group()` at the end of a successful run. Not called after an error: another process may still
+    be waiting in a collective, and destroying the group then can hang.
+    """
+    distributed = sys.modules.get("torch.distributed")  # never imports torch just to find nothing to release
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `optimum-dfq` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    return dispatch(args, parser)
+    status = dispatch(args, parser)
+    if status == 0:
+        release_process_group()
+    return status
 
 
 if __name__ == "__main__":

@@ -263,3 +263,22 @@ def test_errors_under_a_launcher_name_the_rank(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert dispatch(argparse.Namespace(handler=failing)) == 2
     assert capsys.readouterr().err.strip() == "optimum-dfq: error: bad recipe"
+
+
+def test_a_successful_run_releases_the_process_group_and_a_failed_one_keeps_it(tmp_path, monkeypatch):
+    """Gloo threads left at interpreter exit can abort a finished torchrun run; after an error another process may
+    still be in a collective, so the group is only destroyed after success."""
+    import torch.distributed as dist
+
+    from optimum_dfq import cli
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        argv = ["synthesize", "model", "out"]
+        monkeypatch.setattr(cli, "dispatch", lambda args, parser: 2)
+        assert cli.main(argv) == 2 and dist.is_initialized()
+        monkeypatch.setattr(cli, "dispatch", lambda args, parser: 0)
+        assert cli.main(argv) == 0 and not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

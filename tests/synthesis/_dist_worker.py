@@ -41,6 +41,7 @@ def main() -> None:
     report = {name: run_case(name, state, args) for name in args.names.split(",")}
     with open(os.path.join(args.out, f"rank{state.process_index}.json"), "w") as file:
         json.dump(report, file)
+    state.destroy_process_group()  # gloo threads left at exit can abort the process ("terminate called ...")
 
 
 def run_case(name: str, state, args: argparse.Namespace) -> dict:
