@@ -192,7 +192,8 @@ class DFQConfig(QuantizationConfigMixin):
             for ridge), `max_tokens` (token rows per site used for fitting).
         reconstruction (`dict`): block-wise reconstruction of the weights (I&S-ViT-like); empty = off. Keys (missing
             ones get `RECONSTRUCTION_DEFAULTS`): `iterations` (Adam steps per block), `lr` (cosine-decayed to 0),
-            `batch_size`.
+            `batch_size` (32 by default; I&S-ViT uses 64 of 1024 images). Only the transformer blocks are
+            reconstructed, in one stage (see `calibration/reconstruction.py` for the differences from I&S-ViT).
 
     Example:
         >>> cfg = DFQConfig(bits="w4a8", scale_selector="mean")

@@ -13,6 +13,12 @@ papers' own settings are unverified). For every block of `adapter.blocks(model)`
 
 The tuned weights are kept only if they lower the block loss over the whole calibration set (otherwise the block is
 restored), so reconstruction never makes a block worse on the data it sees.
+
+Differences from I&S-ViT (spec section 3.3), all **our choices**: one stage on quantized weights and activations
+(not I&S-ViT's three-stage smooth optimisation); the loss is the MSE rather than the L2 norm of the error; the patch
+embedding, Swin's patch-merging reduction and the classifier, which I&S-ViT reconstructs as single layers, keep
+their round-to-nearest weights; the default batch is 32 images (I&S-ViT: 64 of 1024) and is capped by the
+calibration set.
 """
 
 from __future__ import annotations

@@ -84,8 +84,9 @@ class TanQuantizer(Quantizer):
         bits (`int`): bit width (`2^bits` levels).
         kappas (`Sequence[float]`): candidate curvatures of the calibration search, each in `(0, 1)`.
         centres (`Sequence[float]`): candidate centres, each in `(0, 1)`; `(0.5,)` = symmetric TanQ only.
-        max_search_elements (`int`): the search uses at most about this many probabilities (leading batch entries
-            of every observed call), to bound its cost on large models.
+        max_search_elements (`int`): the search uses at most about this many probabilities (batch entries evenly
+            spaced over every observed call, so that a calibration set sorted by difficulty, as `dfq-vit` returns
+            it, is sampled over its whole range), to bound its cost on large models.
 
     Example:
         >>> q = TanQuantizer(bits=3, kappas=[0.9], centres=[0.5])
@@ -166,9 +167,13 @@ class TanQuantizer(Quantizer):
         keep = min(1.0, self.max_search_elements / max(total, 1))
         pairs = []
         for i, probs in enumerate(observed):
-            rows = max(1, math.ceil(probs.shape[0] * keep)) if probs.dim() > 1 else probs.shape[0]
-            value = values[i][:rows].float() if paired else None
-            pairs.append((probs[:rows].float(), value))
+            count = probs.shape[0]
+            rows = max(1, math.ceil(count * keep)) if probs.dim() > 1 else count
+            # Evenly spaced entries, not the leading ones: the leading images of a difficulty-sorted set are its
+            # easiest (DFQ-ViT's easy-to-hard order), and Swin's leading windows are those of the first images.
+            index = (torch.arange(rows, device=probs.device) * count) // rows
+            value = values[i][index].float() if paired else None
+            pairs.append((probs[index].float(), value))
         return pairs
 
     def _calibrate_from(self, observed: list[torch.Tensor]) -> None:

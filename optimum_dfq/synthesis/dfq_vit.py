@@ -38,6 +38,9 @@ class DFQViTSynthesizer(PixelSynthesizer):
     The spec's other proposal for phase 2 — a hardness term maximising the float/quantized KL — needs a provisional
     quantized model, which the synthesizer interface does not receive.
 
+    The calibration that follows treats the set as a whole (its subsampling steps pick evenly spaced images), so the
+    easy-to-hard order of the returned set is bookkeeping, not a curriculum for the quantizers.
+
     Args:
         class_loss (`str`, defaults to `"soft"`): `"soft"` (soft labels, `softmax(Z)` with the class logit
             `U(5, 10)`) or `"hard"` (cross-entropy to the class id).

@@ -92,7 +92,9 @@ class PixelSynthesizer(Synthesizer):
         iterations (`int` or `Sequence[int]`, defaults to `(500, 500)`): steps of each phase (an `int` is one phase).
         warmup (`int`, defaults to 100): warm-up steps of each phase.
         jitter (`int` or `Sequence[int]`, defaults to `(15, 30)`): maximum roll offset of each phase, in pixels (one
-            value is used for every phase).
+            value is used for every phase). Not scaled with the image size: PSAQ-ViT's values are for 224-pixel
+            inputs, and on 32-pixel inputs a roll of up to 30 pixels is nearly a random cyclic shift of the whole
+            image (pass smaller offsets for small inputs).
         flip_prob (`float`, defaults to 0.5): horizontal-flip probability.
         log_every (`int`, defaults to 50): INFO logging (and loss-history summary) period, in steps.
         batch_size (`int`, *optional*): the default `batch_size` of [`PixelSynthesizer.synthesize`]; settable here

@@ -26,8 +26,9 @@ class PSAQSynthesizer(PixelSynthesizer):
     [`PixelSynthesizer.synthesize`]) or to use the model's own normalisation:
 
     * every loss term is per image (the official TV norm runs over the whole batch; see [`TotalVariationTerm`] for
-      the equivalent per-image form and how `τ` carries over to other image sizes), each image's KDE grid spans its
-      own similarity range (not the batch's), and jitter/flip are drawn per image;
+      the equivalent per-image form and how `τ` carries over to other image sizes), each image draws its own `τ`
+      (the official code draws one per run), each image's KDE grid spans its own similarity range (not the
+      batch's), and jitter/flip are drawn per image (officially one draw per step for the whole batch);
     * the clamp uses the model's image-processor mean/std (the official code always uses ImageNet's);
     * for Swin the similarity distribution is per window (see [`PatchSimilarityEntropyTerm`]).
 

@@ -43,6 +43,11 @@ class SARDFQSynthesizer(PixelSynthesizer):
     `α1` per model over 1…1e5 without listing the values; attention rows of a 14×14 grid are ~1/196, so the MSE is
     ~1e-5 and needs a large weight to matter).
 
+    Two consequences of these choices: the library spec writes `L_APA = Σ_{l=L/2}^{L}` (1-based), which also counts
+    block `L/2`, while the default `apa_start = 0.5` aligns only the blocks after it (pass
+    `apa_start = 0.5 - 1/L` for the spec's sum); and a prior is fixed in the frame of the model's input, which is
+    jittered and flipped at every step, so it is not rolled or flipped with the image.
+
     Args:
         apa_weight (`float`, defaults to 1000.0): `α1`.
         apa_components (`int`, defaults to 5): `K_APA`, the maximum number of mixture components.

@@ -102,6 +102,21 @@ def test_calibration_minimises_the_attention_output_error_with_v_and_the_probabi
     assert (float(without_v.kappa), float(without_v.centre)) == pytest.approx(expected_without)
 
 
+def test_subsampled_search_spans_the_whole_batch_not_its_leading_entries():
+    # A difficulty-sorted calibration set (dfq-vit returns easy -> hard) puts flat attention first and peaked attention
+    # last. When the search subsamples, it must look at both ends, not only at the leading (easiest) images.
+    generator = torch.Generator().manual_seed(0)
+    easy = torch.softmax(torch.randn(4, 2, 16, 16, generator=generator) * 0.3, dim=-1)
+    hard = torch.softmax(torch.randn(4, 2, 16, 16, generator=generator) * 6.0, dim=-1)
+    probs, value = torch.cat([easy, hard]), torch.randn(8, 2, 16, 4, generator=generator)
+    subsampled = calibrated(TanQuantizer(3, max_search_elements=probs.numel() // 2), probs, value)
+    spread = torch.tensor([0, 2, 4, 6])
+    expected = calibrated(TanQuantizer(3), probs[spread], value[spread])
+    leading = calibrated(TanQuantizer(3), probs[:4], value[:4])
+    assert (float(leading.kappa), float(leading.centre)) != (float(expected.kappa), float(expected.centre))
+    assert (float(subsampled.kappa), float(subsampled.centre)) == (float(expected.kappa), float(expected.centre))
+
+
 @pytest.mark.parametrize("family", ["vit", "swin"])
 def test_selectable_from_the_config_and_sees_v(family, monkeypatch):
     seen = []
