@@ -322,6 +322,41 @@ def build_skeleton(model: nn.Module, config: DFQConfig, saved: QuantizationPlan)
     return plan
 
 
+def _saved_architectures(config: Any) -> list[type[nn.Module]]:
+    """The supported classes named in `config.architectures` (the class the checkpoint was saved from)."""
+    supported = {cls.__name__: cls for cls in ADAPTERS}
+    return [supported[str(name)] for name in (getattr(config, "architectures", None) or []) if str(name) in supported]
+
+
+def _wrong_class_error(saved: type[nn.Module], loading_into: str) -> CheckpointError:
+    return CheckpointError(
+        f"This quantized checkpoint was saved from a {saved.__name__} (config.json's `architectures`) but is being "
+        f"loaded into {loading_into}. Its packed weights and quantizers are those of {saved.__name__}'s layers and "
+        f"heads, so it only loads into that class: use {saved.__name__}.from_pretrained(...) or "
+        "AutoModelForImageClassification.from_pretrained(...). To get another head, quantize the float model of "
+        "that class."
+    )
+
+
+def check_config_family(config: Any) -> None:
+    """Raises [`CheckpointError`] when the checkpoint is being loaded with a class of another model family.
+
+    Runs on the config, before the model is built: transformers converts `config.json` to the loading class's
+    config type, so a ViT checkpoint loaded with `SwinForImageClassification` would otherwise fail inside Swin's
+    construction with an unrelated error (`'int' object is not subscriptable`). Within one family (DeiT with or
+    without the distillation head), [`check_architecture`] decides once the model is built.
+
+    Args:
+        config (`PretrainedConfig`): the configuration transformers built for the loading class.
+
+    Raises:
+        `CheckpointError`: the checkpoint was saved from a supported class of another family.
+    """
+    saved = _saved_architectures(config)
+    if saved and not isinstance(config, saved[0].config_class):
+        raise _wrong_class_error(saved[0], f"a model of type {type(config).model_type!r} ({type(config).__name__})")
+
+
 def check_architecture(model: nn.Module) -> None:
     """Raises [`CheckpointError`] when `config.architectures` names another supported class than `model`'s.
 
@@ -336,17 +371,9 @@ def check_architecture(model: nn.Module) -> None:
     Raises:
         `CheckpointError`: the checkpoint was saved from another supported class.
     """
-    recorded = [str(name) for name in (getattr(model.config, "architectures", None) or [])]
-    supported = {cls.__name__ for cls in ADAPTERS}
-    saved = [name for name in recorded if name in supported]
-    if saved and type(model) in ADAPTERS and type(model).__name__ not in recorded:
-        raise CheckpointError(
-            f"This quantized checkpoint was saved from a {saved[0]} (config.json's `architectures`) but is being "
-            f"loaded into a {type(model).__name__}. Its packed weights and quantizers are those of {saved[0]}'s layers "
-            f"and heads, so it only loads into that class: use {saved[0]}.from_pretrained(...) or "
-            "AutoModelForImageClassification.from_pretrained(...). To get another head, quantize the float model of "
-            "that class."
-        )
+    saved = _saved_architectures(model.config)
+    if saved and type(model) in ADAPTERS and saved[0] is not type(model) and type(model) not in saved:
+        raise _wrong_class_error(saved[0], f"a {type(model).__name__}")
 
 
 def check_quantization_config(info: CheckpointInfo, config: DFQConfig) -> None:

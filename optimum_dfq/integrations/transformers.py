@@ -51,6 +51,7 @@ from ..formats.checkpoint import (
     CheckpointInfo,
     build_skeleton,
     check_architecture,
+    check_config_family,
     check_quantization_config,
     check_tensor_shapes,
     checkpoint_metadata,
@@ -115,6 +116,7 @@ class DFQHfQuantizer(HfQuantizer):
         register_attention_implementation()
 
     def update_attn_implementation(self, config):
+        check_config_family(config)  # the one hook that sees the config before transformers builds the model
         requested = config._attn_implementation
         if requested not in (None, ATTENTION_IMPLEMENTATION):
             logger.warning(

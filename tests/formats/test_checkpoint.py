@@ -231,6 +231,15 @@ def test_checkpoint_of_another_class_names_the_saved_class(tmp_path):
         DeiTForImageClassification.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("family", ["SwinForImageClassification", "DeiTForImageClassification"])
+def test_checkpoint_loaded_with_another_family_is_refused_before_the_model_is_built(family, saved_vit):
+    """transformers converts config.json to the loading class's config; a ViT config made into a SwinConfig failed
+    inside Swin's construction with "'int' object is not subscriptable"."""
+    with pytest.raises(CheckpointError, match=r"saved from a ViTForImageClassification .* loaded into a model of type "
+                                              r"'(swin|deit)' .*use ViTForImageClassification\.from_pretrained"):
+        getattr(transformers, family).from_pretrained(saved_vit)
+
+
 def test_model_without_float_tensors_records_no_float_dtype_and_keeps_the_digest_check(tmp_path):
     model = nn.Module()
     model.register_buffer("codes", torch.arange(4, dtype=torch.uint8))
