@@ -84,6 +84,8 @@ def _add_evaluate(subparsers) -> None:
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--output", default=None, help="JSON file for the results (default: print only)")
+    parser.add_argument("--no-class-name-check", dest="check_class_names", action="store_false",
+                        help="score a dataset whose ClassLabel names differ from the model's id2label (spelling only)")
     parser.set_defaults(handler=run_evaluate)
 
 
@@ -329,7 +331,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     dataset = load_image_dataset(args.dataset, args.split)
     if args.limit is not None:
         dataset = dataset.select(range(min(args.limit, len(dataset))))
-    results = evaluate_accuracy(quantizer.model, dataset, quantizer.image_processor, batch_size=args.batch_size)
+    results = evaluate_accuracy(quantizer.model, dataset, quantizer.image_processor, batch_size=args.batch_size,
+                                check_class_names=args.check_class_names)
     results.update({"model": args.model, "dataset": args.dataset, "split": args.split})
     line = f"top-1 {100 * results['top1']:.2f}%"
     if "top5" in results:

@@ -7,6 +7,7 @@ shipped inside this package, so it loads without the Hub.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from .calibration.data import expected_image_shape, image_column, image_mode, is
 from .errors import DFQError, ImageSizeError
 
 METRIC_PATH = Path(__file__).parent / "metrics" / "top_k_accuracy"
+WORDNET_ID = re.compile(r"n\d{8}")
 
 
 def load_top_k_metric():
@@ -26,9 +28,52 @@ def load_top_k_metric():
     return evaluate.load(str(METRIC_PATH))
 
 
-def _labels(dataset, num_labels: int) -> list[int]:
-    """The labels of `dataset`, checked to be class ids of the model."""
+def _normalised(name: object) -> str:
+    return " ".join(str(name).casefold().replace("_", " ").split())
+
+
+def verify_class_names(dataset, column: str, config) -> None:
+    """Refuses a `ClassLabel` column whose class names are not the model's `id2label` names for the same ids.
+
+    Ids that fit the model's range are not enough: another dataset with as many classes, or the right dataset with
+    its classes in another order, would be scored as if its classes were the model's. Names are compared after
+    case folding and with `_` read as a space. Not checked: models with transformers' placeholder names (`LABEL_0`,
+    ...), label columns without names, and columns named by WordNet ids (`n01440764`, ImageNet's folder names), which
+    no model's human-readable names can be compared with.
+
+    Args:
+        dataset (`datasets.Dataset`): the evaluation dataset.
+        column (`str`): its `ClassLabel` column.
+        config (`PretrainedConfig`): the model's config (`id2label`).
+
+    Raises:
+        `DFQError`: a class id whose dataset name differs from the model's.
+    """
+    names = list(dataset.features[column].names)
+    id2label = {int(i): name for i, name in (getattr(config, "id2label", None) or {}).items()}
+    if not names or all(_normalised(name) == f"label {i}" for i, name in id2label.items()):
+        return
+    if all(WORDNET_ID.fullmatch(str(name)) for name in names):
+        return
+    differ = [(i, name, id2label[i]) for i, name in enumerate(names)
+              if i in id2label and _normalised(name) != _normalised(id2label[i])]
+    if differ:
+        shown = ", ".join(f"{i}: {ours!r} in the dataset vs {theirs!r} in the model" for i, ours, theirs in differ[:5])
+        raise DFQError(
+            f"The dataset's class names are not the model's for {len(differ)} of {len(names)} class ids ({shown}"
+            f"{', ...' if len(differ) > 5 else ''}): it is another dataset, or its classes are in another order. "
+            "Evaluate on the dataset the model was trained for (remap its labels with `dataset.align_labels_with_"
+            "mapping(model.config.label2id, column)` if only the order differs), or pass check_class_names=False "
+            "if the names only differ in spelling."
+        )
+
+
+def _labels(dataset, config, check_names: bool = True) -> list[int]:
+    """The labels of `dataset`, checked to be class ids of the model (and, in a `ClassLabel`, its classes)."""
+    num_labels = config.num_labels
     column = label_column(dataset)
+    if column is not None and check_names:
+        verify_class_names(dataset, column, config)
     if column is None:
         column = next((name for name in ("label", "labels") if name in dataset.column_names), None)
     if column is None:
@@ -63,7 +108,8 @@ def _refuse_streaming(dataset) -> None:
 
 @torch.no_grad()
 def predict_top_k(
-    model, dataset, image_processor, k: int = 5, batch_size: int = 64, progress: bool = True
+    model, dataset, image_processor, k: int = 5, batch_size: int = 64, progress: bool = True,
+    check_class_names: bool = True,
 ) -> tuple[list[list[int]], list[int]]:
     """Runs `model` over a labelled image dataset.
 
@@ -77,20 +123,22 @@ def predict_top_k(
         k (`int`): how many of the best classes to return per example (at most the number of classes).
         batch_size (`int`): evaluation batch size.
         progress (`bool`): show a progress bar.
+        check_class_names (`bool`, defaults to `True`): refuse a `ClassLabel` column whose names are not the model's
+            `id2label` names (see [`verify_class_names`]).
 
     Returns:
         `tuple[list[list[int]], list[int]]`: the top-`k` class ids per example (best first) and the labels.
 
     Raises:
         `DFQError`: when the image processor is missing, the dataset is streaming or has no integer label column,
-            or a label is not a class id of the model.
+            a label is not a class id of the model, or the dataset's class names are not the model's.
         `ImageSizeError`: when the processed images do not have the size and channels the model expects.
     """
     if image_processor is None:
         raise DFQError("Evaluation needs the model's image processor (AutoImageProcessor.from_pretrained(...)).")
     _refuse_streaming(dataset)
     images_col = image_column(dataset)
-    labels = _labels(dataset, model.config.num_labels)
+    labels = _labels(dataset, model.config, check_class_names)
     expected = expected_image_shape(model)
     mode = image_mode(expected[0])
     was_training = model.training
@@ -116,7 +164,8 @@ def predict_top_k(
 
 
 def evaluate_accuracy(
-    model, dataset, image_processor, batch_size: int = 64, top_k: tuple[int, ...] = (1, 5), progress: bool = True
+    model, dataset, image_processor, batch_size: int = 64, top_k: tuple[int, ...] = (1, 5), progress: bool = True,
+    check_class_names: bool = True,
 ) -> dict[str, Any]:
     """Top-1 (and top-5 when the model has more than 5 classes) accuracy of `model` on `dataset`.
 
@@ -129,6 +178,8 @@ def evaluate_accuracy(
         top_k (`tuple[int, ...]`): accuracies to report. A k > 1 that is not smaller than the number of classes is
             dropped (its accuracy is always 1); top-1 is always kept.
         progress (`bool`): show a progress bar.
+        check_class_names (`bool`, defaults to `True`): refuse a `ClassLabel` column whose names are not the model's
+            `id2label` names (another dataset, or classes in another order).
 
     Returns:
         `dict`: e.g. `{"top1": 0.91, "top5": 0.99, "num_examples": 10000}`.
@@ -152,7 +203,8 @@ def evaluate_accuracy(
             f"top_k={tuple(top_k)!r} leaves no accuracy to report: the model has {num_labels} classes, so every "
             f"k >= {num_labels} is always 1. Ask for smaller k, e.g. top_k=(1,)."
         )
-    predictions, references = predict_top_k(model, dataset, image_processor, max(ks), batch_size, progress)
+    predictions, references = predict_top_k(model, dataset, image_processor, max(ks), batch_size, progress,
+                                            check_class_names)
     results = load_top_k_metric().compute(predictions=predictions, references=references, k=list(ks))
     results["num_examples"] = len(references)
     return results

@@ -98,3 +98,43 @@ def test_grayscale_model_is_evaluated_on_grayscale_images(cifar_test):
         top1 = (model(pixel_values=pixels).logits.argmax(-1) == torch.tensor(subset["label"])).float().mean().item()
     result = evaluate_accuracy(model, subset, processor, top_k=(1,), progress=False)
     assert result["top1"] == pytest.approx(top1)
+
+
+def test_class_names_must_be_the_models(cifar_test, image_processor):
+    """Ids in range are not enough: another dataset, or the classes in another order, would be scored silently."""
+    subset = cifar_test.select(range(8))
+    names = subset.features["label"].names
+    model = tiny_vit()
+    model.config.id2label = {i: name.upper().replace(" ", "_") for i, name in enumerate(names)}  # same names
+    model.config.label2id = {name: i for i, name in model.config.id2label.items()}
+    assert evaluate_accuracy(model, subset, image_processor, progress=False)["num_examples"] == 8
+
+    digits = {i: f"digit_{i}" for i in range(10)}
+    model.config.id2label, model.config.label2id = digits, {name: i for i, name in digits.items()}
+    with pytest.raises(DFQError, match=r"not the model's for 10 of 10 class ids \(0: 'airplane' in the dataset vs "
+                                       r"'digit_0' in the model.*check_class_names=False"):
+        evaluate_accuracy(model, subset, image_processor, progress=False)
+    assert evaluate_accuracy(model, subset, image_processor, progress=False,
+                             check_class_names=False)["num_examples"] == 8
+
+    swapped = dict(enumerate(names)) | {0: names[1], 1: names[0]}  # the right classes in another order
+    model.config.id2label, model.config.label2id = swapped, {name: i for i, name in swapped.items()}
+    with pytest.raises(DFQError, match=r"for 2 of 10 class ids .*align_labels_with_mapping"):
+        evaluate_accuracy(model, subset, image_processor, progress=False)
+    aligned = subset.align_labels_with_mapping(model.config.label2id, "label")
+    assert evaluate_accuracy(model, aligned, image_processor, progress=False)["num_examples"] == 8
+
+
+def test_class_names_given_as_wordnet_ids_are_not_compared(cifar_test, image_processor):
+    """ImageNet's parquet copies name classes by WordNet id (n01440764) while models say "tench, Tinca tinca"."""
+    from datasets import ClassLabel
+
+    subset = cifar_test.select(range(4))
+    synsets = subset.cast_column("label", ClassLabel(names=[f"n{1440764 + i:08d}" for i in range(10)]))
+    model = tiny_vit()
+    model.config.id2label = {i: name for i, name in enumerate(subset.features["label"].names)}
+    model.config.label2id = {name: i for i, name in model.config.id2label.items()}
+    assert evaluate_accuracy(model, synsets, image_processor, progress=False)["num_examples"] == 4
+    renamed = subset.cast_column("label", ClassLabel(names=[f"class {i}" for i in range(10)]))
+    with pytest.raises(DFQError, match="class names are not the model's"):
+        evaluate_accuracy(model, renamed, image_processor, progress=False)

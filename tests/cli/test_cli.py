@@ -282,3 +282,21 @@ def test_a_successful_run_releases_the_process_group_and_a_failed_one_keeps_it(t
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_evaluate_refuses_another_datasets_class_names_unless_told(tmp_path):
+    from transformers import ViTImageProcessor
+
+    from ..conftest import CIFAR_MEAN, CIFAR_STD
+
+    model = tiny_vit()
+    model.config.id2label = {i: f"digit_{i}" for i in range(10)}
+    model.config.label2id = {name: i for i, name in model.config.id2label.items()}
+    model.save_pretrained(tmp_path / "digits")
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=CIFAR_MEAN,
+                      image_std=CIFAR_STD).save_pretrained(tmp_path / "digits")
+    args = ["evaluate", str(tmp_path / "digits"), "--dataset", str(FIXTURES / "cifar10_tiny_test.parquet"),
+            "--limit", "8"]
+    refused = run_cli(*args)
+    assert refused.returncode == 2 and "class names are not the model's" in refused.stderr, refused.stderr
+    assert run_cli(*args, "--no-class-name-check").returncode == 0
