@@ -495,12 +495,14 @@ def to_onnx(
     report = ExportReport(path=str(path), file_size=path.stat().st_size, quantizers=entries)
     floats = Counter(q.kind for q in entries if q.role == "activation" and not q.integer and q.lowering != "off")
     if floats:
+        bits = getattr(model.config.quantization_config, "bits", "w8a8")
+        caveat = "" if bits.endswith("a8") else " (uniform post-softmax levels cost accuracy below 8 bits)"
         logger.warning(
             "%s: %d activation quantizer(s) are exported as float operations (%s), so the matmuls they feed run in "
             "float and the model can be slower than its FP32 export (benchmarks/results/inference_speed.md). For an "
-            "all-integer W8A8 graph, quantize with DFQConfig(bits='w8a8', post_softmax='uniform', "
-            "input_range='calibrated').",
-            path.name, sum(floats.values()), ", ".join(f"{kind} x{n}" for kind, n in sorted(floats.items())),
+            "all-integer graph, quantize with DFQConfig(bits=%r, post_softmax='uniform', input_range='calibrated')%s.",
+            path.name, sum(floats.values()), ", ".join(f"{kind} x{n}" for kind, n in sorted(floats.items())), bits,
+            caveat,
         )
     if verify:
         _verify(model, report, example, probe_images)

@@ -248,6 +248,19 @@ def test_float_emulated_activations_are_warned_about_with_the_integer_fix(calibr
     assert "float operations" not in caplog.text
 
 
+def test_the_integer_fix_named_for_a_low_bit_model_is_its_own_preset_and_works(calibration, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="optimum_dfq.export.onnx"):
+        to_onnx(_quantize("vit", "w4a4", calibration), tmp_path / "default.onnx", verify=False)  # log-sqrt2 softmax
+    assert "log_sqrt2 x2" in caplog.text and "DFQConfig(bits='w4a4', post_softmax='uniform'" in caplog.text
+    assert "cost accuracy below 8 bits" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="optimum_dfq.export.onnx"):
+        report = to_onnx(_quantize("vit", "w4a4", calibration, post_softmax="uniform", input_range="calibrated"),
+                         tmp_path / "int.onnx", verify=False)
+    assert "float operations" not in caplog.text
+    assert all(q.integer for q in report.quantizers if q.role == "activation")
+
+
 def test_integer_recipe_exports_every_quantizer_as_integers(calibration, image_processor, tmp_path):
     from pathlib import Path
 
