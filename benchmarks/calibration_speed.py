@@ -16,6 +16,7 @@ from unittest import mock
 
 import numpy as np
 import torch
+from _report import RESULTS, PrintedReport
 from transformers import ViTConfig, ViTForImageClassification
 
 from optimum_dfq import DataFreeViTQuantizer, DFQConfig
@@ -33,7 +34,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--bits", default="w4a4")
+    parser.add_argument("--output", default=str(RESULTS / "calibration_speed.txt"), help="where the printed lines go")
     args = parser.parse_args()
+    report = PrintedReport(args.output)
 
     torch.manual_seed(0)
     config = ViTConfig(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=args.layers,
@@ -41,7 +44,7 @@ def main() -> None:
     model = ViTForImageClassification(config).eval()
     pixels = torch.randn(args.images, 3, 224, 224)
     largest = args.images * 197 * 3072
-    print(f"ViT-Base-sized model ({args.layers} layers), {args.images} images at 224px; "
+    report.print(f"ViT-Base-sized model ({args.layers} layers), {args.images} images at 224px; "
           f"largest calibrated tensor: {largest:,} elements (torch.quantile limit: {2**24:,})")
 
     with torch.no_grad():
@@ -57,9 +60,10 @@ def main() -> None:
                                         num_images=args.images)
         calibrate_s = time.perf_counter() - start
 
-    print(f"one FP forward pass: {forward_s:.1f} s")
-    print(f"RepQ-ViT calibration + re-parameterisation: {calibrate_s:.1f} s "
-          f"({calibrate_s / forward_s:.1f}x one forward pass); no quantile fallback was used")
+    report.print(f"one FP forward pass: {forward_s:.1f} s")
+    report.print(f"RepQ-ViT calibration + re-parameterisation: {calibrate_s:.1f} s "
+                 f"({calibrate_s / forward_s:.1f}x one forward pass); no quantile fallback was used")
+    report.save()
 
 
 if __name__ == "__main__":

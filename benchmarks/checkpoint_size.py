@@ -17,6 +17,7 @@ import tempfile
 import time
 
 import torch
+from _report import RESULTS, PrintedReport
 from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification
 
 from optimum_dfq import DataFreeViTQuantizer
@@ -32,7 +33,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", default="w4a4")
     parser.add_argument("--images", type=int, default=4, help="Gaussian calibration images (sizes do not depend on it)")
+    parser.add_argument("--output", default=str(RESULTS / "checkpoint_size.txt"), help="where the printed lines go")
     args = parser.parse_args()
+    report = PrintedReport(args.output)
 
     torch.manual_seed(0)
     config = ViTConfig(image_size=224, patch_size=16, hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
@@ -52,12 +55,13 @@ def main() -> None:
             diff = (reloaded(pixel_values=pixels).logits - qmodel(pixel_values=pixels).logits).abs().max().item()
 
     ratio = q_bytes / fp_bytes
-    print(f"ViT-Small-sized model, {args.bits}, quantized in {quantize_s:.1f} s ({args.images} Gaussian images)")
-    print(f"FP32 checkpoint:      {fp_bytes / 2**20:8.2f} MiB")
-    print(f"quantized checkpoint: {q_bytes / 2**20:8.2f} MiB")
+    report.print(f"ViT-Small-sized model, {args.bits}, quantized in {quantize_s:.1f} s ({args.images} Gaussian images)")
+    report.print(f"FP32 checkpoint:      {fp_bytes / 2**20:8.2f} MiB")
+    report.print(f"quantized checkpoint: {q_bytes / 2**20:8.2f} MiB")
     verdict = "met" if ratio <= TARGET_RATIO else "NOT met"
-    print(f"size ratio: {ratio:.4f} (target <= {TARGET_RATIO} for w4a4: {verdict})")
-    print(f"reloaded vs in-memory quantized model, max |logit diff|: {diff}")
+    report.print(f"size ratio: {ratio:.4f} (target <= {TARGET_RATIO} for w4a4: {verdict})")
+    report.print(f"reloaded vs in-memory quantized model, max |logit diff|: {diff}")
+    report.save()
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -37,6 +36,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import numpy as np
 import torch
+from _report import cpu_description
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
@@ -299,7 +299,7 @@ def main() -> None:
     import sys
 
     result: dict = {"command": "python benchmarks/inference_speed.py " + " ".join(sys.argv[1:]),
-                    "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                    "machine": cpu_description(),
                     "threads": args.threads, "torch": torch.__version__}
     import onnxruntime
 

@@ -20,6 +20,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _report import RESULTS, PrintedReport
 from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
 
 from optimum_dfq.calibration.data import expected_image_shape
@@ -95,26 +96,29 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each phase")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--synthesizers", nargs="+", default=["psaq", "sardfq", "dfq-vit"])
+    parser.add_argument("--output", default=str(RESULTS / "synthesis_speed.txt"), help="where the printed lines go")
     args = parser.parse_args()
+    report = PrintedReport(args.output)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     model = build_model(args.layers, args.image_size)
     adapter = get_adapter(model)
-    print(f"DeiT-Tiny-sized model: {args.layers} layers, {args.image_size}px, batch {args.batch_size}, "
+    report.print(f"DeiT-Tiny-sized model: {args.layers} layers, {args.image_size}px, batch {args.batch_size}, "
           f"{torch.get_num_threads()} thread(s), attention={model.config._attn_implementation}, "
           f"{args.steps} timed steps per phase")
-    print(f"{'synthesizer':<12}{'phase':>6}{'rows':>6}{'step ms':>10}{'plain ms':>10}{'ratio':>8}")
+    report.print(f"{'synthesizer':<12}{'phase':>6}{'rows':>6}{'step ms':>10}{'plain ms':>10}{'ratio':>8}")
     with frozen_model(model, None) as device:
         info = ModelInfo(model, adapter, probe_attention_sites(model, adapter), expected_image_shape(model),
                          model.config.num_labels, device)
         for name in args.synthesizers:
             result = measure(name, info, args.batch_size, args.steps, args.warmup)
             for phase, numbers in result["phases"].items():
-                print(f"{name:<12}{phase + 1:>6}{result['rows']:>6}{numbers['step'] * 1000:>10.0f}"
-                      f"{numbers['plain'] * 1000:>10.0f}{numbers['ratio']:>8.2f}", flush=True)
-    print("ratio = median over steps of (step time / plain forward+backward time on the same number of rows); "
-          "for sardfq rows include the MSR crops, so it is the ratio per image-forward.")
+                report.print(f"{name:<12}{phase + 1:>6}{result['rows']:>6}{numbers['step'] * 1000:>10.0f}"
+                             f"{numbers['plain'] * 1000:>10.0f}{numbers['ratio']:>8.2f}")
+    report.print("ratio = median over steps of (step time / plain forward+backward time on the same number of rows); "
+                 "for sardfq rows include the MSR crops, so it is the ratio per image-forward.")
+    report.save()
 
 
 if __name__ == "__main__":
