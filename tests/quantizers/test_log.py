@@ -59,3 +59,25 @@ def test_log_sqrt2_is_finer_than_log2_on_attention():
     err2 = (calibrated(Log2Quantizer, x, 4)(x) - x).pow(2).mean()
     err_sqrt2 = (calibrated(LogSqrt2Quantizer, x, 4)(x) - x).pow(2).mean()
     assert err_sqrt2 < err2
+
+
+@pytest.mark.parametrize("cls", [Log2Quantizer, LogSqrt2Quantizer])
+def test_calibration_keeps_the_candidate_with_the_smallest_error(cls):
+    x = attention_like()
+    percentiles = [0.5, 0.99, 0.99999]  # the median is a poor scale: the first candidate is not the best
+    chosen = cls(bits=4, percentiles=percentiles)
+    chosen.set_mode("observe")
+    chosen(x)
+    chosen.calibrate()
+    chosen.set_mode("quantize")
+    singles = []
+    for p in percentiles:
+        single = cls(bits=4, percentiles=[p])
+        single.set_mode("observe")
+        single(x)
+        single.calibrate()
+        single.set_mode("quantize")
+        singles.append(single)
+    errors = [float((s(x) - x).pow(2).mean()) for s in singles]
+    assert errors.index(min(errors)) != 0
+    assert float(chosen.scale) == float(singles[errors.index(min(errors))].scale)

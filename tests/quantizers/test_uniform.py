@@ -136,3 +136,55 @@ def test_a_constant_channel_gets_a_range_through_zero_not_a_huge_zero_point(obse
     assert bool(((q.zero_point >= 0) & (q.zero_point <= q.qmax)).all()), q.zero_point
     out = q(x)
     assert torch.equal(out[:, 1], x[:, 1]) and torch.equal(out[:, 2], x[:, 2])  # the constants are exact levels
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_the_gradient_path_quantizes_like_the_inference_path(symmetric):
+    # inputs that require grad take the straight-through branch, the others an in-place fast path: same values
+    x = torch.randn(40, 6) * 3
+    q = calibrated(x[:20] * 0.5, bits=3, channels=6, axis=-1, symmetric=symmetric, observer="minmax")
+    with_grad = q(x.clone().requires_grad_(True))
+    # (the straight-through x + (x̂ - x).detach() may differ from x̂ by float round-off, never by a level)
+    torch.testing.assert_close(with_grad.detach(), q(x), rtol=0, atol=1e-5)
+
+
+def test_minmax_asymmetric_parameters_are_the_rounded_affine_map():
+    # range [-1, 2.2] at 4 bits: s = 3.2 / 15, -lo / s = 4.6875 -> the zero point is round(4.6875) = 5
+    q = calibrated(torch.tensor([-1.0, 0.3, 2.2]), bits=4, observer="minmax")
+    torch.testing.assert_close(q.scale, torch.tensor(3.2 / 15))
+    assert float(q.zero_point) == 5.0
+    assert q.codes(torch.tensor([-1.0, 0.0, 2.2])).tolist() == [0, 5, 15]
+
+
+def test_percentile_mse_keeps_the_scale_and_zero_point_of_the_same_candidate():
+    # per channel, the chosen (scale, zero point) is one candidate's pair, also when the best one is not the last
+    torch.manual_seed(0)
+    skewed = torch.rand(4000)
+    skewed[:2] = -30.0  # two far outliers: only the widest candidate covers them
+    x = torch.stack([torch.randn(4000), skewed], dim=1)
+    percentiles = [0.99, 0.999, 0.99999]
+    chosen = calibrated(x, bits=3, channels=2, axis=-1, percentiles=percentiles)
+    singles = [calibrated(x, bits=3, channels=2, axis=-1, percentiles=[p]) for p in percentiles]
+    for c in range(2):
+        pairs = [(float(s.scale[c]), float(s.zero_point[c])) for s in singles]
+        errors = [float((s(x)[:, c] - x[:, c]).pow(2).mean()) for s in singles]
+        assert (float(chosen.scale[c]), float(chosen.zero_point[c])) == pairs[errors.index(min(errors))]
+    gaussian = [(float(s.scale[0]), float(s.zero_point[0])) for s in singles]
+    best = min(range(3), key=lambda i: float((singles[i](x)[:, 0] - x[:, 0]).pow(2).mean()))
+    assert best != 2 and gaussian[best][1] != gaussian[2][1]  # the case tells a mixed-up zero point apart
+
+
+def test_calibrate_forgets_and_reset_drops_the_observations():
+    q = UniformQuantizer(bits=4, observer="minmax")
+    q.set_mode("observe")
+    q(torch.tensor([-10.0, 10.0]))
+    q.calibrate()
+    assert q.num_observed == 0
+    q(torch.tensor([-1.0, 1.0]))  # a second calibration sees only what was observed since the first
+    q.calibrate()
+    torch.testing.assert_close(q.scale, torch.tensor(2.0 / 15))
+    q(torch.tensor([-5.0, 5.0]))
+    q.reset()
+    assert q.num_observed == 0 and not bool(q.calibrated)
+    with pytest.raises(CalibrationError, match="observed nothing"):
+        q.calibrate()
