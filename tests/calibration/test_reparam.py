@@ -81,3 +81,20 @@ def test_selectors_agree_on_constant_scales():
     results = [SCALE_SELECTOR_REGISTRY[name](scale, zero) for name in SCALE_SELECTORS]
     for s, z in results:
         assert float(s) == pytest.approx(0.3) and float(z) == pytest.approx(5.0)
+
+
+def test_fixed_selectors_by_hand():
+    # channel scales and zero points chosen so that every rule gives a different, hand-computable answer
+    scale = torch.tensor([0.1, 0.2, 0.4, 0.3, 8.0], dtype=torch.float64)
+    zero = torch.tensor([2.0, 10.0, 5.0, 4.0, 1.0], dtype=torch.float64)
+    s, z = SCALE_SELECTOR_REGISTRY["mean"](scale, zero)  # RepQ-ViT: plain means
+    assert float(s) == pytest.approx(9.0 / 5) and float(z) == pytest.approx(22.0 / 5)
+    # median: s̃ = median(s) = 0.3; lower bounds m = -z·s = [-0.2, -2, -2, -1.2, -8], median -2 -> z̃ = 2 / 0.3
+    s, z = SCALE_SELECTOR_REGISTRY["median"](scale, zero)
+    assert float(s) == pytest.approx(0.3) and float(z) == pytest.approx(2.0 / 0.3)
+    # mad: |s - 0.3| = [0.2, 0.1, 0.1, 0, 7.7], mean 1.62; k = 3 drops only the outlier channel
+    s, z = SCALE_SELECTOR_REGISTRY["mad"](scale, zero)
+    assert float(s) == pytest.approx(0.25) and float(z) == pytest.approx(21.0 / 4)
+    # a tighter k = 0.1 (threshold 0.162) keeps the channels within 0.162 of the median: 0.2, 0.4, 0.3
+    s, z = SCALE_SELECTOR_REGISTRY["mad"](scale, zero, k=0.1)
+    assert float(s) == pytest.approx(0.3) and float(z) == pytest.approx(19.0 / 3)

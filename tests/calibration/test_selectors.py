@@ -208,3 +208,25 @@ def test_a_constant_layernorm_channel_does_not_wreck_the_layer_zero_point(select
     dead, zero_point = quantized_error(dead_channel=True)
     assert 0 <= float(zero_point) <= 15
     assert dead < 3 * normal, (dead, normal)
+
+
+def test_search_returns_the_candidate_with_the_smallest_consumer_output_error():
+    # spread gains and offsets give the candidates different rounded zero points; the first one is not the best
+    from optimum_dfq.calibration.reparam import SEARCH_QUANTILES
+
+    generator = torch.Generator().manual_seed(1)
+    norm, linears, calibration, _ = planted_outlier_pair(1)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(CHANNELS, generator=generator) * 3 + 0.2)
+        norm.bias.copy_(torch.randn(CHANNELS, generator=generator) * 2)
+    qnorm, qlinears = quantized_pair(norm, linears, calibration, DFQConfig(bits="w4a4"))
+    scale, zero = qnorm.output_quantizer.scale.double(), qnorm.output_quantizer.zero_point.double()
+    context = SelectorContext(float_norm_output(norm, calibration), qlinears, 4, round_zero_point=True)
+    # the candidates as the docstring describes them: quantiles of the scales with the median lower bound, and mean
+    lower = (-zero * scale).median()
+    thresholds = torch.quantile(scale, torch.tensor(SEARCH_QUANTILES, dtype=torch.float64))
+    candidates = [(t, -lower / t) for t in thresholds] + [(scale.mean(), zero.mean())]
+    errors = [consumer_output_error(scale, zero, s, z, context) for s, z in candidates]
+    assert min(errors) < errors[0] * 0.99 and min(errors) < max(errors) * 0.9  # the choice matters here
+    chosen = SCALE_SELECTOR_REGISTRY["search"](scale, zero, context=context)
+    assert consumer_output_error(scale, zero, *chosen, context) == pytest.approx(min(errors), rel=1e-12)
