@@ -166,3 +166,60 @@ def test_attach_corrections_rebuilds_the_layout_for_loading(calibration):
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(skeleton(pixel_values=pixels).logits, model(pixel_values=pixels).logits)
+
+
+def test_a_constant_input_channel_keeps_a_unit_scale_and_a_finite_fit():
+    generator = torch.Generator().manual_seed(0)
+    x_q = torch.randn(500, 4, generator=generator)
+    x_q[:, 2] = 0.25  # e.g. a channel the quantizer collapsed to one level
+    x_fp = x_q * 2.0 + 1.0
+    x_fp[:, 2] = torch.randn(500, generator=generator) * 0.01 + 3.0
+    for method in ("least_squares", "moments"):
+        fitted = fit_affine(x_q, x_fp, method)
+        assert torch.isfinite(fitted.scale).all() and torch.isfinite(fitted.shift).all()
+        assert float(fitted.scale[2]) == 1.0
+        # the shift alone matches the means: 0.25 + shift = mean of the float channel
+        assert float(fitted.shift[2]) == pytest.approx(float(x_fp[:, 2].double().mean()) - 0.25, abs=1e-6)
+        torch.testing.assert_close(fitted.scale[[0, 1, 3]], torch.full((3,), 2.0), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["affine", "ridge"])
+def test_folding_a_correction_equals_applying_it_before_the_linear(kind):
+    generator = torch.Generator().manual_seed(0)
+    from optimum_dfq.calibration import AffineCorrection
+    from optimum_dfq.quantizers import build_quantizer
+
+    correction = AffineCorrection(6) if kind == "affine" else RidgeCorrection(6)
+    with torch.no_grad():
+        if kind == "affine":
+            correction.scale.copy_(torch.rand(6, generator=generator) + 0.5)
+            correction.shift.copy_(torch.randn(6, generator=generator))
+        else:  # a non-symmetric matrix: folding must use its transpose
+            correction.matrix.copy_(torch.eye(6) + 0.3 * torch.randn(6, 6, generator=generator))
+            correction.bias.copy_(torch.randn(6, generator=generator))
+    float_linear = torch.nn.Linear(6, 5, bias=False)
+    linear = QLinear.from_float(float_linear, build_quantizer("uniform", bits=8, channels=5, axis=0), None, "fc")
+    x = torch.randn(7, 6, generator=generator)
+    with torch.no_grad():
+        expected = torch.nn.functional.linear(correction(x), float_linear.weight)  # correction, then the matmul
+        fold_correction(linear, correction, recalibrate_weights=False)
+        linear.weight_quantizer.set_mode("off")
+        torch.testing.assert_close(linear(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_max_tokens_bounds_the_rows_each_site_is_fitted_on(calibration, monkeypatch):
+    import optimum_dfq.calibration.correction as correction_module
+
+    seen = []
+    original = correction_module.fit_correction
+    monkeypatch.setattr(correction_module, "fit_correction",
+                        lambda x_q, x_fp, options: (seen.append((x_q.shape[0], x_fp.shape[0])),
+                                                    original(x_q, x_fp, options))[1])
+    rows = {}
+    for max_tokens in (40, 4000):
+        seen.clear()
+        quantize_model(tiny_vit(), calibration,
+                       DFQConfig(bits="w4a8", correction={"sites": ["fc1"], "max_tokens": max_tokens}))
+        assert seen and all(q == f for q, f in seen)  # quantized and float rows stay aligned
+        rows[max_tokens] = max(q for q, _ in seen)
+    assert rows[40] <= 40 < rows[4000] <= 4000
