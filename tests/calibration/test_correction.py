@@ -223,3 +223,22 @@ def test_max_tokens_bounds_the_rows_each_site_is_fitted_on(calibration, monkeypa
         assert seen and all(q == f for q, f in seen)  # quantized and float rows stay aligned
         rows[max_tokens] = max(q for q, _ in seen)
     assert rows[40] <= 40 < rows[4000] <= 4000
+
+
+def test_the_affine_fit_option_chooses_the_fit():
+    from optimum_dfq.calibration.correction import fit_correction
+
+    generator = torch.Generator().manual_seed(0)
+    x_q = torch.randn(2000, 5, generator=generator)
+    x_fp = 1.5 * x_q + 0.8 * torch.randn(2000, 5, generator=generator)  # noisy: the two fits differ
+    fits = {}
+    for method in ("least_squares", "moments"):
+        options = DFQConfig(correction={"kind": "affine", "affine_fit": method}).correction
+        fitted = fit_correction(x_q, x_fp, options)
+        expected = fit_affine(x_q, x_fp, method)
+        torch.testing.assert_close(fitted.scale, expected.scale)
+        torch.testing.assert_close(fitted.shift, expected.shift)
+        fits[method] = fitted.scale
+    # moments match the standard deviation (sqrt(1.5² + 0.8²) = 1.7), least squares the regression slope (1.5)
+    torch.testing.assert_close(fits["moments"], torch.full((5,), 1.7), atol=0.08, rtol=0)
+    torch.testing.assert_close(fits["least_squares"], torch.full((5,), 1.5), atol=0.08, rtol=0)

@@ -260,3 +260,13 @@ def test_extra_tensors_are_named_when_transformers_cannot_map_checkpoint_keys(sa
     monkeypatch.delattr(transformers.core_model_loading, "revert_weight_conversion")  # as in older transformers
     with pytest.raises(CheckpointError, match=r"does not have: vit\.extra\. .*re-save it"):
         verify_loaded(model, info)
+
+
+@pytest.mark.parametrize("tensor", ["classifier.weight_quantizer.scale", "classifier.bias"])
+def test_edited_float_tensor_is_caught_when_loading_in_the_saved_dtype(tensor, checkpoint):
+    # packed codes and calibration flags are untouched: only the whole-state digest can tell
+    value = load_file(checkpoint / "model.safetensors")[tensor]
+    _edit(checkpoint, tensors={tensor: value * 2 + 0.5})
+    with pytest.raises(CheckpointError, match=r"The loaded tensors differ from the ones that were saved \(SHA-256 "
+                                              r"mismatch\).*force_download=True"):
+        AutoModelForImageClassification.from_pretrained(checkpoint)
