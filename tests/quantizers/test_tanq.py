@@ -162,15 +162,14 @@ def test_reset_forgets_the_observed_values():
     assert f"kappa={expected[0]:.3g}, centre={expected[1]:.3g}" in repr(quantizer)  # the calibrated shape is shown
 
 
-def test_the_search_uses_only_the_leading_rows_beyond_max_search_elements():
-    # leading rows are near-uniform, the rest peaked: searching all rows and searching the first ones differ
-    flat = torch.softmax(torch.randn(8, 16, generator=torch.Generator().manual_seed(2)) * 0.3, dim=-1)
-    peaked = torch.softmax(torch.randn(56, 16, generator=torch.Generator().manual_seed(3)) * 6, dim=-1)
-    probs = torch.cat([flat, peaked])
+def test_the_search_uses_evenly_spaced_rows_beyond_max_search_elements():
+    # every 8th row is near-uniform, the others peaked: searching all rows and searching every 8th one differ
+    probs = torch.softmax(torch.randn(64, 16, generator=torch.Generator().manual_seed(3)) * 6, dim=-1)
+    probs[::8] = torch.softmax(torch.randn(8, 16, generator=torch.Generator().manual_seed(2)) * 0.3, dim=-1)
     kappas, centres = (0.5, 0.7, 0.9, 0.95), (0.2, 0.5, 0.8)
-    assert brute_force(probs[:8], None, 3, kappas, centres) != brute_force(probs, None, 3, kappas, centres)
+    subset = probs[::8]  # 8 of 64 rows, evenly spaced
+    assert brute_force(subset, None, 3, kappas, centres) != brute_force(probs, None, 3, kappas, centres)
     bounded = calibrated(TanQuantizer(3, kappas, centres, max_search_elements=8 * 16), probs)
-    assert (float(bounded.kappa), float(bounded.centre)) == pytest.approx(
-        brute_force(probs[:8], None, 3, kappas, centres))
+    assert (float(bounded.kappa), float(bounded.centre)) == pytest.approx(brute_force(subset, None, 3, kappas, centres))
     full = calibrated(TanQuantizer(3, kappas, centres), probs)
     assert (float(full.kappa), float(full.centre)) == pytest.approx(brute_force(probs, None, 3, kappas, centres))
