@@ -185,6 +185,44 @@ def test_activation_ranges_follow_the_auto_observer(bits, observer):
             if isinstance(q, UniformQuantizer) and not name.endswith("weight_quantizer")} == {"minmax"}
 
 
+def test_quantizer_options_of_the_config_reach_every_quantizer():
+    from optimum_dfq.quantizers import Log2Quantizer, UniformQuantizer
+
+    config = DFQConfig(bits="w4a4", weight_symmetric=True, weight_observer="minmax", weight_percentiles=[0.99, 0.995],
+                       activation_percentiles=[0.98, 0.999], post_softmax="log2", input_bits=6,
+                       input_range="calibrated", synthesizer="gaussian")
+    qmodel = DataFreeViTQuantizer().quantize(tiny_vit(), config=config, num_images=4)
+    quantizers = dict(iter_quantizers(qmodel))
+    weights = {n: q for n, q in quantizers.items() if n.endswith("weight_quantizer")}
+    probs = {n: q for n, q in quantizers.items() if n.endswith("dfq_attention.probs")}
+    others = {n: q for n, q in quantizers.items() if n not in weights and n not in probs}
+    assert weights and probs and others
+    for q in weights.values():
+        assert (q.bits, q.symmetric, q.observer, q.percentiles) == (4, True, "minmax", [0.99, 0.995])
+        assert bool((q.zero_point == 8).all())  # symmetric: the zero point is 2^(b-1)
+    assert all(isinstance(q, Log2Quantizer) and q.percentiles == [0.98, 0.999] for q in probs.values())
+    assert all(isinstance(q, UniformQuantizer) and q.percentiles == [0.98, 0.999] for q in others.values())
+    assert quantizers["vit.embeddings.patch_embeddings.projection.input_quantizer"].bits == 6  # the image input
+    assert {q.bits for n, q in others.items() if "patch_embeddings" not in n} == {4}
+
+
+def test_parallel_calibration_runs_in_batches_of_calibration_batch_size():
+    # ("sequential" order runs the whole set in one pass, by design: each quantizer calibrates as data reaches it)
+    sizes = []
+
+    def record(module, args):  # every forward of any copy of the model, whatever quantize() works on
+        if type(module).__name__ == "ViTEmbeddings":
+            sizes.append(args[0].shape[0])
+
+    config = DFQConfig(bits="w4a4", calibration_order="parallel", calibration_batch_size=3, synthesizer="gaussian")
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        DataFreeViTQuantizer().quantize(tiny_vit(), config=config, num_images=8)
+    finally:
+        handle.remove()
+    assert sorted(size for size in sizes if size > 1) == [2, 3, 3]  # 8 images: 3, 3, 2 (probes use 1 image)
+
+
 def test_modules_to_not_convert():
     model = tiny_vit()
     config = DFQConfig(bits="w4a4", synthesizer="gaussian",

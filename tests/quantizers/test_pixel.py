@@ -129,3 +129,12 @@ def test_scalar_processor_statistics_build_the_same_grid_as_per_channel_ones():
     scalar, per_channel = image_input(0.5, 0.25), image_input([0.5] * 3, [0.25] * 3)
     assert isinstance(scalar, PixelGridQuantizer)
     assert torch.equal(scalar.levels(), per_channel.levels())
+
+
+def test_input_bits_set_the_width_of_the_model_s_pixel_grid(image_processor):
+    config = DFQConfig(bits="w8a8", input_bits=5, synthesizer="gaussian")
+    qmodel = DataFreeViTQuantizer(tiny_vit(), image_processor).quantize(config=config, num_images=2)
+    image_input = qmodel.vit.embeddings.patch_embeddings.projection.input_quantizer
+    assert isinstance(image_input, PixelGridQuantizer) and image_input.bits == 5
+    assert image_input.levels().shape[-1] == 32  # 2^5 levels per channel, as grid(bits=5) has
+    torch.testing.assert_close(image_input.levels(), grid(bits=5).levels())
