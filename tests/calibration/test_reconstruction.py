@@ -1,5 +1,7 @@
 """Block-wise reconstruction: argument capture/replay, frozen quantizers, and lower block-output error."""
 
+import math
+
 import pytest
 import torch
 
@@ -108,3 +110,35 @@ def test_defaults_are_filled_in():
     assert DFQConfig(reconstruction={"iterations": 100}).reconstruction == {"iterations": 100, "lr": 4e-5,
                                                                             "batch_size": 32}
     assert DFQConfig().reconstruction == {} and DFQConfig().correction == {}
+
+
+def test_reported_block_loss_is_the_mse_over_every_calibration_image(calibration):
+    model, _ = quantize_model(tiny_vit(), calibration, DFQConfig(bits="w4a4"))
+    reference = float_reference(model)
+    (name, block), = get_adapter(model).blocks(model)[:1]
+    pixels = [calibration.pixel_values]
+    expected = float((capture_block_outputs(model, block, pixels)
+                      - capture_block_outputs(reference, reference.get_submodule(name), pixels)).pow(2).mean())
+    # batch_size 5 does not divide the 32 images: the last, partial batch must count too
+    config = DFQConfig(bits="w4a4", reconstruction={"iterations": 2, "lr": 1e-4, "batch_size": 5})
+    reports = reconstruct_blocks(model, reference, calibration, config)
+    assert reports[0].name == name and reports[0].loss_before == pytest.approx(expected, rel=1e-5)
+
+
+def test_learning_rate_decays_along_a_cosine_to_zero(calibration, monkeypatch):
+    model, _ = quantize_model(tiny_vit(), calibration, DFQConfig(bits="w4a4"))
+    reference = float_reference(model)
+    rates = []
+    step = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    iterations, lr = 8, 1e-3
+    config = DFQConfig(bits="w4a4", reconstruction={"iterations": iterations, "lr": lr, "batch_size": 8})
+    reconstruct_blocks(model, reference, calibration, config)
+    blocks = len(get_adapter(model).blocks(model))
+    expected = [lr * (1 + math.cos(math.pi * t / iterations)) / 2 for t in range(iterations)]
+    assert rates == pytest.approx(expected * blocks)

@@ -227,3 +227,15 @@ def test_card_errors():
         build_model_card(tiny_vit(), "org/float")
     with pytest.raises(ConfigError, match="No 'top1'/'top5' accuracy"):
         accuracy_eval_results({"loss": 1.0}, dataset_id="cifar10")
+
+
+def test_hub_id_the_float_model_was_loaded_from_is_the_card_s_base_model_also_after_saving(tmp_path):
+    model = tiny_vit()
+    model.name_or_path = "google/vit-base-patch16-224"  # what from_pretrained("google/...") sets
+    qmodel = DataFreeViTQuantizer(model).quantize(bits="w4a4", synthesizer="gaussian", num_images=4)
+    qmodel.save_pretrained(tmp_path)
+    for loaded in (qmodel, AutoModelForImageClassification.from_pretrained(tmp_path)):
+        card = build_model_card(loaded, "org/x")
+        assert card.data.base_model == "google/vit-base-patch16-224"
+        assert card.data.base_model_relation == "quantized"
+        assert "https://huggingface.co/google/vit-base-patch16-224" in card.text
