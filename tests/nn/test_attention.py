@@ -10,7 +10,7 @@ import torch
 from optimum_dfq import CheckpointError
 from optimum_dfq.nn import capture_attention, register_attention_implementation, use_quantized_attention
 
-from ..conftest import tiny_vit
+from ..conftest import TINY_MODELS, tiny_vit
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -42,3 +42,15 @@ def test_capture_runs_a_float_model_and_restores_its_attention():
     with capture_attention(model) as records, torch.no_grad():
         model(pixel_values=torch.randn(1, 3, 32, 32))
     assert len(records) == 2 and model.config._attn_implementation == previous
+
+
+@pytest.mark.parametrize("family", ["deit_teacher", "swin"])
+def test_opted_in_attention_matches_eager_also_with_prefix_tokens_and_shifted_window_masks(family):
+    model = TINY_MODELS[family]()  # Swin's shifted windows pass an attention mask to the attention function
+    pixels = torch.randn(2, 3, 32, 32)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        eager = model(pixel_values=pixels).logits
+    use_quantized_attention(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=pixels).logits, eager, atol=1e-6, rtol=0)
