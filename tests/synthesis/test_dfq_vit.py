@@ -32,3 +32,52 @@ def test_hard_class_loss_uses_cross_entropy_and_records_its_difficulty():
     difficulty = calib.metadata["per_image"]["difficulty"]
     torch.testing.assert_close(torch.tensor(difficulty), expected, rtol=1e-4, atol=1e-5)
     assert difficulty == sorted(difficulty)  # easy to hard, labels reordered with their images
+
+
+def _plan(synthesizer, model, indices):
+    from optimum_dfq.models import get_adapter
+    from optimum_dfq.synthesis.features import probe_attention_sites
+    from optimum_dfq.synthesis.pixel_synthesizer import ModelInfo
+
+    adapter = get_adapter(model)
+    info = ModelInfo(model, adapter, probe_attention_sites(model, adapter), (3, 32, 32), 10, torch.device("cpu"))
+    return synthesizer.plan_batch(info, indices, seed=0)
+
+
+def test_local_term_options_shape_its_weight_schedule():
+    from optimum_dfq.synthesis import StepContext
+
+    synthesizer = get_synthesizer("dfq-vit", iterations=(4, 4, 4), jitter=(1, 1, 1), warmup=0, local_weight=3.0,
+                                  local_phase=2, ramp_fraction=0.5)
+    pse = {term.name: term for term in _plan(synthesizer, tiny_vit(), [0]).terms}["pse"]
+
+    def weight(phase, phase_step):
+        return pse.weight_at(StepContext(0, phase, phase_step, 4, 12, None, None, None, None, None))
+
+    # off before phase 2, then 3.0 reached linearly over half of the phase's 4 steps, then held
+    assert [weight(phase, s) for phase in (0, 1) for s in range(4)] == [0.0] * 8
+    assert [weight(2, s) for s in range(4)] == pytest.approx([1.5, 3.0, 3.0, 3.0])
+
+
+def test_soft_labels_put_the_class_logit_in_soft_label_range():
+    synthesizer = get_synthesizer("dfq-vit", **FAST, soft_label_range=(1.0, 2.0))
+    plan = _plan(synthesizer, tiny_vit(), list(range(8)))
+    log_probs = plan.soft_labels.log()
+    for row, label in zip(log_probs, plan.labels.tolist()):
+        others = torch.cat([row[:label], row[label + 1:]])
+        assert torch.allclose(others, others[0].expand_as(others))  # every other class has logit 0
+        assert 1.0 <= float(row[label] - others[0]) <= 2.0  # the class logit, relative to 0
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_soft_class_loss_records_the_soft_cross_entropy_as_difficulty():
+    model = tiny_vit(initializer_range=0.5)  # confident logits, and really soft labels: the two losses differ
+    calib = get_synthesizer("dfq-vit", **FAST, soft_label_range=(0.5, 1.0)).synthesize(model, 3, seed=0, **NORM)
+    assert calib.soft_labels is not None
+    with torch.no_grad():
+        log_probs = F.log_softmax(model(pixel_values=calib.pixel_values).logits, dim=-1)
+    expected = -(calib.soft_labels * log_probs).sum(-1)
+    assert (expected - F.nll_loss(log_probs, calib.labels, reduction="none")).abs().min() > 0.05
+    difficulty = calib.metadata["per_image"]["difficulty"]
+    torch.testing.assert_close(torch.tensor(difficulty), expected, rtol=1e-4, atol=1e-5)
+    assert difficulty == sorted(difficulty)
