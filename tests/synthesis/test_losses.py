@@ -142,3 +142,12 @@ def test_synthesizer_weights_and_tv_reference_reach_their_terms(name):
     expected = {"tv": 0.3, **({"ce": 2.5, "pse": 0.7} if name == "psaq" else {"sl": 1.5, "apa": 7.0})}
     assert {n: terms[n].weight for n in expected} == expected
     assert terms["tv"].scale == pytest.approx(math.sqrt(8 * 64 * 64 / (32 * 32)))  # = 4
+
+
+def test_psaq_kde_options_reach_the_patch_similarity_entropy():
+    model = tiny_vit()
+    adapter = get_adapter(model)
+    info = ModelInfo(model, adapter, probe_attention_sites(model, adapter), (3, 32, 32), 10, torch.device("cpu"))
+    synthesizer = get_synthesizer("psaq", kde_bandwidth=0.2, kde_points=7, kde_floor=1e-3)
+    pse = {term.name: term for term in synthesizer.plan_batch(info, [0], seed=0).terms}["pse"]
+    assert (pse.bandwidth, pse.num_points, pse.floor) == (0.2, 7, 1e-3)

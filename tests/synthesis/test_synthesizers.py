@@ -194,3 +194,17 @@ def test_image_streams_are_distinct_across_seeds_and_beyond_a_million_images():
     assert torch.equal(first(0, 1_000_004), first(0, 1_000_004))
     with pytest.raises(ValueError, match="index"):
         image_generator(0, -1)
+
+
+def test_sardfq_apa_start_chooses_the_aligned_depth_and_weights_grow_with_depth():
+    model = tiny_vit()
+    plan = _step_context(get_synthesizer("sardfq", **FAST, apa_start=0.0), model, [0])[0]
+    assert plan.terms[0].depth_weights == {0: 0.5, 1: 1.0}  # l / L for every one of the L = 2 layers
+
+
+def test_gaussian_synthesizer_scales_and_shifts_the_same_noise():
+    model = tiny_vit()
+    standard = get_synthesizer("gaussian").synthesize(model, 3, seed=4).pixel_values
+    shifted = get_synthesizer("gaussian", mean=2.0, std=0.5).synthesize(model, 3, seed=4).pixel_values
+    torch.testing.assert_close(shifted, standard * 0.5 + 2.0)
+    assert abs(float(standard.mean())) < 0.1 and abs(float(standard.std()) - 1.0) < 0.1
