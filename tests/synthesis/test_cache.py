@@ -237,3 +237,20 @@ def test_a_run_that_finishes_second_returns_the_set_of_the_first(tmp_path):
     assert torch.equal(second.pixel_values, first.pixel_values)
     assert torch.equal(SynthesisCache(tmp_path, first.metadata["cache_key"]).load_complete().pixel_values,
                        second.pixel_values)
+
+
+def test_another_image_count_or_normalisation_does_not_reuse_the_images(tmp_path, monkeypatch):
+    model = tiny_vit()
+    first = get_synthesizer("psaq", **FAST).synthesize(model, 3, seed=0, cache_dir=tmp_path, **NORM)
+    calls = _count_optimisations(monkeypatch)
+    more = get_synthesizer("psaq", **FAST).synthesize(model, 5, seed=0, cache_dir=tmp_path, **NORM)
+    assert len(more) == 5 and calls  # not the 3 cached images
+    calls.clear()
+    # another processor mean (same std): the images live in another normalised space, with another valid range
+    mean = torch.tensor([0.1, 0.1, 0.1])
+    shifted = get_synthesizer("psaq", **FAST).synthesize(model, 3, seed=0, cache_dir=tmp_path,
+                                                         image_mean=mean.tolist(), image_std=NORM["image_std"])
+    assert calls and shifted.metadata["cache_key"] != first.metadata["cache_key"]
+    std = torch.tensor(NORM["image_std"]).view(1, 3, 1, 1)
+    raw = shifted.pixel_values * std + mean.view(1, 3, 1, 1)  # back to raw pixels: within [0, 1]
+    assert float(raw.min()) >= -1e-5 and float(raw.max()) <= 1 + 1e-5
