@@ -254,3 +254,7 @@ def test_another_image_count_or_normalisation_does_not_reuse_the_images(tmp_path
     std = torch.tensor(NORM["image_std"]).view(1, 3, 1, 1)
     raw = shifted.pixel_values * std + mean.view(1, 3, 1, 1)  # back to raw pixels: within [0, 1]
     assert float(raw.min()) >= -1e-5 and float(raw.max()) <= 1 + 1e-5
+    calls.clear()
+    scaled = get_synthesizer("psaq", **FAST).synthesize(model, 3, seed=0, cache_dir=tmp_path,
+                                                        image_mean=NORM["image_mean"], image_std=[0.5, 0.5, 0.5])
+    assert calls and scaled.metadata["cache_key"] not in (first.metadata["cache_key"], shifted.metadata["cache_key"])
