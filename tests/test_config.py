@@ -139,3 +139,12 @@ def test_auto_activation_observer_is_minmax_at_8_bits_and_percentile_mse_below(b
 def test_post_activation_inputs_keep_percentile_mse_unless_the_observer_is_explicit(bits):
     assert DFQConfig(bits=bits).post_activation_range_observer == "percentile_mse"
     assert DFQConfig(bits=bits, activation_observer="minmax").post_activation_range_observer == "minmax"
+
+
+@pytest.mark.parametrize("name", ["weight_percentiles", "activation_percentiles"])
+@pytest.mark.parametrize("values", [[0.3], [0.999, 1.5], [0.5], []])
+def test_percentiles_outside_the_upper_half_are_refused(name, values):
+    # a percentile p is an upper bound with lower bound 1 - p: p <= 0.5 would swap them, p > 1 is no percentile
+    with pytest.raises(ConfigError, match=rf"DFQConfig\.{name}=.*non-empty list of values in \(0\.5, 1\]"):
+        DFQConfig(**{name: values})
+    assert getattr(DFQConfig(**{name: [0.51, 1.0]}), name) == [0.51, 1.0]

@@ -67,3 +67,14 @@ def test_saving_float_weights_as_a_checkpoint_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"classifier are still float \(not packed\)"):
         qmodel.save_pretrained(tmp_path)
     assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_freezing_an_uncalibrated_weight_is_refused_and_leaves_the_float_weight():
+    from optimum_dfq.errors import CalibrationError
+    from optimum_dfq.quantizers import build_quantizer
+
+    linear = QLinear.from_float(torch.nn.Linear(4, 3), build_quantizer("uniform", bits=4, channels=3, axis=0), None,
+                                "fc")
+    with pytest.raises(CalibrationError, match="cannot freeze an uncalibrated weight quantizer"):
+        linear.freeze()
+    assert not linear.is_frozen and isinstance(linear.weight, torch.nn.Parameter)
