@@ -223,6 +223,27 @@ def test_parallel_calibration_runs_in_batches_of_calibration_batch_size():
     assert sorted(size for size in sizes if size > 1) == [2, 3, 3]  # 8 images: 3, 3, 2 (probes use 1 image)
 
 
+@pytest.mark.parametrize("mode", ["per_channel_reparam", "per_tensor", "per_channel"])
+def test_post_layernorm_mode_sets_the_quantizer_granularity_and_round_trips(mode, tmp_path):
+    from transformers import AutoModelForImageClassification
+
+    model = tiny_vit()
+    config = DFQConfig(bits="w4a4", post_layernorm=mode, synthesizer="gaussian")
+    qmodel = DataFreeViTQuantizer().quantize(model, config=config, num_images=4)
+    norms = {name: m for name, m in qmodel.named_modules() if isinstance(m, QLayerNorm)}
+    assert norms
+    for name, norm in norms.items():
+        assert norm.output_quantizer.per_channel == (mode == "per_channel"), name
+        # only the re-parameterisation rescales the LayerNorm's affine parameters
+        unchanged = torch.equal(norm.weight, model.get_submodule(name).weight)
+        assert unchanged == (mode != "per_channel_reparam"), name
+    qmodel.save_pretrained(tmp_path)
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values=pixels).logits, qmodel(pixel_values=pixels).logits)
+
+
 def test_modules_to_not_convert():
     model = tiny_vit()
     config = DFQConfig(bits="w4a4", synthesizer="gaussian",
