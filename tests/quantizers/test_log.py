@@ -81,3 +81,12 @@ def test_calibration_keeps_the_candidate_with_the_smallest_error(cls):
     errors = [float((s(x) - x).pow(2).mean()) for s in singles]
     assert errors.index(min(errors)) != 0
     assert float(chosen.scale) == float(singles[errors.index(min(errors))].scale)
+
+
+@pytest.mark.parametrize("cls", [Log2Quantizer, LogSqrt2Quantizer])
+def test_all_zero_calibration_keeps_a_positive_scale_and_finite_outputs(cls):
+    # e.g. a head whose probabilities were all masked out in the observed batch
+    q = calibrated(cls, torch.zeros(64), 4)
+    assert float(q.scale) > 0
+    out = q(torch.tensor([0.0, 0.5, 1.0]))
+    assert torch.isfinite(out).all() and float(out[0]) <= float(q.levels()[1])

@@ -173,3 +173,17 @@ def test_the_search_uses_evenly_spaced_rows_beyond_max_search_elements():
     assert (float(bounded.kappa), float(bounded.centre)) == pytest.approx(brute_force(subset, None, 3, kappas, centres))
     full = calibrated(TanQuantizer(3, kappas, centres), probs)
     assert (float(full.kappa), float(full.centre)) == pytest.approx(brute_force(probs, None, 3, kappas, centres))
+
+
+def test_ends_are_exact_levels_and_inputs_outside_zero_one_are_clamped():
+    quantizer = TanQuantizer(3, kappas=[0.9], centres=[0.3])
+    quantizer.kappa.fill_(0.9)
+    quantizer.centre.fill_(0.3)
+    quantizer.calibrated.fill_(True)
+    levels = quantizer.levels()
+    assert float(levels[0]) == 0.0 and float(levels[-1]) == 1.0
+    for kappa, centre in [(0.95, 0.1), (0.7, 0.8)]:  # shapes whose arctan round-off misses 0 or 1 in float64
+        codebook = tanq_codebook(3, kappa, centre)
+        assert codebook.dtype == torch.float64 and codebook[0].item() == 0.0 and codebook[-1].item() == 1.0
+    x = torch.tensor([0.0, 1.0, -0.5, 1.7, 3.0, 9.0])
+    assert quantizer(x).tolist() == [0.0, 1.0, 0.0, 1.0, 1.0, 1.0]
