@@ -56,3 +56,17 @@ def test_load_image_dataset_failure_names_the_path_and_the_accepted_forms(tmp_pa
     (tmp_path / "empty").mkdir()
     with pytest.raises(CalibrationError, match=r"Could not load dataset '.*empty' \(split 'train'\).*\*\.parquet file"):
         load_image_dataset(str(tmp_path / "empty"))
+
+
+def test_the_seed_picks_a_shuffled_subset_and_shuffle_false_takes_the_first_images(cifar_train, image_processor):
+    def pixels(dataset):
+        return image_processor(images=[im.convert("RGB") for im in dataset["img"]], return_tensors="pt")["pixel_values"]
+
+    for seed in (0, 1):
+        calibration = calibration_set_from_dataset(cifar_train, image_processor, num_images=6, seed=seed)
+        expected = cifar_train.shuffle(seed=seed).select(range(6))
+        torch.testing.assert_close(calibration.pixel_values, pixels(expected))
+        assert calibration.labels.tolist() == expected["label"] and calibration.metadata["seed"] == seed
+    first = calibration_set_from_dataset(cifar_train, image_processor, num_images=6, shuffle=False)
+    torch.testing.assert_close(first.pixel_values, pixels(cifar_train.select(range(6))))
+    assert cifar_train.shuffle(seed=0)["label"][:6] != cifar_train.shuffle(seed=1)["label"][:6]  # seeds differ
