@@ -176,3 +176,50 @@ def test_loss_terms_with_the_same_name_are_refused():
     with pytest.raises(SynthesisError, match=r"Loss terms \['mean'\] appear more than once"):
         _run(BatchPlan([0], torch.randn(1, 3, 32, 32), [_MeanLogit(), _MeanLogit()]))
 
+
+
+class _Recorder(LossTerm):
+    """Records what the model received at every step; its value pulls the pixels somewhere."""
+
+    name = "recorder"
+
+    def __init__(self):
+        super().__init__()
+        self.inputs = []
+
+    def __call__(self, ctx):
+        self.inputs.append(ctx.inputs.detach().clone())
+        return ctx.logits[: ctx.num_images].logsumexp(-1)
+
+
+@pytest.mark.parametrize("flip_prob", [0.0, 1.0])
+def test_flip_prob_decides_the_horizontal_flip_of_the_model_input(flip_prob):
+    model = tiny_vit()
+    init = torch.randn(4, 3, 32, 32).clamp(-1.5, 1.5)
+    recorder = _Recorder()
+    optimize_batch(model, BatchPlan([0, 1, 2, 3], init, [recorder]),
+                   EngineConfig(iterations=(1,), jitter=(0,), warmup=0, flip_prob=flip_prob),
+                   bounds=valid_pixel_range(NORM["image_mean"], NORM["image_std"]),
+                   sites=probe_attention_sites(model, get_adapter(model)), num_prefix_tokens=1, seed=0)
+    assert torch.equal(recorder.inputs[0], init.flip(-1) if flip_prob else init)
+
+
+def test_adam_runs_with_the_configured_betas_eps_and_phase_learning_rates(monkeypatch):
+    seen = []
+    step = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        group = self.param_groups[0]
+        seen.append((group["lr"], group["betas"], group["eps"]))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    model = tiny_vit()
+    config = EngineConfig(iterations=(3, 4), jitter=(0, 0), warmup=2, lr=0.1, betas=(0.3, 0.7), eps=1e-4)
+    result = optimize_batch(model, BatchPlan([0], torch.zeros(1, 3, 32, 32), [_MeanLogit()]), config,
+                            bounds=valid_pixel_range(NORM["image_mean"], NORM["image_std"]),
+                            sites=probe_attention_sites(model, get_adapter(model)), num_prefix_tokens=1, seed=0)
+    expected = [phase_learning_rate(0.1, s, n, 2) for n in (3, 4) for s in range(n)]
+    assert [lr for lr, _, _ in seen] == pytest.approx(expected) == result.history["lr"]
+    assert expected[0] < expected[1] and expected[3] < expected[2]  # each phase warms up again
+    assert {(betas, eps) for _, betas, eps in seen} == {((0.3, 0.7), 1e-4)}
