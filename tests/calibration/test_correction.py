@@ -242,3 +242,18 @@ def test_the_affine_fit_option_chooses_the_fit():
     # moments match the standard deviation (sqrt(1.5² + 0.8²) = 1.7), least squares the regression slope (1.5)
     torch.testing.assert_close(fits["moments"], torch.full((5,), 1.7), atol=0.08, rtol=0)
     torch.testing.assert_close(fits["least_squares"], torch.full((5,), 1.5), atol=0.08, rtol=0)
+
+
+def test_the_ridge_lambda_option_sets_the_shrinkage():
+    from optimum_dfq.calibration.correction import fit_correction
+
+    generator = torch.Generator().manual_seed(0)
+    x_q = torch.randn(500, 4, generator=generator)
+    x_fp = x_q @ (torch.eye(4) + 0.5 * torch.randn(4, 4, generator=generator))
+    for ridge_lambda in (1e-6, 10.0):
+        options = DFQConfig(correction={"kind": "ridge", "ridge_lambda": ridge_lambda}).correction
+        fitted = fit_correction(x_q, x_fp, options)
+        torch.testing.assert_close(fitted.matrix, fit_ridge(x_q, x_fp, ridge_lambda).matrix)
+    default = DFQConfig(correction={"kind": "ridge"}).correction["ridge_lambda"]
+    assert not torch.allclose(fit_ridge(x_q, x_fp, 10.0).matrix, fit_ridge(x_q, x_fp, default).matrix, atol=1e-3)
+    assert not torch.allclose(fit_ridge(x_q, x_fp, 1e-6).matrix, fit_ridge(x_q, x_fp, default).matrix, atol=1e-3)
