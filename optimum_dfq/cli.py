@@ -102,6 +102,8 @@ def _add_export(subparsers) -> None:
     parser.add_argument("--no-int4-weights", action="store_true",
                         help="store <=4-bit weights in 8-bit containers (integer matmul) instead of MatMulNBits")
     parser.add_argument("--block-size", type=int, default=128, help="MatMulNBits block size (power of two >= 16)")
+    parser.add_argument("--signed-weights", action="store_true",
+                        help="8-bit weight codes as int8 for faster kernels; exact only on CPUs with VNNI (or ARM)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset of the default domain")
     parser.set_defaults(handler=run_export)
 
@@ -353,7 +355,7 @@ def run_export(args: argparse.Namespace) -> int:
     if getattr(quantizer.model.config, "quantization_config", None) is None:
         raise DFQError(f"{args.model} is not a quantized model; quantize it first with `{PROG} quantize`.")
     report = to_onnx(quantizer.model, args.output, weight_only_int4=not args.no_int4_weights,
-                     block_size=args.block_size, opset=args.opset)
+                     block_size=args.block_size, signed_weights=args.signed_weights, opset=args.opset)
     report_path = Path(args.output).with_suffix(".report.json")
     report.save(report_path)
     print(report.summary())

@@ -200,15 +200,28 @@ def _weight_codes(module: QLinear | QConv2d) -> torch.Tensor:
     return quantizer.codes(module.weight.detach())
 
 
-def _integer_container(codes: np.ndarray, zero_point: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, str]:
+@dataclass(frozen=True)
+class _WeightLayout:
+    """How weights are written: `weight_only_int4` / `block_size` for MatMulNBits, `signed_weights` for 8-bit codes."""
+
+    weight_only_int4: bool
+    block_size: int
+    signed_weights: bool
+
+
+def _integer_container(
+    codes: np.ndarray, zero_point: np.ndarray, bits: int, signed_weights: bool = False
+) -> tuple[np.ndarray, np.ndarray, str]:
     """Unsigned codes `0 .. 2^bits - 1` → the ONNX integer container: uint8 for 8-bit codes, int8 centred on 0 below.
 
     ONNX Runtime's uint8 × int8 kernels on x86 CPUs without VNNI (AVX2) add pairs of products in int16 with
     saturation, so int8 weight codes beyond [-64, 63] can silently change the result of a fused integer matmul.
     8-bit codes therefore go into uint8 (uint8 × uint8 kernels widen before multiplying), narrower codes into int8
     shifted to `-2^(bits-1) .. 2^(bits-1) - 1`, which never saturates and keeps the faster uint8 × int8 kernels.
+    `signed_weights=True` shifts 8-bit codes into int8 too: faster, and exact only where those kernels do not
+    saturate (x86 CPUs with AVX512-VNNI or AVX-VNNI, ARM).
     """
-    if bits == 8:
+    if bits == 8 and not signed_weights:
         return codes.astype(np.uint8), zero_point.astype(np.uint8), "uint8"
     shift = 1 << (bits - 1)
     return ((codes.astype(np.int16) - shift).astype(np.int8), (zero_point.astype(np.int16) - shift).astype(np.int8),
@@ -230,22 +243,22 @@ def _check_weight_quantizer(module: QLinear | QConv2d, name: str) -> UniformQuan
     return quantizer
 
 
-def _linear_spec(module: QLinear, name: str, weight_only_int4: bool, block_size: int) -> tuple[object, str]:
+def _linear_spec(module: QLinear, name: str, layout: _WeightLayout) -> tuple[object, str]:
     quantizer = _check_weight_quantizer(module, name)
     codes = _weight_codes(module).cpu().numpy()
     scale = quantizer.scale.detach().cpu().float().numpy()
     zero_point = quantizer.zero_point.detach().cpu().numpy().astype(np.int64)
     bias = None if module.bias is None else module.bias.detach().cpu().float().numpy().copy()
     weight = module.quantized_weight().detach().float().cpu()
-    if weight_only_int4 and quantizer.bits <= 4:
+    if layout.weight_only_int4 and quantizer.bits <= 4:
         # no block wider than the (power-of-two rounded) row: padding would only add bytes
-        block_size = max(16, min(block_size, 1 << (module.in_features - 1).bit_length()))
+        block_size = max(16, min(layout.block_size, 1 << (module.in_features - 1).bit_length()))
         packed, scales, zps = pack_matmul_nbits(codes.astype(np.uint8), scale, zero_point, block_size)
         spec = NBitsWeightSpec(
             packed, scales, zps, module.in_features, module.out_features, 4, block_size, bias, weight
         )
         return spec, f"MatMulNBits (4-bit container, block {block_size})"
-    codes8, zp8, container = _integer_container(codes, zero_point, quantizer.bits)
+    codes8, zp8, container = _integer_container(codes, zero_point, quantizer.bits, layout.signed_weights)
     spec = IntWeightSpec(
         codes=np.ascontiguousarray(codes8.T),  # [K, N]: the right operand of MatMul
         scale=scale.copy(),
@@ -257,13 +270,13 @@ def _linear_spec(module: QLinear, name: str, weight_only_int4: bool, block_size:
     return spec, f"{container} DequantizeLinear -> MatMul"
 
 
-def _conv_spec(module: QConv2d, name: str) -> tuple[ConvSpec, str]:
+def _conv_spec(module: QConv2d, name: str, layout: _WeightLayout) -> tuple[ConvSpec, str]:
     quantizer = _check_weight_quantizer(module, name)
     if module.padding_mode != "zeros" or isinstance(module.padding, str):
         raise DFQError(f"{name}: only zero padding with explicit sizes can be exported.")
     codes = _weight_codes(module).cpu().numpy()
     codes8, zp8, container = _integer_container(
-        codes, quantizer.zero_point.detach().cpu().numpy().astype(np.int64), quantizer.bits
+        codes, quantizer.zero_point.detach().cpu().numpy().astype(np.int64), quantizer.bits, layout.signed_weights
     )
     weight = IntWeightSpec(
         codes=codes8,
@@ -319,17 +332,17 @@ def _conv_forward(spec: ConvSpec):
 
 
 @contextlib.contextmanager
-def _lowered(model: nn.Module, weight_only_int4: bool, block_size: int) -> Iterator[list[QuantizerExport]]:
+def _lowered(model: nn.Module, layout: _WeightLayout) -> Iterator[list[QuantizerExport]]:
     """Temporarily replaces the forwards of quantized modules by their ONNX-lowering twins."""
     entries: list[QuantizerExport] = []
     patched: list[nn.Module] = []
     weight_quantizers = set()
     for name, module in model.named_modules():
         if isinstance(module, QLinear):
-            spec, lowering = _linear_spec(module, name, weight_only_int4, block_size)
+            spec, lowering = _linear_spec(module, name, layout)
             module.forward = types.MethodType(_linear_forward(spec), module)
         elif isinstance(module, QConv2d):
-            spec, lowering = _conv_spec(module, name)
+            spec, lowering = _conv_spec(module, name, layout)
             module.forward = types.MethodType(_conv_forward(spec), module)
         else:
             continue
@@ -419,6 +432,7 @@ def to_onnx(
     *,
     weight_only_int4: bool = True,
     block_size: int = 128,
+    signed_weights: bool = False,
     opset: int = 17,
     probe_images: torch.Tensor | None = None,
     verify: bool = True,
@@ -435,6 +449,11 @@ def to_onnx(
             8-bit containers like 5..8-bit weights (integer matmul, no size gain over 8 bits).
         block_size (`int`, defaults to 128): `MatMulNBits` block size (a power of two >= 16); per-channel scales are
             repeated over the blocks of a row, so any value is exact.
+        signed_weights (`bool`, defaults to `False`): store 8-bit weight codes as int8 (shifted by 128) for ONNX
+            Runtime's faster uint8 × int8 kernels. Exact only on CPUs where those kernels do not saturate (x86 with
+            AVX512-VNNI or AVX-VNNI, ARM); on AVX2-only x86 CPUs their int16 pair sums saturate and the outputs are
+            wrong (the report's `max_abs_logit_diff` shows it when verified there). By default 8-bit codes are uint8,
+            exact everywhere (on an AVX2 CPU the ViT-Small-shaped W8A8 graph ran about 20% slower than with int8).
         opset (`int`, defaults to 17): ONNX opset of the default domain.
         probe_images (`torch.Tensor`, *optional*): images used to compare ONNX Runtime with PyTorch; defaults to
             8 standard-normal images of the model's input size (seeded).
@@ -471,10 +490,11 @@ def to_onnx(
     example = torch.zeros(1, *expected_image_shape(model))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    layout = _WeightLayout(weight_only_int4, block_size, signed_weights)
     was_training = model.training
     model.eval()
     try:
-        with _lowered(model, weight_only_int4, block_size) as entries, torch.no_grad(), warnings.catch_warnings():
+        with _lowered(model, layout) as entries, torch.no_grad(), warnings.catch_warnings():
             # the TorchScript exporter is deprecated upstream and warns about it, and tracing warns about
             # shape-dependent Python branches that are constant for a fixed image size: neither is actionable here
             warnings.simplefilter("ignore")

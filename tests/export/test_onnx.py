@@ -85,15 +85,20 @@ def test_four_bit_weights_are_packed_with_matmul_nbits(calibration, tmp_path):
                                _run(tmp_path / "int8.onnx", calibration[:4]), atol=1e-4)
 
 
-def _dequantized_weight_codes(path) -> list[np.ndarray]:
-    """The integer constants that feed a `DequantizeLinear` directly (weights; activations come from QuantizeLinear)."""
+def _dequantized_weights(path) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(codes, zero point) of every integer constant feeding a `DequantizeLinear` (the weights; activations come
+    from QuantizeLinear)."""
     graph = onnx.load(path).graph
     constants = {init.name: onnx.numpy_helper.to_array(init) for init in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant":
             constants[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
-    return [constants[node.input[0]] for node in graph.node
+    return [(constants[node.input[0]], constants[node.input[2]]) for node in graph.node
             if node.op_type == "DequantizeLinear" and node.input[0] in constants]
+
+
+def _dequantized_weight_codes(path) -> list[np.ndarray]:
+    return [codes for codes, _ in _dequantized_weights(path)]
 
 
 @pytest.mark.parametrize("weight_bits", [8, 7, 6, 4])
@@ -112,6 +117,19 @@ def test_integer_weights_cannot_saturate_u8s8_kernels(weight_bits, calibration, 
         else:
             assert array.dtype == np.int8 and array.min() >= -64 and array.max() <= 63
     assert max(int(array.max()) - int(array.min()) for array in codes) == 2**weight_bits - 1
+
+
+def test_signed_weights_opt_in_stores_8_bit_codes_as_int8_with_the_same_values(calibration, tmp_path):
+    """`signed_weights=True` (for VNNI CPUs) shifts codes and zero points by 128: the dequantized weights are equal."""
+    qmodel = _quantize("vit", "w8a8", calibration)
+    to_onnx(qmodel, tmp_path / "u8.onnx", verify=False)
+    to_onnx(qmodel, tmp_path / "s8.onnx", verify=False, signed_weights=True)
+    unsigned, signed = _dequantized_weights(tmp_path / "u8.onnx"), _dequantized_weights(tmp_path / "s8.onnx")
+    assert len(unsigned) == len(signed) == 6 * qmodel.config.num_hidden_layers + 2
+    for (u_codes, u_zp), (s_codes, s_zp) in zip(unsigned, signed):
+        assert (u_codes.dtype, u_zp.dtype, s_codes.dtype, s_zp.dtype) == (np.uint8, np.uint8, np.int8, np.int8)
+        np.testing.assert_array_equal(u_codes.astype(np.int16) - 128, s_codes)
+        np.testing.assert_array_equal(u_zp.astype(np.int16) - 128, s_zp)
 
 
 @pytest.mark.parametrize("k,block_size", [(64, 32), (40, 16), (100, 128)])
