@@ -48,6 +48,16 @@ def verify_class_names(dataset, column: str, config) -> None:
 
     Raises:
         `DFQError`: a class id whose dataset name differs from the model's.
+
+    Example:
+        >>> from datasets import ClassLabel, Dataset, Features, Value
+        >>> from transformers import PretrainedConfig
+        >>> data = Dataset.from_dict({"label": [0, 1]}, features=Features({"label": ClassLabel(names=["cat", "dog"])}))
+        >>> verify_class_names(data, "label", PretrainedConfig(id2label={0: "Cat", 1: "dog"}))  # same names
+        >>> verify_class_names(data, "label", PretrainedConfig(id2label={0: "dog", 1: "cat"}))
+        Traceback (most recent call last):
+        ...
+        optimum_dfq.errors.DFQError: The dataset's class names are not the model's for 2 of 2 class ids ...
     """
     names = list(dataset.features[column].names)
     id2label = {int(i): name for i, name in (getattr(config, "id2label", None) or {}).items()}
