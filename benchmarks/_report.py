@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import shlex
 import sys
 from pathlib import Path
 
@@ -54,7 +55,7 @@ class PrintedReport:
         from optimum_dfq import __version__
 
         header = [
-            f"$ python {' '.join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])}",
+            f"$ python {shlex.join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])}",
             (f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; optimum_dfq {__version__}, "
              f"torch {torch.__version__}; {cpu_description()}"),
         ]

@@ -3,7 +3,8 @@
 Measured side by side in one run, for
 
 * a random ViT-Small-shaped classifier (hidden 384, 12 layers, 6 heads, MLP 1536, 224px, patch 16, 1000 labels):
-  W8A8 (int8 weights + QDQ activations) and W4A8 (4-bit weights through `MatMulNBits`), at batch 1 and 32;
+  W8A8 (8-bit integer weights + QDQ activations; uint8 weights, and int8 with `signed_weights=True`) and W4A8
+  (4-bit weights through `MatMulNBits`), at batch 1 and 32;
 * each reference model in `examples/models/` (W8A8), plus, with `--accuracy`, top-1 on the CIFAR-10 test split of
   the exported W8A8 model in ONNX Runtime next to the PyTorch quantized model it was exported from.
 

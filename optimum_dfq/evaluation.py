@@ -32,14 +32,20 @@ def _normalised(name: object) -> str:
     return " ".join(str(name).casefold().replace("_", " ").split())
 
 
+def _wordnet_ids(names) -> bool:
+    names = list(names)
+    return bool(names) and all(WORDNET_ID.fullmatch(str(name)) for name in names)
+
+
 def verify_class_names(dataset, column: str, config) -> None:
     """Refuses a `ClassLabel` column whose class names are not the model's `id2label` names for the same ids.
 
     Ids that fit the model's range are not enough: another dataset with as many classes, or the right dataset with
     its classes in another order, would be scored as if its classes were the model's. Names are compared after
     case folding and with `_` read as a space. Not checked: models with transformers' placeholder names (`LABEL_0`,
-    ...), label columns without names, and columns named by WordNet ids (`n01440764`, ImageNet's folder names), which
-    no model's human-readable names can be compared with.
+    ...), label columns without names (including `ClassLabel(num_classes=n)`'s `"0"`, `"1"`, ...), and class names
+    given as WordNet ids (`n01440764`, ImageNet's folder names) on one side only, which human-readable names on the
+    other cannot be compared with (WordNet ids on both sides are compared).
 
     Args:
         dataset (`datasets.Dataset`): the evaluation dataset.
@@ -61,9 +67,12 @@ def verify_class_names(dataset, column: str, config) -> None:
     """
     names = list(dataset.features[column].names)
     id2label = {int(i): name for i, name in (getattr(config, "id2label", None) or {}).items()}
-    if not names or all(_normalised(name) == f"label {i}" for i, name in id2label.items()):
+    # `ClassLabel(num_classes=n)` names its classes "0", "1", ...: a column without names
+    if not names or names == [str(i) for i in range(len(names))]:
         return
-    if all(WORDNET_ID.fullmatch(str(name)) for name in names):
+    if all(_normalised(name) == f"label {i}" for i, name in id2label.items()):
+        return
+    if _wordnet_ids(names) != _wordnet_ids(id2label.values()):  # one side WordNet ids, the other words: not comparable
         return
     differ = [(i, name, id2label[i]) for i, name in enumerate(names)
               if i in id2label and _normalised(name) != _normalised(id2label[i])]

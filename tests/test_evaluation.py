@@ -138,3 +138,25 @@ def test_class_names_given_as_wordnet_ids_are_not_compared(cifar_test, image_pro
     renamed = subset.cast_column("label", ClassLabel(names=[f"class {i}" for i in range(10)]))
     with pytest.raises(DFQError, match="class names are not the model's"):
         evaluate_accuracy(model, renamed, image_processor, progress=False)
+
+
+def test_class_label_without_names_and_one_sided_wordnet_ids_are_not_compared(cifar_test, image_processor):
+    """`ClassLabel(num_classes=n)` names its classes "0", "1", ...: no names to compare with the model's. WordNet ids
+    on the model's side only (a model trained on ImageNet's folders) cannot be compared with words either; on both
+    sides they are compared."""
+    from datasets import ClassLabel
+
+    subset = cifar_test.select(range(4))
+    model = tiny_vit()
+    model.config.id2label = {i: name for i, name in enumerate(subset.features["label"].names)}
+    model.config.label2id = {name: i for i, name in model.config.id2label.items()}
+    unnamed = subset.cast_column("label", ClassLabel(num_classes=10))
+    assert evaluate_accuracy(model, unnamed, image_processor, progress=False)["num_examples"] == 4
+
+    synsets = [f"n{1440764 + i:08d}" for i in range(10)]
+    model.config.id2label = dict(enumerate(synsets))
+    model.config.label2id = {name: i for i, name in model.config.id2label.items()}
+    assert evaluate_accuracy(model, subset, image_processor, progress=False)["num_examples"] == 4
+    reordered = subset.cast_column("label", ClassLabel(names=synsets[1::-1] + synsets[2:]))
+    with pytest.raises(DFQError, match=r"for 2 of 10 class ids"):
+        evaluate_accuracy(model, reordered, image_processor, progress=False)

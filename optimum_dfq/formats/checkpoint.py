@@ -372,7 +372,7 @@ def check_architecture(model: nn.Module) -> None:
         `CheckpointError`: the checkpoint was saved from another supported class.
     """
     saved = _saved_architectures(model.config)
-    if saved and type(model) in ADAPTERS and saved[0] is not type(model) and type(model) not in saved:
+    if saved and type(model) in ADAPTERS and type(model) not in saved:
         raise _wrong_class_error(saved[0], f"a {type(model).__name__}")
 
 

@@ -227,8 +227,9 @@ def test_weight_only_models_export(bits, calibration, tmp_path):
     assert {q.role for q in report.quantizers} == {"weight"}
     uses_nbits = any(node.op_type == "MatMulNBits" for node in onnx.load(tmp_path / "model.onnx").graph.node)
     assert uses_nbits == (bits == "w4a16")
-    # ONNX Runtime fuses int8 DequantizeLinear -> MatMul into MatMulNBits and, by default, computes it with int8
-    # activations (session.qdq_matmulnbits_accuracy_level = 4); at level 0 the weight-only model is exact
+    # ONNX Runtime fuses the weights' DequantizeLinear -> MatMul (uint8 at 8 bits, int8 below) into MatMulNBits and,
+    # by default, computes it with int8 activations (session.qdq_matmulnbits_accuracy_level = 4); at level 0 the
+    # weight-only model is exact
     options = ort.SessionOptions()
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     session = ort.InferenceSession(str(tmp_path / "model.onnx"), options, providers=["CPUExecutionProvider"])

@@ -67,3 +67,14 @@ def bounds() -> tuple[torch.Tensor, torch.Tensor]:
     mean = torch.tensor(MEAN).view(1, -1, 1, 1)
     std = torch.tensor(STD).view(1, -1, 1, 1)
     return -mean / std, (1 - mean) / std
+
+
+def plan_batch(synthesizer, model, indices):
+    """`synthesizer.plan_batch` for a 32-pixel, 10-class `model` on CPU (the terms and labels of one batch)."""
+    from optimum_dfq.models import get_adapter
+    from optimum_dfq.synthesis.features import probe_attention_sites
+    from optimum_dfq.synthesis.pixel_synthesizer import ModelInfo
+
+    adapter = get_adapter(model)
+    info = ModelInfo(model, adapter, probe_attention_sites(model, adapter), (3, 32, 32), 10, torch.device("cpu"))
+    return synthesizer.plan_batch(info, indices, seed=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from synth_helpers import FAST, NORM, one_thread, tiny_vit  # noqa: F401
+from synth_helpers import FAST, NORM, one_thread, plan_batch, tiny_vit  # noqa: F401
 
 from optimum_dfq.errors import SynthesisError
 from optimum_dfq.synthesis import get_synthesizer
@@ -34,22 +34,12 @@ def test_hard_class_loss_uses_cross_entropy_and_records_its_difficulty():
     assert difficulty == sorted(difficulty)  # easy to hard, labels reordered with their images
 
 
-def _plan(synthesizer, model, indices):
-    from optimum_dfq.models import get_adapter
-    from optimum_dfq.synthesis.features import probe_attention_sites
-    from optimum_dfq.synthesis.pixel_synthesizer import ModelInfo
-
-    adapter = get_adapter(model)
-    info = ModelInfo(model, adapter, probe_attention_sites(model, adapter), (3, 32, 32), 10, torch.device("cpu"))
-    return synthesizer.plan_batch(info, indices, seed=0)
-
-
 def test_local_term_options_shape_its_weight_schedule():
     from optimum_dfq.synthesis import StepContext
 
     synthesizer = get_synthesizer("dfq-vit", iterations=(4, 4, 4), jitter=(1, 1, 1), warmup=0, local_weight=3.0,
                                   local_phase=2, ramp_fraction=0.5)
-    pse = {term.name: term for term in _plan(synthesizer, tiny_vit(), [0]).terms}["pse"]
+    pse = {term.name: term for term in plan_batch(synthesizer, tiny_vit(), [0]).terms}["pse"]
 
     def weight(phase, phase_step):
         return pse.weight_at(StepContext(0, phase, phase_step, 4, 12, None, None, None, None, None))
@@ -61,7 +51,7 @@ def test_local_term_options_shape_its_weight_schedule():
 
 def test_soft_labels_put_the_class_logit_in_soft_label_range():
     synthesizer = get_synthesizer("dfq-vit", **FAST, soft_label_range=(1.0, 2.0))
-    plan = _plan(synthesizer, tiny_vit(), list(range(8)))
+    plan = plan_batch(synthesizer, tiny_vit(), list(range(8)))
     log_probs = plan.soft_labels.log()
     for row, label in zip(log_probs, plan.labels.tolist()):
         others = torch.cat([row[:label], row[label + 1:]])

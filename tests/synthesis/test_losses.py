@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from synth_helpers import NORM, one_thread, tiny_vit  # noqa: F401
+from synth_helpers import NORM, one_thread, plan_batch, tiny_vit  # noqa: F401
 
 from optimum_dfq.models import get_adapter
 from optimum_dfq.synthesis import (
@@ -25,7 +25,6 @@ from optimum_dfq.synthesis.features import probe_attention_sites
 from optimum_dfq.synthesis.kde import patch_similarity_entropy
 from optimum_dfq.synthesis.losses import total_variation
 from optimum_dfq.synthesis.normalization import valid_pixel_range
-from optimum_dfq.synthesis.pixel_synthesizer import ModelInfo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -132,22 +131,16 @@ def test_the_engine_total_is_the_weighted_sum_of_the_terms():
 
 @pytest.mark.parametrize("name", ["psaq", "sardfq"])
 def test_synthesizer_weights_and_tv_reference_reach_their_terms(name):
-    model = tiny_vit()
-    adapter = get_adapter(model)
-    info = ModelInfo(model, adapter, probe_attention_sites(model, adapter), (3, 32, 32), 10, torch.device("cpu"))
     weights = {"tv_weight": 0.3, **({"ce_weight": 2.5, "pse_weight": 0.7} if name == "psaq"
                                      else {"sl_weight": 1.5, "apa_weight": 7.0})}
     synthesizer = get_synthesizer(name, tv_reference=(8, 64), **weights)
-    terms = {term.name: term for term in synthesizer.plan_batch(info, [0, 1], seed=0).terms}
+    terms = {term.name: term for term in plan_batch(synthesizer, tiny_vit(), [0, 1]).terms}
     expected = {"tv": 0.3, **({"ce": 2.5, "pse": 0.7} if name == "psaq" else {"sl": 1.5, "apa": 7.0})}
     assert {n: terms[n].weight for n in expected} == expected
     assert terms["tv"].scale == pytest.approx(math.sqrt(8 * 64 * 64 / (32 * 32)))  # = 4
 
 
 def test_psaq_kde_options_reach_the_patch_similarity_entropy():
-    model = tiny_vit()
-    adapter = get_adapter(model)
-    info = ModelInfo(model, adapter, probe_attention_sites(model, adapter), (3, 32, 32), 10, torch.device("cpu"))
     synthesizer = get_synthesizer("psaq", kde_bandwidth=0.2, kde_points=7, kde_floor=1e-3)
-    pse = {term.name: term for term in synthesizer.plan_batch(info, [0], seed=0).terms}["pse"]
+    pse = {term.name: term for term in plan_batch(synthesizer, tiny_vit(), [0]).terms}["pse"]
     assert (pse.bandwidth, pse.num_points, pse.floor) == (0.2, 7, 1e-3)
