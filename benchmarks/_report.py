@@ -29,6 +29,8 @@ def cpu_description() -> str:
                 flags = set(value.split())
     except OSError:
         pass
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86") or not flags:
+        return f"{model}, {os.cpu_count()} cores, {platform.machine()}"  # no x86 flags to report (ARM: no saturation)
     features = [name for name in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if name in flags]
     vnni = "VNNI" if {"avx512_vnni", "avx_vnni"} & flags else "no VNNI"
     return f"{model}, {os.cpu_count()} cores, {'/'.join(features) or 'no AVX2'} ({vnni})"

@@ -56,7 +56,7 @@ def verify_class_names(dataset, column: str, config) -> None:
         `DFQError`: a class id whose dataset name differs from the model's.
 
     Example:
-        >>> from datasets import ClassLabel, Dataset, Features, Value
+        >>> from datasets import ClassLabel, Dataset, Features
         >>> from transformers import PretrainedConfig
         >>> data = Dataset.from_dict({"label": [0, 1]}, features=Features({"label": ClassLabel(names=["cat", "dog"])}))
         >>> verify_class_names(data, "label", PretrainedConfig(id2label={0: "Cat", 1: "dog"}))  # same names
