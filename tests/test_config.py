@@ -96,18 +96,16 @@ def test_yaml_errors(tmp_path):
     bad.write_text("bits: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         DFQConfig.from_yaml(bad)
-    twice = tmp_path / "twice.yaml"
-    twice.write_text("bits: w4a4\nseed: 1\nbits: w8a8\n")
-    with pytest.raises(ConfigError, match="not valid YAML.*duplicate key 'bits'"):
-        DFQConfig.from_yaml(twice)
-    nested = tmp_path / "nested.yaml"
-    nested.write_text("synthesizer_kwargs:\n  tv_weight: 0.1\n  tv_weight: 0.2\n")
-    with pytest.raises(ConfigError, match="duplicate key 'tv_weight'"):
-        DFQConfig.from_yaml(nested)
-    unsafe = tmp_path / "unsafe.yaml"
-    unsafe.write_text("bits: !!python/object/apply:os.system ['true']\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
-        DFQConfig.from_yaml(unsafe)
+    cases = {  # a key written twice (top level or nested) would let the last one win; tags could run code
+        "twice": ("bits: w4a4\nseed: 1\nbits: w8a8\n", "not valid YAML.*duplicate key 'bits'"),
+        "nested": ("synthesizer_kwargs:\n  tv_weight: 0.1\n  tv_weight: 0.2\n", "duplicate key 'tv_weight'"),
+        "unsafe": ("bits: !!python/object/apply:os.system ['true']\n", "not valid YAML"),
+    }
+    for name, (text, message) in cases.items():
+        recipe = tmp_path / f"{name}.yaml"
+        recipe.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            DFQConfig.from_yaml(recipe)
 
 
 def test_replace_validates():
