@@ -122,11 +122,15 @@ def main() -> None:
                         help="with --resume: drop the kept rows of these bit presets for the models of this run, so "
                              "they are measured again or taken from --include (e.g. after a library default that "
                              "affects them changed)")
+    parser.add_argument("--redo-sources", nargs="*", default=[],
+                        help="with --resume: drop the kept rows of these calibration sources for the models of this "
+                             "run, so they are measured again or taken from --include (e.g. after a synthesizer "
+                             "changed)")
     parser.add_argument("--synthesis-cache", default=None,
                         help="synthesis cache folder: synthesized sets are kept there and reused by later runs")
     args = parser.parse_args()
-    if args.redo_bits and not args.resume:
-        parser.error("--redo-bits drops rows of the table that --resume keeps; add --resume.")
+    if (args.redo_bits or args.redo_sources) and not args.resume:
+        parser.error("--redo-bits/--redo-sources drop rows of the table that --resume keeps; add --resume.")
     if args.quick:
         args.eval_limit = args.eval_limit or 500
         args.synth_iterations = args.synth_iterations or 100
@@ -157,9 +161,10 @@ def main() -> None:
     default_source = DFQConfig().synthesizer
     args.included_seconds = {}
     rows, earlier_s = previous_rows(args, settings, default_source) if args.resume else ([], 0.0)
-    if args.redo_bits:  # stale rows of this run's own table; rows merged with --include replace them
+    if args.redo_bits or args.redo_sources:  # stale rows of this run's table; rows merged with --include replace them
         names = {m.name for m in models}
-        rows = [r for r in rows if not (r["model"] in names and r["bits"] in args.redo_bits)]
+        rows = [r for r in rows if not (r["model"] in names and (r["bits"] in args.redo_bits
+                                                                  or r["source"] in args.redo_sources))]
     for extra in args.include:
         extra_rows, extra_s = read_rows(Path(extra), args, settings, default_source)
         known = {row_key(r) for r in rows}

@@ -76,6 +76,9 @@ class StepContext:
         features (`FeatureCapture`): captured attention outputs / probabilities of this forward pass.
         sites (`list[AttentionSite]`, defaults to `[]`): the model's attention modules.
         num_prefix_tokens (`int`, defaults to 0): CLS (+ distillation) tokens before the patch tokens.
+        offsets (`torch.Tensor`, *optional*): `[B]` this step's roll offset of each image, in pixels (`None`: the
+            step's augmentation is unknown, e.g. a context built outside [`optimize_batch`]).
+        flips (`torch.Tensor`, *optional*): `[B]` whether each image is flipped horizontally at this step.
     """
 
     step: int
@@ -90,6 +93,8 @@ class StepContext:
     features: FeatureCapture
     sites: list[AttentionSite] = field(default_factory=list)
     num_prefix_tokens: int = 0
+    offsets: torch.Tensor | None = None
+    flips: torch.Tensor | None = None
 
     @property
     def num_images(self) -> int:

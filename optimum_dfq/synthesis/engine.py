@@ -183,7 +183,7 @@ def optimize_batch(
                 logits = model(pixel_values=inputs).logits
                 augmented = inputs if inputs.shape[0] == batch else inputs[:batch]
                 ctx = StepContext(step, phase, phase_step, iterations, config.total_steps, augmented, inputs, logits,
-                                  owners_on_device, capture, sites, num_prefix_tokens)
+                                  owners_on_device, capture, sites, num_prefix_tokens, offsets, flips)
                 loss, values = _total_loss(plan, ctx)
                 if not bool(torch.isfinite(loss)):
                     _raise_non_finite(values, step, plan.indices)

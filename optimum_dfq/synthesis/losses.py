@@ -15,8 +15,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ..errors import SynthesisError
 from .context import StepContext
 from .features import ATTENTION_OUTPUTS, ATTENTION_PROBS
+from .geometry import TokenGrid, roll_and_flip_maps
 from .kde import patch_similarity_entropy
 
 Weight = float | Callable[[StepContext], float]
@@ -363,6 +365,10 @@ class AttentionPriorTerm(LossTerm):
         depth_weights (`dict[int, float]`): attention-site index → weight (SARDFQ: `l / L`); needs every key of
             `priors`.
         weight (`float` or `Callable[[StepContext], float]`, defaults to 1.0): see [`LossTerm`] (SARDFQ's `α1`).
+        grids (`dict[int, TokenGrid]`, *optional*): attention-site index → where its tokens lie in the image
+            ([`probe_token_grids`]). When given, the priors are in the frame of the un-augmented image and follow
+            the step's roll and flip (`StepContext.offsets` / `flips`; see [`roll_and_flip_maps`]; each window's map
+            is renormalised to sum 1 after the move); when `None`, they are fixed in the frame of the model's input.
 
     Example:
 
@@ -379,9 +385,27 @@ class AttentionPriorTerm(LossTerm):
     name = "apa"
     needs = frozenset({ATTENTION_PROBS})
 
-    def __init__(self, priors: dict[int, torch.Tensor], depth_weights: dict[int, float], weight: Weight = 1.0) -> None:
+    def __init__(
+        self,
+        priors: dict[int, torch.Tensor],
+        depth_weights: dict[int, float],
+        weight: Weight = 1.0,
+        grids: dict[int, TokenGrid] | None = None,
+    ) -> None:
         super().__init__(weight)
-        self.priors, self.depth_weights = priors, depth_weights
+        self.priors, self.depth_weights, self.grids = priors, depth_weights, grids
+        self._image_frame_maps = {} if grids is None else {
+            index: _scatter_to_grid(prior, grids[index]) for index, prior in priors.items()
+        }
+
+    def prior_at(self, index: int, ctx: StepContext) -> torch.Tensor:
+        """The prior of site `index` in the frame of this step's augmented images: `[B, windows, heads, tokens]`."""
+        if self.grids is None or ctx.offsets is None:
+            return self.priors[index]
+        grid = self.grids[index]
+        moved = roll_and_flip_maps(self._image_frame_maps[index], ctx.offsets, ctx.flips, grid.pixels)
+        per_window = moved.flatten(-2)[..., grid.positions].permute(0, 2, 1, 3)
+        return per_window / per_window.sum(dim=-1, keepdim=True).clamp_min(1e-30)
 
     def __call__(self, ctx: StepContext) -> torch.Tensor:
         batch = ctx.num_images
@@ -391,10 +415,21 @@ class AttentionPriorTerm(LossTerm):
                 continue
             probs = ctx.image_rows(ctx.features.attention_probs(site.index), site.windows).float()
             attention = aligned_attention(probs, batch, site.windows, ctx.num_prefix_tokens)
-            prior = self.priors[site.index].to(attention.device)
+            prior = self.prior_at(site.index, ctx).to(attention.device)
             mse = (attention - prior).square().mean(dim=(1, 3)).sum(dim=1)
             total = total + self.depth_weights[site.index] * mse
         return total
+
+
+def _scatter_to_grid(prior: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
+    """`[B, windows, heads, tokens]` per-window maps → `[B, heads, rows, cols]` maps over the image's token grid."""
+    batch, windows, heads, tokens = prior.shape
+    if tuple(grid.positions.shape) != (windows, tokens):
+        raise SynthesisError(f"Attention priors of shape {tuple(prior.shape)} do not match the module's token grid "
+                             f"({tuple(grid.positions.shape)} windows x tokens).")
+    maps = prior.new_zeros(batch, heads, grid.rows * grid.cols)
+    maps[:, :, grid.positions.flatten()] = prior.permute(0, 2, 1, 3).reshape(batch, heads, windows * tokens)
+    return maps.view(batch, heads, grid.rows, grid.cols)
 
 
 def aligned_attention(probs: torch.Tensor, batch: int, windows: int, num_prefix_tokens: int) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -11,6 +12,7 @@ from ..errors import SynthesisError
 from .base import register_synthesizer
 from .context import BatchPlan
 from .features import AttentionSite
+from .geometry import TokenGrid, probe_token_grids
 from .losses import AttentionPriorTerm, SoftLabelTerm, TotalVariationTerm
 from .pixel_synthesizer import ModelInfo, PixelSynthesizer
 from .priors import gaussian_mixture_maps
@@ -38,15 +40,19 @@ class SARDFQSynthesizer(PixelSynthesizer):
     The paper's text pins the components and `K_APA = 5`, `K_MSR = 4`, `U(5, 10)`, the 0.05 TV weight and the
     second-half/`l/L` weighting. **Our interpretation** (the method sections and code are not available): the GMM
     sampler (see [`gaussian_mixture_maps`]), "second half" = modules `l > apa_start · L` (1-based), priors and APA on
-    the full images only (not on crops), crops taken from the un-augmented image and then jittered/flipped with their
-    parent, soft cross-entropy summed over an image and its crops, and the default `α1 = 1000` (the paper tunes
-    `α1` per model over 1…1e5 without listing the values; attention rows of a 14×14 grid are ~1/196, so the MSE is
-    ~1e-5 and needs a large weight to matter).
+    the full images only (not on crops), a prior drawn in the frame of the un-augmented image and rolled and flipped
+    with it at every step (so that it keeps describing the same image content; see [`roll_and_flip_maps`]), crops
+    taken from the un-augmented image and then jittered/flipped with their parent, soft cross-entropy summed over an
+    image and its crops, and the default `α1 = 1000` (the paper tunes `α1` per model over 1…1e5 without listing the
+    values; attention rows of a 14×14 grid are ~1/196, so the MSE is ~1e-5 and needs a large weight to matter).
 
     Two consequences of these choices: the library spec writes `L_APA = Σ_{l=L/2}^{L}` (1-based), which also counts
     block `L/2`, while the default `apa_start = 0.5` aligns only the blocks after it (pass
-    `apa_start = 0.5 - 1/L` for the spec's sum); and a prior is fixed in the frame of the model's input, which is
-    jittered and flipped at every step, so it is not rolled or flipped with the image.
+    `apa_start = 0.5 - 1/L` for the spec's sum). A roll that is not a whole number of tokens moves the prior by
+    linear interpolation between the two nearest whole-token rolls; for Swin the per-window priors are tiled over the
+    stage's grid (shifted windows included, positions found by [`probe_token_grids`]), moved, cut back into the
+    module's windows and renormalised. `apa_follow_augmentation=False` keeps the priors fixed in the frame of the
+    model's input instead (what this library did before the option existed).
 
     Args:
         apa_weight (`float`, defaults to 1000.0): `α1`.
@@ -54,6 +60,8 @@ class SARDFQSynthesizer(PixelSynthesizer):
         apa_sigma (`tuple[float, float]`, defaults to `(1.0, 4.0)`): component standard deviations, in patches of a
             14×14 grid (scaled with the grid or window side).
         apa_start (`float`, defaults to 0.5): APA uses attention modules `l > apa_start · L`.
+        apa_follow_augmentation (`bool`, defaults to `True`): roll and flip each prior with its image at every step
+            (`False`: priors fixed in the frame of the model's input).
         msr_regions (`int`, defaults to 4): `K_MSR`, the maximum number of crops per image (0 disables MSR).
         soft_label_range (`tuple[float, float]`, defaults to `(5.0, 10.0)`): logits of the relevant classes.
         sl_weight (`float`, defaults to 1.0), tv_weight (`float`, defaults to 0.05): term weights.
@@ -72,6 +80,7 @@ class SARDFQSynthesizer(PixelSynthesizer):
         apa_components: int = 5,
         apa_sigma: Sequence[float] = (1.0, 4.0),
         apa_start: float = 0.5,
+        apa_follow_augmentation: bool = True,
         msr_regions: int = 4,
         soft_label_range: Sequence[float] = (5.0, 10.0),
         sl_weight: float = 1.0,
@@ -84,6 +93,8 @@ class SARDFQSynthesizer(PixelSynthesizer):
         self.apa_weight, self.apa_components = float(apa_weight), int(apa_components)
         self.apa_sigma = tuple(float(s) for s in apa_sigma)
         self.apa_start = float(apa_start)
+        self.apa_follow_augmentation = bool(apa_follow_augmentation)
+        self._grids: tuple[weakref.ref, dict[int, TokenGrid]] | None = None
         self.msr_regions = int(msr_regions)
         self.soft_label_range = tuple(float(v) for v in soft_label_range)
         self.sl_weight, self.tv_weight = float(sl_weight), float(tv_weight)
@@ -110,7 +121,7 @@ class SARDFQSynthesizer(PixelSynthesizer):
         priors = {site.index: self._priors(info, site, indices, seed) for site in sites}
         terms = [
             AttentionPriorTerm(priors, {site.index: (site.index + 1) / depth for site in sites},
-                               weight=self.apa_weight),
+                               weight=self.apa_weight, grids=self._token_grids(info, sites)),
             SoftLabelTerm(targets.to(info.device), weight=self.sl_weight),
             TotalVariationTerm(
                 uniform_per_image(indices, seed, "tv", *self.tv_target).to(info.device),
@@ -121,6 +132,13 @@ class SARDFQSynthesizer(PixelSynthesizer):
         return BatchPlan(indices, initial_noise(indices, seed, info.image_shape), terms, labels=labels,
                          soft_labels=targets[:batch], views=QuadrantCrops(layout) if layout.owners else None,
                          owners=owners)
+
+    def _token_grids(self, info: ModelInfo, sites: list[AttentionSite]) -> dict[int, TokenGrid] | None:
+        if not self.apa_follow_augmentation or not sites:
+            return None
+        if self._grids is None or self._grids[0]() is not info.model:
+            self._grids = (weakref.ref(info.model), probe_token_grids(info.model, info.adapter, sites))
+        return self._grids[1]
 
     def _aligned_sites(self, sites: list[AttentionSite]) -> list[AttentionSite]:
         depth = len(sites)

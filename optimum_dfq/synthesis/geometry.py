@@ -1,0 +1,169 @@
+"""Where each attention token lies in the image, and how a token map moves when the image is rolled and flipped.
+
+SARDFQ's attention priors say where in the *image* an image's attention should go, but the synthesis engine rolls
+and flips every image at every step (PSAQ-ViT's augmentation). For a prior to keep describing the same image
+content, it must be rolled and flipped with the image before it is compared with the attention of the augmented
+input. That needs, for every attention module, the image position of each token it attends over: for ViT/DeiT the
+patch grid; for Swin the stage's grid, cut into (possibly cyclically shifted) windows.
+
+The positions are found by probing, not by re-implementing each model's window partition: one forward pass in which
+every LayerNorm inside a transformer block outputs its token's raster index instead of normalised features, with a
+pre-hook on each attention module reading which index arrived at each (window, token) slot. Padding (Swin pads a
+stage's grid to a multiple of the window) shows up as slots without an index.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..calibration.data import expected_image_shape
+from ..errors import SynthesisError
+from ..models.adapters import ModelAdapter
+from .features import AttentionSite
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """The token grid of one attention module, in the frame of the (un-augmented) image.
+
+    Attributes:
+        rows (`int`), cols (`int`): the module's token grid (patch tokens only).
+        positions (`torch.Tensor`): `[windows, tokens]` long, the raster index (`row · cols + col`) of each token
+            the attention priors cover, in the module's window and token order: the patch tokens for global attention
+            (prefix tokens excluded), every token of every window for windowed attention.
+        pixels (`tuple[int, int]`): image pixels per token, `(height, width)`.
+    """
+
+    rows: int
+    cols: int
+    positions: torch.Tensor
+    pixels: tuple[int, int]
+
+
+@torch.no_grad()
+def probe_token_grids(model: nn.Module, adapter: ModelAdapter, sites: list[AttentionSite]) -> dict[int, TokenGrid]:
+    """Finds the image position of every token of every attention module (see the module docstring).
+
+    Args:
+        model (`PreTrainedModel`): a supported ViT, DeiT or Swin model (frozen, in eval mode).
+        adapter (`ModelAdapter`): its adapter.
+        sites (`list[AttentionSite]`): its attention modules ([`probe_attention_sites`]).
+
+    Returns:
+        `dict[int, TokenGrid]`: attention-site index → its grid.
+
+    Raises:
+        `SynthesisError`: if a module's tokens do not tile the image exactly once (e.g. Swin windows padded beyond
+            the stage's grid), so that a token map cannot follow a roll or flip of the image.
+
+    Example:
+        >>> grids = probe_token_grids(model, get_adapter(model), probe_attention_sites(model, get_adapter(model)))
+        ... # doctest: +SKIP
+        >>> grids[0].rows, grids[0].cols, grids[0].positions.shape  # doctest: +SKIP
+        (8, 8, torch.Size([1, 64]))
+    """
+    arrived: dict[int, torch.Tensor] = {}
+    handles = []
+    for _, block in adapter.blocks(model):
+        for norm in block.modules():
+            if isinstance(norm, nn.LayerNorm):
+                handles.append(norm.register_forward_hook(_emit_raster_index))
+    for site in sites:
+        handles.append(site.module.register_forward_pre_hook(_record_arrivals(arrived, site.index), with_kwargs=True))
+    shape = expected_image_shape(model)
+    device = next(model.parameters()).device
+    try:
+        model(pixel_values=torch.zeros(1, *shape, device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    prefix = 0 if adapter.windowed else adapter.num_prefix_tokens
+    return {site.index: _grid(site, arrived, prefix, shape[1:]) for site in sites}
+
+
+def _emit_raster_index(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+    marked = torch.zeros_like(output)
+    marked[..., 0] = torch.arange(1, output.shape[-2] + 1, dtype=output.dtype, device=output.device)
+    return marked
+
+
+def _record_arrivals(arrived: dict[int, torch.Tensor], index: int):
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        arrived[index] = hidden[..., 0].round().long().cpu() - 1
+
+    return hook
+
+
+def _grid(site: AttentionSite, arrived: dict[int, torch.Tensor], prefix: int, image: tuple[int, int]) -> TokenGrid:
+    if site.index not in arrived:
+        raise SynthesisError(f"Attention module #{site.index} was not called during the token-position probe.")
+    raster = arrived[site.index].reshape(site.windows, -1)[:, prefix:] - prefix
+    count = raster.numel()
+    height, width = image
+    rows = math.isqrt(count * height // width) if count * height % width == 0 else 0
+    cols = count // rows if rows else 0
+    tiles = (
+        rows * cols == count and rows and height % rows == 0 and width % cols == 0
+        and torch.equal(raster.flatten().sort().values, torch.arange(count))
+    )
+    if not tiles:
+        raise SynthesisError(
+            f"The tokens of attention module #{site.index} do not tile the {height}x{width} image exactly once (padded "
+            "or overlapping windows), so attention priors cannot be rolled and flipped with the image. Pass "
+            "`apa_follow_augmentation=False` to keep the priors fixed in the frame of the model's input."
+        )
+    return TokenGrid(rows, cols, raster, (height // rows, width // cols))
+
+
+def roll_and_flip_maps(
+    maps: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, pixels: tuple[int, int]
+) -> torch.Tensor:
+    """Moves token maps with their images: the token-grid counterpart of [`JitterFlip.apply`].
+
+    Image `b` rolled by `offsets[b]` pixels on both axes and then flipped horizontally where `flips[b]`: its map is
+    rolled cyclically by `offsets[b] / pixels` tokens (linear interpolation between the two nearest whole-token
+    rolls when the offset is not a multiple of the token size, which keeps each map's sum) and then flipped.
+
+    Args:
+        maps (`torch.Tensor`): `[B, ..., rows, cols]` maps, one per image.
+        offsets (`torch.Tensor`): `[B]` integer pixel offsets.
+        flips (`torch.Tensor`): `[B]` booleans.
+        pixels (`tuple[int, int]`): image pixels per token, `(height, width)`.
+
+    Returns:
+        `torch.Tensor`: same shape as `maps`.
+
+    Example:
+        >>> maps = torch.arange(4.0).view(1, 1, 2, 2)
+        >>> roll_and_flip_maps(maps, torch.tensor([4]), torch.tensor([True]), (4, 4))
+        tensor([[[[2., 3.],
+                  [0., 1.]]]])
+    """
+    offsets = offsets.to(maps.device)
+    moved = _fractional_roll(maps, offsets / pixels[0], dim=-2)
+    moved = _fractional_roll(moved, offsets / pixels[1], dim=-1)
+    flips = flips.to(maps.device).view(-1, *([1] * (maps.dim() - 1)))
+    return torch.where(flips, moved.flip(-1), moved)
+
+
+def _fractional_roll(maps: torch.Tensor, shifts: torch.Tensor, dim: int) -> torch.Tensor:
+    """`out[..., r] = map(r - shift)` along `dim`, cyclic, linear between whole tokens; one shift per image."""
+    size = maps.shape[dim]
+    source = torch.arange(size, device=maps.device, dtype=torch.float64)[None] - shifts.double()[:, None]
+    lower = source.floor()
+    frac = (source - lower).to(maps.dtype)
+    lower = torch.remainder(lower.long(), size)
+    upper = torch.remainder(lower + 1, size)
+    view = [maps.shape[0]] + [1] * (maps.dim() - 1)
+    view[dim] = size
+
+    def take(index: torch.Tensor) -> torch.Tensor:
+        return maps.gather(dim, index.view(view).expand_as(maps))
+
+    frac = frac.view(view)
+    return (1 - frac) * take(lower) + frac * take(upper)

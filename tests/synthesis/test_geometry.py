@@ -1,0 +1,165 @@
+"""Token positions of every attention module, and attention priors that move with the rolled/flipped image."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from synth_helpers import FAST, NORM, one_thread, plan_batch, tiny_deit, tiny_swin, tiny_vit  # noqa: F401
+from transformers import SwinConfig, SwinForImageClassification
+
+from optimum_dfq.errors import SynthesisError
+from optimum_dfq.models import get_adapter
+from optimum_dfq.synthesis import AttentionPriorTerm, LossTerm, get_synthesizer, stream_generator
+from optimum_dfq.synthesis.augment import JitterFlip
+from optimum_dfq.synthesis.context import StepContext
+from optimum_dfq.synthesis.features import FeatureCapture, probe_attention_sites
+from optimum_dfq.synthesis.geometry import probe_token_grids, roll_and_flip_maps
+from optimum_dfq.synthesis.losses import aligned_attention
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _grids(model):
+    adapter = get_adapter(model)
+    sites = probe_attention_sites(model, adapter)
+    return sites, probe_token_grids(model, adapter, sites)
+
+
+@pytest.mark.parametrize("builder", [tiny_vit, tiny_deit])
+def test_global_attention_tokens_are_the_patch_grid(builder):
+    sites, grids = _grids(builder())
+    for site in sites:
+        grid = grids[site.index]
+        assert (grid.rows, grid.cols, grid.pixels) == (4, 4, (8, 8))
+        assert torch.equal(grid.positions, torch.arange(16).view(1, 16))  # prefix tokens excluded
+
+
+def _swin_window_oracle(side: int, window: int, shift: int) -> torch.Tensor:
+    """Raster index of each (window, token) slot, per Swin's cyclic shift then row-major window partition."""
+    raster = torch.roll(torch.arange(side * side).view(side, side), shifts=(-shift, -shift), dims=(0, 1))
+    tiles = raster.view(side // window, window, side // window, window).permute(0, 2, 1, 3)
+    return tiles.reshape(-1, window * window)
+
+
+def test_swin_tokens_follow_windows_and_cyclic_shift():
+    sites, grids = _grids(tiny_swin())  # stage 1: 8x8 tokens, windows of 4, second block shifted by 2; stage 2: 4x4
+    expected = [(8, 4, 0, 4), (8, 4, 2, 4), (4, 4, 0, 8), (4, 4, 0, 8)]
+    for site, (side, window, shift, pixels) in zip(sites, expected, strict=True):
+        grid = grids[site.index]
+        assert (grid.rows, grid.cols, grid.pixels) == (side, side, (pixels, pixels))
+        assert torch.equal(grid.positions, _swin_window_oracle(side, window, shift))
+
+
+def test_padded_windows_are_refused_with_the_fix():
+    # 40-pixel images, patch 4: a 10x10 grid padded to 12x12 for windows of 4; the padding is no image position.
+    model = SwinForImageClassification(SwinConfig(image_size=40, patch_size=4, embed_dim=16, depths=[2, 2],
+                                                  num_heads=[2, 2], window_size=4, num_labels=10)).eval()
+    with pytest.raises(SynthesisError, match="apa_follow_augmentation=False"):
+        _grids(model)
+
+
+def test_whole_token_moves_are_rolls_then_flips():
+    maps = torch.rand(3, 2, 4, 5)
+    offsets, flips = torch.tensor([8, -4, 0]), torch.tensor([True, False, False])
+    moved = roll_and_flip_maps(maps, offsets, flips, pixels=(4, 4))
+    assert torch.allclose(moved[0], torch.roll(maps[0], (2, 2), dims=(1, 2)).flip(-1))
+    assert torch.allclose(moved[1], torch.roll(maps[1], (-1, -1), dims=(1, 2)))
+    assert torch.equal(moved[2], maps[2])
+
+
+def test_fractional_moves_interpolate_and_keep_the_mass():
+    maps = torch.rand(1, 1, 4, 4)
+    moved = roll_and_flip_maps(maps, torch.tensor([1]), torch.tensor([False]), pixels=(4, 4))  # a quarter token
+    rows = 0.75 * maps + 0.25 * torch.roll(maps, 1, dims=2)
+    assert torch.allclose(moved, 0.75 * rows + 0.25 * torch.roll(rows, 1, dims=3))
+    assert torch.allclose(moved.sum(), maps.sum())
+
+
+def _translation_equivariant_vit():
+    """A tiny ViT whose CLS attention moves exactly with its image under whole-patch rolls and flips."""
+    model = tiny_vit(initializer_range=0.2)
+    with torch.no_grad():
+        model.vit.embeddings.position_embeddings.zero_()  # no absolute position: patches are a set
+        conv = get_adapter(model).patch_embeddings(model)[0][1]
+        conv.weight.copy_((conv.weight + conv.weight.flip(-1)) / 2)  # a flipped patch embeds like the patch
+    return model
+
+
+def _aligned(model, sites, pixels):
+    with torch.no_grad(), FeatureCapture(model, sites, {"attention_probs"}) as capture:
+        logits = model(pixel_values=pixels).logits
+        maps = {site.index: aligned_attention(capture.attention_probs(site.index), pixels.shape[0], 1, 1)
+                for site in sites}
+        return maps, capture, logits
+
+
+@pytest.mark.parametrize("follow", [True, False])
+def test_prior_in_the_image_frame_matches_the_augmented_attention(follow):
+    model = _translation_equivariant_vit()
+    sites, grids = _grids(model)
+    images = torch.randn(3, 3, 32, 32)
+    priors, _, _ = _aligned(model, sites, images)  # the un-augmented images' own attention, as priors
+    term = AttentionPriorTerm(priors, {site.index: 1.0 for site in sites}, grids=grids if follow else None)
+    offsets, flips = torch.tensor([8, -16, 0]), torch.tensor([True, False, True])  # whole patches (patch 8)
+    augmented = JitterFlip.apply(images, offsets, flips)
+    with torch.no_grad(), FeatureCapture(model, sites, {"attention_probs"}) as capture:
+        logits = model(pixel_values=augmented).logits
+        ctx = StepContext(0, 0, 0, 1, 1, augmented, augmented, logits, torch.arange(3), capture, sites, 1,
+                          offsets, flips)
+        loss = term(ctx)
+    if follow:
+        assert float(loss.max()) < 1e-10
+    else:
+        assert float(loss.min()) > 1e-6  # a fixed prior disagrees with the moved attention
+
+
+class _RecordAugmentation(LossTerm):
+    name = "record"
+
+    def __init__(self) -> None:
+        super().__init__(0.0)
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def weight_at(self, ctx):
+        self.seen.append((ctx.offsets.clone(), ctx.flips.clone()))
+        return 0.0
+
+    def __call__(self, ctx):  # never called: weight 0
+        raise AssertionError
+
+
+def test_engine_tells_the_terms_each_steps_augmentation():
+    from optimum_dfq.synthesis import BatchPlan, CrossEntropyTerm, EngineConfig, optimize_batch
+
+    model = tiny_vit().requires_grad_(False)
+    recorder = _RecordAugmentation()
+    plan = BatchPlan([5, 9], torch.randn(2, 3, 32, 32), [CrossEntropyTerm(torch.tensor([1, 2])), recorder])
+    config = EngineConfig(iterations=(3, 3), warmup=1, jitter=(2, 6))
+    optimize_batch(model, plan, config, bounds=(-torch.ones(1, 3, 1, 1), torch.ones(1, 3, 1, 1)), sites=[],
+                   num_prefix_tokens=1, seed=4)
+    reference = JitterFlip([stream_generator(4, i, "augment") for i in (5, 9)], config.flip_prob)
+    expected = [reference.draw(jitter) for jitter in (2, 2, 2, 6, 6, 6)]
+    assert len(recorder.seen) == 6
+    for (offsets, flips), (want_offsets, want_flips) in zip(recorder.seen, expected, strict=True):
+        assert torch.equal(offsets, want_offsets) and torch.equal(flips, want_flips)
+
+
+@pytest.mark.parametrize("builder", [tiny_vit, tiny_swin])
+def test_sardfq_priors_follow_the_image_unless_told_not_to(builder):
+    model = builder()
+    following = plan_batch(get_synthesizer("sardfq", **FAST), model, [0, 1]).terms[0]
+    fixed = plan_batch(get_synthesizer("sardfq", apa_follow_augmentation=False, **FAST), model, [0, 1]).terms[0]
+    assert following.grids is not None and fixed.grids is None
+    assert sorted(following.grids) == sorted(following.priors)
+    for index, prior in following.priors.items():
+        assert torch.equal(prior, fixed.priors[index])  # same draws; only the frame differs
+    ctx = StepContext(0, 0, 0, 1, 1, torch.zeros(2, 3, 32, 32), torch.zeros(2, 3, 32, 32), torch.zeros(2, 10),
+                      torch.arange(2), None, [], 0, torch.tensor([0, 0]), torch.tensor([False, False]))
+    for index, prior in following.priors.items():
+        assert torch.allclose(following.prior_at(index, ctx), prior, atol=1e-7)  # no move: the drawn prior
+
+
+def test_follow_setting_is_part_of_the_cache_key():
+    on = get_synthesizer("sardfq").hyperparameters()
+    off = get_synthesizer("sardfq", apa_follow_augmentation=False).hyperparameters()
+    assert on != off and on["apa_follow_augmentation"] is True
