@@ -14,6 +14,7 @@ bit preset and backend.
     python benchmarks/accuracy.py --models examples/models/vit-cifar10 --bits w4a4 --sources real gaussian
     python benchmarks/accuracy.py --resume ...          # keep rows already in accuracy.json (same settings)
     python benchmarks/accuracy.py --resume --include /tmp/deit/accuracy.json   # merge a run made elsewhere
+    python benchmarks/accuracy.py --resume --redo-sources sardfq --include /tmp/sardfq/accuracy.json  # replace rows
 
 Rows are written to `accuracy.json` as soon as they are measured, so an interrupted run loses nothing, and runs on
 different models (or sources) can be made one after the other with `--resume` and end up in one table, or side by side
@@ -338,8 +339,8 @@ def write_results(rows: list[dict[str, Any]], args, settings: dict[str, Any], se
         header = bits + [f"{b} onnxruntime" for b in onnx_bits]
         lines += [f"## {model} (FP32 {100 * fp:.2f}%)", "", "| source | backend | " + " | ".join(header) + " |",
                   "|---|---|" + "---:|" * len(header)]
-        keys = dict.fromkeys((r["source"], r["backend"]) for r in model_rows if r["bits"] != "fp32")
-        for source, backend in keys:
+        keys = list(dict.fromkeys((r["source"], r["backend"]) for r in model_rows if r["bits"] != "fp32"))
+        for source, backend in sorted(keys, key=lambda key: source_rank(key[0])):  # stable: backends as measured
             cells = []
             for column in header:
                 onnx = column.endswith("onnxruntime")
@@ -358,6 +359,11 @@ def write_results(rows: list[dict[str, Any]], args, settings: dict[str, Any], se
     (out / "accuracy.md").write_text("\n".join(lines))
     (out / "headline.md").write_text(headline(rows))
     plot(rows, out / "accuracy.png")
+
+
+def source_rank(source: str) -> int:
+    """Table order of a calibration source: the benchmark's sources in their usual order, then any others."""
+    return DEFAULT_SOURCES.index(source) if source in DEFAULT_SOURCES else len(DEFAULT_SOURCES)
 
 
 SOURCE_NAMES = {"real": "real images (32 train images)", "gaussian": "Gaussian noise", "psaq": "PSAQ-ViT synthesis",
@@ -397,7 +403,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     for ax, model in zip(axes[0], models):
         model_rows = [r for r in rows if r["model"] == model and r["backend"] == "repq"]
         bits = bit_order(r["bits"] for r in model_rows)
-        for source in dict.fromkeys(r["source"] for r in model_rows):
+        for source in sorted(dict.fromkeys(r["source"] for r in model_rows), key=source_rank):
             ys = [next((100 * r["top1"] for r in model_rows if r["source"] == source and r["bits"] == b), None)
                   for b in bits]
             ax.plot(bits, ys, marker="o", label=source)

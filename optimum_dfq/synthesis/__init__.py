@@ -15,6 +15,7 @@ from .dataset import (
 from .dfq_vit import DFQViTSynthesizer
 from .engine import BatchResult, EngineConfig, optimize_batch
 from .gaussian import GaussianSynthesizer, image_generator
+from .geometry import TokenGrid, probe_token_grids, roll_and_flip_maps
 from .losses import (
     AttentionPriorTerm,
     CrossEntropyTerm,
@@ -50,6 +51,7 @@ __all__ = [
     "SoftLabelTerm",
     "StepContext",
     "Synthesizer",
+    "TokenGrid",
     "TotalVariationTerm",
     "calibration_set_from_dataset_dict",
     "calibration_set_to_dataset",
@@ -57,7 +59,9 @@ __all__ = [
     "image_generator",
     "load_calibration_set",
     "optimize_batch",
+    "probe_token_grids",
     "register_synthesizer",
+    "roll_and_flip_maps",
     "save_calibration_set",
     "save_image_grid",
     "stream_generator",

@@ -61,10 +61,20 @@ def probe_token_grids(model: nn.Module, adapter: ModelAdapter, sites: list[Atten
             the stage's grid), so that a token map cannot follow a roll or flip of the image.
 
     Example:
-        >>> grids = probe_token_grids(model, get_adapter(model), probe_attention_sites(model, get_adapter(model)))
-        ... # doctest: +SKIP
-        >>> grids[0].rows, grids[0].cols, grids[0].positions.shape  # doctest: +SKIP
-        (8, 8, torch.Size([1, 64]))
+
+    ```python
+    >>> from transformers import SwinConfig, SwinForImageClassification
+    >>> from optimum_dfq.models import get_adapter
+    >>> from optimum_dfq.synthesis import probe_token_grids
+    >>> from optimum_dfq.synthesis.features import probe_attention_sites
+    >>> model = SwinForImageClassification(SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2],
+    ...                                               num_heads=[2], window_size=4, num_labels=10)).eval()
+    >>> adapter = get_adapter(model)
+    >>> grids = probe_token_grids(model, adapter, probe_attention_sites(model, adapter))
+    >>> grid = grids[1]  # the shifted-window block: 8x8 tokens of 4x4 pixels, windows of 4x4 tokens shifted by 2
+    >>> grid.rows, grid.cols, grid.pixels, grid.positions.shape, grid.positions[0, :3].tolist()
+    (8, 8, (4, 4), torch.Size([4, 16]), [18, 19, 20])
+    ```
     """
     arrived: dict[int, torch.Tensor] = {}
     handles = []
