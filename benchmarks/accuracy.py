@@ -88,6 +88,8 @@ def calibration_for(source: str, model, processor, args, train) -> Any:
         phases = len(get_synthesizer(name).iterations)
         per_phase = max(1, args.synth_iterations // phases)
         kwargs = {"iterations": [per_phase] * phases, "warmup": max(1, per_phase // 5)}
+    if args.synthesizer_kwargs and name not in ("real", "gaussian"):
+        kwargs |= args.synthesizer_kwargs
     config = DFQConfig(num_images=args.num_images, seed=args.seed, synthesizer_kwargs=kwargs,
                        **({} if name == "real" else {"synthesizer": name}))
     # Gaussian noise costs nothing to draw, so it has no cache
@@ -106,6 +108,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test images")
     parser.add_argument("--synth-iterations", type=int, default=None, help="override synthesis iterations")
+    parser.add_argument("--synthesizer-kwargs", type=json.loads, default={},
+                        help='JSON options for the pixel synthesizers, e.g. \'{"jitter_reference": 224}\' (recorded '
+                             "in the settings: a run with other options is not merged)")
     parser.add_argument("--quick", action="store_true", help="500 test images, 100 synthesis iterations")
     parser.add_argument("--output-dir", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--resume", action="store_true",
@@ -232,8 +237,11 @@ def main() -> None:
 
 def run_settings(args) -> dict[str, Any]:
     """What makes two rows comparable (a resumed run only reuses rows measured with the same settings)."""
-    return {"eval_images": args.eval_limit or 10000, "num_images": args.num_images, "seed": args.seed,
-            "synth_iterations": args.synth_iterations or "synthesizer default"}
+    settings = {"eval_images": args.eval_limit or 10000, "num_images": args.num_images, "seed": args.seed,
+                "synth_iterations": args.synth_iterations or "synthesizer default"}
+    if args.synthesizer_kwargs:  # only when given, so that tables measured before the option still merge
+        settings["synthesizer_kwargs"] = args.synthesizer_kwargs
+    return settings
 
 
 def bit_order(bits) -> list[str]:
@@ -258,7 +266,8 @@ def read_rows(path: Path, args, settings: dict[str, Any], default_source: str) -
     if not path.exists():
         raise SystemExit(f"{path} does not exist.")
     previous = json.loads(path.read_text())
-    if {k: previous["meta"].get(k) for k in settings} != settings:
+    keys = set(settings) | ({"synthesizer_kwargs"} & set(previous["meta"]))
+    if {k: previous["meta"].get(k) for k in keys} != {k: settings.get(k) for k in keys}:
         raise SystemExit(f"{path} was measured with other settings ({previous['meta']}); drop --resume or match them.")
     args.commands = [c for c in previous["meta"].get("commands", []) if c not in args.commands] + args.commands
     if path == Path(args.output_dir) / "accuracy.json":

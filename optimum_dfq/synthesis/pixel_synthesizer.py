@@ -92,9 +92,12 @@ class PixelSynthesizer(Synthesizer):
         iterations (`int` or `Sequence[int]`, defaults to `(500, 500)`): steps of each phase (an `int` is one phase).
         warmup (`int`, defaults to 100): warm-up steps of each phase.
         jitter (`int` or `Sequence[int]`, defaults to `(15, 30)`): maximum roll offset of each phase, in pixels (one
-            value is used for every phase). Not scaled with the image size: PSAQ-ViT's values are for 224-pixel
-            inputs, and on 32-pixel inputs a roll of up to 30 pixels is nearly a random cyclic shift of the whole
-            image (pass smaller offsets for small inputs).
+            value is used for every phase). PSAQ-ViT's values, for 224-pixel inputs; not scaled with the image size
+            unless `jitter_reference` is set (on 32-pixel inputs a roll of up to 30 pixels is nearly a random cyclic
+            shift of the whole image).
+        jitter_reference (`int`, *optional*): the input side `jitter` is given for. When set, each offset is scaled
+            by the model's shorter input side / `jitter_reference` and rounded (`jitter_reference=224` turns
+            15/30 into 2/4 on 32-pixel inputs, a nonzero offset never below 1). `None` (the default): offsets as given.
         flip_prob (`float`, defaults to 0.5): horizontal-flip probability.
         log_every (`int`, defaults to 50): INFO logging (and loss-history summary) period, in steps.
         batch_size (`int`, *optional*): the default `batch_size` of [`PixelSynthesizer.synthesize`]; settable here
@@ -133,6 +136,7 @@ class PixelSynthesizer(Synthesizer):
         iterations: Sequence[int] | int = (500, 500),
         warmup: int = 100,
         jitter: Sequence[int] | int = (15, 30),
+        jitter_reference: int | None = None,
         flip_prob: float = 0.5,
         log_every: int = 50,
         batch_size: int | None = None,
@@ -146,24 +150,44 @@ class PixelSynthesizer(Synthesizer):
         self.iterations = tuple(int(n) for n in (iterations if isinstance(iterations, Sequence) else [iterations]))
         self.warmup = int(warmup)
         self.jitter = tuple(int(j) for j in (jitter if isinstance(jitter, Sequence) else [jitter]))
+        if jitter_reference is not None and (isinstance(jitter_reference, bool) or not isinstance(jitter_reference, int)
+                                             or jitter_reference < 1):
+            raise SynthesisError(f"jitter_reference must be a positive input side in pixels (e.g. 224) or None; got "
+                                 f"{jitter_reference!r}.")
+        self.jitter_reference = jitter_reference
         self.flip_prob = float(flip_prob)
         self.log_every = int(log_every)
         self.engine_config(windowed=False)
 
-    def engine_config(self, windowed: bool) -> EngineConfig:
+    def engine_config(self, windowed: bool, image_size: Sequence[int] | None = None) -> EngineConfig:
         """The engine settings for a model with (`windowed=True`) or without windowed attention.
 
         Args:
             windowed (`bool`): whether the model uses windowed attention (Swin); picks the default `lr`.
+            image_size (`Sequence[int]`, *optional*): `(H, W)` of the model's inputs; with `jitter_reference`, the
+                jitter is scaled to it (ignored without `jitter_reference`).
 
         Returns:
             `EngineConfig`
         """
         return EngineConfig(
             lr=self.lr if self.lr is not None else DEFAULT_LR[windowed], betas=self.betas, eps=self.eps,
-            iterations=self.iterations, warmup=self.warmup, jitter=self.jitter, flip_prob=self.flip_prob,
-            log_every=self.log_every,
+            iterations=self.iterations, warmup=self.warmup, jitter=self.scaled_jitter(image_size),
+            flip_prob=self.flip_prob, log_every=self.log_every,
         )
+
+    def scaled_jitter(self, image_size: Sequence[int] | None) -> tuple[int, ...]:
+        """The maximum roll offsets used on inputs of `image_size` (`(H, W)`; see `jitter_reference`).
+
+        Example:
+            >>> from optimum_dfq.synthesis import get_synthesizer
+            >>> get_synthesizer("psaq", jitter_reference=224).scaled_jitter((32, 32))
+            (2, 4)
+        """
+        if self.jitter_reference is None or image_size is None:
+            return self.jitter
+        ratio = min(image_size) / self.jitter_reference
+        return tuple(max(1, round(j * ratio)) if j > 0 else 0 for j in self.jitter)
 
     @abstractmethod
     def plan_batch(self, info: ModelInfo, indices: list[int], seed: int) -> BatchPlan:
@@ -284,7 +308,7 @@ class PixelSynthesizer(Synthesizer):
         adapter = get_adapter(model)
         shape = expected_image_shape(model)
         mean, std = normalization_stats(image_processor, image_mean, image_std, shape[0])
-        config = self.engine_config(adapter.windowed)
+        config = self.engine_config(adapter.windowed, shape[1:])
         material = self._run_material(model, num_images, seed, mean, std, config)
         key = run_fingerprint(material)
         cache = SynthesisCache(cache_dir, key) if cache_dir is not None else None
@@ -358,7 +382,8 @@ class PixelSynthesizer(Synthesizer):
         Returns:
             `dict[str, Any]`
         """
-        ignored = ("log_every", "batch_size")  # recorded in the set's metadata, not part of its identity
+        # recorded in the set's metadata, not part of its identity (the jitter it resolves to is)
+        ignored = ("log_every", "batch_size", "jitter_reference")
         engine = {k: v for k, v in asdict(config).items() if k not in ignored}
         return {k: v for k, v in self.hyperparameters().items() if k not in ignored} | engine
 

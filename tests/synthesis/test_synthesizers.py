@@ -208,3 +208,21 @@ def test_gaussian_synthesizer_scales_and_shifts_the_same_noise():
     shifted = get_synthesizer("gaussian", mean=2.0, std=0.5).synthesize(model, 3, seed=4).pixel_values
     torch.testing.assert_close(shifted, standard * 0.5 + 2.0)
     assert abs(float(standard.mean())) < 0.1 and abs(float(standard.std()) - 1.0) < 0.1
+
+
+def test_jitter_reference_scales_the_offsets_to_the_input_and_keys_on_the_result():
+    model = tiny_vit()  # 32-pixel inputs
+    settings = dict(FAST, jitter=(15, 30))
+    scaled = get_synthesizer("psaq", jitter_reference=224, **settings).synthesize(model, 2, seed=0, **NORM)
+    assert scaled.metadata["engine"]["jitter"] == [2, 4]
+    assert scaled.metadata["hyperparameters"]["jitter"] == [2, 4]  # the cache key hashes what the engine used
+    same = get_synthesizer("psaq", **dict(settings, jitter=(2, 4))).synthesize(model, 2, seed=0, **NORM)
+    assert scaled.metadata["cache_key"] == same.metadata["cache_key"]
+    assert torch.equal(scaled.pixel_values, same.pixel_values)
+    unscaled = get_synthesizer("psaq", **settings).synthesize(model, 2, seed=0, **NORM)
+    assert unscaled.metadata["engine"]["jitter"] == [15, 30]
+    assert unscaled.metadata["cache_key"] != scaled.metadata["cache_key"]
+    assert get_synthesizer("psaq", jitter=(1, 0), jitter_reference=224).scaled_jitter((32, 48)) == (1, 0)
+    for bad in (0, -224, 22.4, True):
+        with pytest.raises(SynthesisError, match="jitter_reference"):
+            get_synthesizer("psaq", jitter_reference=bad)
