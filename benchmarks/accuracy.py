@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -163,7 +164,7 @@ def main() -> None:
                          "examples/train_reference_model.py) and none given with --models.")
 
     settings = run_settings(args)
-    args.commands = ["python benchmarks/accuracy.py " + " ".join(sys.argv[1:])]
+    args.commands = ["python benchmarks/accuracy.py " + shlex.join(sys.argv[1:])]
     default_source = DFQConfig().synthesizer
     args.included_seconds = {}
     rows, earlier_s = previous_rows(args, settings, default_source) if args.resume else ([], 0.0)
@@ -335,7 +336,9 @@ def write_results(rows: list[dict[str, Any]], args, settings: dict[str, Any], se
     lines = ["# Accuracy benchmark (CIFAR-10 test top-1, %)", "",
              "Commands: " + "; ".join(f"`{c}`" for c in meta["commands"])
              + (f"; {meta['eval_images']} test images; {args.num_images} calibration images "
-                f"(real: CIFAR-10 *train* images); library {version}; {meta['machine']}."), "",
+                f"(real: CIFAR-10 *train* images); library {version}; {meta['machine']}.")
+             + (f" Pixel synthesizers ran with `{json.dumps(meta['synthesizer_kwargs'])}`."
+                if meta.get("synthesizer_kwargs") else ""), "",
              ("The `onnxruntime` cells are the same quantized model exported with `optimum_dfq.export.to_onnx` and "
               "run in ONNX Runtime. Rows marked `same_as` in accuracy.json reuse the identical run of that "
               "synthesizer."),
