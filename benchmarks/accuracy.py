@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test images")
     parser.add_argument("--synth-iterations", type=int, default=None, help="override synthesis iterations")
-    parser.add_argument("--synthesizer-kwargs", type=json.loads, default={},
+    parser.add_argument("--synthesizer-kwargs", type=json_object, default={},
                         help='JSON options for the pixel synthesizers, e.g. \'{"jitter_reference": 224}\' (recorded '
                              "in the settings: a run with other options is not merged)")
     parser.add_argument("--quick", action="store_true", help="500 test images, 100 synthesis iterations")
@@ -170,8 +170,9 @@ def main() -> None:
     rows, earlier_s = previous_rows(args, settings, default_source) if args.resume else ([], 0.0)
     if args.redo_bits or args.redo_sources:  # stale rows of this run's table; rows merged with --include replace them
         names = {m.name for m in models}
-        rows = [r for r in rows if not (r["model"] in names and (r["bits"] in args.redo_bits
-                                                                  or r["source"] in args.redo_sources))]
+        rows = [r for r in rows if not (r["model"] in names and (
+            r["bits"] in args.redo_bits or r["source"] in args.redo_sources
+            or r.get("synthesizer") in args.redo_sources))]  # "default" rows of a re-measured synthesizer too
     for extra in args.include:
         extra_rows, extra_s = read_rows(Path(extra), args, settings, default_source)
         known = {row_key(r) for r in rows}
@@ -234,6 +235,14 @@ def main() -> None:
                 print(line, flush=True)
     write_results(rows, args, settings, time.perf_counter() - started, __version__)
     print(f"wrote {Path(args.output_dir) / 'accuracy.md'}, accuracy.json, accuracy.png")
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """`--synthesizer-kwargs`: a JSON object of keyword arguments."""
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"jitter_reference\": 224}}', got {text}")
+    return value
 
 
 def run_settings(args) -> dict[str, Any]:

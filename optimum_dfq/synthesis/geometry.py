@@ -9,7 +9,8 @@ patch grid; for Swin the stage's grid, cut into (possibly cyclically shifted) wi
 The positions are found by probing, not by re-implementing each model's window partition: one forward pass in which
 every LayerNorm inside a transformer block outputs its token's raster index instead of normalised features, with a
 pre-hook on each attention module reading which index arrived at each (window, token) slot. Padding (Swin pads a
-stage's grid to a multiple of the window) shows up as slots without an index.
+stage's grid to a multiple of the window) shows up as slots without an index; they hold no image content, so a moved
+prior puts no mass there.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class TokenGrid:
         rows (`int`), cols (`int`): the module's token grid (patch tokens only).
         positions (`torch.Tensor`): `[windows, tokens]` long, the raster index (`row · cols + col`) of each token
             the attention priors cover, in the module's window and token order: the patch tokens for global attention
-            (prefix tokens excluded), every token of every window for windowed attention.
+            (prefix tokens excluded), every token of every window for windowed attention; -1 for a padding slot.
         pixels (`tuple[int, int]`): image pixels per token, `(height, width)`.
     """
 
@@ -57,8 +58,8 @@ def probe_token_grids(model: nn.Module, adapter: ModelAdapter, sites: list[Atten
         `dict[int, TokenGrid]`: attention-site index → its grid.
 
     Raises:
-        `SynthesisError`: if a module's tokens do not tile the image exactly once (e.g. Swin windows padded beyond
-            the stage's grid), so that a token map cannot follow a roll or flip of the image.
+        `SynthesisError`: if a module's tokens do not tile the image exactly once (a token missing or repeated, or a
+            grid that does not divide the image), so that a token map cannot follow a roll or flip of the image.
 
     Example:
 
@@ -85,9 +86,9 @@ def probe_token_grids(model: nn.Module, adapter: ModelAdapter, sites: list[Atten
     for site in sites:
         handles.append(site.module.register_forward_pre_hook(_record_arrivals(arrived, site.index), with_kwargs=True))
     shape = expected_image_shape(model)
-    device = next(model.parameters()).device
+    parameter = next(model.parameters())
     try:
-        model(pixel_values=torch.zeros(1, *shape, device=device))
+        model(pixel_values=torch.zeros(1, *shape, device=parameter.device, dtype=parameter.dtype))
     finally:
         for handle in handles:
             handle.remove()
@@ -95,16 +96,23 @@ def probe_token_grids(model: nn.Module, adapter: ModelAdapter, sites: list[Atten
     return {site.index: _grid(site, arrived, prefix, shape[1:]) for site in sites}
 
 
+_DIGIT = 256  # every integer up to 256 is exact in float16 and bfloat16 too
+
+
 def _emit_raster_index(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+    """Token `t` of the sequence → channels `(t // 256 + 1, t % 256)`, zeros elsewhere (padding stays all-zero)."""
     marked = torch.zeros_like(output)
-    marked[..., 0] = torch.arange(1, output.shape[-2] + 1, dtype=output.dtype, device=output.device)
+    index = torch.arange(output.shape[-2], device=output.device)
+    marked[..., 0] = (index // _DIGIT + 1).to(output.dtype)
+    marked[..., 1] = (index % _DIGIT).to(output.dtype)
     return marked
 
 
 def _record_arrivals(arrived: dict[int, torch.Tensor], index: int):
     def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        arrived[index] = hidden[..., 0].round().long().cpu() - 1
+        hidden = (args[0] if args else kwargs["hidden_states"]).float().round().long().cpu()
+        high, low = hidden[..., 0], hidden[..., 1]
+        arrived[index] = torch.where(high > 0, (high - 1) * _DIGIT + low, -1)
 
     return hook
 
@@ -112,20 +120,24 @@ def _record_arrivals(arrived: dict[int, torch.Tensor], index: int):
 def _grid(site: AttentionSite, arrived: dict[int, torch.Tensor], prefix: int, image: tuple[int, int]) -> TokenGrid:
     if site.index not in arrived:
         raise SynthesisError(f"Attention module #{site.index} was not called during the token-position probe.")
-    raster = arrived[site.index].reshape(site.windows, -1)[:, prefix:] - prefix
-    count = raster.numel()
+    raster = arrived[site.index].reshape(site.windows, -1)[:, prefix:]
+    raster = torch.where(raster >= 0, raster - prefix, -1)
+    found = raster[raster >= 0].sort().values
+    count = found.numel()
     height, width = image
     rows = math.isqrt(count * height // width) if count * height % width == 0 else 0
     cols = count // rows if rows else 0
-    tiles = (
-        rows * cols == count and rows and height % rows == 0 and width % cols == 0
-        and torch.equal(raster.flatten().sort().values, torch.arange(count))
-    )
-    if not tiles:
+    problem = None
+    if not torch.equal(found, torch.arange(count)):
+        missing = count - found.unique().numel()
+        problem = f"{missing} token position(s) repeated or missing among {count}"
+    elif not (rows and rows * cols == count and height % rows == 0 and width % cols == 0):
+        problem = f"its {count} tokens form no grid that divides the {height}x{width} image into equal patches"
+    if problem is not None:
         raise SynthesisError(
-            f"The tokens of attention module #{site.index} do not tile the {height}x{width} image exactly once (padded "
-            "or overlapping windows), so attention priors cannot be rolled and flipped with the image. Pass "
-            "`apa_follow_augmentation=False` to keep the priors fixed in the frame of the model's input."
+            f"Cannot place the tokens of attention module #{site.index} in the image ({problem}), so attention "
+            "priors cannot be rolled and flipped with the image. Pass `apa_follow_augmentation=False` to keep the "
+            "priors fixed in the frame of the model's input."
         )
     return TokenGrid(rows, cols, raster, (height // rows, width // cols))
 
@@ -164,7 +176,7 @@ def roll_and_flip_maps(
 def _fractional_roll(maps: torch.Tensor, shifts: torch.Tensor, dim: int) -> torch.Tensor:
     """`out[..., r] = map(r - shift)` along `dim`, cyclic, linear between whole tokens; one shift per image."""
     size = maps.shape[dim]
-    source = torch.arange(size, device=maps.device, dtype=torch.float64)[None] - shifts.double()[:, None]
+    source = torch.arange(size, device=maps.device, dtype=torch.float32)[None] - shifts.float()[:, None]
     lower = source.floor()
     frac = (source - lower).to(maps.dtype)
     lower = torch.remainder(lower.long(), size)

@@ -394,6 +394,9 @@ class AttentionPriorTerm(LossTerm):
     ) -> None:
         super().__init__(weight)
         self.priors, self.depth_weights, self.grids = priors, depth_weights, grids
+        if grids is not None and not set(priors) <= set(grids):
+            raise SynthesisError(f"Attention priors for modules {sorted(set(priors) - set(grids))} have no token grid "
+                                 "(probe_token_grids); pass grids for every prior, or grids=None.")
         self._image_frame_maps = {} if grids is None else {
             index: _scatter_to_grid(prior, grids[index]) for index, prior in priors.items()
         }
@@ -403,8 +406,10 @@ class AttentionPriorTerm(LossTerm):
         if self.grids is None or ctx.offsets is None:
             return self.priors[index]
         grid = self.grids[index]
-        moved = roll_and_flip_maps(self._image_frame_maps[index], ctx.offsets, ctx.flips, grid.pixels)
-        per_window = moved.flatten(-2)[..., grid.positions].permute(0, 2, 1, 3)
+        flips = ctx.flips if ctx.flips is not None else torch.zeros_like(ctx.offsets, dtype=torch.bool)
+        moved = roll_and_flip_maps(self._image_frame_maps[index], ctx.offsets, flips, grid.pixels)
+        per_window = moved.flatten(-2)[..., grid.positions.clamp_min(0)] * (grid.positions >= 0)  # padding: no mass
+        per_window = per_window.permute(0, 2, 1, 3)
         return per_window / per_window.sum(dim=-1, keepdim=True).clamp_min(1e-30)
 
     def __call__(self, ctx: StepContext) -> torch.Tensor:
@@ -428,7 +433,10 @@ def _scatter_to_grid(prior: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
         raise SynthesisError(f"Attention priors of shape {tuple(prior.shape)} do not match the module's token grid "
                              f"({tuple(grid.positions.shape)} windows x tokens).")
     maps = prior.new_zeros(batch, heads, grid.rows * grid.cols)
-    maps[:, :, grid.positions.flatten()] = prior.permute(0, 2, 1, 3).reshape(batch, heads, windows * tokens)
+    positions = grid.positions.flatten()
+    real = positions >= 0  # padding slots hold no image content
+    flat = prior.permute(0, 2, 1, 3).reshape(batch, heads, windows * tokens)
+    maps[:, :, positions[real]] = flat[:, :, real]
     return maps.view(batch, heads, grid.rows, grid.cols)
 
 

@@ -382,7 +382,8 @@ class PixelSynthesizer(Synthesizer):
         Returns:
             `dict[str, Any]`
         """
-        # recorded in the set's metadata, not part of its identity (the jitter it resolves to is)
+        # log_every and batch_size are recorded in the set's metadata; jitter_reference only through the jitter it
+        # resolves to (`engine`), which is what the images depend on
         ignored = ("log_every", "batch_size", "jitter_reference")
         engine = {k: v for k, v in asdict(config).items() if k not in ignored}
         return {k: v for k, v in self.hyperparameters().items() if k not in ignored} | engine

@@ -51,8 +51,8 @@ class SARDFQSynthesizer(PixelSynthesizer):
     `apa_start = 0.5 - 1/L` for the spec's sum). A roll that is not a whole number of tokens moves the prior by
     linear interpolation between the two nearest whole-token rolls; for Swin the per-window priors are tiled over the
     stage's grid (shifted windows included, positions found by [`probe_token_grids`]), moved, cut back into the
-    module's windows and renormalised. `apa_follow_augmentation=False` keeps the priors fixed in the frame of the
-    model's input instead (what this library did before the option existed).
+    module's windows (padding slots get no mass) and renormalised. `apa_follow_augmentation=False` keeps the priors
+    fixed in the frame of the model's input instead (what this library did before the option existed).
 
     Args:
         apa_weight (`float`, defaults to 1000.0): `α1`.
@@ -94,7 +94,7 @@ class SARDFQSynthesizer(PixelSynthesizer):
         self.apa_sigma = tuple(float(s) for s in apa_sigma)
         self.apa_start = float(apa_start)
         self.apa_follow_augmentation = bool(apa_follow_augmentation)
-        self._grids: tuple[weakref.ref, dict[int, TokenGrid]] | None = None
+        self._grids: tuple[weakref.ref, tuple[int, ...], dict[int, TokenGrid]] | None = None
         self.msr_regions = int(msr_regions)
         self.soft_label_range = tuple(float(v) for v in soft_label_range)
         self.sl_weight, self.tv_weight = float(sl_weight), float(tv_weight)
@@ -136,9 +136,10 @@ class SARDFQSynthesizer(PixelSynthesizer):
     def _token_grids(self, info: ModelInfo, sites: list[AttentionSite]) -> dict[int, TokenGrid] | None:
         if not self.apa_follow_augmentation or not sites:
             return None
-        if self._grids is None or self._grids[0]() is not info.model:
-            self._grids = (weakref.ref(info.model), probe_token_grids(info.model, info.adapter, sites))
-        return self._grids[1]
+        indices = tuple(site.index for site in sites)
+        if self._grids is None or self._grids[0]() is not info.model or self._grids[1] != indices:
+            self._grids = (weakref.ref(info.model), indices, probe_token_grids(info.model, info.adapter, sites))
+        return self._grids[2]
 
     def _aligned_sites(self, sites: list[AttentionSite]) -> list[AttentionSite]:
         depth = len(sites)

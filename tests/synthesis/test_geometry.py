@@ -34,10 +34,14 @@ def test_global_attention_tokens_are_the_patch_grid(builder):
         assert torch.equal(grid.positions, torch.arange(16).view(1, 16))  # prefix tokens excluded
 
 
-def _swin_window_oracle(side: int, window: int, shift: int) -> torch.Tensor:
-    """Raster index of each (window, token) slot, per Swin's cyclic shift then row-major window partition."""
-    raster = torch.roll(torch.arange(side * side).view(side, side), shifts=(-shift, -shift), dims=(0, 1))
-    tiles = raster.view(side // window, window, side // window, window).permute(0, 2, 1, 3)
+def _swin_window_oracle(side: int, window: int, shift: int, padded: int | None = None) -> torch.Tensor:
+    """Raster index of each (window, token) slot (-1: padding), per Swin's padding to a multiple of the window, cyclic
+    shift, then row-major window partition."""
+    padded = padded or side
+    raster = torch.full((padded, padded), -1)
+    raster[:side, :side] = torch.arange(side * side).view(side, side)
+    raster = torch.roll(raster, shifts=(-shift, -shift), dims=(0, 1))
+    tiles = raster.view(padded // window, window, padded // window, window).permute(0, 2, 1, 3)
     return tiles.reshape(-1, window * window)
 
 
@@ -50,12 +54,45 @@ def test_swin_tokens_follow_windows_and_cyclic_shift():
         assert torch.equal(grid.positions, _swin_window_oracle(side, window, shift))
 
 
-def test_padded_windows_are_refused_with_the_fix():
-    # 40-pixel images, patch 4: a 10x10 grid padded to 12x12 for windows of 4; the padding is no image position.
-    model = SwinForImageClassification(SwinConfig(image_size=40, patch_size=4, embed_dim=16, depths=[2, 2],
-                                                  num_heads=[2, 2], window_size=4, num_labels=10)).eval()
-    with pytest.raises(SynthesisError, match="apa_follow_augmentation=False"):
-        _grids(model)
+def _padded_swin():
+    # 40-pixel images, patch 4: a 10x10 grid padded to 12x12 for windows of 4, then 5x5 padded to 8x8.
+    torch.manual_seed(0)
+    return SwinForImageClassification(SwinConfig(image_size=40, patch_size=4, embed_dim=16, depths=[2, 2],
+                                                 num_heads=[2, 2], window_size=4, num_labels=10)).eval()
+
+
+def test_padded_windows_mark_their_padding():
+    sites, grids = _grids(_padded_swin())
+    expected = [(10, 12, 0, 4), (10, 12, 2, 4), (5, 8, 0, 8), (5, 8, 2, 8)]  # (side, padded side, shift, pixels)
+    for site, (side, padded, shift, pixels) in zip(sites, expected, strict=True):
+        grid = grids[site.index]
+        assert (grid.rows, grid.cols, grid.pixels) == (side, side, (pixels, pixels))
+        assert torch.equal(grid.positions, _swin_window_oracle(side, 4, shift, padded))
+    calib = get_synthesizer("sardfq", **FAST).synthesize(_padded_swin(), 2, seed=0, **NORM)  # runs with padding
+    assert calib.pixel_values.shape == (2, 3, 40, 40) and bool(torch.isfinite(calib.pixel_values).all())
+
+
+def test_half_precision_models_are_probed_exactly():
+    # 16x16 tokens at stage 1: raster indices up to 255 and, in fp16/bf16, none above 256 would survive as one float
+    model = SwinForImageClassification(SwinConfig(image_size=64, patch_size=2, embed_dim=16, depths=[2],
+                                                  num_heads=[2], window_size=8, num_labels=10)).eval()
+    sites, expected = _grids(model)
+    halved = probe_token_grids(model.to(torch.bfloat16), get_adapter(model), sites)
+    for index, grid in expected.items():
+        assert grid.positions.max() == 1023 and torch.equal(halved[index].positions, grid.positions)
+
+
+def test_a_grid_that_does_not_tile_the_image_is_refused_with_the_fix():
+    from types import SimpleNamespace
+
+    from optimum_dfq.synthesis.geometry import _grid
+
+    site = SimpleNamespace(index=3, windows=1)
+    repeated = {3: torch.tensor([[0, 1, 2, 2]])}
+    with pytest.raises(SynthesisError, match=r"#3 .*repeated or missing.*apa_follow_augmentation=False"):
+        _grid(site, repeated, 0, (32, 32))
+    with pytest.raises(SynthesisError, match="no grid that divides the 31x31 image"):
+        _grid(site, {3: torch.arange(4).view(1, 4)}, 0, (31, 31))
 
 
 def test_whole_token_moves_are_rolls_then_flips():
@@ -157,6 +194,46 @@ def test_sardfq_priors_follow_the_image_unless_told_not_to(builder):
                       torch.arange(2), None, [], 0, torch.tensor([0, 0]), torch.tensor([False, False]))
     for index, prior in following.priors.items():
         assert torch.allclose(following.prior_at(index, ctx), prior, atol=1e-7)  # no move: the drawn prior
+
+
+@pytest.mark.parametrize("builder", [tiny_swin, _padded_swin])
+def test_windowed_priors_move_across_windows_and_stay_normalised(builder):
+    model = builder()
+    sites, grids = _grids(model)
+    site = sites[1]  # the shifted-window block
+    grid = grids[site.index]
+    priors = {site.index: torch.rand(2, site.windows, site.heads, site.tokens)}
+    priors[site.index] /= priors[site.index].sum(-1, keepdim=True)
+    term = AttentionPriorTerm(priors, {site.index: 1.0}, grids={site.index: grid})
+    offsets, flips = torch.tensor([2 * grid.pixels[0], -grid.pixels[0]]), torch.tensor([True, False])
+    side = grid.rows
+    positions = grid.positions
+    # by hand: scatter each window's map over the image grid, roll whole tokens, flip, cut back, renormalise
+    expected = torch.zeros(2, site.heads, side * side)
+    real = positions >= 0
+    expected[:, :, positions[real]] = priors[site.index].permute(0, 2, 1, 3)[:, :, real]
+    expected = expected.view(2, site.heads, side, side)
+    expected = torch.stack([torch.roll(expected[0], (2, 2), dims=(1, 2)).flip(-1),
+                            torch.roll(expected[1], (-1, -1), dims=(1, 2))])
+    expected = expected.flatten(-2)[..., positions.clamp_min(0)] * real
+    expected = expected.permute(0, 2, 1, 3)
+    expected = expected / expected.sum(-1, keepdim=True)
+    ctx = StepContext(0, 0, 0, 1, 1, torch.zeros(2, 3, 1, 1), torch.zeros(2, 3, 1, 1), torch.zeros(2, 10),
+                      torch.arange(2), None, [], 0, offsets, flips)
+    moved = term.prior_at(site.index, ctx)
+    assert torch.allclose(moved, expected, atol=1e-6)
+    assert not torch.allclose(moved, priors[site.index])  # it did move across windows
+    fractional = term.prior_at(site.index, StepContext(0, 0, 0, 1, 1, torch.zeros(2, 3, 1, 1), torch.zeros(2, 3, 1, 1),
+                                                       torch.zeros(2, 10), torch.arange(2), None, [], 0,
+                                                       torch.tensor([1, 3]), None))
+    assert torch.allclose(fractional.sum(-1), torch.ones(2, site.windows, site.heads))
+    assert bool((fractional.permute(0, 2, 1, 3)[:, :, ~real] == 0).all())  # padding slots get no mass
+
+
+def test_priors_without_a_grid_are_refused():
+    _, grids = _grids(tiny_vit())
+    with pytest.raises(SynthesisError, match=r"modules \[7\] have no token grid"):
+        AttentionPriorTerm({7: torch.rand(1, 1, 2, 16)}, {7: 1.0}, grids=grids)
 
 
 def test_follow_setting_is_part_of_the_cache_key():
