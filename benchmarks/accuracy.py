@@ -85,11 +85,11 @@ def calibration_for(source: str, model, processor, args, train) -> Any:
 
     name = DFQConfig().synthesizer if source == "default" else source
     kwargs: dict[str, Any] = {}
-    if args.synth_iterations and name not in ("real", "gaussian"):
-        phases = len(get_synthesizer(name).iterations)
-        per_phase = max(1, args.synth_iterations // phases)
-        kwargs = {"iterations": [per_phase] * phases, "warmup": max(1, per_phase // 5)}
-    if args.synthesizer_kwargs and name not in ("real", "gaussian"):
+    if name not in ("real", "gaussian"):  # a pixel synthesizer
+        if args.synth_iterations:
+            phases = len(get_synthesizer(name).iterations)
+            per_phase = max(1, args.synth_iterations // phases)
+            kwargs = {"iterations": [per_phase] * phases, "warmup": max(1, per_phase // 5)}
         kwargs |= args.synthesizer_kwargs
     config = DFQConfig(num_images=args.num_images, seed=args.seed, synthesizer_kwargs=kwargs,
                        **({} if name == "real" else {"synthesizer": name}))
@@ -360,7 +360,7 @@ def write_results(rows: list[dict[str, Any]], args, settings: dict[str, Any], se
         header = bits + [f"{b} onnxruntime" for b in onnx_bits]
         lines += [f"## {model} (FP32 {100 * fp:.2f}%)", "", "| source | backend | " + " | ".join(header) + " |",
                   "|---|---|" + "---:|" * len(header)]
-        keys = list(dict.fromkeys((r["source"], r["backend"]) for r in model_rows if r["bits"] != "fp32"))
+        keys = dict.fromkeys((r["source"], r["backend"]) for r in model_rows if r["bits"] != "fp32")
         for source, backend in sorted(keys, key=lambda key: source_rank(key[0])):  # stable: backends as measured
             cells = []
             for column in header:

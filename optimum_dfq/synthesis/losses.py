@@ -400,6 +400,10 @@ class AttentionPriorTerm(LossTerm):
         self._image_frame_maps = {} if grids is None else {
             index: _scatter_to_grid(prior, grids[index]) for index, prior in priors.items()
         }
+        # per site: where each (window, token) slot reads the moved map, and which slots are image tokens (not padding)
+        self._slot_sources = {} if grids is None else {
+            index: (grids[index].positions.clamp_min(0), grids[index].positions >= 0) for index in priors
+        }
 
     def prior_at(self, index: int, ctx: StepContext) -> torch.Tensor:
         """The prior of site `index` in the frame of this step's augmented images: `[B, windows, heads, tokens]`."""
@@ -408,7 +412,8 @@ class AttentionPriorTerm(LossTerm):
         grid = self.grids[index]
         flips = ctx.flips if ctx.flips is not None else torch.zeros_like(ctx.offsets, dtype=torch.bool)
         moved = roll_and_flip_maps(self._image_frame_maps[index], ctx.offsets, flips, grid.pixels)
-        per_window = moved.flatten(-2)[..., grid.positions.clamp_min(0)] * (grid.positions >= 0)  # padding: no mass
+        sources, real = self._slot_sources[index]
+        per_window = moved.flatten(-2)[..., sources] * real  # padding slots: no mass
         per_window = per_window.permute(0, 2, 1, 3)
         return per_window / per_window.sum(dim=-1, keepdim=True).clamp_min(1e-30)
 

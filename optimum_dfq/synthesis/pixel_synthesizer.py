@@ -22,6 +22,7 @@ import os
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -39,6 +40,7 @@ from .dataset import to_jsonable
 from .distributed import broadcast_from_main, gather_lists, resolve_state, shard_chunks
 from .engine import EngineConfig, optimize_batch
 from .features import AttentionSite, probe_attention_sites
+from .geometry import TokenGrid, probe_token_grids
 from .hashing import model_config_material, model_fingerprint, run_fingerprint
 from .normalization import normalization_stats, valid_pixel_range
 
@@ -76,6 +78,11 @@ class ModelInfo:
     def num_prefix_tokens(self) -> int:
         """CLS (+ distillation) tokens before the patch tokens (0 for Swin)."""
         return self.adapter.num_prefix_tokens
+
+    @cached_property
+    def token_grids(self) -> dict[int, TokenGrid]:
+        """Where each attention module's tokens lie in the image ([`probe_token_grids`]); probed once, on first use."""
+        return probe_token_grids(self.model, self.adapter, self.sites)
 
 
 class PixelSynthesizer(Synthesizer):

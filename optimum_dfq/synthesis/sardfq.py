@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Sequence
 
 import torch
@@ -12,7 +11,7 @@ from ..errors import SynthesisError
 from .base import register_synthesizer
 from .context import BatchPlan
 from .features import AttentionSite
-from .geometry import TokenGrid, probe_token_grids
+from .geometry import TokenGrid
 from .losses import AttentionPriorTerm, SoftLabelTerm, TotalVariationTerm
 from .pixel_synthesizer import ModelInfo, PixelSynthesizer
 from .priors import gaussian_mixture_maps
@@ -94,7 +93,6 @@ class SARDFQSynthesizer(PixelSynthesizer):
         self.apa_sigma = tuple(float(s) for s in apa_sigma)
         self.apa_start = float(apa_start)
         self.apa_follow_augmentation = bool(apa_follow_augmentation)
-        self._grids: tuple[weakref.ref, tuple[int, ...], dict[int, TokenGrid]] | None = None
         self.msr_regions = int(msr_regions)
         self.soft_label_range = tuple(float(v) for v in soft_label_range)
         self.sl_weight, self.tv_weight = float(sl_weight), float(tv_weight)
@@ -136,10 +134,7 @@ class SARDFQSynthesizer(PixelSynthesizer):
     def _token_grids(self, info: ModelInfo, sites: list[AttentionSite]) -> dict[int, TokenGrid] | None:
         if not self.apa_follow_augmentation or not sites:
             return None
-        indices = tuple(site.index for site in sites)
-        if self._grids is None or self._grids[0]() is not info.model or self._grids[1] != indices:
-            self._grids = (weakref.ref(info.model), indices, probe_token_grids(info.model, info.adapter, sites))
-        return self._grids[2]
+        return {site.index: info.token_grids[site.index] for site in sites}
 
     def _aligned_sites(self, sites: list[AttentionSite]) -> list[AttentionSite]:
         depth = len(sites)
