@@ -21,6 +21,8 @@ from .errors import CalibrationError, ConfigError
 from .integrations.transformers import finalize_quantized_model
 from .models import get_adapter
 from .synthesis import calibration_set_from_dataset_dict, get_synthesizer
+from .synthesis.provisional import RUN as PROVISIONAL_FROM_RUN
+from .synthesis.provisional import run_provisional_settings
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +224,10 @@ class DataFreeViTQuantizer(OptimumQuantizer):
             spec = config.calibration_dataset
             calibration_dataset = load_image_dataset(spec["path"], spec.get("split", "train"), spec.get("name"))
         if calibration_dataset is None:
-            synthesizer = get_synthesizer(config.synthesizer, **config.synthesizer_kwargs)
+            synthesizer_kwargs = dict(config.synthesizer_kwargs)
+            if synthesizer_kwargs.get("provisional") == PROVISIONAL_FROM_RUN:
+                synthesizer_kwargs["provisional"] = run_provisional_settings(config)
+            synthesizer = get_synthesizer(config.synthesizer, **synthesizer_kwargs)
             extra = {}
             if cache_dir is not None:
                 if "cache_dir" not in inspect.signature(synthesizer.synthesize).parameters:

@@ -507,3 +507,14 @@ def test_explicit_synthesizer_with_real_data_is_refused(image_processor):
     with pytest.raises(ConfigError, match=r"the config's calibration_dataset=.*config\.replace\(calibration_dataset"):
         DataFreeViTQuantizer(tiny_vit(), image_processor).quantize(
             config=DFQConfig(bits="w8a8", calibration_dataset=spec), synthesizer="psaq")
+
+
+def test_provisional_run_gives_the_hardness_term_the_runs_own_quantization_settings(image_processor):
+    fast = {"iterations": (2, 2), "warmup": 1, "jitter": (2, 4)}
+    config = DFQConfig(bits="w3a4", post_softmax="tanq", num_images=2, correction={"kind": "affine"},
+                       synthesizer_kwargs={**fast, "hardness_weight": 1.0, "provisional": "run"})
+    calibration = DataFreeViTQuantizer.calibration_set(tiny_vit(), config, None, image_processor)
+    provisional = calibration.metadata["hyperparameters"]["provisional"]
+    assert (provisional["bits"], provisional["post_softmax"]) == ("w3a4", "tanq")
+    assert "correction" not in provisional and "synthesizer" not in provisional
+    assert config.synthesizer_kwargs["provisional"] == "run"  # the run's config is left as written

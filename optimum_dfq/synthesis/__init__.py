@@ -19,6 +19,7 @@ from .geometry import TokenGrid, probe_token_grids, roll_and_flip_maps
 from .losses import (
     AttentionPriorTerm,
     CrossEntropyTerm,
+    DisagreementTerm,
     LossTerm,
     PatchSimilarityEntropyTerm,
     PhaseRamp,
@@ -39,6 +40,7 @@ __all__ = [
     "BatchResult",
     "CrossEntropyTerm",
     "DFQViTSynthesizer",
+    "DisagreementTerm",
     "EngineConfig",
     "GaussianSynthesizer",
     "LossTerm",

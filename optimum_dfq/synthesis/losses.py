@@ -176,6 +176,72 @@ class SoftLabelTerm(LossTerm):
         return ctx.per_image_sum(per_row)
 
 
+def float_quantized_kl(float_logits: torch.Tensor, quantized_logits: torch.Tensor) -> torch.Tensor:
+    """`KL(softmax(float_logits) ‖ softmax(quantized_logits))` of each row, in float32: `[N]`.
+
+    Example:
+        >>> import torch
+        >>> logits = torch.randn(3, 10)
+        >>> float_quantized_kl(logits, logits).abs().max() < 1e-6
+        tensor(True)
+    """
+    float_log = F.log_softmax(float_logits.float(), dim=-1)
+    quantized_log = F.log_softmax(quantized_logits.float(), dim=-1)
+    return (float_log.exp() * (float_log - quantized_log)).sum(-1)
+
+
+class DisagreementTerm(LossTerm):
+    """Negated `KL(p_float ‖ p_quantized)` of each image: images on which a quantized model disagrees with the float
+    one (DFQ-ViT's hard phase, our interpretation; see [`DFQViTSynthesizer`]). Logged as `"hardness"`.
+
+    The quantized model does not exist before the images do: `build(images)` makes it on the term's first step with
+    a nonzero weight, from that step's augmented images (detached), so it is calibrated on the batch as it stands
+    when the term switches on; it is then kept, frozen, for the rest of the batch. Gradients reach the images
+    through both models (the quantized one passes them straight through its rounding). Only the images' own rows
+    are used (not crops).
+
+    Args:
+        build (`Callable[[torch.Tensor], nn.Module]`): makes the frozen quantized model from `[B, C, H, W]` images
+            (e.g. [`provisional_quantized_model`] on a copy of the float model).
+        weight (`float` or `Callable[[StepContext], float]`, defaults to 1.0): see [`LossTerm`].
+
+    Attributes:
+        quantized_model (`nn.Module` or `None`): the model built at the first active step.
+
+    Example:
+
+    ```python
+    >>> import copy
+    >>> import torch
+    >>> from transformers import ViTConfig, ViTForImageClassification
+    >>> from optimum_dfq.synthesis import DisagreementTerm, StepContext
+    >>> from optimum_dfq.synthesis.provisional import provisional_config, provisional_quantized_model
+    >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+    ...     num_attention_heads=2, intermediate_size=64, num_labels=10)).eval()
+    >>> term = DisagreementTerm(lambda x: provisional_quantized_model(copy.deepcopy(model), x, provisional_config()))
+    >>> images = torch.randn(2, 3, 32, 32)
+    >>> ctx = StepContext(0, 0, 0, 1, 1, images=images, inputs=images, logits=model(pixel_values=images).logits,
+    ...                   owners=torch.arange(2), features=None)
+    >>> values = term(ctx)
+    >>> values.shape, bool((values <= 1e-6).all()), type(term.quantized_model.classifier).__name__
+    (torch.Size([2]), True, 'QLinear')
+    ```
+    """
+
+    name = "hardness"
+
+    def __init__(self, build: Callable[[torch.Tensor], torch.nn.Module], weight: Weight = 1.0) -> None:
+        super().__init__(weight)
+        self.build = build
+        self.quantized_model: torch.nn.Module | None = None
+
+    def __call__(self, ctx: StepContext) -> torch.Tensor:
+        if self.quantized_model is None:
+            self.quantized_model = self.build(ctx.images.detach())
+        quantized_logits = self.quantized_model(pixel_values=ctx.images).logits
+        return -float_quantized_kl(ctx.image_rows(ctx.logits), quantized_logits)
+
+
 def total_variation(images: torch.Tensor) -> torch.Tensor:
     """PSAQ-ViT's image prior, per image: the sum of the L2 norms of the four neighbour differences.
 

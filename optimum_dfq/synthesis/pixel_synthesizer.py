@@ -64,6 +64,7 @@ class ModelInfo:
         image_shape (`tuple[int, int, int]`): `(C, H, W)` of the model's inputs, from its config.
         num_labels (`int`): classes of the classifier (`model.config.num_labels`).
         device (`torch.device`): where the optimisation runs.
+        normalization (`tuple[list[float], list[float]]`, *optional*): the model's `(image_mean, image_std)`.
         num_prefix_tokens (`int`): read-only; the adapter's CLS (+ distillation) token count.
     """
 
@@ -73,6 +74,7 @@ class ModelInfo:
     image_shape: tuple[int, int, int]
     num_labels: int
     device: torch.device
+    normalization: tuple[list[float], list[float]] | None = None
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -333,7 +335,7 @@ class PixelSynthesizer(Synthesizer):
         _warn_idle_processes(state, len(pending), batch_size)
         with frozen_model(model, device) as run_device:
             info = ModelInfo(model, adapter, probe_attention_sites(model, adapter), shape,
-                             int(model.config.num_labels), run_device)
+                             int(model.config.num_labels), run_device, (list(mean), list(std)))
             my_chunks = shard_chunks(pending, state.process_index, state.num_processes)
             records = self._run_chunks(info, my_chunks, seed, config, (mean, std), state, cache, on_batch_end)
         records = gather_lists(state, records)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from synth_helpers import FAST, NORM, one_thread, plan_batch, tiny_vit  # noqa: F401
 
-from optimum_dfq.errors import SynthesisError
+from optimum_dfq.errors import ConfigError, SynthesisError
 from optimum_dfq.synthesis import get_synthesizer
 
 
@@ -71,3 +71,59 @@ def test_soft_class_loss_records_the_soft_cross_entropy_as_difficulty():
     difficulty = calib.metadata["per_image"]["difficulty"]
     torch.testing.assert_close(torch.tensor(difficulty), expected, rtol=1e-4, atol=1e-5)
     assert difficulty == sorted(difficulty)
+
+
+@pytest.mark.parametrize("option,error,message", [
+    ({"hardness_weight": 1.0, "hardness_phase": 2}, SynthesisError, r"hardness_phase=2 must name one of the 2 phases"),
+    ({"hardness_weight": -1.0}, SynthesisError, r"hardness_weight=-1.0 must be >= 0"),
+    ({"hardness_weight": 1.0, "provisional": {"num_images": 8}}, ConfigError, r"\['num_images'\]"),
+])
+def test_bad_hardness_options_are_refused(option, error, message):
+    with pytest.raises(error, match=message):
+        get_synthesizer("dfq-vit", **FAST, **option)
+
+
+def test_hardness_term_is_added_only_when_weighted_and_follows_its_phase():
+    from optimum_dfq.synthesis import StepContext
+
+    default_terms = plan_batch(get_synthesizer("dfq-vit", **FAST), tiny_vit(), [0]).terms
+    assert "hardness" not in {term.name for term in default_terms}
+    synthesizer = get_synthesizer("dfq-vit", iterations=(4, 4, 4), jitter=(1, 1, 1), warmup=0, local_phase=1,
+                                  hardness_weight=2.0, hardness_phase=2, ramp_fraction=0.5)
+    terms = {term.name: term for term in plan_batch(synthesizer, tiny_vit(), [0]).terms}
+
+    def weight(name, phase, phase_step):
+        return terms[name].weight_at(StepContext(0, phase, phase_step, 4, 12, None, None, None, None, None))
+
+    assert [weight("hardness", phase, s) for phase in (0, 1) for s in range(4)] == [0.0] * 8
+    assert [weight("hardness", 2, s) for s in range(4)] == pytest.approx([1.0, 2.0, 2.0, 2.0])
+    assert weight("pse", 1, 3) == 1.0  # the local term keeps its own phase
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_hardness_records_the_disagreement_as_difficulty_and_the_class_loss_beside_it():
+    model = tiny_vit(initializer_range=0.2)
+    calib = get_synthesizer("dfq-vit", **FAST, hardness_weight=1.0).synthesize(model, 3, seed=0, **NORM)
+    hardness = calib.metadata["loss_history"]["hardness"]
+    steps = calib.metadata["loss_history"]["steps"]
+    assert [hardness[i] is None for i, step in enumerate(steps)] == [step < 2 for step in steps]  # phase 2 only
+    per_image = calib.metadata["per_image"]
+    assert all(value > 0 for value in per_image["difficulty"]) and per_image["difficulty"] == sorted(
+        per_image["difficulty"])
+    with torch.no_grad():
+        log_probs = F.log_softmax(model(pixel_values=calib.pixel_values).logits, dim=-1)
+    torch.testing.assert_close(torch.tensor(per_image["class_loss"]), -(calib.soft_labels * log_probs).sum(-1),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_hardness_settings_enter_the_cache_key_only_when_the_term_is_on():
+    from optimum_dfq.synthesis.engine import EngineConfig
+
+    def resolved(**options):
+        return get_synthesizer("dfq-vit", **FAST, **options).resolved_hyperparameters(EngineConfig(**FAST))
+
+    assert resolved(hardness_weight=0.0, provisional={"bits": "w3a4"}) == resolved()
+    assert not {"hardness_weight", "hardness_phase", "provisional"} & set(resolved())
+    on = resolved(hardness_weight=1.0)
+    assert (on["hardness_weight"], on["hardness_phase"], on["provisional"]) == (1.0, 1, {})
+    assert resolved(hardness_weight=1.0, provisional={"bits": "w3a4"}) != on
