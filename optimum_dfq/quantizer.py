@@ -20,9 +20,7 @@ from .config import DFQConfig
 from .errors import CalibrationError, ConfigError
 from .integrations.transformers import finalize_quantized_model
 from .models import get_adapter
-from .synthesis import calibration_set_from_dataset_dict, get_synthesizer
-from .synthesis.provisional import RUN as PROVISIONAL_FROM_RUN
-from .synthesis.provisional import run_provisional_settings
+from .synthesis import calibration_set_from_dataset_dict, synthesizer_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -224,10 +222,7 @@ class DataFreeViTQuantizer(OptimumQuantizer):
             spec = config.calibration_dataset
             calibration_dataset = load_image_dataset(spec["path"], spec.get("split", "train"), spec.get("name"))
         if calibration_dataset is None:
-            synthesizer_kwargs = dict(config.synthesizer_kwargs)
-            if synthesizer_kwargs.get("provisional") == PROVISIONAL_FROM_RUN:
-                synthesizer_kwargs["provisional"] = run_provisional_settings(config)
-            synthesizer = get_synthesizer(config.synthesizer, **synthesizer_kwargs)
+            synthesizer = synthesizer_from_config(config)
             extra = {}
             if cache_dir is not None:
                 if "cache_dir" not in inspect.signature(synthesizer.synthesize).parameters:

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from optimum_dfq import DataFreeViTQuantizer, DFQConfig, get_synthesizer
+from optimum_dfq import DataFreeViTQuantizer, DFQConfig
 from optimum_dfq.calibration import iter_quantizers
+from optimum_dfq.synthesis import synthesizer_from_config
 
 from .conftest import tiny_vit
 
@@ -17,7 +18,7 @@ def reduced(config: DFQConfig) -> DFQConfig:
     """The same recipe, cut down to seconds: few images, few synthesis and reconstruction steps."""
     changes = {"num_images": 4}
     if config.synthesizer != "gaussian":
-        phases = len(get_synthesizer(config.synthesizer, **config.synthesizer_kwargs).iterations)
+        phases = len(synthesizer_from_config(config).iterations)
         changes["synthesizer_kwargs"] = {**config.synthesizer_kwargs, "iterations": [2] * phases, "warmup": 1}
     if config.reconstruction:
         changes["reconstruction"] = {**config.reconstruction, "iterations": 2}

@@ -27,6 +27,7 @@ from .losses import (
     TotalVariationTerm,
 )
 from .pixel_synthesizer import ModelInfo, PixelSynthesizer
+from .provisional import synthesizer_from_config
 from .psaq import PSAQSynthesizer
 from .sardfq import SARDFQSynthesizer
 from .seeding import stream_generator
@@ -67,4 +68,5 @@ __all__ = [
     "save_calibration_set",
     "save_image_grid",
     "stream_generator",
+    "synthesizer_from_config",
 ]

@@ -20,7 +20,8 @@ from ..calibration.engine import quantize_model
 from ..config import DFQConfig
 from ..errors import ConfigError
 
-#: Provisional-model settings that differ from `DFQConfig`'s defaults: nothing is synthesized for it.
+#: Provisional-model settings pinned here rather than left to `DFQConfig`'s defaults, so that a change of the library's
+#: default preset does not change the images synthesized with a given `provisional`.
 PROVISIONAL_DEFAULTS: dict[str, Any] = {"bits": "w4a4"}
 #: `DFQConfig` fields that say where calibration images come from: meaningless for a provisional model.
 _SOURCE_FIELDS = ("synthesizer", "synthesizer_kwargs", "calibration_dataset", "num_images")
@@ -53,6 +54,29 @@ def run_provisional_settings(config: DFQConfig) -> dict[str, Any]:
             if f.name not in _NOT_FROM_RUN}
 
 
+def synthesizer_from_config(config: DFQConfig):
+    """The synthesizer a run's `config` asks for: `config.synthesizer` with `config.synthesizer_kwargs`, where
+    `provisional="run"` is replaced by the run's own settings ([`run_provisional_settings`]).
+
+    Args:
+        config (`DFQConfig`): the run's config.
+
+    Returns:
+        `Synthesizer`
+
+    Example:
+        >>> config = DFQConfig(bits="w3a4", synthesizer_kwargs={"hardness_weight": 10.0, "provisional": "run"})
+        >>> synthesizer_from_config(config).provisional["bits"]
+        'w3a4'
+    """
+    from .base import get_synthesizer
+
+    kwargs = dict(config.synthesizer_kwargs)
+    if isinstance(kwargs.get("provisional"), str) and kwargs["provisional"] == RUN:
+        kwargs["provisional"] = run_provisional_settings(config)
+    return get_synthesizer(config.synthesizer, **kwargs)
+
+
 def provisional_config(overrides: Mapping[str, Any] | str | None = None) -> DFQConfig:
     """The `DFQConfig` of a provisional quantized model: `PROVISIONAL_DEFAULTS` updated with `overrides`.
 
@@ -74,6 +98,9 @@ def provisional_config(overrides: Mapping[str, Any] | str | None = None) -> DFQC
         raise ConfigError("provisional='run' (the run's own quantization settings) is resolved by "
                           "DataFreeViTQuantizer.quantize; when calling the synthesizer directly, pass DFQConfig "
                           "fields, e.g. provisional={'bits': 'w4a4'}.")
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise ConfigError(f"provisional must be a mapping of DFQConfig fields (e.g. {{'bits': 'w4a4'}}) or 'run'; got "
+                          f"{overrides!r}.")
     overrides = dict(overrides or {})
     known = {f.name for f in dataclasses.fields(DFQConfig)} - set(_SOURCE_FIELDS)
     unknown = sorted(set(overrides) - known)

@@ -26,6 +26,7 @@ def test_provisional_config_defaults_to_w4a4_and_takes_overrides():
     ({"bitz": "w4a4"}, ConfigError, r"Unknown provisional-model setting\(s\) \['bitz'\]"),
     ({"synthesizer": "psaq"}, ConfigError, r"Unknown provisional-model setting\(s\) \['synthesizer'\]"),
     ({"bits": "w9a1"}, BitPresetError, "Weight bits 9 in preset 'w9a1'"),
+    ("w4a4", ConfigError, "provisional must be a mapping of DFQConfig fields"),
 ])
 def test_provisional_config_refuses_bad_settings(overrides, error, message):
     with pytest.raises(error, match=message):
