@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from synth_helpers import FAST, NORM, one_thread, plan_batch, tiny_vit  # noqa: F401
+from synth_helpers import BUILDERS, FAST, NORM, one_thread, plan_batch, tiny_vit  # noqa: F401
 
 from optimum_dfq.errors import ConfigError, SynthesisError
 from optimum_dfq.synthesis import get_synthesizer
@@ -101,8 +101,9 @@ def test_hardness_term_is_added_only_when_weighted_and_follows_its_phase():
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_hardness_records_the_disagreement_as_difficulty_and_the_class_loss_beside_it():
-    model = tiny_vit(initializer_range=0.2)
+@pytest.mark.parametrize("family", ["vit", "deit", "swin"])
+def test_hardness_records_the_disagreement_as_difficulty_and_the_class_loss_beside_it(family):
+    model = BUILDERS[family](initializer_range=0.2)
     calib = get_synthesizer("dfq-vit", **FAST, hardness_weight=1.0).synthesize(model, 3, seed=0, **NORM)
     hardness = calib.metadata["loss_history"]["hardness"]
     steps = calib.metadata["loss_history"]["steps"]
