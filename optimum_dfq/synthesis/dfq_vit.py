@@ -74,7 +74,9 @@ class DFQViTSynthesizer(PixelSynthesizer):
         provisional (`Mapping[str, Any]` or `"run"`, *optional*): `DFQConfig` fields of the provisional quantized
             model (`bits="w4a4"` and the other `DFQConfig` defaults otherwise; calibration-source fields are refused).
             `"run"` in a `DFQConfig`'s `synthesizer_kwargs` stands for the run's own settings, without correction
-            and reconstruction (resolved by `DataFreeViTQuantizer.quantize`, see [`run_provisional_settings`]).
+            and reconstruction (resolved by `DataFreeViTQuantizer.quantize`, see [`run_provisional_settings`]). On
+            the CIFAR-10 reference models a provisional model at the target's width did no better than the W4A4
+            one at W4A8 and worse at W3A4 (`benchmarks/results/dfq_vit_hardness/`).
         tv_weight, tv_target, tv_reference, kde_bandwidth, kde_points, kde_floor: as in [`PSAQSynthesizer`].
         **engine_kwargs: optimisation settings of [`PixelSynthesizer`] (PSAQ-ViT's by default: 2 × 500 steps).
 
