@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -19,6 +19,9 @@ from ..calibration.data import CalibrationSet
 from ..calibration.engine import quantize_model
 from ..config import DFQConfig
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from .base import Synthesizer
 
 #: Provisional-model settings pinned here rather than left to `DFQConfig`'s defaults, so that a change of the library's
 #: default preset does not change the images synthesized with a given `provisional`.
@@ -54,7 +57,7 @@ def run_provisional_settings(config: DFQConfig) -> dict[str, Any]:
             if f.name not in _NOT_FROM_RUN}
 
 
-def synthesizer_from_config(config: DFQConfig):
+def synthesizer_from_config(config: DFQConfig) -> Synthesizer:
     """The synthesizer a run's `config` asks for: `config.synthesizer` with `config.synthesizer_kwargs`, where
     `provisional="run"` is replaced by the run's own settings ([`run_provisional_settings`]).
 
@@ -72,7 +75,7 @@ def synthesizer_from_config(config: DFQConfig):
     from .base import get_synthesizer
 
     kwargs = dict(config.synthesizer_kwargs)
-    if isinstance(kwargs.get("provisional"), str) and kwargs["provisional"] == RUN:
+    if kwargs.get("provisional") == RUN:
         kwargs["provisional"] = run_provisional_settings(config)
     return get_synthesizer(config.synthesizer, **kwargs)
 
