@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -117,8 +118,9 @@ class DFQViTSynthesizer(PixelSynthesizer):
                     f"{name}={phase} must name one of the {len(self.iterations)} phases (iterations="
                     f"{self.iterations}); otherwise its term never switches on."
                 )
-        if float(hardness_weight) < 0:
-            raise SynthesisError(f"hardness_weight={hardness_weight} must be >= 0 (0 turns the hardness term off).")
+        if not (math.isfinite(float(hardness_weight)) and float(hardness_weight) >= 0):
+            raise SynthesisError(f"hardness_weight={hardness_weight} must be >= 0 and finite (0 turns the hardness "
+                                 "term off).")
         self.class_loss = class_loss
         self.soft_label_range = tuple(float(v) for v in soft_label_range)
         self.local_weight, self.local_phase = float(local_weight), int(local_phase)

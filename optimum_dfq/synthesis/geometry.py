@@ -143,7 +143,7 @@ def _grid(site: AttentionSite, arrived: dict[int, torch.Tensor], prefix: int, im
 
 
 def roll_and_flip_maps(
-    maps: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, pixels: tuple[int, int]
+    maps: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor | None, pixels: tuple[int, int]
 ) -> torch.Tensor:
     """Moves token maps with their images: the token-grid counterpart of [`JitterFlip.apply`].
 
@@ -154,7 +154,7 @@ def roll_and_flip_maps(
     Args:
         maps (`torch.Tensor`): `[B, ..., rows, cols]` maps, one per image.
         offsets (`torch.Tensor`): `[B]` integer pixel offsets.
-        flips (`torch.Tensor`): `[B]` booleans.
+        flips (`torch.Tensor`, *optional*): `[B]` booleans; `None`: no image is flipped.
         pixels (`tuple[int, int]`): image pixels per token, `(height, width)`.
 
     Returns:
@@ -169,6 +169,8 @@ def roll_and_flip_maps(
     offsets = offsets.to(maps.device)
     moved = _fractional_roll(maps, offsets / pixels[0], dim=-2)
     moved = _fractional_roll(moved, offsets / pixels[1], dim=-1)
+    if flips is None:
+        return moved
     flips = flips.to(maps.device).view(-1, *([1] * (maps.dim() - 1)))
     return torch.where(flips, moved.flip(-1), moved)
 

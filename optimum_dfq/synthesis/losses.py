@@ -476,8 +476,7 @@ class AttentionPriorTerm(LossTerm):
         if self.grids is None or ctx.offsets is None:
             return self.priors[index]
         grid = self.grids[index]
-        flips = ctx.flips if ctx.flips is not None else torch.zeros_like(ctx.offsets, dtype=torch.bool)
-        moved = roll_and_flip_maps(self._image_frame_maps[index], ctx.offsets, flips, grid.pixels)
+        moved = roll_and_flip_maps(self._image_frame_maps[index], ctx.offsets, ctx.flips, grid.pixels)
         sources, real = self._slot_sources[index]
         per_window = moved.flatten(-2)[..., sources] * real  # padding slots: no mass
         per_window = per_window.permute(0, 2, 1, 3)

@@ -337,7 +337,7 @@ class PixelSynthesizer(Synthesizer):
             info = ModelInfo(model, adapter, probe_attention_sites(model, adapter), shape,
                              int(model.config.num_labels), run_device, (list(mean), list(std)))
             my_chunks = shard_chunks(pending, state.process_index, state.num_processes)
-            records = self._run_chunks(info, my_chunks, seed, config, (mean, std), state, cache, on_batch_end)
+            records = self._run_chunks(info, my_chunks, seed, config, state, cache, on_batch_end)
         records = gather_lists(state, records)
         if cache is not None:
             records += [cache.read_shard(start, stop) for start, stop in done]
@@ -356,10 +356,10 @@ class PixelSynthesizer(Synthesizer):
                 return cache.load_complete()
         return calibration_set
 
-    def _run_chunks(self, info, chunks, seed, config, stats, state, cache, on_batch_end) -> list[BatchRecord]:
+    def _run_chunks(self, info, chunks, seed, config, state, cache, on_batch_end) -> list[BatchRecord]:
         from tqdm.auto import tqdm
 
-        bounds = valid_pixel_range(*stats)
+        bounds = valid_pixel_range(*info.normalization)
         records = []
         with tqdm(total=len(chunks) * config.total_steps, desc=f"{self.name} synthesis",
                   disable=not state.is_main_process) as progress:
