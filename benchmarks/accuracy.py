@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import sys
 import time
@@ -338,8 +337,9 @@ def write_results(rows: list[dict[str, Any]], args, settings: dict[str, Any], se
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "accuracy.json"
-    meta = {"library_version": version, "seconds": round(seconds), "machine": f"{platform.machine()}, "
-            f"{os.cpu_count()} CPU cores", **settings,
+    from _report import cpu_description  # synthesized images, and so the rows, depend on the CPU's float kernels
+
+    meta = {"library_version": version, "seconds": round(seconds), "machine": cpu_description(), **settings,
             "commands": args.commands, "included_seconds": getattr(args, "included_seconds", {})}
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = ["# Accuracy benchmark (CIFAR-10 test top-1, %)", "",
