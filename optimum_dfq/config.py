@@ -172,8 +172,8 @@ class DFQConfig(QuantizationConfigMixin):
             float activations, in batches.
         calibration_batch_size (`int`, defaults to 32): batch size of forward passes in `"parallel"` calibration.
         synthesizer (`str`, defaults to `"dfq-vit"`): name of the calibration-image synthesizer. The default is the
-            data-free source with the best mean over the reference models from W8A8 to W4A4 in the accuracy
-            benchmark (`benchmarks/results/accuracy.md`; PSAQ-ViT's is higher at W3A4);
+            data-free source with the best mean over the reference models at W4A4 and W3A4 in the accuracy
+            benchmark, level with PSAQ-ViT's from W8A8 to W4A4 (`benchmarks/results/accuracy.md`);
             synthesizers that optimise pixels need the model's normalisation (pass the image processor, which
             `DataFreeViTQuantizer.from_pretrained` loads). `"gaussian"` needs nothing and takes no time.
         synthesizer_kwargs (`dict`): hyper-parameters of the synthesizer (its defaults otherwise).
