@@ -105,7 +105,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     recipes = [Path(p) for p in args.recipes] or sorted(RECIPES.glob("*.yaml"))
     overrides = dict(args.overrides)
-    configs = {path.stem + args.label: recipe_config(path, overrides, args.synth_iterations) for path in recipes}
+    configs = {path: recipe_config(path, overrides, args.synth_iterations) for path in recipes}
     models = [Path(m) for m in args.models] if args.models else reference_models()
     if not models:
         raise SystemExit("No reference model found under examples/models/ and none given with --models.")
@@ -135,7 +135,8 @@ def main() -> None:
         if ("float32", model_dir.name) not in done:
             rows.append({"recipe": "float32", "model": model_dir.name, "bits": "fp32",
                          "top1": evaluate_accuracy(model, test, processor, progress=False)["top1"]})
-        for name, config in configs.items():
+        for path, config in configs.items():
+            name = path.stem + args.label
             if (name, model_dir.name) in done:
                 continue
             real = None
@@ -152,7 +153,7 @@ def main() -> None:
                    "quantize_s": round(time.perf_counter() - t0, 1),
                    "top1": evaluate_accuracy(qmodel, test, processor, progress=False)["top1"]}
             line = f"{model_dir.name} {name} ({config.bits}): top-1 {100 * row['top1']:.2f}%"
-            if path_stem(name, args.label) in ONNX_RECIPES:
+            if path.stem in ONNX_RECIPES:
                 row["top1_onnxruntime"] = onnxruntime_top1(qmodel, test, processor)
                 line += f" (onnxruntime {100 * row['top1_onnxruntime']:.2f}%)"
             rows.append(row)
@@ -160,10 +161,6 @@ def main() -> None:
             print(line, flush=True)
     write_results(out, rows, settings, commands, time.perf_counter() - started, __version__)
     print(f"wrote {out / 'recipes.md'} and recipes.json")
-
-
-def path_stem(name: str, label: str) -> str:
-    return name[: len(name) - len(label)] if label else name
 
 
 def previous_run(path: Path, settings: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str], float]:
