@@ -79,19 +79,28 @@ def reference_models() -> list[Path]:
     return sorted(p for p in (ROOT / "examples" / "models").glob("*-cifar10") if (p / "config.json").exists())
 
 
+def with_synthesis_iterations(config, total: int | None):
+    """`config` with `total` synthesis steps split evenly over its synthesizer's phases (quick runs); iterations
+    already given in its `synthesizer_kwargs`, and configs that do not synthesize pixels, are left as they are."""
+    from optimum_dfq.synthesis import synthesizer_from_config
+
+    if not total or config.calibration_dataset or config.synthesizer == "gaussian":
+        return config
+    phases = len(synthesizer_from_config(config).iterations)
+    per_phase = max(1, total // phases)
+    return config.replace(synthesizer_kwargs={"iterations": [per_phase] * phases, "warmup": max(1, per_phase // 5),
+                                              **config.synthesizer_kwargs})
+
+
 def calibration_for(source: str, model, processor, args, train) -> Any:
-    from optimum_dfq import DataFreeViTQuantizer, DFQConfig, get_synthesizer
+    from optimum_dfq import DataFreeViTQuantizer, DFQConfig
 
     name = DFQConfig().synthesizer if source == "default" else source
-    kwargs: dict[str, Any] = {}
-    if name not in ("real", "gaussian"):  # a pixel synthesizer
-        if args.synth_iterations:
-            phases = len(get_synthesizer(name).iterations)
-            per_phase = max(1, args.synth_iterations // phases)
-            kwargs = {"iterations": [per_phase] * phases, "warmup": max(1, per_phase // 5)}
-        kwargs |= args.synthesizer_kwargs
+    kwargs = args.synthesizer_kwargs if name not in ("real", "gaussian") else {}  # options of pixel synthesizers
     config = DFQConfig(num_images=args.num_images, seed=args.seed, synthesizer_kwargs=kwargs,
                        **({} if name == "real" else {"synthesizer": name}))
+    if name != "real":
+        config = with_synthesis_iterations(config, args.synth_iterations)
     # Gaussian noise costs nothing to draw, so it has no cache
     cache_dir = args.synthesis_cache if name not in ("real", "gaussian") else None
     return DataFreeViTQuantizer.calibration_set(model, config, train if name == "real" else None, processor,

@@ -34,7 +34,8 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from accuracy import CIFAR, ROOT, onnxruntime_top1, reference_models  # the benchmark next door
+# the benchmark next door
+from accuracy import CIFAR, ROOT, onnxruntime_top1, reference_models, with_synthesis_iterations
 
 RECIPES = ROOT / "recipes"
 ONNX_RECIPES = ("w8a8_integer_onnx",)
@@ -55,18 +56,11 @@ def override(text: str) -> tuple[str, Any]:
 def recipe_config(path: Path, overrides: dict[str, Any], synth_iterations: int | None):
     """The recipe's `DFQConfig` with the command's overrides (and, for quick runs, fewer synthesis steps)."""
     from optimum_dfq import DFQConfig
-    from optimum_dfq.synthesis import synthesizer_from_config
 
     config = DFQConfig.from_yaml(path)
     if overrides:
-        merged = {**config.to_dict(), **overrides}
-        config = DFQConfig.from_dict(merged)
-    if synth_iterations and not config.calibration_dataset and config.synthesizer != "gaussian":
-        phases = len(synthesizer_from_config(config).iterations)
-        per_phase = max(1, synth_iterations // phases)
-        config = config.replace(synthesizer_kwargs={**config.synthesizer_kwargs, "iterations": [per_phase] * phases,
-                                                    "warmup": max(1, per_phase // 5)})
-    return config
+        config = DFQConfig.from_dict({**config.to_dict(), **overrides})
+    return with_synthesis_iterations(config, synth_iterations)
 
 
 def main() -> None:
