@@ -167,8 +167,7 @@ def vit_small_rows(args, tmp: Path) -> dict:
             result["files"][SIGNED_ENGINE] = signed_path.stat().st_size
             engines[SIGNED_ENGINE] = ort_session(signed_path, args.threads)
     path = tmp / "vit_small_w8a8_default.onnx"
-    report = to_onnx(quantize(model, "w8a8", args.images, integer_activations=False), path,
-                     probe_images=torch.randn(2, 3, 224, 224))
+    report = to_onnx(quantize(model, "w8a8", args.images, integer_activations=False), path, probe_images=probe)
     result["reports"]["w8a8 default activations"] = report.to_dict()
     result["files"][DEFAULT_ENGINE] = path.stat().st_size
     engines[DEFAULT_ENGINE] = ort_session(path, args.threads)

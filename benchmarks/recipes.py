@@ -35,7 +35,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 # the benchmark next door
-from accuracy import CIFAR, ROOT, onnxruntime_top1, reference_models, with_synthesis_iterations
+from accuracy import (
+    CIFAR,
+    DATASET_HELP,
+    ROOT,
+    dataset_setting,
+    onnxruntime_top1,
+    reference_models,
+    with_synthesis_iterations,
+)
 
 RECIPES = ROOT / "recipes"
 ONNX_RECIPES = ("w8a8_integer_onnx",)
@@ -66,6 +74,8 @@ def recipe_config(path: Path, overrides: dict[str, Any], synth_iterations: int |
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipes", nargs="*", help="recipe files (default: every recipes/*.yaml)")
+    parser.add_argument("--dataset", default=str(CIFAR),
+                        help=DATASET_HELP)
     parser.add_argument("--models", nargs="*", default=None, help="model folders (default: examples/models/*)")
     parser.add_argument("--set", dest="overrides", type=override, action="append", default=[], metavar="FIELD=JSON",
                         help="override a recipe field (repeatable); give the variant a --label")
@@ -103,13 +113,13 @@ def main() -> None:
     models = [Path(m) for m in args.models] if args.models else reference_models()
     if not models:
         raise SystemExit("No reference model found under examples/models/ and none given with --models.")
-    train = load_dataset(str(CIFAR), split="train")
-    test = load_dataset(str(CIFAR), split="test")
+    train = load_dataset(args.dataset, split="train")
+    test = load_dataset(args.dataset, split="test")
     if args.eval_limit:
         test = test.select(range(args.eval_limit))
 
     settings = {"eval_images": len(test), "real_images": args.real_images,
-                "synth_iterations": args.synth_iterations or "recipe's"}
+                "synth_iterations": args.synth_iterations or "recipe's", **dataset_setting(args)}
     out = Path(args.output_dir)
     rows, commands, earlier_s = previous_run(out / "recipes.json", settings) if args.resume else ([], [], 0.0)
     for path in args.include:
@@ -162,7 +172,8 @@ def previous_run(path: Path, settings: dict[str, Any]) -> tuple[list[dict[str, A
     if not path.exists():
         return [], [], 0.0
     previous = json.loads(path.read_text())
-    if {k: previous["meta"].get(k) for k in settings} != settings:
+    keys = set(settings) | ({"dataset"} & set(previous["meta"]))
+    if {k: previous["meta"].get(k) for k in keys} != {k: settings.get(k) for k in keys}:
         raise SystemExit(f"{path} was measured with other settings ({previous['meta']}); drop --resume or match them.")
     return previous["rows"], previous["meta"]["commands"], float(previous["meta"]["seconds"])
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,11 +29,21 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from accuracy import CIFAR, ROOT, calibration_for, reference_models  # the sibling benchmark script
+from _report import cpu_description  # synthesized images, and so the rows, depend on the CPU's float kernels
+from accuracy import (  # the sibling benchmark script
+    CIFAR,
+    DATASET_HELP,
+    ROOT,
+    calibration_for,
+    json_object,
+    reference_models,
+)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default=str(CIFAR),
+                        help=DATASET_HELP)
     parser.add_argument("--models", nargs="*", default=None, help="model folders (default: examples/models/*-cifar10)")
     parser.add_argument("--bits", default="w4a4")
     parser.add_argument("--sources", nargs="*", default=["real", "gaussian", "dfq-vit"])
@@ -42,6 +51,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--synth-iterations", type=int, default=None, help="fewer synthesis steps (quick runs)")
     parser.add_argument("--synthesis-cache", default=None)
+    parser.add_argument("--synthesizer-kwargs", type=json_object, default={},
+                        help="JSON object of options for the pixel synthesizers, as in benchmarks/accuracy.py")
     parser.add_argument("--eval-limit", type=int, default=2000, help="first N CIFAR-10 test images")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--output-dir", default=str(ROOT / "benchmarks" / "results" / "site_attribution"))
@@ -58,8 +69,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    train = load_dataset(str(CIFAR), split="train")
-    test = load_dataset(str(CIFAR), split="test").select(range(args.eval_limit))
+    train = load_dataset(args.dataset, split="train")
+    test = load_dataset(args.dataset, split="test").select(range(args.eval_limit))
     models = [Path(m) for m in args.models] if args.models else reference_models()
     rows: list[dict[str, Any]] = []
     for folder in models:
@@ -87,9 +98,10 @@ def main() -> None:
             rows.append(row)
     meta = {"library_version": __version__, "bits": args.bits, "eval_images": len(test),
             "num_images": args.num_images, "seed": args.seed, "synth_iterations": args.synth_iterations,
+            "synthesizer_kwargs": args.synthesizer_kwargs, "dataset": args.dataset,
             "seconds": round(time.perf_counter() - started),
             "command": "python benchmarks/site_attribution.py " + " ".join(sys.argv[1:]),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads"}
+            "machine": f"{cpu_description()}, {torch.get_num_threads()} threads"}
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "site_attribution.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")

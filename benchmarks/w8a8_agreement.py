@@ -24,13 +24,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from _report import cpu_description  # the sibling module
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
@@ -75,7 +78,13 @@ def main() -> None:
     variants = {name: overrides for name, overrides in VARIANTS.items()
                 if args.variants is None or any(key in name for key in args.variants)}
     included = [json.loads(Path(path).read_text()) for path in args.include]
-    rows = [{"model": "vit-cifar10", **row} for run in included for row in run["rows"]]  # early rows: ViT only
+    for path, run in zip(args.include, included):
+        if run["meta"]["machine"] != cpu_description():  # float kernels differ: rows of two CPUs are not comparable
+            parser.error(f"{path} was measured on {run['meta']['machine']!r}, this run on {cpu_description()!r}; "
+                         "merge runs of one CPU only (re-run it here).")
+    commands = [c for run in included for c in run["meta"].get("commands", [])]
+    commands.append("python benchmarks/w8a8_agreement.py " + shlex.join(sys.argv[1:]))
+    rows = [row for run in included for row in run["rows"]]
     earlier_s = sum(run["meta"]["seconds"] for run in included)
     started = time.perf_counter()
     pools = {"fixture": load_dataset("parquet", data_files={"train": str(FIXTURES / "cifar10_tiny_train.parquet")},
@@ -115,7 +124,7 @@ def main() -> None:
                           f"{100 * row['agreement_fixture256']:.2f}% (256) / {100 * row['agreement_test2000']:.2f}% "
                           f"(2000), logit MSE {row['logit_mse_test2000']:.2e}", flush=True)
     meta = {"library_version": __version__, "seconds": round(earlier_s + time.perf_counter() - started),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "draws": args.draws}
+            "machine": cpu_description(), "draws": args.draws, "commands": commands}
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "w8a8_agreement.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
@@ -129,7 +138,8 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
               "64-image draw from the 64-image fixture pool is the whole pool, whatever the seed); library "
               f"{meta['library_version']}; {meta['seconds']} s on {meta['machine']}. `fixture256` = the test's 256 "
               "images; `test2000` = the first 2000 CIFAR-10 test images. Agreement in %, logit MSE against the "
-              "float logits; `>= 99%` counts the draws that reach the target."), ""]
+              "float logits; `>= 99%` counts the draws that reach the target."), "",
+             "Commands: " + "; ".join(f"`{c}`" for c in meta.get("commands", [])), ""]
     for model in dict.fromkeys(r["model"] for r in rows):
         lines += [f"## {model}", "",
                   "| variant | draw | agreement fixture256 | agreement test2000 | logit MSE test2000 |",

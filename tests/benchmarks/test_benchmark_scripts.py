@@ -1,0 +1,98 @@
+"""The benchmark scripts run end to end on a tiny model and the CIFAR-10 fixture.
+
+They are commands, not library code, so nothing else imports them: these runs are what notices when a change to the
+library or to a shared helper breaks one of them. Each run is checked against the same figure computed here.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from optimum_dfq.evaluation import evaluate_accuracy
+
+from ..conftest import FIXTURES, tiny_vit
+
+ROOT = Path(__file__).resolve().parents[2]
+EVAL_IMAGES = 16
+QUICK = ["--synth-iterations", "2", "--eval-limit", str(EVAL_IMAGES), "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """A datasets folder laid out like `../shared/data/cifar10`: 64 train and 256 test images."""
+    folder = tmp_path_factory.mktemp("cifar10_tiny")
+    (folder / "data").mkdir()
+    for split in ("train", "test"):
+        shutil.copy(FIXTURES / f"cifar10_tiny_{split}.parquet", folder / "data" / f"{split}-00000-of-00001.parquet")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, image_processor) -> Path:
+    folder = tmp_path_factory.mktemp("models") / "tiny-vit"
+    tiny_vit().save_pretrained(folder)
+    image_processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def float_top1(cifar_test, image_processor) -> float:
+    """Top-1 of the float tiny ViT on the test images the benchmarks evaluate."""
+    return evaluate_accuracy(tiny_vit(), cifar_test.select(range(EVAL_IMAGES)), image_processor,
+                             progress=False)["top1"]
+
+
+def run_benchmark(script: str, *args: str) -> None:
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                            text=True, env=environment, timeout=600, check=False)
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+
+
+def test_accuracy_benchmark(tmp_path, dataset, model_dir, float_top1):
+    run_benchmark("accuracy.py", "--dataset", str(dataset), "--models", str(model_dir), "--sources", "real",
+                  "gaussian", "dfq-vit", "--bits", "w4a4", "--backends", "repq", "+log-sqrt2", "--ablation-bits",
+                  "w4a4", "--ablation-sources", "gaussian", "--onnx-bits", "--num-images", "4", *QUICK,
+                  "--output-dir", str(tmp_path))
+    result = json.loads((tmp_path / "accuracy.json").read_text())
+    cells = {(r["source"], r["backend"], r["bits"]): r["top1"] for r in result["rows"]}
+    assert cells.pop(("float32", "-", "fp32")) == pytest.approx(float_top1)
+    assert set(cells) == {("real", "repq", "w4a4"), ("gaussian", "repq", "w4a4"), ("gaussian", "+log-sqrt2", "w4a4"),
+                          ("dfq-vit", "repq", "w4a4")}
+    assert all(0.0 <= top1 <= 1.0 for top1 in cells.values())
+    assert result["meta"]["dataset"] == str(dataset.resolve())  # another dataset's rows never merge with CIFAR-10's
+    assert (tmp_path / "accuracy.md").read_text().count("| gaussian |") >= 1
+
+
+def test_accuracy_benchmark_refuses_unknown_backend(tmp_path, dataset, model_dir):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--dataset", str(dataset),
+                             "--models", str(model_dir), "--backends", "repq", "+typo", "--output-dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 2 and "unknown or unsupported backend variant(s) ['+typo']" in result.stderr
+
+
+def test_site_attribution_benchmark(tmp_path, dataset, model_dir, float_top1):
+    run_benchmark("site_attribution.py", "--dataset", str(dataset), "--models", str(model_dir), "--sources", "real",
+                  "dfq-vit", "--num-images", "4", *QUICK, "--output-dir", str(tmp_path))
+    rows = json.loads((tmp_path / "site_attribution.json").read_text())["rows"]
+    assert [row["source"] for row in rows] == ["real", "dfq-vit"]
+    for row in rows:
+        assert row["fp32"] == pytest.approx(100 * float_top1)
+        assert {"probs", "fc1_input", "fc2_input"} <= set(row["sites"])
+        assert all(0.0 <= top1 <= 100.0 for top1 in row["sites"].values())
+
+
+def test_recipe_benchmark(tmp_path, dataset, model_dir, float_top1):
+    recipes = [ROOT / "recipes" / "default.yaml", ROOT / "recipes" / "repq_vit_w4a4.yaml"]
+    run_benchmark("recipes.py", *map(str, recipes), "--dataset", str(dataset), "--models", str(model_dir),
+                  "--real-images", "4", *QUICK, "--synthesis-cache", str(tmp_path / "cache"),
+                  "--output-dir", str(tmp_path))
+    top1 = {row["recipe"]: row["top1"] for row in json.loads((tmp_path / "recipes.json").read_text())["rows"]}
+    assert top1.pop("float32") == pytest.approx(float_top1)
+    assert sorted(top1) == ["default", "repq_vit_w4a4"]
+    assert all(0.0 <= value <= 1.0 for value in top1.values())
