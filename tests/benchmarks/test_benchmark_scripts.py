@@ -1,4 +1,4 @@
-"""The benchmark scripts run end to end on a tiny model and the CIFAR-10 fixture.
+"""The benchmark scripts run end to end on tiny models and the CIFAR-10 fixture.
 
 They are commands, not library code, so nothing else imports them: these runs are what notices when a change to the
 library or to a shared helper breaks one of them. Each run is checked against the same figure computed here.
@@ -47,11 +47,13 @@ def float_top1(cifar_test, image_processor) -> float:
                              progress=False)["top1"]
 
 
-def run_benchmark(script: str, *args: str) -> None:
+def run_benchmark(script: str, *args: str) -> str:
+    """Runs `benchmarks/<script>` in a fresh process and returns what it printed."""
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
-                            text=True, env=environment, timeout=600, check=False)
+                            text=True, env=environment, cwd=ROOT, timeout=600, check=False)
     assert result.returncode == 0, f"{script} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    return result.stdout
 
 
 def test_accuracy_benchmark(tmp_path, dataset, model_dir, float_top1):
@@ -96,3 +98,31 @@ def test_recipe_benchmark(tmp_path, dataset, model_dir, float_top1):
     assert top1.pop("float32") == pytest.approx(float_top1)
     assert sorted(top1) == ["default", "repq_vit_w4a4"]
     assert all(0.0 <= value <= 1.0 for value in top1.values())
+
+
+def test_synthesis_speed_benchmark(tmp_path):
+    output = tmp_path / "synthesis_speed.txt"
+    run_benchmark("synthesis_speed.py", "--layers", "1", "--image-size", "32", "--batch-size", "2", "--steps", "1",
+                  "--threads", "1", "--output", str(output))
+    lines = output.read_text().splitlines()
+    assert lines[0].startswith("$ python benchmarks/synthesis_speed.py") and "optimum_dfq" in lines[1]
+    ratios = {(cells[0], cells[1]): float(cells[-1]) for cells in map(str.split, lines)
+              if len(cells) == 6 and cells[1] in ("1", "2")}
+    expected = {(name, phase) for name in ("psaq", "sardfq", "dfq-vit", "dfq-vit+hardness") for phase in ("1", "2")}
+    assert set(ratios) == expected and all(ratio > 0 for ratio in ratios.values())
+
+
+def test_calibration_speed_benchmark(tmp_path):
+    output = tmp_path / "calibration_speed.txt"
+    run_benchmark("calibration_speed.py", "--layers", "1", "--images", "2", "--output", str(output))
+    text = output.read_text()
+    assert "x one forward pass); no quantile fallback was used" in text
+
+
+def test_post_softmax_quantizer_benchmark():
+    printed = run_benchmark("post_softmax_quantizers.py", "--model", "random", "--images", "8", "--bits", "3")
+    rows = {line.split("|")[1].strip(): line for line in printed.splitlines() if line.startswith("| ")}
+    assert {"tanq", "log2", "log_sqrt2", "uniform"} <= set(rows)
+    for name in ("tanq", "log2", "log_sqrt2", "uniform"):
+        mse, relative = (float(cell) for cell in rows[name].strip("| ").split("|")[1:])
+        assert 0.0 <= mse and 0.0 <= relative
