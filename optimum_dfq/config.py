@@ -131,7 +131,7 @@ class DFQConfig(QuantizationConfigMixin):
             `"percentile_mse"` below). At 8 bits the rounding step is fine enough that clipping costs more than it
             saves: on the reference ViT at W8A8 (32 real images) the percentile-MSE search clips, above all, the
             attention keys, whose few large values decide where attention goes. With min/max ranges the logit MSE
-            falls from 8.8e-4 to 7.2e-4 and the mean agreement rises from 98.88% to 99.07% (6 calibration draws,
+            falls from 8.8e-4 to 7.2e-4 and the mean agreement rises from 99.02% to 99.08% (6 calibration draws,
             first 2000 CIFAR-10 test images, `benchmarks/results/w8a8_agreement.md`); DFQ-ViT-calibrated Swin gained
             0.63 (W8A8) and 0.58 (W4A8) points of top-1 when min/max became the 8-bit default (commit d187035,
             `benchmarks/results/accuracy.md` there against its parent). Below 8 bits clipping pays, and
@@ -155,7 +155,7 @@ class DFQConfig(QuantizationConfigMixin):
             fewer (**our** choice). At 3 bits log-√2 has 8 non-zero levels spanning only [Δ/11, Δ], so its scale Δ
             (chosen by probability MSE) trades clipped large probabilities against zeroed small ones and depends on
             the calibration images; TanQ spans [0, 1] and is calibrated on the A·V error. At W3A3 with DFQ-ViT
-            calibration TanQ scores 62.08 vs 59.63 (DeiT), 62.32 vs 60.07 (Swin) and 66.41 vs 66.41 (ViT) on the
+            calibration TanQ scores 62.03 vs 59.87 (DeiT), 62.99 vs 59.49 (Swin) and 65.95 vs 66.03 (ViT) on the
             CIFAR-10 test split (`benchmarks/results/w3a3/accuracy.md`); at W4A4 the two are level
             (`benchmarks/results/accuracy.md`, ablations). Log-√2 levels are √2
             apart whatever the bit width (a relative error of up to 19% on large probabilities); 8-bit uniform steps
