@@ -114,8 +114,7 @@ def calibration_for(source: str, model, processor, args, train) -> Any:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default=str(CIFAR),
-                        help=DATASET_HELP)
+    parser.add_argument("--dataset", default=str(CIFAR), help=DATASET_HELP)
     parser.add_argument("--models", nargs="*", default=None, help="model folders (default: examples/models/*)")
     parser.add_argument("--bits", nargs="*", default=DEFAULT_BITS)
     parser.add_argument("--sources", nargs="*", default=DEFAULT_SOURCES)

@@ -74,8 +74,7 @@ def recipe_config(path: Path, overrides: dict[str, Any], synth_iterations: int |
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipes", nargs="*", help="recipe files (default: every recipes/*.yaml)")
-    parser.add_argument("--dataset", default=str(CIFAR),
-                        help=DATASET_HELP)
+    parser.add_argument("--dataset", default=str(CIFAR), help=DATASET_HELP)
     parser.add_argument("--models", nargs="*", default=None, help="model folders (default: examples/models/*)")
     parser.add_argument("--set", dest="overrides", type=override, action="append", default=[], metavar="FIELD=JSON",
                         help="override a recipe field (repeatable); give the variant a --label")

@@ -42,8 +42,7 @@ from accuracy import (  # the sibling benchmark script
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default=str(CIFAR),
-                        help=DATASET_HELP)
+    parser.add_argument("--dataset", default=str(CIFAR), help=DATASET_HELP)
     parser.add_argument("--models", nargs="*", default=None, help="model folders (default: examples/models/*-cifar10)")
     parser.add_argument("--bits", default="w4a4")
     parser.add_argument("--sources", nargs="*", default=["real", "gaussian", "dfq-vit"])

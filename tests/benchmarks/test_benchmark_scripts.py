@@ -47,11 +47,16 @@ def float_top1(cifar_test, image_processor) -> float:
                              progress=False)["top1"]
 
 
-def run_benchmark(script: str, *args: str) -> str:
-    """Runs `benchmarks/<script>` in a fresh process and returns what it printed."""
+def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Runs `benchmarks/<script>` in a fresh process, offline, from the repository root."""
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
-                            text=True, env=environment, cwd=ROOT, timeout=600, check=False)
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                          text=True, env=environment, cwd=ROOT, timeout=600, check=False)
+
+
+def run_benchmark(script: str, *args: str) -> str:
+    """Runs a benchmark that must succeed and returns what it printed."""
+    result = run_script(script, *args)
     assert result.returncode == 0, f"{script} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     return result.stdout
 
@@ -72,9 +77,8 @@ def test_accuracy_benchmark(tmp_path, dataset, model_dir, float_top1):
 
 
 def test_accuracy_benchmark_refuses_unknown_backend(tmp_path, dataset, model_dir):
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--dataset", str(dataset),
-                             "--models", str(model_dir), "--backends", "repq", "+typo", "--output-dir", str(tmp_path)],
-                            capture_output=True, text=True, timeout=600, check=False)
+    result = run_script("accuracy.py", "--dataset", str(dataset), "--models", str(model_dir), "--backends", "repq",
+                        "+typo", "--output-dir", str(tmp_path))
     assert result.returncode == 2 and "unknown or unsupported backend variant(s) ['+typo']" in result.stderr
 
 
