@@ -278,6 +278,11 @@ def dataset_setting(args) -> dict[str, str]:
     return {} if Path(args.dataset).resolve() == CIFAR.resolve() else {"dataset": str(Path(args.dataset).resolve())}
 
 
+def dataset_label(settings: dict[str, Any]) -> str:
+    """How reports name the dataset of a run's settings."""
+    return f"`{settings['dataset']}`" if settings.get("dataset") else "CIFAR-10"
+
+
 def bit_order(bits) -> list[str]:
     """Distinct bit presets, the benchmark's presets first in their usual order (rows may be re-measured later)."""
     distinct = list(dict.fromkeys(bits))
@@ -367,15 +372,17 @@ def write_results(rows: list[dict[str, Any]], args, settings: dict[str, Any], se
     meta = {"library_version": version, "seconds": round(seconds), "machine": cpu_description(), **settings,
             "commands": args.commands, "included_seconds": getattr(args, "included_seconds", {})}
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    lines = ["# Accuracy benchmark (CIFAR-10 test top-1, %)", "",
+    dataset = dataset_label(meta)
+    lines = [f"# Accuracy benchmark ({dataset} test top-1, %)", "",
              "Commands: " + "; ".join(f"`{c}`" for c in meta["commands"])
              + (f"; {meta['eval_images']} test images; {args.num_images} calibration images "
-                f"(real: CIFAR-10 *train* images); library {version}; {meta['machine']}.")
+                f"(real: {dataset} *train* images); library {version}; {meta['machine']}.")
              + (f" Pixel synthesizers ran with `{json.dumps(meta['synthesizer_kwargs'])}`."
                 if meta.get("synthesizer_kwargs") else ""), "",
              ("The `onnxruntime` cells are the same quantized model exported with `optimum_dfq.export.to_onnx` and "
               "run in ONNX Runtime. Rows marked `same_as` in accuracy.json reuse the identical run of that "
-              "synthesizer."),
+              "synthesizer. Backend `repq` is the library's defaults at that preset (RepQ-ViT backend, `auto` "
+              "options resolved per bit width); `+name` changes one option (`BACKENDS` in benchmarks/accuracy.py)."),
              "", TARGETS_DOC, ""]
     for model in dict.fromkeys(r["model"] for r in rows):
         model_rows = [r for r in rows if r["model"] == model]
@@ -404,7 +411,7 @@ def write_results(rows: list[dict[str, Any]], args, settings: dict[str, Any], se
         lines.append("")
     (out / "accuracy.md").write_text("\n".join(lines))
     (out / "headline.md").write_text(headline(rows))
-    plot(rows, out / "accuracy.png")
+    plot(rows, out / "accuracy.png", dataset)
 
 
 def source_rank(source: str) -> int:
@@ -435,7 +442,7 @@ def headline(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
+def plot(rows: list[dict[str, Any]], path: Path, dataset: str = "CIFAR-10") -> None:
     try:
         import matplotlib
 
@@ -457,7 +464,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.axhline(100 * fp, color="gray", linestyle="--", label="float32")
         ax.set_title(model)
         ax.set_xlabel("bits")
-        ax.set_ylabel("CIFAR-10 top-1 (%)")
+        ax.set_ylabel(f"{Path(dataset.strip('`')).name} top-1 (%)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

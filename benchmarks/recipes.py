@@ -39,6 +39,7 @@ from accuracy import (
     CIFAR,
     DATASET_HELP,
     ROOT,
+    dataset_label,
     dataset_setting,
     onnxruntime_top1,
     reference_models,
@@ -151,7 +152,7 @@ def main() -> None:
                                         cache_dir=None if real is not None or config.synthesizer == "gaussian"
                                         else args.synthesis_cache)
             row = {"recipe": name, "model": model_dir.name, "bits": config.bits,
-                   "calibration": f"{args.real_images} CIFAR-10 train images" if real is not None
+                   "calibration": f"{args.real_images} {dataset_label(settings)} train images" if real is not None
                    else f"{config.num_images} images from '{config.synthesizer}'",
                    "quantize_s": round(time.perf_counter() - t0, 1),
                    "top1": evaluate_accuracy(qmodel, test, processor, progress=False)["top1"]}
@@ -188,13 +189,13 @@ def write_results(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any
     models = list(dict.fromkeys(r["model"] for r in rows))
     names = sorted({r["recipe"] for r in rows if r["recipe"] != "float32"})  # a variant right after its recipe
     cell = {(r["recipe"], r["model"]): r for r in rows}
-    lines = ["# Recipe benchmark (CIFAR-10 test top-1, %)", "",
+    lines = [f"# Recipe benchmark ({dataset_label(settings)} test top-1, %)", "",
              (f"{settings['eval_images']} test images; library {version}; {meta['machine']}; {meta['seconds']} s "
               "summed over the runs, made by:"), "", *(f"- `{c}`" for c in commands), "",
              ("Each recipe of `recipes/` as written, at its own bit preset. Real-data recipes calibrate on "
-              f"{settings['real_images']} CIFAR-10 *train* images instead of their Hub dataset. `quantize s` "
-              "includes synthesis unless the set came from the synthesis cache (recipes with the same synthesis "
-              "settings share one set per model)."), "",
+              f"{settings['real_images']} {dataset_label(settings)} *train* images instead of their Hub dataset. "
+              "`quantize s` includes synthesis unless the set came from the synthesis cache (recipes with the same "
+              "synthesis settings share one set per model)."), "",
              "| recipe | bits | calibration | " + " | ".join(models) + " | quantize s |",
              "|---|---|---|" + "---:|" * (len(models) + 1)]
     fp = [f"{100 * cell[('float32', m)]['top1']:.2f}" if ("float32", m) in cell else "–" for m in models]

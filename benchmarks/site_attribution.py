@@ -35,6 +35,8 @@ from accuracy import (  # the sibling benchmark script
     DATASET_HELP,
     ROOT,
     calibration_for,
+    dataset_label,
+    dataset_setting,
     json_object,
     reference_models,
 )
@@ -97,7 +99,7 @@ def main() -> None:
             rows.append(row)
     meta = {"library_version": __version__, "bits": args.bits, "eval_images": len(test),
             "num_images": args.num_images, "seed": args.seed, "synth_iterations": args.synth_iterations,
-            "synthesizer_kwargs": args.synthesizer_kwargs, "dataset": args.dataset,
+            "synthesizer_kwargs": args.synthesizer_kwargs, **dataset_setting(args),
             "seconds": round(time.perf_counter() - started),
             "command": "python benchmarks/site_attribution.py " + " ".join(sys.argv[1:]),
             "machine": f"{cpu_description()}, {torch.get_num_threads()} threads"}
@@ -111,7 +113,7 @@ def main() -> None:
 def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     sources = list(dict.fromkeys(r["source"] for r in rows))
     lines = [f"# {meta['bits'].upper()}: accuracy recovered by leaving one activation site in floating point", "",
-             (f"Top-1 (%) on the first {meta['eval_images']} CIFAR-10 test images; library defaults, "
+             (f"Top-1 (%) on the first {meta['eval_images']} {dataset_label(meta)} test images; library defaults, "
               f"{meta['num_images']} calibration images per source, seed {meta['seed']}; weights stay quantized. Each "
               "cell: accuracy with that site's activation quantizers off, and in brackets the change against the "
               "fully quantized model. The last column is how much of the gap between the first two sources that "

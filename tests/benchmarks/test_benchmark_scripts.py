@@ -73,7 +73,9 @@ def test_accuracy_benchmark(tmp_path, dataset, model_dir, float_top1):
                           ("dfq-vit", "repq", "w4a4")}
     assert all(0.0 <= top1 <= 1.0 for top1 in cells.values())
     assert result["meta"]["dataset"] == str(dataset.resolve())  # another dataset's rows never merge with CIFAR-10's
-    assert (tmp_path / "accuracy.md").read_text().count("| gaussian |") >= 1
+    report = (tmp_path / "accuracy.md").read_text()
+    assert report.startswith(f"# Accuracy benchmark (`{dataset.resolve()}` test top-1, %)")
+    assert "| gaussian | +log-sqrt2 |" in report
 
 
 def test_accuracy_benchmark_refuses_unknown_backend(tmp_path, dataset, model_dir):
@@ -86,6 +88,8 @@ def test_site_attribution_benchmark(tmp_path, dataset, model_dir, float_top1):
     run_benchmark("site_attribution.py", "--dataset", str(dataset), "--models", str(model_dir), "--sources", "real",
                   "dfq-vit", "--num-images", "4", *QUICK, "--output-dir", str(tmp_path))
     rows = json.loads((tmp_path / "site_attribution.json").read_text())["rows"]
+    report = (tmp_path / "site_attribution.md").read_text()
+    assert f"on the first {EVAL_IMAGES} `{dataset.resolve()}` test images" in report
     assert [row["source"] for row in rows] == ["real", "dfq-vit"]
     for row in rows:
         assert row["fp32"] == pytest.approx(100 * float_top1)
@@ -101,6 +105,7 @@ def test_recipe_benchmark(tmp_path, dataset, model_dir, float_top1):
     top1 = {row["recipe"]: row["top1"] for row in json.loads((tmp_path / "recipes.json").read_text())["rows"]}
     assert top1.pop("float32") == pytest.approx(float_top1)
     assert sorted(top1) == ["default", "repq_vit_w4a4"]
+    assert (tmp_path / "recipes.md").read_text().startswith(f"# Recipe benchmark (`{dataset.resolve()}` test top-1")
     assert all(0.0 <= value <= 1.0 for value in top1.values())
 
 
