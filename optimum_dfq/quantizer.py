@@ -14,12 +14,18 @@ from transformers import PreTrainedModel
 
 from .calibration import CalibrationSet, calibration_set_from_dataset, quantize_model, resolve_input_range
 from .calibration.convert import check_convertible
-from .calibration.data import expected_image_shape, is_streaming_dataset, load_image_dataset
+from .calibration.data import (
+    check_processor_output_size,
+    expected_image_shape,
+    is_streaming_dataset,
+    load_image_dataset,
+)
 from .calibration.reparam import get_scale_selector
 from .config import DFQConfig
-from .errors import CalibrationError, ConfigError
+from .errors import CalibrationError, ConfigError, UnsupportedArchitectureError
 from .integrations.transformers import finalize_quantized_model
 from .models import get_adapter
+from .models.adapters import ADAPTERS
 from .synthesis import calibration_set_from_dataset_dict, synthesizer_from_config
 
 logger = logging.getLogger(__name__)
@@ -64,11 +70,17 @@ class DataFreeViTQuantizer(OptimumQuantizer):
 
         Returns:
             `DataFreeViTQuantizer`
+
+        Raises:
+            `UnsupportedArchitectureError`: when the checkpoint's config is not a ViT, DeiT or Swin one (checked before
+                any weight is loaded).
         """
         if isinstance(model_or_path, PreTrainedModel):
             return cls(model_or_path, image_processor)
-        from transformers import AutoImageProcessor, AutoModelForImageClassification
+        from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
+        _check_supported_config(AutoConfig.from_pretrained(
+            model_or_path, **{key: value for key, value in kwargs.items() if key in _HUB_KWARGS}))
         kwargs.setdefault("dtype", torch.float32)  # calibration and synthesis run in fp32 (fp16 is slow on CPU)
         model = AutoModelForImageClassification.from_pretrained(model_or_path, **kwargs)
         if image_processor is None:
@@ -141,6 +153,8 @@ class DataFreeViTQuantizer(OptimumQuantizer):
         _check_finite_parameters(model)
         get_scale_selector(config.scale_selector)
         image_processor = image_processor if image_processor is not None else self.image_processor
+        if image_processor is not None:
+            check_processor_output_size(image_processor, expected_image_shape(model))
 
         qmodel = _float32_copy(model)
         torch.manual_seed(config.seed)
@@ -298,6 +312,20 @@ def _check_finite_parameters(model: PreTrainedModel) -> None:
                 "quantized model of it. Check the checkpoint (or the training run that wrote it)."
             )
 
+
+
+_HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "subfolder", "proxies")
+
+
+def _check_supported_config(config: Any) -> None:
+    """Refuses a checkpoint of an architecture the library does not quantize, before its weights are loaded."""
+    supported = {model_class.config_class for model_class in ADAPTERS}
+    if type(config) not in supported:
+        names = ", ".join(sorted(model_class.__name__ for model_class in ADAPTERS))
+        raise UnsupportedArchitectureError(
+            f"The checkpoint is a {type(config).__name__} (model_type {getattr(config, 'model_type', None)!r}); "
+            f"optimum_dfq quantizes only these architectures: {names}. Pass a ViT, DeiT or Swin image classifier."
+        )
 
 
 def _float32_copy(model: PreTrainedModel) -> PreTrainedModel:

@@ -288,9 +288,35 @@ def test_unsupported_architecture():
         DataFreeViTQuantizer().quantize(ResNetForImageClassification(ResNetConfig()), bits="w8a8")
 
 
+@pytest.mark.parametrize("config_class", ["BertConfig", "ResNetConfig"])
+def test_a_checkpoint_of_another_architecture_is_refused_before_loading_weights(config_class, tmp_path):
+    import transformers
+
+    getattr(transformers, config_class)().save_pretrained(tmp_path)  # config only: no weights are needed to refuse
+    with pytest.raises(UnsupportedArchitectureError, match=rf"is a {config_class} .*only these architectures: "
+                                                           r".*SwinForImageClassification.*ViTForImageClassification"):
+        DataFreeViTQuantizer.from_pretrained(tmp_path)
+
+
 def test_image_size_mismatch():
     with pytest.raises(ImageSizeError, match=r"\(3, 64, 64\).*expects \(3, 32, 32\)"):
         DataFreeViTQuantizer().quantize(tiny_vit(), bits="w8a8", calibration_dataset=torch.randn(4, 3, 64, 64))
+
+
+def test_an_image_processor_of_another_size_is_refused_before_synthesis(monkeypatch, tmp_path):
+    from transformers import ViTImageProcessor
+
+    from optimum_dfq.synthesis import pixel_synthesizer
+
+    monkeypatch.setattr(pixel_synthesizer, "optimize_batch", None)  # refused before any image is synthesized
+    wrong = ViTImageProcessor(size={"height": 64, "width": 64})
+    with pytest.raises(ImageSizeError, match=r"resizes every image to 64x64 .* the model takes 32x32"):
+        DataFreeViTQuantizer(image_processor=wrong).quantize(tiny_vit(), bits="w8a8", save_dir=tmp_path)
+    assert not (tmp_path / "preprocessor_config.json").exists()
+    unresized = ViTImageProcessor(do_resize=False)  # keeps each image's size: nothing to judge, accepted
+    qmodel = DataFreeViTQuantizer(image_processor=unresized).quantize(
+        tiny_vit(), bits="w8a8", calibration_dataset=torch.randn(2, 3, 32, 32))
+    assert qmodel.config.quantization_config.bits == "w8a8"
 
 
 def test_empty_calibration_set(cifar_train, image_processor):
@@ -314,6 +340,12 @@ def test_real_dataset_without_image_processor(cifar_train):
         DataFreeViTQuantizer().quantize(tiny_vit(), bits="w8a8", calibration_dataset=cifar_train)
 
 
+def test_images_on_which_the_float_model_is_not_finite_are_refused_before_layer_matching():
+    huge = torch.randn(4, 3, 32, 32) * 1e20  # not processor output: the float model overflows to NaN on them
+    with pytest.raises(CalibrationError, match=r"NaN or inf on the first calibration image .*image processor"):
+        DataFreeViTQuantizer().quantize(tiny_vit(), bits="w4a4", calibration_dataset=huge)
+
+
 def test_nan_in_calibration_images():
     pixels = torch.randn(4, 3, 32, 32)
     pixels[0, 0, 0, 0] = float("nan")
@@ -325,8 +357,13 @@ def test_inf_in_calibration_activations():
     model = tiny_vit()
     with torch.no_grad():
         model.vit.layers[1].layernorm_after.bias.fill_(3e38)  # finite weights whose activations overflow
-    with pytest.raises(CalibrationError, match=r"non-finite value\(s\) \(NaN/inf\) reached the quantizer at"):
+    with pytest.raises(CalibrationError, match=r"NaN or inf on the first calibration image \(first at "
+                                               r"vit\.layernorm's output"):  # the residual sum overflows
         DataFreeViTQuantizer().quantize(model, bits="w8a8", synthesizer="gaussian", num_images=4)
+    images = torch.randn(4, 3, 32, 32)
+    images[1:] *= 1e20  # the first image, which layer matching runs on, is fine; the others overflow
+    with pytest.raises(CalibrationError, match=r"non-finite value\(s\) \(NaN/inf\) reached the quantizer at"):
+        DataFreeViTQuantizer().quantize(tiny_vit(), bits="w8a8", calibration_dataset=images)
 
 
 def test_non_finite_weights_are_refused_before_synthesis(caplog):

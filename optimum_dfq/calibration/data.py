@@ -171,6 +171,46 @@ def image_mode(num_channels: int) -> str:
     return modes[num_channels]
 
 
+def check_processor_output_size(image_processor: Any, expected: tuple[int, int, int]) -> None:
+    """Refuses an image processor that resizes every image to another size than the model takes.
+
+    The processor is run on two blank images of different sizes: if both come out at one fixed size, that size must be
+    the model's. A processor that keeps each image's own size (`do_resize=False`) cannot be judged this way and passes;
+    objects that are not `transformers` image processors (only `image_mean` / `image_std` read from them) pass too.
+
+    Args:
+        image_processor: the image processor given with the model.
+        expected (`tuple[int, int, int]`): the model's `(C, H, W)` (see [`expected_image_shape`]).
+
+    Raises:
+        `ImageSizeError`: when the processor resizes every image to another height and width than the model's.
+
+    Example:
+        >>> from transformers import ViTImageProcessor
+        >>> check_processor_output_size(ViTImageProcessor(size={"height": 32, "width": 32}), (3, 32, 32))
+        >>> try:
+        ...     check_processor_output_size(ViTImageProcessor(size={"height": 64, "width": 64}), (3, 32, 32))
+        ... except ImageSizeError as err:
+        ...     print(str(err).split(";")[0])
+        The image processor resizes every image to 64x64 (H x W) but the model takes 32x32 images
+    """
+    from PIL import Image
+    from transformers.image_processing_base import ImageProcessingMixin
+
+    if not isinstance(image_processor, ImageProcessingMixin):
+        return
+    mode = image_mode(expected[0])
+    sizes = {tuple(image_processor(images=[Image.new(mode, (width, height))], return_tensors="pt")["pixel_values"]
+                   .shape[-2:]) for width, height in ((37, 41), (53, 29))}
+    if len(sizes) == 1 and (fixed := next(iter(sizes))) != tuple(expected[1:]):
+        raise ImageSizeError(
+            f"The image processor resizes every image to {fixed[0]}x{fixed[1]} (H x W) but the model takes "
+            f"{expected[1]}x{expected[2]} images; pass the model's own image processor "
+            f"(AutoImageProcessor.from_pretrained(<model>)) or one with size={{'height': {expected[1]}, "
+            f"'width': {expected[2]}}}."
+        )
+
+
 def calibration_set_from_dataset(
     dataset, image_processor, num_images: int | None = None, seed: int = 0, shuffle: bool = True,
     num_channels: int = 3,

@@ -466,7 +466,8 @@ def check_tensor_shapes(model: nn.Module, info: CheckpointInfo, hf_quantizer: An
     more = f" ... ({len(mismatched) - _MAX_LISTED} more)" if len(mismatched) > _MAX_LISTED else ""
     num_labels = getattr(model.config, "num_labels", None)
     if num_labels is not None and all(
-        wanted and saved and wanted[0] == num_labels != saved[0] for _, saved, wanted in mismatched
+        wanted and saved and wanted[0] == num_labels != saved[0] and wanted[1:] == saved[1:]
+        for _, saved, wanted in mismatched
     ):
         cause = (
             f"The model was built with num_labels={num_labels} (a `num_labels=` or `config=` given to "

@@ -17,6 +17,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..errors import CalibrationError
+
 logger = logging.getLogger(__name__)
 
 
@@ -49,6 +51,10 @@ def find_consumers(
         `dict[str, list[str]]`: producer name → names of consuming Linears, in forward order; producers with no
         direct Linear consumer are absent.
 
+    Raises:
+        `CalibrationError`: when the model's activations on `pixel_values` are NaN or inf (consumers would be matched
+            on garbage and silently missed).
+
     Example:
 
     ```python
@@ -58,18 +64,36 @@ def find_consumers(
     """
     outputs: dict[str, torch.Tensor] = {}
     linear_inputs: list[tuple[str, torch.Tensor]] = []
+    seen: list[tuple[str, torch.Tensor]] = []  # every captured tensor in forward order, to name the first bad one
+
+    def record_output(module, args, output, name):
+        outputs[name] = output
+        seen.append((f"{name}'s output", output))
+
+    def record_linear_input(module, args, name):
+        linear_inputs.append((name, args[0]))
+        seen.append((f"{name}'s input", args[0]))
+
     handles = []
     for name, module in model.named_modules():
         if is_producer(module):
-            handles.append(module.register_forward_hook(lambda m, i, o, n=name: outputs.__setitem__(n, o)))
+            handles.append(module.register_forward_hook(lambda m, i, o, n=name: record_output(m, i, o, n)))
         elif isinstance(module, nn.Linear):
-            handles.append(module.register_forward_pre_hook(lambda m, i, n=name: linear_inputs.append((n, i[0]))))
+            handles.append(module.register_forward_pre_hook(lambda m, i, n=name: record_linear_input(m, i, n)))
     try:
         model(pixel_values=pixel_values)
     finally:
         for handle in handles:
             handle.remove()
 
+    non_finite = [name for name, tensor in seen if torch.is_tensor(tensor) and not bool(torch.isfinite(tensor).all())]
+    if non_finite:
+        raise CalibrationError(
+            f"The float model's activations are NaN or inf on the first calibration image (first at "
+            f"{non_finite[0]}; pixel values in [{float(pixel_values.min()):.3g}, {float(pixel_values.max()):.3g}]). "
+            "Calibration images must be pixel values as the model's image processor produces them (normalised, not "
+            "raw or rescaled), and the model must be finite on them (check its weights and config)."
+        )
     signatures = {name: _channel_signature(out) for name, out in outputs.items() if torch.is_tensor(out)}
     consumers: dict[str, list[str]] = {}
     for linear_name, x in linear_inputs:

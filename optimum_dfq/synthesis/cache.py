@@ -9,12 +9,17 @@ Shards are only reused by a run whose batch grid they lie on (see [`SynthesisCac
 a run with another `batch_size` is ignored, never mixed in. Two runs with the same key may share the directory; the
 first to finish saves the set, and the other returns that saved set instead of its own (which may differ slightly if
 its `batch_size` differed), so that every user of the key calibrates on the same images.
+
+Damaged files (a shard or a finished set that cannot be read back, as a machine crash can leave them) are moved aside
+with a `.damaged` suffix, never deleted, and a warning names them; the run then synthesizes those images again (a
+damaged finished set is rebuilt from the shards, which are kept).
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -31,6 +36,8 @@ from .dataset import load_calibration_set, save_calibration_set, to_jsonable
 
 _SHARD_RE = re.compile(r"^(\d+)-(\d+)\.safetensors$")
 _EXTRA_PREFIX = "extra."
+
+logger = logging.getLogger(__name__)
 
 
 class SynthesisCache:
@@ -57,6 +64,19 @@ class SynthesisCache:
         """The finished set of this run (see [`SynthesisCache.is_complete`])."""
         return load_calibration_set(self.complete_path)
 
+    def load_complete_if_readable(self) -> CalibrationSet | None:
+        """The finished set, or `None` when there is none or it cannot be read back.
+
+        An unreadable set is moved aside (see the module docstring) so that the run rebuilds it from its shards.
+        """
+        if not self.is_complete():
+            return None
+        try:
+            return self.load_complete()
+        except Exception as err:  # noqa: BLE001 - any failure to read it back means the saved set is damaged
+            self._move_aside(self.complete_path, err)
+            return None
+
     def save_complete(self, calibration_set: CalibrationSet) -> bool:
         """Saves the finished set (staged in a temporary folder, then renamed into place).
 
@@ -75,6 +95,9 @@ class SynthesisCache:
         staging = Path(tempfile.mkdtemp(prefix=".calibration_set-", dir=self.directory))
         try:
             save_calibration_set(calibration_set, staging / "set")
+            for file in (staging / "set").rglob("*"):
+                if file.is_file():
+                    _flush_to_disk(file)
             try:
                 os.replace(staging / "set", self.complete_path)
             except OSError as err:  # renaming onto a non-empty folder: another run saved the set meanwhile
@@ -115,7 +138,37 @@ class SynthesisCache:
             `list[tuple[int, int]]`
         """
         cached = set(self.shard_ranges())
-        return [chunk for chunk in grid if tuple(chunk) in cached]
+        chunks = {tuple(chunk) for chunk in grid}
+        if cached - chunks:
+            logger.info("%d cached batch(es) in %s lie on another batch grid (another batch_size or process count) "
+                        "and are not reused", len(cached - chunks), self.shards)
+        return [chunk for chunk in grid if tuple(chunk) in cached and self._shard_is_readable(*chunk)]
+
+    def _shard_path(self, start: int, stop: int) -> Path:
+        return self.shards / f"{start:08d}-{stop:08d}.safetensors"
+
+    def _shard_is_readable(self, start: int, stop: int) -> bool:
+        path = self._shard_path(start, stop)
+        try:
+            record = self.read_shard(start, stop)
+            if (record.start, record.stop) != (start, stop) or record.pixel_values.shape[0] != stop - start:
+                raise ValueError(f"it holds images {record.start}-{record.stop} "
+                                 f"({record.pixel_values.shape[0]} images), not {start}-{stop}")
+        except Exception as err:  # noqa: BLE001 - any failure to read it back means the shard is damaged
+            self._move_aside(path, err)
+            return False
+        return True
+
+    @staticmethod
+    def _move_aside(path: Path, err: Exception) -> None:
+        target = path.with_name(path.name + ".damaged")
+        suffix = 1
+        while target.exists():
+            suffix += 1
+            target = path.with_name(f"{path.name}.damaged{suffix}")
+        os.replace(path, target)
+        logger.warning("Cached synthesis output %s cannot be read back (%s: %s); moved to %s, and its images are "
+                       "synthesized again.", path, type(err).__name__, err, target)
 
     def write_shard(self, record: BatchRecord) -> None:
         self.shards.mkdir(parents=True, exist_ok=True)
@@ -127,24 +180,31 @@ class SynthesisCache:
         for name, value in record.extras.items():
             tensors[_EXTRA_PREFIX + name] = value.detach().cpu().contiguous()
         metadata = {"start": str(record.start), "stop": str(record.stop), "history": json.dumps(record.history)}
-        final = self.shards / f"{record.start:08d}-{record.stop:08d}.safetensors"
+        final = self._shard_path(record.start, record.stop)
         handle, temporary = tempfile.mkstemp(prefix=".shard-", dir=self.shards)
         os.close(handle)
         try:
             save_file(tensors, temporary, metadata=metadata)
+            _flush_to_disk(temporary)  # else a crash after the rename can leave an empty file under the final name
             os.replace(temporary, final)
         finally:
             if os.path.exists(temporary):
                 os.remove(temporary)
 
     def read_shard(self, start: int, stop: int) -> BatchRecord:
-        path = self.shards / f"{start:08d}-{stop:08d}.safetensors"
+        path = self._shard_path(start, stop)
         tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
         extras = {k[len(_EXTRA_PREFIX):]: v for k, v in tensors.items() if k.startswith(_EXTRA_PREFIX)}
-        return BatchRecord(start, stop, tensors["pixel_values"], tensors.get("labels"), tensors.get("soft_labels"),
-                           extras, json.loads(metadata.get("history", "{}")))
+        return BatchRecord(int(metadata.get("start", start)), int(metadata.get("stop", stop)), tensors["pixel_values"],
+                           tensors.get("labels"), tensors.get("soft_labels"), extras,
+                           json.loads(metadata.get("history", "{}")))
+
+
+def _flush_to_disk(path: str | os.PathLike) -> None:
+    with open(path, "rb") as file:
+        os.fsync(file.fileno())
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

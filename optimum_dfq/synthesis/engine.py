@@ -11,6 +11,7 @@ pixels, 50 % flips.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -68,8 +69,8 @@ class EngineConfig:
             raise SynthesisError(
                 f"jitter={self.jitter} must give one non-negative offset per phase (iterations={self.iterations})."
             )
-        if self.lr <= 0 or self.warmup < 0 or self.log_every < 1:
-            raise SynthesisError(f"Need lr > 0, warmup >= 0 and log_every >= 1; got {self.lr}, {self.warmup}, "
+        if not (math.isfinite(self.lr) and self.lr > 0) or self.warmup < 0 or self.log_every < 1:
+            raise SynthesisError(f"Need a finite lr > 0, warmup >= 0 and log_every >= 1; got {self.lr}, {self.warmup}, "
                                  f"{self.log_every}.")
         if not 0.0 <= self.flip_prob <= 1.0 or len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise SynthesisError(f"Need 0 <= flip_prob <= 1 and two betas in [0, 1); got {self.flip_prob}, "
@@ -186,7 +187,7 @@ def optimize_batch(
                                   owners_on_device, capture, sites, num_prefix_tokens, offsets, flips)
                 loss, values = _total_loss(plan, ctx)
                 if not bool(torch.isfinite(loss)):
-                    _raise_non_finite(values, step, plan.indices)
+                    _raise_non_finite(values, plan, ctx)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -232,13 +233,15 @@ def _log_step(history, step: int, total_steps: int, indices: Sequence[int]) -> N
                 history["lr"][-1], terms)
 
 
-def _raise_non_finite(values: dict[str, torch.Tensor | None], step: int, indices: Sequence[int]) -> None:
+def _raise_non_finite(values: dict[str, torch.Tensor | None], plan: BatchPlan, ctx: StepContext) -> None:
+    where = f"The synthesis loss became non-finite at step {ctx.step} for images {plan.indices[0]}..{plan.indices[-1]}"
     culprits = [name for name, value in values.items() if value is not None and not bool(torch.isfinite(value).all())]
-    raise SynthesisError(
-        f"The synthesis loss became non-finite at step {step} for images {indices[0]}..{indices[-1]}: loss term(s) "
-        f"{culprits or sorted(values)} returned NaN/inf. Lower the learning rate or the term's weight, or check the "
-        "model's outputs on these images."
-    )
+    if culprits:
+        raise SynthesisError(f"{where}: loss term(s) {culprits} returned NaN/inf. Lower the learning rate or the "
+                             "term's weight, or check the model's outputs on these images.")
+    weights = {term.name: term.weight_at(ctx) for term in plan.terms}
+    raise SynthesisError(f"{where}: every loss term is finite, but their weighted sum overflowed (weights at this "
+                         f"step: {weights}). Lower the largest weight.")
 
 
 def _as_sequence(value) -> tuple:

@@ -395,6 +395,11 @@ class PatchSimilarityEntropyTerm(LossTerm):
         weight: Weight = 1.0,
     ) -> None:
         super().__init__(weight)
+        if not (math.isfinite(bandwidth) and bandwidth > 0) or int(num_points) < 2 or not (
+                math.isfinite(floor) and floor > 0):
+            raise SynthesisError(f"The patch-similarity entropy needs a finite kde_bandwidth > 0, kde_points >= 2 and "
+                                 f"a finite kde_floor > 0; got {bandwidth}, {num_points}, {floor} (PSAQ-ViT: 0.01, 10, "
+                                 "1e-4).")
         self.sites, self.bandwidth, self.num_points, self.floor = sites, bandwidth, num_points, floor
 
     def __call__(self, ctx: StepContext) -> torch.Tensor:

@@ -321,9 +321,10 @@ class PixelSynthesizer(Synthesizer):
         material = self._run_material(model, num_images, seed, mean, std, config)
         key = run_fingerprint(material)
         cache = SynthesisCache(cache_dir, key) if cache_dir is not None else None
-        if broadcast_from_main(state, cache is not None and cache.is_complete()):
+        cached_set = cache.load_complete_if_readable() if cache is not None and state.is_main_process else None
+        if broadcast_from_main(state, cached_set is not None):
             _log_main(state, "Loading the cached calibration set from %s", cache.complete_path)
-            return cache.load_complete()
+            return cached_set if cached_set is not None else cache.load_complete()
         grid = batch_grid(num_images, batch_size)
         done = broadcast_from_main(state, cache.finished_chunks(grid) if cache is not None else [])
         if cache is not None and state.is_main_process:

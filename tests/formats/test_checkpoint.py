@@ -223,6 +223,15 @@ def test_other_num_labels_is_named_as_the_cause(ignore, saved_vit):
         AutoModelForImageClassification.from_pretrained(saved_vit, num_labels=5, ignore_mismatched_sizes=ignore)
 
 
+def test_a_transposed_classifier_is_not_blamed_on_num_labels(checkpoint):
+    packed = load_file(checkpoint / "model.safetensors")["classifier.weight_packed"]
+    _edit(checkpoint, tensors={"classifier.weight_packed": packed.t().contiguous()})  # [16, 10] where [10, 16] belongs
+    with pytest.raises(CheckpointError, match=r"classifier\.weight_packed: \[16, 10\] in the checkpoint, \[10, 16\] "
+                                              r"in the model.*different saves") as err:
+        AutoModelForImageClassification.from_pretrained(checkpoint)
+    assert "num_labels" not in str(err.value)
+
+
 def test_checkpoint_of_another_class_names_the_saved_class(tmp_path):
     quantize(tiny_deit_teacher, "w4a4").save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="saved from a DeiTForImageClassificationWithTeacher .* loaded into a "

@@ -100,7 +100,7 @@ def _interrupt_after_first_batch(record):
     raise _Interrupt
 
 
-def test_shards_of_another_batch_size_are_ignored_not_mixed_in(tmp_path, monkeypatch):
+def test_shards_of_another_batch_size_are_ignored_not_mixed_in(tmp_path, monkeypatch, caplog):
     model = tiny_vit()
     for batch_size in (4, 3):  # two runs of the same key leave overlapping shards 0-4 and 0-3
         with pytest.raises(_Interrupt):
@@ -112,8 +112,11 @@ def test_shards_of_another_batch_size_are_ignored_not_mixed_in(tmp_path, monkeyp
     reference = get_synthesizer("psaq", **FAST).synthesize(model, 6, seed=0, batch_size=3, **NORM)
 
     calls = _count_optimisations(monkeypatch)
-    resumed = get_synthesizer("psaq", **FAST).synthesize(model, 6, seed=0, batch_size=3, cache_dir=tmp_path, **NORM)
+    with caplog.at_level("INFO", logger="optimum_dfq.synthesis.cache"):
+        resumed = get_synthesizer("psaq", **FAST).synthesize(model, 6, seed=0, batch_size=3, cache_dir=tmp_path,
+                                                             **NORM)
     assert calls == [[3, 4, 5]]  # the shard 0-3 of this grid is reused, the shard 0-4 of the other grid ignored
+    assert "1 cached batch(es)" in caplog.text and "another batch grid" in caplog.text  # said, not silent
     assert len(resumed) == 6 and torch.equal(resumed.pixel_values, reference.pixel_values)
     again = get_synthesizer("psaq", **FAST).synthesize(model, 6, seed=0, cache_dir=tmp_path, **NORM)
     assert len(again) == 6 and torch.equal(again.pixel_values, reference.pixel_values)
@@ -133,10 +136,59 @@ def test_batches_that_do_not_cover_the_images_exactly_are_refused(tmp_path, monk
         return record
 
     monkeypatch.setattr(SynthesisCache, "read_shard", overlapping)
+    monkeypatch.setattr(SynthesisCache, "_shard_is_readable", lambda self, start, stop: True)  # damage not seen early
     with pytest.raises(SynthesisError, match="do not match the run's batch grid"):
         get_synthesizer("psaq", **FAST).synthesize(model, 4, seed=0, batch_size=2, cache_dir=tmp_path, **NORM)
     (run_dir,) = tmp_path.iterdir()
     assert not (run_dir / "calibration_set").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "wrong_images"])
+def test_a_damaged_shard_is_moved_aside_and_synthesized_again(damage, tmp_path, monkeypatch, caplog):
+    model = tiny_vit()
+    reference = get_synthesizer("psaq", **FAST).synthesize(model, 6, seed=0, batch_size=2, **NORM)
+
+    def interrupt_after_second_batch(record):
+        if record.start == 2:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        get_synthesizer("psaq", **FAST).synthesize(model, 6, seed=0, batch_size=2, cache_dir=tmp_path,
+                                                   on_batch_end=interrupt_after_second_batch, **NORM)
+    (run_dir,) = tmp_path.iterdir()
+    shard = run_dir / "shards" / "00000002-00000004.safetensors"
+    content = shard.read_bytes()
+    if damage == "wrong_images":  # a readable file under the wrong name: images 0-2 where 2-4 belong
+        shard.write_bytes((run_dir / "shards" / "00000000-00000002.safetensors").read_bytes())
+    else:  # what a crash can leave behind
+        shard.write_bytes(content[: len(content) // 2] if damage == "truncate" else b"")
+    damaged_bytes = shard.read_bytes()
+
+    calls = _count_optimisations(monkeypatch)
+    with caplog.at_level("WARNING", logger="optimum_dfq.synthesis.cache"):
+        resumed = get_synthesizer("psaq", **FAST).synthesize(model, 6, seed=0, batch_size=2, cache_dir=tmp_path,
+                                                             **NORM)
+    assert calls == [[2, 3], [4, 5]]  # the good shard 0-2 is reused, the damaged one synthesized again
+    assert torch.equal(resumed.pixel_values, reference.pixel_values)
+    aside = run_dir / "shards" / "00000002-00000004.safetensors.damaged"
+    assert aside.read_bytes() == damaged_bytes  # kept for inspection, not deleted
+    assert str(shard) in caplog.text and "synthesized again" in caplog.text
+
+
+def test_a_damaged_finished_set_is_rebuilt_from_the_shards(tmp_path, monkeypatch, caplog):
+    model = tiny_vit()
+    first = get_synthesizer("psaq", **FAST).synthesize(model, 4, seed=0, batch_size=2, cache_dir=tmp_path, **NORM)
+    (run_dir,) = tmp_path.iterdir()
+    (arrow,) = (run_dir / "calibration_set").rglob("*.arrow")
+    arrow.write_bytes(arrow.read_bytes()[:100])
+
+    calls = _count_optimisations(monkeypatch)
+    with caplog.at_level("WARNING", logger="optimum_dfq.synthesis.cache"):
+        again = get_synthesizer("psaq", **FAST).synthesize(model, 4, seed=0, batch_size=2, cache_dir=tmp_path, **NORM)
+    assert calls == []  # rebuilt from the shards, no image synthesized again
+    assert torch.equal(again.pixel_values, first.pixel_values) and torch.equal(again.labels, first.labels)
+    assert (run_dir / "calibration_set.damaged").is_dir() and "calibration_set" in caplog.text
+    assert torch.equal(SynthesisCache(tmp_path, run_dir.name).load_complete().pixel_values, first.pixel_values)
 
 
 def test_a_set_saved_meanwhile_by_a_concurrent_run_is_kept(tmp_path, monkeypatch):

@@ -66,6 +66,19 @@ def test_engine_config_rejects_mismatched_phases():
     assert EngineConfig(iterations=(3, 4), jitter=5).jitter == (5, 5)
 
 
+@pytest.mark.parametrize("lr", [0.0, -0.1, float("nan"), float("inf")])
+def test_engine_config_rejects_a_learning_rate_that_is_not_finite_and_positive(lr):
+    with pytest.raises(SynthesisError, match="finite lr > 0"):
+        EngineConfig(iterations=(3,), jitter=1, lr=lr)
+
+
+@pytest.mark.parametrize("option", [{"kde_bandwidth": 0.0}, {"kde_bandwidth": float("nan")}, {"kde_points": 1},
+                                    {"kde_floor": 0.0}])
+def test_patch_similarity_entropy_options_are_checked_before_synthesis(option):
+    with pytest.raises(SynthesisError, match="kde_bandwidth > 0"):
+        get_synthesizer("psaq", **FAST, **option).synthesize(tiny_vit(), 1, seed=0, **NORM)
+
+
 def _psaq_reference_entropy(tokens: torch.Tensor) -> torch.Tensor:
     """PSAQ-ViT's generate_data.py + utils/kde.py, one image at a time (the grid spans that image's range)."""
     sims = torch.cosine_similarity(tokens.unsqueeze(1), tokens.unsqueeze(2), dim=3)
@@ -134,6 +147,24 @@ def test_non_finite_loss_names_the_term():
     with pytest.raises(SynthesisError, match="broken"):
         optimize_batch(model, plan, EngineConfig(iterations=(2,), jitter=(1,), warmup=0), bounds=bounds, sites=sites,
                        num_prefix_tokens=1, seed=0)
+
+
+class _HugeTerm(LossTerm):
+    name = "huge"
+
+    def __call__(self, ctx):
+        return ctx.logits[: ctx.num_images].softmax(-1).amax(-1)  # finite, in (0, 1]
+
+
+def test_an_overflowing_weighted_sum_is_told_apart_from_a_non_finite_term():
+    model = tiny_vit()
+    sites = probe_attention_sites(model, get_adapter(model))
+    plan = BatchPlan([0, 1], torch.randn(2, 3, 32, 32), [_HugeTerm(weight=1e39)])  # above float32 max
+    bounds = valid_pixel_range(NORM["image_mean"], NORM["image_std"])
+    with pytest.raises(SynthesisError, match="every loss term is finite, but their weighted sum overflowed") as err:
+        optimize_batch(model, plan, EngineConfig(iterations=(2,), jitter=(1,), warmup=0), bounds=bounds, sites=sites,
+                       num_prefix_tokens=1, seed=0)
+    assert "1e+39" in str(err.value)
 
 
 def test_model_is_left_unchanged():
