@@ -176,7 +176,8 @@ def check_processor_output_size(image_processor: Any, expected: tuple[int, int, 
 
     The processor is run on two blank images of different sizes: if both come out at one fixed size, that size must be
     the model's. A processor that keeps each image's own size (`do_resize=False`) cannot be judged this way and passes;
-    objects that are not `transformers` image processors (only `image_mean` / `image_std` read from them) pass too.
+    so do objects that are not `transformers` image processors (only `image_mean` / `image_std` are read from them)
+    and processors of models with other than 1 or 3 channels (no PIL image to probe them with).
 
     Args:
         image_processor: the image processor given with the model.
@@ -197,8 +198,8 @@ def check_processor_output_size(image_processor: Any, expected: tuple[int, int, 
     from PIL import Image
     from transformers.image_processing_base import ImageProcessingMixin
 
-    if not isinstance(image_processor, ImageProcessingMixin):
-        return
+    if not isinstance(image_processor, ImageProcessingMixin) or expected[0] not in (1, 3):
+        return  # no PIL image of another channel count to probe it with
     mode = image_mode(expected[0])
     sizes = {tuple(image_processor(images=[Image.new(mode, (width, height))], return_tensors="pt")["pixel_values"]
                    .shape[-2:]) for width, height in ((37, 41), (53, 29))}
