@@ -70,3 +70,21 @@ def test_the_seed_picks_a_shuffled_subset_and_shuffle_false_takes_the_first_imag
     first = calibration_set_from_dataset(cifar_train, image_processor, num_images=6, shuffle=False)
     torch.testing.assert_close(first.pixel_values, pixels(cifar_train.select(range(6))))
     assert cifar_train.shuffle(seed=0)["label"][:6] != cifar_train.shuffle(seed=1)["label"][:6]  # seeds differ
+
+
+def test_processor_output_size_is_judged_only_where_it_can_be():
+    from transformers import ViTImageProcessor
+
+    from optimum_dfq.calibration.data import check_processor_output_size
+    from optimum_dfq.errors import ImageSizeError
+
+    resizing = ViTImageProcessor(size={"height": 64, "width": 48})
+    with pytest.raises(ImageSizeError, match=r"resizes every image to 64x48 .* takes 32x32"):
+        check_processor_output_size(resizing, (3, 32, 32))
+    with pytest.raises(ImageSizeError, match=r"resizes every image to 64x48"):
+        check_processor_output_size(ViTImageProcessor(size={"height": 64, "width": 48}, image_mean=[0.5],
+                                                      image_std=[0.5]), (1, 32, 32))  # probed with grayscale images
+    check_processor_output_size(resizing, (3, 64, 48))
+    check_processor_output_size(resizing, (4, 32, 32))  # no 4-channel PIL image to probe with: not judged
+    check_processor_output_size(ViTImageProcessor(do_resize=False), (3, 32, 32))  # keeps each image's size
+    check_processor_output_size(object(), (3, 32, 32))  # not a transformers processor: only mean/std are read
