@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from optimum.quantization_base import OptimumQuantizer
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from .calibration import CalibrationSet, calibration_set_from_dataset, quantize_model, resolve_input_range
 from .calibration.convert import check_convertible
@@ -79,8 +79,11 @@ class DataFreeViTQuantizer(OptimumQuantizer):
             return cls(model_or_path, image_processor)
         from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
-        _check_supported_config(AutoConfig.from_pretrained(
-            model_or_path, **{key: value for key, value in kwargs.items() if key in _HUB_KWARGS}))
+        config = kwargs.get("config")
+        if not isinstance(config, PretrainedConfig):  # else the config given is the one the model is built from
+            config = AutoConfig.from_pretrained(config if isinstance(config, (str, os.PathLike)) else model_or_path,
+                                                **{key: value for key, value in kwargs.items() if key in _HUB_KWARGS})
+        _check_supported_config(config)
         kwargs.setdefault("dtype", torch.float32)  # calibration and synthesis run in fp32 (fp16 is slow on CPU)
         model = AutoModelForImageClassification.from_pretrained(model_or_path, **kwargs)
         if image_processor is None:

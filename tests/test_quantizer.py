@@ -298,6 +298,18 @@ def test_a_checkpoint_of_another_architecture_is_refused_before_loading_weights(
         DataFreeViTQuantizer.from_pretrained(tmp_path)
 
 
+def test_from_pretrained_checks_the_config_it_is_given(tmp_path):
+    from transformers import BertConfig
+
+    model = tiny_vit()
+    model.save_pretrained(tmp_path)
+    (tmp_path / "config.json").unlink()  # weights only: the config comes from config=, as in transformers
+    loaded = DataFreeViTQuantizer.from_pretrained(tmp_path, config=model.config).model
+    assert torch.equal(loaded.classifier.weight, model.classifier.weight)
+    with pytest.raises(UnsupportedArchitectureError, match="is a BertConfig"):
+        DataFreeViTQuantizer.from_pretrained(tmp_path, config=BertConfig())
+
+
 def test_image_size_mismatch():
     with pytest.raises(ImageSizeError, match=r"\(3, 64, 64\).*expects \(3, 32, 32\)"):
         DataFreeViTQuantizer().quantize(tiny_vit(), bits="w8a8", calibration_dataset=torch.randn(4, 3, 64, 64))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..errors import CalibrationError, ImageSizeError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -176,8 +179,9 @@ def check_processor_output_size(image_processor: Any, expected: tuple[int, int, 
 
     The processor is run on two blank images of different sizes: if both come out at one fixed size, that size must be
     the model's. A processor that keeps each image's own size (`do_resize=False`) cannot be judged this way and passes;
-    so do objects that are not `transformers` image processors (only `image_mean` / `image_std` are read from them)
-    and processors of models with other than 1 or 3 channels (no PIL image to probe them with).
+    so do objects that are not `transformers` image processors (only `image_mean` / `image_std` are read from them),
+    processors of models with other than 1 or 3 channels (no PIL image to probe them with) and processors that fail
+    on the blank probe images (e.g. a 3-channel mean for a 1-channel model; the paths that use them report it).
 
     Args:
         image_processor: the image processor given with the model.
@@ -201,8 +205,12 @@ def check_processor_output_size(image_processor: Any, expected: tuple[int, int, 
     if not isinstance(image_processor, ImageProcessingMixin) or expected[0] not in (1, 3):
         return  # no PIL image of another channel count to probe it with
     mode = image_mode(expected[0])
-    sizes = {tuple(image_processor(images=[Image.new(mode, (width, height))], return_tensors="pt")["pixel_values"]
-                   .shape[-2:]) for width, height in ((37, 41), (53, 29))}
+    try:
+        sizes = {tuple(image_processor(images=[Image.new(mode, (width, height))], return_tensors="pt")["pixel_values"]
+                       .shape[-2:]) for width, height in ((37, 41), (53, 29))}
+    except Exception as err:  # noqa: BLE001 - a courtesy probe; a failing processor is judged where it is used
+        logger.debug("Could not probe the image processor's output size (%s: %s)", type(err).__name__, err)
+        return
     if len(sizes) == 1 and (fixed := next(iter(sizes))) != tuple(expected[1:]):
         raise ImageSizeError(
             f"The image processor resizes every image to {fixed[0]}x{fixed[1]} (H x W) but the model takes "

@@ -73,7 +73,9 @@ class SynthesisCache:
             return None
         try:
             return self.load_complete()
-        except Exception as err:  # noqa: BLE001 - any failure to read it back means the saved set is damaged
+        except Exception as err:  # filtered by _is_damage: what remains means the set is damaged
+            if not _is_damage(err):
+                raise
             self._move_aside(self.complete_path, err)
             return None
 
@@ -126,10 +128,11 @@ class SynthesisCache:
         return sorted(ranges)
 
     def finished_chunks(self, grid: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        """The chunks of `grid` whose shard is cached, in grid order.
+        """The chunks of `grid` whose shard is cached and readable, in grid order.
 
-        Shards that are not chunks of `grid` (left by a run of the same key with another `batch_size`) are ignored:
-        mixing them in would overlap or leave gaps, and their images belong to another batch grid.
+        Call it on one process only (the main one in a multi-process run): it reads every shard and moves damaged
+        ones aside. Shards that are not chunks of `grid` (left by a run of the same key with another `batch_size`) are
+        ignored: mixing them in would overlap or leave gaps, and their images belong to another batch grid.
 
         Args:
             grid (`list[tuple[int, int]]`): the run's `(start, stop)` chunks.
@@ -154,7 +157,9 @@ class SynthesisCache:
             if (record.start, record.stop) != (start, stop) or record.pixel_values.shape[0] != stop - start:
                 raise ValueError(f"it holds images {record.start}-{record.stop} "
                                  f"({record.pixel_values.shape[0]} images), not {start}-{stop}")
-        except Exception as err:  # noqa: BLE001 - any failure to read it back means the shard is damaged
+        except Exception as err:  # filtered by _is_damage: what remains means the shard is damaged
+            if not _is_damage(err):
+                raise
             self._move_aside(path, err)
             return False
         return True
@@ -166,7 +171,10 @@ class SynthesisCache:
         while target.exists():
             suffix += 1
             target = path.with_name(f"{path.name}.damaged{suffix}")
-        os.replace(path, target)
+        try:
+            os.replace(path, target)
+        except FileNotFoundError:  # another run sharing the cache moved it first
+            return
         logger.warning("Cached synthesis output %s cannot be read back (%s: %s); moved to %s, and its images are "
                        "synthesized again.", path, type(err).__name__, err, target)
 
@@ -203,8 +211,14 @@ class SynthesisCache:
 
 
 def _flush_to_disk(path: str | os.PathLike) -> None:
-    with open(path, "rb") as file:
+    with open(path, "r+b") as file:  # writable: fsync on a read-only descriptor fails on Windows
         os.fsync(file.fileno())
+
+
+def _is_damage(err: Exception) -> bool:
+    """Whether a failure to read a cached file means the file is damaged, not that reading it failed for another
+    reason (memory, permissions, a file moved meanwhile by another run), which must surface instead."""
+    return not isinstance(err, (MemoryError, PermissionError, FileNotFoundError))
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

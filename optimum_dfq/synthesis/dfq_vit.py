@@ -24,6 +24,7 @@ from .losses import (
     SoftLabelTerm,
     TotalVariationTerm,
     float_quantized_kl,
+    kde_options,
 )
 from .pixel_synthesizer import ModelInfo, PixelSynthesizer
 from .provisional import provisional_config, provisional_quantized_model
@@ -132,7 +133,7 @@ class DFQViTSynthesizer(PixelSynthesizer):
         self.tv_weight = float(tv_weight)
         self.tv_target = tuple(float(t) for t in tv_target)
         self.tv_reference = None if tv_reference is None else tuple(int(r) for r in tv_reference)
-        self.kde_bandwidth, self.kde_points, self.kde_floor = float(kde_bandwidth), int(kde_points), float(kde_floor)
+        self.kde_bandwidth, self.kde_points, self.kde_floor = kde_options(kde_bandwidth, kde_points, kde_floor)
 
     def resolved_hyperparameters(self, config: EngineConfig) -> dict[str, Any]:
         """As [`PixelSynthesizer.resolved_hyperparameters`]; without a hardness term its settings are left out (the

@@ -240,6 +240,10 @@ def _raise_non_finite(values: dict[str, torch.Tensor | None], plan: BatchPlan, c
         raise SynthesisError(f"{where}: loss term(s) {culprits} returned NaN/inf. Lower the learning rate or the "
                              "term's weight, or check the model's outputs on these images.")
     weights = {term.name: term.weight_at(ctx) for term in plan.terms}
+    bad_weights = {name: weight for name, weight in weights.items() if not math.isfinite(float(weight))}
+    if bad_weights:
+        raise SynthesisError(f"{where}: the weight of loss term(s) {bad_weights} is NaN/inf at this step. Give finite "
+                             "weights (check the weight schedule).")
     raise SynthesisError(f"{where}: every loss term is finite, but their weighted sum overflowed (weights at this "
                          f"step: {weights}). Lower the largest weight.")
 

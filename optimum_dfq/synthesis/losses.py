@@ -9,6 +9,7 @@ independent of the other images of its batch.
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
@@ -354,6 +355,34 @@ class TotalVariationTerm(LossTerm):
         return (self.scale * total_variation(ctx.images) - self.targets.to(ctx.images.device)).abs()
 
 
+def kde_options(bandwidth: float, num_points: int, floor: float) -> tuple[float, int, float]:
+    """Checks the options of the patch-similarity entropy's KDE (see [`patch_similarity_entropy`]).
+
+    Args:
+        bandwidth (`float`): kernel bandwidth, finite and > 0.
+        num_points (`int`): evaluation points, a whole number >= 2.
+        floor (`float`): added density, finite and > 0 (the entropy takes its logarithm).
+
+    Returns:
+        `tuple[float, int, float]`: the three options as `float`, `int`, `float`.
+
+    Raises:
+        `SynthesisError`: naming the options and PSAQ-ViT's values when one is out of range.
+
+    Example:
+        >>> kde_options(0.01, 10, 1e-4)
+        (0.01, 10, 0.0001)
+    """
+    numbers_given = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (bandwidth, num_points, floor))
+    valid = numbers_given and (math.isfinite(bandwidth) and bandwidth > 0 and float(num_points).is_integer()
+                               and num_points >= 2 and math.isfinite(floor) and floor > 0)
+    if not valid:
+        raise SynthesisError(f"The patch-similarity entropy needs a finite kde_bandwidth > 0, a whole kde_points >= 2 "
+                             f"and a finite kde_floor > 0; got {bandwidth!r}, {num_points!r}, {floor!r} (PSAQ-ViT: "
+                             "0.01, 10, 1e-4).")
+    return float(bandwidth), int(num_points), float(floor)
+
+
 class PatchSimilarityEntropyTerm(LossTerm):
     """PSAQ-ViT's patch-similarity entropy, negated: `-Σ_l H_l` over attention modules `l`.
 
@@ -395,12 +424,8 @@ class PatchSimilarityEntropyTerm(LossTerm):
         weight: Weight = 1.0,
     ) -> None:
         super().__init__(weight)
-        if not (math.isfinite(bandwidth) and bandwidth > 0) or int(num_points) < 2 or not (
-                math.isfinite(floor) and floor > 0):
-            raise SynthesisError(f"The patch-similarity entropy needs a finite kde_bandwidth > 0, kde_points >= 2 and "
-                                 f"a finite kde_floor > 0; got {bandwidth}, {num_points}, {floor} (PSAQ-ViT: 0.01, 10, "
-                                 "1e-4).")
-        self.sites, self.bandwidth, self.num_points, self.floor = sites, bandwidth, num_points, floor
+        self.sites = sites
+        self.bandwidth, self.num_points, self.floor = kde_options(bandwidth, num_points, floor)
 
     def __call__(self, ctx: StepContext) -> torch.Tensor:
         batch = ctx.num_images

@@ -326,7 +326,8 @@ class PixelSynthesizer(Synthesizer):
             _log_main(state, "Loading the cached calibration set from %s", cache.complete_path)
             return cached_set if cached_set is not None else cache.load_complete()
         grid = batch_grid(num_images, batch_size)
-        done = broadcast_from_main(state, cache.finished_chunks(grid) if cache is not None else [])
+        done = broadcast_from_main(  # only the main process reads (and may move aside) the cached shards
+            state, (cache.finished_chunks(grid) if cache is not None else []) if state.is_main_process else None)
         if cache is not None and state.is_main_process:
             cache.write_run_info(material)
         finished = set(done)

@@ -88,3 +88,4 @@ def test_processor_output_size_is_judged_only_where_it_can_be():
     check_processor_output_size(resizing, (4, 32, 32))  # no 4-channel PIL image to probe with: not judged
     check_processor_output_size(ViTImageProcessor(do_resize=False), (3, 32, 32))  # keeps each image's size
     check_processor_output_size(object(), (3, 32, 32))  # not a transformers processor: only mean/std are read
+    check_processor_output_size(resizing, (1, 32, 32))  # its 3-channel mean fails on a grayscale probe: not judged

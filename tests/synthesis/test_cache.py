@@ -175,6 +175,23 @@ def test_a_damaged_shard_is_moved_aside_and_synthesized_again(damage, tmp_path, 
     assert str(shard) in caplog.text and "synthesized again" in caplog.text
 
 
+@pytest.mark.parametrize("error", [PermissionError, MemoryError])
+def test_a_shard_that_fails_to_load_for_another_reason_is_not_taken_for_damaged(error, tmp_path, monkeypatch):
+    model = tiny_vit()
+    with pytest.raises(_Interrupt):
+        get_synthesizer("psaq", **FAST).synthesize(model, 4, seed=0, batch_size=2, cache_dir=tmp_path,
+                                                   on_batch_end=_interrupt_after_first_batch, **NORM)
+
+    def failing(self, start, stop):
+        raise error("not the file's fault")
+
+    monkeypatch.setattr(SynthesisCache, "read_shard", failing)
+    with pytest.raises(error, match="not the file's fault"):
+        get_synthesizer("psaq", **FAST).synthesize(model, 4, seed=0, batch_size=2, cache_dir=tmp_path, **NORM)
+    (run_dir,) = tmp_path.iterdir()
+    assert [p.name for p in (run_dir / "shards").iterdir()] == ["00000000-00000002.safetensors"]  # left in place
+
+
 def test_a_damaged_finished_set_is_rebuilt_from_the_shards(tmp_path, monkeypatch, caplog):
     model = tiny_vit()
     first = get_synthesizer("psaq", **FAST).synthesize(model, 4, seed=0, batch_size=2, cache_dir=tmp_path, **NORM)

@@ -72,11 +72,14 @@ def test_engine_config_rejects_a_learning_rate_that_is_not_finite_and_positive(l
         EngineConfig(iterations=(3,), jitter=1, lr=lr)
 
 
+@pytest.mark.parametrize("name", ["psaq", "dfq-vit"])
 @pytest.mark.parametrize("option", [{"kde_bandwidth": 0.0}, {"kde_bandwidth": float("nan")}, {"kde_points": 1},
-                                    {"kde_floor": 0.0}])
-def test_patch_similarity_entropy_options_are_checked_before_synthesis(option):
-    with pytest.raises(SynthesisError, match="kde_bandwidth > 0"):
-        get_synthesizer("psaq", **FAST, **option).synthesize(tiny_vit(), 1, seed=0, **NORM)
+                                    {"kde_points": 2.5}, {"kde_points": True}, {"kde_floor": 0.0}])
+def test_patch_similarity_entropy_options_are_checked_when_the_synthesizer_is_built(name, option):
+    # at construction, so that no process of a multi-process run starts synthesizing before one of them fails
+    with pytest.raises(SynthesisError, match="kde_bandwidth > 0, a whole kde_points >= 2"):
+        get_synthesizer(name, **FAST, **option)
+    assert get_synthesizer(name, **FAST, kde_points=7.0).kde_points == 7
 
 
 def _psaq_reference_entropy(tokens: torch.Tensor) -> torch.Tensor:
@@ -165,6 +168,10 @@ def test_an_overflowing_weighted_sum_is_told_apart_from_a_non_finite_term():
         optimize_batch(model, plan, EngineConfig(iterations=(2,), jitter=(1,), warmup=0), bounds=bounds, sites=sites,
                        num_prefix_tokens=1, seed=0)
     assert "1e+39" in str(err.value)
+    plan = BatchPlan([0, 1], torch.randn(2, 3, 32, 32), [_HugeTerm(weight=lambda ctx: float("nan"))])
+    with pytest.raises(SynthesisError, match=r"the weight of loss term\(s\) \{'huge': nan\} is NaN/inf"):
+        optimize_batch(model, plan, EngineConfig(iterations=(2,), jitter=(1,), warmup=0), bounds=bounds, sites=sites,
+                       num_prefix_tokens=1, seed=0)
 
 
 def test_model_is_left_unchanged():
