@@ -71,11 +71,14 @@ class SynthesisCache:
         """
         if not self.is_complete():
             return None
+        identity = _folder_identity(self.complete_path)
         try:
             return self.load_complete()
         except Exception as err:  # filtered by _is_damage: what remains means the set is damaged
             if not _is_damage(err):
                 raise
+            if _folder_identity(self.complete_path) != identity:  # another run replaced it meanwhile: read that one
+                return self.load_complete_if_readable()
             self._move_aside(self.complete_path, err)
             return None
 
@@ -213,6 +216,14 @@ class SynthesisCache:
 def _flush_to_disk(path: str | os.PathLike) -> None:
     with open(path, "r+b") as file:  # writable: fsync on a read-only descriptor fails on Windows
         os.fsync(file.fileno())
+
+
+def _folder_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def _is_damage(err: Exception) -> bool:

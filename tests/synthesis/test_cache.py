@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from synth_helpers import FAST, NORM, SYNTHESIZERS, one_thread, tiny_swin, tiny_
 
 from optimum_dfq import CalibrationSet
 from optimum_dfq.errors import SynthesisError
-from optimum_dfq.synthesis import get_synthesizer, pixel_synthesizer
+from optimum_dfq.synthesis import get_synthesizer, pixel_synthesizer, save_calibration_set
 from optimum_dfq.synthesis.cache import SynthesisCache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -206,6 +208,28 @@ def test_a_damaged_finished_set_is_rebuilt_from_the_shards(tmp_path, monkeypatch
     assert torch.equal(again.pixel_values, first.pixel_values) and torch.equal(again.labels, first.labels)
     assert (run_dir / "calibration_set.damaged").is_dir() and "calibration_set" in caplog.text
     assert torch.equal(SynthesisCache(tmp_path, run_dir.name).load_complete().pixel_values, first.pixel_values)
+
+
+def test_a_set_replaced_by_another_run_while_it_was_read_is_not_moved_aside(tmp_path, monkeypatch):
+    cache = SynthesisCache(tmp_path, "key")
+    cache.save_complete(CalibrationSet(torch.zeros(2, 3, 4, 4), metadata={"run": 1}))
+    fresh = CalibrationSet(torch.ones(2, 3, 4, 4), metadata={"run": 2})
+    real, calls = SynthesisCache.load_complete, []
+
+    def replaced_while_reading(self):  # the first read fails just as another run swaps in its rebuilt set
+        calls.append(1)
+        if len(calls) == 1:
+            staging = tmp_path / "staging"
+            save_calibration_set(fresh, staging)
+            shutil.rmtree(self.complete_path)
+            os.replace(staging, self.complete_path)
+            raise ValueError("read half of the old set")
+        return real(self)
+
+    monkeypatch.setattr(SynthesisCache, "load_complete", replaced_while_reading)
+    loaded = cache.load_complete_if_readable()
+    assert len(calls) == 2 and torch.equal(loaded.pixel_values, fresh.pixel_values)
+    assert not list(tmp_path.glob("key/*.damaged*"))  # the fresh set stays where it is
 
 
 def test_a_set_saved_meanwhile_by_a_concurrent_run_is_kept(tmp_path, monkeypatch):
