@@ -278,6 +278,13 @@ def dataset_setting(args) -> dict[str, str]:
     return {} if Path(args.dataset).resolve() == CIFAR.resolve() else {"dataset": str(Path(args.dataset).resolve())}
 
 
+def same_settings(previous_meta: dict[str, Any], settings: dict[str, Any]) -> bool:
+    """Whether a saved run was measured with `settings` (options recorded only when set, such as `dataset` and
+    `synthesizer_kwargs`, must be absent from both or equal), so that its rows may be merged with this run's."""
+    keys = set(settings) | ({"synthesizer_kwargs", "dataset"} & set(previous_meta))
+    return {k: previous_meta.get(k) for k in keys} == {k: settings.get(k) for k in keys}
+
+
 def dataset_label(settings: dict[str, Any]) -> str:
     """How reports name the dataset of a run's settings."""
     return f"`{settings['dataset']}`" if settings.get("dataset") else "CIFAR-10"
@@ -305,8 +312,7 @@ def read_rows(path: Path, args, settings: dict[str, Any], default_source: str) -
     if not path.exists():
         raise SystemExit(f"{path} does not exist.")
     previous = json.loads(path.read_text())
-    keys = set(settings) | ({"synthesizer_kwargs", "dataset"} & set(previous["meta"]))
-    if {k: previous["meta"].get(k) for k in keys} != {k: settings.get(k) for k in keys}:
+    if not same_settings(previous["meta"], settings):
         raise SystemExit(f"{path} was measured with other settings ({previous['meta']}); drop --resume or match them.")
     args.commands = [c for c in previous["meta"].get("commands", []) if c not in args.commands] + args.commands
     if path == Path(args.output_dir) / "accuracy.json":

@@ -43,6 +43,7 @@ from accuracy import (
     dataset_setting,
     onnxruntime_top1,
     reference_models,
+    same_settings,
     with_synthesis_iterations,
 )
 
@@ -172,8 +173,7 @@ def previous_run(path: Path, settings: dict[str, Any]) -> tuple[list[dict[str, A
     if not path.exists():
         return [], [], 0.0
     previous = json.loads(path.read_text())
-    keys = set(settings) | ({"dataset"} & set(previous["meta"]))
-    if {k: previous["meta"].get(k) for k in keys} != {k: settings.get(k) for k in keys}:
+    if not same_settings(previous["meta"], settings):
         raise SystemExit(f"{path} was measured with other settings ({previous['meta']}); drop --resume or match them.")
     return previous["rows"], previous["meta"]["commands"], float(previous["meta"]["seconds"])
 

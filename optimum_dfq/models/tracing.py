@@ -66,20 +66,20 @@ def find_consumers(
     linear_inputs: list[tuple[str, torch.Tensor]] = []
     seen: list[tuple[str, torch.Tensor]] = []  # every captured tensor in forward order, to name the first bad one
 
-    def record_output(module, args, output, name):
+    def record_output(name, output):
         outputs[name] = output
         seen.append((f"{name}'s output", output))
 
-    def record_linear_input(module, args, name):
-        linear_inputs.append((name, args[0]))
-        seen.append((f"{name}'s input", args[0]))
+    def record_linear_input(name, x):
+        linear_inputs.append((name, x))
+        seen.append((f"{name}'s input", x))
 
     handles = []
     for name, module in model.named_modules():
         if is_producer(module):
-            handles.append(module.register_forward_hook(lambda m, i, o, n=name: record_output(m, i, o, n)))
+            handles.append(module.register_forward_hook(lambda m, i, o, n=name: record_output(n, o)))
         elif isinstance(module, nn.Linear):
-            handles.append(module.register_forward_pre_hook(lambda m, i, n=name: record_linear_input(m, i, n)))
+            handles.append(module.register_forward_pre_hook(lambda m, i, n=name: record_linear_input(n, i[0])))
     try:
         model(pixel_values=pixel_values)
     finally:

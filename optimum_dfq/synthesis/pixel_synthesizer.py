@@ -327,7 +327,7 @@ class PixelSynthesizer(Synthesizer):
             return cached_set if cached_set is not None else cache.load_complete()
         grid = batch_grid(num_images, batch_size)
         done = broadcast_from_main(  # only the main process reads (and may move aside) the cached shards
-            state, (cache.finished_chunks(grid) if cache is not None else []) if state.is_main_process else None)
+            state, cache.finished_chunks(grid) if cache is not None and state.is_main_process else [])
         if cache is not None and state.is_main_process:
             cache.write_run_info(material)
         finished = set(done)
