@@ -40,7 +40,7 @@ from torch import nn
 from ..calibration.convert import QuantizationPlan, activation_quantizer, convert_model
 from ..calibration.correction import attach_corrections
 from ..config import DFQConfig
-from ..errors import CheckpointError, DFQError
+from ..errors import CheckpointError, ConfigError, DFQError
 from ..models import ADAPTERS, get_adapter
 from ..nn import QLayerNorm, QLinear
 from ..nn.modules import FrozenWeightMixin
@@ -104,6 +104,34 @@ def check_saveable(model: nn.Module) -> None:
         raise CheckpointError(
             f"Cannot save a quantized checkpoint: quantizer(s) {_listing(uncalibrated)} are not calibrated. "
             "Calibrate them before saving (DataFreeViTQuantizer.quantize returns fully calibrated models)."
+        )
+
+
+def check_state_dict_argument(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Raises [`ConfigError`] when a `save_pretrained(state_dict=...)` holds other tensors than `model`'s own.
+
+    transformers writes the state dict the quantizer gives it, the model's (the one the checkpoint's digests are
+    of), so any other `state_dict=` would be dropped without a word. The model's own state dict (what `accelerate`
+    passes) is accepted.
+
+    Args:
+        model (`nn.Module`): the quantized model being saved.
+        state_dict (`Mapping[str, torch.Tensor]`): the `state_dict=` given to `save_pretrained`.
+
+    Raises:
+        `ConfigError`: naming the tensors that are missing, extra, or differ (dtype, shape or bits).
+    """
+    own = model.state_dict()
+    differing = sorted(set(own) ^ set(state_dict)) + sorted(
+        name for name in own.keys() & state_dict.keys()
+        if state_digest({name: own[name]}) != state_digest({name: state_dict[name]})
+    )
+    if differing:
+        raise ConfigError(
+            f"save_pretrained(state_dict=...) got a state dict that differs from the model's own tensors: "
+            f"{_listing(differing)}. A quantized checkpoint is written from the model itself (packed codes and "
+            "quantizers, with digests of them), so these tensors would not be saved. Load them into the model first "
+            "(`model.load_state_dict(state_dict)`), then call save_pretrained without state_dict=."
         )
 
 

@@ -34,6 +34,7 @@ attention refuses float models that did not opt in with `use_quantized_attention
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
+from transformers import PreTrainedModel
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
@@ -53,6 +55,7 @@ from ..formats.checkpoint import (
     check_architecture,
     check_config_family,
     check_quantization_config,
+    check_state_dict_argument,
     check_tensor_shapes,
     checkpoint_metadata,
     freeze_model,
@@ -112,8 +115,27 @@ class DFQHfQuantizer(HfQuantizer):
         self._checkpoint: CheckpointInfo | None = None
 
     # ------------------------------------------------------------------ loading
-    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+    def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
+        """Registers the `"optimum_dfq"` attention, and refuses a `device_map` that offloads modules to disk.
+
+        transformers calls it with the `device_map` given to `from_pretrained`, then again with the one `"auto"`
+        resolved to. Disk-offloaded tensors stay on the meta device until a forward pass, so the load could not be
+        verified against the checkpoint ([`verify_loaded`] would call the file incomplete).
+
+        Raises:
+            `ConfigError`: `device_map` puts a module on `"disk"`.
+        """
         register_attention_implementation()
+        on_disk = sorted(name or "the whole model" for name, device in device_map.items() if device == "disk") \
+            if isinstance(device_map, Mapping) else []
+        if on_disk:
+            shown = ", ".join(on_disk[:3]) + (f", ... ({len(on_disk) - 3} more)" if len(on_disk) > 3 else "")
+            raise ConfigError(
+                f"optimum_dfq models cannot be offloaded to disk: device_map puts {shown} on 'disk' "
+                "(device_map=\"auto\" does so when max_memory leaves too little room). Loading verifies every tensor "
+                "against the checkpoint's digests, and offloaded ones are not loaded. Load the model on one device "
+                "(device_map=\"cpu\", or no device_map) or give max_memory more room: packed low-bit weights are small."
+            )
 
     def update_attn_implementation(self, config):
         check_config_family(config)  # the one hook that sees the config before transformers builds the model
@@ -208,9 +230,11 @@ def attach_quantized_model(model: nn.Module, hf_quantizer: DFQHfQuantizer) -> nn
 
     Sets `model.hf_quantizer`, `is_quantized`, `quantization_method` and `config.quantization_config`; writes
     `attn_implementation="optimum_dfq"` into the config (the guard against loading without the import, see the
-    module docstring); and binds two methods on the instance: `save_pretrained(..., format=...)` (native, or
-    `"compressed-tensors"`) and the upload step of `push_to_hub`, which replaces transformers' generic README with
-    optimum_dfq's model card (see [`~optimum_dfq.hub`]).
+    module docstring); and binds methods on the instance: `save_pretrained(..., format=...)` (native, or
+    `"compressed-tensors"`; a `state_dict=` other than the model's own is refused), the upload step of
+    `push_to_hub`, which replaces transformers' generic README with optimum_dfq's model card (see
+    [`~optimum_dfq.hub`]), and, on the model and its inner `PreTrainedModel`s, `set_attn_implementation`, which
+    refuses any attention but `"optimum_dfq"` (the attention quantizers run inside it).
 
     Args:
         model (`PreTrainedModel`): a frozen quantized model.
@@ -227,6 +251,9 @@ def attach_quantized_model(model: nn.Module, hf_quantizer: DFQHfQuantizer) -> nn
     # partials of module-level functions (not bound methods) so that deepcopy and pickle keep working
     model.save_pretrained = functools.partial(_save_pretrained, model)
     model._upload_modified_files = functools.partial(_upload_modified_files, model)
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            module.set_attn_implementation = functools.partial(_set_attn_implementation, module)
     return model
 
 
@@ -270,6 +297,13 @@ def _calibration_summary(metadata: Mapping[str, Any]) -> dict[str, Any]:
 
 def _save_pretrained(self, save_directory: str | os.PathLike, *args: Any, format: str = NATIVE_FORMAT, **kwargs: Any):
     """`save_pretrained` of quantized models; `format="compressed-tensors"` exports for plain transformers."""
+    try:
+        state_dict = inspect.signature(type(self).save_pretrained).bind(
+            self, save_directory, *args, **kwargs).arguments.get("state_dict")
+    except TypeError:  # arguments transformers itself rejects below
+        state_dict = None
+    if state_dict is not None:
+        check_state_dict_argument(self, state_dict)
     if format == COMPRESSED_TENSORS_FORMAT:
         from ..formats.compressed_tensors import export_compressed_tensors
 
@@ -280,6 +314,27 @@ def _save_pretrained(self, save_directory: str | os.PathLike, *args: Any, format
             f"{COMPRESSED_TENSORS_FORMAT!r} (Linear-only configs, loads without optimum_dfq)."
         )
     return type(self).save_pretrained(self, save_directory, *args, **kwargs)
+
+
+def _set_attn_implementation(self, attn_implementation: str | Mapping | None, *args: Any, **kwargs: Any):
+    """`set_attn_implementation` of quantized models: only `"optimum_dfq"`, the attention they already run."""
+    requested = set(_implementations(attn_implementation))
+    if requested - {ATTENTION_IMPLEMENTATION}:
+        raise ConfigError(
+            f"{type(self).__name__} is an optimum_dfq quantized model: it runs the {ATTENTION_IMPLEMENTATION!r} "
+            "attention, inside which its Q, K, V and softmax-output quantizers sit. Switching it to "
+            f"{attn_implementation!r} would skip them, and the model would no longer predict like the quantized "
+            "model. Keep the model's attention implementation; for faster inference, export the model to ONNX "
+            "(`optimum_dfq.export.to_onnx`)."
+        )
+    return type(self).set_attn_implementation(self, attn_implementation, *args, **kwargs)
+
+
+def _implementations(value: str | Mapping | None) -> list[str | None]:
+    """Every implementation named in a `set_attn_implementation` argument (a name, or a nested dict of them)."""
+    if isinstance(value, Mapping):
+        return [name for item in value.values() for name in _implementations(item)]
+    return [value]
 
 
 def _upload_modified_files(self, working_dir: str | os.PathLike, repo_id: str, *args: Any, **kwargs: Any):

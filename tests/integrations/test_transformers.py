@@ -269,3 +269,46 @@ def test_broken_checkpoint_raises_a_clear_error(case, vit_w4a4, tmp_path):
     damage(broken)
     with pytest.raises(CheckpointError, match=message):
         AutoModelForImageClassification.from_pretrained(broken)
+
+
+# ---------------------------------------------------------------------------------------------- transformers options
+@pytest.mark.parametrize("implementation", ["sdpa", "eager", None, {"": "sdpa"}])
+def test_switching_a_quantized_model_to_another_attention_is_refused(implementation, vit_w4a4, pixels):
+    # the attention quantizers (Q, K, V, softmax output) live in the "optimum_dfq" attention: SDPA or eager would
+    # skip them, and the model predicted differently without a word
+    qmodel, folder = vit_w4a4
+    expected = logits(qmodel, pixels[0])
+    loaded = AutoModelForImageClassification.from_pretrained(folder)
+    for model in (qmodel, loaded, loaded.vit):
+        with pytest.raises(ConfigError, match=r"runs the 'optimum_dfq' attention.*quantizers.*would skip them.*"
+                                              r"Keep the model's attention.*to_onnx"):
+            model.set_attn_implementation(implementation)
+        assert model.config._attn_implementation == "optimum_dfq"
+    loaded.set_attn_implementation("optimum_dfq")  # what it runs already: allowed
+    for model in (qmodel, loaded):
+        assert torch.equal(logits(model, pixels[0]), expected)
+
+
+def test_disk_offload_is_refused_instead_of_blamed_on_the_checkpoint(vit_w4a4, tmp_path):
+    # offloaded tensors stay on the meta device: the load check used to call the checkpoint incomplete and damaged
+    _, folder = vit_w4a4
+    for options in ({"device_map": {"": "disk"}}, {"device_map": "auto", "max_memory": {"cpu": "1KB"}}):
+        with pytest.raises(ConfigError, match=r"cannot be offloaded to disk: device_map puts .* on 'disk'.*"
+                                              r"device_map=\"cpu\""):
+            AutoModelForImageClassification.from_pretrained(folder, offload_folder=tmp_path, **options)
+
+
+def test_save_pretrained_refuses_a_state_dict_that_is_not_the_model_s(vit_w4a4, tmp_path, pixels):
+    # transformers takes the state dict from the quantizer: a different `state_dict=` was dropped without a word
+    qmodel, _ = vit_w4a4
+    qmodel.save_pretrained(tmp_path / "same", state_dict=qmodel.state_dict())  # what accelerate passes: fine
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "same")
+    assert torch.equal(logits(loaded, pixels[0]), logits(qmodel, pixels[0]))
+    edited = {name: tensor.clone() for name, tensor in qmodel.state_dict().items()}
+    edited["classifier.bias"] += 1
+    for args, kwargs in (((), {"state_dict": edited}), ((True, edited), {})):
+        with pytest.raises(ConfigError, match=r"state_dict=\.\.\.\) got a state dict that differs from the "
+                                              r"model's own tensors: classifier\.bias\..*"
+                                              r"model\.load_state_dict\(state_dict\)"):
+            qmodel.save_pretrained(tmp_path / "edited", *args, **kwargs)
+    assert not (tmp_path / "edited" / "model.safetensors").exists()
