@@ -41,6 +41,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
@@ -233,8 +234,10 @@ def attach_quantized_model(model: nn.Module, hf_quantizer: DFQHfQuantizer) -> nn
     module docstring); and binds methods on the instance: `save_pretrained(..., format=...)` (native, or
     `"compressed-tensors"`; a `state_dict=` other than the model's own is refused), the upload step of
     `push_to_hub`, which replaces transformers' generic README with optimum_dfq's model card (see
-    [`~optimum_dfq.hub`]), and, on the model and its inner `PreTrainedModel`s, `set_attn_implementation`, which
-    refuses any attention but `"optimum_dfq"` (the attention quantizers run inside it).
+    [`~optimum_dfq.hub`]), `half()` and `float()` (transformers refuses them on quantized models; here they cast like
+    `.to(torch.float16)` / `.to(torch.float32)`, which gives the model `from_pretrained(dtype=...)` loads), and, on the
+    model and its inner `PreTrainedModel`s, `set_attn_implementation`, which refuses any attention but
+    `"optimum_dfq"` (the attention quantizers run inside it).
 
     Args:
         model (`PreTrainedModel`): a frozen quantized model.
@@ -251,6 +254,8 @@ def attach_quantized_model(model: nn.Module, hf_quantizer: DFQHfQuantizer) -> nn
     # partials of module-level functions (not bound methods) so that deepcopy and pickle keep working
     model.save_pretrained = functools.partial(_save_pretrained, model)
     model._upload_modified_files = functools.partial(_upload_modified_files, model)
+    model.half = functools.partial(_cast, model, torch.float16)
+    model.float = functools.partial(_cast, model, torch.float32)
     for module in model.modules():
         if isinstance(module, PreTrainedModel):
             module.set_attn_implementation = functools.partial(_set_attn_implementation, module)
@@ -314,6 +319,11 @@ def _save_pretrained(self, save_directory: str | os.PathLike, *args: Any, format
             f"{COMPRESSED_TENSORS_FORMAT!r} (Linear-only configs, loads without optimum_dfq)."
         )
     return type(self).save_pretrained(self, save_directory, *args, **kwargs)
+
+
+def _cast(self, dtype: torch.dtype) -> nn.Module:
+    """`half()` / `float()` of quantized models: `self.to(dtype)` (packed codes and flags stay integer)."""
+    return self.to(dtype)
 
 
 def _set_attn_implementation(self, attn_implementation: str | Mapping | None, *args: Any, **kwargs: Any):

@@ -312,3 +312,17 @@ def test_save_pretrained_refuses_a_state_dict_that_is_not_the_model_s(vit_w4a4, 
                                               r"model\.load_state_dict\(state_dict\)"):
             qmodel.save_pretrained(tmp_path / "edited", *args, **kwargs)
     assert not (tmp_path / "edited" / "model.safetensors").exists()
+
+
+def test_half_and_float_cast_like_to_and_like_loading_in_that_dtype(vit_w4a4, pixels):
+    # transformers refuses .half()/.float() on every quantized model ("already casted to the correct dtype"), while
+    # .to(torch.float16) and from_pretrained(dtype=torch.float16) give this model in float16
+    _, folder = vit_w4a4
+    loaded_in_half = AutoModelForImageClassification.from_pretrained(folder, dtype=torch.float16)
+    model = AutoModelForImageClassification.from_pretrained(folder)
+    assert model.half() is model and model.dtype == torch.float16
+    with torch.no_grad():
+        assert torch.equal(model(pixel_values=pixels[0].half()).logits,
+                           loaded_in_half(pixel_values=pixels[0].half()).logits)
+    assert loaded_in_half.float() is loaded_in_half and loaded_in_half.dtype == torch.float32
+    assert torch.equal(logits(loaded_in_half, pixels[0]), logits(model.to(torch.float32), pixels[0]))
