@@ -87,6 +87,8 @@ class DFQViTSynthesizer(PixelSynthesizer):
         >>> calib = synth.synthesize(model, 32, seed=0, image_processor=processor)  # doctest: +SKIP
     """
 
+    class_conditional = True
+
     def __init__(
         self,
         *,

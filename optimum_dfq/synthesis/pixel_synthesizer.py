@@ -136,6 +136,10 @@ class PixelSynthesizer(Synthesizer):
     ```
     """
 
+    #: Whether the method aims every image at classes of the model's classifier (cross-entropy or soft labels); such
+    #: a method needs a head with at least 2 classes, which [`PixelSynthesizer.synthesize`] checks first.
+    class_conditional: bool = False
+
     def __init__(
         self,
         *,
@@ -197,6 +201,16 @@ class PixelSynthesizer(Synthesizer):
             return self.jitter
         ratio = min(image_size) / self.jitter_reference
         return tuple(max(1, round(j * ratio)) if j > 0 else 0 for j in self.jitter)
+
+    def _check_classes(self, model: nn.Module) -> None:
+        num_labels = int(model.config.num_labels)
+        if self.class_conditional and num_labels < 2:
+            head = "no classifier" if num_labels == 0 else "a single output, e.g. a regression head"
+            raise SynthesisError(
+                f"The {self.name!r} synthesizer aims every image at a class of the model's classifier, but the model "
+                f"has num_labels={num_labels} ({head}): there is no class to aim at. Calibrate it with "
+                "synthesizer='gaussian' or with real images (calibration_dataset=...)."
+            )
 
     @abstractmethod
     def plan_batch(self, info: ModelInfo, indices: list[int], seed: int) -> BatchPlan:
@@ -295,6 +309,10 @@ class PixelSynthesizer(Synthesizer):
                 batches do not cover the `num_images` images exactly once.
             `UnsupportedArchitectureError`: if the model is not a supported ViT, DeiT or Swin classifier.
 
+        A class-conditional method (`class_conditional`: PSAQ-ViT, SARDFQ, DFQ-ViT) also raises `SynthesisError` for
+        a head with fewer than 2 classes (`num_labels=1`, e.g. a regression head, whose class term is identically
+        0; `num_labels=0`, no classifier), before any image is synthesized.
+
         Example:
 
         ```python
@@ -315,6 +333,7 @@ class PixelSynthesizer(Synthesizer):
         batch_size = grid_batch_size(num_images, batch_size if batch_size is not None else self.batch_size,
                                      state.num_processes)
         adapter = get_adapter(model)
+        self._check_classes(model)
         shape = expected_image_shape(model)
         mean, std = normalization_stats(image_processor, image_mean, image_std, shape[0])
         config = self.engine_config(adapter.windowed, shape[1:])

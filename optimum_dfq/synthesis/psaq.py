@@ -47,6 +47,8 @@ class PSAQSynthesizer(PixelSynthesizer):
         >>> calib = synth.synthesize(model, 32, seed=0, image_processor=processor)  # doctest: +SKIP
     """
 
+    class_conditional = True
+
     def __init__(
         self,
         *,

@@ -72,6 +72,8 @@ class SARDFQSynthesizer(PixelSynthesizer):
         >>> calib = synth.synthesize(model, 32, seed=0, image_processor=processor)  # doctest: +SKIP
     """
 
+    class_conditional = True
+
     def __init__(
         self,
         *,
@@ -105,8 +107,6 @@ class SARDFQSynthesizer(PixelSynthesizer):
             )
 
     def plan_batch(self, info: ModelInfo, indices: list[int], seed: int) -> BatchPlan:
-        if info.num_labels < 2:
-            raise SynthesisError("SARDFQ needs a classifier with at least 2 classes.")
         if self.msr_regions > 0:
             labels, layout = quadrant_layout(indices, seed, info.num_labels, self.msr_regions)
         else:

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from synth_helpers import BUILDERS, FAST, NORM, SYNTHESIZERS, bounds, one_thread, tiny_vit  # noqa: F401
+from transformers import ViTConfig, ViTForImageClassification
 
 from optimum_dfq.calibration.data import expected_image_shape
 from optimum_dfq.errors import SynthesisError
@@ -166,6 +167,19 @@ def test_clear_errors():
         get_synthesizer("dfq-vit", iterations=(5,), jitter=(1,), local_phase=1)
     with pytest.raises(SynthesisError, match="num_images"):
         get_synthesizer("psaq", **FAST).synthesize(tiny_vit(), 0, **NORM)
+
+
+@pytest.mark.parametrize("num_labels", [0, 1])
+@pytest.mark.parametrize("name", SYNTHESIZERS)
+def test_class_conditional_synthesizers_refuse_a_head_without_classes(name, num_labels):
+    # num_labels=1 (a regression head) makes the class term identically 0, num_labels=0 (nn.Identity head) crashed
+    torch.manual_seed(0)
+    model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                                num_attention_heads=2, intermediate_size=64,
+                                                num_labels=num_labels)).eval()
+    with pytest.raises(SynthesisError, match=rf"'{name}'.*num_labels={num_labels}.*synthesizer='gaussian'"):
+        get_synthesizer(name, **FAST).synthesize(model, 2, **NORM)
+    assert len(get_synthesizer("gaussian").synthesize(model, 2)) == 2  # class-free synthesis still works
 
 
 def test_world_size_without_distributed_state_is_refused(monkeypatch):
