@@ -78,13 +78,16 @@ class ModelAdapter:
         """Every `nn.Linear` (q/k/v/o, fc1/fc2, Swin reduction, classifiers)."""
         return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
 
+    def patch_size(self, model: nn.Module) -> tuple[int, int]:
+        """`(height, width)` of a patch in pixels (`config.patch_size` is an `int` or a pair)."""
+        patch = model.config.patch_size
+        return (patch, patch) if isinstance(patch, int) else tuple(patch)
+
     def patch_grid(self, model: nn.Module) -> tuple[int, int]:
         """`(rows, cols)` of the first-stage patch grid."""
-        config = model.config
-        size = config.image_size
+        size = model.config.image_size
         height, width = (size, size) if isinstance(size, int) else size
-        patch = config.patch_size
-        ph, pw = (patch, patch) if isinstance(patch, int) else patch
+        ph, pw = self.patch_size(model)
         return height // ph, width // pw
 
 

@@ -93,7 +93,8 @@ def probe_token_grids(model: nn.Module, adapter: ModelAdapter, sites: list[Atten
         for handle in handles:
             handle.remove()
     prefix = 0 if adapter.windowed else adapter.num_prefix_tokens
-    return {site.index: _grid(site, arrived, prefix, shape[1:]) for site in sites}
+    patch = adapter.patch_size(model)
+    return {site.index: _grid(site, arrived, prefix, shape[1:], patch) for site in sites}
 
 
 _DIGIT = 256  # every integer up to 256 is exact in float16 and bfloat16 too
@@ -117,7 +118,12 @@ def _record_arrivals(arrived: dict[int, torch.Tensor], index: int):
     return hook
 
 
-def _grid(site: AttentionSite, arrived: dict[int, torch.Tensor], prefix: int, image: tuple[int, int]) -> TokenGrid:
+def _grid(
+    site: AttentionSite, arrived: dict[int, torch.Tensor], prefix: int, image: tuple[int, int], patch: tuple[int, int]
+) -> TokenGrid:
+    """The grid of one module's tokens. A token has the shape of a patch (`(height, width)` in pixels) at every stage
+    (Swin's patch merging halves both sides), so `count` tokens on an `H x W` image form
+    `rows = sqrt(count · H · patch_width / (W · patch_height))` rows."""
     if site.index not in arrived:
         raise SynthesisError(f"Attention module #{site.index} was not called during the token-position probe.")
     raster = arrived[site.index].reshape(site.windows, -1)[:, prefix:]
@@ -125,7 +131,8 @@ def _grid(site: AttentionSite, arrived: dict[int, torch.Tensor], prefix: int, im
     found = raster[raster >= 0].sort().values
     count = found.numel()
     height, width = image
-    rows = math.isqrt(count * height // width) if count * height % width == 0 else 0
+    numerator, denominator = count * height * patch[1], width * patch[0]
+    rows = math.isqrt(numerator // denominator) if numerator % denominator == 0 else 0
     cols = count // rows if rows else 0
     problem = None
     if not torch.equal(found, torch.arange(count)):

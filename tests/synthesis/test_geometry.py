@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from synth_helpers import FAST, NORM, one_thread, plan_batch, tiny_deit, tiny_swin, tiny_vit  # noqa: F401
-from transformers import SwinConfig, SwinForImageClassification
+from transformers import SwinConfig, SwinForImageClassification, ViTConfig, ViTForImageClassification
 
 from optimum_dfq.errors import SynthesisError
 from optimum_dfq.models import get_adapter
@@ -72,6 +72,21 @@ def test_padded_windows_mark_their_padding():
     assert calib.pixel_values.shape == (2, 3, 40, 40) and bool(torch.isfinite(calib.pixel_values).all())
 
 
+def test_non_square_patches_give_non_square_tokens():
+    # patch_size as a (height, width) pair: 4x8 tokens of 8x4 pixels (ViT); Swin's merging keeps the patch's shape
+    torch.manual_seed(0)
+    vit = ViTForImageClassification(ViTConfig(image_size=32, patch_size=(8, 4), hidden_size=32, num_hidden_layers=2,
+                                              num_attention_heads=2, intermediate_size=64, num_labels=10)).eval()
+    swin = SwinForImageClassification(SwinConfig(image_size=32, patch_size=(4, 2), embed_dim=16, depths=[2, 2],
+                                                 num_heads=[2, 2], window_size=4, num_labels=10)).eval()
+    for model, expected in ((vit, [(4, 8, (8, 4))] * 2), (swin, [(8, 16, (4, 2))] * 2 + [(4, 8, (8, 4))] * 2)):
+        sites, grids = _grids(model)
+        assert [(grids[s.index].rows, grids[s.index].cols, grids[s.index].pixels) for s in sites] == expected
+        calib = get_synthesizer("sardfq", **FAST).synthesize(model, 2, seed=0, **NORM)
+        assert bool(torch.isfinite(calib.pixel_values).all())
+    assert torch.equal(grids[sites[0].index].positions.flatten().sort().values, torch.arange(128))
+
+
 def test_half_precision_models_are_probed_exactly():
     # 16x16 tokens at stage 1: raster indices up to 255 and, in fp16/bf16, none above 256 would survive as one float
     model = SwinForImageClassification(SwinConfig(image_size=64, patch_size=2, embed_dim=16, depths=[2],
@@ -90,9 +105,9 @@ def test_a_grid_that_does_not_tile_the_image_is_refused_with_the_fix():
     site = SimpleNamespace(index=3, windows=1)
     repeated = {3: torch.tensor([[0, 1, 2, 2]])}
     with pytest.raises(SynthesisError, match=r"#3 .*repeated or missing.*apa_follow_augmentation=False"):
-        _grid(site, repeated, 0, (32, 32))
+        _grid(site, repeated, 0, (32, 32), (8, 8))
     with pytest.raises(SynthesisError, match="no grid that divides the 31x31 image"):
-        _grid(site, {3: torch.arange(4).view(1, 4)}, 0, (31, 31))
+        _grid(site, {3: torch.arange(4).view(1, 4)}, 0, (31, 31), (8, 8))
 
 
 def test_whole_token_moves_are_rolls_then_flips():
