@@ -231,13 +231,15 @@ def attach_quantized_model(model: nn.Module, hf_quantizer: DFQHfQuantizer) -> nn
 
     Sets `model.hf_quantizer`, `is_quantized`, `quantization_method` and `config.quantization_config`; writes
     `attn_implementation="optimum_dfq"` into the config (the guard against loading without the import, see the
-    module docstring); and binds methods on the instance: `save_pretrained(..., format=...)` (native, or
-    `"compressed-tensors"`; a `state_dict=` other than the model's own is refused), the upload step of
-    `push_to_hub`, which replaces transformers' generic README with optimum_dfq's model card (see
-    [`~optimum_dfq.hub`]), `half()` and `float()` (transformers refuses them on quantized models; here they cast like
-    `.to(torch.float16)` / `.to(torch.float32)`, which gives the model `from_pretrained(dtype=...)` loads), and, on the
-    model and its inner `PreTrainedModel`s, `set_attn_implementation`, which refuses any attention but
-    `"optimum_dfq"` (the attention quantizers run inside it).
+    module docstring), turning a config's `output_attentions=True` off with a warning (transformers saves it only
+    with eager attention; `output_attentions=True` in a forward call still works); and binds methods on the
+    instance: `save_pretrained(..., format=...)` (native, or `"compressed-tensors"`; a `state_dict=` other than the
+    model's own is refused), the upload step of `push_to_hub`, which replaces transformers' generic README with
+    optimum_dfq's model card (see [`~optimum_dfq.hub`]), `half()` and `float()` (transformers refuses them on
+    quantized models; here they cast like `.to(torch.float16)` / `.to(torch.float32)`, which gives the model
+    `from_pretrained(dtype=...)` loads), and, on the model and its inner `PreTrainedModel`s,
+    `set_attn_implementation`, which refuses any attention but `"optimum_dfq"` (the attention quantizers run inside
+    it).
 
     Args:
         model (`PreTrainedModel`): a frozen quantized model.
@@ -250,6 +252,13 @@ def attach_quantized_model(model: nn.Module, hf_quantizer: DFQHfQuantizer) -> nn
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
     model.config.quantization_config = hf_quantizer.quantization_config
+    if model.config.output_attentions:  # transformers refuses to save it with any attention but eager
+        logger.warning(
+            "The model's config has output_attentions=True, which transformers cannot save with the %r attention "
+            "that quantized models run; the quantized model's config sets it to False. Pass output_attentions=True "
+            "to its forward call to get the (quantized) attention probabilities.", ATTENTION_IMPLEMENTATION
+        )
+        model.config.output_attentions = False
     model.config.attn_implementation = ATTENTION_IMPLEMENTATION  # serialised into config.json
     # partials of module-level functions (not bound methods) so that deepcopy and pickle keep working
     model.save_pretrained = functools.partial(_save_pretrained, model)

@@ -21,7 +21,7 @@ from optimum_dfq.formats.checkpoint import METADATA_KEY
 from optimum_dfq.integrations import transformers as integration
 
 from ..conftest import tiny_vit
-from .conftest import ROUND_TRIP_CASES, logits, quantizer_layout, run_python
+from .conftest import ROUND_TRIP_CASES, logits, quantize, quantizer_layout, run_python
 
 ROUND_TRIP_SCRIPT = """
 import json, sys, tempfile, torch
@@ -198,6 +198,25 @@ def test_requested_attention_is_overridden(vit_w4a4, pixels):
     assert model.config._attn_implementation == "optimum_dfq"
     assert torch.equal(logits(model, pixels[0]), logits(qmodel, pixels[0]))
 
+
+
+def test_a_config_asking_for_attentions_still_saves_and_attentions_stay_available(tmp_path, pixels, caplog):
+    # transformers refuses to save output_attentions=True with any attention implementation but eager
+    model = tiny_vit()
+    model.set_attn_implementation("eager")
+    model.config.output_attentions = True  # valid with eager attention: the float model returns its attentions
+    with caplog.at_level("WARNING", logger="optimum_dfq"):
+        qmodel = quantize(lambda: model, "w4a4")
+    assert model.config.output_attentions and not qmodel.config.output_attentions
+    assert "output_attentions=True" in caplog.text
+    qmodel.save_pretrained(tmp_path)
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path)
+    with torch.no_grad():
+        expected = qmodel(pixel_values=pixels[0], output_attentions=True)
+        got = loaded(pixel_values=pixels[0], output_attentions=True)
+    assert len(got.attentions) == model.config.num_hidden_layers
+    assert all(torch.equal(a, b) for a, b in zip(got.attentions, expected.attentions, strict=True))
+    assert torch.equal(got.logits, expected.logits)
 
 
 def test_loading_with_the_in_memory_models_config(vit_w4a4, pixels):
