@@ -25,7 +25,7 @@ from .config import DFQConfig
 from .errors import CalibrationError, ConfigError, UnsupportedArchitectureError
 from .integrations.transformers import finalize_quantized_model
 from .models import get_adapter
-from .models.adapters import ADAPTERS
+from .models.adapters import ADAPTERS, window_sizes_kept
 from .synthesis import calibration_set_from_dataset_dict, synthesizer_from_config
 
 logger = logging.getLogger(__name__)
@@ -161,10 +161,11 @@ class DataFreeViTQuantizer(OptimumQuantizer):
 
         qmodel = _float32_copy(model)
         torch.manual_seed(config.seed)
-        calibration = self.calibration_set(qmodel, config, calibration_dataset, image_processor, cache_dir)
-        config = _record_image_count(config, len(calibration), requested=num_images)
-        config, input_normalization = resolve_input_range(config, image_processor)
-        _, plan = quantize_model(qmodel, calibration, config, input_normalization)
+        with window_sizes_kept(qmodel):
+            calibration = self.calibration_set(qmodel, config, calibration_dataset, image_processor, cache_dir)
+            config = _record_image_count(config, len(calibration), requested=num_images)
+            config, input_normalization = resolve_input_range(config, image_processor)
+            _, plan = quantize_model(qmodel, calibration, config, input_normalization)
         finalize_quantized_model(qmodel, config, plan, base_model=model.name_or_path,
                                  calibration={**calibration.metadata, "num_images": len(calibration)},
                                  image_processor=image_processor)

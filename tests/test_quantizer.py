@@ -152,6 +152,21 @@ def test_half_precision_model_is_quantized_as_a_float32_copy(dtype, caplog):
     assert torch.equal(qmodel(pixel_values=pixels).logits, reference(pixel_values=pixels).logits)
 
 
+def test_swin_window_sizes_are_left_as_the_input_model_had_them(tmp_path):
+    # transformers' Swin blocks shrink their window (and drop the shift) in place on the first forward pass whose
+    # feature map is not larger than the window; calibration must not leave that behind, or the quantized model
+    # predicts other logits than its reloaded checkpoint on its first input larger than the calibration images
+    from transformers import AutoModelForImageClassification
+
+    model = TINY_MODELS["swin"]()  # stage 2: a 4x4 feature map with 4x4 windows, so its shifted block clamps
+    qmodel = DataFreeViTQuantizer().quantize(model, bits="w8a8", num_images=4, synthesizer="gaussian")
+    qmodel.save_pretrained(tmp_path)
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path)
+    larger = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.equal(qmodel(pixel_values=larger).logits, reloaded(pixel_values=larger).logits)
+
+
 def test_parallel_calibration_order():
     model = tiny_vit()
     config = DFQConfig(bits="w8a8", calibration_order="parallel", calibration_batch_size=3, synthesizer="gaussian")

@@ -7,7 +7,9 @@ renamed ViT's modules, and checkpoints keep the old names.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from torch import nn
@@ -152,3 +154,25 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
             "Swin checkpoint)."
         )
     return adapter
+
+
+@contextlib.contextmanager
+def window_sizes_kept(model: nn.Module) -> Iterator[None]:
+    """Restores every Swin block's window and shift sizes on exit to what they were on entry.
+
+    transformers' `SwinLayer` shrinks its window to the feature map (and drops its shift) *in place* on the first
+    forward pass whose feature map is not larger than the window, and never grows it back. Calibrating a copy of a
+    model at its native size must not leave that behind: the quantized model would then predict differently from its
+    reloaded checkpoint (and from the float model) on a first input larger than the calibration images. Models
+    without Swin blocks are left alone.
+
+    Args:
+        model (`nn.Module`): the model run inside the context.
+    """
+    saved = {name: (m.window_size, m.shift_size) for name, m in model.named_modules() if isinstance(m, SwinLayer)}
+    try:
+        yield
+    finally:
+        for name, (window_size, shift_size) in saved.items():
+            layer = model.get_submodule(name)
+            layer.window_size, layer.shift_size = window_size, shift_size
