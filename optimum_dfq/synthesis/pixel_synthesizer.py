@@ -30,7 +30,7 @@ from torch import nn
 
 from ..calibration.data import CalibrationSet, expected_image_shape
 from ..errors import SynthesisError
-from ..models.adapters import ModelAdapter, get_adapter
+from ..models.adapters import ModelAdapter, get_adapter, window_sizes_kept
 from ..registry import qualified_name
 from ..version import __version__
 from .base import SYNTHESIZERS, Synthesizer
@@ -549,6 +549,9 @@ def _warn_idle_processes(state, num_batches: int, batch_size: int) -> None:
 def frozen_model(model: nn.Module, device: str | torch.device | None = None) -> Iterator[torch.device]:
     """Puts `model` in eval mode without parameter gradients (optionally on `device`) and restores it afterwards.
 
+    Swin blocks' window and shift sizes, which transformers shrinks in place on a forward pass at the model's native
+    size, are restored too (see [`~models.adapters.window_sizes_kept`]).
+
     Args:
         model (`nn.Module`): the model.
         device (`str` or `torch.device`, *optional*): where to run; the model's own device if `None`.
@@ -574,7 +577,8 @@ def frozen_model(model: nn.Module, device: str | torch.device | None = None) -> 
     if target != original_device:
         model.to(target)
     try:
-        yield target
+        with window_sizes_kept(model):
+            yield target
     finally:
         if target != original_device:
             model.to(original_device)

@@ -188,6 +188,18 @@ def test_model_is_left_unchanged():
     assert all(p.grad is None for p in model.parameters())
 
 
+
+def test_swin_window_sizes_are_left_unchanged():
+    # transformers' Swin blocks shrink their window and drop their shift in place on a forward pass at a size no
+    # larger than the window (here stage 2: a 4x4 map, window 4); synthesis runs such passes on the user's model
+    from transformers.models.swin.modeling_swin import SwinLayer
+
+    model = tiny_swin()
+    sizes = [(m.window_size, m.shift_size) for m in model.modules() if isinstance(m, SwinLayer)]
+    assert (4, 2) in sizes  # the shifted block of stage 2, which the first native-size pass clamps
+    get_synthesizer("psaq", **FAST).synthesize(model, 2, seed=0, **NORM)
+    assert [(m.window_size, m.shift_size) for m in model.modules() if isinstance(m, SwinLayer)] == sizes
+
 def _run(plan: BatchPlan) -> None:
     model = tiny_vit()
     optimize_batch(model, plan, EngineConfig(iterations=(1,), jitter=(0,), warmup=0),
