@@ -35,7 +35,7 @@ def _add_quantize(subparsers) -> None:
         "save_pretrained (packed weights, quantization config, image processor).",
     )
     parser.add_argument("model", help="float model: Hub id (e.g. facebook/deit-small-patch16-224) or local folder")
-    parser.add_argument("output_dir", help="where to save the quantized model")
+    parser.add_argument("output_dir", help="where to save the quantized model: a new or empty folder")
     parser.add_argument("--bits", default=None, help="bit preset: w8a8, w6a6, w4a8, w4a4, w3a4, w3a3, w8a16, w4a16 "
                         "(default: the recipe's, else w4a4)")
     parser.add_argument("--synthesizer", default=None, help="calibration-image synthesizer (default: the recipe's, "
@@ -59,7 +59,7 @@ def _add_synthesize(subparsers) -> None:
         "OUTPUT_DIR, with a PNG grid of the de-normalised images for a visual check.",
     )
     parser.add_argument("model", help="float model: Hub id or local folder")
-    parser.add_argument("output_dir", help="where to save the calibration set")
+    parser.add_argument("output_dir", help="where to save the calibration set: a new or empty folder")
     parser.add_argument("--synthesizer", default=None, help="synthesizer name: dfq-vit, sardfq, psaq, gaussian "
                         "(default: the library default, DFQConfig().synthesizer)")
     parser.add_argument("--num-images", type=int, default=32, help="number of images (default 32)")
@@ -167,6 +167,30 @@ def _resolve_model(model: str) -> str:
     return model
 
 
+def _check_output_dir(output_dir: str) -> None:
+    """Refuses an OUTPUT_DIR that is a file or a folder with files in it, before anything is loaded.
+
+    Writing into such a folder would replace its files (the float model itself, when OUTPUT_DIR is MODEL, or an
+    earlier calibration set) or leave them mixed with the new ones. A new or empty folder is accepted.
+
+    Args:
+        output_dir (`str`): the OUTPUT_DIR argument.
+
+    Raises:
+        `DFQError`: the path is a file, or a folder that is not empty.
+    """
+    from .errors import DFQError
+
+    path = Path(output_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise DFQError(f"{output_dir} is a file, not a folder; pass a new or empty folder as the output.")
+    names = sorted(entry.name for entry in path.iterdir()) if path.is_dir() else []
+    if names:
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise DFQError(f"{output_dir} already holds {shown}; nothing is overwritten: pass a new or empty folder, or "
+                       "delete this one first.")
+
+
 def _load_quantizer(model: str):
     """The quantizer of MODEL (a local folder or a Hub id; see [`_resolve_model`] for the checks)."""
     from .quantizer import DataFreeViTQuantizer
@@ -261,6 +285,7 @@ def run_quantize(args: argparse.Namespace) -> int:
                              "drop --batch-size.")
         config = config.replace(synthesizer_kwargs={**config.synthesizer_kwargs, "batch_size": args.batch_size})
     _resolve_model(args.model)
+    _check_output_dir(args.output_dir)
 
     # Under a launcher every process runs the same quantize() call, so each takes part in the sharded synthesis
     # (which gathers the whole set on every process); the calibration that follows is deterministic and short
@@ -301,6 +326,7 @@ def run_synthesize(args: argparse.Namespace) -> int:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}.")
     _resolve_model(args.model)
+    _check_output_dir(args.output_dir)
 
     state = _process_state()
     with state.main_process_first():

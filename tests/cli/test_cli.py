@@ -55,6 +55,7 @@ def test_help_explains_every_command():
 
 def test_quantize_then_evaluate(model_dir, tmp_path):
     out = tmp_path / "q"
+    out.mkdir()  # an existing empty folder is fine; one with files in it is refused (nothing is overwritten)
     result = run_cli("quantize", str(model_dir), str(out), "--bits", "w8a8", "--num-images", "4",
                      "--synthesizer", "gaussian")
     assert result.returncode == 0, result.stderr
@@ -160,6 +161,9 @@ def no_model_loading(monkeypatch):
         (["quantize", "models/vit/missing-model", "{out}"], "no model folder at {tmp}/models/vit/missing-model"),
         (["quantize", "{model}/config.json", "{out}"], "is a file; pass the model folder that holds config.json"),
         (["evaluate", "{tmp}", "--dataset", "x.parquet"], "holds no config.json, so it is not a model folder"),
+        (["quantize", "{model}", "{model}"], "{model} already holds config.json"),
+        (["synthesize", "{model}", "{model}", "--synthesizer", "gaussian"], "{model} already holds config.json"),
+        (["quantize", "{model}", "{model}/config.json"], "{model}/config.json is a file, not a folder"),
     ],
 )
 def test_input_is_checked_before_the_model_is_loaded(model_dir, tmp_path, monkeypatch, capsys, args, reason):
