@@ -44,7 +44,9 @@ def _add_quantize(subparsers) -> None:
     parser.add_argument("--recipe", default=None, help="YAML recipe (DFQConfig fields), e.g. recipes/sardfq_w4a4.yaml")
     parser.add_argument("--seed", type=int, default=None, help="seed of synthesis and calibration (default 0)")
     parser.add_argument("--calibration-dataset", default=None,
-                        help="calibrate on REAL images instead (parquet file, dataset folder or Hub id)")
+                        help="calibrate on these images instead of synthesizing: REAL images (parquet file, dataset "
+                        "folder or Hub id; replaces a recipe's calibration_dataset) or a folder written by "
+                        "`synthesize` (used whole)")
     parser.add_argument("--calibration-split", default="train", help="split of --calibration-dataset")
     parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="also push the result to this Hub repo")
     parser.add_argument("--batch-size", type=int, default=None, help=BATCH_SIZE_HELP)
@@ -267,6 +269,21 @@ def _build_synthesizer(name: str | None, iterations: int | None):
     return get_synthesizer(name, iterations=steps, warmup=min(synthesizer.warmup, max(1, min(steps) // 5)))
 
 
+def _calibration_source(qmodel) -> str:
+    """Where the calibration images of a quantized model came from, for the result line of `quantize`.
+
+    Read from the calibration set's provenance, not from the config: a folder written by `synthesize` and passed as
+    `--calibration-dataset` holds synthetic images, while the config's `synthesizer` field is then unused.
+    """
+    config = qmodel.config.quantization_config
+    calibration = qmodel.hf_quantizer.provenance.get("calibration", {})
+    where = config.calibration_dataset.get("path")
+    if calibration.get("source") == "synthetic":
+        synthesizer = f"'{calibration.get('synthesizer', config.synthesizer)}'"
+        return f"{synthesizer} (saved set {where})" if where else synthesizer
+    return f"real images ({where})" if where else "real images"
+
+
 def run_quantize(args: argparse.Namespace) -> int:
     from .calibration.data import load_image_dataset
     from .config import DFQConfig, parse_bits
@@ -279,8 +296,11 @@ def run_quantize(args: argparse.Namespace) -> int:
         _check_synthesizer_name(args.synthesizer)
     if args.num_images is not None and args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}.")
+    if args.calibration_dataset:  # replaces the recipe's dataset: the saved config names the images really used
+        config = config.replace(calibration_dataset={"path": args.calibration_dataset,
+                                                     "split": args.calibration_split})
     if args.batch_size is not None:
-        if args.calibration_dataset or config.calibration_dataset:
+        if config.calibration_dataset:
             raise ValueError("--batch-size sets the synthesis batch size, but this run calibrates on real images; "
                              "drop --batch-size.")
         config = config.replace(synthesizer_kwargs={**config.synthesizer_kwargs, "batch_size": args.batch_size})
@@ -302,9 +322,8 @@ def run_quantize(args: argparse.Namespace) -> int:
                                 save_dir=args.output_dir if state.is_main_process else None)
     if state.is_main_process:
         final = qmodel.config.quantization_config
-        source = "real images" if (dataset is not None or final.calibration_dataset) else f"'{final.synthesizer}'"
-        print(f"quantized {args.model} to {final.bits} with {final.num_images} calibration images from {source}; "
-              f"saved to {args.output_dir}")
+        print(f"quantized {args.model} to {final.bits} with {final.num_images} calibration images from "
+              f"{_calibration_source(qmodel)}; saved to {args.output_dir}")
         if args.push_to_hub:
             qmodel.push_to_hub(args.push_to_hub)
             print(f"pushed to {args.push_to_hub}")

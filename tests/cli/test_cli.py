@@ -94,10 +94,29 @@ def test_synthesize_saves_a_dataset_and_a_grid(model_dir, tmp_path, synthesizer,
 
 
 def test_quantize_with_real_calibration_data(model_dir, tmp_path):
-    result = run_cli("quantize", str(model_dir), str(tmp_path / "q"), "--bits", "w4a8", "--num-images", "8",
-                     "--calibration-dataset", str(FIXTURES / "cifar10_tiny_train.parquet"))
+    """--calibration-dataset replaces a recipe's dataset, and the saved config and the result line name the one used."""
+    recipe = tmp_path / "real.yaml"
+    recipe.write_text("bits: w4a8\ncalibration_dataset:\n  path: ILSVRC/imagenet-1k\n  split: train\n")
+    data = str(FIXTURES / "cifar10_tiny_train.parquet")
+    result = run_cli("quantize", str(model_dir), str(tmp_path / "q"), "--recipe", str(recipe), "--num-images", "8",
+                     "--calibration-dataset", data)
     assert result.returncode == 0, result.stderr
-    assert "real images" in result.stdout
+    assert f"8 calibration images from real images ({data})" in result.stdout
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert config["calibration_dataset"] == {"path": data, "split": "train"}
+
+
+def test_quantize_from_a_synthesized_set(model_dir, tmp_path):
+    """The folder written by `synthesize` calibrates `quantize` whole, and is reported as synthetic, not real."""
+    from optimum_dfq.synthesis import get_synthesizer, save_calibration_set
+
+    calibration = get_synthesizer("gaussian").synthesize(tiny_vit(), 3, seed=0)
+    save_calibration_set(calibration, tmp_path / "calib")
+    result = run_cli("quantize", str(model_dir), str(tmp_path / "q"), "--bits", "w8a8",
+                     "--calibration-dataset", str(tmp_path / "calib"))
+    assert result.returncode == 0, result.stderr
+    assert f"3 calibration images from 'gaussian' (saved set {tmp_path / 'calib'})" in result.stdout, result.stdout
+    assert "real images" not in result.stdout
 
 
 @pytest.mark.parametrize(
