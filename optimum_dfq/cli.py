@@ -269,6 +269,49 @@ def _build_synthesizer(name: str | None, iterations: int | None):
     return get_synthesizer(name, iterations=steps, warmup=min(synthesizer.warmup, max(1, min(steps) // 5)))
 
 
+def _check_batch_size(synthesizer, batch_size: int) -> None:
+    """Refuses `--batch-size` for a synthesizer that does not optimise images in batches, or below 1."""
+    if "batch_size" not in inspect.signature(synthesizer.synthesize).parameters:
+        raise ValueError(f"Synthesizer '{synthesizer.name}' does not optimise images in batches; drop --batch-size.")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}.")
+
+
+def _check_real_data_flags(args: argparse.Namespace, config) -> None:
+    """Refuses the synthesis flags of `quantize` when its images come from a dataset, which they would not affect."""
+    from .errors import DFQError
+
+    given = "--calibration-dataset" if args.calibration_dataset else "the recipe's calibration_dataset"
+    where = f"{given} ({config.calibration_dataset['path']})"
+    if args.synthesizer is not None:
+        undo = "--calibration-dataset" if args.calibration_dataset else "the recipe's calibration_dataset"
+        raise DFQError(f"--synthesizer {args.synthesizer} would not be used: the images come from {where}. Drop "
+                       f"--synthesizer to calibrate on them, or drop {undo} to synthesize.")
+    if args.batch_size is not None:
+        raise ValueError(f"--batch-size sets the synthesis batch size, but this run calibrates on real images; "
+                         f"drop --batch-size. The images come from {where}.")
+
+
+def _check_run_synthesizer(config, args: argparse.Namespace):
+    """Builds the synthesizer `quantize` will run (the recipe's, or `--synthesizer`, with the recipe's
+    `synthesizer_kwargs`), so that hyper-parameters it does not take are refused before the model is loaded."""
+    from .errors import SynthesisError
+    from .synthesis import synthesizer_from_config
+
+    flags = {"bits": args.bits, "synthesizer": args.synthesizer, "num_images": args.num_images, "seed": args.seed}
+    run = config.replace(**{name: value for name, value in flags.items() if value is not None})
+    try:
+        return synthesizer_from_config(run)
+    except SynthesisError as err:
+        if run.synthesizer == config.synthesizer or not config.synthesizer_kwargs:
+            raise
+        raise SynthesisError(
+            f"--synthesizer {run.synthesizer} replaces the recipe's synthesizer, but the recipe's synthesizer_kwargs "
+            f"{config.synthesizer_kwargs} are for '{config.synthesizer}' ({err}). Drop --synthesizer, or use a recipe "
+            "without synthesizer_kwargs."
+        ) from err
+
+
 def _calibration_source(qmodel) -> str:
     """Where the calibration images of a quantized model came from, for the result line of `quantize`.
 
@@ -299,11 +342,13 @@ def run_quantize(args: argparse.Namespace) -> int:
     if args.calibration_dataset:  # replaces the recipe's dataset: the saved config names the images really used
         config = config.replace(calibration_dataset={"path": args.calibration_dataset,
                                                      "split": args.calibration_split})
-    if args.batch_size is not None:
-        if config.calibration_dataset:
-            raise ValueError("--batch-size sets the synthesis batch size, but this run calibrates on real images; "
-                             "drop --batch-size.")
-        config = config.replace(synthesizer_kwargs={**config.synthesizer_kwargs, "batch_size": args.batch_size})
+    if config.calibration_dataset:
+        _check_real_data_flags(args, config)
+    else:
+        synthesizer = _check_run_synthesizer(config, args)
+        if args.batch_size is not None:
+            _check_batch_size(synthesizer, args.batch_size)
+            config = config.replace(synthesizer_kwargs={**config.synthesizer_kwargs, "batch_size": args.batch_size})
     _resolve_model(args.model)
     _check_output_dir(args.output_dir)
 
@@ -339,11 +384,7 @@ def run_synthesize(args: argparse.Namespace) -> int:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}.")
     synthesizer = _build_synthesizer(args.synthesizer, args.iterations)
     if args.batch_size is not None:
-        if "batch_size" not in inspect.signature(synthesizer.synthesize).parameters:
-            raise ValueError(f"Synthesizer '{synthesizer.name}' does not optimise images in batches; drop "
-                             "--batch-size.")
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}.")
+        _check_batch_size(synthesizer, args.batch_size)
     _resolve_model(args.model)
     _check_output_dir(args.output_dir)
 

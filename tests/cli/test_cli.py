@@ -180,6 +180,14 @@ def no_model_loading(monkeypatch):
         (["quantize", "models/vit/missing-model", "{out}"], "no model folder at {tmp}/models/vit/missing-model"),
         (["quantize", "{model}/config.json", "{out}"], "is a file; pass the model folder that holds config.json"),
         (["evaluate", "{tmp}", "--dataset", "x.parquet"], "holds no config.json, so it is not a model folder"),
+        (["quantize", "{model}", "{out}", "--calibration-dataset", "x.parquet", "--synthesizer", "psaq"],
+         "--synthesizer psaq would not be used: the images come from --calibration-dataset (x.parquet)"),
+        (["quantize", "{model}", "{out}", "--recipe", "{recipes}/repq_vit_w4a4.yaml", "--synthesizer", "psaq"],
+         "the images come from the recipe's calibration_dataset (ILSVRC/imagenet-1k)"),
+        (["quantize", "{model}", "{out}", "--recipe", "{recipes}/dfq_vit_hardness_w4a4.yaml", "--synthesizer", "psaq"],
+         "the recipe's synthesizer_kwargs {{'hardness_weight': 10.0}} are for 'dfq-vit'"),
+        (["quantize", "{model}", "{out}", "--synthesizer", "gaussian", "--batch-size", "2"], "drop --batch-size"),
+        (["quantize", "{model}", "{out}", "--batch-size", "0"], "--batch-size must be at least 1"),
         (["quantize", "{model}", "{model}"], "{model} already holds config.json"),
         (["synthesize", "{model}", "{model}", "--synthesizer", "gaussian"], "{model} already holds config.json"),
         (["quantize", "{model}", "{model}/config.json"], "{model}/config.json is a file, not a folder"),
@@ -190,7 +198,7 @@ def test_input_is_checked_before_the_model_is_loaded(model_dir, tmp_path, monkey
 
     monkeypatch.chdir(tmp_path)
     values = {"model": str(model_dir), "out": str(tmp_path / "out"), "missing": str(tmp_path / "missing-model"),
-              "tmp": str(tmp_path), "home": str(Path.home())}
+              "tmp": str(tmp_path), "home": str(Path.home()), "recipes": str(ROOT / "recipes")}
     assert main([a.format(**values) for a in args]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("optimum-dfq: error:") and reason.format(**values) in lines[0]
