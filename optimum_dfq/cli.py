@@ -78,14 +78,16 @@ def _add_evaluate(subparsers) -> None:
     parser = subparsers.add_parser(
         "evaluate",
         help="top-1/top-5 accuracy of a (quantized) model on a labelled image dataset",
-        description="Evaluate MODEL_OR_DIR on a labelled image dataset; prints top-1/top-5 and writes JSON.",
+        description="Evaluate MODEL (float or quantized) on a labelled image dataset; prints top-1/top-5 and, with "
+        "--output, writes them as JSON.",
     )
     parser.add_argument("model", help="model folder or Hub id (quantized optimum_dfq checkpoints load too)")
     parser.add_argument("--dataset", required=True, help="parquet file, dataset folder or Hub id")
     parser.add_argument("--split", default="test", help="dataset split (default test)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--output", default=None, help="JSON file for the results (default: print only)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    parser.add_argument("--output", default=None, help="JSON file for the results (default: print only; its folder "
+                        "is created)")
     parser.add_argument("--no-class-name-check", dest="check_class_names", action="store_false",
                         help="score a dataset whose ClassLabel names differ from the model's id2label (spelling only)")
     parser.set_defaults(handler=run_evaluate)
@@ -413,6 +415,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from .calibration.data import load_image_dataset
     from .evaluation import evaluate_accuracy
 
+    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}.")
+    if args.output and Path(args.output).is_dir():
+        raise ValueError(f"--output {args.output} is a folder; pass the JSON file to write, e.g. "
+                         f"{Path(args.output) / 'results.json'}.")
     if not _process_state().is_main_process:
         return 0  # evaluation is not sharded: under a launcher the main process evaluates, the others stop here
     quantizer = _load_quantizer(args.model)
@@ -427,6 +435,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         line += f"  top-5 {100 * results['top5']:.2f}%"
     print(f"{line}  ({results['num_examples']} examples of {args.dataset}:{args.split})")
     if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(results, indent=2))
     return 0
 
@@ -435,6 +444,9 @@ def run_export(args: argparse.Namespace) -> int:
     from .errors import DFQError
     from .export import to_onnx
 
+    if Path(args.output).is_dir():
+        raise ValueError(f"{args.output} is a folder; pass the .onnx file to write, e.g. "
+                         f"{Path(args.output) / 'model.onnx'}.")
     if not _process_state().is_main_process:
         return 0  # the export is not sharded: under a launcher the main process exports, the others stop here
     quantizer = _load_quantizer(args.model)

@@ -64,7 +64,7 @@ def test_quantize_then_evaluate(model_dir, tmp_path):
     assert config["quantization_config"]["bits"] == "w8a8"
     assert config["quantization_config"]["num_images"] == 4
 
-    report = tmp_path / "fp.json"
+    report = tmp_path / "reports" / "fp.json"  # its folder is created
     result = run_cli("evaluate", str(model_dir), "--dataset", str(FIXTURES / "cifar10_tiny_test.parquet"),
                      "--limit", "32", "--output", str(report))
     assert result.returncode == 0, result.stderr
@@ -188,6 +188,10 @@ def no_model_loading(monkeypatch):
          "the recipe's synthesizer_kwargs {{'hardness_weight': 10.0}} are for 'dfq-vit'"),
         (["quantize", "{model}", "{out}", "--synthesizer", "gaussian", "--batch-size", "2"], "drop --batch-size"),
         (["quantize", "{model}", "{out}", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["evaluate", "{model}", "--dataset", "x.parquet", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["evaluate", "{model}", "--dataset", "x.parquet", "--limit", "0"], "--limit must be at least 1"),
+        (["evaluate", "{model}", "--dataset", "x.parquet", "--output", "{tmp}"], "--output {tmp} is a folder"),
+        (["export", "{model}", "{tmp}"], "{tmp} is a folder"),
         (["quantize", "{model}", "{model}"], "{model} already holds config.json"),
         (["synthesize", "{model}", "{model}", "--synthesizer", "gaussian"], "{model} already holds config.json"),
         (["quantize", "{model}", "{model}/config.json"], "{model}/config.json is a file, not a folder"),
