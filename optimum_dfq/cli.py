@@ -31,8 +31,9 @@ def _add_quantize(subparsers) -> None:
     parser = subparsers.add_parser(
         "quantize",
         help="quantize a ViT/DeiT/Swin image classifier data-free and save it",
-        description="Quantize MODEL (Hub id or local folder) without real data and save it to OUTPUT_DIR with "
-        "save_pretrained (packed weights, quantization config, image processor).",
+        description="Quantize MODEL (Hub id or local folder) on calibration images synthesized from it (or on "
+        "--calibration-dataset) and save it to OUTPUT_DIR with save_pretrained (packed weights, quantization config, "
+        "image processor). A flag given with --recipe replaces the recipe's field of the same name.",
     )
     parser.add_argument("model", help="float model: Hub id (e.g. facebook/deit-small-patch16-224) or local folder")
     parser.add_argument("output_dir", help="where to save the quantized model: a new or empty folder")
@@ -40,9 +41,11 @@ def _add_quantize(subparsers) -> None:
                         "(default: the recipe's, else w4a4)")
     parser.add_argument("--synthesizer", default=None, help="calibration-image synthesizer (default: the recipe's, "
                         "else the library default)")
-    parser.add_argument("--num-images", type=int, default=None, help="number of calibration images (default 32)")
+    parser.add_argument("--num-images", type=int, default=None,
+                        help="number of calibration images (default: the recipe's, else 32)")
     parser.add_argument("--recipe", default=None, help="YAML recipe (DFQConfig fields), e.g. recipes/sardfq_w4a4.yaml")
-    parser.add_argument("--seed", type=int, default=None, help="seed of synthesis and calibration (default 0)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of synthesis and calibration (default: the recipe's, else 0)")
     parser.add_argument("--calibration-dataset", default=None,
                         help="calibrate on these images instead of synthesizing: REAL images (parquet file, dataset "
                         "folder or Hub id; replaces a recipe's calibration_dataset) or a folder written by "

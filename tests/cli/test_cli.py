@@ -51,6 +51,9 @@ def test_help_explains_every_command():
     quantize_help = run_cli("quantize", "--help").stdout
     for option in ("--bits", "--synthesizer", "--num-images", "--recipe", "--seed", "--push-to-hub"):
         assert option in quantize_help
+    text = " ".join(quantize_help.split())
+    assert "number of calibration images (default: the recipe's, else 32)" in text  # a flag replaces the recipe's
+    assert "(default: the recipe's, else 0)" in text and "without real data" not in text
 
 
 def test_quantize_then_evaluate(model_dir, tmp_path):
