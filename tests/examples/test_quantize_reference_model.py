@@ -1,0 +1,33 @@
+"""The README's main job (`examples/quantize_reference_model.py`), at tiny settings: its printed lines and JSON."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+def test_main_job_prints_the_readme_lines(tmp_path):
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    data = FIXTURES / "cifar10_tiny_test.parquet"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quantize_reference_model.py"), "--bits", "w8a8",
+         "--synthesizer", "gaussian", "--num-images", "2", "--eval-data", str(data), "--output",
+         str(tmp_path / "rows.json")],
+        capture_output=True, text=True, check=False, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert re.fullmatch(r"model: .*vit-cifar10 \(ViTForImageClassification, 1,205,898 parameters\)", lines[0])
+    assert lines[1] == f"evaluation: 256 real CIFAR-10 test images from {data} (never used for calibration)"
+    assert re.fullmatch(r" float32  top-1 +\d+\.\d\d%", lines[2])
+    quantized = r"    w8a8  top-1 +\d+\.\d\d%   \(data-free: 2 images from 'gaussian', quantized in \d+\.\d s\)"
+    assert re.fullmatch(quantized, lines[3])
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [row["model"] for row in rows] == ["float32", "w8a8"] and rows[1]["num_images"] == 2
