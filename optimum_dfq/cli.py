@@ -276,10 +276,12 @@ def _build_synthesizer(name: str | None, iterations: int | None):
 
 def _check_batch_size(synthesizer, batch_size: int) -> None:
     """Refuses `--batch-size` for a synthesizer that does not optimise images in batches, or below 1."""
+    from .errors import DFQError
+
     if "batch_size" not in inspect.signature(synthesizer.synthesize).parameters:
-        raise ValueError(f"Synthesizer '{synthesizer.name}' does not optimise images in batches; drop --batch-size.")
+        raise DFQError(f"Synthesizer '{synthesizer.name}' does not optimise images in batches; drop --batch-size.")
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {batch_size}.")
+        raise DFQError(f"--batch-size must be at least 1, got {batch_size}.")
 
 
 def _check_real_data_flags(args: argparse.Namespace, config) -> None:
@@ -289,11 +291,10 @@ def _check_real_data_flags(args: argparse.Namespace, config) -> None:
     given = "--calibration-dataset" if args.calibration_dataset else "the recipe's calibration_dataset"
     where = f"{given} ({config.calibration_dataset['path']})"
     if args.synthesizer is not None:
-        undo = "--calibration-dataset" if args.calibration_dataset else "the recipe's calibration_dataset"
         raise DFQError(f"--synthesizer {args.synthesizer} would not be used: the images come from {where}. Drop "
-                       f"--synthesizer to calibrate on them, or drop {undo} to synthesize.")
+                       f"--synthesizer to calibrate on them, or drop {given} to synthesize.")
     if args.batch_size is not None:
-        raise ValueError(f"--batch-size sets the synthesis batch size, but this run calibrates on real images; "
+        raise DFQError(f"--batch-size sets the synthesis batch size, but this run calibrates on real images; "
                          f"drop --batch-size. The images come from {where}.")
 
 
@@ -416,13 +417,14 @@ def run_synthesize(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from .calibration.data import load_image_dataset
+    from .errors import DFQError
     from .evaluation import evaluate_accuracy
 
     for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
-            raise ValueError(f"{flag} must be at least 1, got {value}.")
+            raise DFQError(f"{flag} must be at least 1, got {value}.")
     if args.output and Path(args.output).is_dir():
-        raise ValueError(f"--output {args.output} is a folder; pass the JSON file to write, e.g. "
+        raise DFQError(f"--output {args.output} is a folder; pass the JSON file to write, e.g. "
                          f"{Path(args.output) / 'results.json'}.")
     if not _process_state().is_main_process:
         return 0  # evaluation is not sharded: under a launcher the main process evaluates, the others stop here
@@ -448,7 +450,7 @@ def run_export(args: argparse.Namespace) -> int:
     from .export import to_onnx
 
     if Path(args.output).is_dir():
-        raise ValueError(f"{args.output} is a folder; pass the .onnx file to write, e.g. "
+        raise DFQError(f"{args.output} is a folder; pass the .onnx file to write, e.g. "
                          f"{Path(args.output) / 'model.onnx'}.")
     if not _process_state().is_main_process:
         return 0  # the export is not sharded: under a launcher the main process exports, the others stop here
