@@ -295,7 +295,7 @@ def _check_real_data_flags(args: argparse.Namespace, config) -> None:
                        f"--synthesizer to calibrate on them, or drop {given} to synthesize.")
     if args.batch_size is not None:
         raise DFQError(f"--batch-size sets the synthesis batch size, but this run calibrates on real images; "
-                         f"drop --batch-size. The images come from {where}.")
+                       f"drop --batch-size. The images come from {where}.")
 
 
 def _check_run_synthesizer(config, args: argparse.Namespace):
@@ -425,7 +425,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             raise DFQError(f"{flag} must be at least 1, got {value}.")
     if args.output and Path(args.output).is_dir():
         raise DFQError(f"--output {args.output} is a folder; pass the JSON file to write, e.g. "
-                         f"{Path(args.output) / 'results.json'}.")
+                       f"{Path(args.output) / 'results.json'}.")
     if not _process_state().is_main_process:
         return 0  # evaluation is not sharded: under a launcher the main process evaluates, the others stop here
     quantizer = _load_quantizer(args.model)
@@ -451,7 +451,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     if Path(args.output).is_dir():
         raise DFQError(f"{args.output} is a folder; pass the .onnx file to write, e.g. "
-                         f"{Path(args.output) / 'model.onnx'}.")
+                       f"{Path(args.output) / 'model.onnx'}.")
     if not _process_state().is_main_process:
         return 0  # the export is not sharded: under a launcher the main process exports, the others stop here
     quantizer = _load_quantizer(args.model)
