@@ -49,7 +49,15 @@ def main() -> None:
     from datasets import load_dataset
 
     from optimum_dfq import DataFreeViTQuantizer
+    from optimum_dfq.config import parse_bits
+    from optimum_dfq.errors import DFQError
     from optimum_dfq.evaluation import evaluate_accuracy
+
+    for bits in args.bits:  # checked before the float evaluation and the synthesis
+        try:
+            parse_bits(bits)
+        except DFQError as err:
+            parser.error(str(err))
 
     torch.manual_seed(args.seed)
     quantizer = DataFreeViTQuantizer.from_pretrained(args.model)

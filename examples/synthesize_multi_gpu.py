@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from pathlib import Path
 
 import torch
 from accelerate import PartialState
@@ -42,6 +43,9 @@ def main() -> None:
     parser.add_argument("--output", required=True, help="folder to save the calibration set to")
     parser.add_argument("--grid", default=None, help="also write a PNG grid of the first images here")
     args = parser.parse_args()
+    output = Path(args.output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):  # checked before hours of synthesis
+        parser.error(f"--output {args.output} exists and is not an empty folder; pass a new or empty folder.")
 
     state = PartialState(cpu=not torch.cuda.is_available())
     logging.basicConfig(level=logging.INFO if state.is_main_process else logging.WARNING)

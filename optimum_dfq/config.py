@@ -417,6 +417,8 @@ class DFQConfig(QuantizationConfigMixin):
             data = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader())  # a SafeLoader subclass
         except FileNotFoundError as err:
             raise ConfigError(f"Recipe file {str(path)!r} does not exist.") from err
+        except IsADirectoryError as err:
+            raise ConfigError(f"{str(path)!r} is a folder; pass a recipe file, e.g. recipes/default.yaml.") from err
         except yaml.YAMLError as err:
             raise ConfigError(f"Recipe file {str(path)!r} is not valid YAML: {err}") from err
         if data is None:

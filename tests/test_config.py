@@ -92,6 +92,8 @@ def test_non_integer_format_version_is_called_malformed(version):
 def test_yaml_errors(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         DFQConfig.from_yaml(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="is a folder; pass a recipe file"):
+        DFQConfig.from_yaml(tmp_path)
     bad = tmp_path / "bad.yaml"
     bad.write_text("bits: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):

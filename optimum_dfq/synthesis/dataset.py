@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -117,15 +118,20 @@ def calibration_set_from_dataset_dict(dataset, split: str | None = None) -> Cali
     )
 
 
-def save_calibration_set(calibration_set: CalibrationSet, path: str | os.PathLike) -> None:
+def save_calibration_set(calibration_set: CalibrationSet, path: str | os.PathLike, *, overwrite: bool = False) -> None:
     """Writes a calibration set to the folder `path` with `datasets`' `save_to_disk`.
 
     The folder holds the dataset of [`calibration_set_to_dataset`]; read it back with [`load_calibration_set`] or
-    `datasets.load_from_disk`.
+    `datasets.load_from_disk`. A folder that already holds files is refused unless `overwrite=True`: synthesized sets
+    are expensive, and `save_to_disk` would replace an earlier one without a word.
 
     Args:
         calibration_set (`CalibrationSet`): the set to save.
-        path (`str` or `os.PathLike`): the destination folder.
+        path (`str` or `os.PathLike`): the destination folder: a new or empty one, or any with `overwrite=True`.
+        overwrite (`bool`, *optional*, defaults to `False`): write into a folder that already holds files.
+
+    Raises:
+        `CalibrationError`: `path` is a file, or a folder holding files while `overwrite` is `False`.
 
     Example:
 
@@ -139,7 +145,16 @@ def save_calibration_set(calibration_set: CalibrationSet, path: str | os.PathLik
     True
     ```
     """
-    calibration_set_to_dataset(calibration_set).save_to_disk(str(path))
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        raise CalibrationError(f"{path} is a file; save the calibration set to a new or empty folder.")
+    if not overwrite and target.is_dir() and any(target.iterdir()):
+        raise CalibrationError(
+            f"{path} already holds files ({', '.join(sorted(entry.name for entry in target.iterdir())[:3])}, ...); "
+            "nothing was written. Save the calibration set to a new or empty folder, or pass overwrite=True to "
+            "replace what is there."
+        )
+    calibration_set_to_dataset(calibration_set).save_to_disk(str(target))
 
 
 def load_calibration_set(path: str | os.PathLike) -> CalibrationSet:

@@ -11,10 +11,14 @@ ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
 
 
-def test_main_job_prints_the_readme_lines(tmp_path):
+def _env() -> dict[str, str]:
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
+            "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+
+
+def test_main_job_prints_the_readme_lines(tmp_path):
+    env = _env()
     data = FIXTURES / "cifar10_tiny_test.parquet"
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "quantize_reference_model.py"), "--bits", "w8a8",
@@ -31,3 +35,12 @@ def test_main_job_prints_the_readme_lines(tmp_path):
     assert re.fullmatch(quantized, lines[3])
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert [row["model"] for row in rows] == ["float32", "w8a8"] and rows[1]["num_images"] == 2
+
+
+def test_an_unknown_preset_is_refused_before_anything_runs():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quantize_reference_model.py"), "--bits", "w8a8", "w4x4"],
+        capture_output=True, text=True, check=False, env=_env(), timeout=600,
+    )
+    assert result.returncode == 2 and "Unknown bit preset 'w4x4'" in result.stderr
+    assert result.stdout == ""  # no float evaluation, no synthesis

@@ -44,6 +44,22 @@ def test_round_trip_through_save_and_load(synthetic_set, tmp_path):
     assert loaded.metadata["hyperparameters"]["iterations"] == [2, 2]
 
 
+
+def test_saving_over_an_earlier_set_is_refused_unless_asked(synthetic_set, tmp_path):
+    first = CalibrationSet(torch.zeros(2, 3, 4, 4), metadata={"run": 1})
+    save_calibration_set(first, tmp_path / "calib")
+    with pytest.raises(CalibrationError, match="already holds files.*overwrite=True"):
+        save_calibration_set(synthetic_set, tmp_path / "calib")
+    kept = load_calibration_set(tmp_path / "calib")  # the earlier set is intact
+    assert torch.equal(kept.pixel_values, first.pixel_values) and kept.metadata == first.metadata
+    save_calibration_set(synthetic_set, tmp_path / "calib", overwrite=True)
+    _assert_same(load_calibration_set(tmp_path / "calib"), synthetic_set)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CalibrationError, match="is a file"):
+        save_calibration_set(first, tmp_path / "file", overwrite=True)
+    (tmp_path / "empty").mkdir()
+    save_calibration_set(first, tmp_path / "empty")  # an empty folder is fine
+
 def test_dataset_columns_and_parquet_round_trip(synthetic_set, tmp_path):
     from datasets import load_dataset
 
