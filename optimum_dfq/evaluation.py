@@ -117,12 +117,31 @@ def _labels(dataset, config, check_names: bool = True) -> list[int]:
     return labels
 
 
-def _refuse_streaming(dataset) -> None:
+def _check_dataset(dataset) -> None:
+    """Refuses anything but a map-style `datasets.Dataset` (a streaming split, a `DatasetDict`, a list...)."""
+    import datasets
+
     if is_streaming_dataset(dataset):
         raise DFQError(
             "The evaluation dataset is a streaming datasets.IterableDataset; load the split without streaming=True "
             "(or materialise it: `Dataset.from_list(list(dataset.take(n)), features=dataset.features)`)."
         )
+    if isinstance(dataset, datasets.DatasetDict):
+        splits = list(dataset)
+        raise DFQError(
+            f"The evaluation dataset is a DatasetDict with splits {splits}; pass one split, e.g. "
+            f"dataset[{splits[0]!r}] (or load_dataset(..., split={splits[0]!r}))."
+        )
+    if not isinstance(dataset, datasets.Dataset):
+        raise DFQError(
+            f"The evaluation dataset must be a datasets.Dataset with an Image column and a label column, got "
+            f"{type(dataset).__name__}; build one with `datasets.Dataset.from_list(...)` or `load_dataset(...)`."
+        )
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DFQError(f"batch_size={batch_size!r} must be a positive integer, e.g. 64.")
 
 
 @torch.no_grad()
@@ -149,13 +168,15 @@ def predict_top_k(
         `tuple[list[list[int]], list[int]]`: the top-`k` class ids per example (best first) and the labels.
 
     Raises:
-        `DFQError`: when the image processor is missing, the dataset is streaming or has no integer label column,
-            a label is not a class id of the model, or the dataset's class names are not the model's.
+        `DFQError`: when the image processor is missing, the dataset is not a map-style `datasets.Dataset` (a
+            streaming split, a `DatasetDict`) or has no integer label column, a label is not a class id of the model,
+            the dataset's class names are not the model's, or `batch_size` is not positive.
         `ImageSizeError`: when the processed images do not have the size and channels the model expects.
     """
     if image_processor is None:
         raise DFQError("Evaluation needs the model's image processor (AutoImageProcessor.from_pretrained(...)).")
-    _refuse_streaming(dataset)
+    _check_dataset(dataset)
+    _check_batch_size(batch_size)
     images_col = image_column(dataset)
     labels = _labels(dataset, model.config, check_class_names)
     expected = expected_image_shape(model)
@@ -210,7 +231,8 @@ def evaluate_accuracy(
         >>> evaluate_accuracy(model, load_dataset("cifar10", split="test"), processor)  # doctest: +SKIP
         {'top1': 0.7512, 'top5': 0.9801, 'num_examples': 10000}
     """
-    _refuse_streaming(dataset)
+    _check_dataset(dataset)
+    _check_batch_size(batch_size)
     if len(dataset) == 0:
         raise DFQError("The evaluation dataset is empty.")
     if any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in top_k):

@@ -160,3 +160,22 @@ def test_class_label_without_names_and_one_sided_wordnet_ids_are_not_compared(ci
     reordered = subset.cast_column("label", ClassLabel(names=synsets[1::-1] + synsets[2:]))
     with pytest.raises(DFQError, match=r"for 2 of 10 class ids"):
         evaluate_accuracy(model, reordered, image_processor, progress=False)
+
+
+def test_batch_size_must_be_positive(cifar_test, image_processor):
+    """`range(0, n, -1)` is empty: a negative batch size scored no image and reported nan over every example."""
+    subset = cifar_test.select(range(4))
+    for batch_size in (0, -1):
+        with pytest.raises(DFQError, match=rf"batch_size={batch_size} .* positive"):
+            evaluate_accuracy(tiny_vit(), subset, image_processor, batch_size=batch_size, progress=False)
+
+
+def test_a_dataset_dict_or_another_object_is_named(cifar_test, image_processor):
+    """`load_dataset(path)` without `split=` gives a DatasetDict; it crashed on a missing `.features` attribute."""
+    from datasets import DatasetDict
+
+    splits = DatasetDict({"test": cifar_test.select(range(4))})
+    with pytest.raises(DFQError, match=r"DatasetDict with splits \['test'\].*dataset\['test'\]"):
+        evaluate_accuracy(tiny_vit(), splits, image_processor, progress=False)
+    with pytest.raises(DFQError, match=r"datasets.Dataset.*got list"):
+        evaluate_accuracy(tiny_vit(), [{"img": None, "label": 0}], image_processor, progress=False)
