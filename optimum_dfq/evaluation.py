@@ -170,7 +170,7 @@ def predict_top_k(
     Raises:
         `DFQError`: when the image processor is missing, the dataset is not a map-style `datasets.Dataset` (a
             streaming split, a `DatasetDict`) or has no integer label column, a label is not a class id of the model,
-            the dataset's class names are not the model's, or `batch_size` is not positive.
+            the dataset's class names are not the model's, an example has no image, or `batch_size` is not positive.
         `ImageSizeError`: when the processed images do not have the size and channels the model expects.
     """
     if image_processor is None:
@@ -188,6 +188,12 @@ def predict_top_k(
     try:
         for start in tqdm(range(0, len(dataset), batch_size), desc="evaluate", disable=not progress, leave=False):
             batch = dataset[start : start + batch_size]
+            missing = [start + i for i, image in enumerate(batch[images_col]) if image is None]
+            if missing:
+                raise DFQError(
+                    f"Evaluation example {missing[0]} has no image (None in column {images_col!r}); drop such rows "
+                    f"first, e.g. `dataset.filter(lambda x: x[{images_col!r}] is not None)`."
+                )
             pixels = image_processor(images=[im.convert(mode) for im in batch[images_col]], return_tensors="pt")
             pixels = pixels["pixel_values"]
             if tuple(pixels.shape[1:]) != expected:

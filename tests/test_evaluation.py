@@ -179,3 +179,15 @@ def test_a_dataset_dict_or_another_object_is_named(cifar_test, image_processor):
         evaluate_accuracy(tiny_vit(), splits, image_processor, progress=False)
     with pytest.raises(DFQError, match=r"datasets.Dataset.*got list"):
         evaluate_accuracy(tiny_vit(), [{"img": None, "label": 0}], image_processor, progress=False)
+
+
+def test_a_missing_image_is_named(cifar_test, image_processor):
+    """A row without an image (None in the Image column) crashed in `None.convert`; it is named with the fix."""
+    from datasets import Dataset
+
+    subset = cifar_test.select(range(6))
+    images = list(subset["img"])
+    images[4] = None
+    holed = Dataset.from_dict({"img": images, "label": subset["label"]}, features=subset.features)
+    with pytest.raises(DFQError, match=r"example 4 has no image .*filter"):
+        evaluate_accuracy(tiny_vit(), holed, image_processor, batch_size=4, progress=False)
