@@ -111,7 +111,7 @@ def _add_export(subparsers) -> None:
     parser.add_argument("--block-size", type=int, default=128, help="MatMulNBits block size (power of two >= 16)")
     parser.add_argument("--signed-weights", action="store_true",
                         help="8-bit weight codes as int8 for faster kernels; exact only on CPUs with VNNI (or ARM)")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset of the default domain")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset of the default domain (at least 13)")
     parser.set_defaults(handler=run_export)
 
 

@@ -77,6 +77,10 @@ INTEGER_ORT_OPS = (
     "QAttention",
 )
 FLOAT_MATMUL_OPS = ("MatMul", "Gemm", "FusedMatMul", "Conv", "FusedConv", "FusedGemm")
+#: `MatMulNBits` computes with int8 activations at this `accuracy_level` only (0 or 1: float32, 2: float16, 3: bfloat16)
+MATMUL_NBITS_INT8_ACCURACY = 4
+#: QuantizeLinear/DequantizeLinear take an `axis` (per-channel weights and activations) from opset 13 on
+MIN_OPSET = 13
 
 
 @dataclass
@@ -117,7 +121,9 @@ class ExportReport:
         ort_operators (`dict[str, int]`): operator counts of the graph ONNX Runtime runs after its optimisations
             (empty when onnxruntime is not installed).
         integer_operators (`int`), float_matmuls (`int`): the integer matmul/conv operators and the float ones in
-            that optimised graph.
+            that optimised graph. A `MatMulNBits` counts as integer only when it runs with int8 activations
+            (`accuracy_level` 4, what ONNX Runtime gives the 5..8-bit weight matmuls it fuses); the 4-bit ones of the
+            file run in float.
         max_abs_logit_diff (`float`, *optional*): max |ONNX Runtime - PyTorch| over the logits of the probe images.
         top1_agreement (`float`, *optional*): fraction of probe images with the same arg-max in both.
         num_probe_images (`int`): probe images used for the two figures above.
@@ -159,7 +165,7 @@ class ExportReport:
             f"quantizers: {len(self.quantizers)} ({self.num_integer} as integers, {self.num_float} emulated in float)",
         ]
         lines += [f"  {count:4d} x {lowering}" for lowering, count in sorted(lowered.items())]
-        floats = sorted({f"{q.kind}{q.bits} ({q.note})" for q in self.quantizers if not q.integer and q.note})
+        floats = sorted({f"{q.kind} {q.bits}-bit ({q.note})" for q in self.quantizers if not q.integer and q.note})
         lines += [f"  float: {reason}" for reason in floats]
         if self.ort_operators:
             lines.append(
@@ -396,6 +402,8 @@ def _lowered(model: nn.Module, layout: _WeightLayout) -> Iterator[list[Quantizer
         if spec is None:
             if isinstance(module, PixelGridQuantizer):
                 note = "pixel grid: per-channel fractional zero point, no uint8 QDQ form"
+            elif isinstance(module, UniformQuantizer) and not torch.equal(module.zero_point, module.zero_point.round()):
+                note = "fractional zero point (round_zero_point=False): no uint8 QDQ form"
             elif isinstance(module, UniformQuantizer):
                 note = "zero point outside the uint8 code range"
             else:
@@ -454,7 +462,8 @@ def to_onnx(
             AVX512-VNNI or AVX-VNNI, ARM); on AVX2-only x86 CPUs their int16 pair sums saturate and the outputs are
             wrong (the report's `max_abs_logit_diff` shows it when verified there). By default 8-bit codes are uint8,
             exact everywhere (on an AVX2 CPU the ViT-Small-shaped W8A8 graph ran about 20% slower than with int8).
-        opset (`int`, defaults to 17): ONNX opset of the default domain.
+        opset (`int`, defaults to 17): ONNX opset of the default domain, at least 13 (per-channel
+            QuantizeLinear/DequantizeLinear).
         probe_images (`torch.Tensor`, *optional*): images used to compare ONNX Runtime with PyTorch; defaults to
             8 standard-normal images of the model's input size (seeded).
         verify (`bool`, defaults to `True`): run the exported file in ONNX Runtime (when installed) to fill the
@@ -465,8 +474,8 @@ def to_onnx(
         ONNX Runtime vs PyTorch difference.
 
     Raises:
-        `DFQError`: the model has no quantized layers or is not in float32, or a quantizer is uncalibrated or cannot
-            be stored as integers.
+        `DFQError`: the model has no quantized layers or is not in float32, a quantizer is uncalibrated or cannot
+            be stored as integers, `opset` is below 13, or `probe_images` is not a batch of the model's images.
 
     Example:
         >>> from optimum_dfq.export import to_onnx  # doctest: +SKIP
@@ -475,6 +484,11 @@ def to_onnx(
     """
     if block_size < 16 or block_size & (block_size - 1):
         raise DFQError(f"block_size must be a power of two >= 16, got {block_size}.")
+    if opset < MIN_OPSET:
+        raise DFQError(
+            f"opset={opset} is too old: per-channel QuantizeLinear/DequantizeLinear (an axis) need at least "
+            f"{MIN_OPSET}; pass opset={MIN_OPSET} or more (the default is 17)."
+        )
     if not any(isinstance(m, (QLinear, QConv2d)) for m in model.modules()):
         raise DFQError(
             "The model has no quantized layers; quantize it with DataFreeViTQuantizer.quantize (or load a "
@@ -488,6 +502,8 @@ def to_onnx(
             "Export a float32 model: load the checkpoint without dtype= (or use model.to(torch.float32))."
         )
     example = torch.zeros(1, *expected_image_shape(model))
+    if probe_images is not None:
+        _check_probe_images(probe_images, example.shape[1:])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     layout = _WeightLayout(weight_only_int4, block_size, signed_weights)
@@ -529,6 +545,22 @@ def to_onnx(
     return report
 
 
+def _check_probe_images(probe_images: object, image_shape: torch.Size) -> None:
+    expected = f"[N, {', '.join(map(str, image_shape))}]"
+    if not isinstance(probe_images, torch.Tensor):
+        raise DFQError(
+            f"probe_images must be a torch.Tensor, got {type(probe_images).__name__}; pass "
+            f"torch.as_tensor(...) of shape {expected} (the model's channels and image size)."
+        )
+    if probe_images.dim() != 4 or probe_images.shape[1:] != image_shape or not probe_images.shape[0]:
+        got = "none (an empty batch)" if probe_images.dim() == 4 and not probe_images.shape[0] else list(
+            probe_images.shape)
+        raise DFQError(
+            f"probe_images has shape {got}; the exported model takes {expected} images (N >= 1, the model's "
+            "channels and image size): pass images preprocessed by the model's image processor."
+        )
+
+
 def _verify(model: nn.Module, report: ExportReport, example: torch.Tensor, probe_images: torch.Tensor | None) -> None:
     try:
         import onnx
@@ -545,11 +577,18 @@ def _verify(model: nn.Module, report: ExportReport, example: torch.Tensor, probe
         optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
     counts = Counter(node.op_type for node in optimized.graph.node)
     report.ort_operators = dict(sorted(counts.items()))
-    report.integer_operators = sum(counts[op] for op in INTEGER_ORT_OPS)
-    report.float_matmuls = sum(counts[op] for op in FLOAT_MATMUL_OPS)
+    float_nbits = sum(node.op_type == "MatMulNBits" and _accuracy_level(node) != MATMUL_NBITS_INT8_ACCURACY
+                      for node in optimized.graph.node)
+    report.integer_operators = sum(counts[op] for op in INTEGER_ORT_OPS) - float_nbits
+    report.float_matmuls = sum(counts[op] for op in FLOAT_MATMUL_OPS) + float_nbits
     ort_logits = session.run(["logits"], {"pixel_values": probe_images.numpy().astype(np.float32)})[0]
     with torch.no_grad():
         torch_logits = model(pixel_values=probe_images.to(next(model.parameters()).device)).logits.float().cpu()
     report.max_abs_logit_diff = float(np.abs(ort_logits - torch_logits.numpy()).max())
     report.top1_agreement = float((ort_logits.argmax(-1) == torch_logits.numpy().argmax(-1)).mean())
     report.num_probe_images = int(probe_images.shape[0])
+
+
+def _accuracy_level(node) -> int:
+    """The `accuracy_level` attribute of a `MatMulNBits` node (0, float32, when absent)."""
+    return next((attribute.i for attribute in node.attribute if attribute.name == "accuracy_level"), 0)

@@ -192,6 +192,10 @@ def test_errors_name_the_problem(tmp_path):
         to_onnx(TINY_MODELS["vit"](), tmp_path / "x.onnx")
     with pytest.raises(DFQError, match="power of two"):
         to_onnx(TINY_MODELS["vit"](), tmp_path / "x.onnx", block_size=24)
+    # QuantizeLinear/DequantizeLinear with an axis need opset 13: lower ones wrote a file ONNX Runtime cannot load
+    with pytest.raises(DFQError, match=r"opset=11 .* at least 13"):
+        to_onnx(TINY_MODELS["vit"](), tmp_path / "x.onnx", opset=11)
+    assert not (tmp_path / "x.onnx").exists()
 
 
 def test_half_precision_model_is_refused_with_the_fix(calibration, tmp_path):
@@ -227,6 +231,11 @@ def test_weight_only_models_export(bits, calibration, tmp_path):
     assert {q.role for q in report.quantizers} == {"weight"}
     uses_nbits = any(node.op_type == "MatMulNBits" for node in onnx.load(tmp_path / "model.onnx").graph.node)
     assert uses_nbits == (bits == "w4a16")
+    # 4-bit MatMulNBits nodes of the file compute in float (accuracy_level 0); the DequantizeLinear -> MatMul pairs
+    # ONNX Runtime fuses at 8 bits run with int8 activations (accuracy_level 4): only those are integer matmuls
+    nbits = report.ort_operators["MatMulNBits"]
+    assert report.integer_operators == (0 if bits == "w4a16" else nbits)
+    assert report.float_matmuls >= (nbits if bits == "w4a16" else 0)
     # ONNX Runtime fuses the weights' DequantizeLinear -> MatMul (uint8 at 8 bits, int8 below) into MatMulNBits and,
     # by default, computes it with int8 activations (session.qdq_matmulnbits_accuracy_level = 4); at level 0 the
     # weight-only model is exact
@@ -317,9 +326,32 @@ def test_zero_point_outside_the_codes_is_emulated_in_float_and_reported(calibrat
     total = len(report.quantizers)
     assert summary[1] == f"quantizers: {total} ({total - 1} as integers, 1 emulated in float)"
     assert "     1 x float emulation" in summary
-    assert "  float: uniform8 (zero point outside the uint8 code range)" in summary
+    assert "  float: uniform 8-bit (zero point outside the uint8 code range)" in summary
     assert f"onnxruntime runs {report.integer_operators} integer matmul/conv operator(s) and " in summary[-2]
     assert summary[-1].startswith("onnxruntime vs PyTorch on 8 probe image(s): max |logit diff| = ")
     report.save(tmp_path / "report.json")
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved == report.to_dict() and saved["quantizers"][0] == vars(report.quantizers[0])
+
+
+def test_float_reasons_in_the_summary_are_readable_and_true(calibration, tmp_path):
+    """A 3-bit log2 quantizer was listed as "log23", and a fractional zero point (round_zero_point=False) as a zero
+    point "outside the uint8 code range"."""
+    qmodel = _quantize("vit", "w4a4", calibration, post_softmax="log2", round_zero_point=False)
+    report = to_onnx(qmodel, tmp_path / "model.onnx", verify=False)
+    summary = report.summary().splitlines()
+    assert "  float: log2 4-bit (no exact ONNX QDQ form for a logarithmic codebook)" in summary
+    fractional = [q for q in report.quantizers if q.kind == "uniform" and not q.integer]
+    assert fractional and all(q.note == "fractional zero point (round_zero_point=False): no uint8 QDQ form"
+                              for q in fractional)
+    assert "outside" not in report.summary()
+
+
+def test_probe_images_are_checked_before_exporting(calibration, tmp_path):
+    """Probe images of another size, an empty batch or a NumPy array failed inside ONNX Runtime after the export."""
+    qmodel = _quantize("vit", "w8a8", calibration, post_softmax="uniform")
+    for probes, problem in [(torch.zeros(2, 3, 64, 64), r"\[2, 3, 64, 64\]"), (torch.zeros(0, 3, 32, 32), "none"),
+                            (torch.zeros(3, 32, 32), r"\[3, 32, 32\]"), (np.zeros((2, 3, 32, 32)), "ndarray")]:
+        with pytest.raises(DFQError, match=rf"probe_images.*{problem}.*\[N, 3, 32, 32\]"):
+            to_onnx(qmodel, tmp_path / "model.onnx", probe_images=probes)
+    assert not (tmp_path / "model.onnx").exists()
