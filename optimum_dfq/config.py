@@ -163,9 +163,10 @@ class DFQConfig(QuantizationConfigMixin):
             the reference ViT at W8A8 the logit MSE against the float model is 7.2e-4 with uniform and 5.0e-4 with
             TanQ (6 calibration draws, `benchmarks/results/w8a8_agreement.md`). TanQ's codebook is not uniform, so
             ONNX export runs it (and the A·V matmul) as float ops, and the default W8A8 ONNX graph is slower than
-            the FP32 one (1.26x on a ViT-Small shape, `benchmarks/results/inference_speed.md`); `"uniform"` (range
-            from an exact 0, with `input_range="calibrated"`: `recipes/w8a8_integer_onnx.yaml`) lowers the whole
-            W8A8 graph to integer QDQ (0.40x).
+            the FP32 one (1.74x on a ViT-Small shape at batch 32 on an AVX2 CPU,
+            `benchmarks/results/inference_speed.md`); `"uniform"` (range from an exact 0, with
+            `input_range="calibrated"`: `recipes/w8a8_integer_onnx.yaml`) lowers the whole W8A8 graph to integer QDQ
+            (0.72x there, 0.40x on an AVX-512 VNNI CPU).
         calibration_order (`str`, defaults to `"sequential"`): `"sequential"` calibrates each quantizer on inputs
             produced by the already-quantized prefix of the network (RepQ-ViT's behaviour, the whole calibration set
             in one forward pass); `"parallel"` observes every activation quantizer on the weight-quantized network with
