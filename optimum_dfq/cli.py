@@ -105,7 +105,7 @@ def _add_export(subparsers) -> None:
         "float ops. Prints the export report and writes it next to OUTPUT as JSON.",
     )
     parser.add_argument("model", help="a quantized optimum_dfq checkpoint (folder or Hub id)")
-    parser.add_argument("output", help="the .onnx file to write")
+    parser.add_argument("output", help="the .onnx file to write (an existing one is replaced)")
     parser.add_argument("--no-int4-weights", action="store_true",
                         help="store <=4-bit weights in 8-bit containers (integer matmul) instead of MatMulNBits")
     parser.add_argument("--block-size", type=int, default=128, help="MatMulNBits block size (power of two >= 16)")

@@ -451,7 +451,8 @@ def to_onnx(
         model (`PreTrainedModel`): a model quantized by optimum_dfq (fresh from `DataFreeViTQuantizer.quantize` or
             loaded from a quantized checkpoint). Its input is `pixel_values [batch, channels, height, width]`
             (dynamic batch) and its output the logits.
-        path (`str` or `os.PathLike`): the `.onnx` file to write.
+        path (`str` or `os.PathLike`): the `.onnx` file to write (missing folders are created; an existing file
+            is replaced).
         weight_only_int4 (`bool`, defaults to `True`): Linear weights of at most 4 bits go through ONNX Runtime's
             `com.microsoft::MatMulNBits` (packed 4-bit in the file; float matmul). With `False` they are stored in
             8-bit containers like 5..8-bit weights (integer matmul, no size gain over 8 bits).
@@ -514,6 +515,8 @@ def to_onnx(
             # the TorchScript exporter is deprecated upstream and warns about it, and tracing warns about
             # shape-dependent Python branches that are constant for a fixed image size: neither is actionable here
             warnings.simplefilter("ignore")
+            # declared only when used: the exporter warns about an unused custom domain
+            uses_nbits = any(q.lowering.startswith("MatMulNBits") for q in entries)
             torch.onnx.export(
                 _LogitsOnly(model),
                 (example,),
@@ -523,7 +526,7 @@ def to_onnx(
                 input_names=["pixel_values"],
                 output_names=["logits"],
                 dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
-                custom_opsets={"com.microsoft": 1},
+                custom_opsets={"com.microsoft": 1} if uses_nbits else None,
                 do_constant_folding=True,
             )
     finally:
@@ -573,6 +576,8 @@ def _verify(model: nn.Module, report: ExportReport, example: torch.Tensor, probe
     with tempfile.TemporaryDirectory() as tmp:
         options = ort.SessionOptions()
         options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        # errors only: saving this throw-away optimised copy warns that it is specific to this machine
+        options.log_severity_level = 3
         session = ort.InferenceSession(report.path, options, providers=["CPUExecutionProvider"])
         optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
     counts = Counter(node.op_type for node in optimized.graph.node)

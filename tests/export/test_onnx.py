@@ -355,3 +355,15 @@ def test_probe_images_are_checked_before_exporting(calibration, tmp_path):
         with pytest.raises(DFQError, match=rf"probe_images.*{problem}.*\[N, 3, 32, 32\]"):
             to_onnx(qmodel, tmp_path / "model.onnx", probe_images=probes)
     assert not (tmp_path / "model.onnx").exists()
+
+
+def test_export_prints_no_alarming_native_warnings(calibration, tmp_path, capfd):
+    """Every export printed ONNX Runtime's "Serializing optimized model ... hardware specific optimizations" warning
+    (from the report's own optimised copy, which is never shipped) and, without 4-bit weights, the exporter's "Custom
+    opset domain: 'com.microsoft' ... not used"."""
+    qmodel = _quantize("vit", "w8a8", calibration, post_softmax="uniform")
+    capfd.readouterr()
+    to_onnx(qmodel, tmp_path / "model.onnx")
+    err = capfd.readouterr().err
+    assert "NchwcTransformer" not in err and "Custom opset domain" not in err
+    assert all(opset.domain != "com.microsoft" for opset in onnx.load(tmp_path / "model.onnx").opset_import)
