@@ -241,6 +241,8 @@ def evaluate_accuracy(
     _check_batch_size(batch_size)
     if len(dataset) == 0:
         raise DFQError("The evaluation dataset is empty.")
+    if not len(top_k):
+        raise DFQError("top_k=() is empty: ask for at least one accuracy, e.g. top_k=(1, 5).")
     if any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in top_k):
         raise DFQError(f"top_k={tuple(top_k)!r} must hold positive integers, e.g. (1, 5).")
     num_labels = model.config.num_labels

@@ -42,6 +42,8 @@ def test_top5_dropped_for_five_or_fewer_classes(cifar_test, image_processor):
         "top1", "top4", "num_examples"}
     with pytest.raises(DFQError, match=r"top_k=\(5,\) leaves no accuracy.*top_k=\(1,\)"):
         evaluate_accuracy(model, five_classes, image_processor, top_k=(5,), progress=False)
+    with pytest.raises(DFQError, match=r"top_k=\(\) is empty.*top_k=\(1, 5\)"):  # not "every k >= 5 is always 1"
+        evaluate_accuracy(model, five_classes, image_processor, top_k=(), progress=False)
 
 
 def test_errors(cifar_test):
