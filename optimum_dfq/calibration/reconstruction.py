@@ -84,7 +84,7 @@ def reconstruct_block(
         name (`str`): the block's name (for the report and logs).
 
     Returns:
-        `BlockReport`
+        `BlockReport`: not kept, with the block unchanged, when the block has no quantized Linear.
     """
     linears = [m for m in block.modules() if isinstance(m, QLinear)]
     if any(linear.is_frozen for linear in linears):
@@ -94,6 +94,9 @@ def reconstruct_block(
     grad_flags = {p: p.requires_grad for p in block.parameters()}
     batch_size = min(batch_size, calls.num_images)
     loss_before = _block_loss(block, calls, targets, batch_size)
+    if not weights:  # every Linear of the block kept in float (`modules_to_not_convert`): nothing to tune
+        logger.info("reconstruction %s: no quantized Linear, skipped (block MSE %.4e)", name, loss_before)
+        return BlockReport(name, loss_before, loss_before, False)
 
     for p in block.parameters():
         p.requires_grad_(False)

@@ -88,6 +88,18 @@ def test_a_block_that_cannot_improve_is_restored(calibration):
     assert all(torch.equal(p, snapshot[n]) for n, p in model.named_parameters())
 
 
+def test_a_block_kept_in_float_is_skipped_not_a_crash(calibration):
+    """A block with no quantized Linear (kept in float by `modules_to_not_convert`) has nothing to tune: it is
+    reported as not kept instead of handing Adam an empty parameter list."""
+    config = DFQConfig(bits="w4a4", modules_to_not_convert=[r"re:.*\.layers\.0\..*"],
+                       reconstruction={"iterations": 5, "lr": 1e-3, "batch_size": 8})
+    model, _ = quantize_model(tiny_vit(), calibration, config.replace(reconstruction={}))
+    reports = reconstruct_blocks(model, float_reference(model), calibration, config)
+    assert [r.name for r in reports] == ["vit.layers.0", "vit.layers.1"]
+    assert not reports[0].kept and reports[0].loss_after == reports[0].loss_before
+    assert reports[1].kept
+
+
 def test_pipeline_runs_reconstruction_from_the_config(calibration):
     plain, _ = quantize_model(tiny_vit(), calibration, DFQConfig(bits="w4a4"))
     config = DFQConfig(bits="w4a4", reconstruction={"iterations": 5, "lr": 1e-3, "batch_size": 8})
