@@ -246,6 +246,19 @@ def _check_weight_quantizer(module: QLinear | QConv2d, name: str) -> UniformQuan
         raise DFQError(f"{name}: per-channel weight quantizers must be on axis 0 (output channels) to export.")
     if not torch.equal(zero_point, zero_point.round()):
         raise DFQError(f"{name}: the weight zero point is not an integer; it cannot be stored as integer codes.")
+    outside = ((zero_point < 0) | (zero_point > quantizer.qmax)).flatten().nonzero().flatten().tolist()
+    if outside:
+        # a row whose weights do not straddle 0 gets a calibrated range without 0; fake quantization handles that,
+        # but ONNX zero points live in the codes' container and would wrap around (silently wrong weights)
+        rows = "it" if not quantizer.per_channel else (
+            f"{len(outside)} of its output channels (first: {outside[0]}, zero point "
+            f"{int(zero_point.flatten()[outside[0]])})")
+        raise DFQError(
+            f"{name}: the weight zero point of {rows} lies outside the code range 0..{quantizer.qmax} (the weights "
+            "there do not straddle 0, so their calibrated range excludes 0), and ONNX integer containers cannot "
+            f"hold it. Keep this layer in float (DFQConfig(modules_to_not_convert=[{name!r}])) or quantize the "
+            "weights symmetrically (DFQConfig(weight_symmetric=True)), then export again."
+        )
     return quantizer
 
 

@@ -198,6 +198,21 @@ def test_errors_name_the_problem(tmp_path):
     assert not (tmp_path / "x.onnx").exists()
 
 
+
+@pytest.mark.parametrize("bits", ["w8a8", "w4a8"])  # uint8 container / MatMulNBits
+def test_a_weight_zero_point_outside_the_code_range_is_refused(bits, calibration, tmp_path):
+    # a classifier row of positive weights: its calibrated range excludes 0, so its zero point is negative; the
+    # containers' zero points wrapped around, and ONNX Runtime's logit for that class silently differed
+    model = TINY_MODELS["vit"]()
+    with torch.no_grad():
+        model.classifier.weight[3] = model.classifier.weight[3].abs() + 0.05
+    config = DFQConfig(bits=bits, num_images=len(calibration), calibration_batch_size=len(calibration))
+    qmodel = DataFreeViTQuantizer(model).quantize(config=config, calibration_dataset=calibration)
+    assert float(qmodel.classifier._packable_quantizer().zero_point.flatten()[3]) < 0
+    with pytest.raises(DFQError, match=r"classifier: .* 1 of its output channels \(first: 3.*weight_symmetric=True"):
+        to_onnx(qmodel, tmp_path / "x.onnx", verify=False)
+    assert not (tmp_path / "x.onnx").exists()
+
 def test_half_precision_model_is_refused_with_the_fix(calibration, tmp_path):
     from transformers import AutoModelForImageClassification
 
