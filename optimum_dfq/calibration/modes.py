@@ -8,7 +8,7 @@ from collections.abc import Collection, Iterator
 from torch import nn
 
 from ..errors import ConfigError
-from ..quantizers import Quantizer
+from ..quantizers import MODES, Quantizer
 
 
 def iter_quantizers(model: nn.Module) -> Iterator[tuple[str, Quantizer]]:
@@ -59,7 +59,7 @@ def set_quantizer_modes(model: nn.Module, weights: str | None = None, activation
         activations (`str`, *optional*): mode of every activation quantizer; `None` leaves them as they are.
 
     Raises:
-        `ValueError`: when a mode is not one of the four above.
+        `ValueError`: when a mode is not one of the four above (no quantizer is switched then).
 
     Example:
 
@@ -75,6 +75,9 @@ def set_quantizer_modes(model: nn.Module, weights: str | None = None, activation
     [(False, 'off'), (True, 'quantize')]
     ```
     """
+    for mode in (weights, activations):  # checked first: a bad mode must not leave the model half switched
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"Unknown quantizer mode {mode!r}; expected one of {MODES}.")
     weight_names = weight_quantizer_names(model)
     for name, quantizer in iter_quantizers(model):
         mode = weights if name in weight_names else activations

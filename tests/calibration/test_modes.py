@@ -42,3 +42,10 @@ def test_set_quantizer_modes_switches_activations_only(qmodel):
         assert {q.mode for q in weights} == {"quantize"}
     finally:
         set_quantizer_modes(qmodel, activations="quantize")
+
+
+def test_set_quantizer_modes_refuses_an_unknown_mode_before_switching_anything(qmodel):
+    before = {name: q.mode for name, q in iter_quantizers(qmodel)}
+    with pytest.raises(ValueError, match="Unknown quantizer mode 'bogus'"):
+        set_quantizer_modes(qmodel, weights="off", activations="bogus")
+    assert {name: q.mode for name, q in iter_quantizers(qmodel)} == before
