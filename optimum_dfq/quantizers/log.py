@@ -7,7 +7,7 @@ import math
 import torch
 
 from .base import Quantizer
-from .stats import tail_quantiles
+from .stats import check_percentiles, tail_quantiles
 
 
 class _LogQuantizer(Quantizer):
@@ -15,7 +15,7 @@ class _LogQuantizer(Quantizer):
 
     def __init__(self, bits: int, percentiles: list[float] | tuple[float, ...] = (0.999, 0.9999, 0.99999)) -> None:
         super().__init__(bits)
-        self.percentiles = list(percentiles)
+        self.percentiles = check_percentiles(percentiles, type(self).__name__, above=0.0)
         self.register_buffer("scale", torch.ones(()))
 
     def _calibrate_from(self, observed: list[torch.Tensor]) -> None:
@@ -49,7 +49,10 @@ class Log2Quantizer(_LogQuantizer):
     Args:
         bits (`int`): bit width, 1..16.
         percentiles (`list[float]` or `tuple[float, ...]`, defaults to `(0.999, 0.9999, 0.99999)`): candidate
-            upper percentiles for Δ.
+            upper percentiles for Δ, each in `(0, 1]`.
+
+    Raises:
+        `ValueError`: when `bits` is outside 1..16, or `percentiles` is empty or holds a value outside `(0, 1]`.
 
     Example:
 
@@ -91,7 +94,10 @@ class LogSqrt2Quantizer(_LogQuantizer):
     Args:
         bits (`int`): bit width, 1..16.
         percentiles (`list[float]` or `tuple[float, ...]`, defaults to `(0.999, 0.9999, 0.99999)`): candidate
-            upper percentiles for Δ.
+            upper percentiles for Δ, each in `(0, 1]`.
+
+    Raises:
+        `ValueError`: when `bits` is outside 1..16, or `percentiles` is empty or holds a value outside `(0, 1]`.
 
     Example:
 

@@ -30,6 +30,19 @@ def _order_statistics(x: torch.Tensor, positions: Sequence[float], largest: bool
     return out
 
 
+def check_percentiles(percentiles: Sequence[float], owner: str, above: float = 0.5) -> list[float]:
+    """`percentiles` as a list of floats; raises `ValueError` unless it is non-empty with every value in (`above`, 1].
+
+    Quantizers that also use the lower percentiles `1 - p` need `above=0.5`; those that use the upper ones only,
+    `above=0`.
+    """
+    values = [float(p) for p in percentiles]
+    if not values or not all(above < p <= 1.0 for p in values):  # `not all(...)` also refuses NaN
+        raise ValueError(f"{owner} percentiles={list(percentiles)!r} must be a non-empty list of values in "
+                         f"({above:g}, 1].")
+    return values
+
+
 def tail_quantiles(
     x: torch.Tensor, percentiles: Sequence[float], dim: int | None = None
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

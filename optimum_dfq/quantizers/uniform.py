@@ -6,7 +6,7 @@ import torch
 
 from ..errors import CalibrationError
 from .base import Quantizer
-from .stats import tail_quantiles
+from .stats import check_percentiles, tail_quantiles
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -53,10 +53,15 @@ class UniformQuantizer(Quantizer):
             (PSAQ-ViT's weight quantizer: `s = max|w| / ((2^b - 1) / 2)`).
         observer (`str`, defaults to `"percentile_mse"`): `"percentile_mse"` (RepQ-ViT: among the candidate
             percentiles keep the range with the smallest quantization MSE) or `"minmax"`.
-        percentiles (`list[float]`): candidate upper percentiles (lower = `1 - p`) for `"percentile_mse"`.
+        percentiles (`list[float]` or `tuple[float, ...]`, defaults to `(0.999, 0.9999, 0.99999)`): candidate upper
+            percentiles, each in `(0.5, 1]` (lower = `1 - p`), for `"percentile_mse"`.
         include_zero (`bool`, defaults to `False`): every candidate range contains 0 (so 0 is exactly representable
             and the zero point lies in the code range, as integer runtimes require). Used for post-softmax
             probabilities, whose lower percentiles are otherwise small positive numbers.
+
+    Raises:
+        `ValueError`: when `bits` is outside 1..16, `observer` is unknown, or `percentiles` is empty or holds a value
+            outside `(0.5, 1]`.
 
     Example:
         >>> q = UniformQuantizer(bits=4, observer="minmax")
@@ -85,7 +90,7 @@ class UniformQuantizer(Quantizer):
         self.axis = axis
         self.symmetric = symmetric
         self.observer = observer
-        self.percentiles = list(percentiles)
+        self.percentiles = check_percentiles(percentiles, type(self).__name__)
         shape = () if channels is None else (channels,)
         self.register_buffer("scale", torch.ones(shape))
         self.register_buffer("zero_point", torch.zeros(shape))

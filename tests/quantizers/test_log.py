@@ -90,3 +90,10 @@ def test_all_zero_calibration_keeps_a_positive_scale_and_finite_outputs(cls):
     assert float(q.scale) > 0
     out = q(torch.tensor([0.0, 0.5, 1.0]))
     assert torch.isfinite(out).all() and float(out[0]) <= float(q.levels()[1])
+
+
+@pytest.mark.parametrize("cls", [Log2Quantizer, LogSqrt2Quantizer])
+@pytest.mark.parametrize("percentiles", [[], [0.0], [1.5]])
+def test_percentiles_outside_0_to_1_are_refused_when_built(cls, percentiles):
+    with pytest.raises(ValueError, match=r"percentiles=.* must be a non-empty list of values in \(0, 1\]"):
+        cls(bits=4, percentiles=percentiles)

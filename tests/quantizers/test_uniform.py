@@ -188,3 +188,9 @@ def test_calibrate_forgets_and_reset_drops_the_observations():
     assert q.num_observed == 0 and not bool(q.calibrated)
     with pytest.raises(CalibrationError, match="observed nothing"):
         q.calibrate()
+
+
+@pytest.mark.parametrize("percentiles", [[], [0.2], [1.5], [float("nan")]])
+def test_percentiles_outside_the_upper_tail_are_refused_when_built(percentiles):
+    with pytest.raises(ValueError, match=r"percentiles=.* must be a non-empty list of values in \(0\.5, 1\]"):
+        UniformQuantizer(bits=4, percentiles=percentiles)
