@@ -8,6 +8,7 @@ instead of float tensors traced through the graph.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -224,7 +225,7 @@ class LogQDQSpec:
     scale: float
     bits: int
     steps: int  # 1: log2, 2: log-sqrt2
-    reference: object  # the quantizer's own fake_quant (PyTorch forward)
+    reference: Callable[[torch.Tensor], torch.Tensor]  # the quantizer's own fake_quant (PyTorch forward)
 
     @property
     def exact_zero(self) -> bool:
