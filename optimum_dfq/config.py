@@ -197,6 +197,10 @@ class DFQConfig(QuantizationConfigMixin):
             ones get `RECONSTRUCTION_DEFAULTS`): `iterations` (Adam steps per block), `lr` (cosine-decayed to 0),
             `batch_size` (32 by default; I&S-ViT uses 64 of 1024 images). Only the transformer blocks are
             reconstructed, in one stage (see `calibration/reconstruction.py` for the differences from I&S-ViT).
+        format_version (`int`, defaults to `FORMAT_VERSION`), library_version (`str`, defaults to `__version__`),
+            quant_method (`str`, defaults to `"optimum_dfq"`): stamps of the checkpoint format, written to
+            `config.json`; leave them at their defaults (a `quant_method` of another value is refused, and
+            [`~DFQConfig.from_dict`] refuses a newer `format_version`).
 
     Example:
         >>> cfg = DFQConfig(bits="w4a8", scale_selector="mean")

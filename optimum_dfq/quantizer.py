@@ -43,6 +43,9 @@ class DataFreeViTQuantizer(OptimumQuantizer):
         model (`PreTrainedModel`, *optional*): the float model to quantize by default.
         image_processor (*optional*): its image processor (mean/std for synthesis, preprocessing of real data).
 
+    Raises:
+        `UnsupportedArchitectureError`: when `model` is not a ViT, DeiT or Swin image classifier.
+
     Example:
         >>> from optimum_dfq import DataFreeViTQuantizer
         >>> quantizer = DataFreeViTQuantizer.from_pretrained("facebook/deit-small-patch16-224")  # doctest: +SKIP
@@ -110,6 +113,9 @@ class DataFreeViTQuantizer(OptimumQuantizer):
     ) -> PreTrainedModel:
         """Returns a quantized copy of `model` (the input model is left unchanged).
 
+        A model in half precision (`float16` / `bfloat16`) is copied to float32 first, with a warning: calibration
+        and the fake-quantized model run in float32.
+
         Args:
             model (`PreTrainedModel`, *optional*): defaults to the quantizer's model.
             bits (`str`, *optional*): bit preset (`"w8a8"`, `"w6a6"`, `"w4a8"`, `"w4a4"`, `"w3a4"`, `"w3a3"`,
@@ -130,14 +136,35 @@ class DataFreeViTQuantizer(OptimumQuantizer):
             cache_dir (`str` or `os.PathLike`, *optional*): synthesis cache: a finished set with identical arguments
                 is reused, an interrupted synthesis resumes with the batches it has not finished.
 
-        A model in half precision (`float16` / `bfloat16`) is copied to float32 first, with a warning: calibration
-        and the fake-quantized model run in float32.
-
         Returns:
             `PreTrainedModel`: same class and outputs as the input; `model.config.quantization_config` is the
             [`DFQConfig`] of the run. Its weights are frozen to packed integer codes and it carries
             `model.hf_quantizer`, so `save_pretrained` / `push_to_hub` write checkpoints that
             `AutoModelForImageClassification.from_pretrained` reloads bit-exactly (after `import optimum_dfq`).
+
+        Raises:
+            `ConfigError`: no model to quantize, a `config` that is not a [`DFQConfig`], `synthesizer` together with
+                real data, a `num_images` that disagrees with the size of a given set, a `modules_to_not_convert`
+                entry that matches no layer, an unregistered scale selector, or `cache_dir` for a synthesizer
+                without a cache.
+            `BitPresetError`: an unknown or ill-formed `bits` preset.
+            `UnsupportedArchitectureError`: `model` is not a ViT, DeiT or Swin image classifier.
+            `ImageSizeError`: the image processor or the calibration images do not have the model's image size.
+            `CalibrationError`: NaN/inf weights, empty or malformed calibration data, or non-finite activations.
+            `SynthesisError`: an unknown synthesizer, invalid synthesizer hyper-parameters, or a failed synthesis.
+
+        Example:
+
+        ```python
+        >>> from transformers import ViTConfig, ViTForImageClassification
+        >>> from optimum_dfq import DataFreeViTQuantizer
+        >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32,
+        ...     num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, num_labels=10))
+        >>> qmodel = DataFreeViTQuantizer(model).quantize(bits="w4a8", synthesizer="gaussian", num_images=4)
+        >>> config = qmodel.config.quantization_config
+        >>> type(qmodel).__name__, config.bits, config.num_images
+        ('ViTForImageClassification', 'w4a8', 4)
+        ```
         """
         model = model if model is not None else self.model
         if model is None:
@@ -235,7 +262,26 @@ class DataFreeViTQuantizer(OptimumQuantizer):
         image_processor: Any | None,
         cache_dir: str | os.PathLike | None = None,
     ) -> CalibrationSet:
-        """Builds the calibration set of a run: synthesized, or from the given real data."""
+        """Builds the calibration set of a run: synthesized, or from the given real data.
+
+        Args:
+            model (`PreTrainedModel`): the float model (synthesis inverts it; its image size is checked).
+            config (`DFQConfig`): the run's config (`synthesizer`, `synthesizer_kwargs`, `num_images`, `seed`, and
+                `calibration_dataset` when `calibration_dataset` is `None`).
+            calibration_dataset (*optional*): real data as accepted by [`~DataFreeViTQuantizer.quantize`]; `None`
+                synthesizes (or loads `config.calibration_dataset`).
+            image_processor (*optional*): the model's image processor.
+            cache_dir (`str` or `os.PathLike`, *optional*): synthesis cache folder.
+
+        Returns:
+            [`CalibrationSet`]: the images, checked against the model's image size.
+
+        Raises:
+            `CalibrationError`: malformed, empty or streaming calibration data.
+            `ConfigError`: `cache_dir` for a synthesizer without a cache.
+            `ImageSizeError`: images of another size than the model's.
+            `SynthesisError`: an unknown synthesizer or a failed synthesis.
+        """
         if calibration_dataset is None and config.calibration_dataset:
             spec = config.calibration_dataset
             calibration_dataset = load_image_dataset(spec["path"], spec.get("split", "train"), spec.get("name"))
