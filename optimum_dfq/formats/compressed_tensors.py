@@ -82,6 +82,11 @@ def _asymmetric(quantizer: Quantizer) -> bool:
     return not (isinstance(quantizer, UniformQuantizer) and bool((quantizer.zero_point == symmetric_zero).all()))
 
 
+def _zero_point_fits_int8(quantizer: UniformQuantizer) -> bool:
+    signed = quantizer.zero_point - 2 ** (quantizer.bits - 1)  # compressed-tensors' signed-code convention
+    return bool(((signed >= -128) & (signed <= 127)).all())
+
+
 def compressed_tensors_blockers(model: nn.Module, exact: bool = True) -> list[str]:
     """What a compressed-tensors export of `model` would lose (empty when it is expressible).
 
@@ -124,6 +129,15 @@ def compressed_tensors_blockers(model: nn.Module, exact: bool = True) -> list[st
         problems.append(f"the bias that re-parameterisation added to {', '.join(added)} (the float architecture has "
                         "none there): use post_layernorm='per_tensor'")
     inputs = _input_quantizers(model)
+    with_zero_points = [] if config.weight_symmetric else [(f"{n}.weight", m.weight_quantizer)
+                                                           for n, m in _quantized_linears(model)]
+    if config.activation_bits is not None:
+        with_zero_points += [(f"{n}.input", q) for n, q in inputs.items() if isinstance(q, UniformQuantizer)]
+    unstorable = [name for name, quantizer in with_zero_points if not _zero_point_fits_int8(quantizer)]
+    if unstorable:
+        problems.append(f"the zero points of {', '.join(unstorable)}: outside the int8 range compressed-tensors stores "
+                        "them in (their calibrated range excludes 0, e.g. a weight row of one sign); keep those "
+                        "layers in float (modules_to_not_convert) or use weight_symmetric=True")
     if config.activation_bits is not None:
         missing = [n for n, q in inputs.items() if q is None]
         if missing:

@@ -101,6 +101,22 @@ def test_unexpressible_configs_raise_naming_the_loss(tmp_path):
         swin.save_pretrained(tmp_path, format="onnx")
 
 
+
+def test_a_zero_point_int8_cannot_hold_is_refused(tmp_path):
+    # a classifier row of positive weights: at 8 bits its zero point is far below 0 and, stored in compressed-tensors'
+    # int8 zero point, wrapped around: plain transformers then predicted that class 30% off, silently
+    def positive_row():
+        model = tiny_vit()
+        with torch.no_grad():
+            model.classifier.weight[3] = model.classifier.weight[3].abs() + 0.05
+        return model
+
+    qmodel = quantize(positive_row, "w8a16")
+    assert float(qmodel.classifier.weight_quantizer.zero_point.flatten()[3]) - 128 < -128
+    with pytest.raises(ConfigError, match=r"zero points of classifier\.weight: outside the int8 range"):
+        qmodel.save_pretrained(tmp_path, format="compressed-tensors")
+    assert not (tmp_path / "config.json").exists()
+
 def test_missing_package_is_named(monkeypatch, tmp_path):
     qmodel = quantize(tiny_vit, "w4a16")
     monkeypatch.setitem(sys.modules, "compressed_tensors", None)
