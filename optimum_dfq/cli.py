@@ -13,11 +13,13 @@ and `export` are not sharded: under a launcher they run on the main process only
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
+import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 PROG = "optimum-dfq"
@@ -26,6 +28,10 @@ PROG = "optimum-dfq"
 BATCH_SIZE_HELP = ("images synthesized together (default: min(32, ceil(num_images / processes)), so that every process "
                    "gets a batch; fix it to make the images independent of the number of processes: another batch "
                    "size gives slightly different images)")
+CACHE_DIR_HELP = ("synthesis cache folder, shared by every process: a finished run with the same arguments is reused, "
+                  "and a run started again after an interruption resumes from its finished batches")
+VERBOSE_HELP = ("log what the run does (INFO, main process only): cache use and, every log_every steps, the synthesis "
+                "loss terms")
 
 def _add_quantize(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -53,6 +59,8 @@ def _add_quantize(subparsers) -> None:
     parser.add_argument("--calibration-split", default="train", help="split of --calibration-dataset")
     parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="also push the result to this Hub repo")
     parser.add_argument("--batch-size", type=int, default=None, help=BATCH_SIZE_HELP)
+    parser.add_argument("--cache-dir", default=None, help=CACHE_DIR_HELP)
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     parser.set_defaults(handler=run_quantize)
 
 
@@ -74,6 +82,8 @@ def _add_synthesize(subparsers) -> None:
                         help="total optimisation steps, split over the synthesizer's phases (the first phases get "
                         "one more step when the total does not divide evenly, e.g. 5 -> 3 + 2; default: the paper's, "
                         "e.g. 2 x 500 for psaq)")
+    parser.add_argument("--cache-dir", default=None, help=CACHE_DIR_HELP)
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     parser.set_defaults(handler=run_synthesize)
 
 
@@ -284,6 +294,14 @@ def _check_batch_size(synthesizer, batch_size: int) -> None:
         raise DFQError(f"--batch-size must be at least 1, got {batch_size}.")
 
 
+def _check_cache_dir(synthesizer) -> None:
+    """Refuses `--cache-dir` for a synthesizer that keeps no cache (one that does not optimise images)."""
+    from .errors import DFQError
+
+    if "cache_dir" not in inspect.signature(synthesizer.synthesize).parameters:
+        raise DFQError(f"Synthesizer '{synthesizer.name}' has no cache; drop --cache-dir.")
+
+
 def _check_real_data_flags(args: argparse.Namespace, config) -> None:
     """Refuses the synthesis flags of `quantize` when its images come from a dataset, which they would not affect."""
     from .errors import DFQError
@@ -296,6 +314,9 @@ def _check_real_data_flags(args: argparse.Namespace, config) -> None:
     if args.batch_size is not None:
         raise DFQError(f"--batch-size sets the synthesis batch size, but this run calibrates on real images; "
                        f"drop --batch-size. The images come from {where}.")
+    if args.cache_dir is not None:
+        raise DFQError(f"--cache-dir caches synthesized images, but this run calibrates on real images; drop "
+                       f"--cache-dir. The images come from {where}.")
 
 
 def _check_run_synthesizer(config, args: argparse.Namespace):
@@ -355,6 +376,8 @@ def run_quantize(args: argparse.Namespace) -> int:
         if args.batch_size is not None:
             _check_batch_size(synthesizer, args.batch_size)
             config = config.replace(synthesizer_kwargs={**config.synthesizer_kwargs, "batch_size": args.batch_size})
+        if args.cache_dir is not None:
+            _check_cache_dir(synthesizer)
     _resolve_model(args.model)
     _check_output_dir(args.output_dir)
 
@@ -370,6 +393,7 @@ def run_quantize(args: argparse.Namespace) -> int:
             dataset = load_image_dataset(args.calibration_dataset, args.calibration_split)
     qmodel = quantizer.quantize(bits=args.bits, config=config, synthesizer=args.synthesizer,
                                 num_images=args.num_images, seed=args.seed, calibration_dataset=dataset,
+                                cache_dir=args.cache_dir,
                                 save_dir=args.output_dir if state.is_main_process else None)
     if state.is_main_process:
         final = qmodel.config.quantization_config
@@ -391,6 +415,8 @@ def run_synthesize(args: argparse.Namespace) -> int:
     synthesizer = _build_synthesizer(args.synthesizer, args.iterations)
     if args.batch_size is not None:
         _check_batch_size(synthesizer, args.batch_size)
+    if args.cache_dir is not None:
+        _check_cache_dir(synthesizer)
     _resolve_model(args.model)
     _check_output_dir(args.output_dir)
 
@@ -398,6 +424,8 @@ def run_synthesize(args: argparse.Namespace) -> int:
     with state.main_process_first():
         quantizer = _load_quantizer(args.model)
     extra = {} if args.batch_size is None else {"batch_size": args.batch_size}
+    if args.cache_dir is not None:
+        extra["cache_dir"] = args.cache_dir
     calibration = synthesizer.synthesize(quantizer.model, args.num_images, seed=args.seed,
                                          image_processor=quantizer.image_processor, **extra)
     if state.is_main_process:
@@ -479,6 +507,29 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+@contextlib.contextmanager
+def _verbose_logging(verbose: bool) -> Iterator[None]:
+    """With `verbose`, shows the library's INFO logs (cache use, synthesis loss terms) on stderr, on the main process
+    only (rank 0 under a launcher), written above the progress bars instead of through them."""
+    if not verbose or os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    logger = logging.getLogger("optimum_dfq")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with logging_redirect_tqdm([logger]):
+            yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
     """Runs the handler of a parsed command; user errors become one line on stderr and exit status 2."""
     handler = getattr(args, "handler", None)
@@ -486,7 +537,8 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
         (parser or build_parser()).print_help()
         return 2
     try:
-        return handler(args)
+        with _verbose_logging(getattr(args, "verbose", False)):
+            return handler(args)
     except _user_errors() as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         # Under torchrun / accelerate launch every process may hit the error: say which one printed it.

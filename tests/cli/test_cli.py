@@ -96,6 +96,34 @@ def test_synthesize_saves_a_dataset_and_a_grid(model_dir, tmp_path, synthesizer,
         assert grid.size[0] >= 32 and grid.size[1] >= 32
 
 
+def test_verbose_shows_the_loss_terms_and_cache_dir_resumes_an_interrupted_run(model_dir, tmp_path):
+    """The loss terms are INFO logs, hidden by default and shown by --verbose; with --cache-dir a run started again
+    after an interruption resumes from its finished batches and ends with the images of an uninterrupted run."""
+    import shutil
+
+    import torch
+
+    from optimum_dfq.synthesis import load_calibration_set
+
+    cache = tmp_path / "cache"
+    args = ["--synthesizer", "psaq", "--num-images", "2", "--batch-size", "1", "--iterations", "4", "--cache-dir",
+            str(cache)]
+    quiet = run_cli("synthesize", str(model_dir), str(tmp_path / "a"), *args)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "step 1/4" not in quiet.stderr
+    assert sorted(path.name for path in cache.glob("*/shards/*.safetensors")) == [
+        "00000000-00000001.safetensors", "00000001-00000002.safetensors"]
+    shutil.rmtree(next(cache.glob("*/calibration_set")))  # as if interrupted during the second batch
+    next(cache.glob("*/shards/00000001-00000002.safetensors")).unlink()
+    verbose = run_cli("synthesize", str(model_dir), str(tmp_path / "b"), *args, "--verbose")
+    assert verbose.returncode == 0, verbose.stderr
+    assert "Resuming: 1 of 2 images already cached" in verbose.stderr
+    assert "images 1-1 step 1/4" in verbose.stderr and "ce=" in verbose.stderr
+    assert "images 0-0 step" not in verbose.stderr  # the cached batch is not optimised again
+    first, resumed = load_calibration_set(tmp_path / "a"), load_calibration_set(tmp_path / "b")
+    assert torch.equal(first.pixel_values, resumed.pixel_values)
+
+
 def test_quantize_with_real_calibration_data(model_dir, tmp_path):
     """--calibration-dataset replaces a recipe's dataset, and the saved config and the result line name the one used."""
     recipe = tmp_path / "real.yaml"
@@ -191,6 +219,12 @@ def no_model_loading(monkeypatch):
          "the recipe's synthesizer_kwargs {{'hardness_weight': 10.0}} are for 'dfq-vit'"),
         (["quantize", "{model}", "{out}", "--synthesizer", "gaussian", "--batch-size", "2"], "drop --batch-size"),
         (["quantize", "{model}", "{out}", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["synthesize", "{model}", "{out}", "--synthesizer", "gaussian", "--cache-dir", "{tmp}/c"],
+         "has no cache; drop --cache-dir"),
+        (["quantize", "{model}", "{out}", "--synthesizer", "gaussian", "--cache-dir", "{tmp}/c"],
+         "has no cache; drop --cache-dir"),
+        (["quantize", "{model}", "{out}", "--calibration-dataset", "x.parquet", "--cache-dir", "{tmp}/c"],
+         "calibrates on real images; drop --cache-dir"),
         (["evaluate", "{model}", "--dataset", "x.parquet", "--batch-size", "0"], "--batch-size must be at least 1"),
         (["evaluate", "{model}", "--dataset", "x.parquet", "--limit", "0"], "--limit must be at least 1"),
         (["evaluate", "{model}", "--dataset", "x.parquet", "--output", "{tmp}"], "--output {tmp} is a folder"),
