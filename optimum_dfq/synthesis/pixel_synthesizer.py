@@ -291,7 +291,8 @@ class PixelSynthesizer(Synthesizer):
             cache_dir (`str` or `PathLike`, *optional*): cache root; a finished run with the same synthesizer,
                 resolved hyper-parameters (`log_every` aside), model weights and configuration, normalisation, seed
                 and `num_images` is loaded instead of recomputed (whatever its `batch_size`, recorded in the set's
-                metadata), and an interrupted one resumes with the batches it has not finished. Cached batches of
+                metadata), and an interrupted one resumes with the batches it has not finished (on Ctrl-C a warning
+                says how many images are cached; the batches being optimised start again). Cached batches of
                 another `batch_size` are ignored.
             device (`str` or `torch.device`, *optional*): where to optimise (the model's device by default; the model
                 is moved there for the run and back afterwards).
@@ -354,11 +355,15 @@ class PixelSynthesizer(Synthesizer):
         if done:
             _log_main(state, "Resuming: %d of %d images already cached", sum(b - a for a, b in done), num_images)
         _warn_idle_processes(state, len(pending), batch_size)
-        with frozen_model(model, device) as run_device:
-            info = ModelInfo(model, adapter, probe_attention_sites(model, adapter), shape,
-                             int(model.config.num_labels), run_device, (list(mean), list(std)))
-            my_chunks = shard_chunks(pending, state.process_index, state.num_processes)
-            records = self._run_chunks(info, my_chunks, seed, config, state, cache, on_batch_end)
+        try:
+            with frozen_model(model, device) as run_device:
+                info = ModelInfo(model, adapter, probe_attention_sites(model, adapter), shape,
+                                 int(model.config.num_labels), run_device, (list(mean), list(std)))
+                my_chunks = shard_chunks(pending, state.process_index, state.num_processes)
+                records = self._run_chunks(info, my_chunks, seed, config, state, cache, on_batch_end)
+        except KeyboardInterrupt:
+            _warn_interrupted(state, cache, grid)
+            raise
         records = gather_lists(state, records)
         if cache is not None:
             records += [cache.read_shard(start, stop) for start, stop in done]
@@ -533,6 +538,21 @@ def _check_cover(records: list[BatchRecord], grid: list[tuple[int, int]], cache:
 def _log_main(state, message: str, *args) -> None:
     if state.is_main_process:
         logger.info(message, *args)
+
+
+def _warn_interrupted(state, cache: SynthesisCache | None, grid: list[tuple[int, int]]) -> None:
+    """Says, on Ctrl-C, what an interrupted run keeps and how to resume it."""
+    if not state.is_main_process:
+        return
+    if cache is None:
+        logger.warning("Synthesis interrupted: the images synthesized so far are not kept. Pass cache_dir= "
+                       "(--cache-dir) to keep every finished batch and resume an interrupted run.")
+        return
+    on_grid = set(grid)
+    cached = sum(stop - start for start, stop in cache.shard_ranges() if (start, stop) in on_grid)
+    logger.warning("Synthesis interrupted: %d of %d images are cached in %s. Run it again with the same cache_dir and "
+                   "batch_size to resume (the batches being optimised start again).", cached, grid[-1][1],
+                   cache.directory)
 
 
 def _warn_idle_processes(state, num_batches: int, batch_size: int) -> None:

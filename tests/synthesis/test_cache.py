@@ -63,6 +63,28 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(name, tmp_path, mon
     assert (run_dir / "calibration_set").is_dir()
 
 
+@pytest.mark.parametrize("cached", [True, False])
+def test_ctrl_c_keeps_the_finished_batches_and_says_how_to_resume(cached, tmp_path, monkeypatch, caplog):
+    real = pixel_synthesizer.optimize_batch
+
+    def ctrl_c_during_the_third_batch(model, plan, *args, **kwargs):
+        if plan.indices[0] == 4:
+            raise KeyboardInterrupt
+        return real(model, plan, *args, **kwargs)
+
+    monkeypatch.setattr(pixel_synthesizer, "optimize_batch", ctrl_c_during_the_third_batch)
+    cache_dir = tmp_path if cached else None
+    with pytest.raises(KeyboardInterrupt), caplog.at_level("WARNING"):
+        get_synthesizer("psaq", **FAST).synthesize(tiny_vit(), 6, seed=0, batch_size=2, cache_dir=cache_dir, **NORM)
+    (message,) = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    if cached:
+        (run_dir,) = tmp_path.iterdir()
+        assert len(list((run_dir / "shards").iterdir())) == 2
+        assert f"4 of 6 images are cached in {run_dir}" in message and "same cache_dir and batch_size" in message
+    else:
+        assert "not kept" in message and "cache_dir=" in message
+
+
 def test_finished_run_is_reused_without_optimising(tmp_path, monkeypatch):
     model = tiny_vit()
     first = get_synthesizer("psaq", **FAST).synthesize(model, 3, seed=0, cache_dir=tmp_path, **NORM)
