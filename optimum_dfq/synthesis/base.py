@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numbers
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 from ..calibration.data import CalibrationSet
-from ..errors import SynthesisError
+from ..errors import DFQError, SynthesisError
 from ..registry import qualified_name, register_unique
 
 SYNTHESIZERS: dict[str, type[Synthesizer]] = {}
@@ -67,8 +68,9 @@ def get_synthesizer(name: str, **hyperparameters: Any) -> Synthesizer:
         `Synthesizer`: a new instance of the registered class.
 
     Raises:
-        `SynthesisError`: if `name` is not registered, or if the constructor raises a `TypeError` (e.g. an unknown
-            keyword). Other errors of the constructor's own checks propagate unchanged.
+        `SynthesisError`: if `name` is not registered, or if the constructor raises a `TypeError` or `ValueError` (an
+            unknown keyword, a value of the wrong type); the message names the hyper-parameters given. Errors of the
+            constructor's own checks (`DFQError`s) propagate unchanged.
 
     Example:
 
@@ -88,8 +90,30 @@ def get_synthesizer(name: str, **hyperparameters: Any) -> Synthesizer:
         ) from None
     try:
         return cls(**hyperparameters)
-    except TypeError as err:
-        raise SynthesisError(f"Invalid hyper-parameters for synthesizer {name!r}: {err}") from err
+    except DFQError:
+        raise
+    except (TypeError, ValueError) as err:  # an unknown keyword, or int("abc")/float("fast") on a wrong type
+        given = ", ".join(f"{key}={value!r}" for key, value in hyperparameters.items())
+        raise SynthesisError(f"Invalid hyper-parameters for synthesizer {name!r} ({given}): {err}") from err
+
+
+def check_synthesis_arguments(num_images: Any, seed: Any) -> None:
+    """Refuses an image count that is not a positive `int` or a seed that is not an integer, before any work.
+
+    Args:
+        num_images: the requested number of images.
+        seed: the run's seed.
+
+    Raises:
+        `SynthesisError`: naming the argument, what it must be, and the value given.
+
+    Example:
+        >>> check_synthesis_arguments(32, 0)
+    """
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+        raise SynthesisError(f"num_images must be a positive integer, got {num_images!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise SynthesisError(f"seed must be an integer (e.g. seed=0), got {seed!r}.")
 
 
 class Synthesizer(ABC):

@@ -7,7 +7,7 @@ import hashlib
 import torch
 
 from ..calibration.data import CalibrationSet, expected_image_shape
-from .base import Synthesizer, register_synthesizer
+from .base import Synthesizer, check_synthesis_arguments, register_synthesizer
 
 # Indices below this keep the linear seed formula that earlier releases (and their synthesis caches) used.
 _LINEAR_STREAMS = 1_000_003
@@ -74,6 +74,7 @@ class GaussianSynthesizer(Synthesizer):
         self.std = float(std)
 
     def synthesize(self, model, num_images: int, *, seed: int = 0, image_processor=None) -> CalibrationSet:
+        check_synthesis_arguments(num_images, seed)
         shape = expected_image_shape(model)
         images = [torch.randn(shape, generator=image_generator(seed, i)) for i in range(num_images)]
         pixel_values = torch.stack(images) * self.std + self.mean if images else torch.empty(0, *shape)

@@ -33,7 +33,7 @@ from ..errors import SynthesisError
 from ..models.adapters import ModelAdapter, get_adapter, window_sizes_kept
 from ..registry import qualified_name
 from ..version import __version__
-from .base import SYNTHESIZERS, Synthesizer
+from .base import SYNTHESIZERS, Synthesizer, check_synthesis_arguments
 from .cache import SynthesisCache
 from .context import BatchPlan, BatchRecord
 from .dataset import to_jsonable
@@ -160,9 +160,9 @@ class PixelSynthesizer(Synthesizer):
         self.lr = None if lr is None else float(lr)
         self.betas = tuple(float(b) for b in betas)
         self.eps = float(eps)
-        self.iterations = tuple(int(n) for n in (iterations if isinstance(iterations, Sequence) else [iterations]))
-        self.warmup = int(warmup)
-        self.jitter = tuple(int(j) for j in (jitter if isinstance(jitter, Sequence) else [jitter]))
+        self.iterations = _whole_numbers("iterations", iterations)
+        (self.warmup,) = _whole_numbers("warmup", warmup)
+        self.jitter = _whole_numbers("jitter", jitter)
         if jitter_reference is not None and (isinstance(jitter_reference, bool) or not isinstance(jitter_reference, int)
                                              or jitter_reference < 1):
             raise SynthesisError(f"jitter_reference must be a positive input side in pixels (e.g. 224) or None; got "
@@ -328,8 +328,7 @@ class PixelSynthesizer(Synthesizer):
         (torch.Size([2, 3, 32, 32]), 'psaq', 2)
         ```
         """
-        if not isinstance(num_images, int) or num_images < 1:
-            raise SynthesisError(f"num_images must be a positive integer, got {num_images!r}.")
+        check_synthesis_arguments(num_images, seed)
         state = resolve_state(state)
         batch_size = grid_batch_size(num_images, batch_size if batch_size is not None else self.batch_size,
                                      state.num_processes)
@@ -523,6 +522,17 @@ def batch_grid(num_images: int, batch_size: int) -> list[tuple[int, int]]:
         [(0, 2), (2, 4), (4, 5)]
     """
     return [(start, min(start + batch_size, num_images)) for start in range(0, num_images, batch_size)]
+
+
+def _whole_numbers(name: str, values: Sequence[int] | int) -> tuple[int, ...]:
+    """`values` (one number or a sequence) as a tuple of `int`s; a string or a fractional number is refused rather
+    than truncated (`iterations=2.7` is not 2 steps)."""
+    values = tuple(values) if isinstance(values, Sequence) and not isinstance(values, str) else (values,)
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value).is_integer():
+            raise SynthesisError(f"{name} must be whole numbers (one per phase, e.g. {name}=(500, 500)); got "
+                                 f"{values if len(values) > 1 else values[0]!r}.")
+    return tuple(int(value) for value in values)
 
 
 def _check_cover(records: list[BatchRecord], grid: list[tuple[int, int]], cache: SynthesisCache | None) -> None:

@@ -169,6 +169,37 @@ def test_clear_errors():
         get_synthesizer("psaq", **FAST).synthesize(tiny_vit(), 0, **NORM)
 
 
+@pytest.mark.parametrize("name", [*SYNTHESIZERS, "gaussian"])
+@pytest.mark.parametrize("num_images, seed, match", [
+    (0, 0, "num_images must be a positive integer, got 0"),
+    (-1, 0, "num_images must be a positive integer, got -1"),
+    (2.0, 0, "num_images must be a positive integer, got 2.0"),
+    (True, 0, "num_images must be a positive integer, got True"),
+    (2, 2.5, "seed must be an integer"),  # was torch's "manual_seed expected a long"
+    (2, "1", "seed must be an integer"),
+    (2, None, "seed must be an integer"),
+])
+def test_every_synthesizer_refuses_a_bad_image_count_or_seed(name, num_images, seed, match):
+    synthesizer = get_synthesizer(name) if name == "gaussian" else get_synthesizer(name, **FAST)
+    norm = {} if name == "gaussian" else NORM
+    with pytest.raises(SynthesisError, match=match):
+        synthesizer.synthesize(tiny_vit(), num_images, seed=seed, **norm)
+
+
+@pytest.mark.parametrize("name", SYNTHESIZERS)
+@pytest.mark.parametrize("kwargs, match", [
+    ({"lr": "fast"}, r"synthesizer '.*' \(lr='fast'\)"),  # was a bare "could not convert string to float"
+    ({"iterations": "abc"}, "iterations must be whole numbers .* got 'abc'"),  # was int("a")'s ValueError
+    ({"iterations": 2.7}, "iterations must be whole numbers"),  # was silently truncated to 2 steps
+    ({"iterations": (3, 2.5)}, "iterations must be whole numbers"),
+    ({"warmup": 1.5}, "warmup must be whole numbers"),
+    ({"jitter": (2, 0.5)}, "jitter must be whole numbers"),
+])
+def test_hyperparameters_of_a_wrong_type_name_the_parameter(name, kwargs, match):
+    with pytest.raises(SynthesisError, match=match):
+        get_synthesizer(name, **kwargs)
+
+
 @pytest.mark.parametrize("num_labels", [0, 1])
 @pytest.mark.parametrize("name", SYNTHESIZERS)
 def test_class_conditional_synthesizers_refuse_a_head_without_classes(name, num_labels):
