@@ -132,7 +132,8 @@ def optimize_batch(
         `BatchResult`: the final images and the per-step loss history.
 
     Raises:
-        `SynthesisError`: if the loss becomes NaN/inf, or if every term has weight 0 at some step.
+        `SynthesisError`: if the loss or its gradient with respect to the pixels becomes NaN/inf, or if every term
+            has weight 0 at some step.
 
     Example:
 
@@ -190,6 +191,8 @@ def optimize_batch(
                     _raise_non_finite(values, plan, ctx)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if not bool(torch.isfinite(images.grad).all()):  # else Adam turns the pixels to NaN silently
+                    _raise_non_finite_gradient(plan, ctx)
                 optimizer.step()
                 with torch.no_grad():
                     for channel, (low, high) in enumerate(channel_bounds):
@@ -246,6 +249,15 @@ def _raise_non_finite(values: dict[str, torch.Tensor | None], plan: BatchPlan, c
                              "weights (check the weight schedule).")
     raise SynthesisError(f"{where}: every loss term is finite, but their weighted sum overflowed (weights at this "
                          f"step: {weights}). Lower the largest weight.")
+
+
+def _raise_non_finite_gradient(plan: BatchPlan, ctx: StepContext) -> None:
+    raise SynthesisError(
+        f"At step {ctx.step} for images {plan.indices[0]}..{plan.indices[-1]} the synthesis loss is finite but its "
+        "gradient with respect to the pixels is NaN/inf: the model's backward pass overflows on these images. Check "
+        "the model's outputs (logits far beyond the usual range point at broken or rescaled weights; run it in "
+        "float32), or lower the loss terms' weights."
+    )
 
 
 def _as_sequence(value) -> tuple:

@@ -174,6 +174,16 @@ def test_an_overflowing_weighted_sum_is_told_apart_from_a_non_finite_term():
                        num_prefix_tokens=1, seed=0)
 
 
+def test_a_finite_loss_with_a_non_finite_gradient_is_caught_at_its_own_step():
+    # Logits near float32's maximum: the loss is finite but its backward pass overflows. The pixels used to become
+    # NaN silently, and the next step blamed every term (the TV prior too, which reads only the pixels).
+    model = tiny_vit()
+    with torch.no_grad():
+        model.classifier.weight.mul_(1e38)
+    with pytest.raises(SynthesisError, match=r"At step 0 .*loss is finite but its gradient .* pixels is NaN/inf"):
+        get_synthesizer("psaq", **FAST).synthesize(model, 2, **NORM)
+
+
 def test_model_is_left_unchanged():
     model = tiny_vit().train()
     model.classifier.weight.requires_grad_(False)
