@@ -129,3 +129,17 @@ def test_hardness_settings_enter_the_cache_key_only_when_the_term_is_on():
     on = resolved(hardness_weight=1.0)
     assert (on["hardness_weight"], on["hardness_phase"], on["provisional"]) == (1.0, 1, {})
     assert resolved(hardness_weight=1.0, provisional={"bits": "w3a4"}) != on
+
+
+@pytest.mark.parametrize("synthesizer", [("psaq", {}), ("sardfq", {}), ("dfq-vit", {}),
+                                         ("dfq-vit", {"hardness_weight": 10})])
+def test_synthesis_leaves_the_global_random_state_alone(synthesizer):
+    # The provisional model's quantized layers are built like torch.nn layers, whose constructors draw their
+    # (overwritten) initial weights from the global generator: the user's next random draws changed.
+    name, kwargs = synthesizer
+    model = tiny_vit()
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    get_synthesizer(name, **FAST, **kwargs).synthesize(model, 2, **NORM)
+    assert torch.equal(torch.get_rng_state(), before)
+
