@@ -187,8 +187,9 @@ class DataFreeViTQuantizer(OptimumQuantizer):
             check_processor_output_size(image_processor, expected_image_shape(model))
 
         qmodel = _float32_copy(model)
-        torch.manual_seed(config.seed)
-        with window_sizes_kept(qmodel):
+        # the run draws from its own seeded stream; the caller's random state is restored afterwards
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())), window_sizes_kept(qmodel):
+            torch.manual_seed(config.seed)
             calibration = self.calibration_set(qmodel, config, calibration_dataset, image_processor, cache_dir)
             config = _record_image_count(config, len(calibration), requested=num_images)
             config, input_normalization = resolve_input_range(config, image_processor)

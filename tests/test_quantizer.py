@@ -139,6 +139,16 @@ def test_seeded_runs_are_reproducible():
     assert not torch.equal(a, c)
 
 
+
+def test_quantize_leaves_the_caller_s_random_state_alone():
+    # quantize() seeds its own stream (config.seed); the caller's next draws must not depend on having called it
+    model = tiny_vit()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    DataFreeViTQuantizer().quantize(model, bits="w4a4", num_images=4, seed=7, synthesizer="gaussian")
+    assert torch.equal(torch.rand(3), expected)
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_model_is_quantized_as_a_float32_copy(dtype, caplog):
     pixels = torch.randn(2, 3, 32, 32)
