@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -25,6 +24,7 @@ from .losses import (
     TotalVariationTerm,
     float_quantized_kl,
     kde_options,
+    loss_weights,
 )
 from .pixel_synthesizer import ModelInfo, PixelSynthesizer
 from .provisional import provisional_config, provisional_quantized_model
@@ -121,9 +121,9 @@ class DFQViTSynthesizer(PixelSynthesizer):
                     f"{name}={phase} must name one of the {len(self.iterations)} phases (iterations="
                     f"{self.iterations}); otherwise its term never switches on."
                 )
-        if not (math.isfinite(float(hardness_weight)) and float(hardness_weight) >= 0):
-            raise SynthesisError(f"hardness_weight={hardness_weight} must be >= 0 and finite (0 turns the hardness "
-                                 "term off).")
+        local_weight, hardness_weight, tv_weight = loss_weights(
+            local_weight=local_weight, hardness_weight=hardness_weight, tv_weight=tv_weight
+        )
         self.class_loss = class_loss
         self.soft_label_range = tuple(float(v) for v in soft_label_range)
         self.local_weight, self.local_phase = float(local_weight), int(local_phase)

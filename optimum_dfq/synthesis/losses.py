@@ -557,3 +557,30 @@ def aligned_attention(probs: torch.Tensor, batch: int, windows: int, num_prefix_
         return row.view(batch, 1, *row.shape[1:])
     averaged = probs.mean(dim=2)
     return averaged.view(batch, windows, *averaged.shape[1:])
+
+
+def loss_weights(**weights: float) -> tuple[float, ...]:
+    """Checks the weights of a synthesizer's loss terms: each a finite number >= 0 (0 turns its term off).
+
+    A negative weight would turn a term the method minimises into one it maximises (a TV prior rewarding noise), so
+    it is refused instead of run.
+
+    Args:
+        **weights (`float`): the weights by keyword name (the name is used in the error).
+
+    Returns:
+        `tuple[float, ...]`: the weights as `float`s, in the order given.
+
+    Raises:
+        `SynthesisError`: naming each weight that is negative, NaN/inf or not a number.
+
+    Example:
+        >>> loss_weights(ce_weight=1, tv_weight=0.05)
+        (1.0, 0.05)
+    """
+    bad = {name: value for name, value in weights.items() if isinstance(value, bool)
+           or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value >= 0)}
+    if bad:
+        shown = ", ".join(f"{name}={value!r}" for name, value in bad.items())
+        raise SynthesisError(f"Loss-term weights must be finite numbers >= 0 (0 turns a term off); got {shown}.")
+    return tuple(float(value) for value in weights.values())

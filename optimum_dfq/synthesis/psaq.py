@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from .base import register_synthesizer
 from .context import BatchPlan
-from .losses import CrossEntropyTerm, PatchSimilarityEntropyTerm, TotalVariationTerm, kde_options
+from .losses import CrossEntropyTerm, PatchSimilarityEntropyTerm, TotalVariationTerm, kde_options, loss_weights
 from .pixel_synthesizer import ModelInfo, PixelSynthesizer
 from .targets import initial_noise, random_labels, uniform_per_image
 
@@ -63,7 +63,9 @@ class PSAQSynthesizer(PixelSynthesizer):
         **engine_kwargs,
     ) -> None:
         super().__init__(**engine_kwargs)
-        self.pse_weight, self.ce_weight, self.tv_weight = float(pse_weight), float(ce_weight), float(tv_weight)
+        self.pse_weight, self.ce_weight, self.tv_weight = loss_weights(
+            pse_weight=pse_weight, ce_weight=ce_weight, tv_weight=tv_weight
+        )
         self.tv_target = tuple(float(t) for t in tv_target)
         self.tv_reference = None if tv_reference is None else tuple(int(r) for r in tv_reference)
         self.kde_bandwidth, self.kde_points, self.kde_floor = kde_options(kde_bandwidth, kde_points, kde_floor)

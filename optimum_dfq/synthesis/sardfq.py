@@ -12,7 +12,7 @@ from .base import register_synthesizer
 from .context import BatchPlan
 from .features import AttentionSite
 from .geometry import TokenGrid
-from .losses import AttentionPriorTerm, SoftLabelTerm, TotalVariationTerm
+from .losses import AttentionPriorTerm, SoftLabelTerm, TotalVariationTerm, loss_weights
 from .pixel_synthesizer import ModelInfo, PixelSynthesizer
 from .priors import gaussian_mixture_maps
 from .seeding import stream_generator
@@ -91,13 +91,15 @@ class SARDFQSynthesizer(PixelSynthesizer):
         **engine_kwargs,
     ) -> None:
         super().__init__(**engine_kwargs)
-        self.apa_weight, self.apa_components = float(apa_weight), int(apa_components)
+        self.apa_weight, self.sl_weight, self.tv_weight = loss_weights(
+            apa_weight=apa_weight, sl_weight=sl_weight, tv_weight=tv_weight
+        )
+        self.apa_components = int(apa_components)
         self.apa_sigma = tuple(float(s) for s in apa_sigma)
         self.apa_start = float(apa_start)
         self.apa_follow_augmentation = bool(apa_follow_augmentation)
         self.msr_regions = int(msr_regions)
         self.soft_label_range = tuple(float(v) for v in soft_label_range)
-        self.sl_weight, self.tv_weight = float(sl_weight), float(tv_weight)
         self.tv_target = tuple(float(t) for t in tv_target)
         self.tv_reference = None if tv_reference is None else tuple(int(r) for r in tv_reference)
         if self.apa_components < 1 or not 0 <= self.apa_start < 1 or not 0 <= self.msr_regions <= 4:

@@ -271,3 +271,16 @@ def test_jitter_reference_scales_the_offsets_to_the_input_and_keys_on_the_result
     for bad in (0, -224, 22.4, True):
         with pytest.raises(SynthesisError, match="jitter_reference"):
             get_synthesizer("psaq", jitter_reference=bad)
+
+
+@pytest.mark.parametrize("name,weight", [
+    ("psaq", "pse_weight"), ("psaq", "ce_weight"), ("psaq", "tv_weight"),
+    ("sardfq", "apa_weight"), ("sardfq", "sl_weight"), ("sardfq", "tv_weight"),
+    ("dfq-vit", "local_weight"), ("dfq-vit", "tv_weight"),
+])
+def test_negative_or_non_finite_loss_weights_are_refused(name, weight):
+    # a negative weight turns a term the method minimises into one it maximises (a TV prior rewarding noise)
+    for value in (-0.5, float("inf"), "1"):
+        with pytest.raises(SynthesisError, match=rf"finite numbers >= 0 .*; got {weight}={value!r}"):
+            get_synthesizer(name, **FAST, **{weight: value})
+    assert getattr(get_synthesizer(name, **FAST, **{weight: 0}), weight) == 0.0  # 0 turns the term off
