@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 
 from ..calibration.data import CalibrationSet, expected_image_shape
+from ..errors import SynthesisError
 from .base import Synthesizer, check_synthesis_arguments, register_synthesizer
 
 # Indices below this keep the linear seed formula that earlier releases (and their synthesis caches) used.
@@ -63,13 +65,19 @@ class GaussianSynthesizer(Synthesizer):
     calibration as real images.
 
     Args:
-        mean (`float`, defaults to 0.0), std (`float`, defaults to 1.0): parameters of the noise.
+        mean (`float`, defaults to 0.0), std (`float`, defaults to 1.0): parameters of the noise (finite, std > 0).
+
+    Raises:
+        `SynthesisError`: for a NaN/inf mean or std, or std <= 0.
 
     Example:
         >>> calib = GaussianSynthesizer().synthesize(model, 32, seed=0)  # doctest: +SKIP
     """
 
     def __init__(self, mean: float = 0.0, std: float = 1.0) -> None:
+        if not (math.isfinite(float(mean)) and math.isfinite(float(std)) and float(std) > 0):
+            raise SynthesisError(f"The Gaussian noise needs a finite mean and a finite std > 0 (std=0 gives identical "
+                                 f"images); got mean={mean!r}, std={std!r}.")
         self.mean = float(mean)
         self.std = float(std)
 

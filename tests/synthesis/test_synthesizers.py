@@ -284,3 +284,9 @@ def test_negative_or_non_finite_loss_weights_are_refused(name, weight):
         with pytest.raises(SynthesisError, match=rf"finite numbers >= 0 .*; got {weight}={value!r}"):
             get_synthesizer(name, **FAST, **{weight: value})
     assert getattr(get_synthesizer(name, **FAST, **{weight: 0}), weight) == 0.0  # 0 turns the term off
+
+
+@pytest.mark.parametrize("options", [{"std": 0}, {"std": -1.0}, {"std": float("nan")}, {"mean": float("inf")}])
+def test_gaussian_noise_needs_a_finite_mean_and_a_positive_std(options):
+    with pytest.raises(SynthesisError, match="finite mean and a finite std > 0"):
+        get_synthesizer("gaussian", **options)
