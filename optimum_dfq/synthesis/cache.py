@@ -196,6 +196,7 @@ class SynthesisCache:
         os.close(handle)
         try:
             save_file(tensors, temporary, metadata=metadata)
+            _as_if_created(temporary)
             _flush_to_disk(temporary)  # else a crash after the rename can leave an empty file under the final name
             os.replace(temporary, final)
         finally:
@@ -232,8 +233,17 @@ def _is_damage(err: Exception) -> bool:
     return not isinstance(err, (MemoryError, PermissionError, FileNotFoundError))
 
 
+def _as_if_created(path: str | os.PathLike) -> None:
+    """Gives a `mkstemp` file (owner-only, 0600) the permissions of a file created normally (0666 less the umask),
+    so that a cache folder shared with other users stays readable to them, as its folders and finished set are."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     handle, temporary = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    _as_if_created(temporary)
     with os.fdopen(handle, "w", encoding="utf-8") as file:
         file.write(text)
     os.replace(temporary, path)

@@ -103,6 +103,19 @@ def test_finished_run_is_reused_without_optimising(tmp_path, monkeypatch):
     assert len(list(tmp_path.iterdir())) == 4
 
 
+
+def test_cache_files_get_the_permissions_of_files_created_normally(tmp_path):
+    # temporary files are created owner-only (0600); renamed into place as such, a cache shared with other users
+    # (one folder for a team's runs) could not be read by them
+    previous = os.umask(0o022)
+    try:
+        get_synthesizer("psaq", **FAST).synthesize(tiny_vit(), 2, seed=0, cache_dir=tmp_path, batch_size=1, **NORM)
+    finally:
+        os.umask(previous)
+    files = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert any(path.suffix == ".safetensors" for path in files)
+    assert {oct(path.stat().st_mode & 0o777) for path in files} == {oct(0o644)}
+
 def test_an_unregistered_subclass_does_not_reuse_its_parents_images(tmp_path, monkeypatch):
     from optimum_dfq.synthesis import PSAQSynthesizer
 
