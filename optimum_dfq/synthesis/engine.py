@@ -67,7 +67,9 @@ class EngineConfig:
             self.jitter = self.jitter * len(self.iterations)
         if len(self.jitter) != len(self.iterations) or any(j < 0 for j in self.jitter):
             raise SynthesisError(
-                f"jitter={self.jitter} must give one non-negative offset per phase (iterations={self.iterations})."
+                f"jitter={self.jitter} must give one non-negative offset per phase (iterations={self.iterations}): "
+                f"give as many jitter values as phases, or one step count per phase in iterations (e.g. "
+                f"iterations={tuple(max(1, sum(self.iterations) // len(self.jitter)) for _ in self.jitter)})."
             )
         if not (math.isfinite(self.lr) and self.lr > 0) or self.warmup < 0 or self.log_every < 1:
             raise SynthesisError(f"Need a finite lr > 0, warmup >= 0 and log_every >= 1; got {self.lr}, {self.warmup}, "

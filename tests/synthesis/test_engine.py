@@ -63,6 +63,9 @@ def test_normalization_comes_from_the_processor_or_explicit_values(image_process
 def test_engine_config_rejects_mismatched_phases():
     with pytest.raises(SynthesisError, match="jitter"):
         EngineConfig(iterations=(10, 10, 10), jitter=(1, 2))
+    # a single step count for a two-phase method: the message shows the iterations that would fit
+    with pytest.raises(SynthesisError, match=r"one step count per phase in iterations \(e\.g\. iterations=\(2, 2\)\)"):
+        EngineConfig(iterations=(5,), jitter=(15, 30))
     assert EngineConfig(iterations=(3, 4), jitter=5).jitter == (5, 5)
 
 
