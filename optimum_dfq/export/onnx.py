@@ -489,7 +489,8 @@ def to_onnx(
 
     Raises:
         `DFQError`: the model has no quantized layers or is not in float32, a quantizer is uncalibrated or cannot
-            be stored as integers, `opset` is below 13, or `probe_images` is not a batch of the model's images.
+            be stored as integers, `opset` is below 13, `probe_images` is not a batch of the model's images, or
+            `path` is a folder.
 
     Example:
         >>> from optimum_dfq.export import to_onnx  # doctest: +SKIP
@@ -519,6 +520,8 @@ def to_onnx(
     if probe_images is not None:
         _check_probe_images(probe_images, example.shape[1:])
     path = Path(path)
+    if path.is_dir():
+        raise DFQError(f"{path} is a folder; pass the .onnx file to write, e.g. {path / 'model.onnx'}.")
     path.parent.mkdir(parents=True, exist_ok=True)
     layout = _WeightLayout(weight_only_int4, block_size, signed_weights)
     was_training = model.training

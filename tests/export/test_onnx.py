@@ -370,6 +370,9 @@ def test_probe_images_are_checked_before_exporting(calibration, tmp_path):
         with pytest.raises(DFQError, match=rf"probe_images.*{problem}.*\[N, 3, 32, 32\]"):
             to_onnx(qmodel, tmp_path / "model.onnx", probe_images=probes)
     assert not (tmp_path / "model.onnx").exists()
+    # a folder as the output failed inside torch's exporter, after the export work
+    with pytest.raises(DFQError, match=r"is a folder; pass the \.onnx file to write"):
+        to_onnx(qmodel, tmp_path)
 
 
 def test_export_prints_no_alarming_native_warnings(calibration, tmp_path, capfd):
