@@ -17,7 +17,6 @@ the others reuse the same calibration set from the synthesis cache.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import tempfile
@@ -72,7 +71,7 @@ def main() -> None:
     from optimum_dfq import DFQConfig, get_synthesizer
 
     args.synthesizer = args.synthesizer or DFQConfig().synthesizer
-    caches = "cache_dir" in inspect.signature(get_synthesizer(args.synthesizer).synthesize).parameters
+    caches = get_synthesizer(args.synthesizer).accepts("cache_dir")
     with tempfile.TemporaryDirectory() as scratch:
         cache_dir = (args.cache_dir or scratch) if caches else None  # noise needs no cache (and refuses one)
         for bits in args.bits:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import json
 import logging
 import os
@@ -288,7 +287,7 @@ def _check_batch_size(synthesizer, batch_size: int) -> None:
     """Refuses `--batch-size` for a synthesizer that does not optimise images in batches, or below 1."""
     from .errors import DFQError
 
-    if "batch_size" not in inspect.signature(synthesizer.synthesize).parameters:
+    if not synthesizer.accepts("batch_size"):
         raise DFQError(f"Synthesizer '{synthesizer.name}' does not optimise images in batches; drop --batch-size.")
     if batch_size < 1:
         raise DFQError(f"--batch-size must be at least 1, got {batch_size}.")
@@ -298,7 +297,7 @@ def _check_cache_dir(synthesizer) -> None:
     """Refuses `--cache-dir` for a synthesizer that keeps no cache (one that does not optimise images)."""
     from .errors import DFQError
 
-    if "cache_dir" not in inspect.signature(synthesizer.synthesize).parameters:
+    if not synthesizer.accepts("cache_dir"):
         raise DFQError(f"Synthesizer '{synthesizer.name}' has no cache; drop --cache-dir.")
 
 

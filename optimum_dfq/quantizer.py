@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 import os
 from typing import Any
@@ -25,7 +24,7 @@ from .config import DFQConfig
 from .errors import CalibrationError, ConfigError, UnsupportedArchitectureError
 from .integrations.transformers import finalize_quantized_model
 from .models import get_adapter
-from .models.adapters import ADAPTERS, window_sizes_kept
+from .models.adapters import ADAPTERS
 from .synthesis import calibration_set_from_dataset_dict, synthesizer_from_config
 
 logger = logging.getLogger(__name__)
@@ -188,7 +187,7 @@ class DataFreeViTQuantizer(OptimumQuantizer):
 
         qmodel = _float32_copy(model)
         # the run draws from its own seeded stream; the caller's random state is restored afterwards
-        with torch.random.fork_rng(devices=range(torch.cuda.device_count())), window_sizes_kept(qmodel):
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
             torch.manual_seed(config.seed)
             calibration = self.calibration_set(qmodel, config, calibration_dataset, image_processor, cache_dir)
             config = _record_image_count(config, len(calibration), requested=num_images)
@@ -290,7 +289,7 @@ class DataFreeViTQuantizer(OptimumQuantizer):
             synthesizer = synthesizer_from_config(config)
             extra = {}
             if cache_dir is not None:
-                if "cache_dir" not in inspect.signature(synthesizer.synthesize).parameters:
+                if not synthesizer.accepts("cache_dir"):
                     raise ConfigError(f"Synthesizer '{config.synthesizer}' has no cache; drop cache_dir=.")
                 extra["cache_dir"] = cache_dir
             calibration = synthesizer.synthesize(model, config.num_images, seed=config.seed,

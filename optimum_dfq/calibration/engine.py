@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from ..config import DFQConfig
 from ..errors import CalibrationError, ConfigError
 from ..models import find_quantization_consumers, get_adapter
+from ..models.adapters import window_sizes_kept
 from ..nn import QModuleMixin, use_quantized_attention
 from .capture import capture_module_inputs
 from .convert import PixelNormalization, QuantizationPlan, convert_model
@@ -181,27 +182,30 @@ def quantize_model(
         )
     adapter = get_adapter(model)
     calibration.check_image_size(model)
-    model.eval()
-    use_quantized_attention(model)
-    layernorm_consumers, activation_consumers = find_quantization_consumers(model, calibration.pixel_values[:1])
-    if not activation_consumers and config.activation_bits is not None:
-        logger.warning("No Linear reads an activation-function module's output, so no input gets the "
-                       "post-activation range estimator (%s); check the model's MLP.",
-                       config.post_activation_range_observer)
-    plan = convert_model(model, config, adapter, layernorm_consumers, input_normalization,
-                         activation_consumers=activation_consumers)
-    calibrate_weights(model)
-    calibrate_activations(model, calibration, config)
-    if config.post_layernorm == "per_channel_reparam":
-        activations = None
-        if selector_needs_context(config.scale_selector):
-            activations = capture_layernorm_outputs(model, plan, calibration, config)
-        folded = reparameterize_model(model, plan.layernorm_consumers, config, activations=activations)
-        logger.info("Re-parameterised %d post-LayerNorm quantizers to per-tensor.", folded)
-    if config.correction or config.reconstruction:
-        float_model = float_reference(model)
-        plan.corrections = correction_layout(correct_activations(model, float_model, calibration, config))
-        reconstruct_blocks(model, float_model, calibration, config)
+    # transformers' Swin blocks shrink their window in place on a native-size forward pass; calibration must not
+    # leave that behind (the model would predict otherwise than its reloaded checkpoint on larger inputs)
+    with window_sizes_kept(model):
+        model.eval()
+        use_quantized_attention(model)
+        layernorm_consumers, activation_consumers = find_quantization_consumers(model, calibration.pixel_values[:1])
+        if not activation_consumers and config.activation_bits is not None:
+            logger.warning("No Linear reads an activation-function module's output, so no input gets the "
+                           "post-activation range estimator (%s); check the model's MLP.",
+                           config.post_activation_range_observer)
+        plan = convert_model(model, config, adapter, layernorm_consumers, input_normalization,
+                             activation_consumers=activation_consumers)
+        calibrate_weights(model)
+        calibrate_activations(model, calibration, config)
+        if config.post_layernorm == "per_channel_reparam":
+            activations = None
+            if selector_needs_context(config.scale_selector):
+                activations = capture_layernorm_outputs(model, plan, calibration, config)
+            folded = reparameterize_model(model, plan.layernorm_consumers, config, activations=activations)
+            logger.info("Re-parameterised %d post-LayerNorm quantizers to per-tensor.", folded)
+        if config.correction or config.reconstruction:
+            float_model = float_reference(model)
+            plan.corrections = correction_layout(correct_activations(model, float_model, calibration, config))
+            reconstruct_blocks(model, float_model, calibration, config)
     return model, plan
 
 

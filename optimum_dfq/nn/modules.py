@@ -276,6 +276,10 @@ class QConv2d(FrozenWeightMixin, QModuleMixin, nn.Conv2d):
         qmodule.input_quantizer = _label(input_quantizer, f"{site}.input")
         return _copy_parameters(module, qmodule)
 
+    def reset_parameters(self) -> None:
+        """No random initialisation (`nn.Conv2d.__init__` calls this): the weight and bias are always copied from the
+        float layer or loaded, as for [`QLinear`], so building one leaves the global random generator untouched."""
+
     def weight_dims(self) -> tuple[int, ...]:
         return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
@@ -160,6 +161,17 @@ class Synthesizer(ABC):
         Returns:
             `CalibrationSet`: the images, any labels, and provenance metadata.
         """
+
+    def accepts(self, option: str) -> bool:
+        """Whether [`synthesize`] takes the keyword `option` (e.g. `"cache_dir"`, `"batch_size"`: synthesizers that
+        optimise images in batches take both, Gaussian noise neither).
+
+        Example:
+            >>> from optimum_dfq.synthesis import get_synthesizer
+            >>> get_synthesizer("gaussian").accepts("cache_dir"), get_synthesizer("psaq").accepts("cache_dir")
+            (False, True)
+        """
+        return option in inspect.signature(self.synthesize).parameters
 
     def hyperparameters(self) -> dict[str, Any]:
         """The synthesizer's hyper-parameters (recorded in the calibration set's metadata).

@@ -154,9 +154,6 @@ def provisional_quantized_model(
     elif config.input_range == "pixels" and normalization is None:
         raise ConfigError("A provisional model with input_range='pixels' needs the model's normalisation; use "
                           "input_range='calibrated'.")
-    # Quantized layers are built like torch.nn layers, whose constructors draw initial weights (overwritten at once)
-    # from the global generator: fork it, so that synthesis leaves the caller's random state as it found it.
-    with torch.random.fork_rng(devices=[]):
-        quantized, _ = quantize_model(model, CalibrationSet(pixel_values=images.detach()), config,
-                                      normalization if config.input_range == "pixels" else None)
+    quantized, _ = quantize_model(model, CalibrationSet(pixel_values=images.detach()), config,
+                                  normalization if config.input_range == "pixels" else None)
     return quantized.eval().requires_grad_(False)
