@@ -28,7 +28,8 @@ BATCH_SIZE_HELP = ("images synthesized together (default: min(32, ceil(num_image
                    "gets a batch; fix it to make the images independent of the number of processes: another batch "
                    "size gives slightly different images)")
 CACHE_DIR_HELP = ("synthesis cache folder, shared by every process: a finished run with the same arguments is reused, "
-                  "and a run started again after an interruption resumes from its finished batches")
+                  "and a run started again after an interruption resumes from its finished batches and from the "
+                  "checkpoints of the batches it was optimising (saved every checkpoint_every=100 steps and on Ctrl-C)")
 VERBOSE_HELP = ("log what the run does (INFO, main process only): cache use and, every log_every steps, the synthesis "
                 "loss terms")
 

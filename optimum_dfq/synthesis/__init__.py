@@ -13,7 +13,7 @@ from .dataset import (
     save_calibration_set,
 )
 from .dfq_vit import DFQViTSynthesizer
-from .engine import BatchResult, EngineConfig, optimize_batch
+from .engine import BatchCheckpointer, BatchResult, EngineConfig, EngineState, optimize_batch
 from .gaussian import GaussianSynthesizer, image_generator
 from .geometry import TokenGrid, probe_token_grids, roll_and_flip_maps
 from .losses import (
@@ -36,6 +36,7 @@ from .visualize import save_image_grid
 __all__ = [
     "SYNTHESIZERS",
     "AttentionPriorTerm",
+    "BatchCheckpointer",
     "BatchPlan",
     "BatchRecord",
     "BatchResult",
@@ -43,6 +44,7 @@ __all__ = [
     "DFQViTSynthesizer",
     "DisagreementTerm",
     "EngineConfig",
+    "EngineState",
     "GaussianSynthesizer",
     "LossTerm",
     "ModelInfo",

@@ -35,6 +35,22 @@ class JitterFlip:
             flips.append(bool(torch.rand(1, generator=generator) < self.flip_prob))
         return torch.tensor(offsets, dtype=torch.long), torch.tensor(flips, dtype=torch.bool)
 
+    def get_states(self) -> torch.Tensor:
+        """The generators' states, `[B, L]` uint8 (to resume the draws later with [`JitterFlip.set_states`])."""
+        return torch.stack([generator.get_state() for generator in self.generators])
+
+    def set_states(self, states: torch.Tensor) -> None:
+        """Restores the generators' states from [`JitterFlip.get_states`].
+
+        Raises:
+            `ValueError`: if `states` does not hold one state per generator.
+        """
+        if states.dim() != 2 or states.shape[0] != len(self.generators) or states.dtype != torch.uint8:
+            raise ValueError(f"expected one uint8 generator state per image ({len(self.generators)}), got a "
+                             f"{tuple(states.shape)} {states.dtype} tensor")
+        for generator, state in zip(self.generators, states):
+            generator.set_state(state.clone())
+
     @staticmethod
     def apply(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
         """Rolls image `b` by `offsets[b]` on both spatial axes, then flips it horizontally where `flips[b]`.

@@ -1,7 +1,10 @@
 """On-disk cache of synthesis runs: per-batch shards while a run goes on, the finished set when it is done.
 
 A run lives in `<cache_dir>/<run key>/`. Each finished batch is written atomically (temporary file + rename) as
-`shards/<start>-<stop>.safetensors`, so an interrupted run resumes with the batches it has not finished. The
+`shards/<start>-<stop>.safetensors`, so an interrupted run resumes with the batches it has not finished. A batch
+being optimised is checkpointed as `partial/<start>-<stop>.safetensors` (every `checkpoint_every` steps and on
+Ctrl-C; see [`BatchCheckpoint`]), so that it resumes from the step it had reached; the file goes once its shard is
+written. The
 finished set is saved with [`save_calibration_set`] into `calibration_set/` (also via a rename), whose presence
 marks the run complete. The directory must be visible to every process of a multi-process run.
 
@@ -17,6 +20,7 @@ damaged finished set is rebuilt from the shards, which are kept).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -27,15 +31,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..calibration.data import CalibrationSet
 from .context import BatchRecord
 from .dataset import load_calibration_set, save_calibration_set, to_jsonable
+from .engine import EngineState
 
 _SHARD_RE = re.compile(r"^(\d+)-(\d+)\.safetensors$")
 _EXTRA_PREFIX = "extra."
+_CHECKPOINT_FORMAT = "optimum_dfq.batch_checkpoint/1"
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +61,7 @@ class SynthesisCache:
         self.directory = Path(os.path.expanduser(os.fspath(root))) / key
         self.shards = self.directory / "shards"
         self.complete_path = self.directory / "calibration_set"
+        self.partial = self.directory / "partial"
 
     def is_complete(self) -> bool:
         """Whether the finished set of this run is saved."""
@@ -133,9 +140,10 @@ class SynthesisCache:
     def finished_chunks(self, grid: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """The chunks of `grid` whose shard is cached and readable, in grid order.
 
-        Call it on one process only (the main one in a multi-process run): it reads every shard and moves damaged
-        ones aside. Shards that are not chunks of `grid` (left by a run of the same key with another `batch_size`) are
-        ignored: mixing them in would overlap or leave gaps, and their images belong to another batch grid.
+        Call it on one process only (the main one in a multi-process run): it reads every shard, moves damaged
+        ones aside and removes the checkpoints of finished batches. Shards that are not chunks of `grid` (left by a
+        run of the same key with another `batch_size`) are ignored: mixing them in would overlap or leave gaps, and
+        their images belong to another batch grid.
 
         Args:
             grid (`list[tuple[int, int]]`): the run's `(start, stop)` chunks.
@@ -148,7 +156,39 @@ class SynthesisCache:
         if cached - chunks:
             logger.info("%d cached batch(es) in %s lie on another batch grid (another batch_size or process count) "
                         "and are not reused", len(cached - chunks), self.shards)
-        return [chunk for chunk in grid if tuple(chunk) in cached and self._shard_is_readable(*chunk)]
+        finished = [chunk for chunk in grid if tuple(chunk) in cached and self._shard_is_readable(*chunk)]
+        for start, stop in finished:  # a crash between writing a shard and removing its checkpoint leaves both
+            self.batch_checkpoint(start, stop, None).discard()
+        return finished
+
+    def batch_checkpoint(self, start: int, stop: int, every: int | None) -> BatchCheckpoint:
+        """The checkpoint file of the batch of images `start..stop-1` (see [`BatchCheckpoint`]).
+
+        Args:
+            start (`int`), stop (`int`): the batch's images.
+            every (`int`, *optional*): steps between two checkpoints (`None` or 0: only on Ctrl-C).
+
+        Returns:
+            `BatchCheckpoint`
+        """
+        return BatchCheckpoint(self.partial / f"{start:08d}-{stop:08d}.safetensors", every)
+
+    def partial_progress(self) -> list[tuple[int, int, int]]:
+        """`(start, stop, step)` of every batch checkpointed part-way, sorted (read from the files' headers only)."""
+        if not self.partial.is_dir():
+            return []
+        progress = []
+        for entry in self.partial.iterdir():
+            match = _SHARD_RE.match(entry.name)
+            if match:
+                try:
+                    with safe_open(str(entry), framework="pt") as handle:
+                        step = int((handle.metadata() or {})["step"])
+                except (OSError, KeyError, ValueError, SafetensorError) as err:  # reported when a run resumes from it
+                    logger.debug("Unreadable batch checkpoint %s: %s", entry, err)
+                    continue
+                progress.append((int(match.group(1)), int(match.group(2)), step))
+        return sorted(progress)
 
     def _shard_path(self, start: int, stop: int) -> Path:
         return self.shards / f"{start:08d}-{stop:08d}.safetensors"
@@ -169,17 +209,10 @@ class SynthesisCache:
 
     @staticmethod
     def _move_aside(path: Path, err: Exception) -> None:
-        target = path.with_name(path.name + ".damaged")
-        suffix = 1
-        while target.exists():
-            suffix += 1
-            target = path.with_name(f"{path.name}.damaged{suffix}")
-        try:
-            os.replace(path, target)
-        except FileNotFoundError:  # another run sharing the cache moved it first
-            return
-        logger.warning("Cached synthesis output %s cannot be read back (%s: %s); moved to %s, and its images are "
-                       "synthesized again.", path, type(err).__name__, err, target)
+        target = _move_aside(path)
+        if target is not None:
+            logger.warning("Cached synthesis output %s cannot be read back (%s: %s); moved to %s, and its images are "
+                           "synthesized again.", path, type(err).__name__, err, target)
 
     def write_shard(self, record: BatchRecord) -> None:
         self.shards.mkdir(parents=True, exist_ok=True)
@@ -212,6 +245,98 @@ class SynthesisCache:
         return BatchRecord(int(metadata.get("start", start)), int(metadata.get("stop", stop)), tensors["pixel_values"],
                            tensors.get("labels"), tensors.get("soft_labels"), extras,
                            json.loads(metadata.get("history", "{}")))
+
+
+class BatchCheckpoint:
+    """The checkpoint file of one batch being optimised: where [`optimize_batch`] saves and finds its state.
+
+    Written atomically (temporary file, fsync, rename), so an interrupted save leaves the previous checkpoint. A file
+    that cannot be read back, or whose state does not fit the batch, is moved aside with a `.damaged` suffix (named in
+    a warning) and the batch starts again.
+
+    Args:
+        path (`Path`): the file.
+        every (`int`, *optional*): steps between two checkpoints (`None` or 0: only on Ctrl-C).
+    """
+
+    def __init__(self, path: Path, every: int | None) -> None:
+        self.path = path
+        self.every = every
+
+    def load(self) -> EngineState | None:
+        """The saved state, or `None` when there is none (or it was unreadable and moved aside)."""
+        if not self.path.exists():
+            return None
+        try:
+            tensors = load_file(str(self.path))
+            with safe_open(str(self.path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+            if metadata.get("format") != _CHECKPOINT_FORMAT:
+                raise ValueError(f"format {metadata.get('format')!r}, not {_CHECKPOINT_FORMAT!r}")
+            terms: dict[str, dict[str, Any]] = {}
+            for term, key, tensor_key in json.loads(metadata["terms"]):
+                terms.setdefault(term, {})[key] = tensors[tensor_key]
+            optimizer = {key[len("optimizer."):]: value for key, value in tensors.items()
+                         if key.startswith("optimizer.")}
+            state = EngineState(int(metadata["step"]), tensors["images"], optimizer, tensors["augment"],
+                                json.loads(metadata["history"]), terms)
+        except Exception as err:  # filtered by _is_damage: what remains means the file is damaged
+            if not _is_damage(err):
+                raise
+            self.reject(f"{type(err).__name__}: {err}")
+            return None
+        logger.info("Resuming images %s from their checkpoint at step %d", self.path.stem, state.step)
+        return state
+
+    def save(self, state: EngineState) -> None:
+        """Replaces the saved state with `state`."""
+        tensors = {"images": state.images.contiguous(), "augment": state.augment.contiguous()}
+        tensors.update({f"optimizer.{key}": value.contiguous() for key, value in state.optimizer.items()})
+        entries = []
+        for position, (term, term_state) in enumerate(sorted(state.terms.items())):
+            for key, value in term_state.items():
+                tensor_key = f"term.{position}.{key}"
+                tensors[tensor_key] = value.detach().cpu().contiguous()
+                entries.append([term, key, tensor_key])
+        metadata = {"format": _CHECKPOINT_FORMAT, "step": str(state.step), "history": json.dumps(state.history),
+                    "terms": json.dumps(entries)}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=".partial-", dir=self.path.parent)
+        os.close(handle)
+        try:
+            save_file(tensors, temporary, metadata=metadata)
+            _as_if_created(temporary)
+            _flush_to_disk(temporary)
+            os.replace(temporary, self.path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+
+    def reject(self, reason: str) -> None:
+        """Moves the file aside (`.damaged`), with a warning naming it and `reason`; the batch starts again."""
+        target = _move_aside(self.path)
+        if target is not None:
+            logger.warning("The checkpoint %s of a batch being synthesized cannot resume it (%s); moved to %s, and the "
+                           "batch starts again from step 0.", self.path, reason, target)
+
+    def discard(self) -> None:
+        """Removes the file (its batch is finished and cached as a shard)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.path)
+
+
+def _move_aside(path: Path) -> Path | None:
+    """Renames `path` to `<name>.damaged` (or `.damaged2`, ...); returns the new path, `None` if it was gone."""
+    target = path.with_name(path.name + ".damaged")
+    suffix = 1
+    while target.exists():
+        suffix += 1
+        target = path.with_name(f"{path.name}.damaged{suffix}")
+    try:
+        os.replace(path, target)
+    except FileNotFoundError:  # another run sharing the cache moved it first
+        return None
+    return target
 
 
 def _flush_to_disk(path: str | os.PathLike) -> None:

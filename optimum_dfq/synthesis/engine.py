@@ -6,6 +6,10 @@ each step rolls and flips every image (per image, from the image's own generator
 augmented copy, takes one Adam step on the un-augmented pixels and clamps them into the valid range. Defaults are
 PSAQ-ViT's (`generate_data.py`): Adam β = (0.5, 0.9), 2 phases × 500 steps, 100 warm-up steps, jitter 15 then 30
 pixels, 50 % flips.
+
+A batch can be checkpointed between steps ([`EngineState`], written by a [`BatchCheckpointer`] such as the synthesis
+cache's): every `checkpoint.every` steps and when the run is interrupted (Ctrl-C), so that a resumed batch goes on
+from the step it had reached and ends with exactly the images of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -98,6 +103,46 @@ class BatchResult:
     history: dict[str, list[float | None]] = field(default_factory=dict)
 
 
+@dataclass
+class EngineState:
+    """A batch's optimisation as it stands between two steps: everything resuming it needs.
+
+    Attributes:
+        step (`int`): steps done (the next step to run), `1 <= step < total_steps`.
+        images (`torch.Tensor`): `[B, C, H, W]` pixels after `step` steps (CPU).
+        optimizer (`dict[str, torch.Tensor]`): Adam's state of the pixels (`step`, `exp_avg`, `exp_avg_sq`; CPU).
+        augment (`torch.Tensor`): `[B, L]` uint8 states of the images' augmentation generators.
+        history (`dict[str, list[float | None]]`): the loss history of the first `step` steps.
+        terms (`dict[str, dict[str, torch.Tensor]]`): each stateful loss term's `state_dict()`, by term name.
+    """
+
+    step: int
+    images: torch.Tensor
+    optimizer: dict[str, torch.Tensor]
+    augment: torch.Tensor
+    history: dict[str, list[float | None]]
+    terms: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+class BatchCheckpointer(Protocol):
+    """Where [`optimize_batch`] keeps and finds the state of one batch (the synthesis cache's `BatchCheckpoint`).
+
+    Attributes:
+        every (`int` or `None`): save every this many steps (`None` or 0: only when interrupted).
+    """
+
+    every: int | None
+
+    def load(self) -> EngineState | None:
+        """The saved state of the batch, or `None` if there is none."""
+
+    def save(self, state: EngineState) -> None:
+        """Keeps `state`, replacing any earlier one (atomically: an interrupted save leaves the earlier one)."""
+
+    def reject(self, reason: str) -> None:
+        """Drops the saved state, which cannot resume this batch (`reason` says why)."""
+
+
 def optimize_batch(
     model: nn.Module,
     plan: BatchPlan,
@@ -109,6 +154,7 @@ def optimize_batch(
     seed: int,
     progress=None,
     log: bool = False,
+    checkpoint: BatchCheckpointer | None = None,
 ) -> BatchResult:
     """Optimises the pixels of one batch with Adam against a frozen model (the engine behind [`PixelSynthesizer`]).
 
@@ -129,6 +175,12 @@ def optimize_batch(
         progress (*optional*): a tqdm-like bar; its `update(1)` is called once per step.
         log (`bool`, *optional*, defaults to `False`): log the loss terms at INFO level every `config.log_every`
             steps and at the last step.
+        checkpoint (`BatchCheckpointer`, *optional*): where the batch's state is kept. A saved state is resumed
+            from (pixels, Adam's moments, the augmentation generators, the loss history and stateful terms such as
+            [`DisagreementTerm`]'s quantized model: the result is bit-identical to an uninterrupted run); a state
+            that does not fit this batch is rejected and the batch starts again. The state is saved every
+            `checkpoint.every` steps and on `KeyboardInterrupt` (unless the interrupt lands inside a step's update,
+            where the previous saved state is kept).
 
     Returns:
         `BatchResult`: the final images and the per-step loss history.
@@ -168,10 +220,28 @@ def optimize_batch(
                              "overwrite each other. Give each term a distinct `name`.")
     history: dict[str, list[float | None]] = {term.name: [] for term in plan.terms}
     history.update(total=[], lr=[])
+    schedule = [(phase, phase_step, iterations, max_offset)
+                for phase, (iterations, max_offset) in enumerate(zip(config.iterations, config.jitter))
+                for phase_step in range(iterations)]
     step = 0
-    with FeatureCapture(model, sites, needs) as capture:
-        for phase, (iterations, max_offset) in enumerate(zip(config.iterations, config.jitter)):
-            for phase_step in range(iterations):
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        problem = _restore(saved, images, optimizer, augment, history, plan, config)
+        if problem is None:
+            step = saved.step
+        else:  # nothing but the terms and the generators may have been loaded: reset those
+            checkpoint.reject(problem)
+            augment = JitterFlip([stream_generator(seed, i, "augment") for i in plan.indices], config.flip_prob)
+            for term in plan.terms:
+                term.load_state_dict({})
+    if progress is not None and step:
+        progress.update(step)
+    augment_at_step = augment.get_states()  # the generators as they were when the current step began
+    updating = False  # inside a step's update: the state is half-written and cannot be saved
+    try:
+        with FeatureCapture(model, sites, needs) as capture:
+            while step < config.total_steps:
+                phase, phase_step, iterations, max_offset = schedule[step]
                 lr = phase_learning_rate(config.lr, phase_step, iterations, config.warmup)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -195,17 +265,67 @@ def optimize_batch(
                 loss.backward()
                 if not bool(torch.isfinite(images.grad).all()):  # else Adam turns the pixels to NaN silently
                     _raise_non_finite_gradient(plan, ctx)
+                updating = True
                 optimizer.step()
                 with torch.no_grad():
                     for channel, (low, high) in enumerate(channel_bounds):
                         images[:, channel].clamp_(low, high)
                 _record(history, values, loss, lr, batch)
-                if log and (step % config.log_every == 0 or step == config.total_steps - 1):
-                    _log_step(history, step, config.total_steps, plan.indices)
+                step += 1
+                augment_at_step = augment.get_states()
+                updating = False
+                if log and ((step - 1) % config.log_every == 0 or step == config.total_steps):
+                    _log_step(history, step - 1, config.total_steps, plan.indices)
                 if progress is not None:
                     progress.update(1)
-                step += 1
+                if checkpoint is not None and checkpoint.every and step % checkpoint.every == 0 \
+                        and step < config.total_steps:
+                    checkpoint.save(_state(step, images, optimizer, augment_at_step, history, plan))
+    except KeyboardInterrupt:
+        if checkpoint is not None and not updating and 0 < step < config.total_steps:
+            checkpoint.save(_state(step, images, optimizer, augment_at_step, history, plan))
+        raise
     return BatchResult(images.detach().cpu(), history)
+
+
+def _state(step: int, images: torch.Tensor, optimizer: torch.optim.Optimizer, augment_states: torch.Tensor,
+           history: dict[str, list[float | None]], plan: BatchPlan) -> EngineState:
+    moments = {key: value.detach().cpu().clone() for key, value in optimizer.state[images].items()}
+    terms = {term.name: state for term in plan.terms if (state := term.state_dict())}
+    return EngineState(step, images.detach().cpu().clone(), moments, augment_states.clone(),
+                       {name: list(values) for name, values in history.items()}, terms)
+
+
+def _restore(saved: EngineState, images: torch.Tensor, optimizer: torch.optim.Optimizer, augment: JitterFlip,
+             history: dict[str, list[float | None]], plan: BatchPlan, config: EngineConfig) -> str | None:
+    """Loads `saved` into the optimisation's objects; returns why it does not fit this batch instead, if it does not."""
+    if not 0 < saved.step < config.total_steps:
+        return f"it is at step {saved.step}, outside the run's 1..{config.total_steps - 1}"
+    if saved.images.shape != images.shape or saved.images.dtype != images.dtype:
+        return f"its images are {tuple(saved.images.shape)} {saved.images.dtype}, not {tuple(images.shape)} " \
+               f"{images.dtype}"
+    if sorted(saved.history) != sorted(history) or any(len(v) != saved.step for v in saved.history.values()):
+        return f"its loss history ({sorted(saved.history)}) does not match this batch's terms ({sorted(history)})"
+    if saved.augment.shape[0] != len(augment.generators):
+        return f"it holds {saved.augment.shape[0]} augmentation streams for {len(augment.generators)} images"
+    unknown = sorted(set(saved.terms) - {term.name for term in plan.terms})
+    if unknown or {"step", "exp_avg", "exp_avg_sq"} - set(saved.optimizer):
+        return f"it holds state of unknown terms {unknown} or lacks Adam's moments ({sorted(saved.optimizer)})"
+    if any(value.shape != images.shape for key, value in saved.optimizer.items() if key != "step"):
+        return "its Adam moments do not have the images' shape"
+    try:
+        for term in plan.terms:
+            term.load_state_dict(saved.terms.get(term.name, {}))
+        augment.set_states(saved.augment)
+    except (SynthesisError, RuntimeError, ValueError) as err:
+        return str(err)
+    with torch.no_grad():
+        images.copy_(saved.images.to(images.device))
+    groups = optimizer.state_dict()["param_groups"]
+    optimizer.load_state_dict({"state": {0: dict(saved.optimizer)}, "param_groups": groups})
+    for name in history:
+        history[name] = list(saved.history[name])
+    return None
 
 
 def _total_loss(plan: BatchPlan, ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:

@@ -72,6 +72,30 @@ class LossTerm(ABC):
         """
         return float(self.weight(ctx)) if callable(self.weight) else float(self.weight)
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What the term has built up over the steps so far (kept in a batch's checkpoint); none by default.
+
+        A term whose values at a step depend on earlier steps (not only on the step's context) returns here what
+        [`LossTerm.load_state_dict`] needs to go on exactly as it would have.
+
+        Returns:
+            `dict[str, torch.Tensor]`
+        """
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restores [`LossTerm.state_dict`]'s output; `{}` resets the term to its state before the first step.
+
+        Args:
+            state (`dict[str, torch.Tensor]`): a `state_dict()` of a term of the same kind.
+
+        Raises:
+            `SynthesisError`: if `state` holds entries this term does not keep.
+        """
+        if state:
+            raise SynthesisError(f"Loss term {self.name!r} ({type(self).__name__}) keeps no state, but was given "
+                                 f"{sorted(state)}.")
+
     @abstractmethod
     def __call__(self, ctx: StepContext) -> torch.Tensor:
         """Returns the `[B]` unweighted per-image values of the term.
@@ -235,12 +259,26 @@ class DisagreementTerm(LossTerm):
         super().__init__(weight)
         self.build = build
         self.quantized_model: torch.nn.Module | None = None
+        self._built_from: torch.Tensor | None = None
 
     def __call__(self, ctx: StepContext) -> torch.Tensor:
         if self.quantized_model is None:
-            self.quantized_model = self.build(ctx.images.detach())
+            if self._built_from is None:  # else a resumed batch: rebuild from the images it was first built from
+                self._built_from = ctx.images.detach().clone()
+            self.quantized_model = self.build(self._built_from.to(ctx.images.device))
         quantized_logits = self.quantized_model(pixel_values=ctx.images).logits
         return -float_quantized_kl(ctx.image_rows(ctx.logits), quantized_logits)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The images the quantized model was built from (the build is deterministic), once it is built."""
+        return {} if self._built_from is None else {"built_from": self._built_from.detach().cpu()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        unknown = sorted(set(state) - {"built_from"})
+        if unknown:
+            raise SynthesisError(f"Loss term {self.name!r} keeps only 'built_from', but was given {unknown}.")
+        self.quantized_model = None
+        self._built_from = state.get("built_from")
 
 
 def total_variation(images: torch.Tensor) -> torch.Tensor:

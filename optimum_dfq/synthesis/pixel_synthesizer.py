@@ -112,6 +112,10 @@ class PixelSynthesizer(Synthesizer):
         batch_size (`int`, *optional*): the default `batch_size` of [`PixelSynthesizer.synthesize`]; settable here
             so that `DFQConfig(synthesizer_kwargs={"batch_size": 8})` and recipes can fix it. Not part of the cache
             key (a finished set is reused whatever its batch size).
+        checkpoint_every (`int`, *optional*, defaults to 100): with a `cache_dir`, a batch being optimised is saved
+            every this many steps (and on Ctrl-C), so that an interrupted run resumes it from there rather than from
+            step 0, with the same result. `None` or 0: saved on Ctrl-C only (a killed process then restarts its
+            batches). Not part of the cache key.
 
     Raises:
         `SynthesisError`: if the settings are invalid (checked by [`EngineConfig`]).
@@ -153,10 +157,17 @@ class PixelSynthesizer(Synthesizer):
         flip_prob: float = 0.5,
         log_every: int = 50,
         batch_size: int | None = None,
+        checkpoint_every: int | None = 100,
     ) -> None:
         if batch_size is not None:
             grid_batch_size(1, batch_size)  # refuses a non-positive or non-integer batch size now, not at synthesis
         self.batch_size = batch_size
+        if checkpoint_every is not None:
+            (checkpoint_every,) = _whole_numbers("checkpoint_every", checkpoint_every)
+            if checkpoint_every < 0:
+                raise SynthesisError(f"checkpoint_every must be a number of steps >= 0 (0 or None: only on Ctrl-C); "
+                                     f"got {checkpoint_every}.")
+        self.checkpoint_every = checkpoint_every
         self.lr = None if lr is None else float(lr)
         self.betas = tuple(float(b) for b in betas)
         self.eps = float(eps)
@@ -291,9 +302,10 @@ class PixelSynthesizer(Synthesizer):
             cache_dir (`str` or `PathLike`, *optional*): cache root; a finished run with the same synthesizer,
                 resolved hyper-parameters (`log_every` aside), model weights and configuration, normalisation, seed
                 and `num_images` is loaded instead of recomputed (whatever its `batch_size`, recorded in the set's
-                metadata), and an interrupted one resumes with the batches it has not finished (on Ctrl-C a warning
-                says how many images are cached; the batches being optimised start again). Cached batches of
-                another `batch_size` are ignored.
+                metadata), and an interrupted one resumes with the batches it has not finished, each batch being
+                optimised from its last checkpoint (every `checkpoint_every` steps and on Ctrl-C, when a warning
+                says what is kept), to the images of an uninterrupted run. Cached batches of another `batch_size`
+                are ignored.
             device (`str` or `torch.device`, *optional*): where to optimise (the model's device by default; the model
                 is moved there for the run and back afterwards).
             on_batch_end (`Callable[[BatchRecord], None]`, *optional*): called after each finished (and cached)
@@ -391,14 +403,16 @@ class PixelSynthesizer(Synthesizer):
             for start, stop in chunks:
                 plan = self.plan_batch(info, list(range(start, stop)), seed)
                 plan.init = plan.init.to(info.device)
+                checkpoint = cache.batch_checkpoint(start, stop, self.checkpoint_every) if cache is not None else None
                 result = optimize_batch(info.model, plan, config, bounds=bounds, sites=info.sites,
                                         num_prefix_tokens=info.num_prefix_tokens, seed=seed, progress=progress,
-                                        log=state.is_main_process)
+                                        log=state.is_main_process, checkpoint=checkpoint)
                 extras = self.finish_batch(info, plan, result.images)
                 record = BatchRecord(start, stop, result.images, _cpu(plan.labels), _cpu(plan.soft_labels),
                                      {k: v.detach().cpu() for k, v in extras.items()}, result.history)
                 if cache is not None:
                     cache.write_shard(record)
+                    checkpoint.discard()
                 records.append(record)
                 if on_batch_end is not None:
                     on_batch_end(record)
@@ -417,8 +431,8 @@ class PixelSynthesizer(Synthesizer):
             `dict[str, Any]`
         """
         # log_every and batch_size are recorded in the set's metadata; jitter_reference only through the jitter it
-        # resolves to (`engine`), which is what the images depend on
-        ignored = ("log_every", "batch_size", "jitter_reference")
+        # resolves to (`engine`), which is what the images depend on; checkpoint_every does not change the images
+        ignored = ("log_every", "batch_size", "jitter_reference", "checkpoint_every")
         engine = {k: v for k, v in asdict(config).items() if k not in ignored}
         return {k: v for k, v in self.hyperparameters().items() if k not in ignored} | engine
 
@@ -560,9 +574,12 @@ def _warn_interrupted(state, cache: SynthesisCache | None, grid: list[tuple[int,
         return
     on_grid = set(grid)
     cached = sum(stop - start for start, stop in cache.shard_ranges() if (start, stop) in on_grid)
-    logger.warning("Synthesis interrupted: %d of %d images are cached in %s. Run it again with the same cache_dir and "
-                   "batch_size to resume (the batches being optimised start again).", cached, grid[-1][1],
-                   cache.directory)
+    partial = [(start, stop, step) for start, stop, step in cache.partial_progress() if (start, stop) in on_grid]
+    kept = "; ".join(f"images {start}-{stop - 1} at step {step}" for start, stop, step in partial)
+    logger.warning("Synthesis interrupted: %d of %d images are cached in %s%s. Run it again with the same cache_dir "
+                   "and batch_size to resume.", cached, grid[-1][1], cache.directory,
+                   f", and {len(partial)} batch(es) being optimised are checkpointed ({kept})" if partial else
+                   " (no batch being optimised had reached a checkpoint: those start again)")
 
 
 def _warn_idle_processes(state, num_batches: int, batch_size: int) -> None:

@@ -314,6 +314,7 @@ def test_logging_explicit_defaults_and_the_folder_do_not_change_the_key(tmp_path
     get_synthesizer("psaq", **FAST).synthesize(swin, 1, seed=0, cache_dir=tmp_path, **NORM)
     calls = _count_optimisations(monkeypatch)
     get_synthesizer("psaq", **dict(FAST, log_every=7)).synthesize(model, 2, seed=0, cache_dir=tmp_path, **NORM)
+    get_synthesizer("psaq", **dict(FAST, checkpoint_every=1)).synthesize(model, 2, seed=0, cache_dir=tmp_path, **NORM)
     get_synthesizer("psaq", **dict(FAST, lr=0.2)).synthesize(model, 2, seed=0, cache_dir=tmp_path, **NORM)
     get_synthesizer("psaq", **dict(FAST, lr=0.25)).synthesize(swin, 1, seed=0, cache_dir=tmp_path, **NORM)
     get_synthesizer("psaq", **dict(FAST, jitter=(2, 4), iterations=[2, 2])).synthesize(model, 2, seed=0,
@@ -324,7 +325,8 @@ def test_logging_explicit_defaults_and_the_folder_do_not_change_the_key(tmp_path
     assert calls == []
     assert again.metadata["cache_key"] == first.metadata["cache_key"]
     run_info = json.loads((tmp_path / first.metadata["cache_key"] / "run.json").read_text())
-    assert "name_or_path" in run_info["model"] and "log_every" not in run_info["hyperparameters"]
+    assert "name_or_path" in run_info["model"]
+    assert not {"log_every", "checkpoint_every"} & set(run_info["hyperparameters"])
     assert first.metadata["hyperparameters"]["lr"] == 0.2
 
 
@@ -386,3 +388,122 @@ def test_another_image_count_or_normalisation_does_not_reuse_the_images(tmp_path
     scaled = get_synthesizer("psaq", **FAST).synthesize(model, 3, seed=0, cache_dir=tmp_path,
                                                         image_mean=NORM["image_mean"], image_std=[0.5, 0.5, 0.5])
     assert calls and scaled.metadata["cache_key"] not in (first.metadata["cache_key"], shifted.metadata["cache_key"])
+
+
+def _ctrl_c_at(monkeypatch, steps: int) -> list:
+    """Ctrl-C once the run has done `steps` optimisation steps in all; returns, per batch optimised afterwards, its
+    indices and the progress updates it made (a resumed batch first reports its saved steps at once)."""
+    real, runs, done = pixel_synthesizer.optimize_batch, [], [0]
+
+    class Progress:
+        def __init__(self, updates):
+            self.updates = updates
+
+        def update(self, count):
+            self.updates.append(count)
+            done[0] += count
+            if done[0] == steps:
+                raise KeyboardInterrupt
+
+    def with_progress(model, plan, *args, progress=None, **kwargs):
+        runs.append((list(plan.indices), []))
+        return real(model, plan, *args, progress=Progress(runs[-1][1]), **kwargs)
+
+    monkeypatch.setattr(pixel_synthesizer, "optimize_batch", with_progress)
+    return runs
+
+
+@pytest.mark.parametrize("name", SYNTHESIZERS)
+def test_ctrl_c_in_the_middle_of_a_batch_resumes_that_batch_from_its_step(name, tmp_path, monkeypatch, caplog):
+    model = tiny_vit()
+    settings = dict(FAST, iterations=(3, 3))  # 6 steps a batch
+    reference = get_synthesizer(name, **settings).synthesize(model, 4, seed=0, batch_size=2, **NORM)
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt), caplog.at_level("WARNING"):
+        _ctrl_c_at(patch, 6 + 4)  # the second batch at its step 4
+        get_synthesizer(name, **settings).synthesize(model, 4, seed=0, batch_size=2, cache_dir=tmp_path, **NORM)
+    (run_dir,) = tmp_path.iterdir()
+    assert [p.name for p in (run_dir / "partial").iterdir()] == ["00000002-00000004.safetensors"]
+    assert "2 of 4 images are cached" in caplog.text and "images 2-3 at step 4" in caplog.text
+
+    runs = _ctrl_c_at(monkeypatch, -1)
+    resumed = get_synthesizer(name, **settings).synthesize(model, 4, seed=0, batch_size=2, cache_dir=tmp_path, **NORM)
+    assert runs == [([2, 3], [4, 1, 1])]  # steps 0-3 of the batch are not run again
+    assert torch.equal(resumed.pixel_values, reference.pixel_values)
+    assert resumed.metadata["loss_history"] == reference.metadata["loss_history"]
+    assert list((run_dir / "partial").iterdir()) == []  # a finished batch's checkpoint goes
+
+
+def test_a_killed_run_resumes_each_batch_from_its_last_periodic_checkpoint(tmp_path, monkeypatch):
+    model = tiny_vit()
+    settings = dict(FAST, iterations=(3, 3), checkpoint_every=2)
+    reference = get_synthesizer("psaq", **settings).synthesize(model, 2, seed=0, **NORM)
+    real = pixel_synthesizer.optimize_batch
+
+    class Killed(BaseException):  # what the process sees of SIGKILL: nothing, so nothing may be saved at that point
+        pass
+
+    class DiesAtStep5:
+        done = 0
+
+        def update(self, count):
+            self.done += count
+            if self.done == 5:
+                raise Killed
+
+    with monkeypatch.context() as patch, pytest.raises(Killed):
+        patch.setattr(pixel_synthesizer, "optimize_batch",
+                      lambda *args, progress=None, **kwargs: real(*args, progress=DiesAtStep5(), **kwargs))
+        get_synthesizer("psaq", **settings).synthesize(model, 2, seed=0, cache_dir=tmp_path, **NORM)
+    runs = _ctrl_c_at(monkeypatch, -1)
+    resumed = get_synthesizer("psaq", **settings).synthesize(model, 2, seed=0, cache_dir=tmp_path, **NORM)
+    assert runs == [([0, 1], [4, 1, 1])]  # from the checkpoint at step 4
+    assert torch.equal(resumed.pixel_values, reference.pixel_values)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "another_batch"])
+def test_a_damaged_batch_checkpoint_is_moved_aside_and_the_batch_starts_again(damage, tmp_path, monkeypatch,
+                                                                               caplog):
+    model = tiny_vit()
+    reference = get_synthesizer("psaq", **FAST).synthesize(model, 4, seed=0, batch_size=2, **NORM)
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        _ctrl_c_at(patch, 4 + 2)
+        get_synthesizer("psaq", **FAST).synthesize(model, 4, seed=0, batch_size=2, cache_dir=tmp_path, **NORM)
+    (run_dir,) = tmp_path.iterdir()
+    checkpoint = run_dir / "partial" / "00000002-00000004.safetensors"
+    if damage == "truncate":
+        checkpoint.write_bytes(checkpoint.read_bytes()[:100])
+    else:  # a readable checkpoint of another batch size: 1 image where the batch has 2
+        cache = SynthesisCache(tmp_path, run_dir.name)
+        state = cache.batch_checkpoint(2, 4, None).load()
+        state.images, state.augment = state.images[:1], state.augment[:1]
+        cache.batch_checkpoint(2, 4, None).save(state)
+    damaged_bytes = checkpoint.read_bytes()
+    runs = _ctrl_c_at(monkeypatch, -1)
+    with caplog.at_level("WARNING", logger="optimum_dfq.synthesis.cache"):
+        resumed = get_synthesizer("psaq", **FAST).synthesize(model, 4, seed=0, batch_size=2, cache_dir=tmp_path,
+                                                             **NORM)
+    assert runs == [([2, 3], [1, 1, 1, 1])]  # from step 0
+    assert torch.equal(resumed.pixel_values, reference.pixel_values)
+    assert (run_dir / "partial" / "00000002-00000004.safetensors.damaged").read_bytes() == damaged_bytes
+    assert str(checkpoint) in caplog.text and "starts again from step 0" in caplog.text
+
+
+def test_a_checkpoint_left_beside_its_finished_batch_is_removed(tmp_path, monkeypatch):
+    model = tiny_vit()
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        _ctrl_c_at(patch, 2)
+        get_synthesizer("psaq", **FAST).synthesize(model, 4, seed=0, batch_size=2, cache_dir=tmp_path, **NORM)
+    (run_dir,) = tmp_path.iterdir()
+    leftover = run_dir / "partial" / "00000000-00000002.safetensors"
+    saved = leftover.read_bytes()
+    get_synthesizer("psaq", **FAST).synthesize(model, 4, seed=0, batch_size=2, cache_dir=tmp_path, **NORM)
+    shutil.rmtree(run_dir / "calibration_set")  # as if the run crashed after its shard was written
+    leftover.write_bytes(saved)
+    get_synthesizer("psaq", **FAST).synthesize(model, 4, seed=0, batch_size=2, cache_dir=tmp_path, **NORM)
+    assert not leftover.exists()
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, "10", True])
+def test_checkpoint_every_must_be_a_step_count(bad):
+    with pytest.raises(SynthesisError, match="checkpoint_every"):
+        get_synthesizer("psaq", checkpoint_every=bad)

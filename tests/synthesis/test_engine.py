@@ -286,3 +286,122 @@ def test_adam_runs_with_the_configured_betas_eps_and_phase_learning_rates(monkey
     assert [lr for lr, _, _ in seen] == pytest.approx(expected) == result.history["lr"]
     assert expected[0] < expected[1] and expected[3] < expected[2]  # each phase warms up again
     assert {(betas, eps) for _, betas, eps in seen} == {((0.3, 0.7), 1e-4)}
+
+
+class _MemoryCheckpoint:
+    """A [`BatchCheckpointer`] kept in memory: the states saved, the reasons of rejections."""
+
+    def __init__(self, every=None):
+        self.every, self.saved, self.rejected = every, [], []
+
+    def load(self):
+        return self.saved[-1] if self.saved else None
+
+    def save(self, state):
+        self.saved.append(state)
+
+    def reject(self, reason):
+        self.rejected.append(reason)
+        self.saved.clear()
+
+
+class _StopAt:
+    """A progress bar that raises `error` once `steps` steps are done; counts the steps it sees."""
+
+    def __init__(self, steps=None, error=KeyboardInterrupt):
+        self.steps, self.error, self.done, self.updates = steps, error, 0, []
+
+    def update(self, count):
+        self.updates.append(count)
+        self.done += count
+        if self.done == self.steps:
+            raise self.error("stopped")
+
+
+def _checkpointed_run(name, checkpoint, progress, **overrides):
+    """One batch of 2 images through `name`'s plan (2 phases x 4 steps), as `PixelSynthesizer` runs it."""
+    from synth_helpers import bounds, plan_batch
+
+    settings = {"iterations": (4, 4), "warmup": 1, "jitter": (2, 4)} | overrides
+    synthesizer = get_synthesizer(name, **settings)
+    model = tiny_vit()
+    plan = plan_batch(synthesizer, model, [0, 1])
+    return optimize_batch(model, plan, synthesizer.engine_config(False), bounds=bounds(),
+                          sites=probe_attention_sites(model, get_adapter(model)), num_prefix_tokens=1, seed=0,
+                          progress=progress, checkpoint=checkpoint)
+
+
+# dfq-vit with its hardness term from phase 1: the term's quantized model, built at step 4, is part of the state
+RESUMABLE = {"psaq": {}, "sardfq": {}, "dfq-vit": {"hardness_weight": 1.0, "hardness_phase": 1}}
+
+
+@pytest.mark.parametrize("stop_at", [3, 6])
+@pytest.mark.parametrize("name", sorted(RESUMABLE))
+def test_a_batch_interrupted_by_ctrl_c_resumes_from_its_step_to_the_uninterrupted_result(name, stop_at):
+    reference = _checkpointed_run(name, None, None, **RESUMABLE[name])
+    checkpoint = _MemoryCheckpoint()
+    with pytest.raises(KeyboardInterrupt):
+        _checkpointed_run(name, checkpoint, _StopAt(stop_at), **RESUMABLE[name])
+    assert [state.step for state in checkpoint.saved] == [stop_at]
+    if name == "dfq-vit":
+        assert ("hardness" in checkpoint.saved[0].terms) == (stop_at > 4)
+
+    progress = _StopAt()
+    resumed = _checkpointed_run(name, checkpoint, progress, **RESUMABLE[name])
+    assert progress.updates == [stop_at] + [1] * (8 - stop_at)  # the saved steps at once, then only the rest ran
+    assert progress.done == 8 and not checkpoint.rejected
+    assert torch.equal(resumed.images, reference.images)
+    assert resumed.history == reference.history
+
+
+def test_a_crashed_batch_resumes_from_its_last_periodic_checkpoint():
+    reference = _checkpointed_run("psaq", None, None)
+    checkpoint = _MemoryCheckpoint(every=2)
+    with pytest.raises(RuntimeError):  # not an interrupt: nothing is saved at the crash, as after SIGKILL
+        _checkpointed_run("psaq", checkpoint, _StopAt(5, RuntimeError))
+    assert [state.step for state in checkpoint.saved] == [2, 4]
+    progress = _StopAt()
+    resumed = _checkpointed_run("psaq", checkpoint, progress)
+    assert torch.equal(resumed.images, reference.images) and resumed.history == reference.history
+    assert [state.step for state in checkpoint.saved] == [2, 4, 6]  # the final step is never saved
+
+
+def test_ctrl_c_inside_a_steps_update_keeps_the_previous_checkpoint(monkeypatch):
+    reference = _checkpointed_run("psaq", None, None)
+    adam_step, calls = torch.optim.Adam.step, []
+
+    def interrupted_on_the_fourth_update(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return adam_step(self, *args, **kwargs)
+
+    checkpoint = _MemoryCheckpoint(every=2)
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(torch.optim.Adam, "step", interrupted_on_the_fourth_update)
+        _checkpointed_run("psaq", checkpoint, None)
+    assert [state.step for state in checkpoint.saved] == [2]  # not a half-updated step 3
+    resumed = _checkpointed_run("psaq", checkpoint, None)
+    assert torch.equal(resumed.images, reference.images) and resumed.history == reference.history
+
+
+@pytest.mark.parametrize("damage", ["step", "images", "history", "term"])
+def test_a_checkpoint_that_does_not_fit_the_batch_is_rejected_and_the_batch_starts_again(damage):
+    reference = _checkpointed_run("psaq", None, None)
+    checkpoint = _MemoryCheckpoint()
+    with pytest.raises(KeyboardInterrupt):
+        _checkpointed_run("psaq", checkpoint, _StopAt(3))
+    state = checkpoint.saved[-1]
+    if damage == "step":
+        state.step = 8
+    elif damage == "images":
+        state.images = state.images[:1]
+    elif damage == "history":
+        state.history["ce"] = state.history["ce"][:1]
+    else:
+        state.terms["ce"] = {"labels": torch.zeros(2)}
+    progress = _StopAt()
+    resumed = _checkpointed_run("psaq", checkpoint, progress)
+    assert len(checkpoint.rejected) == 1
+    assert progress.done == 8
+    assert torch.equal(resumed.images, reference.images) and resumed.history == reference.history
