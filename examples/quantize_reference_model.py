@@ -63,7 +63,9 @@ def main() -> None:
     model = quantizer.model.float().eval()
     dataset = load_dataset("parquet", data_files={"test": args.eval_data}, split="test")
     print(f"model: {args.model} ({type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters)")
-    print(f"evaluation: {len(dataset)} real CIFAR-10 test images from {args.eval_data} (never used for calibration)")
+    default_data = Path(args.eval_data).resolve() == DEFAULT_EVAL.resolve()
+    images = "real CIFAR-10 test images" if default_data else "labelled images"  # the user's set may be anything
+    print(f"evaluation: {len(dataset)} {images} from {args.eval_data} (never used for calibration)")
 
     fp = evaluate_accuracy(model, dataset, quantizer.image_processor, progress=False)
     rows = [{"model": "float32", "top1": fp["top1"], "seconds": 0.0}]

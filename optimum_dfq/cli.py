@@ -208,13 +208,14 @@ def _check_output_dir(output_dir: str) -> None:
                        "delete this one first.")
 
 
-def _load_quantizer(model: str):
-    """The quantizer of MODEL (a local folder or a Hub id; see [`_resolve_model`] for the checks)."""
+def _load_quantizer(model: str, image_processor: bool = True):
+    """The quantizer of MODEL (a local folder or a Hub id; see [`_resolve_model`] for the checks), with its image
+    processor unless `image_processor=False`."""
     from .quantizer import DataFreeViTQuantizer
 
     source = _resolve_model(model)
     try:
-        return DataFreeViTQuantizer.from_pretrained(source)
+        return DataFreeViTQuantizer.from_pretrained(source, load_image_processor=image_processor)
     except OSError as err:
         if Path(source).is_dir():
             raise
@@ -482,7 +483,7 @@ def run_export(args: argparse.Namespace) -> int:
                        f"{Path(args.output) / 'model.onnx'}.")
     if not _process_state().is_main_process:
         return 0  # the export is not sharded: under a launcher the main process exports, the others stop here
-    quantizer = _load_quantizer(args.model)
+    quantizer = _load_quantizer(args.model, image_processor=False)  # the export needs none
     if getattr(quantizer.model.config, "quantization_config", None) is None:
         raise DFQError(f"{args.model} is not a quantized model; quantize it first with `{PROG} quantize`.")
     report = to_onnx(quantizer.model, args.output, weight_only_int4=not args.no_int4_weights,

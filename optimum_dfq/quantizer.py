@@ -59,7 +59,8 @@ class DataFreeViTQuantizer(OptimumQuantizer):
 
     @classmethod
     def from_pretrained(
-        cls, model_or_path: PreTrainedModel | str | os.PathLike, image_processor: Any | None = None, **kwargs: Any
+        cls, model_or_path: PreTrainedModel | str | os.PathLike, image_processor: Any | None = None, *,
+        load_image_processor: bool = True, **kwargs: Any
     ) -> DataFreeViTQuantizer:
         """Creates a quantizer for a model instance, a local folder or a Hub id.
 
@@ -68,6 +69,9 @@ class DataFreeViTQuantizer(OptimumQuantizer):
                 `AutoModelForImageClassification.from_pretrained` (its image processor is loaded from the same place
                 when it has one).
             image_processor (*optional*): overrides the loaded image processor.
+            load_image_processor (`bool`, *optional*, defaults to `True`): whether to load the image processor from
+                `model_or_path` when none is given (and warn when there is none there); `False` for work that needs
+                none, such as exporting a quantized model.
             kwargs: forwarded to `from_pretrained` (`revision`, `token`, `cache_dir`, `dtype` (default float32), ...).
 
         Returns:
@@ -88,7 +92,7 @@ class DataFreeViTQuantizer(OptimumQuantizer):
         _check_supported_config(config)
         kwargs.setdefault("dtype", torch.float32)  # calibration and synthesis run in fp32 (fp16 is slow on CPU)
         model = AutoModelForImageClassification.from_pretrained(model_or_path, **kwargs)
-        if image_processor is None:
+        if image_processor is None and load_image_processor:
             try:
                 image_processor = AutoImageProcessor.from_pretrained(model_or_path, **kwargs)
             except OSError:

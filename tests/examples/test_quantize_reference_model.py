@@ -29,7 +29,7 @@ def test_main_job_prints_the_readme_lines(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert re.fullmatch(r"model: .*vit-cifar10 \(ViTForImageClassification, 1,205,898 parameters\)", lines[0])
-    assert lines[1] == f"evaluation: 256 real CIFAR-10 test images from {data} (never used for calibration)"
+    assert lines[1] == f"evaluation: 256 labelled images from {data} (never used for calibration)"  # not the default
     assert re.fullmatch(r" float32  top-1 +\d+\.\d\d%", lines[2])
     quantized = r"    w8a8  top-1 +\d+\.\d\d%   \(data-free: 2 images from 'gaussian', quantized in \d+\.\d s\)"
     assert re.fullmatch(quantized, lines[3])
