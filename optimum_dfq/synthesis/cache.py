@@ -62,6 +62,7 @@ class SynthesisCache:
         self.shards = self.directory / "shards"
         self.complete_path = self.directory / "calibration_set"
         self.partial = self.directory / "partial"
+        self._read_back: dict[tuple[int, int], BatchRecord] = {}  # shards read by finished_chunks, until taken
 
     def is_complete(self) -> bool:
         """Whether the finished set of this run is saved."""
@@ -196,16 +197,23 @@ class SynthesisCache:
     def _shard_is_readable(self, start: int, stop: int) -> bool:
         path = self._shard_path(start, stop)
         try:
-            record = self.read_shard(start, stop)
+            record = self._read_back[(start, stop)] = self.read_shard(start, stop)
             if (record.start, record.stop) != (start, stop) or record.pixel_values.shape[0] != stop - start:
                 raise ValueError(f"it holds images {record.start}-{record.stop} "
                                  f"({record.pixel_values.shape[0]} images), not {start}-{stop}")
         except Exception as err:  # filtered by _is_damage: what remains means the shard is damaged
             if not _is_damage(err):
                 raise
+            self._read_back.pop((start, stop), None)
             self._move_aside(path, err)
             return False
         return True
+
+    def take_shard(self, start: int, stop: int) -> BatchRecord:
+        """The cached batch `start..stop-1`: as [`SynthesisCache.finished_chunks`] read it back on this process (not
+        read again), else read now."""
+        record = self._read_back.pop((start, stop), None)
+        return record if record is not None else self.read_shard(start, stop)
 
     @staticmethod
     def _move_aside(path: Path, err: Exception) -> None:

@@ -377,7 +377,7 @@ class PixelSynthesizer(Synthesizer):
             raise
         records = gather_lists(state, records)
         if cache is not None:
-            records += [cache.read_shard(start, stop) for start, stop in done]
+            records += [cache.take_shard(start, stop) for start, stop in done]
         records.sort(key=lambda record: record.start)
         _check_cover(records, grid, cache)
         calibration_set = self.finalize(self._assemble(records, material, config, key, batch_size))

@@ -507,3 +507,16 @@ def test_a_checkpoint_left_beside_its_finished_batch_is_removed(tmp_path, monkey
 def test_checkpoint_every_must_be_a_step_count(bad):
     with pytest.raises(SynthesisError, match="checkpoint_every"):
         get_synthesizer("psaq", checkpoint_every=bad)
+
+
+def test_a_resumed_run_reads_each_cached_batch_once(tmp_path, monkeypatch):
+    from optimum_dfq.synthesis import cache as cache_module
+
+    model = tiny_vit()
+    with pytest.raises(_Interrupt):
+        get_synthesizer("psaq", **FAST).synthesize(model, 6, seed=0, batch_size=2, cache_dir=tmp_path,
+                                                   on_batch_end=_interrupt_after_first_batch, **NORM)
+    reads, load_file = [], cache_module.load_file
+    monkeypatch.setattr(cache_module, "load_file", lambda path: reads.append(os.path.basename(path)) or load_file(path))
+    get_synthesizer("psaq", **FAST).synthesize(model, 6, seed=0, batch_size=2, cache_dir=tmp_path, **NORM)
+    assert reads == ["00000000-00000002.safetensors"]  # checked once when the run starts, not read again at the end
