@@ -129,14 +129,7 @@ class SynthesisCache:
 
     def shard_ranges(self) -> list[tuple[int, int]]:
         """`(start, stop)` of every finished batch, sorted."""
-        if not self.shards.is_dir():
-            return []
-        ranges = []
-        for entry in self.shards.iterdir():
-            match = _SHARD_RE.match(entry.name)
-            if match:
-                ranges.append((int(match.group(1)), int(match.group(2))))
-        return sorted(ranges)
+        return [(start, stop) for start, stop, _ in _batch_files(self.shards)]
 
     def finished_chunks(self, grid: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """The chunks of `grid` whose shard is cached and readable, in grid order.
@@ -176,20 +169,14 @@ class SynthesisCache:
 
     def partial_progress(self) -> list[tuple[int, int, int]]:
         """`(start, stop, step)` of every batch checkpointed part-way, sorted (read from the files' headers only)."""
-        if not self.partial.is_dir():
-            return []
         progress = []
-        for entry in self.partial.iterdir():
-            match = _SHARD_RE.match(entry.name)
-            if match:
-                try:
-                    with safe_open(str(entry), framework="pt") as handle:
-                        step = int((handle.metadata() or {})["step"])
-                except (OSError, KeyError, ValueError, SafetensorError) as err:  # reported when a run resumes from it
-                    logger.debug("Unreadable batch checkpoint %s: %s", entry, err)
-                    continue
-                progress.append((int(match.group(1)), int(match.group(2)), step))
-        return sorted(progress)
+        for start, stop, path in _batch_files(self.partial):
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    progress.append((start, stop, int((handle.metadata() or {})["step"])))
+            except (OSError, KeyError, ValueError, SafetensorError) as err:  # reported when a run resumes from it
+                logger.debug("Unreadable batch checkpoint %s: %s", path, err)
+        return progress
 
     def _shard_path(self, start: int, stop: int) -> Path:
         return self.shards / f"{start:08d}-{stop:08d}.safetensors"
@@ -232,17 +219,7 @@ class SynthesisCache:
         for name, value in record.extras.items():
             tensors[_EXTRA_PREFIX + name] = value.detach().cpu().contiguous()
         metadata = {"start": str(record.start), "stop": str(record.stop), "history": json.dumps(record.history)}
-        final = self._shard_path(record.start, record.stop)
-        handle, temporary = tempfile.mkstemp(prefix=".shard-", dir=self.shards)
-        os.close(handle)
-        try:
-            save_file(tensors, temporary, metadata=metadata)
-            _as_if_created(temporary)
-            _flush_to_disk(temporary)  # else a crash after the rename can leave an empty file under the final name
-            os.replace(temporary, final)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
+        _atomic_save_file(tensors, metadata, self._shard_path(record.start, record.stop))
 
     def read_shard(self, start: int, stop: int) -> BatchRecord:
         path = self._shard_path(start, stop)
@@ -309,16 +286,7 @@ class BatchCheckpoint:
         metadata = {"format": _CHECKPOINT_FORMAT, "step": str(state.step), "history": json.dumps(state.history),
                     "terms": json.dumps(entries)}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=".partial-", dir=self.path.parent)
-        os.close(handle)
-        try:
-            save_file(tensors, temporary, metadata=metadata)
-            _as_if_created(temporary)
-            _flush_to_disk(temporary)
-            os.replace(temporary, self.path)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
+        _atomic_save_file(tensors, metadata, self.path)
 
     def reject(self, reason: str) -> None:
         """Moves the file aside (`.damaged`), with a warning naming it and `reason`; the batch starts again."""
@@ -345,6 +313,33 @@ def _move_aside(path: Path) -> Path | None:
     except FileNotFoundError:  # another run sharing the cache moved it first
         return None
     return target
+
+
+def _batch_files(folder: Path) -> list[tuple[int, int, Path]]:
+    """`(start, stop, path)` of every `<start>-<stop>.safetensors` file in `folder`, sorted (none if it is missing)."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for entry in folder.iterdir():
+        match = _SHARD_RE.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), int(match.group(2)), entry))
+    return sorted(found)
+
+
+def _atomic_save_file(tensors: dict[str, Any], metadata: dict[str, str], path: Path) -> None:
+    """Writes a safetensors file under `path` all at once: to a temporary file in the same folder, flushed to disk,
+    then renamed (so a crash leaves the previous file or none, never a partial one under the final name)."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}-", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(tensors, temporary, metadata=metadata)
+        _as_if_created(temporary)
+        _flush_to_disk(temporary)  # else a crash after the rename can leave an empty file under the final name
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 def _flush_to_disk(path: str | os.PathLike) -> None:
