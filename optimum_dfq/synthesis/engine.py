@@ -14,9 +14,12 @@ from the step it had reached and ends with exactly the images of an uninterrupte
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Sequence
+import signal
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -180,7 +183,7 @@ def optimize_batch(
             [`DisagreementTerm`]'s quantized model: the result is bit-identical to an uninterrupted run); a state
             that does not fit this batch is rejected and the batch starts again. The state is saved every
             `checkpoint.every` steps and on `KeyboardInterrupt` (unless the interrupt lands inside a step's update,
-            where the previous saved state is kept).
+            where the previous saved state is kept); further Ctrl-C presses are ignored while that save runs.
 
     Returns:
         `BatchResult`: the final images and the per-step loss history.
@@ -283,9 +286,25 @@ def optimize_batch(
                     checkpoint.save(_state(step, images, optimizer, augment_at_step, history, plan))
     except KeyboardInterrupt:
         if checkpoint is not None and not updating and 0 < step < config.total_steps:
-            checkpoint.save(_state(step, images, optimizer, augment_at_step, history, plan))
+            with _ctrl_c_held():
+                checkpoint.save(_state(step, images, optimizer, augment_at_step, history, plan))
         raise
     return BatchResult(images.detach().cpu(), history)
+
+
+@contextlib.contextmanager
+def _ctrl_c_held() -> Iterator[None]:
+    """Ignores SIGINT inside the block (the save made on Ctrl-C): torchrun and `accelerate launch` forward the
+    terminal's Ctrl-C to workers that already got it, and a second interrupt would cut the save short."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:  # not ours to change
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _state(step: int, images: torch.Tensor, optimizer: torch.optim.Optimizer, augment_states: torch.Tensor,

@@ -405,3 +405,23 @@ def test_a_checkpoint_that_does_not_fit_the_batch_is_rejected_and_the_batch_star
     assert len(checkpoint.rejected) == 1
     assert progress.done == 8
     assert torch.equal(resumed.images, reference.images) and resumed.history == reference.history
+
+
+def test_a_second_ctrl_c_during_the_interrupt_save_does_not_cut_it_short():
+    # torchrun and accelerate launch forward the terminal's SIGINT to workers that already got it (and an impatient
+    # user presses Ctrl-C twice): the save made for the first interrupt must still complete
+    import signal
+
+    class SecondCtrlC(_MemoryCheckpoint):
+        def save(self, state):
+            signal.raise_signal(signal.SIGINT)
+            super().save(state)
+
+    reference = _checkpointed_run("psaq", None, None)
+    checkpoint = SecondCtrlC()
+    with pytest.raises(KeyboardInterrupt):
+        _checkpointed_run("psaq", checkpoint, _StopAt(3))
+    assert [state.step for state in checkpoint.saved] == [3]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again afterwards
+    resumed = _checkpointed_run("psaq", checkpoint, None)
+    assert torch.equal(resumed.images, reference.images)
