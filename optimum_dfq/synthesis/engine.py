@@ -116,7 +116,8 @@ class EngineState:
         optimizer (`dict[str, torch.Tensor]`): Adam's state of the pixels (`step`, `exp_avg`, `exp_avg_sq`; CPU).
         augment (`torch.Tensor`): `[B, L]` uint8 states of the images' augmentation generators.
         history (`dict[str, list[float | None]]`): the loss history of the first `step` steps.
-        terms (`dict[str, dict[str, torch.Tensor]]`): each stateful loss term's `state_dict()`, by term name.
+        terms (`dict[str, dict[str, torch.Tensor]]`): each stateful loss term's `state_dict()` as it was before step
+            `step` ran, by term name (CPU).
     """
 
     step: int
@@ -240,6 +241,7 @@ def optimize_batch(
     if progress is not None and step:
         progress.update(step)
     augment_at_step = augment.get_states()  # the generators as they were when the current step began
+    terms_at_step = _term_states(plan)  # likewise the terms: a Ctrl-C mid-step lands after some of them ran
     updating = False  # inside a step's update: the state is half-written and cannot be saved
     try:
         with FeatureCapture(model, sites, needs) as capture:
@@ -276,6 +278,7 @@ def optimize_batch(
                 _record(history, values, loss, lr, batch)
                 step += 1
                 augment_at_step = augment.get_states()
+                terms_at_step = _term_states(plan)
                 updating = False
                 if log and ((step - 1) % config.log_every == 0 or step == config.total_steps):
                     _log_step(history, step - 1, config.total_steps, plan.indices)
@@ -283,11 +286,11 @@ def optimize_batch(
                     progress.update(1)
                 if checkpoint is not None and checkpoint.every and step % checkpoint.every == 0 \
                         and step < config.total_steps:
-                    checkpoint.save(_state(step, images, optimizer, augment_at_step, history, plan))
+                    checkpoint.save(_state(step, images, optimizer, augment_at_step, history, terms_at_step))
     except KeyboardInterrupt:
         if checkpoint is not None and not updating and 0 < step < config.total_steps:
             with _ctrl_c_held():
-                checkpoint.save(_state(step, images, optimizer, augment_at_step, history, plan))
+                checkpoint.save(_state(step, images, optimizer, augment_at_step, history, terms_at_step))
         raise
     return BatchResult(images.detach().cpu(), history)
 
@@ -307,10 +310,14 @@ def _ctrl_c_held() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+def _term_states(plan: BatchPlan) -> dict[str, dict[str, torch.Tensor]]:
+    return {term.name: state for term in plan.terms if (state := term.state_dict())}
+
+
 def _state(step: int, images: torch.Tensor, optimizer: torch.optim.Optimizer, augment_states: torch.Tensor,
-           history: dict[str, list[float | None]], plan: BatchPlan) -> EngineState:
+           history: dict[str, list[float | None]], terms: dict[str, dict[str, torch.Tensor]]) -> EngineState:
     moments = {key: value.detach().cpu().clone() for key, value in optimizer.state[images].items()}
-    terms = {term.name: state for term in plan.terms if (state := term.state_dict())}
+    terms = {name: {key: value.detach().cpu() for key, value in state.items()} for name, state in terms.items()}
     return EngineState(step, images.detach().cpu().clone(), moments, augment_states.clone(),
                        {name: list(values) for name, values in history.items()}, terms)
 

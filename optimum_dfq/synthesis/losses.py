@@ -76,7 +76,10 @@ class LossTerm(ABC):
         """What the term has built up over the steps so far (kept in a batch's checkpoint); none by default.
 
         A term whose values at a step depend on earlier steps (not only on the step's context) returns here what
-        [`LossTerm.load_state_dict`] needs to go on exactly as it would have.
+        [`LossTerm.load_state_dict`] needs to go on exactly as it would have. The engine reads it at the start of
+        every step (a Ctrl-C lands mid-step, after the term may have run for the step that is then run again), so
+        keep it cheap: return tensors that later steps replace rather than modify in place, without copying them
+        to another device (the checkpoint does that).
 
         Returns:
             `dict[str, torch.Tensor]`
@@ -271,7 +274,7 @@ class DisagreementTerm(LossTerm):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The images the quantized model was built from (the build is deterministic), once it is built."""
-        return {} if self._built_from is None else {"built_from": self._built_from.detach().cpu()}
+        return {} if self._built_from is None else {"built_from": self._built_from}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         unknown = sorted(set(state) - {"built_from"})

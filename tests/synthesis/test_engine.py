@@ -425,3 +425,61 @@ def test_a_second_ctrl_c_during_the_interrupt_save_does_not_cut_it_short():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again afterwards
     resumed = _checkpointed_run("psaq", checkpoint, None)
     assert torch.equal(resumed.images, reference.images)
+
+
+class _Running(LossTerm):
+    """A stateful term: a running mean of the logits over the steps so far (its value depends on earlier steps)."""
+
+    name = "running"
+
+    def __init__(self):
+        super().__init__()
+        self.mean, self.count = None, 0
+
+    def __call__(self, ctx):
+        logits = ctx.logits[: ctx.num_images].detach().mean(-1)
+        self.count += 1
+        self.mean = logits if self.mean is None else self.mean + (logits - self.mean) / self.count
+        return (ctx.logits[: ctx.num_images].mean(-1) - self.mean).square()
+
+    def state_dict(self):
+        return {} if self.mean is None else {"mean": self.mean.clone(), "count": torch.tensor(self.count)}
+
+    def load_state_dict(self, state):
+        self.mean, self.count = state.get("mean"), int(state.get("count", 0))
+
+
+class _CtrlCAtCall(LossTerm):
+    """A term that raises KeyboardInterrupt at its `at`-th call: Ctrl-C in the middle of a step's forward pass."""
+
+    name = "ctrl_c"
+
+    def __init__(self, at=None):
+        super().__init__()
+        self.at, self.calls = at, 0
+
+    def __call__(self, ctx):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return ctx.logits[: ctx.num_images].mean(-1) * 0
+
+
+def test_ctrl_c_after_a_stateful_term_ran_in_a_step_resumes_with_its_state_from_before_that_step():
+    model = tiny_vit()
+
+    def run(checkpoint, at=None):
+        plan = BatchPlan([0, 1], torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
+                         [_Running(), _CtrlCAtCall(at)])
+        return optimize_batch(model, plan, EngineConfig(iterations=(3, 3), warmup=1, jitter=(2, 4)),
+                              bounds=valid_pixel_range(NORM["image_mean"], NORM["image_std"]), sites=[],
+                              num_prefix_tokens=1, seed=0, checkpoint=checkpoint)
+
+    reference = run(None)
+    checkpoint = _MemoryCheckpoint()
+    with pytest.raises(KeyboardInterrupt):
+        run(checkpoint, at=4)  # inside step 3, after the running mean took in that step's logits
+    assert [state.step for state in checkpoint.saved] == [3]
+    assert int(checkpoint.saved[0].terms["running"]["count"]) == 3
+    resumed = run(checkpoint)
+    assert torch.equal(resumed.images, reference.images) and resumed.history == reference.history
