@@ -4,7 +4,7 @@ A run lives in `<cache_dir>/<run key>/`. Each finished batch is written atomical
 `shards/<start>-<stop>.safetensors`, so an interrupted run resumes with the batches it has not finished. A batch
 being optimised is checkpointed as `partial/<start>-<stop>.safetensors` (every `checkpoint_every` steps and on
 Ctrl-C; see [`BatchCheckpoint`]), so that it resumes from the step it had reached; the file goes once its shard is
-written. The
+written (and any left by another batch grid once the finished set is saved). The
 finished set is saved with [`save_calibration_set`] into `calibration_set/` (also via a rename), whose presence
 marks the run complete. The directory must be visible to every process of a multi-process run.
 
@@ -166,6 +166,13 @@ class SynthesisCache:
             `BatchCheckpoint`
         """
         return BatchCheckpoint(self.partial / f"{start:08d}-{stop:08d}.safetensors", every)
+
+    def discard_checkpoints(self) -> None:
+        """Removes every batch checkpoint (those left by a run with another batch grid): once the finished set is
+        saved, nothing resumes from them. Damaged ones, moved aside, stay."""
+        for _, _, path in _batch_files(self.partial):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
 
     def partial_progress(self) -> list[tuple[int, int, int]]:
         """`(start, stop, step)` of every batch checkpointed part-way, sorted (read from the files' headers only)."""

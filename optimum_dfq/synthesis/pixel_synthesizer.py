@@ -386,6 +386,8 @@ class PixelSynthesizer(Synthesizer):
                                  f"num_images={num_images}; {type(self).__name__}.finalize must keep every image.")
         if cache is not None:
             saved = broadcast_from_main(state, cache.save_complete(calibration_set) if state.is_main_process else None)
+            if state.is_main_process:
+                cache.discard_checkpoints()
             state.wait_for_everyone()
             if not saved:  # a concurrent run of the same key finished first: its set is the cached one, use it too
                 _log_main(state, "Another run of the same key finished first; using its set from %s",

@@ -520,3 +520,14 @@ def test_a_resumed_run_reads_each_cached_batch_once(tmp_path, monkeypatch):
     monkeypatch.setattr(cache_module, "load_file", lambda path: reads.append(os.path.basename(path)) or load_file(path))
     get_synthesizer("psaq", **FAST).synthesize(model, 6, seed=0, batch_size=2, cache_dir=tmp_path, **NORM)
     assert reads == ["00000000-00000002.safetensors"]  # checked once when the run starts, not read again at the end
+
+
+def test_checkpoints_of_another_batch_grid_are_removed_once_the_set_is_saved(tmp_path, monkeypatch):
+    model = tiny_vit()
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        _ctrl_c_at(patch, 4 + 2)  # batch_size=2: images 2-3 checkpointed at step 2
+        get_synthesizer("psaq", **FAST).synthesize(model, 4, seed=0, batch_size=2, cache_dir=tmp_path, **NORM)
+    (run_dir,) = tmp_path.iterdir()
+    (run_dir / "partial" / "00000000-00000002.safetensors.damaged").write_bytes(b"kept for inspection")
+    get_synthesizer("psaq", **FAST).synthesize(model, 4, seed=0, batch_size=4, cache_dir=tmp_path, **NORM)
+    assert [path.name for path in (run_dir / "partial").iterdir()] == ["00000000-00000002.safetensors.damaged"]
