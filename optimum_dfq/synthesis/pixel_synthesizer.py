@@ -578,10 +578,14 @@ def _warn_interrupted(state, cache: SynthesisCache | None, grid: list[tuple[int,
     cached = sum(stop - start for start, stop in cache.shard_ranges() if (start, stop) in on_grid)
     partial = [(start, stop, step) for start, stop, step in cache.partial_progress() if (start, stop) in on_grid]
     kept = "; ".join(f"images {start}-{stop - 1} at step {step}" for start, stop, step in partial)
-    logger.warning("Synthesis interrupted: %d of %d images are cached in %s%s. Run it again with the same cache_dir "
-                   "and batch_size to resume.", cached, grid[-1][1], cache.directory,
-                   f", and {len(partial)} batch(es) being optimised are checkpointed ({kept})" if partial else
-                   " (no batch being optimised had reached a checkpoint: those start again)")
+    if partial:
+        kept = f", and {len(partial)} batch(es) being optimised are checkpointed ({kept})"
+    elif state.num_processes == 1:
+        kept = " (no batch being optimised had reached a checkpoint: those start again)"
+    # the other processes save their batches as they stop, maybe after this process looked
+    others = " Batches the other processes are still checkpointing are not listed." if state.num_processes > 1 else ""
+    logger.warning("Synthesis interrupted: %d of %d images are cached in %s%s.%s Run it again with the same cache_dir "
+                   "and batch_size to resume.", cached, grid[-1][1], cache.directory, kept, others)
 
 
 def _warn_idle_processes(state, num_batches: int, batch_size: int) -> None:

@@ -531,3 +531,15 @@ def test_checkpoints_of_another_batch_grid_are_removed_once_the_set_is_saved(tmp
     (run_dir / "partial" / "00000000-00000002.safetensors.damaged").write_bytes(b"kept for inspection")
     get_synthesizer("psaq", **FAST).synthesize(model, 4, seed=0, batch_size=4, cache_dir=tmp_path, **NORM)
     assert [path.name for path in (run_dir / "partial").iterdir()] == ["00000000-00000002.safetensors.damaged"]
+
+
+def test_the_ctrl_c_warning_of_a_multi_process_run_does_not_say_the_other_processes_batches_start_again(tmp_path,
+                                                                                                       caplog):
+    # the main process warns as soon as its own checkpoint is saved: the other processes may still be saving theirs
+    from types import SimpleNamespace
+
+    state = SimpleNamespace(is_main_process=True, num_processes=2, process_index=0)
+    with caplog.at_level("WARNING"):
+        pixel_synthesizer._warn_interrupted(state, SynthesisCache(tmp_path, "key"), [(0, 2), (2, 4)])
+    assert "0 of 4 images are cached" in caplog.text
+    assert "start again" not in caplog.text and "other processes" in caplog.text
