@@ -277,7 +277,6 @@ class BatchCheckpoint:
                 raise
             self.reject(f"{type(err).__name__}: {err}")
             return None
-        logger.info("Resuming images %s from their checkpoint at step %d", self.path.stem, state.step)
         return state
 
     def save(self, state: EngineState) -> None:

@@ -233,6 +233,8 @@ def optimize_batch(
         problem = _restore(saved, images, optimizer, augment, history, plan, config)
         if problem is None:
             step = saved.step
+            logger.info("images %d-%d: resuming from their checkpoint at step %d", plan.indices[0], plan.indices[-1],
+                        step)
         else:  # nothing but the terms and the generators may have been loaded: reset those
             checkpoint.reject(problem)
             augment = JitterFlip([stream_generator(seed, i, "augment") for i in plan.indices], config.flip_prob)

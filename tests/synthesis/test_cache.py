@@ -426,7 +426,10 @@ def test_ctrl_c_in_the_middle_of_a_batch_resumes_that_batch_from_its_step(name, 
     assert "2 of 4 images are cached" in caplog.text and "images 2-3 at step 4" in caplog.text
 
     runs = _ctrl_c_at(monkeypatch, -1)
-    resumed = get_synthesizer(name, **settings).synthesize(model, 4, seed=0, batch_size=2, cache_dir=tmp_path, **NORM)
+    with caplog.at_level("INFO", logger="optimum_dfq.synthesis.engine"):
+        resumed = get_synthesizer(name, **settings).synthesize(model, 4, seed=0, batch_size=2, cache_dir=tmp_path,
+                                                               **NORM)
+    assert "images 2-3: resuming from their checkpoint at step 4" in caplog.text
     assert runs == [([2, 3], [4, 1, 1])]  # steps 0-3 of the batch are not run again
     assert torch.equal(resumed.pixel_values, reference.pixel_values)
     assert resumed.metadata["loss_history"] == reference.metadata["loss_history"]
