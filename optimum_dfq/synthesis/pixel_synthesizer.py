@@ -116,8 +116,8 @@ class PixelSynthesizer(Synthesizer):
             every this many steps (and on Ctrl-C), so that an interrupted run resumes it from there rather than from
             step 0, with the same result. `None` or 0: saved on Ctrl-C only (a killed process then restarts its
             batches). Not part of the cache key. A checkpoint holds the pixels and Adam's two moments in float32,
-            three times the batch's pixels (58 MB for 32 images at 224 px; about 0.2 s to write and flush on a 2-core CPU), and
-            is removed when the batch is finished.
+            three times the batch's pixels (58 MB for 32 images at 224 px; about 0.2 s to write and flush on a 2-core
+            CPU), and is removed when the batch is finished.
 
     Raises:
         `SynthesisError`: if the settings are invalid (checked by [`EngineConfig`]).
