@@ -13,7 +13,8 @@ The exported graph is what ONNX Runtime needs to run int8 kernels on CPU:
 * integer weight constants are uint8 for 8-bit codes and int8 centred on zero for narrower ones: ONNX Runtime's
   uint8 × int8 kernels saturate on x86 CPUs without VNNI when an int8 code lies outside [-64, 63];
 * quantizers ONNX cannot express as QDQ (log2, log-√2, TanQ post-softmax; the pixel-grid image input, whose
-  per-channel zero points are fractional; uniform quantizers whose zero point falls outside the code range) are
+  per-channel zero points are fractional; per-channel activation quantizers, whose zero points ONNX Runtime's
+  integer matmuls cannot take; uniform quantizers whose zero point falls outside the code range) are
   exported as the float operations that emulate them (`Log`, `Round`, `Clip`, `Pow`...): numerically the same as
   PyTorch, but they run in float. Unfolded correction matrices are float `MatMul`s.
 
@@ -183,7 +184,9 @@ class ExportReport:
 # ---------------------------------------------------------------------------------------------------- specs
 def _activation_spec(quantizer: UniformQuantizer) -> ActivationQDQSpec | None:
     """The QDQ form of a calibrated uniform activation quantizer, or `None` when uint8 QDQ cannot express it."""
-    if quantizer.bits > 8:
+    if quantizer.bits > 8 or quantizer.per_channel:
+        # ONNX Runtime fuses `DequantizeLinear(activation) -> MatMul` into MatMulIntegerToFloat, which takes one
+        # activation zero point: a per-channel activation QDQ gives a graph that fails when run
         return None
     zero_point = quantizer.zero_point.detach().cpu().double().numpy()
     if not (
@@ -415,6 +418,8 @@ def _lowered(model: nn.Module, layout: _WeightLayout) -> Iterator[list[Quantizer
         if spec is None:
             if isinstance(module, PixelGridQuantizer):
                 note = "pixel grid: per-channel fractional zero point, no uint8 QDQ form"
+            elif isinstance(module, UniformQuantizer) and module.per_channel:
+                note = "per-channel activation range: ONNX Runtime's integer matmuls take one zero point"
             elif isinstance(module, UniformQuantizer) and not torch.equal(module.zero_point, module.zero_point.round()):
                 note = "fractional zero point (round_zero_point=False): no uint8 QDQ form"
             elif isinstance(module, UniformQuantizer):

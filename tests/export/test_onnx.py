@@ -349,6 +349,27 @@ def test_zero_point_outside_the_codes_is_emulated_in_float_and_reported(calibrat
     assert saved == report.to_dict() and saved["quantizers"][0] == vars(report.quantizers[0])
 
 
+@pytest.mark.parametrize("bits", ["w8a8", "w6a6"])
+def test_per_channel_post_layernorm_quantizers_export_and_run(bits, calibration, tmp_path):
+    # ONNX Runtime fuses DQ(activation) -> MatMul into MatMulIntegerToFloat, which takes one activation zero point:
+    # a per-channel activation QDQ made a graph that failed at run time ("Per-Channel is not supported yet")
+    qmodel = _quantize("vit", bits, calibration, post_layernorm="per_channel")
+    report = to_onnx(qmodel, tmp_path / "model.onnx")
+    per_channel = [q for q in report.quantizers if q.name.endswith("layernorm_before.output_quantizer")]
+    assert per_channel and all(not q.integer and q.lowering == "float emulation" for q in per_channel)
+    assert all("per-channel" in q.note for q in per_channel)
+    pixels = calibration[:4]
+    with torch.no_grad():
+        expected = qmodel(pixel_values=pixels).logits.numpy()
+    assert (_run(tmp_path / "model.onnx", pixels).argmax(-1) == expected.argmax(-1)).mean() >= 0.75  # it runs
+    # their consumers take float inputs, so ONNX Runtime runs them as MatMulNBits with (by default) int8 dynamic
+    # activations, like weight-only models; with float activations the graph reproduces PyTorch
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(["logits"], {"pixel_values": pixels.numpy()})[0], expected, atol=1e-4)
+
+
 def test_float_reasons_in_the_summary_are_readable_and_true(calibration, tmp_path):
     """A 3-bit log2 quantizer was listed as "log23", and a fractional zero point (round_zero_point=False) as a zero
     point "outside the uint8 code range"."""
