@@ -408,7 +408,7 @@ def _lowered(model: nn.Module, layout: _WeightLayout) -> Iterator[list[Quantizer
                     module.kind,
                     module.bits,
                     "activation",
-                    "float Log/Round/Exp",
+                    "float Log/Round/Gather",
                     False,
                     "no exact ONNX QDQ form for a logarithmic codebook",
                 )

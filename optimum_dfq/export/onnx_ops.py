@@ -215,11 +215,11 @@ class NBitsLinear(torch.autograd.Function):
 class LogQDQSpec:
     """A log2 / log-√2 post-softmax quantizer lowered to float ONNX ops (no QDQ form exists for a log codebook).
 
-    `k = clip(round(-steps · log2(x / Δ)))` and `x̂ = Δ · 2^(-k / steps)`, written as `Log`, `Round`, `Clip` and
-    one `Exp` (`steps` = 1 for log2, 2 for log-√2): fewer and cheaper element-wise passes than tracing the PyTorch
-    formula (`Pow`, parity tests, `Where`). Log-√2 maps `k >= 2^b` to an exact zero; at 8 bits the smallest
-    non-zero level is `Δ · 2^-127.5`, so the zero test is skipped there and such inputs come out as at most
-    `Δ · 2^-128` instead of 0.
+    `k = clip(round(-steps · log2(x / Δ)))` written as `Div`, `Log`, `Mul`, `Round` and `Clip`, then the level looked
+    up in a table of the quantizer's own levels (`Gather`; `steps` = 1 for log2, 2 for log-√2). The table holds the
+    values PyTorch computes, so the lowering reproduces the quantizer bit for bit (a `Δ · 2^(-k / steps)` written
+    with `Exp` was off by one unit in the last place on most values, which downstream quantizers can turn into whole
+    steps). Log-√2's `k = 2^b` (an underflow) maps to the table's exact zero, at every bit width.
     """
 
     scale: float
@@ -228,8 +228,19 @@ class LogQDQSpec:
     reference: Callable[[torch.Tensor], torch.Tensor]  # the quantizer's own fake_quant (PyTorch forward)
 
     @property
-    def exact_zero(self) -> bool:
-        return self.steps == 2 and self.bits < 8
+    def top(self) -> int:
+        """The largest exponent index: `2^b - 1` for log2, `2^b` (the exact zero) for log-√2."""
+        return 2**self.bits - 1 if self.steps == 1 else 2**self.bits
+
+    def levels(self) -> np.ndarray:
+        """The output of each exponent `0 .. top`, computed with the quantizer's own formula in float32."""
+        from ..quantizers.log import log2_level, log_sqrt2_level
+
+        k = torch.arange(2**self.bits, dtype=torch.float32)
+        scale = torch.tensor(self.scale, dtype=torch.float32)
+        if self.steps == 1:
+            return log2_level(k, scale).numpy()
+        return torch.cat([log_sqrt2_level(k, scale), torch.zeros(1)]).numpy()
 
 
 class LogQDQ(torch.autograd.Function):
@@ -239,19 +250,10 @@ class LogQDQ(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, spec: LogQDQSpec):
-        ln2 = float(np.log(2.0))
-        top = 2**spec.bits - 1 if spec.steps == 1 or not spec.exact_zero else 2**spec.bits
-
         def f32(value):
             return _const(g, np.asarray(value, dtype=np.float32))
 
-        k = g.op("Mul", g.op("Log", x), f32(-spec.steps / ln2))
-        k = g.op("Round", g.op("Add", k, f32(spec.steps * np.log2(spec.scale))))
-        if spec.steps == 1 or spec.exact_zero:
-            k = g.op("Clip", k, f32(0.0), f32(float(top)))
-        else:  # 8-bit log-sqrt2: no upper clip, see the class docstring
-            k = g.op("Max", k, f32(0.0))
-        out = g.op("Exp", g.op("Add", g.op("Mul", k, f32(-ln2 / spec.steps)), f32(np.log(spec.scale))))
-        if spec.exact_zero:
-            out = g.op("Where", g.op("Less", k, f32(float(top))), out, f32(0.0))
-        return out
+        k = g.op("Mul", g.op("Log", g.op("Div", x, f32(spec.scale))), f32(-spec.steps / np.log(2.0)))
+        k = g.op("Clip", g.op("Round", k), f32(0.0), f32(float(spec.top)))
+        index = g.op("Cast", k, to_i=7)  # INT64
+        return g.op("Gather", _const(g, spec.levels().astype(np.float32)), index, axis_i=0)

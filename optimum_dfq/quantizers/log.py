@@ -36,6 +36,17 @@ class _LogQuantizer(Quantizer):
         raise NotImplementedError
 
 
+def log2_level(exponent: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The log2 level `Δ · 2^-k` of exponents `k` (the one formula of the quantizer and of its ONNX lowering)."""
+    return scale * torch.pow(2.0, -exponent)
+
+
+def log_sqrt2_level(k: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The log-√2 level `Δ · 2^-ceil(k/2) · (√2 if k is odd else 1)` of exponents `k` (quantizer and ONNX lowering)."""
+    odd = (k % 2) * (math.sqrt(2) - 1) + 1
+    return torch.pow(2.0, -1 * torch.ceil(k / 2)) * odd * scale
+
+
 class Log2Quantizer(_LogQuantizer):
     """Log2 quantizer of non-negative values such as attention probabilities.
 
@@ -73,7 +84,7 @@ class Log2Quantizer(_LogQuantizer):
     def _quant_dequant(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         exponent = torch.round(-torch.log2(x / scale))
         exponent = torch.clamp(exponent, 0, 2**self.bits - 1)
-        return scale * torch.pow(2.0, -exponent)
+        return log2_level(exponent, scale)
 
     def levels(self) -> torch.Tensor:
         k = torch.arange(2**self.bits, dtype=self.scale.dtype, device=self.scale.device)
@@ -119,8 +130,7 @@ class LogSqrt2Quantizer(_LogQuantizer):
         k = torch.round(-1 * torch.log2(x / scale) * 2)
         underflow = k >= 2**self.bits
         k = torch.clamp(k, 0, 2**self.bits - 1)
-        odd = (k % 2) * (math.sqrt(2) - 1) + 1
-        out = torch.pow(2.0, -1 * torch.ceil(k / 2)) * odd * scale
+        out = log_sqrt2_level(k, scale)
         return torch.where(underflow, torch.zeros_like(out), out)
 
     def levels(self) -> torch.Tensor:

@@ -148,8 +148,9 @@ def test_pack_matmul_nbits_layout(k, block_size):
     np.testing.assert_array_equal(zp_unpacked[:, :n_blocks], np.repeat(zero_point[:, None], n_blocks, axis=1))
 
 
-@pytest.mark.parametrize("cls,bits", [(LogSqrt2Quantizer, 4), (LogSqrt2Quantizer, 8), (Log2Quantizer, 3)])
-def test_log_quantizer_lowering_matches_pytorch(cls, bits, tmp_path):
+@pytest.mark.parametrize("cls,bits", [(LogSqrt2Quantizer, 3), (LogSqrt2Quantizer, 4), (LogSqrt2Quantizer, 8),
+                                      (Log2Quantizer, 3), (Log2Quantizer, 8)])
+def test_log_quantizer_lowering_matches_pytorch_bit_for_bit(cls, bits, tmp_path):
     torch.manual_seed(0)
     probs = torch.softmax(torch.randn(4, 2, 16, 16) * 4, dim=-1)
     probs[0, 0, 0, :3] = 0.0
@@ -169,10 +170,11 @@ def test_log_quantizer_lowering_matches_pytorch(cls, bits, tmp_path):
     torch.onnx.export(Wrapper(), (probs,), str(tmp_path / "log.onnx"), dynamo=False, input_names=["x"])
     got = ort.InferenceSession(str(tmp_path / "log.onnx")).run(None, {"x": probs.numpy()})[0]
     expected = quantizer(probs).numpy()
-    tiny = scale * 2.0**-128 if bits == 8 else 0.0  # documented 8-bit underflow difference
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=tiny)
-    if cls is LogSqrt2Quantizer and bits < 8:
-        assert (got[expected == 0] == 0).all() and (expected == 0).any()
+    # exact: an output one unit in the last place off (the former `Exp` form, on most values) moves whole steps of
+    # the quantizers downstream where a value sits on a rounding boundary (tiny Swin, W3A3, log2: 17% of the logits)
+    np.testing.assert_array_equal(got, expected)
+    if cls is LogSqrt2Quantizer:
+        assert (expected == 0).any()
 
 
 def test_reloaded_checkpoint_exports_like_the_in_memory_model(calibration, tmp_path):
