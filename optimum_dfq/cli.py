@@ -30,6 +30,8 @@ BATCH_SIZE_HELP = ("images synthesized together (default: min(32, ceil(num_image
 CACHE_DIR_HELP = ("synthesis cache folder, shared by every process: a finished run with the same arguments is reused, "
                   "and a run started again after an interruption resumes from its finished batches and from the "
                   "checkpoints of the batches it was optimising (saved every checkpoint_every=100 steps and on Ctrl-C)")
+CHECKPOINT_EVERY_HELP = ("with --cache-dir, save the batch being optimised every N steps, so that an interrupted run "
+                         "resumes it from there (default: the synthesizer's, 100; 0: only on Ctrl-C)")
 VERBOSE_HELP = ("log what the run does (INFO, main process only): cache use and, every log_every steps, the synthesis "
                 "loss terms")
 
@@ -60,6 +62,7 @@ def _add_quantize(subparsers) -> None:
     parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="also push the result to this Hub repo")
     parser.add_argument("--batch-size", type=int, default=None, help=BATCH_SIZE_HELP)
     parser.add_argument("--cache-dir", default=None, help=CACHE_DIR_HELP)
+    parser.add_argument("--checkpoint-every", type=int, default=None, metavar="N", help=CHECKPOINT_EVERY_HELP)
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     parser.set_defaults(handler=run_quantize)
 
@@ -83,6 +86,7 @@ def _add_synthesize(subparsers) -> None:
                         "one more step when the total does not divide evenly, e.g. 5 -> 3 + 2; default: the paper's, "
                         "e.g. 2 x 500 for psaq)")
     parser.add_argument("--cache-dir", default=None, help=CACHE_DIR_HELP)
+    parser.add_argument("--checkpoint-every", type=int, default=None, metavar="N", help=CHECKPOINT_EVERY_HELP)
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     parser.set_defaults(handler=run_synthesize)
 
@@ -264,8 +268,9 @@ def split_iterations(total: int, phases: int) -> list[int]:
     return [base + (phase < extra) for phase in range(phases)]
 
 
-def _build_synthesizer(name: str | None, iterations: int | None):
-    """The synthesizer of `synthesize` (library default name if `None`), with `iterations` total steps if given."""
+def _build_synthesizer(name: str | None, iterations: int | None, checkpoint_every: int | None = None):
+    """The synthesizer of `synthesize` (library default name if `None`), with `iterations` total steps and
+    `checkpoint_every` if given."""
     from .synthesis import get_synthesizer
 
     if name is None:
@@ -274,6 +279,9 @@ def _build_synthesizer(name: str | None, iterations: int | None):
         name = DFQConfig().synthesizer
     _check_synthesizer_name(name)
     synthesizer = get_synthesizer(name)
+    if checkpoint_every is not None:
+        _check_checkpoint_every(synthesizer, checkpoint_every)
+        synthesizer = get_synthesizer(name, checkpoint_every=checkpoint_every)
     if iterations is None:
         return synthesizer
     phases = len(getattr(synthesizer, "iterations", ()))
@@ -282,7 +290,8 @@ def _build_synthesizer(name: str | None, iterations: int | None):
     if iterations < phases:
         raise ValueError(f"--iterations must be at least {phases} (one per phase) for '{name}', got {iterations}.")
     steps = split_iterations(iterations, phases)
-    return get_synthesizer(name, iterations=steps, warmup=min(synthesizer.warmup, max(1, min(steps) // 5)))
+    extra = {} if checkpoint_every is None else {"checkpoint_every": checkpoint_every}
+    return get_synthesizer(name, iterations=steps, warmup=min(synthesizer.warmup, max(1, min(steps) // 5)), **extra)
 
 
 def _check_batch_size(synthesizer, batch_size: int) -> None:
@@ -295,12 +304,33 @@ def _check_batch_size(synthesizer, batch_size: int) -> None:
         raise DFQError(f"--batch-size must be at least 1, got {batch_size}.")
 
 
+def _check_checkpoint_every(synthesizer, checkpoint_every: int) -> None:
+    """Refuses `--checkpoint-every` below 0 or for a synthesizer that does not optimise images."""
+    from .errors import DFQError
+
+    if not hasattr(synthesizer, "checkpoint_every"):
+        raise DFQError(f"Synthesizer '{synthesizer.name}' does not optimise images, so it has nothing to checkpoint; "
+                       "drop --checkpoint-every.")
+    if checkpoint_every < 0:
+        raise DFQError(f"--checkpoint-every must be a number of steps >= 0 (0: only on Ctrl-C), got "
+                       f"{checkpoint_every}.")
+
+
 def _check_cache_dir(synthesizer) -> None:
     """Refuses `--cache-dir` for a synthesizer that keeps no cache (one that does not optimise images)."""
     from .errors import DFQError
 
     if not synthesizer.accepts("cache_dir"):
         raise DFQError(f"Synthesizer '{synthesizer.name}' has no cache; drop --cache-dir.")
+
+
+def _check_checkpoints_are_kept(args: argparse.Namespace) -> None:
+    """Refuses `--checkpoint-every` without `--cache-dir`, where checkpoints are kept."""
+    from .errors import DFQError
+
+    if args.cache_dir is None:
+        raise DFQError("--checkpoint-every saves checkpoints in the synthesis cache; add --cache-dir DIR (without it "
+                       "an interrupted run keeps nothing).")
 
 
 def _check_real_data_flags(args: argparse.Namespace, config) -> None:
@@ -315,9 +345,10 @@ def _check_real_data_flags(args: argparse.Namespace, config) -> None:
     if args.batch_size is not None:
         raise DFQError(f"--batch-size sets the synthesis batch size, but this run calibrates on real images; "
                        f"drop --batch-size. The images come from {where}.")
-    if args.cache_dir is not None:
-        raise DFQError(f"--cache-dir caches synthesized images, but this run calibrates on real images; drop "
-                       f"--cache-dir. The images come from {where}.")
+    for flag, value in (("--cache-dir", args.cache_dir), ("--checkpoint-every", args.checkpoint_every)):
+        if value is not None:
+            raise DFQError(f"{flag} is for synthesized images, but this run calibrates on real images; drop {flag}. "
+                           f"The images come from {where}.")
 
 
 def _check_run_synthesizer(config, args: argparse.Namespace):
@@ -379,6 +410,11 @@ def run_quantize(args: argparse.Namespace) -> int:
             config = config.replace(synthesizer_kwargs={**config.synthesizer_kwargs, "batch_size": args.batch_size})
         if args.cache_dir is not None:
             _check_cache_dir(synthesizer)
+        if args.checkpoint_every is not None:
+            _check_checkpoint_every(synthesizer, args.checkpoint_every)
+            _check_checkpoints_are_kept(args)
+            config = config.replace(synthesizer_kwargs={**config.synthesizer_kwargs,
+                                                        "checkpoint_every": args.checkpoint_every})
     _resolve_model(args.model)
     _check_output_dir(args.output_dir)
 
@@ -413,7 +449,9 @@ def run_synthesize(args: argparse.Namespace) -> int:
 
     if args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}.")
-    synthesizer = _build_synthesizer(args.synthesizer, args.iterations)
+    synthesizer = _build_synthesizer(args.synthesizer, args.iterations, args.checkpoint_every)
+    if args.checkpoint_every is not None:
+        _check_checkpoints_are_kept(args)
     if args.batch_size is not None:
         _check_batch_size(synthesizer, args.batch_size)
     if args.cache_dir is not None:

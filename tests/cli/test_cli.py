@@ -225,6 +225,17 @@ def no_model_loading(monkeypatch):
          "has no cache; drop --cache-dir"),
         (["quantize", "{model}", "{out}", "--calibration-dataset", "x.parquet", "--cache-dir", "{tmp}/c"],
          "calibrates on real images; drop --cache-dir"),
+        (["synthesize", "{model}", "{out}", "--synthesizer", "gaussian", "--checkpoint-every", "5", "--cache-dir",
+          "{tmp}/c"], "nothing to checkpoint; drop --checkpoint-every"),
+        (["synthesize", "{model}", "{out}", "--synthesizer", "psaq", "--checkpoint-every", "5"],
+         "in the synthesis cache; add --cache-dir DIR"),
+        (["synthesize", "{model}", "{out}", "--checkpoint-every", "-1", "--cache-dir", "{tmp}/c"],
+         "--checkpoint-every must be a number of steps >= 0"),
+        (["quantize", "{model}", "{out}", "--checkpoint-every", "5"], "in the synthesis cache; add --cache-dir DIR"),
+        (["quantize", "{model}", "{out}", "--synthesizer", "gaussian", "--checkpoint-every", "5"],
+         "nothing to checkpoint; drop --checkpoint-every"),
+        (["quantize", "{model}", "{out}", "--calibration-dataset", "x.parquet", "--checkpoint-every", "5"],
+         "calibrates on real images; drop --checkpoint-every"),
         (["evaluate", "{model}", "--dataset", "x.parquet", "--batch-size", "0"], "--batch-size must be at least 1"),
         (["evaluate", "{model}", "--dataset", "x.parquet", "--limit", "0"], "--limit must be at least 1"),
         (["evaluate", "{model}", "--dataset", "x.parquet", "--output", "{tmp}"], "--output {tmp} is a folder"),
@@ -243,6 +254,27 @@ def test_input_is_checked_before_the_model_is_loaded(model_dir, tmp_path, monkey
     assert main([a.format(**values) for a in args]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("optimum-dfq: error:") and reason.format(**values) in lines[0]
+
+
+def test_checkpoint_every_reaches_the_synthesizer_and_the_saved_config(model_dir, tmp_path):
+    from optimum_dfq.cli import _build_synthesizer
+
+    synthesizer = _build_synthesizer("psaq", 5, 7)
+    assert synthesizer.checkpoint_every == 7 and synthesizer.iterations == (3, 2)
+    assert _build_synthesizer("psaq", None, 0).checkpoint_every == 0
+    out = tmp_path / "q"
+    result = run_cli("quantize", str(model_dir), str(out), "--bits", "w8a8", "--num-images", "2", "--synthesizer",
+                     "psaq", "--recipe", str(_tiny_psaq_recipe(tmp_path)), "--cache-dir", str(tmp_path / "cache"),
+                     "--checkpoint-every", "3")
+    assert result.returncode == 0, result.stderr
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["synthesizer_kwargs"]["checkpoint_every"] == 3
+
+
+def _tiny_psaq_recipe(folder: Path) -> Path:
+    recipe = folder / "tiny_psaq.yaml"
+    recipe.write_text("synthesizer: psaq\nsynthesizer_kwargs:\n  iterations: [1, 1]\n  warmup: 1\n")
+    return recipe
 
 
 def test_split_iterations_spreads_the_remainder():
