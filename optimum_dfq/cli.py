@@ -6,8 +6,9 @@ anything else is a bug and keeps its traceback.
 
 Multi-GPU synthesis: `accelerate launch --multi_gpu --num_processes 8 -m optimum_dfq.cli quantize ...` (or
 `torchrun --nproc_per_node 2 -m optimum_dfq.cli synthesize ...` on CPU). Every process takes part in the sharded
-synthesis; only the main process writes the output and prints the result line, the others wait for it. `evaluate`
-and `export` are not sharded: under a launcher they run on the main process only.
+synthesis, on its own device (`PartialState().device`: its GPU); only the main process writes the output and
+prints the result line, the others wait for it. `evaluate` and `export` are not sharded: under a launcher they run
+on the main process only.
 """
 
 from __future__ import annotations
@@ -430,7 +431,7 @@ def run_quantize(args: argparse.Namespace) -> int:
             dataset = load_image_dataset(args.calibration_dataset, args.calibration_split)
     qmodel = quantizer.quantize(bits=args.bits, config=config, synthesizer=args.synthesizer,
                                 num_images=args.num_images, seed=args.seed, calibration_dataset=dataset,
-                                cache_dir=args.cache_dir,
+                                cache_dir=args.cache_dir, synthesis_device=state.device,
                                 save_dir=args.output_dir if state.is_main_process else None)
     if state.is_main_process:
         final = qmodel.config.quantization_config
@@ -465,6 +466,8 @@ def run_synthesize(args: argparse.Namespace) -> int:
     extra = {} if args.batch_size is None else {"batch_size": args.batch_size}
     if args.cache_dir is not None:
         extra["cache_dir"] = args.cache_dir
+    if synthesizer.accepts("device"):  # this process's GPU under a launcher (from_pretrained leaves the model on CPU)
+        extra["device"] = state.device
     calibration = synthesizer.synthesize(quantizer.model, args.num_images, seed=args.seed,
                                          image_processor=quantizer.image_processor, **extra)
     if state.is_main_process:

@@ -113,6 +113,7 @@ class DataFreeViTQuantizer(OptimumQuantizer):
         image_processor: Any | None = None,
         save_dir: str | os.PathLike | None = None,
         cache_dir: str | os.PathLike | None = None,
+        synthesis_device: str | torch.device | None = None,
     ) -> PreTrainedModel:
         """Returns a quantized copy of `model` (the input model is left unchanged).
 
@@ -138,6 +139,9 @@ class DataFreeViTQuantizer(OptimumQuantizer):
             save_dir (`str` or `os.PathLike`, *optional*): also `save_pretrained` the quantized model there.
             cache_dir (`str` or `os.PathLike`, *optional*): synthesis cache: a finished set with identical arguments
                 is reused, an interrupted synthesis resumes with the batches it has not finished.
+            synthesis_device (`str` or `torch.device`, *optional*): where a synthesizer that optimises images runs
+                (the model is moved there for the synthesis and back; e.g. `PartialState().device` under a
+                launcher); the model's own device by default. Calibration runs on the model's device.
 
         Returns:
             `PreTrainedModel`: same class and outputs as the input; `model.config.quantization_config` is the
@@ -193,7 +197,8 @@ class DataFreeViTQuantizer(OptimumQuantizer):
         # the run draws from its own seeded stream; the caller's random state is restored afterwards
         with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
             torch.manual_seed(config.seed)
-            calibration = self.calibration_set(qmodel, config, calibration_dataset, image_processor, cache_dir)
+            calibration = self.calibration_set(qmodel, config, calibration_dataset, image_processor, cache_dir,
+                                               synthesis_device)
             config = _record_image_count(config, len(calibration), requested=num_images)
             config, input_normalization = resolve_input_range(config, image_processor)
             _, plan = quantize_model(qmodel, calibration, config, input_normalization)
@@ -265,6 +270,7 @@ class DataFreeViTQuantizer(OptimumQuantizer):
         calibration_dataset: Any | None,
         image_processor: Any | None,
         cache_dir: str | os.PathLike | None = None,
+        synthesis_device: str | torch.device | None = None,
     ) -> CalibrationSet:
         """Builds the calibration set of a run: synthesized, or from the given real data.
 
@@ -276,6 +282,7 @@ class DataFreeViTQuantizer(OptimumQuantizer):
                 synthesizes (or loads `config.calibration_dataset`).
             image_processor (*optional*): the model's image processor.
             cache_dir (`str` or `os.PathLike`, *optional*): synthesis cache folder.
+            synthesis_device (`str` or `torch.device`, *optional*): where a synthesizer that optimises images runs.
 
         Returns:
             [`CalibrationSet`]: the images, checked against the model's image size.
@@ -296,6 +303,8 @@ class DataFreeViTQuantizer(OptimumQuantizer):
                 if not synthesizer.accepts("cache_dir"):
                     raise ConfigError(f"Synthesizer '{config.synthesizer}' has no cache; drop cache_dir=.")
                 extra["cache_dir"] = cache_dir
+            if synthesis_device is not None and synthesizer.accepts("device"):
+                extra["device"] = synthesis_device
             calibration = synthesizer.synthesize(model, config.num_images, seed=config.seed,
                                                  image_processor=image_processor, **extra)
         elif isinstance(calibration_dataset, CalibrationSet):

@@ -353,6 +353,48 @@ def test_quantize_under_torchrun_saves_and_prints_once(model_dir, tmp_path):
     assert config["quantization_config"]["num_images"] == 4
 
 
+class _GPUState:
+    """The accelerate state of process 1 of a 2-GPU launch, as the CLI sees it (no collective is run)."""
+
+    is_main_process = True
+    device = None
+
+    def main_process_first(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def wait_for_everyone(self):
+        pass
+
+
+@pytest.mark.parametrize("command", ["synthesize", "quantize"])
+def test_synthesis_runs_on_the_device_of_the_process(model_dir, tmp_path, monkeypatch, command):
+    """Under `accelerate launch --multi_gpu` each process synthesizes on its own GPU, not on the CPU where
+    `from_pretrained` leaves the model."""
+    import torch
+
+    from optimum_dfq import cli
+    from optimum_dfq.synthesis.pixel_synthesizer import PixelSynthesizer
+
+    state = _GPUState()
+    state.device = torch.device("cuda", 1)
+    monkeypatch.setattr(cli, "_process_state", lambda: state)
+    devices = []
+    synthesize = PixelSynthesizer.synthesize
+
+    def recording(self, model, num_images, *, device=None, **kwargs):
+        devices.append(device)
+        return synthesize(self, model, num_images, **kwargs)  # here on the CPU: this machine has no GPU
+
+    monkeypatch.setattr(PixelSynthesizer, "synthesize", recording)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text("bits: w8a8\nsynthesizer: psaq\nsynthesizer_kwargs:\n  iterations: [1, 1]\n  warmup: 1\n")
+    flags = ["--synthesizer", "psaq", "--iterations", "2"] if command == "synthesize" else ["--recipe", str(recipe)]
+    assert cli.main([command, str(model_dir), str(tmp_path / "out"), "--num-images", "2", *flags]) == 0
+    assert devices == [torch.device("cuda", 1)]
+
+
 def test_errors_under_a_launcher_name_the_rank(monkeypatch, capsys):
     import argparse
 
