@@ -234,11 +234,17 @@ def _process_state():
     """The accelerate process state (one process unless started by `torchrun` / `accelerate launch`).
 
     It is the state the synthesizers shard with (`PartialState(cpu=<no CUDA>)`), so the CLI and the synthesis agree
-    on which process is the main one.
+    on which process is the main one. Progress bars are shown by the main process only: the others load the same
+    model and (with `quantize`) repeat the same calibration.
     """
     from .synthesis.distributed import resolve_state
 
-    return resolve_state()
+    state = resolve_state()
+    if not state.is_main_process:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # the calibration bars follow it too
+    return state
 
 
 def _check_synthesizer_name(name: str) -> None:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.utils.logging import is_progress_bar_enabled
 
 from ..config import DFQConfig
 from ..errors import DFQError
@@ -293,7 +294,7 @@ def correct_activations(
     batches = calibration.batches(config.calibration_batch_size)
     groups = correction_groups(model, options["sites"], calibration.pixel_values[:1])
     records = []
-    for group in tqdm(groups, desc="activation correction", leave=False):
+    for group in tqdm(groups, desc="activation correction", leave=False, disable=not is_progress_bar_enabled()):
         site = group.names[0]
         x_fp = capture_matmul_inputs(float_model, [site], batches, options["max_tokens"], stop_after=site)[site]
         x_q = capture_matmul_inputs(model, [site], batches, options["max_tokens"], stop_after=site)[site]

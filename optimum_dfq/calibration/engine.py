@@ -8,6 +8,7 @@ import logging
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.utils.logging import is_progress_bar_enabled
 
 from ..config import DFQConfig
 from ..errors import CalibrationError, ConfigError
@@ -112,7 +113,8 @@ def calibrate_activations(model: nn.Module, calibration: CalibrationSet, config:
         model(pixel_values=calibration.pixel_values)
     else:
         set_quantizer_modes(model, activations="observe")
-        for batch in tqdm(calibration.batches(config.calibration_batch_size), desc="calibration", leave=False):
+        for batch in tqdm(calibration.batches(config.calibration_batch_size), desc="calibration", leave=False,
+                          disable=not is_progress_bar_enabled()):
             model(pixel_values=batch)
         for _, quantizer in activation_quantizers:
             quantizer.calibrate()

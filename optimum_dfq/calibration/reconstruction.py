@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.utils.logging import is_progress_bar_enabled
 
 from ..config import DFQConfig
 from ..errors import DFQError
@@ -107,7 +108,8 @@ def reconstruct_block(
     generator = torch.Generator().manual_seed(seed)
     try:
         with torch.enable_grad():
-            for _ in tqdm(range(iterations), desc=f"reconstruct {name}", leave=False):
+            for _ in tqdm(range(iterations), desc=f"reconstruct {name}", leave=False,
+                              disable=not is_progress_bar_enabled()):
                 index = torch.randperm(calls.num_images, generator=generator)[:batch_size]
                 loss = F.mse_loss(calls.replay(block, index), targets[index])
                 optimizer.zero_grad(set_to_none=True)
@@ -160,7 +162,8 @@ def reconstruct_blocks(
     batches = calibration.batches(config.calibration_batch_size)
     reports = []
     blocks = get_adapter(model).blocks(model)
-    for i, (name, block) in enumerate(tqdm(blocks, desc="block reconstruction", leave=False)):
+    for i, (name, block) in enumerate(tqdm(blocks, desc="block reconstruction", leave=False,
+                                               disable=not is_progress_bar_enabled())):
         calls = capture_block_calls(model, block, batches)
         targets = capture_block_outputs(float_model, float_model.get_submodule(name), batches)
         reports.append(reconstruct_block(block, calls, targets, options["iterations"], options["lr"],

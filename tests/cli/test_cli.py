@@ -353,6 +353,20 @@ def test_quantize_under_torchrun_saves_and_prints_once(model_dir, tmp_path):
     assert config["quantization_config"]["num_images"] == 4
 
 
+@pytest.mark.slow
+def test_quantize_under_torchrun_shows_progress_bars_once(model_dir, tmp_path):
+    """The other processes repeat the calibration, silently: one bar per step, not one per process."""
+    recipe = tmp_path / "bars.yaml"
+    recipe.write_text("bits: w4a4\nsynthesizer: psaq\ncalibration_order: parallel\nsynthesizer_kwargs:\n"
+                      "  iterations: [1, 1]\n  warmup: 1\nreconstruction:\n  iterations: 2\n")
+    result = run_cli_torchrun("quantize", str(model_dir), str(tmp_path / "q"), "--recipe", str(recipe),
+                              "--num-images", "4", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for bar in ("Loading weights", "psaq synthesis", "calibration", "block reconstruction", "reconstruct vit.layers.0"):
+        starts = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.startswith(f"{bar}:   0%")]
+        assert len(starts) == 1, (bar, result.stderr[-3000:])
+
+
 class _GPUState:
     """The accelerate state of process 1 of a 2-GPU launch, as the CLI sees it (no collective is run)."""
 
