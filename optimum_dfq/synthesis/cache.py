@@ -260,9 +260,9 @@ class BatchCheckpoint:
         if not self.path.exists():
             return None
         try:
-            tensors = load_file(str(self.path))
-            with safe_open(str(self.path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
+            with safe_open(str(self.path), framework="pt") as handle:  # one open: another run sharing the cache
+                metadata = handle.metadata() or {}  # may rename a newer save into place meanwhile
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (a safe_open handle is no dict)
             if metadata.get("format") != _CHECKPOINT_FORMAT:
                 raise ValueError(f"format {metadata.get('format')!r}, not {_CHECKPOINT_FORMAT!r}")
             terms: dict[str, dict[str, Any]] = {}

@@ -546,3 +546,30 @@ def test_the_ctrl_c_warning_of_a_multi_process_run_does_not_say_the_other_proces
         pixel_synthesizer._warn_interrupted(state, SynthesisCache(tmp_path, "key"), [(0, 2), (2, 4)])
     assert "0 of 4 images are cached" in caplog.text
     assert "start again" not in caplog.text and "other processes" in caplog.text
+
+
+def test_a_checkpoint_replaced_by_another_run_while_it_is_read_gives_one_consistent_state(tmp_path, monkeypatch):
+    """Two runs of the same key checkpoint the same batch: a load must not take the pixels of one save and the step
+    of the next (the resumed images would silently differ from an uninterrupted run's)."""
+    from optimum_dfq.synthesis import cache as cache_module
+    from optimum_dfq.synthesis.engine import EngineState
+
+    def state(step):
+        return EngineState(step, torch.full((2, 3, 4, 4), float(step)), {"exp_avg": torch.full((2, 3, 4, 4), 1.0)},
+                           torch.zeros(2, 8, dtype=torch.uint8), {"total": [0.0] * step}, {})
+
+    checkpoint = SynthesisCache(tmp_path, "key").batch_checkpoint(0, 2, 100)
+    checkpoint.save(state(100))
+    newer = SynthesisCache(tmp_path, "other").batch_checkpoint(0, 2, 100)
+    newer.save(state(200))
+    read = cache_module.safe_open
+
+    def replaced_meanwhile(*args, **kwargs):  # the other run renames its newer save into place while this one reads
+        if newer.path.exists():
+            os.replace(newer.path, checkpoint.path)
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "safe_open", replaced_meanwhile)
+    loaded = checkpoint.load()
+    assert loaded is not None and len(loaded.history["total"]) == loaded.step
+    assert torch.equal(loaded.images, torch.full((2, 3, 4, 4), float(loaded.step)))
