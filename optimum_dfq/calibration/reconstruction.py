@@ -109,7 +109,7 @@ def reconstruct_block(
     try:
         with torch.enable_grad():
             for _ in tqdm(range(iterations), desc=f"reconstruct {name}", leave=False,
-                              disable=not is_progress_bar_enabled()):
+                          disable=not is_progress_bar_enabled()):
                 index = torch.randperm(calls.num_images, generator=generator)[:batch_size]
                 loss = F.mse_loss(calls.replay(block, index), targets[index])
                 optimizer.zero_grad(set_to_none=True)
@@ -163,7 +163,7 @@ def reconstruct_blocks(
     reports = []
     blocks = get_adapter(model).blocks(model)
     for i, (name, block) in enumerate(tqdm(blocks, desc="block reconstruction", leave=False,
-                                               disable=not is_progress_bar_enabled())):
+                                           disable=not is_progress_bar_enabled())):
         calls = capture_block_calls(model, block, batches)
         targets = capture_block_outputs(float_model, float_model.get_submodule(name), batches)
         reports.append(reconstruct_block(block, calls, targets, options["iterations"], options["lr"],
