@@ -579,7 +579,8 @@ def _verbose_logging(verbose: bool) -> Iterator[None]:
 
 
 def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
-    """Runs the handler of a parsed command; user errors become one line on stderr and exit status 2."""
+    """Runs the handler of a parsed command; user errors become one line on stderr and exit status 2, a SIGTERM
+    during synthesis ([`SynthesisTerminated`]) one line and status 143."""
     handler = getattr(args, "handler", None)
     if handler is None:
         (parser or build_parser()).print_help()
@@ -593,6 +594,15 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
         rank = f"[rank {os.environ.get('RANK', '?')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         print(f"{PROG}: error: {rank}{message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interrupt:
+        from .synthesis.engine import SynthesisTerminated
+
+        if not isinstance(interrupt, SynthesisTerminated):
+            raise
+        # a scheduler's preemption: the batches being optimised are checkpointed (with --cache-dir), nothing to trace
+        print(f"{PROG}: terminated by SIGTERM during synthesis; with --cache-dir, run the same command again to "
+              "resume.", file=sys.stderr)
+        return 128 + 15
 
 
 def release_process_group() -> None:

@@ -13,7 +13,14 @@ from .dataset import (
     save_calibration_set,
 )
 from .dfq_vit import DFQViTSynthesizer
-from .engine import BatchCheckpointer, BatchResult, EngineConfig, EngineState, optimize_batch
+from .engine import (
+    BatchCheckpointer,
+    BatchResult,
+    EngineConfig,
+    EngineState,
+    SynthesisTerminated,
+    optimize_batch,
+)
 from .gaussian import GaussianSynthesizer, image_generator
 from .geometry import TokenGrid, probe_token_grids, roll_and_flip_maps
 from .losses import (
@@ -55,6 +62,7 @@ __all__ = [
     "SARDFQSynthesizer",
     "SoftLabelTerm",
     "StepContext",
+    "SynthesisTerminated",
     "Synthesizer",
     "TokenGrid",
     "TotalVariationTerm",

@@ -183,8 +183,9 @@ def optimize_batch(
             from (pixels, Adam's moments, the augmentation generators, the loss history and stateful terms such as
             [`DisagreementTerm`]'s quantized model: the result is bit-identical to an uninterrupted run); a state
             that does not fit this batch is rejected and the batch starts again. The state is saved every
-            `checkpoint.every` steps and on `KeyboardInterrupt` (unless the interrupt lands inside a step's update,
-            where the previous saved state is kept); further Ctrl-C presses are ignored while that save runs.
+            `checkpoint.every` steps and on `KeyboardInterrupt` or SIGTERM (raised as [`SynthesisTerminated`] while
+            SIGTERM has its default action; unless the interrupt lands inside a step's update, where the previous
+            saved state is kept); further Ctrl-C presses and SIGTERMs are ignored while that save runs.
 
     Returns:
         `BatchResult`: the final images and the per-step loss history.
@@ -246,7 +247,7 @@ def optimize_batch(
     terms_at_step = _term_states(plan)  # likewise the terms: a Ctrl-C mid-step lands after some of them ran
     updating = False  # inside a step's update: the state is half-written and cannot be saved
     try:
-        with FeatureCapture(model, sites, needs) as capture:
+        with _terminate_as_interrupt(checkpoint is not None), FeatureCapture(model, sites, needs) as capture:
             while step < config.total_steps:
                 phase, phase_step, iterations, max_offset = schedule[step]
                 lr = phase_learning_rate(config.lr, phase_step, iterations, config.warmup)
@@ -297,19 +298,47 @@ def optimize_batch(
     return BatchResult(images.detach().cpu(), history)
 
 
+class SynthesisTerminated(KeyboardInterrupt):
+    """SIGTERM received while a checkpointed batch was being optimised (a scheduler preempting the job, torchrun
+    stopping the other workers after one failed): handled like Ctrl-C, so the batch is saved before the process ends.
+    """
+
+
 @contextlib.contextmanager
-def _ctrl_c_held() -> Iterator[None]:
-    """Ignores SIGINT inside the block (the save made on Ctrl-C): torchrun and `accelerate launch` forward the
-    terminal's Ctrl-C to workers that already got it, and a second interrupt would cut the save short."""
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous is None:  # not ours to change
+def _terminate_as_interrupt(active: bool) -> Iterator[None]:
+    """Turns SIGTERM into [`SynthesisTerminated`] inside the block, when `active` and SIGTERM still has its default
+    action (a handler of the application's own is left alone) and this is the main thread (the only one that can)."""
+    if not active or threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         yield
         return
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def terminated(signum, frame):
+        raise SynthesisTerminated("SIGTERM received: the batch being optimised is checkpointed, the run stops")
+
+    signal.signal(signal.SIGTERM, terminated)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _ctrl_c_held() -> Iterator[None]:
+    """Ignores SIGINT and SIGTERM inside the block (the save made on an interrupt): torchrun and `accelerate launch`
+    forward the terminal's Ctrl-C to workers that already got it, and a second signal would cut the save short."""
+    if threading.current_thread() is not threading.main_thread():  # not ours to change
+        yield
+        return
+    held = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    held = {number: handler for number, handler in held.items() if handler is not None}
+    for number in held:
+        signal.signal(number, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for number, handler in held.items():
+            signal.signal(number, handler)
 
 
 def _term_states(plan: BatchPlan) -> dict[str, dict[str, torch.Tensor]]:

@@ -277,6 +277,26 @@ def _tiny_psaq_recipe(folder: Path) -> Path:
     return recipe
 
 
+def test_sigterm_during_synthesis_ends_with_one_line_and_status_143(capsys):
+    import argparse
+
+    from optimum_dfq.cli import dispatch
+    from optimum_dfq.synthesis.engine import SynthesisTerminated
+
+    def preempted(args):
+        raise SynthesisTerminated("SIGTERM received")
+
+    assert dispatch(argparse.Namespace(handler=preempted)) == 143
+    assert capsys.readouterr().err.strip() == ("optimum-dfq: terminated by SIGTERM during synthesis; with --cache-dir, "
+                                               "run the same command again to resume.")
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C keeps Python's own handling
+        dispatch(argparse.Namespace(handler=interrupted))
+
+
 def test_split_iterations_spreads_the_remainder():
     from optimum_dfq.cli import split_iterations
 

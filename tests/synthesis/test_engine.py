@@ -427,6 +427,67 @@ def test_a_second_ctrl_c_during_the_interrupt_save_does_not_cut_it_short():
     assert torch.equal(resumed.images, reference.images)
 
 
+class _SignalAt(_StopAt):
+    """A progress bar that sends this process `signal_number` once `steps` steps are done."""
+
+    def __init__(self, steps, signal_number):
+        super().__init__(steps)
+        self.signal_number = signal_number
+
+    def update(self, count):
+        self.updates.append(count)
+        self.done += count
+        if self.done == self.steps:
+            import signal
+
+            signal.raise_signal(self.signal_number)
+
+
+@pytest.fixture
+def default_sigterm():
+    """SIGTERM with its default action during the test (as in a fresh process), whatever the test runner set."""
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.usefixtures("default_sigterm")
+def test_sigterm_during_a_checkpointed_batch_saves_it_like_ctrl_c():
+    # a scheduler preempting the job (SLURM), or torchrun stopping the other workers after one failed, sends SIGTERM
+    import signal
+
+    from optimum_dfq.synthesis.engine import SynthesisTerminated
+
+    reference = _checkpointed_run("psaq", None, None)
+    checkpoint = _MemoryCheckpoint()
+    with pytest.raises(SynthesisTerminated, match="SIGTERM"):
+        _checkpointed_run("psaq", checkpoint, _SignalAt(3, signal.SIGTERM))
+    assert [state.step for state in checkpoint.saved] == [3]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the default action is back afterwards
+    progress = _StopAt()
+    resumed = _checkpointed_run("psaq", checkpoint, progress)
+    assert progress.updates[0] == 3
+    assert torch.equal(resumed.images, reference.images) and resumed.history == reference.history
+
+
+@pytest.mark.usefixtures("default_sigterm")
+def test_an_application_s_own_sigterm_handler_is_left_alone():
+    import signal
+
+    received = []
+
+    def handler(signum, frame):
+        received.append(signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    checkpoint = _MemoryCheckpoint()
+    result = _checkpointed_run("psaq", checkpoint, _SignalAt(3, signal.SIGTERM))  # runs to the end
+    assert received == [signal.SIGTERM] and checkpoint.saved == [] and len(result.history["total"]) == 8
+    assert signal.getsignal(signal.SIGTERM) is handler
+
+
 class _Running(LossTerm):
     """A stateful term: a running mean of the logits over the steps so far (its value depends on earlier steps)."""
 
