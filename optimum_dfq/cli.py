@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -234,8 +235,9 @@ def _process_state():
     """The accelerate process state (one process unless started by `torchrun` / `accelerate launch`).
 
     It is the state the synthesizers shard with (`PartialState(cpu=<no CUDA>)`), so the CLI and the synthesis agree
-    on which process is the main one. Progress bars are shown by the main process only: the others load the same
-    model and (with `quantize`) repeat the same calibration.
+    on which process is the main one. Progress bars and warnings are shown by the main process only: the others
+    load the same model and (with `quantize`) repeat the same calibration, so they would repeat them once per
+    process. Errors are still reported by every process.
     """
     from .synthesis.distributed import resolve_state
 
@@ -244,6 +246,9 @@ def _process_state():
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # the calibration bars follow it too
+        transformers_logging.set_verbosity_error()
+        logging.getLogger("optimum_dfq").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore")
     return state
 
 

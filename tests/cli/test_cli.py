@@ -387,6 +387,16 @@ def test_quantize_under_torchrun_shows_progress_bars_once(model_dir, tmp_path):
         assert len(starts) == 1, (bar, result.stderr[-3000:])
 
 
+@pytest.mark.slow
+def test_warnings_under_torchrun_are_printed_once(model_dir, tmp_path):
+    recipe = tmp_path / "weight_only.yaml"  # a weight-only preset with an activation option: a warning
+    recipe.write_text("bits: w4a16\npost_softmax: tanq\nsynthesizer: gaussian\n")
+    result = run_cli_torchrun("quantize", str(model_dir), str(tmp_path / "q"), "--recipe", str(recipe),
+                              "--num-images", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stderr.count("is weight-only (activations stay float)") == 1, result.stderr[-3000:]
+
+
 class _GPUState:
     """The accelerate state of process 1 of a 2-GPU launch, as the CLI sees it (no collective is run)."""
 
