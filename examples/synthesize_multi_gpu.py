@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from transformers import AutoImageProcessor, AutoModelForImageClassification
 
+from optimum_dfq import DataFreeViTQuantizer
 from optimum_dfq.synthesis import get_synthesizer, save_calibration_set, save_image_grid
 
 
@@ -49,8 +49,9 @@ def main() -> None:
 
     state = PartialState(cpu=not torch.cuda.is_available())
     logging.basicConfig(level=logging.INFO if state.is_main_process else logging.WARNING)
-    model = AutoModelForImageClassification.from_pretrained(args.model).to(state.device)
-    processor = AutoImageProcessor.from_pretrained(args.model)
+    # float32 whatever the checkpoint's dtype (transformers would keep a float16 one in float16)
+    quantizer = DataFreeViTQuantizer.from_pretrained(args.model)
+    model, processor = quantizer.model.to(state.device), quantizer.image_processor
     synthesizer = get_synthesizer(args.synthesizer, **json.loads(args.hyperparameters))
     kwargs = {"image_processor": processor}
     if args.synthesizer != "gaussian":
