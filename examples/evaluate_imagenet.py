@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--output", default=None, help="write the results as JSON")
     args = parser.parse_args(argv)
+    if args.output and Path(args.output).is_dir():
+        parser.error(f"--output {args.output} is a folder; pass a file name, e.g. {Path(args.output) / 'top1.json'}.")
 
     import optimum_dfq  # noqa: F401  (registers the quantization method for quantized checkpoints)
     from optimum_dfq import DataFreeViTQuantizer
@@ -43,6 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     results.update({"model": args.model, "dataset": args.dataset, "split": args.split})
     print(json.dumps(results, indent=2))
     if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(results, indent=2))
     return results
 

@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=None, help="keep the synthesized calibration set here, so that a "
                         "second run reuses it (default: a temporary folder, shared by the bit presets of this run)")
     args = parser.parse_args()
+    if args.output and Path(args.output).is_dir():  # checked before the minutes of synthesis, like --bits below
+        parser.error(f"--output {args.output} is a folder; pass a file name, e.g. {Path(args.output) / 'rows.json'}.")
 
     import torch
     from datasets import load_dataset
@@ -79,6 +81,7 @@ def main() -> None:
         for bits in args.bits:
             rows.append(quantize_and_evaluate(quantizer, model, dataset, bits, args, cache_dir))
     if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(rows, indent=2))
 
 

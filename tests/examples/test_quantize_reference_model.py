@@ -44,3 +44,19 @@ def test_an_unknown_preset_is_refused_before_anything_runs():
     )
     assert result.returncode == 2 and "Unknown bit preset 'w4x4'" in result.stderr
     assert result.stdout == ""  # no float evaluation, no synthesis
+
+
+def test_output_in_a_new_folder_is_written_and_a_folder_is_refused_first(tmp_path):
+    # the JSON used to be written only after every preset, into a folder that had to exist: minutes of synthesis lost
+    args = [sys.executable, str(ROOT / "examples" / "quantize_reference_model.py"), "--bits", "w8a8", "--synthesizer",
+            "gaussian", "--num-images", "2", "--eval-data", str(FIXTURES / "cifar10_tiny_test.parquet")]
+    output = tmp_path / "results" / "rows.json"
+    result = subprocess.run(args + ["--output", str(output)], capture_output=True, text=True, check=False,
+                            env=_env(), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [row["model"] for row in json.loads(output.read_text())] == ["float32", "w8a8"]
+
+    result = subprocess.run(args + ["--output", str(tmp_path)], capture_output=True, text=True, check=False,
+                            env=_env(), timeout=600)
+    assert result.returncode == 2 and f"--output {tmp_path} is a folder" in result.stderr
+    assert result.stdout == ""  # refused before the float evaluation
