@@ -153,6 +153,15 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def check_numbers(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Refuse counts and rates that would fail later (`--eval-batch-size` only after a whole epoch) or do nothing."""
+    for key in ("epochs", "batch_size", "eval_batch_size", "save_steps", "threads", "lr", "max_steps", "max_minutes"):
+        value, default = getattr(args, key), parser.get_default(key)
+        if value is not None and value <= 0:
+            fix = f"the default is {default:g}" if default is not None else "leave it out for no limit"
+            raise ValueError(f"--{key.replace('_', '-')} {value:g} must be positive ({fix}).")
+
+
 def merge_resumed_args(cli: argparse.Namespace, saved: dict[str, Any], explicit: set[str]) -> argparse.Namespace:
     """On resume, take the hyperparameters from the checkpoint; refuse explicit CLI values that contradict them.
 
@@ -896,6 +905,9 @@ def train(args: argparse.Namespace, start_time: float) -> None:
     model = build_model(args, data.label_names)
     optimizer = build_optimizer(model, args)
     steps_per_epoch = data.train_images.shape[0] // args.batch_size
+    if steps_per_epoch == 0:  # the last incomplete batch is dropped: no step at all
+        raise ValueError(f"--batch-size {args.batch_size} is larger than the train split "
+                         f"({data.train_images.shape[0]} images); pass a smaller --batch-size.")
     scheduler = build_scheduler(optimizer, args, steps_per_epoch)
     generator = torch.Generator().manual_seed(args.seed + 1)
     np_rng = np.random.default_rng(args.seed + 2)
@@ -1036,6 +1048,10 @@ def main(argv: list[str] | None = None) -> None:
             raise FileNotFoundError(f"--resume: no checkpoint in {args.output_dir}")
         args = merge_resumed_args(args, read_checkpoint_args(checkpoint), explicit_options(argv))
     args = finalize_args(args)
+    try:
+        check_numbers(args, parser)
+    except ValueError as err:
+        parser.error(str(err))
     torch.set_num_threads(args.threads)
     train(args, start_time)
 

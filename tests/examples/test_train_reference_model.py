@@ -1,6 +1,7 @@
 """The reference-model trainer's resume logic: saved hyperparameters win unless an option is given explicitly."""
 
 import importlib.util
+import shutil
 import sys
 from pathlib import Path
 
@@ -53,3 +54,30 @@ def test_model_card_history_lists_each_schedule_extension(trainer, tmp_path):
     assert "53.00%" in history
     log.write_text("".join(f'{{"epoch": {i + 1}, "lr": {lr}, "test_accuracy": 0.5}}\n' for i, lr in enumerate(lrs[:4])))
     assert trainer.schedule_history(log) == ""  # a run that was never extended has no history section
+
+
+@pytest.mark.parametrize("option, value", [("--batch-size", "0"), ("--eval-batch-size", "0"), ("--save-steps", "0"),
+                                           ("--epochs", "0"), ("--lr", "0"), ("--threads", "0"),
+                                           ("--max-steps", "0"), ("--max-minutes", "0")])
+def test_bad_numbers_are_refused_before_the_data_is_loaded(trainer, tmp_path, capsys, option, value):
+    # they failed with a ZeroDivisionError / range() error (--eval-batch-size: after a whole epoch), or did nothing
+    # (--epochs 0), or nothing they said (--max-minutes 0 set no limit, --max-steps 0 ran a step)
+    with pytest.raises(SystemExit) as exit_info:
+        trainer.main(["--output-dir", str(tmp_path / "run"), "--dataset", str(tmp_path / "no-data"), option, value])
+    assert exit_info.value.code == 2
+    assert f"{option} {value}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def _tiny_dataset(folder: Path) -> Path:
+    folder.mkdir()
+    for split in ("train", "test"):  # 64 and 256 CIFAR-10 images
+        shutil.copy(ROOT / "tests" / "fixtures" / f"cifar10_tiny_{split}.parquet", folder / f"{split}.parquet")
+    return folder
+
+
+def test_a_batch_larger_than_the_train_split_is_refused(trainer, tmp_path):
+    data = _tiny_dataset(tmp_path / "data")
+    with pytest.raises(ValueError, match=r"--batch-size 128 is larger than the train split \(64 images\)"):
+        trainer.main(["--output-dir", str(tmp_path / "run"), "--dataset", str(data), "--hidden-size", "16",
+                      "--num-layers", "1", "--num-heads", "2"])
