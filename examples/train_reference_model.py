@@ -1047,6 +1047,10 @@ def main(argv: list[str] | None = None) -> None:
         if checkpoint is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {args.output_dir}")
         args = merge_resumed_args(args, read_checkpoint_args(checkpoint), explicit_options(argv))
+    elif find_checkpoint(Path(args.output_dir)) is not None:  # before the dataset is decoded
+        raise FileExistsError(
+            f"{args.output_dir} already holds a checkpoint: pass --resume or use another --output-dir"
+        )
     args = finalize_args(args)
     try:
         check_numbers(args, parser)

@@ -81,3 +81,11 @@ def test_a_batch_larger_than_the_train_split_is_refused(trainer, tmp_path):
     with pytest.raises(ValueError, match=r"--batch-size 128 is larger than the train split \(64 images\)"):
         trainer.main(["--output-dir", str(tmp_path / "run"), "--dataset", str(data), "--hidden-size", "16",
                       "--num-layers", "1", "--num-heads", "2"])
+
+
+def test_an_existing_checkpoint_is_refused_before_the_data_is_loaded(trainer, tmp_path):
+    # it was refused only after the whole dataset was decoded (about a minute for CIFAR-10)
+    (tmp_path / "run" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoint" / "trainer_state.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="already holds a checkpoint: pass --resume or use another --output-dir"):
+        trainer.main(["--output-dir", str(tmp_path / "run"), "--dataset", str(tmp_path / "no-data")])
