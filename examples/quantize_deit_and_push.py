@@ -20,10 +20,10 @@ import argparse
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="facebook/deit-small-patch16-224", help="float model (Hub id or folder)")
-    parser.add_argument("--bits", default="w4a4")
+    parser.add_argument("--bits", default=None, help="bit preset (default: the recipe's, else w4a4)")
     parser.add_argument("--synthesizer", default=None, help="calibration synthesizer (library default if omitted)")
     parser.add_argument("--recipe", default=None, help="YAML recipe instead of the defaults")
-    parser.add_argument("--num-images", type=int, default=32)
+    parser.add_argument("--num-images", type=int, default=None, help="default: the recipe's, else 32")
     parser.add_argument("--repo", default=None, help="Hub repo to push to, e.g. me/deit-s-w4a4-dfq")
     parser.add_argument("--save-dir", default=None, help="also save the quantized model locally")
     parser.add_argument("--no-push", action="store_true", help="do not push (offline dry run)")

@@ -41,3 +41,26 @@ def test_quantize_evaluate_and_push(tmp_path, monkeypatch):
     assert len(results) == 2 and {r.metric_type for r in results} == {"accuracy"}
     assert all(0.0 <= r.metric_value <= 1.0 for r in results)
     assert all(r.dataset_type.endswith("cifar10_tiny_test.parquet") for r in results)
+
+
+def test_a_recipe_keeps_its_bits_and_image_count(tmp_path):
+    # --bits (default w4a4) and --num-images (default 32) used to replace the recipe's fields even when not given:
+    # recipes/psaq_vit_w4a8.yaml or w8a8_integer_onnx.yaml quantized at W4A4
+    from transformers import ViTImageProcessor
+
+    model_dir = tmp_path / "model"
+    tiny_vit().save_pretrained(model_dir)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=CIFAR_MEAN, image_std=CIFAR_STD).save_pretrained(
+        model_dir)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("bits: w8a8\nsynthesizer: gaussian\nnum_images: 3\n")
+
+    load_example().main(["--model", str(model_dir), "--recipe", str(recipe), "--save-dir", str(tmp_path / "out"),
+                         "--no-push"])
+
+    config = DataFreeViTQuantizer.from_pretrained(tmp_path / "out").model.config.quantization_config
+    assert (config.bits, config.num_images, config.synthesizer) == ("w8a8", 3, "gaussian")
+    load_example().main(["--model", str(model_dir), "--recipe", str(recipe), "--bits", "w4a8", "--num-images", "2",
+                         "--save-dir", str(tmp_path / "out2"), "--no-push"])  # given explicitly, they still win
+    config = DataFreeViTQuantizer.from_pretrained(tmp_path / "out2").model.config.quantization_config
+    assert (config.bits, config.num_images) == ("w4a8", 2)
