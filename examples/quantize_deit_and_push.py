@@ -15,6 +15,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,6 +32,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-split", default="validation")
     parser.add_argument("--eval-limit", type=int, default=0, help="evaluate on N images before pushing (0: skip)")
     args = parser.parse_args(argv)
+    if not args.repo and not args.no_push:  # checked before the synthesis, like --save-dir
+        parser.error("pass --repo ORG/NAME to push the quantized model, or --no-push (with --save-dir to keep it).")
+    save_dir = Path(args.save_dir).expanduser() if args.save_dir else None
+    if save_dir is not None and save_dir.exists() and (not save_dir.is_dir() or any(save_dir.iterdir())):
+        parser.error(f"--save-dir {args.save_dir} already holds files (or is a file); nothing is overwritten: pass a "
+                     "new or empty folder.")
 
     from optimum_dfq import DataFreeViTQuantizer, DFQConfig
     from optimum_dfq.calibration.data import load_image_dataset

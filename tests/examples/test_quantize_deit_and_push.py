@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 from optimum_dfq import DataFreeViTQuantizer
 
 from ..conftest import CIFAR_MEAN, CIFAR_STD, FIXTURES, tiny_vit
@@ -64,3 +66,22 @@ def test_a_recipe_keeps_its_bits_and_image_count(tmp_path):
                          "--save-dir", str(tmp_path / "out2"), "--no-push"])  # given explicitly, they still win
     config = DataFreeViTQuantizer.from_pretrained(tmp_path / "out2").model.config.quantization_config
     assert (config.bits, config.num_images) == ("w4a8", 2)
+
+
+def test_a_save_dir_with_files_and_a_missing_repo_are_refused_before_quantizing(tmp_path, capsys):
+    # --save-dir MODEL replaced the float model's weights with the quantized ones; without --repo (nor --no-push)
+    # the run quantized and kept nothing, silently
+    from transformers import ViTImageProcessor
+
+    model_dir = tmp_path / "model"
+    tiny_vit().save_pretrained(model_dir)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=CIFAR_MEAN, image_std=CIFAR_STD).save_pretrained(
+        model_dir)
+    weights = (model_dir / "model.safetensors").read_bytes()
+    common = ["--model", str(model_dir), "--synthesizer", "gaussian", "--num-images", "2"]
+    for argv, message in [(["--save-dir", str(model_dir), "--no-push"], f"--save-dir {model_dir} already holds"),
+                          ([], "pass --repo")]:
+        with pytest.raises(SystemExit) as exit_info:
+            load_example().main(common + argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert (model_dir / "model.safetensors").read_bytes() == weights
