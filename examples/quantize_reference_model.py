@@ -49,7 +49,7 @@ def main() -> None:
     import torch
     from datasets import load_dataset
 
-    from optimum_dfq import DataFreeViTQuantizer
+    from optimum_dfq import DataFreeViTQuantizer, DFQConfig, get_synthesizer
     from optimum_dfq.config import parse_bits
     from optimum_dfq.errors import DFQError
     from optimum_dfq.evaluation import evaluate_accuracy
@@ -59,6 +59,13 @@ def main() -> None:
             parse_bits(bits)
         except DFQError as err:
             parser.error(str(err))
+    if args.num_images is not None and args.num_images < 1:
+        parser.error(f"--num-images {args.num_images} must be at least 1 (default 32).")
+    args.synthesizer = args.synthesizer or DFQConfig().synthesizer
+    try:
+        caches = get_synthesizer(args.synthesizer).accepts("cache_dir")
+    except DFQError as err:
+        parser.error(str(err))
 
     torch.manual_seed(args.seed)
     quantizer = DataFreeViTQuantizer.from_pretrained(args.model)
@@ -72,10 +79,6 @@ def main() -> None:
     fp = evaluate_accuracy(model, dataset, quantizer.image_processor, progress=False)
     rows = [{"model": "float32", "top1": fp["top1"], "seconds": 0.0}]
     print(f"{'float32':>8}  top-1 {100 * fp['top1']:6.2f}%")
-    from optimum_dfq import DFQConfig, get_synthesizer
-
-    args.synthesizer = args.synthesizer or DFQConfig().synthesizer
-    caches = get_synthesizer(args.synthesizer).accepts("cache_dir")
     with tempfile.TemporaryDirectory() as scratch:
         cache_dir = (args.cache_dir or scratch) if caches else None  # noise needs no cache (and refuses one)
         for bits in args.bits:

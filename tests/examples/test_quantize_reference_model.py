@@ -60,3 +60,14 @@ def test_output_in_a_new_folder_is_written_and_a_folder_is_refused_first(tmp_pat
                             env=_env(), timeout=600)
     assert result.returncode == 2 and f"--output {tmp_path} is a folder" in result.stderr
     assert result.stdout == ""  # refused before the float evaluation
+
+
+def test_an_unknown_synthesizer_or_no_images_is_refused_before_anything_runs():
+    # both failed with a traceback after the float evaluation
+    script = str(ROOT / "examples" / "quantize_reference_model.py")
+    for argv, message in [(["--synthesizer", "psaqq"], "Unknown synthesizer 'psaqq'"),
+                          (["--num-images", "0"], "--num-images 0 must be at least 1")]:
+        result = subprocess.run([sys.executable, script, "--bits", "w8a8", *argv], capture_output=True, text=True,
+                                check=False, env=_env(), timeout=600)
+        assert result.returncode == 2 and message in result.stderr
+        assert result.stdout == ""
