@@ -1047,6 +1047,10 @@ def main(argv: list[str] | None = None) -> None:
         if checkpoint is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {args.output_dir}")
         args = merge_resumed_args(args, read_checkpoint_args(checkpoint), explicit_options(argv))
+        done = json.loads((checkpoint / "trainer_state.json").read_text())["train_state"]["epoch"]
+        if args.epochs < done:
+            raise ValueError(f"--epochs {args.epochs}: the checkpoint has already trained {done} epochs; pass "
+                             f"--epochs {done} or more (or leave it out to finish the saved schedule).")
     elif find_checkpoint(Path(args.output_dir)) is not None:  # before the dataset is decoded
         raise FileExistsError(
             f"{args.output_dir} already holds a checkpoint: pass --resume or use another --output-dir"

@@ -1,6 +1,7 @@
 """The reference-model trainer's resume logic: saved hyperparameters win unless an option is given explicitly."""
 
 import importlib.util
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -89,3 +90,16 @@ def test_an_existing_checkpoint_is_refused_before_the_data_is_loaded(trainer, tm
     (tmp_path / "run" / "checkpoint" / "trainer_state.json").write_text("{}")
     with pytest.raises(FileExistsError, match="already holds a checkpoint: pass --resume or use another --output-dir"):
         trainer.main(["--output-dir", str(tmp_path / "run"), "--dataset", str(tmp_path / "no-data")])
+
+
+def test_resume_with_fewer_epochs_than_already_trained_is_refused(trainer, tmp_path):
+    # it printed "the cosine schedule is stretched", trained nothing and reported "[done] 4 epochs" for 5
+    saved = vars(trainer.finalize_args(trainer.build_parser().parse_args(["--output-dir", "x", "--epochs", "6"])))
+    saved["dataset"] = str(tmp_path / "no-data")
+    checkpoint = tmp_path / "run" / "checkpoint"
+    checkpoint.mkdir(parents=True)
+    state = {"format_version": 1, "args": {key: saved[key] for key in trainer.HYPERPARAMETERS},
+             "train_state": {"epoch": 5, "step_in_epoch": 0, "global_step": 20}}
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="--epochs 4: the checkpoint has already trained 5 epochs; pass --epochs 5"):
+        trainer.main(["--output-dir", str(tmp_path / "run"), "--resume", "--epochs", "4"])
