@@ -751,7 +751,8 @@ def model_card(args: argparse.Namespace, results: dict[str, Any], model: torch.n
             f"hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} heads, "
             f"MLP {cfg.intermediate_size}, patch {cfg.patch_size}"
         )
-    aug = [f"random crop 32x32 with {args.crop_padding}-px zero padding"] if args.crop_padding else []
+    crop = f"random crop {args.image_size}x{args.image_size} with {args.crop_padding}-px zero padding"
+    aug = [crop] if args.crop_padding else []
     aug += [] if args.no_flip else ["random horizontal flip"]
     aug += [f"mixup (alpha {args.mixup_alpha:g})"] if args.mixup_alpha > 0 else []
     aug += [f"cutmix (alpha {args.cutmix_alpha:g})"] if args.cutmix_alpha > 0 else []

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -103,3 +104,18 @@ def test_resume_with_fewer_epochs_than_already_trained_is_refused(trainer, tmp_p
     (checkpoint / "trainer_state.json").write_text(json.dumps(state))
     with pytest.raises(ValueError, match="--epochs 4: the checkpoint has already trained 5 epochs; pass --epochs 5"):
         trainer.main(["--output-dir", str(tmp_path / "run"), "--resume", "--epochs", "4"])
+
+
+def test_model_card_states_the_trained_image_size(trainer, tmp_path):
+    # the card said "random crop 32x32" whatever --image-size
+    data = _tiny_dataset(tmp_path / "data")
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:  # the trainer catches SIGINT/SIGTERM to checkpoint: give them back to pytest afterwards
+        trainer.main(["--output-dir", str(tmp_path / "run"), "--dataset", str(data), "--image-size", "16",
+                      "--patch-size", "8", "--hidden-size", "16", "--num-layers", "1", "--num-heads", "2",
+                      "--epochs", "1", "--batch-size", "32"])
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "random crop 16x16 with 4-px zero padding" in card and "32x32" not in card
