@@ -285,7 +285,8 @@ class PixelSynthesizer(Synthesizer):
         """Synthesizes `num_images` calibration images for `model`.
 
         Args:
-            model (`PreTrainedModel`): a ViT, DeiT or Swin classifier; left unchanged (mode, gradients, device).
+            model (`PreTrainedModel`): a ViT, DeiT or Swin classifier; left unchanged (mode, gradients, device,
+                dtype: a float16/bfloat16 model is run in float32 for the synthesis, as `quantize` runs it).
             num_images (`int`): how many images.
             seed (`int`, defaults to 0): the run's seed. Image `i` is defined by `(seed, i)` and its batch on the
                 grid `range(0, num_images, batch_size)`: for a given `batch_size` it does not depend on the number of
@@ -602,10 +603,14 @@ def _warn_idle_processes(state, num_batches: int, batch_size: int) -> None:
 
 @contextlib.contextmanager
 def frozen_model(model: nn.Module, device: str | torch.device | None = None) -> Iterator[torch.device]:
-    """Puts `model` in eval mode without parameter gradients (optionally on `device`) and restores it afterwards.
+    """Puts `model` in eval mode without parameter gradients, in float32 (optionally on `device`), and restores it
+    afterwards.
 
-    Swin blocks' window and shift sizes, which transformers shrinks in place on a forward pass at the model's native
-    size, are restored too (see [`~models.adapters.window_sizes_kept`]).
+    A float16 or bfloat16 model (transformers 5 keeps a checkpoint's dtype, e.g. the bundled float16 reference
+    models) is cast to float32 for the block and back afterwards, exactly (its weights are frozen): the images are
+    optimised in float32, as `quantize` runs them, whatever the dtype the model was loaded in. Swin blocks' window and
+    shift sizes, which transformers shrinks in place on a forward pass at the model's native size, are restored too
+    (see [`~models.adapters.window_sizes_kept`]).
 
     Args:
         model (`nn.Module`): the model.
@@ -613,6 +618,9 @@ def frozen_model(model: nn.Module, device: str | torch.device | None = None) -> 
 
     Returns:
         A context manager yielding the device the model is on inside it.
+
+    Raises:
+        `SynthesisError`: if the model's floating-point parameters mix dtypes (there is no one dtype to restore).
 
     Example:
         >>> model = torch.nn.Linear(2, 2)
@@ -624,6 +632,12 @@ def frozen_model(model: nn.Module, device: str | torch.device | None = None) -> 
     """
     original_device = next(model.parameters()).device
     target = torch.device(device) if device is not None else original_device
+    dtypes = {parameter.dtype for parameter in model.parameters() if parameter.is_floating_point()}
+    if len(dtypes) > 1:
+        raise SynthesisError(f"The model's parameters mix dtypes {sorted(str(dtype) for dtype in dtypes)}; give it one "
+                             "dtype (e.g. model.float()) before synthesis.")
+    cast = bool(dtypes) and dtypes != {torch.float32}
+    tensor_dtypes = [tensor.dtype for tensor in _tensors(model)]
     modes = [module.training for module in model.modules()]
     flags = [parameter.requires_grad for parameter in model.parameters()]
     model.eval()
@@ -631,16 +645,26 @@ def frozen_model(model: nn.Module, device: str | torch.device | None = None) -> 
         parameter.requires_grad_(False)
     if target != original_device:
         model.to(target)
+    if cast:
+        model.float()
     try:
         with window_sizes_kept(model):
             yield target
     finally:
         if target != original_device:
             model.to(original_device)
+        if cast:  # each tensor back to its own dtype (a float32 buffer of a float16 model stays float32)
+            for tensor, dtype in zip(_tensors(model), tensor_dtypes):
+                if tensor.dtype != dtype:
+                    tensor.data = tensor.data.to(dtype)
         for parameter, flag in zip(model.parameters(), flags):
             parameter.requires_grad_(flag)
         for module, mode in zip(model.modules(), modes):
             module.training = mode
+
+
+def _tensors(model: nn.Module) -> list[torch.Tensor]:
+    return [*model.parameters(), *model.buffers()]
 
 
 def _cpu(tensor: torch.Tensor | None) -> torch.Tensor | None:
