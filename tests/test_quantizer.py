@@ -126,6 +126,24 @@ def test_from_pretrained_local_folder_and_instance(tmp_path, image_processor):
     assert (tmp_path / "out" / "config.json").exists() and isinstance(qmodel, type(model))
 
 
+@pytest.mark.parametrize("name", ["{tmp}/missing", "./missing", "~/surely-missing-model-folder", "models/vit/missing"])
+def test_from_pretrained_names_a_missing_local_folder(name, tmp_path, monkeypatch):
+    # transformers calls these malformed Hub ids ("Repo id must be in the form 'repo_name' ...")
+    monkeypatch.chdir(tmp_path)
+    where = re.escape(str(Path(name.format(tmp=tmp_path)).expanduser().absolute()))
+    with pytest.raises(FileNotFoundError, match=f"no model folder at {where}; check the path"):
+        DataFreeViTQuantizer.from_pretrained(name.format(tmp=tmp_path))
+    with pytest.raises(FileNotFoundError, match=f"no model folder at {where}; check the path"):
+        DataFreeViTQuantizer.from_pretrained(Path(name.format(tmp=tmp_path)))
+
+
+def test_from_pretrained_expands_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    tiny_vit().save_pretrained(tmp_path / "vit")
+    quantizer = DataFreeViTQuantizer.from_pretrained("~/vit", load_image_processor=False)
+    assert type(quantizer.model).__name__ == "ViTForImageClassification"
+
+
 def test_seeded_runs_are_reproducible():
     model = tiny_vit()
     pixels = torch.randn(2, 3, 32, 32)

@@ -556,7 +556,7 @@ def test_a_half_precision_model_is_synthesized_in_float32_and_left_in_its_dtype(
     reference = get_synthesizer("psaq", **FAST).synthesize(tiny_swin().to(dtype).float(), 2, seed=0, **NORM)
     assert torch.equal(synthesized.pixel_values, reference.pixel_values)
     after = model.state_dict()
-    assert all(after[name].dtype == tensor.dtype and torch.equal(after[name], tensor) for name, tensor in before.items())
+    assert all(after[name].dtype == value.dtype and torch.equal(after[name], value) for name, value in before.items())
 
 
 def test_a_model_mixing_parameter_dtypes_is_refused():
