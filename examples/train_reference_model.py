@@ -771,19 +771,21 @@ def model_card(args: argparse.Namespace, results: dict[str, Any], model: torch.n
         f"{results['epochs_scheduled']} (resume with `--resume`)"
     )
     acc = 100 * results["test_top1"]
+    dataset_id = Path(args.dataset).name  # a folder's name or a Hub id's last part
+    dataset_name = "CIFAR-10" if dataset_id == "cifar10" else dataset_id
     return f"""---
 library_name: transformers
 pipeline_tag: image-classification
 license: apache-2.0
 datasets:
-- cifar10
+- {dataset_id}
 metrics:
 - accuracy
 tags:
 - image-classification
 - vision
 - {args.arch}
-- cifar10
+- {dataset_id}
 - optimum-dfq
 model-index:
 - name: {Path(args.output_dir).name}
@@ -791,8 +793,8 @@ model-index:
   - task:
       type: image-classification
     dataset:
-      name: CIFAR-10
-      type: cifar10
+      name: {dataset_name}
+      type: {dataset_id}
       split: test
     metrics:
     - type: accuracy
@@ -802,7 +804,7 @@ model-index:
 
 # {Path(args.output_dir).name}
 
-A small `{arch_name}` trained **from scratch** on CIFAR-10 (train split only) on CPU with
+A small `{arch_name}` trained **from scratch** on {dataset_name} (train split only) on CPU with
 `examples/train_reference_model.py` of `optimum-dfq`. It is a full-precision reference model for data-free
 quantization experiments, not a state-of-the-art classifier.
 
@@ -810,7 +812,7 @@ quantization experiments, not a state-of-the-art classifier.
 
 | split | examples | top-1 |
 |---|---|---|
-| CIFAR-10 test | {results["test_examples"]} | **{acc:.2f}%** |
+| {dataset_name} test | {results["test_examples"]} | **{acc:.2f}%** |
 
 Measured on the full test split with the fp16 weights of this repository loaded back in fp32
 (`dtype=torch.float32`), preprocessed by the saved image processor. Training status: {status}.

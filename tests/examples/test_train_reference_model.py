@@ -119,3 +119,6 @@ def test_model_card_states_the_trained_image_size(trainer, tmp_path):
             signal.signal(signum, handler)
     card = (tmp_path / "run" / "README.md").read_text()
     assert "random crop 16x16 with 4-px zero padding" in card and "32x32" not in card
+    # trained on the folder "data", not on CIFAR-10 (whose channel statistics its image processor still uses)
+    assert "datasets:\n- data\n" in card and "name: data\n" in card and "| data test |" in card
+    assert "trained **from scratch** on data (train split only)" in card and "CIFAR-10 test" not in card
