@@ -606,11 +606,11 @@ def frozen_model(model: nn.Module, device: str | torch.device | None = None) -> 
     """Puts `model` in eval mode without parameter gradients, in float32 (optionally on `device`), and restores it
     afterwards.
 
-    A float16 or bfloat16 model (transformers 5 keeps a checkpoint's dtype, e.g. the bundled float16 reference
-    models) is cast to float32 for the block and back afterwards, exactly (its weights are frozen): the images are
-    optimised in float32, as `quantize` runs them, whatever the dtype the model was loaded in. Swin blocks' window and
-    shift sizes, which transformers shrinks in place on a forward pass at the model's native size, are restored too
-    (see [`~models.adapters.window_sizes_kept`]).
+    A float16, bfloat16 or float64 model (transformers 5 keeps a checkpoint's dtype, e.g. the bundled float16
+    reference models) is cast to float32 for the block and back afterwards, exactly (its weights are frozen; a float64
+    model gets its own tensors back): the images are optimised in float32, as `quantize` runs them, whatever the dtype
+    the model was loaded in. Swin blocks' window and shift sizes, which transformers shrinks in place on a forward
+    pass at the model's native size, are restored too (see [`~models.adapters.window_sizes_kept`]).
 
     Args:
         model (`nn.Module`): the model.
@@ -638,6 +638,9 @@ def frozen_model(model: nn.Module, device: str | torch.device | None = None) -> 
                              "dtype (e.g. model.float()) before synthesis.")
     cast = bool(dtypes) and dtypes != {torch.float32}
     tensor_dtypes = [tensor.dtype for tensor in _tensors(model)]
+    # a float64 tensor gets its own data back: a round trip through float32 would round it
+    wide = [tensor.data if cast and tensor.is_floating_point() and torch.finfo(tensor.dtype).bits > 32 else None
+            for tensor in _tensors(model)]
     modes = [module.training for module in model.modules()]
     flags = [parameter.requires_grad for parameter in model.parameters()]
     model.eval()
@@ -654,9 +657,9 @@ def frozen_model(model: nn.Module, device: str | torch.device | None = None) -> 
         if target != original_device:
             model.to(original_device)
         if cast:  # each tensor back to its own dtype (a float32 buffer of a float16 model stays float32)
-            for tensor, dtype in zip(_tensors(model), tensor_dtypes):
+            for tensor, dtype, original in zip(_tensors(model), tensor_dtypes, wide):
                 if tensor.dtype != dtype:
-                    tensor.data = tensor.data.to(dtype)
+                    tensor.data = original if original is not None else tensor.data.to(dtype)
         for parameter, flag in zip(model.parameters(), flags):
             parameter.requires_grad_(flag)
         for module, mode in zip(model.modules(), modes):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -564,3 +565,17 @@ def test_a_model_mixing_parameter_dtypes_is_refused():
     model.classifier.half()
     with pytest.raises(SynthesisError, match=r"mix dtypes \['torch.float16', 'torch.float32'\].*model.float\(\)"):
         get_synthesizer("psaq", **FAST).synthesize(model, 2, seed=0, **NORM)
+
+
+def test_a_float64_model_is_synthesized_in_float32_and_given_back_its_own_weights():
+    # the float32 round trip rounded every float64 weight of the caller's model
+    model = tiny_vit().double()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1e-12)  # not representable in float32
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    synthesized = get_synthesizer("psaq", **FAST).synthesize(model, 2, seed=0, **NORM)
+    reference = get_synthesizer("psaq", **FAST).synthesize(copy.deepcopy(model).float(), 2, seed=0, **NORM)
+    assert torch.equal(synthesized.pixel_values, reference.pixel_values)
+    after = model.state_dict()
+    assert all(after[name].dtype == value.dtype and torch.equal(after[name], value) for name, value in before.items())
