@@ -123,7 +123,8 @@ def looks_like_local_path(name: str) -> bool:
         >>> looks_like_local_path("./models/vit"), looks_like_local_path("a/b/c"), looks_like_local_path("org/vit")
         (True, True, False)
     """
-    if name.startswith(("/", ".", "~")) or (os.altsep and os.altsep in name) or name.endswith(os.sep):
+    # not os.altsep: it is "/" on Windows, where every Hub id holds one (a backslash makes no valid Hub id)
+    if name.startswith(("/", ".", "~")) or name.endswith(os.sep):
         return True
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 

@@ -1,6 +1,7 @@
 """End-to-end tests of DataFreeViTQuantizer.quantize on tiny models of every supported family."""
 
 import copy
+import os
 import re
 from pathlib import Path
 
@@ -135,6 +136,19 @@ def test_from_pretrained_names_a_missing_local_folder(name, tmp_path, monkeypatc
         DataFreeViTQuantizer.from_pretrained(name.format(tmp=tmp_path))
     with pytest.raises(FileNotFoundError, match=f"no model folder at {where}; check the path"):
         DataFreeViTQuantizer.from_pretrained(Path(name.format(tmp=tmp_path)))
+
+
+@pytest.mark.parametrize("name", ["org/vit", "facebook/deit-small-patch16-224"])
+def test_from_pretrained_takes_a_hub_id_with_windows_separators(name, tmp_path, monkeypatch):
+    # os.altsep is "/" on Windows: every Hub id was called a missing local folder there
+    from optimum_dfq.quantizer import _local_path_or_hub_id
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(os, "sep", "\\")
+    monkeypatch.setattr(os, "altsep", "/")
+    assert _local_path_or_hub_id(name) == name
+    with pytest.raises(FileNotFoundError, match="no model folder"):
+        _local_path_or_hub_id("models\\vit")
 
 
 def test_from_pretrained_expands_the_home_folder(tmp_path, monkeypatch):
