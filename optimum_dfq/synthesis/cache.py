@@ -272,6 +272,8 @@ class BatchCheckpoint:
                          if key.startswith("optimizer.")}
             state = EngineState(int(metadata["step"]), tensors["images"], optimizer, tensors["augment"],
                                 json.loads(metadata["history"]), terms)
+        except FileNotFoundError:  # removed since the check by another run sharing the cache: it finished the batch
+            return None
         except Exception as err:  # filtered by _is_damage: what remains means the file is damaged
             if not _is_damage(err):
                 raise

@@ -573,3 +573,23 @@ def test_a_checkpoint_replaced_by_another_run_while_it_is_read_gives_one_consist
     loaded = checkpoint.load()
     assert loaded is not None and len(loaded.history["total"]) == loaded.step
     assert torch.equal(loaded.images, torch.full((2, 3, 4, 4), float(loaded.step)))
+
+
+def test_a_checkpoint_removed_by_another_run_while_it_is_opened_is_no_checkpoint(tmp_path, monkeypatch):
+    """Another run of the same key finishes the batch and removes its checkpoint between this run's check that the
+    file exists and its read: the batch starts again, the synthesis does not fail with FileNotFoundError."""
+    from optimum_dfq.synthesis import cache as cache_module
+    from optimum_dfq.synthesis.engine import EngineState
+
+    checkpoint = SynthesisCache(tmp_path, "key").batch_checkpoint(0, 2, 100)
+    checkpoint.save(EngineState(3, torch.zeros(2, 3, 4, 4), {"exp_avg": torch.zeros(2, 3, 4, 4)},
+                                torch.zeros(2, 8, dtype=torch.uint8), {"total": [0.0] * 3}, {}))
+    read = cache_module.safe_open
+
+    def removed_meanwhile(*args, **kwargs):
+        checkpoint.discard()  # the other run wrote the batch's shard
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "safe_open", removed_meanwhile)
+    assert checkpoint.load() is None
+    assert not list(checkpoint.path.parent.iterdir())  # nothing moved aside
