@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     quantizer = DataFreeViTQuantizer.from_pretrained(args.model)
     config = DFQConfig.from_yaml(args.recipe) if args.recipe else None
     qmodel = quantizer.quantize(bits=args.bits, config=config, synthesizer=args.synthesizer,
-                                num_images=args.num_images, save_dir=args.save_dir)
+                                num_images=args.num_images, save_dir=save_dir)
     print(f"quantized {args.model}: {qmodel.config.quantization_config.bits}, "
           f"synthesizer {qmodel.config.quantization_config.synthesizer}")
 

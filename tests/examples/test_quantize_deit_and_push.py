@@ -85,3 +85,18 @@ def test_a_save_dir_with_files_and_a_missing_repo_are_refused_before_quantizing(
             load_example().main(common + argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert (model_dir / "model.safetensors").read_bytes() == weights
+
+
+def test_a_save_dir_under_the_home_folder_is_written_where_it_was_checked(tmp_path, monkeypatch):
+    # the emptiness check expanded ~, the save did not: the model went to a folder literally named '~'
+    from transformers import ViTImageProcessor
+
+    model_dir = tmp_path / "model"
+    tiny_vit().save_pretrained(model_dir)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=CIFAR_MEAN, image_std=CIFAR_STD).save_pretrained(
+        model_dir)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    load_example().main(["--model", str(model_dir), "--synthesizer", "gaussian", "--num-images", "2",
+                         "--save-dir", "~/out", "--no-push"])
+    assert (tmp_path / "home" / "out" / "config.json").exists() and not (tmp_path / "~").exists()
