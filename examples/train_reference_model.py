@@ -1049,11 +1049,16 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint = find_checkpoint(Path(args.output_dir))
         if checkpoint is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {args.output_dir}")
-        args = merge_resumed_args(args, read_checkpoint_args(checkpoint), explicit_options(argv))
-        done = json.loads((checkpoint / "trainer_state.json").read_text())["train_state"]["epoch"]
-        if args.epochs < done:
+        saved = json.loads((checkpoint / "trainer_state.json").read_text())
+        args = merge_resumed_args(args, saved["args"], explicit_options(argv))
+        done = saved["train_state"]["epoch"]
+        # a run that has not finished its schedule needs one more epoch to train anything (and end with its final
+        # model): --epochs done trained nothing, reported "[done]" and left the model card "in progress"
+        unfinished = saved["train_state"].get("step_in_epoch", 0) > 0 or saved["args"]["epochs"] > done
+        least = done + 1 if unfinished else done
+        if args.epochs < least:
             raise ValueError(f"--epochs {args.epochs}: the checkpoint has already trained {done} epochs; pass "
-                             f"--epochs {done} or more (or leave it out to finish the saved schedule).")
+                             f"--epochs {least} or more (or leave it out to finish the saved schedule).")
     elif find_checkpoint(Path(args.output_dir)) is not None:  # before the dataset is decoded
         raise FileExistsError(
             f"{args.output_dir} already holds a checkpoint: pass --resume or use another --output-dir"

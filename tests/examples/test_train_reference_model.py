@@ -102,8 +102,26 @@ def test_resume_with_fewer_epochs_than_already_trained_is_refused(trainer, tmp_p
     state = {"format_version": 1, "args": {key: saved[key] for key in trainer.HYPERPARAMETERS},
              "train_state": {"epoch": 5, "step_in_epoch": 0, "global_step": 20}}
     (checkpoint / "trainer_state.json").write_text(json.dumps(state))
-    with pytest.raises(ValueError, match="--epochs 4: the checkpoint has already trained 5 epochs; pass --epochs 5"):
+    with pytest.raises(ValueError, match="--epochs 4: the checkpoint has already trained 5 epochs; pass --epochs 6"):
         trainer.main(["--output-dir", str(tmp_path / "run"), "--resume", "--epochs", "4"])
+
+
+@pytest.mark.parametrize(("scheduled", "step_in_epoch", "least"), [(6, 0, 6), (5, 3, 6)])
+def test_resume_with_as_many_epochs_as_an_unfinished_run_has_trained_is_refused(trainer, tmp_path, scheduled,
+                                                                                 step_in_epoch, least):
+    # --epochs 5 on a run of 6 stopped after epoch 5 (or in epoch 6) trained nothing, reported "[done] 5 epochs" and
+    # left the last exported model card "in progress"
+    saved = vars(trainer.finalize_args(trainer.build_parser().parse_args(["--output-dir", "x", "--epochs",
+                                                                         str(scheduled)])))
+    saved["dataset"] = str(tmp_path / "no-data")
+    checkpoint = tmp_path / "run" / "checkpoint"
+    checkpoint.mkdir(parents=True)
+    state = {"format_version": 1, "args": {key: saved[key] for key in trainer.HYPERPARAMETERS},
+             "train_state": {"epoch": 5, "step_in_epoch": step_in_epoch, "global_step": 20}}
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=f"--epochs 5: the checkpoint has already trained 5 epochs; pass --epochs "
+                                         f"{least} or more"):
+        trainer.main(["--output-dir", str(tmp_path / "run"), "--resume", "--epochs", "5"])
 
 
 def test_model_card_states_the_trained_image_size(trainer, tmp_path):
