@@ -217,9 +217,11 @@ class LogQDQSpec:
 
     `k = clip(round(-steps · log2(x / Δ)))` written as `Div`, `Log`, `Mul`, `Round` and `Clip`, then the level looked
     up in a table of the quantizer's own levels (`Gather`; `steps` = 1 for log2, 2 for log-√2). The table holds the
-    values PyTorch computes, so the lowering reproduces the quantizer bit for bit (a `Δ · 2^(-k / steps)` written
+    values PyTorch computes, so every level is the quantizer's to the bit (a `Δ · 2^(-k / steps)` written
     with `Exp` was off by one unit in the last place on most values, which downstream quantizers can turn into whole
-    steps). Log-√2's `k = 2^b` (an underflow) maps to the table's exact zero, at every bit width.
+    steps). Only the exponent can still differ, for an input lying within rounding error of a level boundary
+    (`Log` times a constant is not PyTorch's `log2`: 1 input in 10 million in a check of log-√2). Log-√2's
+    `k = 2^b` (an underflow) maps to the table's exact zero, at every bit width.
     """
 
     scale: float
