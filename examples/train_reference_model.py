@@ -918,17 +918,13 @@ def train(args: argparse.Namespace, start_time: float) -> None:
     num_classes = len(data.label_names)
 
     state = TrainState()
-    checkpoint = find_checkpoint(output_dir) if args.resume else None
-    if args.resume and checkpoint is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {output_dir}")
+    checkpoint = find_checkpoint(output_dir) if args.resume else None  # main() checked it exists, or is absent
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer, scheduler, generator, np_rng)
         print(
             f"[resume] {checkpoint}: epoch {state.epoch}, step {state.step_in_epoch}/{steps_per_epoch}, "
             f"global step {state.global_step}"
         )
-    elif find_checkpoint(output_dir) is not None:
-        raise FileExistsError(f"{output_dir} already holds a checkpoint: pass --resume or use another --output-dir")
     print(
         f"[model] {type(model).__name__}: {count_parameters(model):,} parameters; {steps_per_epoch} steps/epoch, "
         f"{args.epochs} epochs, {torch.get_num_threads()} thread(s)"

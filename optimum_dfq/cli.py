@@ -180,14 +180,9 @@ def _resolve_model(model: str) -> str:
         raise NotADirectoryError(
             f"{model} is a file; pass the model folder that holds config.json and the weights instead{hint}."
         )
-    from .hub import looks_like_local_path
+    from .hub import local_path_or_hub_id
 
-    if looks_like_local_path(model):
-        raise FileNotFoundError(
-            f"no model folder at {path.absolute()}; check the path, or pass a Hub id such as "
-            "facebook/deit-small-patch16-224."
-        )
-    return model
+    return local_path_or_hub_id(model)
 
 
 def _check_output_dir(output_dir: str) -> None:

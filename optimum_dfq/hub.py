@@ -135,6 +135,34 @@ def looks_like_local_path(name: str) -> bool:
     return False
 
 
+def local_path_or_hub_id(model_or_path: str | os.PathLike) -> str:
+    """An existing local path with `~` expanded (transformers does not expand it), else a Hub id; a local-looking
+    path (see [`looks_like_local_path`]) with nothing there is refused, naming the path (transformers would call it a
+    malformed Hub id).
+
+    Args:
+        model_or_path (`str` or `os.PathLike`): a model argument.
+
+    Returns:
+        `str`
+
+    Raises:
+        `FileNotFoundError`: a local-looking path with nothing there.
+
+    Example:
+        >>> local_path_or_hub_id("org/vit")
+        'org/vit'
+    """
+    name = os.fspath(model_or_path)
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path)
+    if isinstance(model_or_path, Path) or looks_like_local_path(name):
+        raise FileNotFoundError(f"no model folder at {path.absolute()}; check the path, or pass a Hub id such as "
+                                "facebook/deit-small-patch16-224.")
+    return name
+
+
 def hub_repo_id(name: str | os.PathLike | None) -> str | None:
     """`name` when it is a Hub repository id (`"org/name"`) and not an existing local path, else `None`.
 

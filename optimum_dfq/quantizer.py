@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -86,7 +85,9 @@ class DataFreeViTQuantizer(OptimumQuantizer):
         """
         if isinstance(model_or_path, PreTrainedModel):
             return cls(model_or_path, image_processor)
-        model_or_path = _local_path_or_hub_id(model_or_path)
+        from .hub import local_path_or_hub_id
+
+        model_or_path = local_path_or_hub_id(model_or_path)
         from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
         config = kwargs.get("config")
@@ -368,21 +369,6 @@ def _record_image_count(config: DFQConfig, count: int, requested: int | None) ->
     logger.info("Calibrating on all %d images of the given calibration set (DFQConfig.num_images=%d applies to "
                 "synthesis and to image datasets); the stored config records %d.", count, config.num_images, count)
     return config.replace(num_images=count)
-
-
-def _local_path_or_hub_id(model_or_path: str | os.PathLike) -> str:
-    """An existing local path with `~` expanded (transformers does not expand it), else a Hub id; a local-looking
-    path with no folder there is refused, naming the path (transformers would call it a malformed Hub id)."""
-    from .hub import looks_like_local_path
-
-    name = os.fspath(model_or_path)
-    path = Path(name).expanduser()
-    if path.exists():
-        return str(path)
-    if isinstance(model_or_path, Path) or looks_like_local_path(name):
-        raise FileNotFoundError(f"no model folder at {path.absolute()}; check the path, or pass a Hub id such as "
-                                "facebook/deit-small-patch16-224.")
-    return name
 
 
 def _check_finite_parameters(model: PreTrainedModel) -> None:

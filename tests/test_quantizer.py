@@ -141,7 +141,7 @@ def test_from_pretrained_names_a_missing_local_folder(name, tmp_path, monkeypatc
 @pytest.mark.parametrize("name", ["org/vit", "facebook/deit-small-patch16-224"])
 def test_from_pretrained_takes_a_hub_id_with_windows_separators(name, tmp_path, monkeypatch):
     # os.altsep is "/" on Windows: every Hub id was called a missing local folder there
-    from optimum_dfq.quantizer import _local_path_or_hub_id
+    from optimum_dfq.hub import local_path_or_hub_id as _local_path_or_hub_id
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(os, "sep", "\\")

@@ -243,8 +243,10 @@ def optimize_batch(
                 term.load_state_dict({})
     if progress is not None and step:
         progress.update(step)
-    augment_at_step = augment.get_states()  # the generators as they were when the current step began
-    terms_at_step = _term_states(plan)  # likewise the terms: a Ctrl-C mid-step lands after some of them ran
+    # the generators and the terms as they were when the current step began (a Ctrl-C mid-step lands after some
+    # of them ran); kept only for a checkpoint
+    augment_at_step = augment.get_states() if checkpoint is not None else None
+    terms_at_step = _term_states(plan) if checkpoint is not None else None
     updating = False  # inside a step's update: the state is half-written and cannot be saved
     try:
         with _terminate_as_interrupt(checkpoint is not None), FeatureCapture(model, sites, needs) as capture:
@@ -280,8 +282,8 @@ def optimize_batch(
                         images[:, channel].clamp_(low, high)
                 _record(history, values, loss, lr, batch)
                 step += 1
-                augment_at_step = augment.get_states()
-                terms_at_step = _term_states(plan)
+                if checkpoint is not None:
+                    augment_at_step, terms_at_step = augment.get_states(), _term_states(plan)
                 updating = False
                 if log and ((step - 1) % config.log_every == 0 or step == config.total_steps):
                     _log_step(history, step - 1, config.total_steps, plan.indices)
