@@ -357,7 +357,8 @@ model = AutoModelForImageClassification.from_pretrained("{repo_id}"){processor}
 ```
 {processor_note}
 Without `import optimum_dfq`, transformers cannot build this model and raises
-`ValueError: Specified attn_implementation="optimum_dfq" is not supported`. Do not work around it by passing
+`ValueError: Specified attn_implementation="optimum_dfq (requires import optimum_dfq before from_pretrained)" is not
+supported`. Do not work around it by passing
 `attn_implementation=` to `from_pretrained`: transformers would then load random weights with only a warning.
 The model runs fake-quantized in PyTorch (integer codes dequantized on the fly) with eager attention; it
 predicts exactly like the quantized model that was saved.

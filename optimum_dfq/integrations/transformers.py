@@ -19,9 +19,12 @@ calibration, done by `DataFreeViTQuantizer.quantize`.
 `quant_method="optimum_dfq"`, only logs `Unknown quantization type, got optimum_dfq ... we will skip the
 quantization`, and would load the packed checkpoint as a *randomly initialised float model* (every `weight` missing,
 every `weight_packed` unexpected, a warning only). To make that path fail instead, checkpoints also carry
-`"attn_implementation": "optimum_dfq"` in `config.json` (quantized models run that attention anyway, so it costs
-the normal path nothing). Without the import, transformers stops while building the model with
-`ValueError: Specified attn_implementation="optimum_dfq" is not supported. The only possible arguments are ...`.
+`"attn_implementation": "optimum_dfq (requires import optimum_dfq before from_pretrained)"` in `config.json`
+(a second name of the attention quantized models run anyway, so it costs the normal path nothing). Without the import,
+transformers stops while building the model, and its error quotes that name, which says what is missing:
+`ValueError: Specified attn_implementation="optimum_dfq (requires import optimum_dfq before from_pretrained)" is not
+supported. The only possible arguments are ...`. (Checkpoints saved by earlier development versions carry plain
+`"optimum_dfq"`, still accepted.)
 The one way around it is to pass `attn_implementation=` explicitly to `from_pretrained` without importing
 optimum_dfq; transformers then loads random weights with only a "LOAD REPORT" warning: don't.
 
@@ -63,7 +66,13 @@ from ..formats.checkpoint import (
     read_checkpoint_info,
     verify_loaded,
 )
-from ..nn.attention import ATTENTION_IMPLEMENTATION, ATTENTION_QUANTIZERS_ATTR, register_attention_implementation
+from ..nn.attention import (
+    ATTENTION_IMPLEMENTATION,
+    ATTENTION_IMPLEMENTATIONS,
+    ATTENTION_QUANTIZERS_ATTR,
+    SAVED_ATTENTION_IMPLEMENTATION,
+    register_attention_implementation,
+)
 from ..registry import qualified_name, register_unique
 
 logger = logging.getLogger(__name__)
@@ -141,7 +150,7 @@ class DFQHfQuantizer(HfQuantizer):
     def update_attn_implementation(self, config):
         check_config_family(config)  # the one hook that sees the config before transformers builds the model
         requested = config._attn_implementation
-        if requested not in (None, ATTENTION_IMPLEMENTATION):
+        if requested not in (None, *ATTENTION_IMPLEMENTATIONS):
             logger.warning(
                 "optimum_dfq models run the %r attention implementation (the attention quantizers need the explicit "
                 "probabilities); ignoring attn_implementation=%r.", ATTENTION_IMPLEMENTATION, requested
@@ -230,8 +239,8 @@ def attach_quantized_model(model: nn.Module, hf_quantizer: DFQHfQuantizer) -> nn
     """Makes `model` look like a quantized model loaded by `from_pretrained` (also after `quantize()`).
 
     Sets `model.hf_quantizer`, `is_quantized`, `quantization_method` and `config.quantization_config`; writes
-    `attn_implementation="optimum_dfq"` into the config (the guard against loading without the import, see the
-    module docstring), turning a config's `output_attentions=True` off with a warning (transformers saves it only
+    `attn_implementation=SAVED_ATTENTION_IMPLEMENTATION` into the config (the guard against loading without the import,
+    see the module docstring), turning a config's `output_attentions=True` off with a warning (transformers saves it only
     with eager attention; `output_attentions=True` in a forward call still works); and binds methods on the
     instance: `save_pretrained(..., format=...)` (native, or `"compressed-tensors"`; a `state_dict=` other than the
     model's own is refused), the upload step of `push_to_hub`, which replaces transformers' generic README with
@@ -259,7 +268,7 @@ def attach_quantized_model(model: nn.Module, hf_quantizer: DFQHfQuantizer) -> nn
             "to its forward call to get the (quantized) attention probabilities.", ATTENTION_IMPLEMENTATION
         )
         model.config.output_attentions = False
-    model.config.attn_implementation = ATTENTION_IMPLEMENTATION  # serialised into config.json
+    model.config.attn_implementation = SAVED_ATTENTION_IMPLEMENTATION  # serialised into config.json
     # partials of module-level functions (not bound methods) so that deepcopy and pickle keep working
     model.save_pretrained = functools.partial(_save_pretrained, model)
     model._upload_modified_files = functools.partial(_upload_modified_files, model)
@@ -338,7 +347,7 @@ def _cast(self, dtype: torch.dtype) -> nn.Module:
 def _set_attn_implementation(self, attn_implementation: str | Mapping | None, *args: Any, **kwargs: Any):
     """`set_attn_implementation` of quantized models: only `"optimum_dfq"`, the attention they already run."""
     requested = set(_implementations(attn_implementation))
-    if requested - {ATTENTION_IMPLEMENTATION}:
+    if requested - set(ATTENTION_IMPLEMENTATIONS):
         raise ConfigError(
             f"{type(self).__name__} is an optimum_dfq quantized model: it runs the {ATTENTION_IMPLEMENTATION!r} "
             "attention, inside which its Q, K, V and softmax-output quantizers sit. Switching it to "

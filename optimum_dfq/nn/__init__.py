@@ -2,6 +2,7 @@
 
 from .attention import (
     ATTENTION_IMPLEMENTATION,
+    SAVED_ATTENTION_IMPLEMENTATION,
     AttentionQuantizers,
     AttentionRecord,
     capture_attention,
@@ -14,6 +15,7 @@ from .qmodule import QModuleMixin, qmodule_class_for, quantized_class_for, regis
 
 __all__ = [
     "ATTENTION_IMPLEMENTATION",
+    "SAVED_ATTENTION_IMPLEMENTATION",
     "AttentionQuantizers",
     "AttentionRecord",
     "QConv2d",

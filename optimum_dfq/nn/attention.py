@@ -7,8 +7,10 @@ child. **A quantized model therefore always runs eager attention** (no SDPA/flas
 explicit probabilities. The same function records attention probabilities for the synthesizers (see
 [`capture_attention`]), with gradients, on float models too.
 
-**A float model is refused unless it opted in.** Quantized checkpoints carry `"attn_implementation": "optimum_dfq"`
-in `config.json` (see `optimum_dfq.integrations.transformers`). If a tool strips their `quantization_config`,
+**A float model is refused unless it opted in.** Quantized checkpoints carry
+`"attn_implementation": "optimum_dfq (requires import optimum_dfq before from_pretrained)"` in `config.json`
+([`SAVED_ATTENTION_IMPLEMENTATION`], registered as a second name of the same function; see
+`optimum_dfq.integrations.transformers`). If a tool strips their `quantization_config`,
 transformers loads them as float models with randomly initialised weights and that attention implementation.
 [`dfq_attention_forward`] therefore raises [`CheckpointError`] for an attention module that has no quantizers, whose
 config has no `quantization_config` and that was not switched over by [`use_quantized_attention`] (which
@@ -28,6 +30,11 @@ from ..errors import CheckpointError
 from ..quantizers import Quantizer
 
 ATTENTION_IMPLEMENTATION = "optimum_dfq"
+# What quantized checkpoints write into config.json. Loaded without `import optimum_dfq`, transformers refuses an
+# unknown attention implementation and quotes the name in its error, so the name itself says what is missing.
+# Checkpoints saved before it carry ATTENTION_IMPLEMENTATION, which stays registered.
+SAVED_ATTENTION_IMPLEMENTATION = "optimum_dfq (requires import optimum_dfq before from_pretrained)"
+ATTENTION_IMPLEMENTATIONS = (ATTENTION_IMPLEMENTATION, SAVED_ATTENTION_IMPLEMENTATION)
 ATTENTION_QUANTIZERS_ATTR = "dfq_attention"
 
 
@@ -216,8 +223,8 @@ def dfq_attention_forward(
 def register_attention_implementation() -> None:
     """Registers [`dfq_attention_forward`] as the `"optimum_dfq"` attention implementation of transformers.
 
-    After this, models accept `attn_implementation="optimum_dfq"`. `import optimum_dfq` already calls it; calling it
-    again does nothing.
+    After this, models accept `attn_implementation="optimum_dfq"`, and the name quantized checkpoints save,
+    [`SAVED_ATTENTION_IMPLEMENTATION`]. `import optimum_dfq` already calls it; calling it again does nothing.
 
     Example:
 
@@ -231,8 +238,9 @@ def register_attention_implementation() -> None:
     """
     from transformers import AttentionInterface
 
-    if ATTENTION_IMPLEMENTATION not in AttentionInterface._global_mapping:
-        AttentionInterface.register(ATTENTION_IMPLEMENTATION, dfq_attention_forward)
+    for name in ATTENTION_IMPLEMENTATIONS:
+        if name not in AttentionInterface._global_mapping:
+            AttentionInterface.register(name, dfq_attention_forward)
 
 
 def _set_implementation(model: nn.Module, implementation: str | None) -> None:

@@ -105,13 +105,26 @@ def test_checkpoint_written_before_activation_consumers_were_recorded_still_load
     assert activation_observers == {"minmax"}  # no record: every input gets the general 8-bit estimator
 
 
+def test_checkpoint_saved_with_the_earlier_attention_name_still_loads(round_trip_checkpoints, pixels, tmp_path):
+    old = shutil.copytree(round_trip_checkpoints["vit-w8a8"]["dir"], tmp_path / "old")
+    config = json.loads((old / "config.json").read_text())
+    config["attn_implementation"] = "optimum_dfq"  # what checkpoints carried before the self-explaining name
+    (old / "config.json").write_text(json.dumps(config))
+    loaded = AutoModelForImageClassification.from_pretrained(old)
+    assert torch.equal(logits(loaded, pixels[0]), round_trip_checkpoints["vit-w8a8"]["logits"])
+    loaded.save_pretrained(tmp_path / "again")  # a re-save writes the current name
+    resaved = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert resaved["attn_implementation"] == "optimum_dfq (requires import optimum_dfq before from_pretrained)"
+
+
 def test_checkpoint_holds_packed_codes_and_full_config(round_trip_checkpoints):
     folder = round_trip_checkpoints["vit-w3a4"]["dir"]
     config = json.loads(Path(folder, "config.json").read_text())
     # the stored config is the run's, with input_range="auto" resolved (no image processor: a calibrated range)
     expected = DFQConfig(bits="w3a4", num_images=8, synthesizer="gaussian", input_range="calibrated")
     assert config["quantization_config"] == expected.to_dict()
-    assert config["attn_implementation"] == "optimum_dfq"  # the guard against loading without the import
+    # the guard against loading without the import: transformers quotes this name when it refuses it
+    assert config["attn_implementation"] == "optimum_dfq (requires import optimum_dfq before from_pretrained)"
     with safe_open(f"{folder}/model.safetensors", "pt") as handle:
         keys = set(handle.keys())
         packed = handle.get_tensor("vit.encoder.layer.0.intermediate.dense.weight_packed")  # legacy name on disk
@@ -141,7 +154,9 @@ def test_loading_without_import_fails_instead_of_returning_garbage(round_trip_ch
     assert "LOADED" not in lines
     refused = [line for line in lines if line.startswith("REFUSED:")]
     assert len(refused) == 2
-    assert all('Specified `attn_implementation="optimum_dfq"` is not supported' in r for r in refused)
+    # transformers' own error, which quotes the saved name: it names the package and the missing import
+    assert all('Specified `attn_implementation="optimum_dfq (requires import optimum_dfq before from_pretrained)"` '
+               "is not supported" in r for r in refused)
     assert "optimum_dfq imported: False" in lines
     assert "Unknown quantization type, got optimum_dfq" in result.stderr
 
