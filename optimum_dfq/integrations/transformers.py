@@ -239,10 +239,10 @@ def attach_quantized_model(model: nn.Module, hf_quantizer: DFQHfQuantizer) -> nn
     """Makes `model` look like a quantized model loaded by `from_pretrained` (also after `quantize()`).
 
     Sets `model.hf_quantizer`, `is_quantized`, `quantization_method` and `config.quantization_config`; writes
-    `attn_implementation=SAVED_ATTENTION_IMPLEMENTATION` into the config (the guard against loading without the import,
-    see the module docstring), turning a config's `output_attentions=True` off with a warning (transformers saves it only
-    with eager attention; `output_attentions=True` in a forward call still works); and binds methods on the
-    instance: `save_pretrained(..., format=...)` (native, or `"compressed-tensors"`; a `state_dict=` other than the
+    `attn_implementation=SAVED_ATTENTION_IMPLEMENTATION` into the config (the guard against loading without the
+    import, see the module docstring), turning a config's `output_attentions=True` off with a warning (transformers
+    saves it only with eager attention; `output_attentions=True` in a forward call still works); and binds methods on
+    the instance: `save_pretrained(..., format=...)` (native, or `"compressed-tensors"`; a `state_dict=` other than the
     model's own is refused), the upload step of `push_to_hub`, which replaces transformers' generic README with
     optimum_dfq's model card (see [`~optimum_dfq.hub`]), `half()` and `float()` (transformers refuses them on
     quantized models; here they cast like `.to(torch.float16)` / `.to(torch.float32)`, which gives the model

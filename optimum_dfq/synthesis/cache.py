@@ -16,18 +16,26 @@ its `batch_size` differed), so that every user of the key calibrates on the same
 Damaged files (a shard or a finished set that cannot be read back, as a machine crash can leave them) are moved aside
 with a `.damaged` suffix, never deleted, and a warning names them; the run then synthesizes those images again (a
 damaged finished set is rebuilt from the shards, which are kept).
+
+Temporary files are named after their writer (`.<name>.tmp-<host>-<pid>-<random>`). One whose writer was killed
+mid-write (SIGKILL, a crash; Ctrl-C and SIGTERM clean up after themselves) is removed when a run of the same key
+starts on the same host, once that process is gone and the file is 10 minutes old; temporaries of live processes,
+of other hosts sharing the folder, and recent ones are left alone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +50,8 @@ from .engine import EngineState
 _SHARD_RE = re.compile(r"^(\d+)-(\d+)\.safetensors$")
 _EXTRA_PREFIX = "extra."
 _CHECKPOINT_FORMAT = "optimum_dfq.batch_checkpoint/1"
+_TEMPORARY_RE = re.compile(r"^\..+\.tmp-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[a-z0-9_]+$")
+ABANDONED_TEMPORARY_AGE_S = 600.0  # a live writer's file changes within seconds; 10 minutes allows for slow disks
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +115,7 @@ class SynthesisCache:
         if self.is_complete():
             return False
         self.directory.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".calibration_set-", dir=self.directory))
+        staging = Path(tempfile.mkdtemp(prefix=_temporary_prefix("calibration_set"), dir=self.directory))
         try:
             save_calibration_set(calibration_set, staging / "set")
             for file in (staging / "set").rglob("*"):
@@ -120,6 +130,37 @@ class SynthesisCache:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return True
+
+    def remove_abandoned_temporaries(self) -> list[Path]:
+        """Removes the temporary files and folders that writers killed mid-write left in this run's folders.
+
+        Only those written on this host by a process that no longer exists, and last modified over
+        `ABANDONED_TEMPORARY_AGE_S` ago (another run sharing the folder from a container with its own process
+        numbering could be writing one), are removed; nothing is removed on systems without POSIX processes.
+
+        Returns:
+            `list[Path]`: what was removed.
+        """
+        if os.name != "posix":
+            return []
+        removed = []
+        for folder in (self.directory, self.shards, self.partial):
+            entries = list(folder.iterdir()) if folder.is_dir() else []
+            for entry in entries:
+                match = _TEMPORARY_RE.match(entry.name)
+                if (match is None or match["host"] != _host_tag() or _process_exists(int(match["pid"]))
+                        or not _older_than(entry, ABANDONED_TEMPORARY_AGE_S)):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry)
+                    else:
+                        os.remove(entry)
+                    removed.append(entry)
+        if removed:
+            logger.info("Removed %d temporary file(s) left by killed synthesis runs in %s", len(removed),
+                        self.directory)
+        return removed
 
     def write_run_info(self, material: dict[str, Any]) -> None:
         """Writes `run.json`, the description of the run (what its key hashes, plus provenance such as the model's
@@ -338,7 +379,7 @@ def _batch_files(folder: Path) -> list[tuple[int, int, Path]]:
 def _atomic_save_file(tensors: dict[str, Any], metadata: dict[str, str], path: Path) -> None:
     """Writes a safetensors file under `path` all at once: to a temporary file in the same folder, flushed to disk,
     then renamed (so a crash leaves the previous file or none, never a partial one under the final name)."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}-", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=_temporary_prefix(path.stem), dir=path.parent)
     os.close(handle)
     try:
         save_file(tensors, temporary, metadata=metadata)
@@ -348,6 +389,33 @@ def _atomic_save_file(tensors: dict[str, Any], metadata: dict[str, str], path: P
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def _temporary_prefix(name: str) -> str:
+    """`.<name>.tmp-<host>-<pid>-`: names the writer, so that [`SynthesisCache.remove_abandoned_temporaries`] can
+    tell a temporary a killed process left from one a live process is writing."""
+    return f".{name}.tmp-{_host_tag()}-{os.getpid()}-"
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks (POSIX; callers skip other systems, where it would terminate)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _older_than(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.lstat().st_mtime > seconds
+    except FileNotFoundError:
+        return False
 
 
 def _flush_to_disk(path: str | os.PathLike) -> None:
@@ -378,7 +446,7 @@ def _as_if_created(path: str | os.PathLike) -> None:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=_temporary_prefix(path.stem), dir=path.parent)
     _as_if_created(temporary)
     with os.fdopen(handle, "w", encoding="utf-8") as file:
         file.write(text)

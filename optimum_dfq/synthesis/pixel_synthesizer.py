@@ -355,6 +355,8 @@ class PixelSynthesizer(Synthesizer):
         material = self._run_material(model, num_images, seed, mean, std, config)
         key = run_fingerprint(material)
         cache = SynthesisCache(cache_dir, key) if cache_dir is not None else None
+        if cache is not None and state.is_main_process:
+            cache.remove_abandoned_temporaries()
         cached_set = cache.load_complete_if_readable() if cache is not None and state.is_main_process else None
         if broadcast_from_main(state, cached_set is not None):
             _log_main(state, "Loading the cached calibration set from %s", cache.complete_path)

@@ -6,6 +6,8 @@ import copy
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from synth_helpers import FAST, NORM, SYNTHESIZERS, one_thread, tiny_swin, tiny_
 
 from optimum_dfq import CalibrationSet
 from optimum_dfq.errors import SynthesisError
+from optimum_dfq.synthesis import cache as cache_module
 from optimum_dfq.synthesis import get_synthesizer, pixel_synthesizer, save_calibration_set
 from optimum_dfq.synthesis.cache import SynthesisCache
 
@@ -593,3 +596,47 @@ def test_a_checkpoint_removed_by_another_run_while_it_is_opened_is_no_checkpoint
     monkeypatch.setattr(cache_module, "safe_open", removed_meanwhile)
     assert checkpoint.load() is None
     assert not list(checkpoint.path.parent.iterdir())  # nothing moved aside
+
+
+
+def _left_by_killed_writer(folder, kind="file", name="00000002-00000004") -> str:
+    """A temporary made by a process that dies before renaming it (as SIGKILL mid-write leaves it), named as
+    `cache._temporary_prefix` names it in that process."""
+    writer = ("import os, sys, tempfile\n"
+              "prefix = f'.{sys.argv[3]}.tmp-{sys.argv[4]}-{os.getpid()}-'\n"
+              "make = tempfile.mkdtemp if sys.argv[2] == 'dir' else tempfile.mkstemp\n"
+              "made = make(prefix=prefix, dir=sys.argv[1])\n"
+              "print(made if sys.argv[2] == 'dir' else made[1]); os._exit(9)")
+    out = subprocess.run([sys.executable, "-c", writer, str(folder), kind, name, cache_module._host_tag()],
+                         capture_output=True, text=True, check=False)
+    path = out.stdout.strip()
+    assert out.returncode == 9 and os.path.exists(path), out.stderr
+    return path
+
+
+def _aged(path, seconds=cache_module.ABANDONED_TEMPORARY_AGE_S + 60):
+    then = os.path.getmtime(path) - seconds
+    os.utime(path, (then, then))
+    return str(path)
+
+
+def test_temporaries_of_killed_writers_are_removed_when_a_run_of_the_key_starts(tmp_path):
+    model = tiny_vit()
+    with pytest.raises(_Interrupt):
+        get_synthesizer("psaq", **FAST).synthesize(model, 4, seed=0, batch_size=2, cache_dir=tmp_path, **NORM,
+                                                   on_batch_end=lambda record: (_ for _ in ()).throw(_Interrupt()))
+    (run_dir,) = tmp_path.iterdir()
+    (run_dir / "partial").mkdir(exist_ok=True)
+    abandoned = [_aged(_left_by_killed_writer(run_dir / "shards")), _aged(_left_by_killed_writer(run_dir / "partial")),
+                 _aged(_left_by_killed_writer(run_dir, "dir", "calibration_set"))]
+    recent = _left_by_killed_writer(run_dir / "partial")  # its writer may have died just now on a slow disk
+    _, live = cache_module.tempfile.mkstemp(prefix=cache_module._temporary_prefix("00000000-00000002"),
+                                            dir=run_dir / "partial")  # this process: alive
+    assert os.path.basename(live).startswith(f".00000000-00000002.tmp-{cache_module._host_tag()}-{os.getpid()}-")
+    other_host = run_dir / "shards" / os.path.basename(abandoned[0]).replace(
+        f".tmp-{cache_module._host_tag()}-", ".tmp-0badc0de-")  # a host sharing the folder: its pids are not ours
+    shutil.copy(abandoned[0], other_host)
+    kept = [recent, _aged(live), _aged(other_host)]
+    get_synthesizer("psaq", **FAST).synthesize(model, 4, seed=0, batch_size=2, cache_dir=tmp_path, **NORM)
+    assert [os.path.exists(path) for path in abandoned] == [False, False, False]
+    assert [os.path.exists(path) for path in kept] == [True, True, True]
