@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from ..errors import SynthesisError
 from .base import register_synthesizer
 from .context import BatchPlan
+from .engine import EngineConfig
 from .features import AttentionSite
 from .geometry import TokenGrid
 from .losses import AttentionPriorTerm, SoftLabelTerm, TotalVariationTerm, loss_weights
@@ -62,6 +64,9 @@ class SARDFQSynthesizer(PixelSynthesizer):
         apa_follow_augmentation (`bool`, defaults to `True`): roll and flip each prior with its image at every step
             (`False`: priors fixed in the frame of the model's input).
         msr_regions (`int`, defaults to 4): `K_MSR`, the maximum number of crops per image (0 disables MSR).
+        image_label_includes_crops (`bool`, defaults to `True`): an image's soft target gives `U(5, 10)` logits to its
+            own class and its crops' classes (the multi-semantic target; our interpretation); `False`: to its own
+            class only. A crop's target always has its own class only.
         soft_label_range (`tuple[float, float]`, defaults to `(5.0, 10.0)`): logits of the relevant classes.
         sl_weight (`float`, defaults to 1.0), tv_weight (`float`, defaults to 0.05): term weights.
         tv_target (`tuple[float, float]`), tv_reference (`tuple[int, int]`, *optional*): as in [`PSAQSynthesizer`].
@@ -83,6 +88,7 @@ class SARDFQSynthesizer(PixelSynthesizer):
         apa_start: float = 0.5,
         apa_follow_augmentation: bool = True,
         msr_regions: int = 4,
+        image_label_includes_crops: bool = True,
         soft_label_range: Sequence[float] = (5.0, 10.0),
         sl_weight: float = 1.0,
         tv_weight: float = 0.05,
@@ -99,6 +105,7 @@ class SARDFQSynthesizer(PixelSynthesizer):
         self.apa_start = float(apa_start)
         self.apa_follow_augmentation = bool(apa_follow_augmentation)
         self.msr_regions = int(msr_regions)
+        self.image_label_includes_crops = bool(image_label_includes_crops)
         self.soft_label_range = tuple(float(v) for v in soft_label_range)
         self.tv_target = tuple(float(t) for t in tv_target)
         self.tv_reference = None if tv_reference is None else tuple(int(r) for r in tv_reference)
@@ -107,6 +114,14 @@ class SARDFQSynthesizer(PixelSynthesizer):
                 f"Need apa_components >= 1, 0 <= apa_start < 1 and 0 <= msr_regions <= 4 (a 2x2 grid); got "
                 f"{self.apa_components}, {self.apa_start}, {self.msr_regions}."
             )
+
+    def resolved_hyperparameters(self, config: EngineConfig) -> dict[str, Any]:
+        """As [`PixelSynthesizer.resolved_hyperparameters`]; `image_label_includes_crops` is left out at its default
+        (runs from before the option existed keep their cache key)."""
+        resolved = super().resolved_hyperparameters(config)
+        if self.image_label_includes_crops:
+            resolved.pop("image_label_includes_crops")
+        return resolved
 
     def plan_batch(self, info: ModelInfo, indices: list[int], seed: int) -> BatchPlan:
         if self.msr_regions > 0:
@@ -147,7 +162,9 @@ class SARDFQSynthesizer(PixelSynthesizer):
         for position, index in enumerate(indices):
             generator = stream_generator(seed, index, "soft")
             crops = [(k, layout.labels[k]) for k, owner in enumerate(layout.owners) if owner == position]
-            relevant = [int(labels[position])] + [label for _, label in crops]
+            relevant = [int(labels[position])]
+            if self.image_label_includes_crops:
+                relevant += [label for _, label in crops]
             image_rows.append(soft_target(relevant, num_labels, generator, self.soft_label_range))
             for k, label in crops:
                 crop_rows[k] = soft_target([label], num_labels, generator, self.soft_label_range)
