@@ -54,7 +54,8 @@ class DFQViTSynthesizer(PixelSynthesizer):
       kept frozen for the rest of the batch. Each batch gets its own provisional model, so an image depends on its
       batch-mates through it (the batches lie on a fixed grid, so results stay reproducible for a given
       `batch_size`). It costs one more forward and backward pass per step, through a fake-quantized model, in that
-      phase;
+      phase. The spec's §10.4 puts this term in phase 2; it is off by default because its gain on the CIFAR-10
+      reference models was within noise (`recipes/dfq_vit_hardness_w4a4.yaml` turns it on);
     * per-sample difficulty (`metadata["per_image"]["difficulty"]`) = the float model's cross-entropy of the final
       (un-augmented) image to its target, or, with the hardness term, its float/provisional-quantized KL (the class
       loss is then recorded as `"class_loss"`); with `order="easy_to_hard"` the returned set is sorted from easy to

@@ -64,7 +64,9 @@ def quadrant_layout(
 ) -> tuple[torch.Tensor, RegionLayout]:
     """Draws each image's class and its `m ~ U{1..max_regions}` distinct quadrants with distinct classes.
 
-    The image's class and its crops' classes are all different (at most `num_labels - 1` crops per image).
+    The image's class and its crops' classes are all different (at most `num_labels - 1` crops per image). Our
+    interpretation of SARDFQ's "non-overlapping regions" (their sizes and sampling are not published): the cells of a
+    2×2 grid, as the library spec proposes for at most 4 regions.
 
     Returns:
         `tuple[torch.Tensor, RegionLayout]`: `[B]` image classes and the crop layout, ordered by quadrant (so crops
