@@ -18,7 +18,15 @@ from .losses import AttentionPriorTerm, SoftLabelTerm, TotalVariationTerm, loss_
 from .pixel_synthesizer import ModelInfo, PixelSynthesizer
 from .priors import gaussian_mixture_maps
 from .seeding import stream_generator
-from .targets import QuadrantCrops, RegionLayout, initial_noise, quadrant_layout, soft_target, uniform_per_image
+from .targets import (
+    RESIZE_MODES,
+    QuadrantCrops,
+    RegionLayout,
+    initial_noise,
+    quadrant_layout,
+    soft_target,
+    uniform_per_image,
+)
 
 
 @register_synthesizer("sardfq")
@@ -45,13 +53,13 @@ class SARDFQSynthesizer(PixelSynthesizer):
     columns and renormalised to sum 1, "second half" = modules `l > apa_start · L` (1-based), priors and APA on the
     full images only (not on crops), a prior drawn in the frame of the un-augmented image and rolled and flipped with
     it at every step (so that it keeps describing the same image content; see [`roll_and_flip_maps`]), MSR regions =
-    quadrants of a 2×2 grid resized bilinearly (see [`quadrant_layout`]), crops taken from the un-augmented image and
-    then jittered/flipped with their parent, class labels drawn uniformly with an image's and its crops' classes all
-    different, the image's soft target covering its crops' classes too (`image_label_includes_crops`), soft
-    cross-entropy summed over an image and its crops, PSAQ-ViT's `|TV - τ|` form of the TV prior and PSAQ-ViT's
-    learning rate, schedule and augmentation (engine settings), and the default `α1 = 1000` (the paper tunes `α1`
-    per model over 1…1e5 without listing the values; attention rows of a 14×14 grid are ~1/196, so the MSE is ~1e-5
-    and needs a large weight to matter).
+    quadrants of a 2×2 grid (see [`quadrant_layout`]) resized bilinearly (`msr_resize`), crops taken from the
+    un-augmented image and then jittered/flipped with their parent, class labels drawn uniformly with an image's and
+    its crops' classes all different, the image's soft target covering its crops' classes too
+    (`image_label_includes_crops`), soft cross-entropy summed over an image and its crops, PSAQ-ViT's `|TV - τ|` form
+    of the TV prior and PSAQ-ViT's learning rate, schedule and augmentation (engine settings), and the default
+    `α1 = 1000` (the paper tunes `α1` per model over 1…1e5 without listing the values; attention rows of a 14×14 grid
+    are ~1/196, so the MSE is ~1e-5 and needs a large weight to matter).
 
     Two consequences of these choices: the library spec writes `L_APA = Σ_{l=L/2}^{L}` (1-based), which also counts
     block `L/2`, while the default `apa_start = 0.5` aligns only the blocks after it (pass
@@ -70,6 +78,8 @@ class SARDFQSynthesizer(PixelSynthesizer):
         apa_follow_augmentation (`bool`, defaults to `True`): roll and flip each prior with its image at every step
             (`False`: priors fixed in the frame of the model's input).
         msr_regions (`int`, defaults to 4): `K_MSR`, the maximum number of crops per image (0 disables MSR).
+        msr_resize (`str`, defaults to `"bilinear"`): how a crop is resized to the input size (an `interpolate` mode:
+            `"bilinear"`, `"bicubic"`, `"nearest"`, `"nearest-exact"` or `"area"`; our interpretation).
         image_label_includes_crops (`bool`, defaults to `True`): an image's soft target gives `U(5, 10)` logits to its
             own class and its crops' classes (the multi-semantic target; our interpretation); `False`: to its own
             class only. A crop's target always has its own class only.
@@ -94,6 +104,7 @@ class SARDFQSynthesizer(PixelSynthesizer):
         apa_start: float = 0.5,
         apa_follow_augmentation: bool = True,
         msr_regions: int = 4,
+        msr_resize: str = "bilinear",
         image_label_includes_crops: bool = True,
         soft_label_range: Sequence[float] = (5.0, 10.0),
         sl_weight: float = 1.0,
@@ -111,6 +122,7 @@ class SARDFQSynthesizer(PixelSynthesizer):
         self.apa_start = float(apa_start)
         self.apa_follow_augmentation = bool(apa_follow_augmentation)
         self.msr_regions = int(msr_regions)
+        self.msr_resize = str(msr_resize)
         self.image_label_includes_crops = bool(image_label_includes_crops)
         self.soft_label_range = tuple(float(v) for v in soft_label_range)
         self.tv_target = tuple(float(t) for t in tv_target)
@@ -120,11 +132,15 @@ class SARDFQSynthesizer(PixelSynthesizer):
                 f"Need apa_components >= 1, 0 <= apa_start < 1 and 0 <= msr_regions <= 4 (a 2x2 grid); got "
                 f"{self.apa_components}, {self.apa_start}, {self.msr_regions}."
             )
+        if self.msr_resize not in RESIZE_MODES:
+            raise SynthesisError(f"msr_resize={msr_resize!r} must be one of {list(RESIZE_MODES)}.")
 
     def resolved_hyperparameters(self, config: EngineConfig) -> dict[str, Any]:
-        """As [`PixelSynthesizer.resolved_hyperparameters`]; `image_label_includes_crops` is left out at its default
-        (runs from before the option existed keep their cache key)."""
+        """As [`PixelSynthesizer.resolved_hyperparameters`]; `msr_resize` and `image_label_includes_crops` are left out
+        at their defaults (runs from before the options existed keep their cache key)."""
         resolved = super().resolved_hyperparameters(config)
+        if self.msr_resize == "bilinear":
+            resolved.pop("msr_resize")
         if self.image_label_includes_crops:
             resolved.pop("image_label_includes_crops")
         return resolved
@@ -150,9 +166,9 @@ class SARDFQSynthesizer(PixelSynthesizer):
             ),
         ]
         owners = torch.cat([torch.arange(batch), torch.tensor(layout.owners, dtype=torch.long)])
+        views = QuadrantCrops(layout, self.msr_resize) if layout.owners else None
         return BatchPlan(indices, initial_noise(indices, seed, info.image_shape), terms, labels=labels,
-                         soft_labels=targets[:batch], views=QuadrantCrops(layout) if layout.owners else None,
-                         owners=owners)
+                         soft_labels=targets[:batch], views=views, owners=owners)
 
     def _token_grids(self, info: ModelInfo, sites: list[AttentionSite]) -> dict[int, TokenGrid] | None:
         if not self.apa_follow_augmentation or not sites:

@@ -86,11 +86,17 @@ def quadrant_layout(
     return torch.tensor(image_labels, dtype=torch.long), layout
 
 
+#: `torch.nn.functional.interpolate` modes a crop can be resized with (bilinear: the library spec's proposal).
+RESIZE_MODES = ("bilinear", "bicubic", "nearest", "nearest-exact", "area")
+
+
 class QuadrantCrops:
-    """Model inputs of a batch with MSR crops: the images, then each crop resized (bilinear) to the input size.
+    """Model inputs of a batch with MSR crops: the images, then each crop resized to the input size.
 
     Args:
         layout (`RegionLayout`): from [`quadrant_layout`].
+        mode (`str`, *optional*, defaults to `"bilinear"`): the `interpolate` mode of the resize, one of
+            `RESIZE_MODES` (SARDFQ's resize is not published; bilinear is our interpretation).
 
     Example:
         >>> _, layout = quadrant_layout([0, 1], seed=0, num_labels=10, max_regions=4)
@@ -98,8 +104,11 @@ class QuadrantCrops:
         True
     """
 
-    def __init__(self, layout: RegionLayout) -> None:
+    def __init__(self, layout: RegionLayout, mode: str = "bilinear") -> None:
+        if mode not in RESIZE_MODES:
+            raise ValueError(f"Unknown resize mode {mode!r}; expected one of {list(RESIZE_MODES)}.")
         self.layout = layout
+        self.mode = mode
         self._groups = {
             quadrant: torch.tensor([o for o, q in zip(layout.owners, layout.quadrants) if q == quadrant])
             for quadrant in range(4)
@@ -115,5 +124,6 @@ class QuadrantCrops:
         for quadrant, owners in self._groups.items():
             top, bottom, left, right = bounds[quadrant]
             crop = images[owners.to(images.device), :, top:bottom, left:right]
-            rows.append(F.interpolate(crop, size=(height, width), mode="bilinear", align_corners=False))
+            align_corners = False if self.mode in ("bilinear", "bicubic") else None
+            rows.append(F.interpolate(crop, size=(height, width), mode=self.mode, align_corners=align_corners))
         return torch.cat(rows)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from synth_helpers import FAST, one_thread, plan_batch, tiny_vit  # noqa: F401
 
+from optimum_dfq.errors import SynthesisError
 from optimum_dfq.synthesis import SoftLabelTerm, get_synthesizer
 from optimum_dfq.synthesis.engine import EngineConfig
 
@@ -38,3 +39,28 @@ def test_image_label_option_enters_the_cache_key_only_off_its_default():
     assert "image_label_includes_crops" not in resolved()  # runs from before the option keep their cache key
     assert resolved(image_label_includes_crops=True) == resolved()
     assert resolved(image_label_includes_crops=False)["image_label_includes_crops"] is False
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_msr_resize_mode_sets_how_each_quadrant_is_brought_to_the_input_size(mode):
+    synth = get_synthesizer("sardfq", **FAST, msr_resize=mode)
+    plan = plan_batch(synth, tiny_vit(), [0])
+    inputs = plan.views(plan.init)
+    first = plan.views.layout.quadrants[0]
+    top, left = (first // 2) * 16, (first % 2) * 16
+    quadrant = plan.init[:1, :, top:top + 16, left:left + 16]
+    expected = torch.nn.functional.interpolate(quadrant, size=(32, 32), mode=mode,
+                                               **({} if mode == "nearest" else {"align_corners": False}))
+    torch.testing.assert_close(inputs[1:2], expected)
+    if mode == "nearest":
+        torch.testing.assert_close(inputs[1:2], quadrant.repeat_interleave(2, -1).repeat_interleave(2, -2))
+
+
+def test_msr_resize_enters_the_cache_key_only_off_its_default():
+    def resolved(**options):
+        return get_synthesizer("sardfq", **FAST, **options).resolved_hyperparameters(EngineConfig(**FAST))
+
+    assert "msr_resize" not in resolved() and resolved(msr_resize="bilinear") == resolved()
+    assert resolved(msr_resize="bicubic")["msr_resize"] == "bicubic"
+    with pytest.raises(SynthesisError, match="msr_resize"):
+        get_synthesizer("sardfq", msr_resize="sideways")
