@@ -1,6 +1,7 @@
 """Random structure priors for SARDFQ's Attention Priors Alignment: 2-D Gaussian mixtures on a token grid.
 
-SARDFQ states only that priors are random Gaussian-mixture maps, one per head. The construction here is our
+SARDFQ's abstract says only that the priors are "randomly generated structure attention priors"; third-party notes on
+the paper add that they are Gaussian-mixture maps, one per head, with `K_APA = 5`. The construction here is our
 interpretation (the paper's sampler is not public): per map, a component count uniform in `1..max_components`,
 means uniform over the grid, isotropic standard deviations uniform in `sigma_range` patches (stated for a 14×14 grid
 and scaled with the grid side), mixing weights from a flat Dirichlet, evaluated at the token centres and normalised

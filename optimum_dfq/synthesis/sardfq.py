@@ -46,20 +46,20 @@ class SARDFQSynthesizer(PixelSynthesizer):
     * TV prior as in PSAQ-ViT (see [`TotalVariationTerm`]); optimisation as PSAQ-ViT (SARDFQ: Adam, 1000 steps;
       its lr and augmentation are not published).
 
-    The paper's abstract pins the three components; third-party notes on the paper (not its text, which was not
-    available) give `K_APA = 5`, `K_MSR = 4`, `U(5, 10)`, the 0.05 TV weight, the second-half/`l/L` weighting, the
-    CLS-row/query-averaged targets and 32 images × 1000 Adam steps. **Our interpretation** (the method sections and
-    code are not available): the GMM sampler (see [`gaussian_mixture_maps`]), the target row without the prefix-token
-    columns and renormalised to sum 1, "second half" = modules `l > apa_start · L` (1-based), priors and APA on the
-    full images only (not on crops), a prior drawn in the frame of the un-augmented image and rolled and flipped with
-    it at every step (so that it keeps describing the same image content; see [`roll_and_flip_maps`]), MSR regions =
-    quadrants of a 2×2 grid (see [`quadrant_layout`]) resized bilinearly (`msr_resize`), crops taken from the
-    un-augmented image and then jittered/flipped with their parent, class labels drawn uniformly with an image's and
-    its crops' classes all different, the image's soft target covering its crops' classes too
-    (`image_label_includes_crops`), soft cross-entropy summed over an image and its crops, PSAQ-ViT's `|TV - τ|` form
-    of the TV prior and PSAQ-ViT's learning rate, schedule and augmentation (engine settings), and the default
-    `α1 = 1000` (the paper tunes `α1` per model over 1…1e5 without listing the values; attention rows of a 14×14 grid
-    are ~1/196, so the MSE is ~1e-5 and needs a large weight to matter).
+    **Unverified recipe.** The paper's abstract pins the three components; third-party notes on the paper (not its text,
+    which was not available) give `K_APA = 5`, `K_MSR = 4`, `U(5, 10)`, the 0.05 TV weight, the second-half/`l/L`
+    weighting, the CLS-row/query-averaged targets and 32 images × 1000 Adam steps. **Our interpretation** (the method
+    sections and code are not available): the GMM sampler (see [`gaussian_mixture_maps`]), the target row without the
+    prefix-token columns and renormalised to sum 1, "second half" = modules `l > apa_start · L` (1-based), priors and
+    APA on the full images only (not on crops), a prior drawn in the frame of the un-augmented image and rolled and
+    flipped with it at every step (so that it keeps describing the same image content; see [`roll_and_flip_maps`]), MSR
+    regions = quadrants of a 2×2 grid (see [`quadrant_layout`]) resized bilinearly (`msr_resize`), crops taken from the
+    un-augmented image and then jittered/flipped with their parent, class labels drawn uniformly with an image's and its
+    crops' classes all different, the image's soft target covering its crops' classes too
+    (`image_label_includes_crops`), soft cross-entropy summed over an image and its crops, PSAQ-ViT's `|TV - τ|` form of
+    the TV prior and PSAQ-ViT's learning rate, schedule and augmentation (engine settings), and the default `α1 = 1000`
+    (the paper tunes `α1` per model over 1…1e5 without listing the values; attention rows of a 14×14 grid are ~1/196, so
+    the MSE is ~1e-5 and needs a large weight to matter).
 
     Two consequences of these choices: the library spec writes `L_APA = Σ_{l=L/2}^{L}` (1-based), which also counts
     block `L/2`, while the default `apa_start = 0.5` aligns only the blocks after it (pass
