@@ -48,12 +48,14 @@ SCALE_SELECTORS = ("mean", "median", "mad", "search")
 CORRECTION_SITES = ("qkv", "o_proj", "fc1", "fc2", "reduction", "classifier")
 CORRECTION_KINDS = ("affine", "ridge")
 AFFINE_FITS = ("least_squares", "moments")
+RIDGE_FITS = ("residual", "direct")
 #: Defaults of `DFQConfig.correction` (filled in for the keys a recipe leaves out).
 CORRECTION_DEFAULTS: dict[str, Any] = {
     "kind": "affine",
     "sites": ["qkv", "o_proj", "fc1", "fc2"],
     "affine_fit": "least_squares",
     "ridge_lambda": 1e-2,
+    "ridge_fit": "residual",
     "fold": None,  # resolved: True for "affine", False for "ridge"
     "max_tokens": 8192,
 }
@@ -191,8 +193,10 @@ class DFQConfig(QuantizationConfigMixin):
             correction matrix); empty = off. Keys (missing ones get `CORRECTION_DEFAULTS`): `kind` (`"affine"`
             per-channel `a⊙x + c`, or `"ridge"` full matrix), `sites` (Linear roles whose input is corrected, from
             `CORRECTION_SITES`), `affine_fit` (`"least_squares"` or `"moments"`), `ridge_lambda` (ridge strength,
-            relative to the mean input energy), `fold` (fold into the next Linear; default True for affine, False
-            for ridge), `max_tokens` (token rows per site used for fitting).
+            relative to the mean input energy), `ridge_fit` (`"residual"`: shrunk towards the identity, with a
+            bias; `"direct"`: the library spec's `C = (X_qᵀX_q + λI)⁻¹X_qᵀX_fp`, shrunk towards 0), `fold` (fold
+            into the next Linear; default True for affine, False for ridge), `max_tokens` (token rows per site used
+            for fitting).
         reconstruction (`dict`): block-wise reconstruction of the weights (I&S-ViT-like); empty = off. Keys (missing
             ones get `RECONSTRUCTION_DEFAULTS`): `iterations` (Adam steps per block), `lr` (cosine-decayed to 0),
             `batch_size` (32 by default; I&S-ViT uses 64 of 1024 images). Only the transformer blocks are
@@ -509,6 +513,7 @@ def _resolve_correction(options: dict[str, Any]) -> dict[str, Any]:
     resolved = _fill_defaults("correction", options, CORRECTION_DEFAULTS)
     _check_choice("correction['kind']", resolved["kind"], CORRECTION_KINDS)
     _check_choice("correction['affine_fit']", resolved["affine_fit"], AFFINE_FITS)
+    _check_choice("correction['ridge_fit']", resolved["ridge_fit"], RIDGE_FITS)
     sites = resolved["sites"]
     if not isinstance(sites, list) or not sites:
         raise ConfigError(

@@ -13,7 +13,8 @@ inference; its shape, placement and fit are not public. Following the library's 
   `W (a⊙x + c) + b = (W·diag(a)) x + (b + W c)`.
 * **Kinds**: `"affine"`, a per-channel `x ← a⊙x + c` fitted in closed form (per-channel least squares, or moment
   matching `a = σ_fp/σ_q`); folded into the next Linear by default (zero inference cost). `"ridge"`, a full matrix
-  `x ← x M + β` fitted by ridge regression towards the identity, kept as a module ([`RidgeCorrection`], its
+  `x ← x M + β` fitted by ridge regression towards the identity (`ridge_fit: direct`: the library spec's plain
+  ridge regression, towards 0, without bias), kept as a module ([`RidgeCorrection`], its
   parameters are buffers in the `state_dict`); costs one `D×D` matmul per token (folding is possible too,
   `fold: true`).
 * **Fold order**: the fold changes the *float* weight, then the Linear's weight quantizer is re-calibrated on the
@@ -177,28 +178,53 @@ def fit_affine(x_q: torch.Tensor, x_fp: torch.Tensor, method: str = "least_squar
     return correction
 
 
-def fit_ridge(x_q: torch.Tensor, x_fp: torch.Tensor, ridge_lambda: float = 1e-2) -> RidgeCorrection:
-    """Fits `x_q M + β ≈ x_fp` by ridge regression of the residual, i.e. shrinking `M` towards the identity.
+def fit_ridge(
+    x_q: torch.Tensor, x_fp: torch.Tensor, ridge_lambda: float = 1e-2, fit: str = "residual"
+) -> RidgeCorrection:
+    """Fits `x_q M + β ≈ x_fp` by ridge regression.
 
-    `M = I + (X̃_qᵀX̃_q + λ' I)⁻¹ X̃_qᵀ (X̃_fp − X̃_q)` on centred data, `λ' = λ · tr(X̃_qᵀX̃_q) / D` (so `λ` is
-    relative to the mean input energy and does not depend on the activation scale), `β = μ_fp − μ_q M`.
+    * `fit="residual"` (default; our interpretation): ridge regression of the residual, i.e. shrinking `M` towards
+      the identity, `M = I + (X̃_qᵀX̃_q + λ' I)⁻¹ X̃_qᵀ (X̃_fp − X̃_q)` on centred data, `β = μ_fp − μ_q M`. A strong
+      ridge then leaves the activations as they are (plus a mean shift) instead of shrinking them to 0.
+    * `fit="direct"`: the library spec's `M = (X_qᵀX_q + λ' I)⁻¹ X_qᵀ X_fp` on the raw activations, `β = 0`.
+
+    In both, `λ' = λ · tr(G) / D` with `G` the Gram matrix used (so `λ` is relative to the mean input energy and
+    does not depend on the activation scale).
 
     Args:
         x_q (`torch.Tensor`), x_fp (`torch.Tensor`): `[rows, channels]` activations, as in [`fit_affine`].
         ridge_lambda (`float`): relative ridge strength (> 0).
+        fit (`str`, *optional*, defaults to `"residual"`): `"residual"` or `"direct"`, as above.
 
     Returns:
         `RidgeCorrection`
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from optimum_dfq.calibration.correction import fit_ridge
+    >>> x_q = torch.randn(256, 4, generator=torch.Generator().manual_seed(0))
+    >>> torch.allclose(fit_ridge(x_q, 2 * x_q, 1e-9, fit="direct").matrix, 2 * torch.eye(4), atol=1e-5)
+    True
+    ```
     """
+    if fit not in ("residual", "direct"):
+        raise ValueError(f"fit={fit!r} must be 'residual' or 'direct'.")
     x_q, x_fp = x_q.double(), x_fp.double()
-    mean_q, mean_fp = x_q.mean(0), x_fp.mean(0)
+    if fit == "direct":
+        mean_q = mean_fp = torch.zeros(x_q.shape[1], dtype=x_q.dtype)
+    else:
+        mean_q, mean_fp = x_q.mean(0), x_fp.mean(0)
     centred = x_q - mean_q
     gram = centred.T @ centred
     channels = gram.shape[0]
     damping = ridge_lambda * gram.trace().clamp(min=1e-30) / channels
     eye = torch.eye(channels, dtype=gram.dtype)
-    delta = torch.linalg.solve(gram + damping * eye, centred.T @ ((x_fp - mean_fp) - centred))
-    matrix = eye + delta
+    if fit == "direct":
+        matrix = torch.linalg.solve(gram + damping * eye, centred.T @ x_fp)
+    else:
+        matrix = eye + torch.linalg.solve(gram + damping * eye, centred.T @ ((x_fp - mean_fp) - centred))
     correction = RidgeCorrection(channels)
     correction.matrix.copy_(matrix.float())
     correction.bias.copy_((mean_fp - mean_q @ matrix).float())
@@ -206,10 +232,11 @@ def fit_ridge(x_q: torch.Tensor, x_fp: torch.Tensor, ridge_lambda: float = 1e-2)
 
 
 def fit_correction(x_q: torch.Tensor, x_fp: torch.Tensor, options: dict) -> nn.Module:
-    """Fits the correction described by `DFQConfig.correction` options (`kind`, `affine_fit`, `ridge_lambda`)."""
+    """Fits the correction described by `DFQConfig.correction` options (`kind`, `affine_fit`, `ridge_lambda`,
+    `ridge_fit`)."""
     if options["kind"] == "affine":
         return fit_affine(x_q, x_fp, options["affine_fit"])
-    return fit_ridge(x_q, x_fp, options["ridge_lambda"])
+    return fit_ridge(x_q, x_fp, options["ridge_lambda"], options.get("ridge_fit", "residual"))
 
 
 # ---------------------------------------------------------------------------------------------- folding

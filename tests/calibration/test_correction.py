@@ -52,6 +52,30 @@ def test_ridge_fit_recovers_a_planted_matrix_and_shrinks_to_identity():
     torch.testing.assert_close(strong.matrix, torch.eye(6), atol=1e-4, rtol=0)
 
 
+def test_direct_ridge_fit_is_the_spec_formula_and_shrinks_to_zero():
+    from optimum_dfq.calibration.correction import fit_correction
+
+    generator = torch.Generator().manual_seed(0)
+    x_q = torch.randn(300, 5, generator=generator) + 0.3
+    x_fp = x_q @ (torch.eye(5) + 0.3 * torch.randn(5, 5, generator=generator)) + 0.1 * torch.randn(300, 5,
+                                                                                                 generator=generator)
+    options = DFQConfig(correction={"kind": "ridge", "ridge_fit": "direct", "ridge_lambda": 0.5}).correction
+    fitted = fit_correction(x_q, x_fp, options)
+    x, y = x_q.double(), x_fp.double()
+    lam = 0.5 * (x.T @ x).trace() / 5  # λ relative to the mean input energy, as for the residual fit
+    expected = torch.linalg.inv(x.T @ x + lam * torch.eye(5, dtype=torch.float64)) @ x.T @ y  # (XᵀX + λI)⁻¹XᵀY
+    torch.testing.assert_close(fitted.matrix, expected.float(), atol=1e-5, rtol=1e-5)
+    assert torch.equal(fitted.bias, torch.zeros(5))  # no bias in the spec's form
+    assert not torch.allclose(fitted.matrix, fit_ridge(x_q, x_fp, 0.5).matrix, atol=1e-2)  # the default differs
+    strong = fit_correction(x_q, x_fp, {**options, "ridge_lambda": 1e8})
+    assert strong.matrix.abs().max() < 1e-6  # towards 0, not towards the identity
+
+
+def test_unknown_ridge_fit_is_refused():
+    with pytest.raises(ConfigError, match=r"ridge_fit.*'residual'.*'direct'"):
+        DFQConfig(correction={"kind": "ridge", "ridge_fit": "spec"})
+
+
 def test_roles_are_found_from_structure(tiny_model):
     adapter = get_adapter(tiny_model)
     roles = linear_roles(tiny_model, adapter, torch.randn(1, 3, 32, 32))
