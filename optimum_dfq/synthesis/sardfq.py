@@ -16,7 +16,7 @@ from .features import AttentionSite
 from .geometry import TokenGrid
 from .losses import AttentionPriorTerm, SoftLabelTerm, TotalVariationTerm, loss_weights
 from .pixel_synthesizer import ModelInfo, PixelSynthesizer
-from .priors import gaussian_mixture_maps
+from .priors import COVARIANCES, gaussian_mixture_maps
 from .seeding import stream_generator
 from .targets import (
     RESIZE_MODES,
@@ -27,6 +27,8 @@ from .targets import (
     soft_target,
     uniform_per_image,
 )
+
+_ADDED_OPTION_DEFAULTS = {"msr_resize": "bilinear", "image_label_includes_crops": True, "apa_covariance": "isotropic"}
 
 
 @register_synthesizer("sardfq")
@@ -74,6 +76,8 @@ class SARDFQSynthesizer(PixelSynthesizer):
         apa_components (`int`, defaults to 5): `K_APA`, the maximum number of mixture components.
         apa_sigma (`tuple[float, float]`, defaults to `(1.0, 4.0)`): component standard deviations, in patches of a
             14×14 grid (scaled with the grid or window side).
+        apa_covariance (`str`, defaults to `"isotropic"`): `"isotropic"` (round components) or `"diagonal"` (one
+            standard deviation per axis); the library spec allows both (our interpretation).
         apa_start (`float`, defaults to 0.5): APA uses attention modules `l > apa_start · L`.
         apa_follow_augmentation (`bool`, defaults to `True`): roll and flip each prior with its image at every step
             (`False`: priors fixed in the frame of the model's input).
@@ -101,6 +105,7 @@ class SARDFQSynthesizer(PixelSynthesizer):
         apa_weight: float = 1000.0,
         apa_components: int = 5,
         apa_sigma: Sequence[float] = (1.0, 4.0),
+        apa_covariance: str = "isotropic",
         apa_start: float = 0.5,
         apa_follow_augmentation: bool = True,
         msr_regions: int = 4,
@@ -119,6 +124,7 @@ class SARDFQSynthesizer(PixelSynthesizer):
         )
         self.apa_components = int(apa_components)
         self.apa_sigma = tuple(float(s) for s in apa_sigma)
+        self.apa_covariance = str(apa_covariance)
         self.apa_start = float(apa_start)
         self.apa_follow_augmentation = bool(apa_follow_augmentation)
         self.msr_regions = int(msr_regions)
@@ -132,17 +138,18 @@ class SARDFQSynthesizer(PixelSynthesizer):
                 f"Need apa_components >= 1, 0 <= apa_start < 1 and 0 <= msr_regions <= 4 (a 2x2 grid); got "
                 f"{self.apa_components}, {self.apa_start}, {self.msr_regions}."
             )
+        if self.apa_covariance not in COVARIANCES:
+            raise SynthesisError(f"apa_covariance={apa_covariance!r} must be one of {list(COVARIANCES)}.")
         if self.msr_resize not in RESIZE_MODES:
             raise SynthesisError(f"msr_resize={msr_resize!r} must be one of {list(RESIZE_MODES)}.")
 
     def resolved_hyperparameters(self, config: EngineConfig) -> dict[str, Any]:
-        """As [`PixelSynthesizer.resolved_hyperparameters`]; `msr_resize` and `image_label_includes_crops` are left out
-        at their defaults (runs from before the options existed keep their cache key)."""
+        """As [`PixelSynthesizer.resolved_hyperparameters`]; options added after the first release are left out at
+        their defaults (`_ADDED_OPTION_DEFAULTS`), so that runs from before they existed keep their cache key."""
         resolved = super().resolved_hyperparameters(config)
-        if self.msr_resize == "bilinear":
-            resolved.pop("msr_resize")
-        if self.image_label_includes_crops:
-            resolved.pop("image_label_includes_crops")
+        for name, default in _ADDED_OPTION_DEFAULTS.items():
+            if resolved[name] == default:
+                resolved.pop(name)
         return resolved
 
     def plan_batch(self, info: ModelInfo, indices: list[int], seed: int) -> BatchPlan:
@@ -205,6 +212,6 @@ class SARDFQSynthesizer(PixelSynthesizer):
         for index in indices:
             generator = stream_generator(seed, index, f"apa/{site.index}")
             flat = gaussian_mixture_maps(generator, site.windows * site.heads, grid, self.apa_components,
-                                         self.apa_sigma)
+                                         self.apa_sigma, covariance=self.apa_covariance)
             maps.append(flat.view(site.windows, site.heads, -1))
         return torch.stack(maps)

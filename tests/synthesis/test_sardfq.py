@@ -64,3 +64,46 @@ def test_msr_resize_enters_the_cache_key_only_off_its_default():
     assert resolved(msr_resize="bicubic")["msr_resize"] == "bicubic"
     with pytest.raises(SynthesisError, match="msr_resize"):
         get_synthesizer("sardfq", msr_resize="sideways")
+
+
+def _axis_sigmas(single_component_map: torch.Tensor, rows: int, cols: int) -> tuple[float, float]:
+    """Standard deviations along rows and columns of a one-component Gaussian map: the second difference of its log
+    along an axis is -1/σ² there (exact at every token, whatever the border truncation and normalisation)."""
+    log = single_component_map.double().reshape(rows, cols).log()
+    along_rows = log[2:, :] - 2 * log[1:-1, :] + log[:-2, :]
+    along_cols = log[:, 2:] - 2 * log[:, 1:-1] + log[:, :-2]
+    return float((-1 / along_rows.mean()).sqrt()), float((-1 / along_cols.mean()).sqrt())
+
+
+@pytest.mark.parametrize("covariance", ["isotropic", "diagonal"])
+def test_prior_components_are_round_or_axis_aligned_ellipses(covariance):
+    from optimum_dfq.synthesis.priors import gaussian_mixture_maps
+
+    maps = gaussian_mixture_maps(torch.Generator().manual_seed(0), 16, (8, 8), max_components=1,
+                                 sigma_range=(1.0, 4.0), reference_grid=8, covariance=covariance)
+    sigmas = torch.tensor([_axis_sigmas(row, 8, 8) for row in maps])
+    assert bool(((sigmas > 1.0 - 1e-3) & (sigmas < 4.0 + 1e-3)).all())  # in sigma_range (grid = reference grid)
+    ratios = sigmas[:, 0] / sigmas[:, 1]
+    if covariance == "isotropic":
+        torch.testing.assert_close(ratios, torch.ones(16, dtype=ratios.dtype), atol=1e-3, rtol=0)
+    else:
+        assert bool(((ratios - 1).abs() > 0.05).sum() >= 12)  # independent per-axis draws: almost never equal
+
+
+def test_apa_covariance_reaches_the_priors_and_enters_the_cache_key_only_off_its_default():
+    def priors(**options):
+        synth = get_synthesizer("sardfq", **FAST, msr_regions=0, **options)
+        return plan_batch(synth, tiny_vit(), [0, 1]).terms[0].priors
+
+    default, diagonal = priors(), priors(apa_covariance="diagonal")
+    assert default.keys() == diagonal.keys()
+    assert all(torch.equal(default[k], priors(apa_covariance="isotropic")[k]) for k in default)
+    assert not any(torch.allclose(default[k], diagonal[k]) for k in default)
+
+    def resolved(**options):
+        return get_synthesizer("sardfq", **FAST, **options).resolved_hyperparameters(EngineConfig(**FAST))
+
+    assert "apa_covariance" not in resolved() and resolved(apa_covariance="isotropic") == resolved()
+    assert resolved(apa_covariance="diagonal")["apa_covariance"] == "diagonal"
+    with pytest.raises(SynthesisError, match="apa_covariance"):
+        get_synthesizer("sardfq", apa_covariance="full")
