@@ -128,6 +128,16 @@ def test_calibration_speed_benchmark(tmp_path):
     assert "x one forward pass); no quantile fallback was used" in text
 
 
+def test_calibration_speed_benchmark_times_warm_forward_passes_on_the_given_threads(tmp_path):
+    # the ratio's denominator is a median of warm forward passes, and the file says how many threads both sides ran on
+    output = tmp_path / "calibration_speed.txt"
+    run_benchmark("calibration_speed.py", "--layers", "1", "--images", "2", "--threads", "1", "--repeats", "2",
+                  "--output", str(output))
+    lines = output.read_text().splitlines()
+    assert "1 thread(s)" in lines[2]
+    assert "one FP forward pass (median of 2 after 1 warm-up):" in output.read_text()
+
+
 def test_post_softmax_quantizer_benchmark():
     printed = run_benchmark("post_softmax_quantizers.py", "--model", "random", "--images", "8", "--bits", "3")
     rows = {line.split("|")[1].strip(): line for line in printed.splitlines() if line.startswith("| ")}
