@@ -1,10 +1,10 @@
 """Attention-output error of post-softmax quantizers: TanQ vs log2, log-√2 and uniform.
 
 Captures the attention probabilities `A` and values `V` of every attention layer of a model run on real CIFAR-10
-images, calibrates each quantizer per layer on the first half of the images (TanQ searches its shape on `A·V`, the
-others use their own percentile-MSE calibration) and reports, on the other half, the error of the attention output
-`‖(A − Â)·V‖²` (V kept in float to isolate the probabilities' quantizer): its mean per element and its size relative
-to `‖A·V‖²`, averaged over layers.
+images, calibrates each quantizer per layer on CIFAR-10 *train* images (half of `--images`; TanQ searches its shape
+on `A·V`, the others use their own percentile-MSE calibration) and reports, on as many *test* images, the error of
+the attention output `‖(A − Â)·V‖²` (V kept in float to isolate the probabilities' quantizer): its mean per element
+and its size relative to `‖A·V‖²`, averaged over layers.
 
     python benchmarks/post_softmax_quantizers.py                                   # reference model if present
     python benchmarks/post_softmax_quantizers.py --model examples/models/vit-cifar10 --images 256
@@ -35,6 +35,7 @@ from optimum_dfq.quantizers import Quantizer, TanQuantizer, build_quantizer
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "examples" / "models" / "vit-cifar10"
 DEFAULT_DATA = ROOT / "tests" / "fixtures" / "cifar10_tiny_test.parquet"
+DEFAULT_CALIBRATION_DATA = ROOT / "tests" / "fixtures" / "cifar10_tiny_train.parquet"
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 
 
@@ -98,19 +99,17 @@ def make_quantizer(kind: str, bits: int) -> Quantizer:
     return build_quantizer(kind, bits=bits)
 
 
-def evaluate(kind: str, bits: int, layers, split: int) -> tuple[float, float]:
-    """Mean over layers of the A·V MSE and of the relative A·V error on the held-out images."""
+def evaluate(kind: str, bits: int, calibration_layers, test_layers) -> tuple[float, float]:
+    """Mean over layers of the A·V MSE and of the relative A·V error on the test images."""
     mse, relative = [], []
-    for probs, value in layers:
+    for (calib_probs, calib_value), (test_probs, test_value) in zip(calibration_layers, test_layers):
         quantizer = make_quantizer(kind, bits)
         quantizer.set_mode("observe")
-        calib_probs, calib_value = probs[:split], value[:split]
         if isinstance(quantizer, TanQuantizer):
             quantizer.observe_value(calib_value)
         quantizer(calib_probs)
         quantizer.calibrate()
         quantizer.set_mode("quantize")
-        test_probs, test_value = probs[split:], value[split:]
         reference = test_probs @ test_value
         error = (quantizer(test_probs) - test_probs) @ test_value
         mse.append(float(error.pow(2).mean()))
@@ -122,26 +121,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(DEFAULT_MODEL) if (DEFAULT_MODEL / "config.json").exists() else "random",
                         help="model folder or Hub id, or 'random' for a tiny random ViT")
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="parquet file of CIFAR-10 images")
-    parser.add_argument("--images", type=int, default=128, help="images used (half calibrate, half evaluate)")
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="parquet file of CIFAR-10 test images (evaluation)")
+    parser.add_argument("--calibration-data", default=str(DEFAULT_CALIBRATION_DATA),
+                        help="parquet file of CIFAR-10 train images (calibration)")
+    parser.add_argument("--images", type=int, default=128,
+                        help="images used: half from --calibration-data calibrate, half from --data evaluate")
     parser.add_argument("--bits", type=int, nargs="+", default=[3, 4])
     args = parser.parse_args()
 
     torch.manual_seed(0)
     model, processor = load_model(args.model)
     size = model.config.image_size
-    pixels = load_pixels(args.data, processor, args.images, size if isinstance(size, int) else size[0])
-    layers = capture_probs_and_values(model, pixels)
-    split = layers[0][0].shape[0] // 2  # first half of the images (windows stay grouped per image)
-    print(f"model: {args.model} ({type(model).__name__}, {len(layers)} attention layers); "
-          f"{args.images} CIFAR-10 test images, {args.images // 2} for calibration, the rest for evaluation")
+    size = size if isinstance(size, int) else size[0]
+    half = args.images // 2
+    # separate runs: a Swin layer's rows are windows, fewer per image in later stages, so no row index splits images
+    calibration_layers = capture_probs_and_values(model, load_pixels(args.calibration_data, processor, half, size))
+    test_layers = capture_probs_and_values(model, load_pixels(args.data, processor, half, size))
+    print(f"model: {args.model} ({type(model).__name__}, {len(test_layers)} attention layers); "
+          f"{half} CIFAR-10 train images for calibration, {half} test images for evaluation")
     kinds = ["tanq", "tanq (symmetric)", "tanq (spec grid, c <= 0.5)", "log2", "log_sqrt2", "uniform"]
     header = " | ".join(f"{b}-bit A·V MSE | {b}-bit rel. err" for b in args.bits)
     print(f"\n| quantizer | {header} |\n|---|" + "---|" * (2 * len(args.bits)))
     for kind in kinds:
         cells = []
         for bits in args.bits:
-            mse, relative = evaluate(kind, bits, layers, split)
+            mse, relative = evaluate(kind, bits, calibration_layers, test_layers)
             cells += [f"{mse:.3e}", f"{relative:.3e}"]
         print(f"| {kind} | " + " | ".join(cells) + " |")
 

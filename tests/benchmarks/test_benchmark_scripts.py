@@ -15,7 +15,7 @@ import pytest
 
 from optimum_dfq.evaluation import evaluate_accuracy
 
-from ..conftest import FIXTURES, tiny_vit
+from ..conftest import FIXTURES, tiny_swin, tiny_vit
 
 ROOT = Path(__file__).resolve().parents[2]
 EVAL_IMAGES = 16
@@ -145,3 +145,17 @@ def test_post_softmax_quantizer_benchmark():
     for name in ("tanq", "log2", "log_sqrt2", "uniform"):
         mse, relative = (float(cell) for cell in rows[name].strip("| ").split("|")[1:])
         assert 0.0 <= mse and 0.0 <= relative
+
+
+def test_post_softmax_quantizer_benchmark_calibrates_on_train_images_and_scores_every_swin_stage(tmp_path,
+                                                                                                  image_processor):
+    # Swin's later stages have fewer windows per image: splitting every layer's rows at the first layer's half left
+    # their evaluation half empty (NaN) and put test images into their calibration
+    folder = tmp_path / "tiny-swin"
+    tiny_swin().save_pretrained(folder)
+    image_processor.save_pretrained(folder)
+    printed = run_benchmark("post_softmax_quantizers.py", "--model", str(folder), "--images", "8", "--bits", "3")
+    assert "4 CIFAR-10 train images for calibration, 4 test images for evaluation" in printed
+    rows = [line for line in printed.splitlines() if line.startswith("| ") and not line.startswith("| quantizer")]
+    values = [float(cell) for row in rows for cell in row.strip("| ").split("|")[1:]]
+    assert len(rows) == 6 and all(0.0 <= value < float("inf") for value in values)  # NaN fails both
