@@ -24,6 +24,7 @@ pixel-grid image input): the price of their fidelity in latency. Results go to
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import statistics
@@ -262,6 +263,8 @@ def reference_rows(args, tmp: Path) -> list[dict]:
 
 def markdown(result: dict) -> str:
     lines = [f"# Inference speed and size ({result['machine']}, {result['threads']} threads)", "",
+             (f"{result['date']}; optimum_dfq {result['optimum_dfq']}, torch {result['torch']}, "
+              f"onnxruntime {result['onnxruntime']}"), "",
              f"Command: `{result['command']}`", ""]
     for row in ([result["vit_small"]] if result.get("vit_small") else []) + result.get("reference", []):
         lines += [f"## {row['model']}", "", "| engine | batch 1 (ms) | batch 32 (ms) | file (MB) |",
@@ -312,9 +315,12 @@ def main() -> None:
 
     import sys
 
+    from optimum_dfq import __version__
+
     result: dict = {"command": "python benchmarks/inference_speed.py " + " ".join(sys.argv[1:]),
+                    "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
                     "machine": cpu_description(),
-                    "threads": args.threads, "torch": torch.__version__}
+                    "threads": args.threads, "optimum_dfq": __version__, "torch": torch.__version__}
     import onnxruntime
 
     result["onnxruntime"] = onnxruntime.__version__

@@ -159,3 +159,14 @@ def test_post_softmax_quantizer_benchmark_calibrates_on_train_images_and_scores_
     rows = [line for line in printed.splitlines() if line.startswith("| ") and not line.startswith("| quantizer")]
     values = [float(cell) for row in rows for cell in row.strip("| ").split("|")[1:]]
     assert len(rows) == 6 and all(0.0 <= value < float("inf") for value in values)  # NaN fails both
+
+
+def test_inference_speed_benchmark_records_date_and_versions(tmp_path):
+    # the README says every speed figure is kept with the command, date, CPU and versions
+    run_benchmark("inference_speed.py", "--skip-vit-small", "--skip-reference", "--threads", "1",
+                  "--output", str(tmp_path / "inference_speed"))
+    result = json.loads((tmp_path / "inference_speed.json").read_text())
+    assert {"command", "date", "machine", "threads", "optimum_dfq", "torch", "onnxruntime"} <= set(result)
+    header = (tmp_path / "inference_speed.md").read_text().splitlines()[:5]
+    assert header[2].startswith(f"{result['date']}; optimum_dfq {result['optimum_dfq']}, torch {result['torch']}")
+    assert header[4] == f"Command: `{result['command']}`"
