@@ -7,7 +7,10 @@ the attention output `‖(A − Â)·V‖²` (V kept in float to isolate the pro
 and its size relative to `‖A·V‖²`, averaged over layers.
 
     python benchmarks/post_softmax_quantizers.py                                   # reference model if present
-    python benchmarks/post_softmax_quantizers.py --model examples/models/vit-cifar10 --images 256
+    python benchmarks/post_softmax_quantizers.py --model examples/models/swin-cifar10 --images 128
+    python benchmarks/post_softmax_quantizers.py --images 1024 \\
+        --calibration-data ../shared/data/cifar10/plain_text/train-00000-of-00001.parquet \\
+        --data ../shared/data/cifar10/plain_text/test-00000-of-00001.parquet      # more images than the fixtures'
     python benchmarks/post_softmax_quantizers.py --model random                    # tiny random ViT
 """
 
@@ -58,7 +61,10 @@ def load_model(path: str):
 def load_pixels(data: str, processor, num_images: int, image_size: int) -> torch.Tensor:
     from datasets import load_dataset
 
-    dataset = load_dataset("parquet", data_files={"test": data}, split="test").select(range(num_images))
+    dataset = load_dataset("parquet", data_files={"test": data}, split="test")
+    if len(dataset) < num_images:
+        raise SystemExit(f"{data} holds {len(dataset)} images, fewer than the {num_images} needed (half of --images).")
+    dataset = dataset.select(range(num_images))
     column = next(name for name, feature in dataset.features.items() if type(feature).__name__ == "Image")
     processor = processor or ViTImageProcessor(size={"height": image_size, "width": image_size},
                                                image_mean=CIFAR_MEAN, image_std=CIFAR_STD)

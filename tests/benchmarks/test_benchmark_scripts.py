@@ -170,3 +170,9 @@ def test_inference_speed_benchmark_records_date_and_versions(tmp_path):
     header = (tmp_path / "inference_speed.md").read_text().splitlines()[:5]
     assert header[2].startswith(f"{result['date']}; optimum_dfq {result['optimum_dfq']}, torch {result['torch']}")
     assert header[4] == f"Command: `{result['command']}`"
+
+
+def test_post_softmax_quantizer_benchmark_refuses_more_images_than_its_files_hold():
+    result = run_script("post_softmax_quantizers.py", "--model", "random", "--images", "256")
+    assert result.returncode == 1
+    assert "cifar10_tiny_train.parquet holds 64 images, fewer than the 128 needed (half of --images)" in result.stderr
