@@ -204,10 +204,10 @@ def accuracy_torch(model, pixels: torch.Tensor, labels: torch.Tensor, batch: int
     return correct / len(labels)
 
 
-def load_cifar(processor, split: str, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def load_cifar(dataset: str, processor, split: str, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     from datasets import load_dataset
 
-    data = load_dataset(str(CIFAR), split=split)
+    data = load_dataset(dataset, split=split)
     if limit:
         data = data.select(range(min(limit, len(data))))
     pixels = processor(images=[im.convert("RGB") for im in data["img"]], return_tensors="pt")["pixel_values"]
@@ -232,7 +232,7 @@ def reference_rows(args, tmp: Path) -> list[dict]:
         if args.accuracy:  # calibrate like the accuracy benchmark's real-data row (train images only)
             from datasets import load_dataset
 
-            train = load_dataset(str(CIFAR), split="train")
+            train = load_dataset(args.dataset, split="train")
             calibration = calibration_set_from_dataset(train, processor, 32, seed=0)
             qmodel = DataFreeViTQuantizer(model, processor).quantize(
                 config=DFQConfig(bits="w8a8", **INTEGER_ACTIVATIONS), calibration_dataset=calibration)
@@ -249,7 +249,7 @@ def reference_rows(args, tmp: Path) -> list[dict]:
                    DEFAULT_ENGINE: ort_session(default_path, args.threads), "w8a8 pytorch fake-quant": qmodel}
         row["latency_s"] = measure(engines, model.config.image_size, [1, 32], args)
         if args.accuracy:
-            pixels, labels = load_cifar(processor, "test", args.eval_limit)
+            pixels, labels = load_cifar(args.dataset, processor, "test", args.eval_limit)
             row["num_test_images"] = len(labels)
             row["top1_pytorch_w8a8"] = accuracy_torch(qmodel, pixels, labels, 250)
             row["top1_onnxruntime_w8a8"] = accuracy_onnx(engines["w8a8 onnx"], pixels, labels, 250)
@@ -308,6 +308,8 @@ def main() -> None:
     parser.add_argument("--skip-vit-small", action="store_true")
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--accuracy", action="store_true", help="top-1 of ONNX Runtime vs PyTorch on CIFAR-10 test")
+    parser.add_argument("--dataset", default=str(CIFAR),
+                        help="CIFAR-10 datasets folder with train and test splits (default: ../shared/data/cifar10)")
     parser.add_argument("--eval-limit", type=int, default=None, help="first N test images only (default: all)")
     parser.add_argument("--output", default=str(RESULTS / "inference_speed"))
     args = parser.parse_args()

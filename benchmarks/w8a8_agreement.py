@@ -61,6 +61,8 @@ def main() -> None:
                         help="substrings selecting variants (default: all): " + "; ".join(VARIANTS))
     parser.add_argument("--draws", type=int, default=3, help="calibration seeds per pool (0..N-1)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dataset", default=str(CIFAR),
+                        help="CIFAR-10 datasets folder with train and test splits (default: ../shared/data/cifar10)")
     parser.add_argument("--models", nargs="*", default=["vit-cifar10"],
                         help="reference models (folder names under examples/models/)")
     parser.add_argument("--include", nargs="*", default=[],
@@ -89,10 +91,10 @@ def main() -> None:
     started = time.perf_counter()
     pools = {"fixture": load_dataset("parquet", data_files={"train": str(FIXTURES / "cifar10_tiny_train.parquet")},
                                      split="train"),
-             "train": load_dataset(str(CIFAR), split="train")}
+             "train": load_dataset(args.dataset, split="train")}
     fixture_test = load_dataset("parquet", data_files={"test": str(FIXTURES / "cifar10_tiny_test.parquet")},
                                 split="test")
-    test2000 = load_dataset(str(CIFAR), split="test").select(range(2000))
+    test2000 = load_dataset(args.dataset, split="test").select(range(2000))
     for model_name in args.models:
         quantizer = DataFreeViTQuantizer.from_pretrained(str(MODELS / model_name))
         model, processor = quantizer.model.float().eval(), quantizer.image_processor

@@ -176,3 +176,10 @@ def test_post_softmax_quantizer_benchmark_refuses_more_images_than_its_files_hol
     result = run_script("post_softmax_quantizers.py", "--model", "random", "--images", "256")
     assert result.returncode == 1
     assert "cifar10_tiny_train.parquet holds 64 images, fewer than the 128 needed (half of --images)" in result.stderr
+
+
+def test_inference_speed_accuracy_runs_on_the_given_dataset(dataset, tmp_path):
+    run_benchmark("inference_speed.py", "--skip-vit-small", "--accuracy", "--eval-limit", "300", "--runs", "1",
+                  "--warmup", "0", "--threads", "1", "--dataset", str(dataset), "--output", str(tmp_path / "speed"))
+    rows = json.loads((tmp_path / "speed.json").read_text())["reference"]
+    assert rows and all(row["num_test_images"] == 256 for row in rows)  # the fixture's test split, not CIFAR-10's
