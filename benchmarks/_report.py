@@ -17,6 +17,23 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+QUICK_EVAL_IMAGES = 500
+
+
+def first_test_images(test, eval_limit: int | None, quick: bool = False):
+    """The test split, or its first `eval_limit` images (`--quick` without `--eval-limit`: the first
+    `QUICK_EVAL_IMAGES`, or all of a smaller split). An `--eval-limit` above the split's size is refused, not
+    clipped, so that a table never claims more test images than it was measured on."""
+    if eval_limit is None and quick:
+        eval_limit = min(QUICK_EVAL_IMAGES, len(test))
+    if eval_limit is None:
+        return test
+    if not 1 <= eval_limit <= len(test):
+        raise SystemExit(f"--eval-limit {eval_limit}: the test split holds {len(test)} images; pass 1 to "
+                         f"{len(test)} (or leave it out to evaluate on all of them).")
+    return test.select(range(eval_limit))
+
+
 def cpu_description() -> str:
     """`"<CPU model>, <n> cores, <instruction sets that matter for int8 kernels>"` (Linux; less elsewhere)."""
     model, flags = platform.processor() or platform.machine(), set()

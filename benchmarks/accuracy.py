@@ -10,7 +10,7 @@ Synthetic calibration sets depend only on (model, source, seed), so each is synt
 bit preset and backend.
 
     python benchmarks/accuracy.py                       # full run (all models, full test split)
-    python benchmarks/accuracy.py --quick               # smoke run: 500 test images, short synthesis
+    python benchmarks/accuracy.py --quick               # smoke run into results/quick: 500 test images, fewer steps
     python benchmarks/accuracy.py --models examples/models/vit-cifar10 --bits w4a4 --sources real gaussian
     python benchmarks/accuracy.py --resume ...          # keep rows already in accuracy.json (same settings)
     python benchmarks/accuracy.py --resume --include /tmp/deit/accuracy.json   # merge a run made elsewhere
@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from _report import first_test_images  # the sibling module
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -127,8 +129,11 @@ def main() -> None:
     parser.add_argument("--synthesizer-kwargs", type=json_object, default={},
                         help='JSON options for the pixel synthesizers, e.g. \'{"jitter_reference": 224}\' (recorded '
                              "in the settings: a run with other options is not merged)")
-    parser.add_argument("--quick", action="store_true", help="500 test images, 100 synthesis iterations")
-    parser.add_argument("--output-dir", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--quick", action="store_true",
+                        help="500 test images (all of a smaller split), 100 synthesis iterations")
+    parser.add_argument("--output-dir", default=None,
+                        help="where the tables go (default: benchmarks/results; with --quick, "
+                             "benchmarks/results/quick, so that a smoke run does not replace the committed full run)")
     parser.add_argument("--resume", action="store_true",
                         help="reuse rows of an existing accuracy.json measured with the same settings")
     parser.add_argument("--onnx-bits", nargs="*", default=["w8a8"],
@@ -154,8 +159,9 @@ def main() -> None:
     if (args.redo_bits or args.redo_sources) and not args.resume:
         parser.error("--redo-bits/--redo-sources drop rows of the table that --resume keeps; add --resume.")
     if args.quick:
-        args.eval_limit = args.eval_limit or 500
         args.synth_iterations = args.synth_iterations or 100
+    if args.output_dir is None:
+        args.output_dir = str(ROOT / "benchmarks" / "results" / ("quick" if args.quick else ""))
 
     import torch
     from datasets import load_dataset
@@ -174,15 +180,13 @@ def main() -> None:
     else:
         backends = {name: backends[name] for name in args.backends}
     train = load_dataset(args.dataset, split="train")
-    test = load_dataset(args.dataset, split="test")
-    if args.eval_limit:
-        test = test.select(range(args.eval_limit))
+    test = first_test_images(load_dataset(args.dataset, split="test"), args.eval_limit, args.quick)
     models = [Path(m) for m in args.models] if args.models else reference_models()
     if not models:
         raise SystemExit("No reference model found under examples/models/ (train one with "
                          "examples/train_reference_model.py) and none given with --models.")
 
-    settings = run_settings(args)
+    settings = run_settings(args, len(test))
     args.commands = ["python benchmarks/accuracy.py " + shlex.join(sys.argv[1:])]
     default_source = DFQConfig().synthesizer
     args.included_seconds = {}
@@ -264,9 +268,9 @@ def json_object(text: str) -> dict[str, Any]:
     return value
 
 
-def run_settings(args) -> dict[str, Any]:
+def run_settings(args, eval_images: int) -> dict[str, Any]:
     """What makes two rows comparable (a resumed run only reuses rows measured with the same settings)."""
-    settings = {"eval_images": args.eval_limit or 10000, "num_images": args.num_images, "seed": args.seed,
+    settings = {"eval_images": eval_images, "num_images": args.num_images, "seed": args.seed,
                 "synth_iterations": args.synth_iterations or "synthesizer default"}
     if args.synthesizer_kwargs:  # only when given, so that tables measured before the option still merge
         settings["synthesizer_kwargs"] = args.synthesizer_kwargs

@@ -13,7 +13,7 @@ default is used by four recipes) share one synthesis per model.
     python benchmarks/recipes.py                                 # every recipe, every model, full test split
     python benchmarks/recipes.py recipes/dfq_vit_w3a8.yaml --set synthesizer_kwargs='{"hardness_weight": 10}' \\
         --label +hardness --resume                               # a variant, added to the same table
-    python benchmarks/recipes.py --quick                         # smoke run: 500 test images, short synthesis
+    python benchmarks/recipes.py --quick                         # smoke run into recipes/quick: 500 test images
 
 Rows are written as soon as they are measured; `--resume` keeps the rows of an earlier run with the same settings,
 and `--include` merges the tables of runs made side by side (one process per model, say).
@@ -33,6 +33,8 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from _report import first_test_images
 
 # the benchmark next door
 from accuracy import (
@@ -85,11 +87,15 @@ def main() -> None:
                         help="CIFAR-10 train images for recipes that calibrate on a real dataset (default 32)")
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test images")
     parser.add_argument("--synth-iterations", type=int, default=None, help="override synthesis iterations")
-    parser.add_argument("--quick", action="store_true", help="500 test images, 100 synthesis iterations")
+    parser.add_argument("--quick", action="store_true",
+                        help="500 test images (all of a smaller split), 100 synthesis iterations")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--synthesis-cache", default="~/.cache/optimum_dfq/synthesis",
                         help="synthesis cache folder, shared by the recipes (default ~/.cache/optimum_dfq/synthesis)")
-    parser.add_argument("--output-dir", default=str(ROOT / "benchmarks" / "results" / "recipes"))
+    parser.add_argument("--output-dir", default=None,
+                        help="where the tables go (default: benchmarks/results/recipes; with --quick, "
+                             "benchmarks/results/recipes/quick, so that a smoke run does not replace the committed "
+                             "full run)")
     parser.add_argument("--resume", action="store_true", help="keep rows of an earlier run with the same settings")
     parser.add_argument("--include", nargs="*", default=[],
                         help="recipes.json files of runs made side by side (same settings) whose rows are merged in")
@@ -97,8 +103,9 @@ def main() -> None:
     if args.overrides and not args.label:
         parser.error("--set changes the recipe: name the variant with --label (e.g. --label +hardness).")
     if args.quick:
-        args.eval_limit = args.eval_limit or 500
         args.synth_iterations = args.synth_iterations or 100
+    if args.output_dir is None:
+        args.output_dir = str(ROOT / "benchmarks" / "results" / "recipes" / ("quick" if args.quick else ""))
 
     import torch
     from datasets import load_dataset
@@ -115,9 +122,7 @@ def main() -> None:
     if not models:
         raise SystemExit("No reference model found under examples/models/ and none given with --models.")
     train = load_dataset(args.dataset, split="train")
-    test = load_dataset(args.dataset, split="test")
-    if args.eval_limit:
-        test = test.select(range(args.eval_limit))
+    test = first_test_images(load_dataset(args.dataset, split="test"), args.eval_limit, args.quick)
 
     settings = {"eval_images": len(test), "real_images": args.real_images,
                 "synth_iterations": args.synth_iterations or "recipe's", **dataset_setting(args)}

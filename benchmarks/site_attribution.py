@@ -29,7 +29,8 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from _report import cpu_description  # synthesized images, and so the rows, depend on the CPU's float kernels
+# synthesized images, and so the rows, depend on the CPU's float kernels
+from _report import cpu_description, first_test_images
 from accuracy import (  # the sibling benchmark script
     CIFAR,
     DATASET_HELP,
@@ -71,7 +72,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     train = load_dataset(args.dataset, split="train")
-    test = load_dataset(args.dataset, split="test").select(range(args.eval_limit))
+    test = first_test_images(load_dataset(args.dataset, split="test"), args.eval_limit)
     models = [Path(m) for m in args.models] if args.models else reference_models()
     rows: list[dict[str, Any]] = []
     for folder in models:

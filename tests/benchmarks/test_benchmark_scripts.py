@@ -183,3 +183,34 @@ def test_inference_speed_accuracy_runs_on_the_given_dataset(dataset, tmp_path):
                   "--warmup", "0", "--threads", "1", "--dataset", str(dataset), "--output", str(tmp_path / "speed"))
     rows = json.loads((tmp_path / "speed.json").read_text())["reference"]
     assert rows and all(row["num_test_images"] == 256 for row in rows)  # the fixture's test split, not CIFAR-10's
+
+
+@pytest.mark.parametrize("script", ["accuracy.py", "recipes.py"])
+def test_quick_smoke_runs_do_not_replace_the_committed_tables(script, dataset, model_dir, tmp_path):
+    copy = tmp_path / "benchmarks"  # a copy of the scripts, so that their default output folders lie under tmp_path
+    copy.mkdir()
+    for file in (ROOT / "benchmarks").glob("*.py"):
+        shutil.copy(file, copy / file.name)
+    shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
+    results = copy / "results" / ("recipes" if script == "recipes.py" else "")
+    committed = results / f"{script[:-3]}.json"
+    committed.parent.mkdir(parents=True, exist_ok=True)
+    committed.write_text('{"the": "full run"}')
+    common = ["--quick", "--dataset", str(dataset), "--models", str(model_dir), "--threads", "1"]
+    args = (["--sources", "gaussian", "--bits", "w8a8", "--backends", "repq", "--ablation-bits", "--onnx-bits",
+             "--num-images", "4"] if script == "accuracy.py"
+            else [str(tmp_path / "recipes" / "repq_vit_w4a4.yaml"), "--real-images", "4", "--synthesis-cache",
+                  str(tmp_path / "cache")])
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(copy / script), *args, *common], capture_output=True, text=True,
+                            env=environment, cwd=tmp_path, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert committed.read_text() == '{"the": "full run"}'
+    assert json.loads((results / "quick" / f"{script[:-3]}.json").read_text())
+
+
+def test_an_eval_limit_above_the_test_split_is_refused_not_clipped(dataset, model_dir):
+    result = run_script("accuracy.py", "--dataset", str(dataset), "--models", str(model_dir), "--sources", "gaussian",
+                        "--bits", "w8a8", "--eval-limit", "300", "--output-dir", "/nonexistent/never-written")
+    assert result.returncode == 1
+    assert "--eval-limit 300: the test split holds 256 images; pass 1 to 256" in result.stderr
