@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,6 +265,15 @@ class DFQConfig(QuantizationConfigMixin):
                 raise ConfigError(f"DFQConfig.{name}={values!r} must be a non-empty list of values in (0.5, 1].")
         if self.num_images < 1:
             raise ConfigError(f"DFQConfig.num_images={self.num_images} must be at least 1.")
+        for pattern in (entry for entry in self.modules_to_not_convert if entry.startswith("re:")):
+            try:
+                re.compile(pattern[3:])
+            except re.error as err:
+                raise ConfigError(
+                    f"DFQConfig.modules_to_not_convert entry {pattern!r} is not a valid regular expression ({err}); "
+                    "escape the special characters (e.g. 're:.*\\.layers\\.0\\..*'), or give the exact module name "
+                    "without 're:'."
+                ) from None
         if self.calibration_batch_size < 1:
             raise ConfigError(f"DFQConfig.calibration_batch_size={self.calibration_batch_size} must be at least 1.")
         unknown = sorted(set(self.calibration_dataset) - {"path", "split", "name"})
@@ -294,6 +304,14 @@ class DFQConfig(QuantizationConfigMixin):
             if not ok:
                 raise ConfigError(
                     f"DFQConfig.{f.name} must be of type {f.type}, got {type(value).__name__} {value!r}."
+                )
+            entry = {"list[str]": str, "list[float]": (int, float)}.get(str(f.type))
+            wrong = [item for item in value if not isinstance(item, entry) or isinstance(item, bool)] if entry else []
+            if wrong:
+                raise ConfigError(
+                    f"DFQConfig.{f.name} must be of type {f.type}, but its entry {wrong[0]!r} "
+                    f"({type(wrong[0]).__name__}) is not a {'string' if entry is str else 'number'}."
+                    f"{_yaml_text_hint(wrong[0])}"
                 )
 
     # ------------------------------------------------------------------ derived values
@@ -396,7 +414,7 @@ class DFQConfig(QuantizationConfigMixin):
         unknown = sorted(set(config_dict) - known)
         if unknown:
             raise ConfigError(
-                f"Unknown DFQConfig key(s) {unknown}. Valid keys: {sorted(known)}."
+                f"Unknown DFQConfig key(s) {_with_close_matches(unknown, known)}. Valid keys: {sorted(known)}."
             )
         try:
             config = cls(**config_dict)
@@ -479,14 +497,31 @@ def _checked_init(self: DFQConfig, *args: Any, **kwargs: Any) -> None:
     known = [f.name for f in dataclasses.fields(DFQConfig)]
     unknown = sorted(set(kwargs) - set(known))
     if unknown:
-        hints = {name: difflib.get_close_matches(name, known, n=1) for name in unknown}
-        said = ", ".join(f"{name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                         for name, hint in hints.items())
+        said = _with_close_matches(unknown, known)
         raise ConfigError(f"Unknown DFQConfig argument(s) {said}. Valid arguments: {known}.")
     _dataclass_init(self, *args, **kwargs)
 
 
 DFQConfig.__init__ = _checked_init
+
+
+def _with_close_matches(unknown: list[str], known: Any) -> str:
+    """`'bitz' (did you mean 'bits'?), 'x'`: the unknown names, each with the closest known one when there is one."""
+    hints = {name: difflib.get_close_matches(str(name), list(known), n=1) for name in unknown}
+    return ", ".join(f"{name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "") for name, hint in hints.items())
+
+
+def _yaml_text_hint(value: Any) -> str:
+    """The fix for a number that YAML read as text: PyYAML (YAML 1.1) reads `4e-5` without a dot as a string."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        float(value)
+    except ValueError:
+        return ""
+    mantissa, _, exponent = value.strip().lower().partition("e")
+    spelling = f"{mantissa}.0e{exponent}" if exponent and "." not in mantissa else value
+    return f" YAML reads {value} as text: write {spelling} (with a dot and no quotes) for a number."
 
 
 def _fill_defaults(name: str, options: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
@@ -500,10 +535,11 @@ def _fill_defaults(name: str, options: dict[str, Any], defaults: dict[str, Any])
 
 def _check_number(name: str, value: Any, kind: type, minimum: float, strict: bool = False) -> None:
     is_number = isinstance(value, (int, float)) if kind is float else isinstance(value, int)
-    if not is_number or isinstance(value, bool) or value < minimum or (strict and value == minimum):
+    if (not is_number or isinstance(value, bool) or not math.isfinite(value) or value < minimum
+            or (strict and value == minimum)):
         bound = f"> {minimum}" if strict else f">= {minimum}"
-        what = "a number" if kind is float else "an integer"
-        raise ConfigError(f"DFQConfig.{name}={value!r} must be {what} {bound}.")
+        what = "a finite number" if kind is float else "an integer"
+        raise ConfigError(f"DFQConfig.{name}={value!r} must be {what} {bound}.{_yaml_text_hint(value)}")
 
 
 def _resolve_correction(options: dict[str, Any]) -> dict[str, Any]:

@@ -148,3 +148,50 @@ def test_percentiles_outside_the_upper_half_are_refused(name, values):
     with pytest.raises(ConfigError, match=rf"DFQConfig\.{name}=.*non-empty list of values in \(0\.5, 1\]"):
         DFQConfig(**{name: values})
     assert getattr(DFQConfig(**{name: [0.51, 1.0]}), name) == [0.51, 1.0]
+
+
+@pytest.mark.parametrize("name, values, message", [
+    ("weight_percentiles", [0.999, "0.9999"], r"weight_percentiles.*'0\.9999' \(str\)"),
+    ("activation_percentiles", [0.99, None], r"activation_percentiles.*None \(NoneType\)"),
+    ("activation_percentiles", [True], r"activation_percentiles.*True \(bool\)"),
+    ("modules_to_not_convert", ["classifier", 3], r"modules_to_not_convert.*3 \(int\)"),
+])
+def test_list_entries_of_the_wrong_type_are_named(name, values, message):
+    # they reached a comparison or `str.startswith` deep inside (a TypeError / AttributeError without the field)
+    with pytest.raises(ConfigError, match=message):
+        DFQConfig(**{name: values})
+    with pytest.raises(ConfigError, match=message):
+        DFQConfig.from_dict({name: values})
+
+
+def test_a_number_yaml_reads_as_text_gets_the_spelling_that_yaml_reads_as_a_number(tmp_path):
+    # YAML 1.1 (PyYAML) reads 4e-5 (no dot) as the string '4e-5'; "must be a number" alone puzzles the user
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("reconstruction: {lr: 4e-5}\n")
+    with pytest.raises(ConfigError, match=r"lr'\]='4e-5'.*YAML reads 4e-5 as text.*4\.0e-5"):
+        DFQConfig.from_yaml(recipe)
+    recipe.write_text("activation_percentiles: [0.999, 1e0]\n")
+    with pytest.raises(ConfigError, match=r"'1e0' \(str\).*YAML reads 1e0 as text.*1\.0e0"):
+        DFQConfig.from_yaml(recipe)
+    recipe.write_text("reconstruction: {lr: 4.0e-5}\n")
+    assert DFQConfig.from_yaml(recipe).reconstruction["lr"] == 4e-5
+
+
+@pytest.mark.parametrize("options", [{"correction": {"ridge_lambda": float("nan")}},
+                                     {"correction": {"ridge_lambda": float("inf")}},
+                                     {"reconstruction": {"lr": float("nan")}},
+                                     {"reconstruction": {"lr": float("inf")}}])
+def test_non_finite_option_numbers_are_refused(options):
+    # NaN passed both `value < minimum` checks and an infinite learning rate or ridge strength was accepted
+    with pytest.raises(ConfigError, match="must be a finite number"):
+        DFQConfig(**options)
+
+
+def test_an_invalid_regular_expression_in_modules_to_not_convert_is_named():
+    with pytest.raises(ConfigError, match=r"modules_to_not_convert entry 're:\[' is not a valid regular expression"):
+        DFQConfig(modules_to_not_convert=["re:["])
+
+
+def test_unknown_recipe_key_suggests_the_close_key():
+    with pytest.raises(ConfigError, match=r"'synthesiser' \(did you mean 'synthesizer'\?\)"):
+        DFQConfig.from_dict({"synthesiser": "gaussian"})
