@@ -167,21 +167,9 @@ def _resolve_model(model: str) -> str:
         `FileNotFoundError`: no folder at a local-looking path, or a folder without `config.json`.
         `NotADirectoryError`: the path is a file.
     """
-    path = Path(model).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{model} holds no config.json, so it is not a model folder; pass the folder written by "
-                "save_pretrained (config.json and the weights)."
-            )
-        return str(path)
-    if path.exists():
-        hint = f" (here: {path.parent})" if (path.parent / "config.json").is_file() else ""
-        raise NotADirectoryError(
-            f"{model} is a file; pass the model folder that holds config.json and the weights instead{hint}."
-        )
-    from .hub import local_path_or_hub_id
+    from .hub import check_model_folder, local_path_or_hub_id
 
+    check_model_folder(model)
     return local_path_or_hub_id(model)
 
 

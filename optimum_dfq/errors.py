@@ -36,4 +36,5 @@ class SynthesisError(DFQError):
 
 
 class CheckpointError(DFQError):
-    """A quantized checkpoint is corrupt, incomplete, or was written by a newer format."""
+    """A quantized checkpoint is corrupt, incomplete, or was written by a newer format; or the float checkpoint to
+    quantize is unreadable or lacks weights (such as its classifier)."""

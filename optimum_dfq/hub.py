@@ -163,6 +163,39 @@ def local_path_or_hub_id(model_or_path: str | os.PathLike) -> str:
     return name
 
 
+def check_model_folder(model: str | os.PathLike, subfolder: str = "", *, needs_config: bool = True) -> None:
+    """Refuses a local model path that is a file, or a folder without `config.json`, naming the fix.
+
+    transformers would read a file as a PyTorch checkpoint (an unpickling error) and say of a folder without
+    `config.json` that its config "should have a `model_type` key". Paths that do not exist are left to
+    [`local_path_or_hub_id`] (they may be Hub ids).
+
+    Args:
+        model (`str` or `os.PathLike`): a model argument.
+        subfolder (`str`, *optional*): the `subfolder=` of `from_pretrained`, where `config.json` is looked for.
+        needs_config (`bool`, *optional*, defaults to `True`): refuse a folder without `config.json` (`False` when
+            the config is passed to `from_pretrained` separately).
+
+    Raises:
+        `NotADirectoryError`: the path is a file.
+        `FileNotFoundError`: the folder holds no `config.json` and `needs_config` is set.
+
+    Example:
+        >>> check_model_folder("org/vit")  # no such local path: a Hub id, nothing to check here
+    """
+    path = Path(model).expanduser()
+    if path.is_file():
+        hint = f" (here: {path.parent})" if (path.parent / "config.json").is_file() else ""
+        raise NotADirectoryError(
+            f"{model} is a file; pass the model folder that holds config.json and the weights instead{hint}."
+        )
+    if needs_config and path.is_dir() and not (path / subfolder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path / subfolder if subfolder else model} holds no config.json, so it is not a model folder; pass the "
+            "folder written by save_pretrained (config.json and the weights)."
+        )
+
+
 def hub_repo_id(name: str | os.PathLike | None) -> str | None:
     """`name` when it is a Hub repository id (`"org/name"`) and not an existing local path, else `None`.
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 from optimum.quantization_base import OptimumQuantizer
+from safetensors import SafetensorError
 from transformers import PretrainedConfig, PreTrainedModel
 
 from .calibration import CalibrationSet, calibration_set_from_dataset, quantize_model, resolve_input_range
@@ -21,7 +23,7 @@ from .calibration.data import (
 )
 from .calibration.reparam import get_scale_selector
 from .config import DFQConfig
-from .errors import CalibrationError, ConfigError, UnsupportedArchitectureError
+from .errors import CalibrationError, CheckpointError, ConfigError, UnsupportedArchitectureError
 from .integrations.transformers import finalize_quantized_model
 from .models import get_adapter
 from .models.adapters import ADAPTERS
@@ -81,12 +83,18 @@ class DataFreeViTQuantizer(OptimumQuantizer):
             `UnsupportedArchitectureError`: when the checkpoint's config is not a ViT, DeiT or Swin one (checked before
                 any weight is loaded).
             `FileNotFoundError`: when `model_or_path` can only be a local path (`/...`, `./...`, `~/...`, `a/b/c`) and
-                no folder is there (transformers would call it a malformed Hub id).
+                no folder is there (transformers would call it a malformed Hub id), or is a folder without
+                `config.json` (and no `config=` is given).
+            `NotADirectoryError`: when `model_or_path` is a file.
+            `CheckpointError`: when a weights file is corrupt or truncated, or the checkpoint lacks weights of the
+                image classifier (e.g. a backbone-only checkpoint, whose classifier transformers would initialise
+                at random).
         """
         if isinstance(model_or_path, PreTrainedModel):
             return cls(model_or_path, image_processor)
-        from .hub import local_path_or_hub_id
+        from .hub import check_model_folder, local_path_or_hub_id
 
+        check_model_folder(model_or_path, kwargs.get("subfolder") or "", needs_config="config" not in kwargs)
         model_or_path = local_path_or_hub_id(model_or_path)
         from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
@@ -96,7 +104,16 @@ class DataFreeViTQuantizer(OptimumQuantizer):
                                                 **{key: value for key, value in kwargs.items() if key in _HUB_KWARGS})
         _check_supported_config(config)
         kwargs.setdefault("dtype", torch.float32)  # calibration and synthesis run in fp32 (fp16 is slow on CPU)
-        model = AutoModelForImageClassification.from_pretrained(model_or_path, **kwargs)
+        kwargs.pop("output_loading_info", None)  # read here: weights the checkpoint lacks are refused
+        try:
+            model, loading = AutoModelForImageClassification.from_pretrained(model_or_path, output_loading_info=True,
+                                                                             **kwargs)
+        except SafetensorError as err:
+            raise CheckpointError(
+                f"{_unreadable_weights_file(model_or_path)} is corrupt or truncated ({err}). Download it again "
+                "(from_pretrained(..., force_download=True)) or re-save the model."
+            ) from err
+        _check_no_missing_weights(model_or_path, model, loading.get("missing_keys") or ())
         if image_processor is None and load_image_processor:
             try:
                 image_processor = AutoImageProcessor.from_pretrained(model_or_path, **kwargs)
@@ -369,6 +386,34 @@ def _record_image_count(config: DFQConfig, count: int, requested: int | None) ->
     logger.info("Calibrating on all %d images of the given calibration set (DFQConfig.num_images=%d applies to "
                 "synthesis and to image datasets); the stored config records %d.", count, config.num_images, count)
     return config.replace(num_images=count)
+
+
+def _unreadable_weights_file(source: str) -> str:
+    """The first safetensors file of a local model folder that does not open (else a description of `source`'s)."""
+    from safetensors import safe_open
+
+    for path in sorted(Path(source).glob("*.safetensors")) if Path(source).is_dir() else ():
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError):
+            return str(path)
+    return f"A weights file of {source}"
+
+
+def _check_no_missing_weights(source: str, model: PreTrainedModel, missing: Any) -> None:
+    """Refuses a checkpoint that lacks weights of the classifier: transformers initialises them at random and only
+    prints a load report, and quantizing such a model gives a saved model that predicts noise."""
+    if not missing:
+        return
+    names = sorted(missing)
+    shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
+    saved_as = ", ".join(getattr(model.config, "architectures", None) or []) or "unknown"
+    raise CheckpointError(
+        f"{source} has no weights for {shown} (it was saved as {saved_as}); {type(model).__name__} would initialise "
+        "them at random, and the quantized model would predict noise. Pass a checkpoint fine-tuned for image "
+        "classification (its config.json lists a *ForImageClassification architecture), or fine-tune one first."
+    )
 
 
 def _check_finite_parameters(model: PreTrainedModel) -> None:

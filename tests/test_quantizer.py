@@ -14,6 +14,7 @@ from optimum_dfq import (
     BIT_PRESETS,
     BitPresetError,
     CalibrationError,
+    CheckpointError,
     ConfigError,
     DataFreeViTQuantizer,
     DFQConfig,
@@ -365,6 +366,36 @@ def test_from_pretrained_checks_the_config_it_is_given(tmp_path):
     assert torch.equal(loaded.classifier.weight, model.classifier.weight)
     with pytest.raises(UnsupportedArchitectureError, match="is a BertConfig"):
         DataFreeViTQuantizer.from_pretrained(tmp_path, config=BertConfig())
+
+
+def test_from_pretrained_refuses_a_checkpoint_without_a_classifier_head(tmp_path):
+    from transformers import ViTModel
+
+    # a backbone checkpoint (e.g. an in21k pre-training one): transformers fills the classifier with random weights
+    # and only prints a load report; quantizing it gave a saved, "successful" model that predicts noise
+    ViTModel(tiny_vit().config).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=r"has no weights for classifier\.bias, classifier\.weight .*at random"
+                                              r".*fine-tuned for image classification"):
+        DataFreeViTQuantizer.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_names_a_corrupt_weights_file(tmp_path):
+    tiny_vit().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])  # an interrupted copy or download
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is corrupt or truncated .*force_download=True"):
+        DataFreeViTQuantizer.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_refuses_a_file_and_a_folder_without_config_json(tmp_path):
+    tiny_vit().save_pretrained(tmp_path)
+    # a file reached torch.load (an UnpicklingError about weights_only), a folder without config.json got
+    # transformers' "Should have a `model_type` key in its config.json"
+    with pytest.raises(NotADirectoryError, match="config.json is a file; pass the model folder"):
+        DataFreeViTQuantizer.from_pretrained(tmp_path / "config.json")
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="holds no config.json, so it is not a model folder"):
+        DataFreeViTQuantizer.from_pretrained(tmp_path)
 
 
 def test_image_size_mismatch():

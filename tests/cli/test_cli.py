@@ -181,6 +181,29 @@ def test_bad_input_is_one_line_without_traceback(model_dir, tmp_path, args, reas
     assert len(lines) == 1 and reason.format(**values) in lines[0], result.stderr
 
 
+@pytest.mark.parametrize("damage, reason", [
+    ("truncated weights", "model.safetensors is corrupt or truncated"),  # was a SafetensorError traceback
+    ("backbone only", "has no weights for classifier.bias, classifier.weight"),  # was quantized with a random head
+])
+def test_a_damaged_float_checkpoint_is_one_line_and_nothing_is_saved(damage, reason, tmp_path, monkeypatch, capsys):
+    from transformers import ViTModel
+
+    from optimum_dfq.cli import main
+
+    model = tmp_path / "model"
+    if damage == "backbone only":
+        ViTModel(tiny_vit().config).save_pretrained(model)
+    else:
+        tiny_vit().save_pretrained(model)
+        weights = model / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-1000])
+    monkeypatch.chdir(tmp_path)
+    assert main(["quantize", str(model), str(tmp_path / "out"), "--synthesizer", "gaussian", "--num-images", "2"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("optimum-dfq: error:") and reason in lines[-1], lines
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Makes loading a model fail the test: the checks under test must refuse the input before any load/download."""
