@@ -174,8 +174,8 @@ class DataFreeViTQuantizer(OptimumQuantizer):
         Raises:
             `ConfigError`: no model to quantize, a `config` that is not a [`DFQConfig`], `synthesizer` together with
                 real data, a `num_images` that disagrees with the size of a given set, a `modules_to_not_convert`
-                entry that matches no layer, an unregistered scale selector, or `cache_dir` for a synthesizer
-                without a cache.
+                entry that matches no layer, an unregistered scale selector, `cache_dir` for a synthesizer
+                without a cache, or a `seed` outside 0..2**64 - 1.
             `BitPresetError`: an unknown or ill-formed `bits` preset.
             `UnsupportedArchitectureError`: `model` is not a ViT, DeiT or Swin image classifier.
             `ImageSizeError`: the image processor or the calibration images do not have the model's image size.
@@ -282,6 +282,11 @@ class DataFreeViTQuantizer(OptimumQuantizer):
             if value is not None
         }
         config = config.replace(**overrides) if overrides else config
+        if not 0 <= config.seed < 2**64:
+            raise ConfigError(
+                f"seed={config.seed} is outside 0..2**64 - 1, the seeds that torch and numpy (dataset sampling) "
+                "accept; pass a non-negative seed such as 0."
+            )
         _warn_unused_activation_options(config)
         return config
 

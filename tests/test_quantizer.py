@@ -398,6 +398,17 @@ def test_from_pretrained_refuses_a_file_and_a_folder_without_config_json(tmp_pat
         DataFreeViTQuantizer.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("seed", [-1, 2**64])
+def test_a_seed_that_torch_or_numpy_cannot_take_is_refused_with_the_range(seed, cifar_train, image_processor):
+    # -1 reached numpy's shuffle ("expected non-negative integer"), 2**64 torch.manual_seed ("Overflow when unpacking
+    # long long")
+    quantizer = DataFreeViTQuantizer(tiny_vit(), image_processor)
+    with pytest.raises(ConfigError, match=rf"seed={seed} is outside 0\.\.2\*\*64 - 1"):
+        quantizer.quantize(bits="w8a8", calibration_dataset=cifar_train, num_images=4, seed=seed)
+    with pytest.raises(ConfigError, match=rf"seed={seed} is outside"):
+        quantizer.quantize(config=DFQConfig(bits="w8a8", seed=seed, synthesizer="gaussian", num_images=2))
+
+
 def test_image_size_mismatch():
     with pytest.raises(ImageSizeError, match=r"\(3, 64, 64\).*expects \(3, 32, 32\)"):
         DataFreeViTQuantizer().quantize(tiny_vit(), bits="w8a8", calibration_dataset=torch.randn(4, 3, 64, 64))
