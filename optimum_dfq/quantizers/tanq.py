@@ -138,7 +138,9 @@ class TanQuantizer(Quantizer):
 
     def _quant_dequant(self, x: torch.Tensor, kappa: float, centre: float) -> torch.Tensor:
         codes, levels = self._transform(x, kappa, centre)
-        return levels[codes].to(x.dtype)
+        # NaN has no code (it casts to the int64 minimum): it stays NaN, as in the other quantizers
+        nan = torch.isnan(x)
+        return torch.where(nan, x, levels[codes.masked_fill(nan, 0)].to(x.dtype))
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         return self._quant_dequant(x, float(self.kappa), float(self.centre))

@@ -187,3 +187,24 @@ def test_ends_are_exact_levels_and_inputs_outside_zero_one_are_clamped():
         assert codebook.dtype == torch.float64 and codebook[0].item() == 0.0 and codebook[-1].item() == 1.0
     x = torch.tensor([0.0, 1.0, -0.5, 1.7, 3.0, 9.0])
     assert quantizer(x).tolist() == [0.0, 1.0, 0.0, 1.0, 1.0, 1.0]
+
+
+def test_a_nan_probability_stays_nan_like_in_every_other_quantizer():
+    # NaN has no code: it was cast to the int64 minimum and indexed the codebook ("index -9223372036854775808 is out
+    # of bounds"), so one NaN image (e.g. from broken preprocessing) crashed the whole batch of a W8A8 model, while
+    # the float model and the other post-softmax quantizers give NaN logits for that image only
+    quantizer = calibrated(TanQuantizer(8), attention_like())
+    probs = attention_like(seed=1)
+    with_nan = probs.clone()
+    with_nan[0, 0] = float("nan")
+    out = quantizer(with_nan)
+    assert torch.isnan(out[0, 0]) and int(torch.isnan(out).sum()) == 1
+    assert torch.equal(out[1:], quantizer(probs)[1:]) and torch.equal(out[0, 1:], quantizer(probs)[0, 1:])
+
+    model = TINY_MODELS["vit"]()
+    qmodel = DataFreeViTQuantizer().quantize(model, config=DFQConfig(bits="w8a8", post_softmax="tanq"),
+                                             synthesizer="gaussian", num_images=2)
+    pixels = torch.randn(2, 3, 32, 32)
+    pixels[0, 0, 0, 0] = float("nan")
+    logits = qmodel(pixel_values=pixels).logits
+    assert torch.isnan(logits[0]).all() and torch.isfinite(logits[1]).all()
