@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -310,9 +311,9 @@ def load_image_dataset(path: str, split: str = "train", name: str | None = None)
             raise CalibrationError(f"Dataset file {path!r} does not exist; check the path.")
         return datasets.load_dataset("parquet", data_files={split: str(local)}, split=split)
     if local.is_dir() and (local / "state.json").exists():
-        return datasets.load_from_disk(str(local))
+        return load_saved_dataset(str(local))
     if local.is_dir() and (local / "dataset_dict.json").exists():
-        splits = datasets.load_from_disk(str(local))
+        splits = load_saved_dataset(str(local))
         if split not in splits:
             raise CalibrationError(f"The dataset at {path!r} has no split {split!r}; its splits are {list(splits)}.")
         return splits[split]
@@ -322,4 +323,32 @@ def load_image_dataset(path: str, split: str = "train", name: str | None = None)
         raise CalibrationError(
             f"Could not load dataset {path!r} (split {split!r}): {err}. Pass a *.parquet file, a folder written by "
             "save_to_disk, a folder of data files, or a Hub dataset id (gated ones need a token)."
+        ) from err
+
+
+def load_saved_dataset(path: str | os.PathLike):
+    """`datasets.load_from_disk`, with a corrupt or truncated data file reported as such.
+
+    Args:
+        path (`str` or `os.PathLike`): a folder written by `save_to_disk`.
+
+    Returns:
+        `datasets.Dataset` or `datasets.DatasetDict`
+
+    Raises:
+        `FileNotFoundError`: `datasets`' own, when the folder holds no saved dataset or lacks a data file.
+        `CalibrationError`: a data file that pyarrow cannot read (pyarrow says only e.g. "Expected to be able to read
+            50848 bytes for message body, got 24884").
+    """
+    import datasets
+    import pyarrow
+
+    try:
+        return datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        raise
+    except (OSError, pyarrow.ArrowException) as err:
+        raise CalibrationError(
+            f"{str(path)!r} holds a saved dataset whose data file is corrupt or truncated ({err}); save it again (a "
+            "synthesized calibration set: synthesize it again), or copy it again from where it was written."
         ) from err

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..calibration.data import CalibrationSet
+from ..calibration.data import CalibrationSet, load_saved_dataset
 from ..errors import CalibrationError
 
 METADATA_COLUMN = "metadata"
@@ -168,8 +168,9 @@ def load_calibration_set(path: str | os.PathLike) -> CalibrationSet:
         `CalibrationSet`
 
     Raises:
-        `CalibrationError`: if `path` is not a folder, holds no dataset saved by `save_to_disk`, or holds one that
-            is not a calibration set (see [`calibration_set_from_dataset_dict`]).
+        `CalibrationError`: if `path` is not a folder, holds no dataset saved by `save_to_disk` or one with a corrupt
+            or truncated data file, or holds one that is not a calibration set (see
+            [`calibration_set_from_dataset_dict`]).
 
     Example:
 
@@ -184,15 +185,13 @@ def load_calibration_set(path: str | os.PathLike) -> CalibrationSet:
     (2, {'seed': 0})
     ```
     """
-    from datasets import load_from_disk
-
     if not os.path.isdir(path):
         raise CalibrationError(
             f"No saved calibration set at {str(path)!r} (no such folder); check the path, or write one first with "
             "save_calibration_set(calibration_set, path)."
         )
     try:
-        dataset = load_from_disk(str(path))
+        dataset = load_saved_dataset(str(path))
     except FileNotFoundError as err:
         raise CalibrationError(
             f"{str(path)!r} holds no saved dataset ({err}); pass a folder written by save_calibration_set."

@@ -52,6 +52,16 @@ def test_load_image_dataset_from_save_to_disk_folders(cifar_train, tmp_path):
         load_image_dataset(str(tmp_path / "splits"), split="validation")
 
 
+def test_load_image_dataset_names_a_corrupt_save_to_disk_folder(cifar_train, tmp_path):
+    # the CLI's --calibration-dataset / --dataset printed only pyarrow's "Expected to be able to read ... bytes"
+    cifar_train.select(range(4)).save_to_disk(str(tmp_path / "saved"))
+    (arrow,) = (tmp_path / "saved").glob("*.arrow")
+    arrow.write_bytes(arrow.read_bytes()[:-100])
+    with pytest.raises(CalibrationError, match=r"'.*saved' holds a saved dataset whose data file is corrupt or "
+                                               r"truncated"):
+        load_image_dataset(str(tmp_path / "saved"))
+
+
 def test_load_image_dataset_failure_names_the_path_and_the_accepted_forms(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CalibrationError, match=r"Could not load dataset '.*empty' \(split 'train'\).*\*\.parquet file"):

@@ -151,3 +151,15 @@ def test_tensor_and_numpy_metadata_is_stored_as_plain_json(tmp_path):
     save_calibration_set(CalibrationSet(torch.zeros(1, 3, 2, 2), metadata=metadata), tmp_path / "calib")
     loaded = load_calibration_set(tmp_path / "calib").metadata
     assert loaded == {"tensor": [[1, 2]], "scalar": 0.5, "array": [0, 1, 2], "4": [1, 2]}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbled"])
+def test_a_corrupt_saved_set_is_named_with_the_fix(damage, tmp_path):
+    # pyarrow's "Expected to be able to read 50848 bytes for message body, got 24884" (an OSError) was all the user saw
+    save_calibration_set(CalibrationSet(torch.randn(4, 3, 8, 8)), tmp_path / "set")
+    (arrow,) = (tmp_path / "set").glob("*.arrow")
+    data = arrow.read_bytes()
+    arrow.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00" * 16 + data[16:])
+    with pytest.raises(CalibrationError, match=r"'.*set' holds a saved dataset whose data file is corrupt or truncated"
+                                               r".*save it again"):
+        load_calibration_set(tmp_path / "set")
