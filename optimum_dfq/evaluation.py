@@ -87,10 +87,31 @@ def verify_class_names(dataset, column: str, config) -> None:
         )
 
 
+def _class_label_column(dataset, config) -> str | None:
+    """The `ClassLabel` column to score: the only one, or of several the one whose names are the model's `id2label`
+    (CIFAR-100 has `fine_label` and `coarse_label`); several without exactly one such column are refused."""
+    from datasets import ClassLabel
+
+    columns = [name for name, feature in dataset.features.items() if isinstance(feature, ClassLabel)]
+    if len(columns) < 2:
+        return label_column(dataset)
+    id2label = {int(i): _normalised(name) for i, name in (getattr(config, "id2label", None) or {}).items()}
+    matching = [column for column in columns
+                if [_normalised(name) for name in dataset.features[column].names]
+                == [id2label.get(i) for i in range(len(dataset.features[column].names))]]
+    if len(matching) == 1:
+        return matching[0]
+    raise DFQError(
+        f"The dataset has several ClassLabel columns {columns}, and {'none' if not matching else 'more than one'} "
+        "has the model's class names (config.id2label), so the labels to score are not known. Keep the column the "
+        f"model was trained on: `dataset.remove_columns([...])` with the others (e.g. {columns[1:]})."
+    )
+
+
 def _labels(dataset, config, check_names: bool = True) -> list[int]:
     """The labels of `dataset`, checked to be class ids of the model (and, in a `ClassLabel`, its classes)."""
     num_labels = config.num_labels
-    column = label_column(dataset)
+    column = _class_label_column(dataset, config)
     if column is not None and check_names:
         verify_class_names(dataset, column, config)
     if column is None:
@@ -156,7 +177,8 @@ def predict_top_k(
     Args:
         model (`PreTrainedModel`): float or quantized image classifier.
         dataset (`datasets.Dataset`): map-style, with an `Image` column and integer class ids in a `ClassLabel`
-            column or in a column named `label` or `labels`.
+            column (of several, the one whose names are the model's `id2label`) or in a column named `label` or
+            `labels`.
         image_processor: the model's image processor.
         k (`int`): how many of the best classes to return per example (at most the number of classes).
         batch_size (`int`): evaluation batch size.
@@ -169,7 +191,8 @@ def predict_top_k(
 
     Raises:
         `DFQError`: when the image processor is missing, the dataset is not a map-style `datasets.Dataset` (a
-            streaming split, a `DatasetDict`) or has no integer label column, a label is not a class id of the model,
+            streaming split, a `DatasetDict`) or has no integer label column (or several `ClassLabel` columns, none
+            or more than one of them with the model's class names), a label is not a class id of the model,
             the dataset's class names are not the model's, an example has no image, or `batch_size` is not positive.
         `ImageSizeError`: when the processed images do not have the size and channels the model expects.
     """

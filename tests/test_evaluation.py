@@ -127,6 +127,27 @@ def test_class_names_must_be_the_models(cifar_test, image_processor):
     assert evaluate_accuracy(model, aligned, image_processor, progress=False)["num_examples"] == 8
 
 
+def test_with_several_class_label_columns_the_one_with_the_models_names_is_scored(cifar_test, image_processor):
+    """The first ClassLabel column was taken: with CIFAR-100-like fine and coarse columns, the coarse one first, a model
+    with placeholder names (LABEL_0, ...) was silently scored against the wrong labels."""
+    from datasets import ClassLabel
+
+    subset = cifar_test.select(range(8))
+    coarse = [0 if label in (0, 1, 8, 9) else 1 for label in subset["label"]]
+    both = subset.add_column("coarse", coarse).cast_column("coarse", ClassLabel(names=["vehicle", "animal"]))
+    both = both.select_columns(["img", "coarse", "label"])
+    model = tiny_vit()
+    expected = evaluate_accuracy(model, subset, image_processor, progress=False)
+    assert evaluate_accuracy(model, both, image_processor, progress=False) == expected
+
+    placeholders = {i: f"LABEL_{i}" for i in range(10)}
+    model.config.id2label, model.config.label2id = placeholders, {name: i for i, name in placeholders.items()}
+    with pytest.raises(DFQError, match=r"several ClassLabel columns \['coarse', 'label'\].*none has the model's "
+                                       r"class names.*remove_columns"):
+        evaluate_accuracy(model, both, image_processor, progress=False)
+    assert evaluate_accuracy(model, both.remove_columns("coarse"), image_processor, progress=False) == expected
+
+
 def test_class_names_given_as_wordnet_ids_are_not_compared(cifar_test, image_processor):
     """ImageNet's parquet copies name classes by WordNet id (n01440764) while models say "tench, Tinca tinca"."""
     from datasets import ClassLabel
