@@ -494,14 +494,18 @@ def to_onnx(
 
     Raises:
         `DFQError`: the model has no quantized layers or is not in float32, a quantizer is uncalibrated or cannot
-            be stored as integers, `opset` is below 13, `probe_images` is not a batch of the model's images, or
-            `path` is a folder.
+            be stored as integers, `block_size` or `opset` is not an integer, `opset` is below 13, `probe_images` is
+            not a batch of the model's images (finite float pixel values), or `path` is a folder.
 
     Example:
         >>> from optimum_dfq.export import to_onnx  # doctest: +SKIP
         >>> report = to_onnx(qmodel, "deit-w8a8.onnx")  # doctest: +SKIP
         >>> print(report.summary())  # doctest: +SKIP
     """
+    for name, value in (("block_size", block_size), ("opset", opset)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise DFQError(f"{name}={value!r} must be an integer, got {type(value).__name__}; pass e.g. {name}="
+                           f"{128 if name == 'block_size' else 17}.")
     if block_size < 16 or block_size & (block_size - 1):
         raise DFQError(f"block_size must be a power of two >= 16, got {block_size}.")
     if opset < MIN_OPSET:
@@ -582,6 +586,16 @@ def _check_probe_images(probe_images: object, image_shape: torch.Size) -> None:
         raise DFQError(
             f"probe_images has shape {got}; the exported model takes {expected} images (N >= 1, the model's "
             "channels and image size): pass images preprocessed by the model's image processor."
+        )
+    if not probe_images.is_floating_point():
+        raise DFQError(
+            f"probe_images has dtype {probe_images.dtype}: raw pixels, which the model never sees; pass float pixel "
+            "values preprocessed by the model's image processor (image_processor(images, return_tensors='pt'))."
+        )
+    if not bool(torch.isfinite(probe_images).all()):
+        raise DFQError(
+            "probe_images holds NaN or inf values, on which ONNX Runtime and PyTorch cannot be compared; pass finite "
+            "pixel values preprocessed by the model's image processor."
         )
 
 

@@ -197,6 +197,11 @@ def test_errors_name_the_problem(tmp_path):
     # QuantizeLinear/DequantizeLinear with an axis need opset 13: lower ones wrote a file ONNX Runtime cannot load
     with pytest.raises(DFQError, match=r"opset=11 .* at least 13"):
         to_onnx(TINY_MODELS["vit"](), tmp_path / "x.onnx", opset=11)
+    # a string (e.g. from a config file) reached `<` with a TypeError
+    with pytest.raises(DFQError, match=r"block_size='128' must be an integer"):
+        to_onnx(TINY_MODELS["vit"](), tmp_path / "x.onnx", block_size="128")
+    with pytest.raises(DFQError, match=r"opset='17' must be an integer"):
+        to_onnx(TINY_MODELS["vit"](), tmp_path / "x.onnx", opset="17")
     assert not (tmp_path / "x.onnx").exists()
 
 
@@ -391,6 +396,13 @@ def test_probe_images_are_checked_before_exporting(calibration, tmp_path):
     for probes, problem in [(torch.zeros(2, 3, 64, 64), r"\[2, 3, 64, 64\]"), (torch.zeros(0, 3, 32, 32), "none"),
                             (torch.zeros(3, 32, 32), r"\[3, 32, 32\]"), (np.zeros((2, 3, 32, 32)), "ndarray")]:
         with pytest.raises(DFQError, match=rf"probe_images.*{problem}.*\[N, 3, 32, 32\]"):
+            to_onnx(qmodel, tmp_path / "model.onnx", probe_images=probes)
+    # NaN probes verified "top-1 agreement 100%" on NaN logits, raw uint8 pixels verified the export on images the
+    # model never sees (both without a word)
+    nan = torch.zeros(2, 3, 32, 32)
+    nan[1, 0, 0, 0] = float("nan")
+    for probes, problem in [(nan, "NaN or inf"), ((torch.rand(2, 3, 32, 32) * 255).to(torch.uint8), "torch.uint8")]:
+        with pytest.raises(DFQError, match=rf"probe_images.*{problem}.*image processor"):
             to_onnx(qmodel, tmp_path / "model.onnx", probe_images=probes)
     assert not (tmp_path / "model.onnx").exists()
     # a folder as the output failed inside torch's exporter, after the export work
