@@ -14,7 +14,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .calibration.data import expected_image_shape, image_column, image_mode, is_streaming_dataset, label_column
+from .calibration.data import (
+    check_image_processor,
+    expected_image_shape,
+    image_column,
+    image_mode,
+    is_streaming_dataset,
+    label_column,
+)
 from .errors import DFQError, ImageSizeError
 
 METRIC_PATH = Path(__file__).parent / "metrics" / "top_k_accuracy"
@@ -190,14 +197,16 @@ def predict_top_k(
         `tuple[list[list[int]], list[int]]`: the top-`k` class ids per example (best first) and the labels.
 
     Raises:
-        `DFQError`: when the image processor is missing, the dataset is not a map-style `datasets.Dataset` (a
-            streaming split, a `DatasetDict`) or has no integer label column (or several `ClassLabel` columns, none
-            or more than one of them with the model's class names), a label is not a class id of the model,
-            the dataset's class names are not the model's, an example has no image, or `batch_size` is not positive.
+        `DFQError`: when the image processor is missing (or a path was given instead), the dataset is not a
+            map-style `datasets.Dataset` (a streaming split, a `DatasetDict`) or has no integer label column (or
+            several `ClassLabel` columns, none or more than one of them with the model's class names), a label is not
+            a class id of the model, the dataset's class names are not the model's, an example has no image, or
+            `batch_size` is not positive.
         `ImageSizeError`: when the processed images do not have the size and channels the model expects.
     """
     if image_processor is None:
         raise DFQError("Evaluation needs the model's image processor (AutoImageProcessor.from_pretrained(...)).")
+    check_image_processor(image_processor)
     _check_dataset(dataset)
     _check_batch_size(batch_size)
     images_col = image_column(dataset)

@@ -16,6 +16,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from .calibration import CalibrationSet, calibration_set_from_dataset, quantize_model, resolve_input_range
 from .calibration.convert import check_convertible
 from .calibration.data import (
+    check_image_processor,
     check_processor_output_size,
     expected_image_shape,
     is_streaming_dataset,
@@ -175,7 +176,7 @@ class DataFreeViTQuantizer(OptimumQuantizer):
             `ConfigError`: no model to quantize, a `config` that is not a [`DFQConfig`], `synthesizer` together with
                 real data, a `num_images` that disagrees with the size of a given set, a `modules_to_not_convert`
                 entry that matches no layer, an unregistered scale selector, `cache_dir` for a synthesizer
-                without a cache, or a `seed` outside 0..2**64 - 1.
+                without a cache, a `seed` outside 0..2**64 - 1, or a path given as the image processor.
             `BitPresetError`: an unknown or ill-formed `bits` preset.
             `UnsupportedArchitectureError`: `model` is not a ViT, DeiT or Swin image classifier.
             `ImageSizeError`: the image processor or the calibration images do not have the model's image size.
@@ -212,6 +213,7 @@ class DataFreeViTQuantizer(OptimumQuantizer):
         _check_finite_parameters(model)
         get_scale_selector(config.scale_selector)
         image_processor = image_processor if image_processor is not None else self.image_processor
+        check_image_processor(image_processor)
         if image_processor is not None:
             check_processor_output_size(image_processor, expected_image_shape(model))
 

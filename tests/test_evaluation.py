@@ -214,3 +214,10 @@ def test_a_missing_image_is_named(cifar_test, image_processor):
     holed = Dataset.from_dict({"img": images, "label": subset["label"]}, features=subset.features)
     with pytest.raises(DFQError, match=r"example 4 has no image .*filter"):
         evaluate_accuracy(tiny_vit(), holed, image_processor, batch_size=4, progress=False)
+
+
+def test_an_image_processor_given_as_a_path_names_the_loader(cifar_test):
+    # "'str' object is not callable" from inside the evaluation loop
+    with pytest.raises(DFQError, match=r"image_processor must be an image processor, got str 'google/vit-base-patch16"
+                                       r"-224'.*AutoImageProcessor\.from_pretrained\('google/vit-base-patch16-224'\)"):
+        evaluate_accuracy(tiny_vit(), cifar_test.select(range(2)), "google/vit-base-patch16-224", progress=False)

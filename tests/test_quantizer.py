@@ -409,6 +409,18 @@ def test_a_seed_that_torch_or_numpy_cannot_take_is_refused_with_the_range(seed, 
         quantizer.quantize(config=DFQConfig(bits="w8a8", seed=seed, synthesizer="gaussian", num_images=2))
 
 
+@pytest.mark.parametrize("where", ["constructor", "quantize"])
+def test_an_image_processor_given_as_a_path_names_the_loader(where, cifar_train, tmp_path):
+    # a path or Hub id where the processor object belongs: "'str' object is not callable" from inside preprocessing
+    # (real data) or "The image processor str has no image_mean/image_std" (synthesis)
+    quantizer = DataFreeViTQuantizer(tiny_vit(), str(tmp_path) if where == "constructor" else None)
+    given = {"image_processor": tmp_path} if where == "quantize" else {}
+    for data in ({"calibration_dataset": cifar_train, "num_images": 2}, {}):
+        with pytest.raises(ConfigError, match=r"image_processor must be an image processor, got (str|PosixPath) "
+                                              r".*AutoImageProcessor\.from_pretrained\("):
+            quantizer.quantize(bits="w8a8", **data, **given)
+
+
 def test_image_size_mismatch():
     with pytest.raises(ImageSizeError, match=r"\(3, 64, 64\).*expects \(3, 32, 32\)"):
         DataFreeViTQuantizer().quantize(tiny_vit(), bits="w8a8", calibration_dataset=torch.randn(4, 3, 64, 64))

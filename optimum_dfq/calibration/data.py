@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CalibrationError, ImageSizeError
+from ..errors import CalibrationError, ConfigError, ImageSizeError
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +173,30 @@ def image_mode(num_channels: int) -> str:
             "read images from a dataset. Pass preprocessed pixel values as a [N, C, H, W] tensor instead."
         )
     return modes[num_channels]
+
+
+def check_image_processor(image_processor: Any) -> None:
+    """Refuses a path or Hub id given where the image processor object belongs.
+
+    Args:
+        image_processor: what was given as the image processor.
+
+    Raises:
+        `ConfigError`: when it is a `str` or `os.PathLike` (it failed later as "'str' object is not callable").
+
+    Example:
+        >>> check_image_processor(None)  # none given: the paths that need one say so
+        >>> check_image_processor("google/vit-base-patch16-224")
+        Traceback (most recent call last):
+        ...
+        optimum_dfq.errors.ConfigError: image_processor must be an image processor, got str ...
+    """
+    if isinstance(image_processor, (str, os.PathLike)):
+        raise ConfigError(
+            f"image_processor must be an image processor, got {type(image_processor).__name__} "
+            f"{os.fspath(image_processor)!r}; load it first: "
+            f"AutoImageProcessor.from_pretrained({os.fspath(image_processor)!r})."
+        )
 
 
 def check_processor_output_size(image_processor: Any, expected: tuple[int, int, int]) -> None:
