@@ -122,13 +122,17 @@ def expected_image_shape(model: torch.nn.Module) -> tuple[int, int, int]:
 
 def image_column(dataset) -> str:
     """Name of the (single) `datasets.Image` column of an image dataset."""
-    from datasets import Image
+    from datasets import Image, Value
 
     columns = [name for name, feature in dataset.features.items() if isinstance(feature, Image)]
     if not columns:
+        texts = [name for name, feature in dataset.features.items()
+                 if isinstance(feature, Value) and feature.dtype in ("string", "large_string")]
+        cast = (f" If column {texts[0]!r} holds image file paths or URLs, make it one with "
+                f"`dataset.cast_column({texts[0]!r}, datasets.Image())`.") if texts else ""
         raise CalibrationError(
             f"The dataset has no image column (features: {list(dataset.features)}); an image-classification "
-            "dataset with a `datasets.Image` feature is needed."
+            f"dataset with a `datasets.Image` feature is needed.{cast}"
         )
     return columns[0]
 

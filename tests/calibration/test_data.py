@@ -24,6 +24,23 @@ def test_dataset_without_image_column_names_the_needed_feature(cifar_train, imag
         calibration_set_from_dataset(cifar_train.remove_columns("img"), image_processor, num_images=2)
 
 
+def test_a_column_of_image_paths_gets_the_cast_that_makes_it_an_image_column(cifar_train, image_processor, tmp_path):
+    # a dataset built from file paths (Dataset.from_dict({"image": paths, ...})) only heard that an Image feature is
+    # needed, not how to get one from the paths it has
+    from datasets import Dataset, Image
+
+    paths = []
+    for index, image in enumerate(cifar_train.select(range(2))["img"]):
+        image.save(tmp_path / f"{index}.png")
+        paths.append(str(tmp_path / f"{index}.png"))
+    dataset = Dataset.from_dict({"image": paths, "label": [0, 1]})
+    with pytest.raises(CalibrationError, match=r"no image column .*"
+                                               r"dataset\.cast_column\('image', datasets\.Image\(\)\)"):
+        calibration_set_from_dataset(dataset, image_processor, num_images=2)
+    cast = calibration_set_from_dataset(dataset.cast_column("image", Image()), image_processor, num_images=2)
+    assert cast.pixel_values.shape == (2, 3, 32, 32)
+
+
 def test_dataset_without_class_labels_gives_an_unlabelled_set(cifar_train, image_processor):
     labelled = calibration_set_from_dataset(cifar_train, image_processor, num_images=3, seed=1)
     unlabelled = calibration_set_from_dataset(cifar_train.remove_columns("label"), image_processor, num_images=3,
