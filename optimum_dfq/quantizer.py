@@ -180,7 +180,8 @@ class DataFreeViTQuantizer(OptimumQuantizer):
             `BitPresetError`: an unknown or ill-formed `bits` preset.
             `UnsupportedArchitectureError`: `model` is not a ViT, DeiT or Swin image classifier.
             `ImageSizeError`: the image processor or the calibration images do not have the model's image size.
-            `CalibrationError`: NaN/inf weights, empty or malformed calibration data, or non-finite activations.
+            `CalibrationError`: NaN/inf weights, empty or malformed calibration data (including raw pixels cast to
+                float), or non-finite activations.
             `SynthesisError`: an unknown synthesizer, invalid synthesizer hyper-parameters, or a failed synthesis.
 
         Example:
@@ -338,9 +339,11 @@ class DataFreeViTQuantizer(OptimumQuantizer):
                                                  image_processor=image_processor, **extra)
         elif isinstance(calibration_dataset, CalibrationSet):
             calibration = calibration_dataset
+            _check_not_raw_pixels(calibration.pixel_values, image_processor)
         elif isinstance(calibration_dataset, torch.Tensor):
             calibration = CalibrationSet(pixel_values=calibration_dataset)  # refuses raw (integer) pixels
             calibration.pixel_values = calibration.pixel_values.float()
+            _check_not_raw_pixels(calibration.pixel_values, image_processor)  # and raw pixels cast to float
         elif is_streaming_dataset(calibration_dataset):
             raise CalibrationError(
                 "calibration_dataset is a streaming datasets.IterableDataset, whose images cannot be counted or "
@@ -377,6 +380,21 @@ def _warn_unused_activation_options(config: DFQConfig) -> None:
         logger.warning("bits=%r is weight-only (activations stay float), so %s have no effect; choose a preset "
                        "with activation bits (e.g. 'w4a8') to use them.", config.bits,
                        ", ".join(f"{name}={getattr(config, name)!r}" for name in unused))
+
+
+def _check_not_raw_pixels(pixel_values: torch.Tensor, image_processor: Any | None) -> None:
+    """Refuses given pixel values that are whole numbers in 0..255, not all 0 or 1: raw 8-bit pixels cast to float,
+    which no image processor that rescales makes (one that does not rescale can: its model takes such values, and
+    they pass)."""
+    if image_processor is not None and getattr(image_processor, "do_rescale", False) is not True:
+        return
+    low, high = float(pixel_values.min()), float(pixel_values.max())
+    if 0 <= low and 1 < high <= 255 and torch.equal(pixel_values, pixel_values.round()):
+        raise CalibrationError(
+            f"The calibration pixel values are whole numbers from {low:g} to {high:g}: raw pixels cast to float, not "
+            "pixel values normalised by the model's image processor (image_processor(images, "
+            "return_tensors='pt').pixel_values). To calibrate on raw images, pass a datasets.Dataset of them."
+        )
 
 
 def _record_image_count(config: DFQConfig, count: int, requested: int | None) -> DFQConfig:

@@ -612,6 +612,26 @@ def test_integer_pixel_tensor_is_refused_with_the_fix():
         DataFreeViTQuantizer().quantize(tiny_vit(), bits="w8a8", calibration_dataset=raw)
 
 
+def test_raw_pixels_cast_to_float_are_refused_like_integer_ones(image_processor):
+    # torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() passed the uint8 refusal and was calibrated on
+    # as if it were normalised pixel values, without a word
+    from transformers import ViTImageProcessor
+
+    from optimum_dfq import CalibrationSet
+
+    raw = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8).float()
+    for given in (raw, CalibrationSet(pixel_values=raw)):
+        for processor in (None, image_processor):
+            with pytest.raises(CalibrationError, match=r"whole numbers from \d+ to \d+: raw pixels cast to float.*"
+                                                       r"image_processor\(images"):
+                DataFreeViTQuantizer(image_processor=processor).quantize(tiny_vit(), bits="w8a8",
+                                                                         calibration_dataset=given)
+    # a processor that does not rescale makes whole numbers itself: its model takes them
+    unscaled = ViTImageProcessor(size={"height": 32, "width": 32}, do_rescale=False, do_normalize=False)
+    qmodel = DataFreeViTQuantizer(image_processor=unscaled).quantize(tiny_vit(), bits="w8a8", calibration_dataset=raw)
+    assert qmodel.config.quantization_config.num_images == 4
+
+
 def test_given_pixel_tensor_is_used_whole_and_its_size_recorded(caplog):
     pixels = torch.randn(6, 3, 32, 32)
     with caplog.at_level("INFO", logger="optimum_dfq.quantizer"):
