@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 from pathlib import Path
@@ -23,7 +24,7 @@ from .calibration.data import (
     load_image_dataset,
 )
 from .calibration.reparam import get_scale_selector
-from .config import DFQConfig
+from .config import QUANT_METHOD, DFQConfig
 from .errors import CalibrationError, CheckpointError, ConfigError, UnsupportedArchitectureError
 from .integrations.transformers import finalize_quantized_model
 from .models import get_adapter
@@ -159,7 +160,9 @@ class DataFreeViTQuantizer(OptimumQuantizer):
                 of already-normalised pixel values.
             seed (`int`, *optional*): seed of synthesis and image selection (default 0).
             image_processor (*optional*): overrides the quantizer's image processor.
-            save_dir (`str` or `os.PathLike`, *optional*): also `save_pretrained` the quantized model there.
+            save_dir (`str` or `os.PathLike`, *optional*): also `save_pretrained` the quantized model there: a new
+                folder or an earlier quantized output (a folder holding another model, such as the float one, is
+                refused before any work).
             cache_dir (`str` or `os.PathLike`, *optional*): synthesis cache: a finished set with identical arguments
                 is reused, an interrupted synthesis resumes with the batches it has not finished.
             synthesis_device (`str` or `torch.device`, *optional*): where a synthesizer that optimises images runs
@@ -176,7 +179,8 @@ class DataFreeViTQuantizer(OptimumQuantizer):
             `ConfigError`: no model to quantize, a `config` that is not a [`DFQConfig`], `synthesizer` together with
                 real data, a `num_images` that disagrees with the size of a given set, a `modules_to_not_convert`
                 entry that matches no layer, an unregistered scale selector, `cache_dir` for a synthesizer
-                without a cache, a `seed` outside 0..2**64 - 1, or a path given as the image processor.
+                without a cache, a `seed` outside 0..2**64 - 1, a path given as the image processor, or a
+                `save_dir` that is a file or holds a model that is not a quantized one.
             `BitPresetError`: an unknown or ill-formed `bits` preset.
             `UnsupportedArchitectureError`: `model` is not a ViT, DeiT or Swin image classifier.
             `ImageSizeError`: the image processor or the calibration images do not have the model's image size.
@@ -212,6 +216,8 @@ class DataFreeViTQuantizer(OptimumQuantizer):
             )
         check_convertible(model, adapter, config.modules_to_not_convert)
         _check_finite_parameters(model)
+        if save_dir is not None:
+            _check_save_dir(save_dir)
         get_scale_selector(config.scale_selector)
         image_processor = image_processor if image_processor is not None else self.image_processor
         check_image_processor(image_processor)
@@ -380,6 +386,28 @@ def _warn_unused_activation_options(config: DFQConfig) -> None:
         logger.warning("bits=%r is weight-only (activations stay float), so %s have no effect; choose a preset "
                        "with activation bits (e.g. 'w4a8') to use them.", config.bits,
                        ", ".join(f"{name}={getattr(config, name)!r}" for name in unused))
+
+
+def _check_save_dir(save_dir: str | os.PathLike) -> None:
+    """Refuses a `save_dir` that is a file (transformers' `save_pretrained` logs an error and saves nothing) or that
+    holds a model other than an optimum_dfq quantized one, typically the float model itself, which saving would
+    overwrite. An earlier quantized output is replaced, as `save_pretrained` does."""
+    path = Path(save_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"save_dir {save_dir} is a file; pass a folder (a new one, or an earlier quantized output).")
+    try:
+        stored = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError):
+        stored = None
+    quantization = stored.get("quantization_config") if isinstance(stored, dict) else None
+    if not isinstance(quantization, dict) or quantization.get("quant_method") != QUANT_METHOD:
+        raise ConfigError(
+            f"save_dir {save_dir} holds a model that is not a quantized one (its config.json has no optimum_dfq "
+            "quantization_config: the float model being quantized?), and saving there would overwrite it. Pass a new "
+            "folder, or an earlier quantized output to replace."
+        )
 
 
 def _check_not_raw_pixels(pixel_values: torch.Tensor, image_processor: Any | None) -> None:

@@ -421,6 +421,28 @@ def test_an_image_processor_given_as_a_path_names_the_loader(where, cifar_train,
             quantizer.quantize(bits="w8a8", **data, **given)
 
 
+def test_save_dir_holding_the_float_model_is_refused_before_synthesis(tmp_path, monkeypatch):
+    # save_pretrained replaced the float checkpoint (config.json and model.safetensors) by the quantized one without a
+    # word; the CLI refuses any non-empty OUTPUT_DIR, the API did not check at all
+    from optimum_dfq.synthesis import gaussian
+
+    tiny_vit().save_pretrained(tmp_path / "float")
+    weights = (tmp_path / "float" / "model.safetensors").read_bytes()
+    quantizer = DataFreeViTQuantizer.from_pretrained(tmp_path / "float")
+    original_synthesize = gaussian.GaussianSynthesizer.synthesize
+    monkeypatch.setattr(gaussian.GaussianSynthesizer, "synthesize", None)  # refused before any image is made
+    with pytest.raises(ConfigError, match=r"save_dir .*float holds a model that is not a quantized one .*overwrite"):
+        quantizer.quantize(bits="w8a8", synthesizer="gaussian", num_images=2, save_dir=tmp_path / "float")
+    assert (tmp_path / "float" / "model.safetensors").read_bytes() == weights
+    monkeypatch.setattr(gaussian.GaussianSynthesizer, "synthesize", original_synthesize)
+    for _ in range(2):  # a run saved again over its own earlier output is fine
+        quantizer.quantize(bits="w8a8", synthesizer="gaussian", num_images=2, save_dir=tmp_path / "quantized")
+    # transformers' save_pretrained only logs an error for a file and returns: nothing was saved
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"save_dir .*file is a file"):
+        quantizer.quantize(bits="w8a8", synthesizer="gaussian", num_images=2, save_dir=tmp_path / "file")
+
+
 def test_image_size_mismatch():
     with pytest.raises(ImageSizeError, match=r"\(3, 64, 64\).*expects \(3, 32, 32\)"):
         DataFreeViTQuantizer().quantize(tiny_vit(), bits="w8a8", calibration_dataset=torch.randn(4, 3, 64, 64))
