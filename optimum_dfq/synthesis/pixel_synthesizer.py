@@ -28,7 +28,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calibration.data import CalibrationSet, expected_image_shape
+from ..calibration.data import (
+    CalibrationSet,
+    check_image_processor,
+    check_processor_output_size,
+    expected_image_shape,
+)
 from ..errors import SynthesisError
 from ..models.adapters import ModelAdapter, get_adapter, window_sizes_kept
 from ..registry import qualified_name
@@ -324,6 +329,9 @@ class PixelSynthesizer(Synthesizer):
                 normalisation is given (neither `image_processor` nor `image_mean`/`image_std`), or the gathered
                 batches do not cover the `num_images` images exactly once.
             `UnsupportedArchitectureError`: if the model is not a supported ViT, DeiT or Swin classifier.
+            `ImageSizeError`: if `image_processor` resizes every image to another size than the model takes (it was
+                made for another model).
+            `ConfigError`: if `image_processor` is a path or Hub id instead of the processor.
 
         A class-conditional method (`class_conditional`: PSAQ-ViT, SARDFQ, DFQ-ViT) also raises `SynthesisError` for
         a head with fewer than 2 classes (`num_labels=1`, e.g. a regression head, whose class term is identically
@@ -350,6 +358,9 @@ class PixelSynthesizer(Synthesizer):
         adapter = get_adapter(model)
         self._check_classes(model)
         shape = expected_image_shape(model)
+        check_image_processor(image_processor)
+        if image_processor is not None:  # one made for another model: its mean/std are likely not this model's either
+            check_processor_output_size(image_processor, shape)
         mean, std = normalization_stats(image_processor, image_mean, image_std, shape[0])
         config = self.engine_config(adapter.windowed, shape[1:])
         material = self._run_material(model, num_images, seed, mean, std, config)

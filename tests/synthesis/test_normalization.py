@@ -21,7 +21,7 @@ def test_processor_without_normalisation_means_raw_pixels_in_zero_one():
 
 
 def test_synthesized_images_stay_in_zero_one_for_a_processor_without_normalisation():
-    processor = ViTImageProcessor(do_normalize=False)
+    processor = ViTImageProcessor(do_normalize=False, size={"height": 32, "width": 32})  # the model's size
     calib = get_synthesizer("psaq", **FAST).synthesize(tiny_vit(), 2, seed=0, image_processor=processor)
     assert calib.pixel_values.min() >= 0 and calib.pixel_values.max() <= 1
 

@@ -169,6 +169,21 @@ def test_clear_errors():
         get_synthesizer("psaq", **FAST).synthesize(tiny_vit(), 0, **NORM)
 
 
+@pytest.mark.parametrize("name", SYNTHESIZERS)
+def test_an_image_processor_of_another_size_is_refused_before_synthesis(name, monkeypatch):
+    # it was used for its mean/std only, so a processor of another model (224x224 for a 32x32 model) was accepted and
+    # `optimum-dfq synthesize` spent the whole synthesis on a set that quantize then refused for the same processor
+    from transformers import ViTImageProcessor
+
+    from optimum_dfq.errors import ImageSizeError
+    from optimum_dfq.synthesis import pixel_synthesizer
+
+    monkeypatch.setattr(pixel_synthesizer, "optimize_batch", None)  # refused before any image is optimised
+    wrong = ViTImageProcessor(size={"height": 224, "width": 224}, **NORM)
+    with pytest.raises(ImageSizeError, match=r"resizes every image to 224x224 .* the model takes 32x32"):
+        get_synthesizer(name, **FAST).synthesize(tiny_vit(), 2, image_processor=wrong)
+
+
 @pytest.mark.parametrize("name", [*SYNTHESIZERS, "gaussian"])
 @pytest.mark.parametrize("num_images, seed, match", [
     (0, 0, "num_images must be a positive integer, got 0"),
