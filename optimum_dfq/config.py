@@ -282,6 +282,12 @@ class DFQConfig(QuantizationConfigMixin):
                 f"DFQConfig.calibration_dataset={self.calibration_dataset!r} must be empty or have a 'path' (and "
                 "optionally 'split', 'name')."
             )
+        for key, value in self.calibration_dataset.items():
+            if not isinstance(value, str) or not value:
+                raise ConfigError(
+                    f"DFQConfig.calibration_dataset[{key!r}]={value!r} must be a non-empty string (a dataset folder, "
+                    "parquet file or Hub id for 'path', a split or configuration name for 'split' and 'name')."
+                )
         if self.quant_method != QUANT_METHOD:
             raise ConfigError(f"DFQConfig.quant_method must be {QUANT_METHOD!r}, got {self.quant_method!r}.")
         self.correction = _resolve_correction(self.correction)

@@ -195,3 +195,12 @@ def test_an_invalid_regular_expression_in_modules_to_not_convert_is_named():
 def test_unknown_recipe_key_suggests_the_close_key():
     with pytest.raises(ConfigError, match=r"'synthesiser' \(did you mean 'synthesizer'\?\)"):
         DFQConfig.from_dict({"synthesiser": "gaussian"})
+
+
+@pytest.mark.parametrize("dataset, key", [({"path": 3}, "path"), ({"path": None}, "path"), ({"path": ""}, "path"),
+                                          ({"path": "data.parquet", "split": 3}, "split"),
+                                          ({"path": "data.parquet", "name": ["x"]}, "name")])
+def test_calibration_dataset_values_must_be_names(dataset, key):
+    # a number or null path reached pathlib with a TypeError, an empty one datasets with an IndexError, when quantizing
+    with pytest.raises(ConfigError, match=rf"DFQConfig\.calibration_dataset\['{key}'\]=.* must be a non-empty string"):
+        DFQConfig(calibration_dataset=dataset)
