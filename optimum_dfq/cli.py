@@ -214,6 +214,19 @@ def _load_quantizer(model: str, image_processor: bool = True):
         raise OSError(f"no local folder {model} in {Path.cwd()}, and as a Hub id it did not load: {reason}") from err
 
 
+def _require_image_processor(quantizer, model: str, needed_by: str) -> None:
+    """Refuses a MODEL loaded without an image processor when the command needs one, with a fix a command-line user
+    can apply (the library's own messages name `image_processor=` arguments the commands do not have)."""
+    from .errors import DFQError
+
+    if quantizer.image_processor is None:
+        raise DFQError(
+            f"{model} has no image processor (no preprocessor_config.json), which {needed_by} needs. Save the float "
+            f"model's one there: AutoImageProcessor.from_pretrained(<float model>).save_pretrained({model!r}) (or copy "
+            "its preprocessor_config.json)."
+        )
+
+
 def _process_state():
     """The accelerate process state (one process unless started by `torchrun` / `accelerate launch`).
 
@@ -398,8 +411,10 @@ def run_quantize(args: argparse.Namespace) -> int:
                                                      "split": args.calibration_split})
     if config.calibration_dataset:
         _check_real_data_flags(args, config)
+        needs_processor = "calibrating on real images"
     else:
         synthesizer = _check_run_synthesizer(config, args)
+        needs_processor = f"the synthesizer '{synthesizer.name}'" if synthesizer.accepts("image_mean") else None
         if args.batch_size is not None:
             _check_batch_size(synthesizer, args.batch_size)
             config = config.replace(synthesizer_kwargs={**config.synthesizer_kwargs, "batch_size": args.batch_size})
@@ -420,6 +435,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     state = _process_state()
     with state.main_process_first():  # one Hub download / dataset cache write, then the others read it
         quantizer = _load_quantizer(args.model)
+        if needs_processor:
+            _require_image_processor(quantizer, args.model, needs_processor)
         dataset = None
         if args.calibration_dataset:
             dataset = load_image_dataset(args.calibration_dataset, args.calibration_split)
@@ -457,6 +474,8 @@ def run_synthesize(args: argparse.Namespace) -> int:
     state = _process_state()
     with state.main_process_first():
         quantizer = _load_quantizer(args.model)
+    if synthesizer.accepts("image_mean"):  # the synthesizers that optimise pixels clamp them to the processor's range
+        _require_image_processor(quantizer, args.model, f"the synthesizer '{synthesizer.name}'")
     extra = {} if args.batch_size is None else {"batch_size": args.batch_size}
     if args.cache_dir is not None:
         extra["cache_dir"] = args.cache_dir
@@ -493,6 +512,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if not _process_state().is_main_process:
         return 0  # evaluation is not sharded: under a launcher the main process evaluates, the others stop here
     quantizer = _load_quantizer(args.model)
+    _require_image_processor(quantizer, args.model, "evaluate (to preprocess the dataset's images)")
     dataset = load_image_dataset(args.dataset, args.split)
     if args.limit is not None:
         dataset = dataset.select(range(min(args.limit, len(dataset))))

@@ -204,6 +204,27 @@ def test_a_damaged_float_checkpoint_is_one_line_and_nothing_is_saved(damage, rea
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("args", [
+    ["evaluate", "{model}", "--dataset", str(FIXTURES / "cifar10_tiny_test.parquet")],
+    ["synthesize", "{model}", "{out}", "--synthesizer", "psaq", "--num-images", "2"],
+    ["quantize", "{model}", "{out}", "--num-images", "2"],
+    ["quantize", "{model}", "{out}", "--calibration-dataset", str(FIXTURES / "cifar10_tiny_train.parquet")],
+])
+def test_a_model_folder_without_image_processor_gets_a_fix_a_command_line_user_can_apply(args, tmp_path, monkeypatch,
+                                                                                          capsys):
+    # the messages said "pass image_processor=AutoImageProcessor.from_pretrained(...)" (or image_mean=/image_std=),
+    # arguments the command line does not have
+    from optimum_dfq.cli import main
+
+    tiny_vit().save_pretrained(tmp_path / "model")  # no preprocessor_config.json
+    monkeypatch.chdir(tmp_path)
+    values = {"model": str(tmp_path / "model"), "out": str(tmp_path / "out")}
+    assert main([a.format(**values) for a in args]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("optimum-dfq: error:") and "has no image processor (no preprocessor_config.json)" in error
+    assert "save_pretrained" in error and "image_processor=" not in error and not (tmp_path / "out").exists()
+
+
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Makes loading a model fail the test: the checks under test must refuse the input before any load/download."""
