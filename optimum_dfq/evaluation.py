@@ -15,8 +15,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .calibration.data import (
+    IMAGE_DECODE_ERRORS,
     check_image_processor,
     expected_image_shape,
+    first_undecodable_image,
     image_column,
     image_mode,
     is_streaming_dataset,
@@ -200,8 +202,8 @@ def predict_top_k(
         `DFQError`: when the image processor is missing (or a path was given instead), the dataset is not a
             map-style `datasets.Dataset` (a streaming split, a `DatasetDict`) or has no integer label column (or
             several `ClassLabel` columns, none or more than one of them with the model's class names), a label is not
-            a class id of the model, the dataset's class names are not the model's, an example has no image, or
-            `batch_size` is not positive.
+            a class id of the model, the dataset's class names are not the model's, an example has no image or one
+            that does not decode, or `batch_size` is not positive.
         `ImageSizeError`: when the processed images do not have the size and channels the model expects.
     """
     if image_processor is None:
@@ -219,15 +221,24 @@ def predict_top_k(
     predictions: list[list[int]] = []
     try:
         for start in tqdm(range(0, len(dataset), batch_size), desc="evaluate", disable=not progress, leave=False):
-            batch = dataset[start : start + batch_size]
-            missing = [start + i for i, image in enumerate(batch[images_col]) if image is None]
-            if missing:
+            try:
+                batch = dataset[start : start + batch_size]
+                missing = [start + i for i, image in enumerate(batch[images_col]) if image is None]
+                if missing:
+                    raise DFQError(
+                        f"Evaluation example {missing[0]} has no image (None in column {images_col!r}); drop such "
+                        f"rows first, e.g. `dataset.filter(lambda x: x[{images_col!r}] is not None)`."
+                    )
+                images = [im.convert(mode) for im in batch[images_col]]
+            except IMAGE_DECODE_ERRORS as err:
+                stop = min(start + batch_size, len(dataset))
+                row, cause = first_undecodable_image(dataset.select(range(start, stop)), images_col) or (0, err)
                 raise DFQError(
-                    f"Evaluation example {missing[0]} has no image (None in column {images_col!r}); drop such rows "
-                    f"first, e.g. `dataset.filter(lambda x: x[{images_col!r}] is not None)`."
-                )
-            pixels = image_processor(images=[im.convert(mode) for im in batch[images_col]], return_tensors="pt")
-            pixels = pixels["pixel_values"]
+                    f"Evaluation example {start + row} (column {images_col!r}) cannot be decoded ({cause}): a corrupt "
+                    "or truncated image file. Replace the file, or drop the example, e.g. "
+                    f"`dataset.select([i for i in range(len(dataset)) if i != {start + row}])`."
+                ) from err
+            pixels = image_processor(images=images, return_tensors="pt")["pixel_values"]
             if tuple(pixels.shape[1:]) != expected:
                 raise ImageSizeError(
                     f"The image processor produces images of shape {tuple(pixels.shape[1:])} (C, H, W) but the model "

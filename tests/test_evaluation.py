@@ -221,3 +221,23 @@ def test_an_image_processor_given_as_a_path_names_the_loader(cifar_test):
     with pytest.raises(DFQError, match=r"image_processor must be an image processor, got str 'google/vit-base-patch16"
                                        r"-224'.*AutoImageProcessor\.from_pretrained\('google/vit-base-patch16-224'\)"):
         evaluate_accuracy(tiny_vit(), cifar_test.select(range(2)), "google/vit-base-patch16-224", progress=False)
+
+
+def _with_a_corrupt_image(dataset, row, truncated=False):
+    from datasets import Dataset, Image
+
+    rows = dataset.cast_column("img", Image(decode=False)).to_list()
+    data = rows[row]["img"]["bytes"]
+    rows[row]["img"] = {"bytes": data[: len(data) // 2] if truncated else b"not an image", "path": None}
+    return Dataset.from_list(rows, features=dataset.cast_column("img", Image(decode=False)).features).cast_column(
+        "img", Image())
+
+
+@pytest.mark.parametrize("truncated", [False, True])
+def test_an_image_that_does_not_decode_is_named_by_its_row(truncated, cifar_test, image_processor):
+    """PIL's "cannot identify image file <_io.BytesIO object at 0x...>" (or "image file is truncated") named neither
+    the example nor the fix; the CLI printed just that."""
+    broken = _with_a_corrupt_image(cifar_test.select(range(6)), 5, truncated)
+    with pytest.raises(DFQError, match=r"example 5 \(column 'img'\) cannot be decoded .*corrupt or truncated.*"
+                                       r"i != 5"):
+        evaluate_accuracy(tiny_vit(), broken, image_processor, batch_size=4, progress=False)

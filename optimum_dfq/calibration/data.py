@@ -179,6 +179,31 @@ def image_mode(num_channels: int) -> str:
     return modes[num_channels]
 
 
+#: What PIL raises for an image file it cannot decode: `UnidentifiedImageError` and "image file is truncated" are
+#: `OSError`s, a broken PNG chunk a `SyntaxError`.
+IMAGE_DECODE_ERRORS = (OSError, SyntaxError)
+
+
+def first_undecodable_image(dataset, column: str) -> tuple[int, BaseException] | None:
+    """The first row of `dataset` whose image in `column` does not decode, with PIL's error (`None` if all do).
+
+    Args:
+        dataset (`datasets.Dataset`): the rows to check, one by one.
+        column (`str`): their `datasets.Image` column.
+
+    Returns:
+        `tuple[int, BaseException]` or `None`
+    """
+    for index in range(len(dataset)):
+        try:
+            image = dataset[index][column]
+            if image is not None:
+                image.load()
+        except IMAGE_DECODE_ERRORS as err:
+            return index, err
+    return None
+
+
 def check_image_processor(image_processor: Any) -> None:
     """Refuses a path or Hub id given where the image processor object belongs.
 
@@ -274,8 +299,8 @@ def calibration_set_from_dataset(
         `num_images` and `seed`.
 
     Raises:
-        `CalibrationError`: when `image_processor` is `None`, the dataset is empty or has no image column, or
-            `num_images` exceeds its length.
+        `CalibrationError`: when `image_processor` is `None`, the dataset is empty or has no image column, an image
+            taken does not decode, or `num_images` exceeds its length.
 
     Example:
 
@@ -308,7 +333,14 @@ def calibration_set_from_dataset(
         dataset = dataset.select(range(num_images))
     images_col, labels_col = image_column(dataset), label_column(dataset)
     mode = image_mode(num_channels)
-    images = [image.convert(mode) for image in dataset[images_col]]
+    try:
+        images = [image.convert(mode) for image in dataset[images_col]]
+    except IMAGE_DECODE_ERRORS as err:
+        cause = (first_undecodable_image(dataset, images_col) or (0, err))[1]
+        raise CalibrationError(
+            f"An image of the dataset (column {images_col!r}) cannot be decoded ({cause}): a corrupt or truncated "
+            "image file. Replace the file, or drop such rows from the calibration dataset."
+        ) from err
     pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"].float()
     labels = torch.tensor(dataset[labels_col]) if labels_col is not None else None
     return CalibrationSet(

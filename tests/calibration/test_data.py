@@ -41,6 +41,19 @@ def test_a_column_of_image_paths_gets_the_cast_that_makes_it_an_image_column(cif
     assert cast.pixel_values.shape == (2, 3, 32, 32)
 
 
+def test_a_calibration_image_that_does_not_decode_is_named(cifar_train, image_processor):
+    # PIL's "cannot identify image file <_io.BytesIO object at 0x...>" named neither the dataset's problem nor the fix
+    from datasets import Dataset, Image
+
+    raw = cifar_train.select(range(4)).cast_column("img", Image(decode=False))
+    rows = raw.to_list()
+    rows[2]["img"] = {"bytes": b"not an image", "path": None}
+    broken = Dataset.from_list(rows, features=raw.features).cast_column("img", Image())
+    with pytest.raises(CalibrationError, match=r"An image of the dataset \(column 'img'\) cannot be decoded .*corrupt "
+                                               r"or truncated.*drop"):
+        calibration_set_from_dataset(broken, image_processor, num_images=4)
+
+
 def test_dataset_without_class_labels_gives_an_unlabelled_set(cifar_train, image_processor):
     labelled = calibration_set_from_dataset(cifar_train, image_processor, num_images=3, seed=1)
     unlabelled = calibration_set_from_dataset(cifar_train.remove_columns("label"), image_processor, num_images=3,
