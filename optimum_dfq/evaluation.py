@@ -62,7 +62,8 @@ def verify_class_names(dataset, column: str, config) -> None:
         config (`PretrainedConfig`): the model's config (`id2label`).
 
     Raises:
-        `DFQError`: a class id whose dataset name differs from the model's.
+        `DFQError`: a number of classes other than the model's, or a class id whose dataset name differs from the
+            model's.
 
     Example:
         >>> from datasets import ClassLabel, Dataset, Features
@@ -75,6 +76,14 @@ def verify_class_names(dataset, column: str, config) -> None:
         optimum_dfq.errors.DFQError: The dataset's class names are not the model's for 2 of 2 class ids ...
     """
     names = list(dataset.features[column].names)
+    num_labels = getattr(config, "num_labels", None)
+    if num_labels is not None and len(names) != num_labels:  # compared whatever the names: it is another dataset
+        raise DFQError(
+            f"The dataset's ClassLabel column {column!r} has {len(names)} classes, but the model has {num_labels}: "
+            "it is another dataset (labels that happen to be in range would be scored as the model's classes). "
+            "Evaluate on the dataset the model was trained for, or pass check_class_names=False "
+            "(--no-class-name-check) if its labels really are the model's class ids."
+        )
     id2label = {int(i): name for i, name in (getattr(config, "id2label", None) or {}).items()}
     # `ClassLabel(num_classes=n)` names its classes "0", "1", ...: a column without names
     if not names or names == [str(i) for i in range(len(names))]:

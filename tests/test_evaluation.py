@@ -35,7 +35,10 @@ def test_top5_dropped_for_five_or_fewer_classes(cifar_test, image_processor):
 
     model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
                                                 num_attention_heads=2, intermediate_size=64, num_labels=5)).eval()
+    from datasets import ClassLabel
+
     five_classes = cifar_test.filter(lambda example: example["label"] < 5).select(range(8))
+    five_classes = five_classes.cast_column("label", ClassLabel(names=five_classes.features["label"].names[:5]))
     result = evaluate_accuracy(model, five_classes, image_processor, progress=False)
     assert set(result) == {"top1", "num_examples"}
     assert set(evaluate_accuracy(model, five_classes, image_processor, top_k=(1, 4), progress=False)) == {
@@ -241,3 +244,18 @@ def test_an_image_that_does_not_decode_is_named_by_its_row(truncated, cifar_test
     with pytest.raises(DFQError, match=r"example 5 \(column 'img'\) cannot be decoded .*corrupt or truncated.*"
                                        r"i != 5"):
         evaluate_accuracy(tiny_vit(), broken, image_processor, batch_size=4, progress=False)
+
+
+@pytest.mark.parametrize("names", [[f"n{1440764 + i:08d}" for i in range(1000)], None])
+def test_a_class_label_with_another_number_of_classes_is_refused(names, cifar_test, image_processor):
+    """A 10-class model on ImageNet (`--limit 4`: labels 0..3, all in range; WordNet ids, whose names are not
+    compared) was scored without a word."""
+    from datasets import ClassLabel
+
+    subset = cifar_test.select(range(4))
+    other = subset.cast_column("label", ClassLabel(names=names) if names else ClassLabel(num_classes=1000))
+    with pytest.raises(DFQError, match=r"ClassLabel column 'label' has 1000 classes, but the model has 10.*"
+                                       r"check_class_names=False"):
+        evaluate_accuracy(tiny_vit(), other, image_processor, progress=False)
+    assert evaluate_accuracy(tiny_vit(), other, image_processor, progress=False,
+                             check_class_names=False)["num_examples"] == 4
