@@ -320,6 +320,11 @@ def _calibration_summary(metadata: Mapping[str, Any]) -> dict[str, Any]:
 
 def _save_pretrained(self, save_directory: str | os.PathLike, *args: Any, format: str = NATIVE_FORMAT, **kwargs: Any):
     """`save_pretrained` of quantized models; `format="compressed-tensors"` exports for plain transformers."""
+    if os.path.isfile(save_directory):  # transformers only logs an error for a file, and saves nothing
+        raise ConfigError(
+            f"save_pretrained: {os.fspath(save_directory)} is a file, so nothing would be saved; pass a folder (a new "
+            "one, or the model's earlier save to replace)."
+        )
     try:
         state_dict = inspect.signature(type(self).save_pretrained).bind(
             self, save_directory, *args, **kwargs).arguments.get("state_dict")

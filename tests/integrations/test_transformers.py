@@ -348,6 +348,17 @@ def test_save_pretrained_refuses_a_state_dict_that_is_not_the_model_s(vit_w4a4, 
     assert not (tmp_path / "edited" / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("format", ["optimum_dfq", "compressed-tensors"])
+def test_save_pretrained_to_a_file_is_refused_instead_of_saving_nothing(format, vit_w4a4, tmp_path):
+    # transformers only logs "Provided path (...) should be a directory, not a file" and returns: the quantized model
+    # (minutes of synthesis) was not saved, and the call looked like it succeeded
+    qmodel, _ = vit_w4a4
+    target = tmp_path / "model"
+    target.write_text("")
+    with pytest.raises(ConfigError, match=r"model is a file, so nothing would be saved.*pass a folder"):
+        qmodel.save_pretrained(target, format=format)
+
+
 def test_half_and_float_cast_like_to_and_like_loading_in_that_dtype(vit_w4a4, pixels):
     # transformers refuses .half()/.float() on every quantized model ("already casted to the correct dtype"), while
     # .to(torch.float16) and from_pretrained(dtype=torch.float16) give this model in float16
