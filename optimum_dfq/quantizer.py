@@ -363,6 +363,12 @@ class DataFreeViTQuantizer(OptimumQuantizer):
                 calibration_dataset, image_processor, config.num_images, seed=config.seed,
                 num_channels=expected_image_shape(model)[0],
             )
+        elif _is_dataset_dict(calibration_dataset):
+            splits = list(calibration_dataset)
+            raise CalibrationError(
+                f"calibration_dataset is a DatasetDict with splits {splits}; pass one split, e.g. "
+                f"calibration_dataset=dataset[{splits[0] if splits else 'train'!r}] (or load_dataset(..., split=...))."
+            )
         else:
             raise CalibrationError(
                 f"calibration_dataset must be a datasets.Dataset, a CalibrationSet or a pixel tensor, got "
@@ -386,6 +392,12 @@ def _warn_unused_activation_options(config: DFQConfig) -> None:
         logger.warning("bits=%r is weight-only (activations stay float), so %s have no effect; choose a preset "
                        "with activation bits (e.g. 'w4a8') to use them.", config.bits,
                        ", ".join(f"{name}={getattr(config, name)!r}" for name in unused))
+
+
+def _is_dataset_dict(value: Any) -> bool:
+    import datasets
+
+    return isinstance(value, datasets.DatasetDict)
 
 
 def _check_save_dir(save_dir: str | os.PathLike) -> None:

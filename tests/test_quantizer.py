@@ -628,6 +628,17 @@ def test_unsupported_calibration_dataset_type_names_the_accepted_ones():
         DataFreeViTQuantizer().quantize(tiny_vit(), bits="w8a8", calibration_dataset=[torch.randn(3, 32, 32)])
 
 
+def test_a_dataset_dict_names_its_splits_and_how_to_pick_one(cifar_train, image_processor):
+    # load_dataset(...) without split= returns a DatasetDict: "got DatasetDict" did not say what to pass instead
+    from datasets import DatasetDict
+
+    splits = DatasetDict({"train": cifar_train, "test": cifar_train})
+    with pytest.raises(CalibrationError, match=r"DatasetDict with splits \['train', 'test'\]; pass one split, e\.g\. "
+                                               r"calibration_dataset=dataset\['train'\]"):
+        DataFreeViTQuantizer(tiny_vit(), image_processor).quantize(bits="w8a8", calibration_dataset=splits,
+                                                                   num_images=2)
+
+
 def test_integer_pixel_tensor_is_refused_with_the_fix():
     raw = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     with pytest.raises(CalibrationError, match=r"dtype torch\.uint8.*normalised.*image_processor\(images"):
