@@ -402,6 +402,11 @@ class DFQConfig(QuantizationConfigMixin):
 
         Returns:
             `DFQConfig` (and the unused kwargs when `return_unused_kwargs` is set).
+
+        Raises:
+            `CheckpointError`: a newer or malformed `format_version`, or keys this release does not know in a config
+                written by a newer release (`library_version`).
+            `ConfigError`: other unknown keys, or invalid values.
         """
         if not isinstance(config_dict, dict):
             raise ConfigError(f"A DFQConfig must be built from a mapping, got {type(config_dict).__name__}.")
@@ -418,6 +423,12 @@ class DFQConfig(QuantizationConfigMixin):
             )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(config_dict) - known)
+        if unknown and _is_newer_release(config_dict.get("library_version")):
+            raise CheckpointError(
+                f"This quantization config has key(s) {unknown} that optimum_dfq {__version__} does not know: it was "
+                f"written by optimum_dfq {config_dict['library_version']}. Upgrade optimum-dfq (pip install -U "
+                "optimum-dfq)."
+            )
         if unknown:
             raise ConfigError(
                 f"Unknown DFQConfig key(s) {_with_close_matches(unknown, known)}. Valid keys: {sorted(known)}."
@@ -515,6 +526,16 @@ def _with_close_matches(unknown: list[str], known: Any) -> str:
     """`'bitz' (did you mean 'bits'?), 'x'`: the unknown names, each with the closest known one when there is one."""
     hints = {name: difflib.get_close_matches(str(name), list(known), n=1) for name in unknown}
     return ", ".join(f"{name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "") for name, hint in hints.items())
+
+
+def _is_newer_release(version: Any) -> bool:
+    """Whether `version` (a config's `library_version`) is a release newer than this one."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return isinstance(version, str) and Version(version) > Version(__version__)
+    except InvalidVersion:
+        return False
 
 
 def _yaml_text_hint(value: Any) -> str:

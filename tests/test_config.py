@@ -204,3 +204,15 @@ def test_calibration_dataset_values_must_be_names(dataset, key):
     # a number or null path reached pathlib with a TypeError, an empty one datasets with an IndexError, when quantizing
     with pytest.raises(ConfigError, match=rf"DFQConfig\.calibration_dataset\['{key}'\]=.* must be a non-empty string"):
         DFQConfig(calibration_dataset=dataset)
+
+
+def test_an_unknown_key_written_by_a_newer_release_asks_for_an_upgrade():
+    # a checkpoint made with a later release (same format version, one more option) got "Unknown DFQConfig key(s)
+    # 'new_option'. Valid keys: [...]", which reads like a hand-edited config
+    written = {**DFQConfig().to_dict(), "new_option": 1, "library_version": "99.0.0"}
+    with pytest.raises(CheckpointError, match=r"'new_option'.*written by optimum_dfq 99\.0\.0.*pip install -U "
+                                              r"optimum-dfq"):
+        DFQConfig.from_dict(written)
+    with pytest.raises(ConfigError, match="Unknown DFQConfig key") as info:  # same or older release: a typo
+        DFQConfig.from_dict({**DFQConfig().to_dict(), "new_option": 1})
+    assert not isinstance(info.value, CheckpointError)
