@@ -88,9 +88,9 @@ class DataFreeViTQuantizer(OptimumQuantizer):
                 no folder is there (transformers would call it a malformed Hub id), or is a folder without
                 `config.json` (and no `config=` is given).
             `NotADirectoryError`: when `model_or_path` is a file.
-            `CheckpointError`: when a weights file is corrupt or truncated, or the checkpoint lacks weights of the
+            `CheckpointError`: when a weights file is corrupt or truncated, the checkpoint lacks weights of the
                 image classifier (e.g. a backbone-only checkpoint, whose classifier transformers would initialise
-                at random).
+                at random), or a local `preprocessor_config.json` cannot be read.
         """
         if isinstance(model_or_path, PreTrainedModel):
             return cls(model_or_path, image_processor)
@@ -119,7 +119,13 @@ class DataFreeViTQuantizer(OptimumQuantizer):
         if image_processor is None and load_image_processor:
             try:
                 image_processor = AutoImageProcessor.from_pretrained(model_or_path, **kwargs)
-            except OSError:
+            except OSError as err:
+                written = Path(model_or_path, kwargs.get("subfolder") or "", "preprocessor_config.json")
+                if written.is_file():  # there, but unreadable: not the same as having none
+                    raise CheckpointError(
+                        f"{written} cannot be read ({err}); fix or replace it, e.g. with the float model's "
+                        "image_processor.save_pretrained(<folder>)."
+                    ) from err
                 logger.warning("%s has no image processor; pass image_processor= for real-data calibration.",
                                model_or_path)
         return cls(model, image_processor)

@@ -598,6 +598,18 @@ def test_from_pretrained_folder_without_image_processor_warns_with_the_fix(tmp_p
     assert "has no image processor; pass image_processor= for real-data calibration" in caplog.text
 
 
+def test_a_corrupt_image_processor_file_is_named_not_taken_for_a_missing_one(tmp_path, image_processor):
+    # it was reported as "has no image processor" and the run went on without one: input_range "auto" then resolves
+    # to "calibrated" instead of "pixels", and the default synthesizer asks for a processor the folder has
+    tiny_vit().save_pretrained(tmp_path)
+    image_processor.save_pretrained(tmp_path)
+    config = tmp_path / "preprocessor_config.json"
+    config.write_text(config.read_text()[:40])
+    with pytest.raises(CheckpointError, match=r"preprocessor_config\.json cannot be read .*"
+                                              r"image_processor\.save_pretrained"):
+        DataFreeViTQuantizer.from_pretrained(tmp_path)
+
+
 def test_config_must_be_a_dfqconfig():
     with pytest.raises(ConfigError, match=r"config must be a DFQConfig, got dict.*DFQConfig\.from_dict"):
         DataFreeViTQuantizer().quantize(tiny_vit(), config={"bits": "w8a8"})
