@@ -62,8 +62,9 @@ def verify_class_names(dataset, column: str, config) -> None:
         config (`PretrainedConfig`): the model's config (`id2label`).
 
     Raises:
-        `DFQError`: a number of classes other than the model's, or a class id whose dataset name differs from the
-            model's.
+        `DFQError`: a class id whose dataset name differs from the model's, or, when the names cannot be compared,
+            a number of classes other than the model's (with comparable names, a dataset of some of the model's
+            classes under their ids is accepted).
 
     Example:
         >>> from datasets import ClassLabel, Dataset, Features
@@ -76,21 +77,23 @@ def verify_class_names(dataset, column: str, config) -> None:
         optimum_dfq.errors.DFQError: The dataset's class names are not the model's for 2 of 2 class ids ...
     """
     names = list(dataset.features[column].names)
-    num_labels = getattr(config, "num_labels", None)
-    if num_labels is not None and len(names) != num_labels:  # compared whatever the names: it is another dataset
-        raise DFQError(
-            f"The dataset's ClassLabel column {column!r} has {len(names)} classes, but the model has {num_labels}: "
-            "it is another dataset (labels that happen to be in range would be scored as the model's classes). "
-            "Evaluate on the dataset the model was trained for, or pass check_class_names=False "
-            "(--no-class-name-check) if its labels really are the model's class ids."
-        )
     id2label = {int(i): name for i, name in (getattr(config, "id2label", None) or {}).items()}
-    # `ClassLabel(num_classes=n)` names its classes "0", "1", ...: a column without names
-    if not names or names == [str(i) for i in range(len(names))]:
-        return
-    if all(_normalised(name) == f"label {i}" for i, name in id2label.items()):
-        return
-    if _wordnet_ids(names) != _wordnet_ids(id2label.values()):  # one side WordNet ids, the other words: not comparable
+    comparable = (
+        bool(names)
+        and names != [str(i) for i in range(len(names))]  # `ClassLabel(num_classes=n)`: a column without names
+        and not all(_normalised(name) == f"label {i}" for i, name in id2label.items())  # placeholder names
+        and _wordnet_ids(names) == _wordnet_ids(id2label.values())  # WordNet ids on one side only: not comparable
+    )
+    if not comparable:
+        num_labels = getattr(config, "num_labels", None)
+        if names and num_labels is not None and len(names) != num_labels:  # the count is all there is to compare
+            raise DFQError(
+                f"The dataset's ClassLabel column {column!r} has {len(names)} classes, but the model has "
+                f"{num_labels}, and their class names cannot be compared: it is another dataset (labels that happen "
+                "to be in range would be scored as the model's classes). Evaluate on the dataset the model was "
+                "trained for, or pass check_class_names=False (--no-class-name-check) if its labels really are the "
+                "model's class ids."
+            )
         return
     differ = [(i, name, id2label[i]) for i, name in enumerate(names)
               if i in id2label and _normalised(name) != _normalised(id2label[i])]

@@ -473,11 +473,13 @@ def _unreadable_weights_file(source: str) -> str:
 
 
 def _check_no_missing_weights(source: str, model: PreTrainedModel, missing: Any) -> None:
-    """Refuses a checkpoint that lacks weights of the classifier: transformers initialises them at random and only
-    prints a load report, and quantizing such a model gives a saved model that predicts noise."""
-    if not missing:
+    """Refuses a checkpoint that lacks parameters (typically the classifier's, in a backbone-only checkpoint):
+    transformers initialises them at random and only prints a load report, and quantizing such a model gives a saved
+    model that predicts noise. Missing buffers (computed from the config) are not refused."""
+    parameters = {name for name, _ in model.named_parameters()}
+    names = sorted(name for name in missing if name in parameters)  # a buffer missing is rebuilt from the config
+    if not names:
         return
-    names = sorted(missing)
     shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
     saved_as = ", ".join(getattr(model.config, "architectures", None) or []) or "unknown"
     raise CheckpointError(

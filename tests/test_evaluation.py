@@ -259,3 +259,18 @@ def test_a_class_label_with_another_number_of_classes_is_refused(names, cifar_te
         evaluate_accuracy(tiny_vit(), other, image_processor, progress=False)
     assert evaluate_accuracy(tiny_vit(), other, image_processor, progress=False,
                              check_class_names=False)["num_examples"] == 4
+
+
+def test_a_dataset_of_some_of_the_models_classes_under_their_names_is_scored(cifar_test, image_processor):
+    """Class names that can be compared settle it: a two-class subset named like the model's first two classes is
+    not refused for having fewer classes than the model (its class count alone is refused only without names)."""
+    from datasets import ClassLabel
+
+    two = cifar_test.filter(lambda example: example["label"] < 2).select(range(6))
+    model = tiny_vit()
+    expected = evaluate_accuracy(model, two, image_processor, progress=False)
+    subset = two.cast_column("label", ClassLabel(names=two.features["label"].names[:2]))
+    assert evaluate_accuracy(model, subset, image_processor, progress=False) == expected
+    renamed = two.cast_column("label", ClassLabel(names=["cat", "dog"]))  # other names: still refused
+    with pytest.raises(DFQError, match="class names are not the model's"):
+        evaluate_accuracy(model, renamed, image_processor, progress=False)

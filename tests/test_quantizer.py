@@ -379,6 +379,16 @@ def test_from_pretrained_refuses_a_checkpoint_without_a_classifier_head(tmp_path
         DataFreeViTQuantizer.from_pretrained(tmp_path)
 
 
+def test_only_missing_parameters_are_refused_not_missing_buffers():
+    from optimum_dfq.quantizer import _check_no_missing_weights
+
+    model = tiny_vit()
+    model.vit.register_buffer("position_index", torch.arange(4))  # like Swin's index buffers: built from the config
+    _check_no_missing_weights("ckpt", model, ["vit.position_index"])
+    with pytest.raises(CheckpointError, match=r"ckpt has no weights for vit\.layernorm\.weight "):
+        _check_no_missing_weights("ckpt", model, ["vit.position_index", "vit.layernorm.weight"])
+
+
 def test_from_pretrained_names_a_corrupt_weights_file(tmp_path):
     tiny_vit().save_pretrained(tmp_path)
     weights = tmp_path / "model.safetensors"
