@@ -13,6 +13,11 @@ from optimum_dfq.synthesis.engine import EngineConfig
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def resolved(**options) -> dict:
+    """The hyper-parameters a SARDFQ run with `options` puts in its cache key."""
+    return get_synthesizer("sardfq", **FAST, **options).resolved_hyperparameters(EngineConfig(**FAST))
+
+
 def _relevant(row: torch.Tensor) -> list[int]:
     """Classes given a logit in U(5, 10) (all others have logit 0, so probability at least e^5 times smaller)."""
     return sorted((row > row.min() * 10).nonzero().flatten().tolist())
@@ -33,9 +38,6 @@ def test_image_soft_label_includes_its_crops_classes_only_when_asked(crop_classe
 
 
 def test_image_label_option_enters_the_cache_key_only_off_its_default():
-    def resolved(**options):
-        return get_synthesizer("sardfq", **FAST, **options).resolved_hyperparameters(EngineConfig(**FAST))
-
     assert "image_label_includes_crops" not in resolved()  # runs from before the option keep their cache key
     assert resolved(image_label_includes_crops=True) == resolved()
     assert resolved(image_label_includes_crops=False)["image_label_includes_crops"] is False
@@ -57,9 +59,6 @@ def test_msr_resize_mode_sets_how_each_quadrant_is_brought_to_the_input_size(mod
 
 
 def test_msr_resize_enters_the_cache_key_only_off_its_default():
-    def resolved(**options):
-        return get_synthesizer("sardfq", **FAST, **options).resolved_hyperparameters(EngineConfig(**FAST))
-
     assert "msr_resize" not in resolved() and resolved(msr_resize="bilinear") == resolved()
     assert resolved(msr_resize="bicubic")["msr_resize"] == "bicubic"
     with pytest.raises(SynthesisError, match="msr_resize"):
@@ -99,9 +98,6 @@ def test_apa_covariance_reaches_the_priors_and_enters_the_cache_key_only_off_its
     assert default.keys() == diagonal.keys()
     assert all(torch.equal(default[k], priors(apa_covariance="isotropic")[k]) for k in default)
     assert not any(torch.allclose(default[k], diagonal[k]) for k in default)
-
-    def resolved(**options):
-        return get_synthesizer("sardfq", **FAST, **options).resolved_hyperparameters(EngineConfig(**FAST))
 
     assert "apa_covariance" not in resolved() and resolved(apa_covariance="isotropic") == resolved()
     assert resolved(apa_covariance="diagonal")["apa_covariance"] == "diagonal"
