@@ -20,6 +20,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 QUICK_EVAL_IMAGES = 500
 
 
+def top1_from_predictions(predicted, labels) -> float:
+    """Top-1 of predicted class ids, scored by the `evaluate` metric `optimum_dfq.evaluation` uses (for models that
+    run outside PyTorch, such as ONNX Runtime sessions, which `evaluate_accuracy` cannot call)."""
+    from optimum_dfq.evaluation import load_top_k_metric
+
+    predicted, labels = [int(p) for p in predicted], [int(label) for label in labels]
+    return load_top_k_metric().compute(predictions=[[p] for p in predicted], references=labels, k=[1])["top1"]
+
+
 def first_test_images(test, eval_limit: int | None, quick: bool = False):
     """The test split, or its first `eval_limit` images (`--quick` without `--eval-limit`: the first
     `QUICK_EVAL_IMAGES`, or all of a smaller split). An `--eval-limit` above the split's size is refused, not

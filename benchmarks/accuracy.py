@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _report import first_test_images  # the sibling module
+from _report import first_test_images, top1_from_predictions  # the sibling module
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -351,7 +351,7 @@ def target_checks(model_rows: list[dict[str, Any]]) -> list[str]:
 
 
 def onnxruntime_top1(qmodel, test, processor) -> float:
-    """Top-1 of the model exported with `optimum_dfq.export.to_onnx`, run in ONNX Runtime."""
+    """Top-1 of the model exported with `optimum_dfq.export.to_onnx`, run in ONNX Runtime (scored with `evaluate`)."""
     import tempfile
 
     import numpy as np
@@ -363,14 +363,13 @@ def onnxruntime_top1(qmodel, test, processor) -> float:
         path = Path(tmp) / "model.onnx"
         to_onnx(qmodel, path, verify=False)
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        correct = 0
+        predicted = []
         for start in range(0, len(test), 250):
             batch = test[start : start + 250]
             images = [image.convert("RGB") for image in batch["img"]]
             pixels = processor(images=images, return_tensors="np")["pixel_values"].astype(np.float32)
-            logits = session.run(["logits"], {"pixel_values": pixels})[0]
-            correct += int((logits.argmax(-1) == np.asarray(batch["label"])).sum())
-    return correct / len(test)
+            predicted += session.run(["logits"], {"pixel_values": pixels})[0].argmax(-1).tolist()
+    return top1_from_predictions(predicted, test["label"])
 
 
 def write_results(rows: list[dict[str, Any]], args, settings: dict[str, Any], seconds: float, version: str) -> None:

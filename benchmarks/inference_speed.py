@@ -38,7 +38,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import numpy as np
 import torch
-from _report import cpu_description
+from _report import cpu_description, top1_from_predictions
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
@@ -188,20 +188,18 @@ def vit_small_rows(args, tmp: Path) -> dict:
 
 
 def accuracy_onnx(session, pixels: torch.Tensor, labels: torch.Tensor, batch: int) -> float:
-    correct = 0
+    predicted = []
     for i in range(0, len(labels), batch):
-        logits = session.run(["logits"], {"pixel_values": pixels[i : i + batch].numpy()})[0]
-        correct += int((logits.argmax(-1) == labels[i : i + batch].numpy()).sum())
-    return correct / len(labels)
+        predicted += session.run(["logits"], {"pixel_values": pixels[i : i + batch].numpy()})[0].argmax(-1).tolist()
+    return top1_from_predictions(predicted, labels.tolist())
 
 
 def accuracy_torch(model, pixels: torch.Tensor, labels: torch.Tensor, batch: int) -> float:
-    correct = 0
+    predicted = []
     with torch.inference_mode():
         for i in range(0, len(labels), batch):
-            logits = model(pixel_values=pixels[i : i + batch]).logits
-            correct += int((logits.argmax(-1) == labels[i : i + batch]).sum())
-    return correct / len(labels)
+            predicted += model(pixel_values=pixels[i : i + batch]).logits.argmax(-1).tolist()
+    return top1_from_predictions(predicted, labels.tolist())
 
 
 def load_cifar(dataset: str, processor, split: str, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from optimum_dfq.evaluation import evaluate_accuracy
 
@@ -183,6 +184,15 @@ def test_inference_speed_accuracy_runs_on_the_given_dataset(dataset, tmp_path):
                   "--warmup", "0", "--threads", "1", "--dataset", str(dataset), "--output", str(tmp_path / "speed"))
     rows = json.loads((tmp_path / "speed.json").read_text())["reference"]
     assert rows and all(row["num_test_images"] == 256 for row in rows)  # the fixture's test split, not CIFAR-10's
+    from datasets import load_dataset
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    test = load_dataset(str(dataset), split="test")
+    for row in rows:  # the float ONNX export scores as the float model does (one image may flip on float rounding)
+        folder = ROOT / "examples" / "models" / row["model"]
+        model = AutoModelForImageClassification.from_pretrained(folder, dtype=torch.float32).eval()
+        expected = evaluate_accuracy(model, test, AutoImageProcessor.from_pretrained(folder), progress=False)["top1"]
+        assert abs(row["top1_fp32_onnx"] - expected) <= 1 / 256 + 1e-9
 
 
 @pytest.mark.parametrize("script", ["accuracy.py", "recipes.py"])
