@@ -435,11 +435,14 @@ def run_quantize(args: argparse.Namespace) -> int:
     state = _process_state()
     with state.main_process_first():  # one Hub download / dataset cache write, then the others read it
         quantizer = _load_quantizer(args.model)
+        dataset = None
+        if config.calibration_dataset:  # --calibration-dataset, or the recipe's
+            spec = config.calibration_dataset
+            dataset = load_image_dataset(spec["path"], spec.get("split", "train"), spec.get("name"))
+            if "pixel_values" in dataset.features:  # a folder written by `synthesize`: already preprocessed
+                needs_processor = None
         if needs_processor:
             _require_image_processor(quantizer, args.model, needs_processor)
-        dataset = None
-        if args.calibration_dataset:
-            dataset = load_image_dataset(args.calibration_dataset, args.calibration_split)
     qmodel = quantizer.quantize(bits=args.bits, config=config, synthesizer=args.synthesizer,
                                 num_images=args.num_images, seed=args.seed, calibration_dataset=dataset,
                                 cache_dir=args.cache_dir, synthesis_device=state.device,

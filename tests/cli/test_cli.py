@@ -225,6 +225,24 @@ def test_a_model_folder_without_image_processor_gets_a_fix_a_command_line_user_c
     assert "save_pretrained" in error and "image_processor=" not in error and not (tmp_path / "out").exists()
 
 
+def test_a_model_folder_without_image_processor_quantizes_from_a_synthesized_set(tmp_path, monkeypatch, capsys):
+    # a folder written by `synthesize` holds pixel values already preprocessed: no image processor is needed (it was
+    # refused as "calibrating on real images")
+    from optimum_dfq.cli import main
+    from optimum_dfq.synthesis import get_synthesizer, save_calibration_set
+
+    tiny_vit().save_pretrained(tmp_path / "model")  # no preprocessor_config.json
+    save_calibration_set(get_synthesizer("gaussian").synthesize(tiny_vit(), 3, seed=0), tmp_path / "calib")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"bits: w8a8\ncalibration_dataset:\n  path: {tmp_path / 'calib'}\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    model = str(tmp_path / "model")
+    assert main(["quantize", model, str(tmp_path / "q"), "--bits", "w8a8", "--calibration-dataset",
+                 str(tmp_path / "calib")]) == 0, capsys.readouterr().err
+    assert main(["quantize", model, str(tmp_path / "q2"), "--recipe", str(recipe)]) == 0, capsys.readouterr().err
+    assert "3 calibration images from 'gaussian'" in capsys.readouterr().out
+
+
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Makes loading a model fail the test: the checks under test must refuse the input before any load/download."""
