@@ -110,7 +110,8 @@ def verify_class_names(dataset, column: str, config) -> None:
 
 def _class_label_column(dataset, config) -> str | None:
     """The `ClassLabel` column to score: the only one, or of several the one whose names are the model's `id2label`
-    (CIFAR-100 has `fine_label` and `coarse_label`); several without exactly one such column are refused."""
+    (CIFAR-100 has `fine_label` and `coarse_label`), or, when none has them (placeholder or WordNet-id names), the one
+    with the model's number of classes; several without exactly one such column are refused."""
     from datasets import ClassLabel
 
     columns = [name for name, feature in dataset.features.items() if isinstance(feature, ClassLabel)]
@@ -120,11 +121,15 @@ def _class_label_column(dataset, config) -> str | None:
     matching = [column for column in columns
                 if [_normalised(name) for name in dataset.features[column].names]
                 == [id2label.get(i) for i in range(len(dataset.features[column].names))]]
+    if not matching:  # names not comparable: the number of classes is all there is, as in verify_class_names
+        matching = [column for column in columns
+                    if len(dataset.features[column].names) == getattr(config, "num_labels", None)]
     if len(matching) == 1:
         return matching[0]
     raise DFQError(
         f"The dataset has several ClassLabel columns {columns}, and {'none' if not matching else 'more than one'} "
-        "has the model's class names (config.id2label), so the labels to score are not known. Keep the column the "
+        "has the model's class names (config.id2label) or, failing that, its number of classes, so the labels to "
+        "score are not known. Keep the column the "
         f"model was trained on: `dataset.remove_columns([...])` with the others (e.g. {columns[1:]})."
     )
 
@@ -198,8 +203,8 @@ def predict_top_k(
     Args:
         model (`PreTrainedModel`): float or quantized image classifier.
         dataset (`datasets.Dataset`): map-style, with an `Image` column and integer class ids in a `ClassLabel`
-            column (of several, the one whose names are the model's `id2label`) or in a column named `label` or
-            `labels`.
+            column (of several, the one whose names are the model's `id2label`, else the one with its number of
+            classes) or in a column named `label` or `labels`.
         image_processor: the model's image processor.
         k (`int`): how many of the best classes to return per example (at most the number of classes).
         batch_size (`int`): evaluation batch size.
@@ -213,9 +218,9 @@ def predict_top_k(
     Raises:
         `DFQError`: when the image processor is missing (or a path was given instead), the dataset is not a
             map-style `datasets.Dataset` (a streaming split, a `DatasetDict`) or has no integer label column (or
-            several `ClassLabel` columns, none or more than one of them with the model's class names), a label is not
-            a class id of the model, the dataset's class names are not the model's, an example has no image or one
-            that does not decode, or `batch_size` is not positive.
+            several `ClassLabel` columns, none or more than one of them with the model's class names or, failing
+            that, number of classes), a label is not a class id of the model, the dataset's class names are not the
+            model's, an example has no image or one that does not decode, or `batch_size` is not positive.
         `ImageSizeError`: when the processed images do not have the size and channels the model expects.
     """
     if image_processor is None:
