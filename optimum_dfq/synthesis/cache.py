@@ -136,7 +136,8 @@ class SynthesisCache:
 
         Only those written on this host by a process that no longer exists, and last modified over
         `ABANDONED_TEMPORARY_AGE_S` ago (another run sharing the folder from a container with its own process
-        numbering could be writing one), are removed; nothing is removed on systems without POSIX processes.
+        numbering could be writing one), are removed; nothing is removed on systems without POSIX processes. One that
+        cannot be removed (no permission) is left, with a warning.
 
         Returns:
             `list[Path]`: what was removed.
@@ -151,12 +152,17 @@ class SynthesisCache:
                 if (match is None or match["host"] != _host_tag() or _process_exists(int(match["pid"]))
                         or not _older_than(entry, ABANDONED_TEMPORARY_AGE_S)):
                     continue
-                with contextlib.suppress(FileNotFoundError):
+                try:
                     if entry.is_dir() and not entry.is_symlink():
                         shutil.rmtree(entry)
                     else:
                         os.remove(entry)
                     removed.append(entry)
+                except FileNotFoundError:
+                    pass
+                except OSError as err:  # best effort: e.g. another user's folder in a cache shared by a group
+                    logger.warning("Could not remove %s, left by a killed synthesis run (%s); delete it by hand.",
+                                   entry, err)
         if removed:
             logger.info("Removed %d temporary file(s) left by killed synthesis runs in %s", len(removed),
                         self.directory)
