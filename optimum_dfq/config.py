@@ -404,8 +404,8 @@ class DFQConfig(QuantizationConfigMixin):
             `DFQConfig` (and the unused kwargs when `return_unused_kwargs` is set).
 
         Raises:
-            `CheckpointError`: a newer or malformed `format_version`, or keys this release does not know in a config
-                written by a newer release (`library_version`).
+            `CheckpointError`: a newer or malformed `format_version`, or keys or values this release does not know
+                in a config written by a newer release (`library_version`).
             `ConfigError`: other unknown keys, or invalid values.
         """
         if not isinstance(config_dict, dict):
@@ -437,6 +437,13 @@ class DFQConfig(QuantizationConfigMixin):
             config = cls(**config_dict)
         except TypeError as err:  # pragma: no cover - dataclass signature errors
             raise ConfigError(f"Invalid DFQConfig: {err}") from err
+        except ConfigError as err:  # a newer release's option or value inside a field (e.g. correction)
+            if not _is_newer_release(config_dict.get("library_version")):
+                raise
+            raise CheckpointError(
+                f"This quantization config does not validate with optimum_dfq {__version__} ({err}): it was written "
+                f"by optimum_dfq {config_dict['library_version']}. Upgrade optimum-dfq (pip install -U optimum-dfq)."
+            ) from err
         if return_unused_kwargs:
             return config, kwargs
         return config

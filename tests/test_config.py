@@ -216,3 +216,15 @@ def test_an_unknown_key_written_by_a_newer_release_asks_for_an_upgrade():
     with pytest.raises(ConfigError, match="Unknown DFQConfig key") as info:  # same or older release: a typo
         DFQConfig.from_dict({**DFQConfig().to_dict(), "new_option": 1})
     assert not isinstance(info.value, CheckpointError)
+
+
+def test_an_unknown_option_or_value_written_by_a_newer_release_asks_for_an_upgrade():
+    # a later release's new option inside correction / reconstruction (as this one added correction['ridge_fit']) or
+    # new choice got "Unknown key(s) ['...'] in DFQConfig.correction", which reads like a hand-edited config too
+    for change in ({"correction": {"kind": "ridge", "new_option": 1}}, {"correction": {"kind": "newer"}}):
+        written = {**DFQConfig().to_dict(), **change, "library_version": "99.0.0"}
+        with pytest.raises(CheckpointError, match=r"written by optimum_dfq 99\.0\.0.*pip install -U optimum-dfq"):
+            DFQConfig.from_dict(written)
+        with pytest.raises(ConfigError) as info:  # same or older release: a typo
+            DFQConfig.from_dict({**DFQConfig().to_dict(), **change})
+        assert not isinstance(info.value, CheckpointError)
