@@ -227,6 +227,18 @@ def _require_image_processor(quantizer, model: str, needed_by: str) -> None:
         )
 
 
+def _is_saved_calibration_set(path: str | None) -> bool:
+    """Whether `path` is a folder written by `synthesize` (or `save_calibration_set`): pixel values already
+    preprocessed, so calibrating on it needs no image processor."""
+    if not path:
+        return False
+    try:
+        info = json.loads((Path(path) / "dataset_info.json").read_text(encoding="utf-8"))
+        return "pixel_values" in info.get("features", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _process_state():
     """The accelerate process state (one process unless started by `torchrun` / `accelerate launch`).
 
@@ -435,14 +447,11 @@ def run_quantize(args: argparse.Namespace) -> int:
     state = _process_state()
     with state.main_process_first():  # one Hub download / dataset cache write, then the others read it
         quantizer = _load_quantizer(args.model)
-        dataset = None
-        if config.calibration_dataset:  # --calibration-dataset, or the recipe's
-            spec = config.calibration_dataset
-            dataset = load_image_dataset(spec["path"], spec.get("split", "train"), spec.get("name"))
-            if "pixel_values" in dataset.features:  # a folder written by `synthesize`: already preprocessed
-                needs_processor = None
-        if needs_processor:
+        if needs_processor and not _is_saved_calibration_set(config.calibration_dataset.get("path")):
             _require_image_processor(quantizer, args.model, needs_processor)
+        dataset = None
+        if args.calibration_dataset:
+            dataset = load_image_dataset(args.calibration_dataset, args.calibration_split)
     qmodel = quantizer.quantize(bits=args.bits, config=config, synthesizer=args.synthesizer,
                                 num_images=args.num_images, seed=args.seed, calibration_dataset=dataset,
                                 cache_dir=args.cache_dir, synthesis_device=state.device,
