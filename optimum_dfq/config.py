@@ -545,17 +545,25 @@ def _is_newer_release(version: Any) -> bool:
         return False
 
 
-def _yaml_text_hint(value: Any) -> str:
-    """The fix for a number that YAML read as text: PyYAML (YAML 1.1) reads `4e-5` without a dot as a string."""
+def _yaml_text_hint(value: Any, integer: bool = False) -> str:
+    """The fix for a number that YAML read as text: PyYAML (YAML 1.1) reads `4e-5` without a dot, and `1.0e5` without
+    a sign in the exponent, as strings (`integer`: the field takes an integer, spelt out)."""
     if not isinstance(value, str):
         return ""
     try:
-        float(value)
+        number = float(value)
     except ValueError:
         return ""
     mantissa, _, exponent = value.strip().lower().partition("e")
-    spelling = f"{mantissa}.0e{exponent}" if exponent and "." not in mantissa else value
-    return f" YAML reads {value} as text: write {spelling} (with a dot and no quotes) for a number."
+    if integer and number.is_integer():
+        spelling, how = str(int(number)), "no quotes"
+    elif exponent:
+        sign = "" if exponent[0] in "+-" else "+"
+        spelling = f"{mantissa if '.' in mantissa else mantissa + '.0'}e{sign}{exponent}"
+        how = "with a dot, a sign after the e and no quotes"
+    else:
+        spelling, how = value, "no quotes"
+    return f" YAML reads {value} as text: write {spelling} ({how}) for a number."
 
 
 def _fill_defaults(name: str, options: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
@@ -573,7 +581,7 @@ def _check_number(name: str, value: Any, kind: type, minimum: float, strict: boo
             or (strict and value == minimum)):
         bound = f"> {minimum}" if strict else f">= {minimum}"
         what = "a finite number" if kind is float else "an integer"
-        raise ConfigError(f"DFQConfig.{name}={value!r} must be {what} {bound}.{_yaml_text_hint(value)}")
+        raise ConfigError(f"DFQConfig.{name}={value!r} must be {what} {bound}.{_yaml_text_hint(value, kind is int)}")
 
 
 def _resolve_correction(options: dict[str, Any]) -> dict[str, Any]:

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from optimum_dfq import BIT_PRESETS, BitPresetError, CheckpointError, ConfigError, DFQConfig, parse_bits
@@ -171,10 +173,25 @@ def test_a_number_yaml_reads_as_text_gets_the_spelling_that_yaml_reads_as_a_numb
     with pytest.raises(ConfigError, match=r"lr'\]='4e-5'.*YAML reads 4e-5 as text.*4\.0e-5"):
         DFQConfig.from_yaml(recipe)
     recipe.write_text("activation_percentiles: [0.999, 1e0]\n")
-    with pytest.raises(ConfigError, match=r"'1e0' \(str\).*YAML reads 1e0 as text.*1\.0e0"):
+    with pytest.raises(ConfigError, match=r"'1e0' \(str\).*YAML reads 1e0 as text.*1\.0e\+0"):
         DFQConfig.from_yaml(recipe)
     recipe.write_text("reconstruction: {lr: 4.0e-5}\n")
     assert DFQConfig.from_yaml(recipe).reconstruction["lr"] == 4e-5
+
+
+@pytest.mark.parametrize("line", ["reconstruction: {lr: 4e-5}", "correction: {kind: ridge, ridge_lambda: 1e2}",
+                                  "correction: {kind: ridge, ridge_lambda: 2.5E3}", "activation_percentiles: [1e0]",
+                                  "reconstruction: {iterations: 1e3}", "correction: {max_tokens: 8.192e3}"])
+def test_the_spelling_suggested_for_a_number_yaml_reads_as_text_is_accepted(line, tmp_path):
+    # YAML 1.1 also needs a sign in the exponent: the hint suggested 1.0e2 for 1e2, which YAML reads as text again;
+    # an integer field needs the integer itself (1000 for 1e3: a float is refused there)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(line + "\n")
+    with pytest.raises(ConfigError, match="YAML reads .* as text: write") as info:
+        DFQConfig.from_yaml(recipe)
+    spelling = re.search(r"as text: write (\S+) ", str(info.value)).group(1)
+    recipe.write_text(line.replace(re.search(r"[0-9.]+[eE][-+]?[0-9]+", line).group(0), spelling) + "\n")
+    DFQConfig.from_yaml(recipe)
 
 
 @pytest.mark.parametrize("options", [{"correction": {"ridge_lambda": float("nan")}},
