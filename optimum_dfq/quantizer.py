@@ -299,8 +299,8 @@ class DataFreeViTQuantizer(OptimumQuantizer):
         config = config.replace(**overrides) if overrides else config
         if not 0 <= config.seed < 2**64:
             raise ConfigError(
-                f"seed={config.seed} is outside 0..2**64 - 1, the seeds that torch and numpy (dataset sampling) "
-                "accept; pass a non-negative seed such as 0."
+                f"seed={config.seed} is outside 0..2**64 - 1, the seeds that both torch (below 2**64) and numpy's "
+                "dataset sampling (non-negative) accept; pass a seed in that range, such as 0."
             )
         _warn_unused_activation_options(config)
         return config

@@ -397,6 +397,7 @@ def load_saved_dataset(path: str | os.PathLike):
 
     Raises:
         `FileNotFoundError`: `datasets`' own, when the folder holds no saved dataset or lacks a data file.
+        `PermissionError`: a file this user may not read (not reported as damage).
         `CalibrationError`: a data file that pyarrow cannot read (pyarrow says only e.g. "Expected to be able to read
             50848 bytes for message body, got 24884").
     """
@@ -405,7 +406,7 @@ def load_saved_dataset(path: str | os.PathLike):
 
     try:
         return datasets.load_from_disk(str(path))
-    except FileNotFoundError:
+    except (FileNotFoundError, PermissionError):  # not damage: the file is missing or not readable by this user
         raise
     except (OSError, pyarrow.ArrowException) as err:
         raise CalibrationError(

@@ -163,3 +163,16 @@ def test_a_corrupt_saved_set_is_named_with_the_fix(damage, tmp_path):
     with pytest.raises(CalibrationError, match=r"'.*set' holds a saved dataset whose data file is corrupt or truncated"
                                                r".*save it again"):
         load_calibration_set(tmp_path / "set")
+
+
+def test_a_saved_set_this_user_may_not_read_is_not_called_corrupt(tmp_path, monkeypatch):
+    import datasets
+
+    save_calibration_set(CalibrationSet(torch.randn(2, 3, 8, 8)), tmp_path / "set")
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(datasets, "load_from_disk", denied)  # as for another user's 0600 file (root reads anything)
+    with pytest.raises(PermissionError, match="Permission denied"):
+        load_calibration_set(tmp_path / "set")
