@@ -37,7 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _report import first_test_images, top1_from_predictions  # the sibling module
+# the sibling module; synthesized images, and so the rows, depend on the CPU's float kernels (cpu_description)
+from _report import cpu_description, first_test_images, top1_from_predictions
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -376,8 +377,6 @@ def write_results(rows: list[dict[str, Any]], args, settings: dict[str, Any], se
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "accuracy.json"
-    from _report import cpu_description  # synthesized images, and so the rows, depend on the CPU's float kernels
-
     meta = {"library_version": version, "seconds": round(seconds), "machine": cpu_description(), **settings,
             "commands": args.commands, "included_seconds": getattr(args, "included_seconds", {})}
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

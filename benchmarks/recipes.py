@@ -34,7 +34,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from _report import first_test_images
+from _report import cpu_description, first_test_images
 
 # the benchmark next door
 from accuracy import (
@@ -185,8 +185,6 @@ def previous_run(path: Path, settings: dict[str, Any]) -> tuple[list[dict[str, A
 
 def write_results(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any], commands: list[str],
                   seconds: float, version: str) -> None:
-    from _report import cpu_description
-
     out.mkdir(parents=True, exist_ok=True)
     meta = {**settings, "library_version": version, "seconds": round(seconds), "machine": cpu_description(),
             "python": platform.python_version(), "commands": commands}

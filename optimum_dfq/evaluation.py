@@ -129,8 +129,8 @@ def _class_label_column(dataset, config) -> str | None:
     raise DFQError(
         f"The dataset has several ClassLabel columns {columns}, and {'none' if not matching else 'more than one'} "
         "has the model's class names (config.id2label) or, failing that, its number of classes, so the labels to "
-        "score are not known. Keep the column the "
-        f"model was trained on: `dataset.remove_columns([...])` with the others (e.g. {columns[1:]})."
+        "score are not known. Keep the column the model was trained on: `dataset.remove_columns([...])` with the "
+        f"others (e.g. {columns[1:]})."
     )
 
 

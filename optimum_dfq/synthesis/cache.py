@@ -144,12 +144,12 @@ class SynthesisCache:
         """
         if os.name != "posix":
             return []
-        removed = []
+        removed, host = [], _host_tag()
         for folder in (self.directory, self.shards, self.partial):
             entries = list(folder.iterdir()) if folder.is_dir() else []
             for entry in entries:
                 match = _TEMPORARY_RE.match(entry.name)
-                if (match is None or match["host"] != _host_tag() or _process_exists(int(match["pid"]))
+                if (match is None or match["host"] != host or _process_exists(int(match["pid"]))
                         or not _older_than(entry, ABANDONED_TEMPORARY_AGE_S)):
                     continue
                 try:
