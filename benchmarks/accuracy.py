@@ -110,7 +110,7 @@ def calibration_for(source: str, model, processor, args, train) -> Any:
     if name != "real":
         config = with_synthesis_iterations(config, args.synth_iterations)
     # Gaussian noise costs nothing to draw, so it has no cache
-    cache_dir = args.synthesis_cache if name not in ("real", "gaussian") else None
+    cache_dir = (args.synthesis_cache or False) if name not in ("real", "gaussian") else None
     return DataFreeViTQuantizer.calibration_set(model, config, train if name == "real" else None, processor,
                                                 cache_dir=cache_dir)
 
@@ -155,7 +155,8 @@ def main() -> None:
                              "run, so they are measured again or taken from --include (e.g. after a synthesizer "
                              "changed)")
     parser.add_argument("--synthesis-cache", default=None,
-                        help="synthesis cache folder: synthesized sets are kept there and reused by later runs")
+                        help="synthesis cache folder: synthesized sets are kept there and reused by later runs "
+                        "(default: none, so that the run's time includes synthesis)")
     args = parser.parse_args()
     if (args.redo_bits or args.redo_sources) and not args.resume:
         parser.error("--redo-bits/--redo-sources drop rows of the table that --resume keeps; add --resume.")

@@ -90,8 +90,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="500 test images (all of a smaller split), 100 synthesis iterations")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--synthesis-cache", default="~/.cache/optimum_dfq/synthesis",
-                        help="synthesis cache folder, shared by the recipes (default ~/.cache/optimum_dfq/synthesis)")
+    parser.add_argument("--synthesis-cache", default=None,
+                        help="synthesis cache folder, shared by the recipes (default: the library's, "
+                        "$HF_HOME/optimum_dfq/synthesis)")
     parser.add_argument("--output-dir", default=None,
                         help="where the tables go (default: benchmarks/results/recipes; with --quick, "
                              "benchmarks/results/recipes/quick, so that a smoke run does not replace the committed "

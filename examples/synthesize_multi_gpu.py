@@ -39,7 +39,9 @@ def main() -> None:
                         help="images per optimisation batch (default min(32, ceil(num_images / processes))); "
                              "another value changes the images slightly")
     parser.add_argument("--hyperparameters", default="{}", help="JSON overrides of the synthesizer's defaults")
-    parser.add_argument("--cache-dir", default=None, help="cache/resume directory shared by all processes")
+    parser.add_argument("--cache-dir", default=None, help="cache/resume directory shared by all processes (default: "
+                        "the library's synthesis cache, $HF_HOME/optimum_dfq/synthesis, if every process is on one "
+                        "machine)")
     parser.add_argument("--output", required=True, help="folder to save the calibration set to")
     parser.add_argument("--grid", default=None, help="also write a PNG grid of the first images here")
     args = parser.parse_args()

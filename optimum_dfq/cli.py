@@ -29,11 +29,14 @@ PROG = "optimum-dfq"
 BATCH_SIZE_HELP = ("images synthesized together (default: min(32, ceil(num_images / processes)), so that every process "
                    "gets a batch; fix it to make the images independent of the number of processes: another batch "
                    "size gives slightly different images)")
-CACHE_DIR_HELP = ("synthesis cache folder, shared by every process: a finished run with the same arguments is reused, "
-                  "and a run started again after an interruption resumes from its finished batches and from the "
-                  "checkpoints of the batches it was optimising (saved every checkpoint_every=100 steps and on Ctrl-C)")
-CHECKPOINT_EVERY_HELP = ("with --cache-dir, save the batch being optimised every N steps, so that an interrupted run "
-                         "resumes it from there (default: the synthesizer's, 100; 0: only on Ctrl-C)")
+CACHE_DIR_HELP = ("synthesis cache folder, shared by every process (default: $HF_HOME/optimum_dfq/synthesis, or "
+                  "$OPTIMUM_DFQ_CACHE/synthesis; a run over several machines needs a folder they all see): a finished "
+                  "run with the same arguments is reused, and a run started again after an interruption resumes from "
+                  "its finished batches and from the checkpoints of the batches it was optimising (saved every "
+                  "checkpoint_every=100 steps and on Ctrl-C)")
+NO_CACHE_HELP = "keep no synthesis cache: an interrupted run then starts again from scratch"
+CHECKPOINT_EVERY_HELP = ("save the batch being optimised in the synthesis cache every N steps, so that an interrupted "
+                         "run resumes it from there (default: the synthesizer's, 100; 0: only on Ctrl-C)")
 VERBOSE_HELP = ("log what the run does (INFO, main process only): cache use and, every log_every steps, the synthesis "
                 "loss terms")
 
@@ -63,10 +66,26 @@ def _add_quantize(subparsers) -> None:
     parser.add_argument("--calibration-split", default="train", help="split of --calibration-dataset")
     parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="also push the result to this Hub repo")
     parser.add_argument("--batch-size", type=int, default=None, help=BATCH_SIZE_HELP)
-    parser.add_argument("--cache-dir", default=None, help=CACHE_DIR_HELP)
-    parser.add_argument("--checkpoint-every", type=int, default=None, metavar="N", help=CHECKPOINT_EVERY_HELP)
+    _add_cache_flags(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     parser.set_defaults(handler=run_quantize)
+
+
+def _add_cache_flags(parser: argparse.ArgumentParser) -> None:
+    cache = parser.add_mutually_exclusive_group()
+    cache.add_argument("--cache-dir", default=None, help=CACHE_DIR_HELP)
+    cache.add_argument("--no-cache", action="store_true", help=NO_CACHE_HELP)
+    parser.add_argument("--checkpoint-every", type=int, default=None, metavar="N", help=CHECKPOINT_EVERY_HELP)
+
+
+def _cache_argument(args: argparse.Namespace) -> str | bool | None:
+    """`cache_dir=` for the library: the folder, `False` for --no-cache, `None` for the default cache."""
+    return False if args.no_cache else args.cache_dir
+
+
+def _cache_flag(args: argparse.Namespace) -> str | None:
+    """The cache flag the user gave, if any (for messages refusing it)."""
+    return "--no-cache" if args.no_cache else "--cache-dir" if args.cache_dir is not None else None
 
 
 def _add_synthesize(subparsers) -> None:
@@ -87,8 +106,7 @@ def _add_synthesize(subparsers) -> None:
                         help="total optimisation steps, split over the synthesizer's phases (the first phases get "
                         "one more step when the total does not divide evenly, e.g. 5 -> 3 + 2; default: the paper's, "
                         "e.g. 2 x 500 for psaq)")
-    parser.add_argument("--cache-dir", default=None, help=CACHE_DIR_HELP)
-    parser.add_argument("--checkpoint-every", type=int, default=None, metavar="N", help=CHECKPOINT_EVERY_HELP)
+    _add_cache_flags(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     parser.set_defaults(handler=run_synthesize)
 
@@ -336,21 +354,26 @@ def _check_checkpoint_every(synthesizer, checkpoint_every: int) -> None:
                        f"{checkpoint_every}.")
 
 
-def _check_cache_dir(synthesizer) -> None:
-    """Refuses `--cache-dir` for a synthesizer that keeps no cache (one that does not optimise images)."""
+def _check_cache_flags(synthesizer, args: argparse.Namespace) -> None:
+    """Refuses `--cache-dir`/`--no-cache` for a synthesizer that keeps no cache (one that does not optimise images)."""
     from .errors import DFQError
 
-    if not synthesizer.accepts("cache_dir"):
-        raise DFQError(f"Synthesizer '{synthesizer.name}' has no cache; drop --cache-dir.")
+    flag = _cache_flag(args)
+    if flag is not None and not synthesizer.accepts("cache_dir"):
+        raise DFQError(f"Synthesizer '{synthesizer.name}' has no cache; drop {flag}.")
 
 
 def _check_checkpoints_are_kept(args: argparse.Namespace) -> None:
-    """Refuses `--checkpoint-every` without `--cache-dir`, where checkpoints are kept."""
+    """Refuses `--checkpoint-every` when no synthesis cache, where checkpoints are kept, is used."""
     from .errors import DFQError
+    from .synthesis.cache import DISABLE_CACHE_ENV, resolve_cache_dir
 
-    if args.cache_dir is None:
-        raise DFQError("--checkpoint-every saves checkpoints in the synthesis cache; add --cache-dir DIR (without it "
-                       "an interrupted run keeps nothing).")
+    if args.no_cache:
+        raise DFQError("--checkpoint-every saves checkpoints in the synthesis cache, which --no-cache turns off; drop "
+                       "one of them.")
+    if resolve_cache_dir(args.cache_dir) is None:
+        raise DFQError(f"--checkpoint-every saves checkpoints in the synthesis cache, which {DISABLE_CACHE_ENV} turns "
+                       "off; add --cache-dir DIR, or unset it.")
 
 
 def _check_real_data_flags(args: argparse.Namespace, config) -> None:
@@ -365,8 +388,8 @@ def _check_real_data_flags(args: argparse.Namespace, config) -> None:
     if args.batch_size is not None:
         raise DFQError(f"--batch-size sets the synthesis batch size, but this run calibrates on real images; "
                        f"drop --batch-size. The images come from {where}.")
-    for flag, value in (("--cache-dir", args.cache_dir), ("--checkpoint-every", args.checkpoint_every)):
-        if value is not None:
+    for flag, value in ((_cache_flag(args), True), ("--checkpoint-every", args.checkpoint_every)):
+        if flag is not None and value is not None:
             raise DFQError(f"{flag} is for synthesized images, but this run calibrates on real images; drop {flag}. "
                            f"The images come from {where}.")
 
@@ -430,8 +453,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         if args.batch_size is not None:
             _check_batch_size(synthesizer, args.batch_size)
             config = config.replace(synthesizer_kwargs={**config.synthesizer_kwargs, "batch_size": args.batch_size})
-        if args.cache_dir is not None:
-            _check_cache_dir(synthesizer)
+        _check_cache_flags(synthesizer, args)
         if args.checkpoint_every is not None:
             _check_checkpoint_every(synthesizer, args.checkpoint_every)
             _check_checkpoints_are_kept(args)
@@ -454,7 +476,7 @@ def run_quantize(args: argparse.Namespace) -> int:
             dataset = load_image_dataset(args.calibration_dataset, args.calibration_split)
     qmodel = quantizer.quantize(bits=args.bits, config=config, synthesizer=args.synthesizer,
                                 num_images=args.num_images, seed=args.seed, calibration_dataset=dataset,
-                                cache_dir=args.cache_dir, synthesis_device=state.device,
+                                cache_dir=_cache_argument(args), synthesis_device=state.device,
                                 save_dir=args.output_dir if state.is_main_process else None)
     if state.is_main_process:
         final = qmodel.config.quantization_config
@@ -478,8 +500,7 @@ def run_synthesize(args: argparse.Namespace) -> int:
         _check_checkpoints_are_kept(args)
     if args.batch_size is not None:
         _check_batch_size(synthesizer, args.batch_size)
-    if args.cache_dir is not None:
-        _check_cache_dir(synthesizer)
+    _check_cache_flags(synthesizer, args)
     _resolve_model(args.model)
     _check_output_dir(args.output_dir)
 
@@ -489,8 +510,8 @@ def run_synthesize(args: argparse.Namespace) -> int:
     if synthesizer.accepts("image_mean"):  # the synthesizers that optimise pixels clamp them to the processor's range
         _require_image_processor(quantizer, args.model, f"the synthesizer '{synthesizer.name}'")
     extra = {} if args.batch_size is None else {"batch_size": args.batch_size}
-    if args.cache_dir is not None:
-        extra["cache_dir"] = args.cache_dir
+    if synthesizer.accepts("cache_dir"):
+        extra["cache_dir"] = _cache_argument(args)
     if synthesizer.accepts("device"):  # this process's GPU under a launcher (from_pretrained leaves the model on CPU)
         extra["device"] = state.device
     calibration = synthesizer.synthesize(quantizer.model, args.num_images, seed=args.seed,
@@ -619,9 +640,10 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
 
         if not isinstance(interrupt, SynthesisTerminated):
             raise
-        # a scheduler's preemption: the batches being optimised are checkpointed (with --cache-dir), nothing to trace
-        print(f"{PROG}: terminated by SIGTERM during synthesis; with --cache-dir, run the same command again to "
-              "resume.", file=sys.stderr)
+        # a scheduler's preemption: the batches being optimised are checkpointed in the cache, nothing to trace
+        resume = ("nothing was kept (--no-cache)" if getattr(args, "no_cache", False)
+                  else "run the same command again to resume from what the synthesis cache kept")
+        print(f"{PROG}: terminated by SIGTERM during synthesis; {resume}.", file=sys.stderr)
         return 128 + 15
 
 

@@ -142,7 +142,7 @@ class DataFreeViTQuantizer(OptimumQuantizer):
         seed: int | None = None,
         image_processor: Any | None = None,
         save_dir: str | os.PathLike | None = None,
-        cache_dir: str | os.PathLike | None = None,
+        cache_dir: str | os.PathLike | bool | None = None,
         synthesis_device: str | torch.device | None = None,
     ) -> PreTrainedModel:
         """Returns a quantized copy of `model` (the input model is left unchanged).
@@ -169,8 +169,11 @@ class DataFreeViTQuantizer(OptimumQuantizer):
             save_dir (`str` or `os.PathLike`, *optional*): also `save_pretrained` the quantized model there: a new
                 folder or an earlier quantized output (a folder holding another model, such as the float one, is
                 refused before any work).
-            cache_dir (`str` or `os.PathLike`, *optional*): synthesis cache: a finished set with identical arguments
-                is reused, an interrupted synthesis resumes with the batches it has not finished.
+            cache_dir (`str`, `os.PathLike` or `bool`, *optional*): synthesis cache of a synthesizer that optimises
+                images: a finished set with identical arguments is reused, an interrupted synthesis resumes with the
+                batches it has not finished. Defaults to the library's cache (`$HF_HOME/optimum_dfq/synthesis`, or
+                `$OPTIMUM_DFQ_CACHE/synthesis`); `False` keeps nothing (see
+                [`~optimum_dfq.synthesis.cache.resolve_cache_dir`]).
             synthesis_device (`str` or `torch.device`, *optional*): where a synthesizer that optimises images runs
                 (the model is moved there for the synthesis and back; e.g. `PartialState().device` under a
                 launcher); the model's own device by default. Calibration runs on the model's device.
@@ -184,9 +187,9 @@ class DataFreeViTQuantizer(OptimumQuantizer):
         Raises:
             `ConfigError`: no model to quantize, a `config` that is not a [`DFQConfig`], `synthesizer` together with
                 real data, a `num_images` that disagrees with the size of a given set, a `modules_to_not_convert`
-                entry that matches no layer, an unregistered scale selector, `cache_dir` for a synthesizer
-                without a cache, a `seed` outside 0..2**64 - 1, a path given as the image processor, or a
-                `save_dir` that is a file or holds a model that is not a quantized one.
+                entry that matches no layer, an unregistered scale selector, a `cache_dir` folder for a
+                synthesizer without a cache or for real data, a `seed` outside 0..2**64 - 1, a path given as the image
+                processor, or a `save_dir` that is a file or holds a model that is not a quantized one.
             `BitPresetError`: an unknown or ill-formed `bits` preset.
             `UnsupportedArchitectureError`: `model` is not a ViT, DeiT or Swin image classifier.
             `ImageSizeError`: the image processor or the calibration images do not have the model's image size.
@@ -311,7 +314,7 @@ class DataFreeViTQuantizer(OptimumQuantizer):
         config: DFQConfig,
         calibration_dataset: Any | None,
         image_processor: Any | None,
-        cache_dir: str | os.PathLike | None = None,
+        cache_dir: str | os.PathLike | bool | None = None,
         synthesis_device: str | torch.device | None = None,
     ) -> CalibrationSet:
         """Builds the calibration set of a run: synthesized, or from the given real data.
@@ -323,7 +326,8 @@ class DataFreeViTQuantizer(OptimumQuantizer):
             calibration_dataset (*optional*): real data as accepted by [`~DataFreeViTQuantizer.quantize`]; `None`
                 synthesizes (or loads `config.calibration_dataset`).
             image_processor (*optional*): the model's image processor.
-            cache_dir (`str` or `os.PathLike`, *optional*): synthesis cache folder.
+            cache_dir (`str`, `os.PathLike` or `bool`, *optional*): synthesis cache folder; `None` for the default
+                one, `False` for none.
             synthesis_device (`str` or `torch.device`, *optional*): where a synthesizer that optimises images runs.
 
         Returns:
@@ -331,19 +335,23 @@ class DataFreeViTQuantizer(OptimumQuantizer):
 
         Raises:
             `CalibrationError`: malformed, empty or streaming calibration data.
-            `ConfigError`: `cache_dir` for a synthesizer without a cache.
+            `ConfigError`: a `cache_dir` folder for a synthesizer without a cache, or with real data.
             `ImageSizeError`: images of another size than the model's.
             `SynthesisError`: an unknown synthesizer or a failed synthesis.
         """
+        explicit_cache = cache_dir is not None and not isinstance(cache_dir, bool)
+        if explicit_cache and (calibration_dataset is not None or config.calibration_dataset):
+            raise ConfigError(f"cache_dir={cache_dir!r} keeps synthesized images, but this run calibrates on real "
+                              "data; drop cache_dir=.")
         if calibration_dataset is None and config.calibration_dataset:
             spec = config.calibration_dataset
             calibration_dataset = load_image_dataset(spec["path"], spec.get("split", "train"), spec.get("name"))
         if calibration_dataset is None:
             synthesizer = synthesizer_from_config(config)
             extra = {}
-            if cache_dir is not None:
-                if not synthesizer.accepts("cache_dir"):
-                    raise ConfigError(f"Synthesizer '{config.synthesizer}' has no cache; drop cache_dir=.")
+            if explicit_cache and not synthesizer.accepts("cache_dir"):
+                raise ConfigError(f"Synthesizer '{config.synthesizer}' has no cache; drop cache_dir=.")
+            if synthesizer.accepts("cache_dir"):
                 extra["cache_dir"] = cache_dir
             if synthesis_device is not None and synthesizer.accepts("device"):
                 extra["device"] = synthesis_device

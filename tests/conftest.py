@@ -10,6 +10,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # Tiny models gain nothing from intra-op threads, and thread hand-offs make them many times slower on a busy CPU;
 # subprocesses (CLI, fresh-interpreter loads, torchrun workers) inherit the setting.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Synthesis caches by default (in the user's HF cache); a test that synthesizes twice would then compare a set with
+# itself. Tests of the default cache turn it back on with a temporary folder (fixture `default_synthesis_cache`).
+os.environ["OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE"] = "1"
 
 import pytest
 import torch
@@ -113,3 +116,11 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def default_synthesis_cache(monkeypatch, tmp_path) -> Path:
+    """Turns the default synthesis cache on, in a temporary `OPTIMUM_DFQ_CACHE`; returns its synthesis folder."""
+    monkeypatch.delenv("OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE")
+    monkeypatch.setenv("OPTIMUM_DFQ_CACHE", str(tmp_path / "dfq-cache"))
+    return tmp_path / "dfq-cache" / "synthesis"

@@ -560,6 +560,39 @@ def test_cache_dir_needs_a_caching_synthesizer(tmp_path):
     with pytest.raises(ValueError, match="has no cache"):
         DataFreeViTQuantizer().quantize(tiny_vit(), bits="w8a8", synthesizer="gaussian", num_images=2,
                                         cache_dir=tmp_path)
+    for keep_nothing in (None, False):  # the default cache, or none: both fine for noise, which is never cached
+        DataFreeViTQuantizer().quantize(tiny_vit(), bits="w8a8", synthesizer="gaussian", num_images=2,
+                                        cache_dir=keep_nothing)
+
+
+def test_cache_dir_with_real_data_is_refused(tmp_path, cifar_train, image_processor):
+    with pytest.raises(ValueError, match="keeps synthesized images, but this run calibrates on real data"):
+        DataFreeViTQuantizer(tiny_vit(), image_processor).quantize(bits="w8a8", num_images=2,
+                                                                   calibration_dataset=cifar_train, cache_dir=tmp_path)
+    assert not tmp_path.joinpath("synthesis").exists()
+
+
+def test_quantize_synthesizes_into_the_default_cache(default_synthesis_cache, image_processor, monkeypatch):
+    from optimum_dfq.synthesis import pixel_synthesizer
+
+    config = DFQConfig(bits="w4a4", synthesizer="psaq", num_images=2,
+                       synthesizer_kwargs={"iterations": [2, 2], "warmup": 1})
+    quantizer = DataFreeViTQuantizer(tiny_vit(), image_processor)
+    first = quantizer.quantize(config=config)
+    assert len(list(default_synthesis_cache.glob("*/calibration_set"))) == 1
+    optimised, real = [], pixel_synthesizer.optimize_batch
+
+    def counting(*args, **kwargs):
+        optimised.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pixel_synthesizer, "optimize_batch", counting)
+    again = quantizer.quantize(config=config)  # the cached set: nothing optimised
+    assert optimised == []
+    pixels = torch.randn(2, 3, 32, 32)
+    assert torch.equal(first(pixel_values=pixels).logits, again(pixel_values=pixels).logits)
+    quantizer.quantize(config=config, cache_dir=False)  # synthesizes again
+    assert optimised == [1]
 
 
 REFERENCE_MODELS = Path(__file__).resolve().parents[1] / "examples" / "models"

@@ -21,6 +21,11 @@ Temporary files are named after their writer (`.<name>.tmp-<host>-<pid>-<random>
 mid-write (SIGKILL, a crash; Ctrl-C and SIGTERM clean up after themselves) is removed when a run of the same key
 starts on the same host, once that process is gone and the file is 10 minutes old; temporaries of live processes,
 of other hosts sharing the folder, and recent ones are left alone.
+
+Where the cache lives: [`resolve_cache_dir`]. By default every synthesis that optimises images is cached (so that an
+interrupted run resumes) under `$OPTIMUM_DFQ_CACHE/synthesis`, `$OPTIMUM_DFQ_CACHE` defaulting to
+`$HF_HOME/optimum_dfq` (`~/.cache/huggingface/optimum_dfq`); `cache_dir=False` (`--no-cache`) or
+`OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE=1` turns that default off.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..calibration.data import CalibrationSet
+from ..errors import ConfigError
 from .context import BatchRecord
 from .dataset import load_calibration_set, save_calibration_set, to_jsonable
 from .engine import EngineState
@@ -51,9 +57,70 @@ _SHARD_RE = re.compile(r"^(\d+)-(\d+)\.safetensors$")
 _EXTRA_PREFIX = "extra."
 _CHECKPOINT_FORMAT = "optimum_dfq.batch_checkpoint/1"
 _TEMPORARY_RE = re.compile(r"^\..+\.tmp-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[a-z0-9_]+$")
+CACHE_ENV = "OPTIMUM_DFQ_CACHE"
+DISABLE_CACHE_ENV = "OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE"
+_TRUE_VALUES, _FALSE_VALUES = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 ABANDONED_TEMPORARY_AGE_S = 600.0  # a live writer's file changes within seconds; 10 minutes allows for slow disks
 
 logger = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    """The synthesis cache used when `cache_dir` is not given: `$OPTIMUM_DFQ_CACHE/synthesis`, where
+    `OPTIMUM_DFQ_CACHE` defaults to `$HF_HOME/optimum_dfq` (`~/.cache/huggingface/optimum_dfq`).
+
+    Returns:
+        `Path`
+
+    Example:
+        >>> default_cache_dir()  # doctest: +SKIP
+        PosixPath('/home/me/.cache/huggingface/optimum_dfq/synthesis')
+    """
+    from huggingface_hub import constants
+
+    root = os.environ.get(CACHE_ENV) or os.path.join(constants.HF_HOME, "optimum_dfq")
+    return Path(os.path.expanduser(root)) / "synthesis"
+
+
+def default_cache_disabled() -> bool:
+    """Whether `OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE` turns the default synthesis cache off.
+
+    Raises:
+        `ConfigError`: for a value that is neither true (`1`, `true`, `yes`, `on`) nor false (`0`, `false`, `no`,
+            `off`, empty), rather than guessing.
+    """
+    value = os.environ.get(DISABLE_CACHE_ENV, "").strip().lower()
+    if value not in _TRUE_VALUES + _FALSE_VALUES:
+        raise ConfigError(f"{DISABLE_CACHE_ENV}={os.environ[DISABLE_CACHE_ENV]!r} is not a yes/no value; set it to "
+                          "1 to turn the default synthesis cache off, or unset it.")
+    return value in _TRUE_VALUES
+
+
+def resolve_cache_dir(cache_dir: str | os.PathLike | bool | None) -> Path | None:
+    """The synthesis cache folder that `cache_dir=` stands for, or `None` for no cache.
+
+    Args:
+        cache_dir (`str`, `os.PathLike`, `bool` or `None`): a folder; `None` or `True` for the default one
+            ([`default_cache_dir`], unless `OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE` is set); `False` for no cache.
+
+    Returns:
+        `Path` or `None`
+
+    Raises:
+        `ConfigError`: for anything else (e.g. a number), or a bad `OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE` value.
+
+    Example:
+        >>> resolve_cache_dir(False) is None, resolve_cache_dir("/tmp/dfq-cache")
+        (True, PosixPath('/tmp/dfq-cache'))
+    """
+    if cache_dir is False:
+        return None
+    if cache_dir is None or cache_dir is True:
+        return None if default_cache_disabled() else default_cache_dir()
+    if not isinstance(cache_dir, (str, os.PathLike)) or not os.fspath(cache_dir):
+        raise ConfigError(f"cache_dir must be a folder, None/True for the default synthesis cache, or False for none; "
+                          f"got {cache_dir!r}.")
+    return Path(os.path.expanduser(os.fspath(cache_dir)))
 
 
 class SynthesisCache:

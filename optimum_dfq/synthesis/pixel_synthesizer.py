@@ -19,10 +19,12 @@ import contextlib
 import logging
 import numbers
 import os
+import socket
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,7 +41,7 @@ from ..models.adapters import ModelAdapter, get_adapter, window_sizes_kept
 from ..registry import qualified_name
 from ..version import __version__
 from .base import SYNTHESIZERS, Synthesizer, check_synthesis_arguments
-from .cache import SynthesisCache
+from .cache import DISABLE_CACHE_ENV, SynthesisCache, resolve_cache_dir
 from .context import BatchPlan, BatchRecord
 from .dataset import to_jsonable
 from .distributed import broadcast_from_main, gather_lists, resolve_state, shard_chunks
@@ -117,12 +119,12 @@ class PixelSynthesizer(Synthesizer):
         batch_size (`int`, *optional*): the default `batch_size` of [`PixelSynthesizer.synthesize`]; settable here
             so that `DFQConfig(synthesizer_kwargs={"batch_size": 8})` and recipes can fix it. Not part of the cache
             key (a finished set is reused whatever its batch size).
-        checkpoint_every (`int`, *optional*, defaults to 100): with a `cache_dir`, a batch being optimised is saved
-            every this many steps (and on Ctrl-C), so that an interrupted run resumes it from there rather than from
-            step 0, with the same result. `None` or 0: saved on Ctrl-C only (a killed process then restarts its
-            batches). Not part of the cache key. A checkpoint holds the pixels and Adam's two moments in float32,
-            three times the batch's pixels (3 x 32 x 3 x 224 x 224 x 4 bytes = 58 MB for 32 images at 224 px), and
-            is removed when the batch is finished.
+        checkpoint_every (`int`, *optional*, defaults to 100): with a synthesis cache (the default), a batch being
+            optimised is saved every this many steps (and on Ctrl-C), so that an interrupted run resumes it from there
+            rather than from step 0, with the same result. `None` or 0: saved on Ctrl-C only (a killed process then
+            restarts its batches). Not part of the cache key. A checkpoint holds the pixels and Adam's two moments in
+            float32, three times the batch's pixels (3 x 32 x 3 x 224 x 224 x 4 bytes = 58 MB for 32 images at
+            224 px), and is removed when the batch is finished.
 
     Raises:
         `SynthesisError`: if the settings are invalid (checked by [`EngineConfig`]).
@@ -283,7 +285,7 @@ class PixelSynthesizer(Synthesizer):
         image_std: Sequence[float] | None = None,
         batch_size: int | None = None,
         state=None,
-        cache_dir: str | os.PathLike | None = None,
+        cache_dir: str | os.PathLike | bool | None = None,
         device: str | torch.device | None = None,
         on_batch_end: Callable[[BatchRecord], None] | None = None,
     ) -> CalibrationSet:
@@ -307,7 +309,11 @@ class PixelSynthesizer(Synthesizer):
                 depend on the number of processes: pass `batch_size` to make them independent of it).
             state (`accelerate.PartialState`, *optional*): process state; built with `cpu=<no CUDA>` if omitted.
                 Whole batches are split over its processes and gathered on all of them.
-            cache_dir (`str` or `PathLike`, *optional*): cache root; a finished run with the same synthesizer,
+            cache_dir (`str`, `PathLike` or `bool`, *optional*): cache root, by default the library's synthesis
+                cache ([`~optimum_dfq.synthesis.cache.default_cache_dir`]: `$HF_HOME/optimum_dfq/synthesis`, or
+                `$OPTIMUM_DFQ_CACHE/synthesis`); `False` keeps nothing, as does `OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE=1`
+                for the default. A run spanning several machines uses the default cache only if given explicitly
+                (`cache_dir=` on a filesystem every machine sees). A finished run with the same synthesizer,
                 resolved hyper-parameters (`log_every` aside), model weights and configuration, normalisation, seed
                 and `num_images` is loaded instead of recomputed (whatever its `batch_size`, recorded in the set's
                 metadata), and an interrupted one resumes with the batches it has not finished, each batch being
@@ -331,7 +337,8 @@ class PixelSynthesizer(Synthesizer):
             `UnsupportedArchitectureError`: if the model is not a supported ViT, DeiT or Swin classifier.
             `ImageSizeError`: if `image_processor` resizes every image to another size than the model takes (it was
                 made for another model).
-            `ConfigError`: if `image_processor` is a path or Hub id instead of the processor.
+            `ConfigError`: if `image_processor` is a path or Hub id instead of the processor, or `cache_dir` is
+                neither a folder nor a bool/`None`.
 
         A class-conditional method (`class_conditional`: PSAQ-ViT, SARDFQ, DFQ-ViT) also raises `SynthesisError` for
         a head with fewer than 2 classes (`num_labels=1`, e.g. a regression head, whose class term is identically
@@ -353,6 +360,9 @@ class PixelSynthesizer(Synthesizer):
         """
         check_synthesis_arguments(num_images, seed)
         state = resolve_state(state)
+        cache_root = resolve_cache_dir(cache_dir)
+        if cache_dir is None or cache_dir is True:
+            cache_root = _default_cache_for_run(state, cache_root)
         batch_size = grid_batch_size(num_images, batch_size if batch_size is not None else self.batch_size,
                                      state.num_processes)
         adapter = get_adapter(model)
@@ -365,7 +375,7 @@ class PixelSynthesizer(Synthesizer):
         config = self.engine_config(adapter.windowed, shape[1:])
         material = self._run_material(model, num_images, seed, mean, std, config)
         key = run_fingerprint(material)
-        cache = SynthesisCache(cache_dir, key) if cache_dir is not None else None
+        cache = SynthesisCache(cache_root, key) if cache_root is not None else None
         if cache is not None and state.is_main_process:
             cache.remove_abandoned_temporaries()
         cached_set = cache.load_complete_if_readable() if cache is not None and state.is_main_process else None
@@ -577,6 +587,22 @@ def _check_cover(records: list[BatchRecord], grid: list[tuple[int, int]], cache:
         )
 
 
+def _default_cache_for_run(state, default: Path | None) -> Path | None:
+    """The default cache, unless the run's processes are on several machines: each would have its own default folder,
+    while the cache must be one folder that every process sees."""
+    if default is None or state.num_processes == 1:
+        return default
+    hosts = set(gather_lists(state, [socket.gethostname()]))
+    if len(hosts) == 1:
+        return default
+    if state.is_main_process:
+        logger.warning("This synthesis runs on %d machines, so the default cache (%s, one per machine) is not used and "
+                       "an interrupted run keeps nothing: pass cache_dir= (--cache-dir) on a filesystem that every "
+                       "machine sees to keep finished batches, or cache_dir=False (--no-cache) to silence this.",
+                       len(hosts), default)
+    return None
+
+
 def _log_main(state, message: str, *args) -> None:
     if state.is_main_process:
         logger.info(message, *args)
@@ -587,8 +613,10 @@ def _warn_interrupted(state, cache: SynthesisCache | None, grid: list[tuple[int,
     if not state.is_main_process:
         return
     if cache is None:
-        logger.warning("Synthesis interrupted: the images synthesized so far are not kept. Pass cache_dir= "
-                       "(--cache-dir) to keep every finished batch and resume an interrupted run.")
+        logger.warning("Synthesis interrupted: the images synthesized so far are not kept, as the synthesis cache is "
+                       "off (cache_dir=False / --no-cache, %s, or a run over several machines). Leave it on, or pass "
+                       "cache_dir= (--cache-dir), to keep every finished batch and resume an interrupted run.",
+                       DISABLE_CACHE_ENV)
         return
     on_grid = set(grid)
     cached = sum(stop - start for start, stop in cache.shard_ranges() if (start, stop) in on_grid)
@@ -600,8 +628,8 @@ def _warn_interrupted(state, cache: SynthesisCache | None, grid: list[tuple[int,
         kept = " (no batch being optimised had reached a checkpoint: those start again)"
     # the other processes save their batches as they stop, maybe after this process looked
     others = " Batches the other processes are still checkpointing are not listed." if state.num_processes > 1 else ""
-    logger.warning("Synthesis interrupted: %d of %d images are cached in %s%s.%s Run it again with the same cache_dir "
-                   "and batch_size to resume.", cached, grid[-1][1], cache.directory, kept, others)
+    logger.warning("Synthesis interrupted: %d of %d images are cached in %s%s.%s Run it again with the same arguments "
+                   "(cache_dir, batch_size) to resume.", cached, grid[-1][1], cache.directory, kept, others)
 
 
 def _warn_idle_processes(state, num_batches: int, batch_size: int) -> None:

@@ -124,6 +124,19 @@ def test_verbose_shows_the_loss_terms_and_cache_dir_resumes_an_interrupted_run(m
     assert torch.equal(first.pixel_values, resumed.pixel_values)
 
 
+def test_synthesis_uses_the_default_cache_unless_no_cache(model_dir, tmp_path, default_synthesis_cache):
+    args = ["--synthesizer", "psaq", "--num-images", "2", "--iterations", "2"]
+    off = run_cli("synthesize", str(model_dir), str(tmp_path / "a"), *args, "--no-cache")
+    assert off.returncode == 0, off.stderr
+    assert not default_synthesis_cache.exists()
+    on = run_cli("synthesize", str(model_dir), str(tmp_path / "b"), *args, "--checkpoint-every", "1")
+    assert on.returncode == 0, on.stderr
+    assert len(list(default_synthesis_cache.glob("*/calibration_set"))) == 1
+    again = run_cli("synthesize", str(model_dir), str(tmp_path / "c"), *args, "--verbose")
+    assert again.returncode == 0, again.stderr
+    assert f"Loading the cached calibration set from {default_synthesis_cache}" in again.stderr
+
+
 def test_quantize_with_real_calibration_data(model_dir, tmp_path):
     """--calibration-dataset replaces a recipe's dataset, and the saved config and the result line name the one used."""
     recipe = tmp_path / "real.yaml"
@@ -287,13 +300,20 @@ def no_model_loading(monkeypatch):
          "has no cache; drop --cache-dir"),
         (["quantize", "{model}", "{out}", "--calibration-dataset", "x.parquet", "--cache-dir", "{tmp}/c"],
          "calibrates on real images; drop --cache-dir"),
+        (["quantize", "{model}", "{out}", "--calibration-dataset", "x.parquet", "--no-cache"],
+         "calibrates on real images; drop --no-cache"),
+        (["synthesize", "{model}", "{out}", "--synthesizer", "gaussian", "--no-cache"],
+         "has no cache; drop --no-cache"),
+        (["synthesize", "{model}", "{out}", "--synthesizer", "psaq", "--checkpoint-every", "5", "--no-cache"],
+         "which --no-cache turns off; drop one of them"),
         (["synthesize", "{model}", "{out}", "--synthesizer", "gaussian", "--checkpoint-every", "5", "--cache-dir",
           "{tmp}/c"], "nothing to checkpoint; drop --checkpoint-every"),
-        (["synthesize", "{model}", "{out}", "--synthesizer", "psaq", "--checkpoint-every", "5"],
-         "in the synthesis cache; add --cache-dir DIR"),
+        (["synthesize", "{model}", "{out}", "--synthesizer", "psaq", "--checkpoint-every", "5"],  # conftest: cache off
+         "which OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE turns off; add --cache-dir DIR"),
         (["synthesize", "{model}", "{out}", "--checkpoint-every", "-1", "--cache-dir", "{tmp}/c"],
          "--checkpoint-every must be a number of steps >= 0"),
-        (["quantize", "{model}", "{out}", "--checkpoint-every", "5"], "in the synthesis cache; add --cache-dir DIR"),
+        (["quantize", "{model}", "{out}", "--checkpoint-every", "5"],
+         "which OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE turns off; add --cache-dir DIR"),
         (["quantize", "{model}", "{out}", "--synthesizer", "gaussian", "--checkpoint-every", "5"],
          "nothing to checkpoint; drop --checkpoint-every"),
         (["quantize", "{model}", "{out}", "--calibration-dataset", "x.parquet", "--checkpoint-every", "5"],
@@ -316,6 +336,16 @@ def test_input_is_checked_before_the_model_is_loaded(model_dir, tmp_path, monkey
     assert main([a.format(**values) for a in args]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("optimum-dfq: error:") and reason.format(**values) in lines[0]
+
+
+@pytest.mark.parametrize("command", ["synthesize", "quantize"])
+def test_cache_dir_and_no_cache_exclude_each_other(command, capsys):
+    from optimum_dfq.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "model", "out", "--no-cache", "--cache-dir", "cache"])
+    assert exit_info.value.code == 2
+    assert "argument --cache-dir: not allowed with argument --no-cache" in capsys.readouterr().err
 
 
 def test_checkpoint_every_reaches_the_synthesizer_and_the_saved_config(model_dir, tmp_path):
@@ -349,8 +379,11 @@ def test_sigterm_during_synthesis_ends_with_one_line_and_status_143(capsys):
         raise SynthesisTerminated("SIGTERM received")
 
     assert dispatch(argparse.Namespace(handler=preempted)) == 143
-    assert capsys.readouterr().err.strip() == ("optimum-dfq: terminated by SIGTERM during synthesis; with --cache-dir, "
-                                               "run the same command again to resume.")
+    assert capsys.readouterr().err.strip() == ("optimum-dfq: terminated by SIGTERM during synthesis; run the same "
+                                               "command again to resume from what the synthesis cache kept.")
+    assert dispatch(argparse.Namespace(handler=preempted, no_cache=True)) == 143
+    assert capsys.readouterr().err.strip() == ("optimum-dfq: terminated by SIGTERM during synthesis; nothing was kept "
+                                               "(--no-cache).")
 
     def interrupted(args):
         raise KeyboardInterrupt

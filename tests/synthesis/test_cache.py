@@ -77,16 +77,92 @@ def test_ctrl_c_keeps_the_finished_batches_and_says_how_to_resume(cached, tmp_pa
         return real(model, plan, *args, **kwargs)
 
     monkeypatch.setattr(pixel_synthesizer, "optimize_batch", ctrl_c_during_the_third_batch)
-    cache_dir = tmp_path if cached else None
+    cache_dir = tmp_path if cached else False
     with pytest.raises(KeyboardInterrupt), caplog.at_level("WARNING"):
         get_synthesizer("psaq", **FAST).synthesize(tiny_vit(), 6, seed=0, batch_size=2, cache_dir=cache_dir, **NORM)
     (message,) = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
     if cached:
         (run_dir,) = tmp_path.iterdir()
         assert len(list((run_dir / "shards").iterdir())) == 2
-        assert f"4 of 6 images are cached in {run_dir}" in message and "same cache_dir and batch_size" in message
+        assert f"4 of 6 images are cached in {run_dir}" in message
+        assert "same arguments (cache_dir, batch_size)" in message
     else:
         assert "not kept" in message and "cache_dir=" in message
+
+
+def test_default_cache_keeps_an_interrupted_run_that_named_no_cache(default_synthesis_cache, monkeypatch):
+    model = tiny_vit()
+    reference = get_synthesizer("psaq", **FAST).synthesize(model, 4, seed=0, batch_size=2, cache_dir=False, **NORM)
+    assert not default_synthesis_cache.exists()  # cache_dir=False kept nothing although the default cache is on
+
+    def interrupt_after_first_batch(record):
+        raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        get_synthesizer("psaq", **FAST).synthesize(model, 4, seed=0, batch_size=2,
+                                                   on_batch_end=interrupt_after_first_batch, **NORM)
+    (run_dir,) = default_synthesis_cache.iterdir()
+    assert [path.name for path in (run_dir / "shards").iterdir()] == ["00000000-00000002.safetensors"]
+    calls = _count_optimisations(monkeypatch)
+    resumed = get_synthesizer("psaq", **FAST).synthesize(model, 4, seed=0, batch_size=2, cache_dir=True, **NORM)
+    assert calls == [[2, 3]]
+    assert torch.equal(resumed.pixel_values, reference.pixel_values)
+
+
+def test_default_cache_location_and_switch(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    from optimum_dfq.errors import ConfigError
+    from optimum_dfq.synthesis.cache import default_cache_dir, resolve_cache_dir
+
+    monkeypatch.delenv("OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE")
+    monkeypatch.delenv("OPTIMUM_DFQ_CACHE", raising=False)
+    monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "hf-home"))
+    assert default_cache_dir() == tmp_path / "hf-home" / "optimum_dfq" / "synthesis"
+    assert resolve_cache_dir(None) == resolve_cache_dir(True) == default_cache_dir()
+    monkeypatch.setenv("OPTIMUM_DFQ_CACHE", str(tmp_path / "mine"))
+    assert resolve_cache_dir(None) == tmp_path / "mine" / "synthesis"
+    assert resolve_cache_dir(tmp_path / "explicit") == tmp_path / "explicit"
+    assert resolve_cache_dir(False) is None
+    for value in ("1", "true", "YES", "on"):
+        monkeypatch.setenv("OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE", value)
+        assert resolve_cache_dir(None) is None
+        assert resolve_cache_dir(tmp_path / "explicit") == tmp_path / "explicit"  # only the default is off
+    for value in ("0", "false", "off", ""):
+        monkeypatch.setenv("OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE", value)
+        assert resolve_cache_dir(None) == tmp_path / "mine" / "synthesis"
+    monkeypatch.setenv("OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE", "maybe")
+    with pytest.raises(ConfigError, match="OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE='maybe' is not a yes/no value"):
+        resolve_cache_dir(None)
+    for bad in (5, "", 1.5):
+        with pytest.raises(ConfigError, match="cache_dir must be a folder, None/True for the default"):
+            resolve_cache_dir(bad)
+
+
+def test_a_bad_cache_dir_is_refused_before_any_optimisation(monkeypatch):
+    from optimum_dfq.errors import ConfigError
+
+    calls = _count_optimisations(monkeypatch)
+    with pytest.raises(ConfigError, match="cache_dir must be a folder"):
+        get_synthesizer("psaq", **FAST).synthesize(tiny_vit(), 2, seed=0, cache_dir=0, **NORM)
+    assert calls == []
+
+
+class _TwoProcesses:
+    num_processes, is_main_process = 2, True
+
+
+@pytest.mark.parametrize("hosts", [["a", "a"], ["a", "b"]])
+def test_default_cache_is_only_used_when_every_process_is_on_one_machine(hosts, default_synthesis_cache,
+                                                                         monkeypatch, caplog):
+    monkeypatch.setattr(pixel_synthesizer, "gather_lists", lambda state, items: list(hosts))
+    with caplog.at_level("WARNING"):
+        chosen = pixel_synthesizer._default_cache_for_run(_TwoProcesses(), default_synthesis_cache)
+    if len(set(hosts)) == 1:
+        assert chosen == default_synthesis_cache and not caplog.records
+    else:
+        assert chosen is None
+        assert "runs on 2 machines, so the default cache" in caplog.text and "--cache-dir" in caplog.text
 
 
 def test_finished_run_is_reused_without_optimising(tmp_path, monkeypatch):
