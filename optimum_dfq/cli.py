@@ -64,6 +64,12 @@ def _add_quantize(subparsers) -> None:
                         "folder or Hub id; replaces a recipe's calibration_dataset) or a folder written by "
                         "`synthesize` (used whole)")
     parser.add_argument("--calibration-split", default="train", help="split of --calibration-dataset")
+    parser.add_argument("--image-column", default=None, metavar="NAME",
+                        help="Image column of the calibration dataset (needed when it has several; recorded in the "
+                        "saved config)")
+    parser.add_argument("--label-column", default=None, metavar="NAME",
+                        help="ClassLabel or integer column of the calibration dataset's labels (needed to read them "
+                        "when it has several ClassLabel columns; calibration does not use them)")
     parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="also push the result to this Hub repo")
     parser.add_argument("--batch-size", type=int, default=None, help=BATCH_SIZE_HELP)
     _add_cache_flags(parser)
@@ -121,6 +127,11 @@ def _add_evaluate(subparsers) -> None:
     parser.add_argument("model", help="model folder or Hub id (quantized optimum_dfq checkpoints load too)")
     parser.add_argument("--dataset", required=True, help="parquet file, dataset folder or Hub id")
     parser.add_argument("--split", default="test", help="dataset split (default test)")
+    parser.add_argument("--image-column", default=None, metavar="NAME",
+                        help="the dataset's Image column (needed when it has several)")
+    parser.add_argument("--label-column", default=None, metavar="NAME",
+                        help="column of class ids to score (default: the ClassLabel column, of several the one with "
+                        "the model's class names, else 'label' or 'labels')")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     parser.add_argument("--output", default=None, help="JSON file for the results (default: print only; its folder "
@@ -394,6 +405,25 @@ def _check_real_data_flags(args: argparse.Namespace, config) -> None:
                            f"The images come from {where}.")
 
 
+def _with_column_flags(args: argparse.Namespace, config):
+    """The config whose `calibration_dataset` records `--image-column` / `--label-column`, refused (before the model
+    is loaded) when no image dataset is read: the images are synthesized, or come from a `synthesize` folder."""
+    from .errors import DFQError
+
+    chosen = {key: value for key, value in (("image_column", args.image_column), ("label_column", args.label_column))
+              if value is not None}
+    if not chosen:
+        return config
+    flags = " and ".join(f"--{key.replace('_', '-')} {value}" for key, value in chosen.items())
+    if not config.calibration_dataset:
+        raise DFQError(f"{flags} would not be used: this run synthesizes its calibration images. Drop it, or add "
+                       "--calibration-dataset with the image dataset it is a column of.")
+    if _is_saved_calibration_set(config.calibration_dataset["path"]):
+        raise DFQError(f"{flags} would not be used: {config.calibration_dataset['path']} is a calibration set written "
+                       "by `synthesize` (preprocessed pixel values, no image column). Drop it.")
+    return config.replace(calibration_dataset={**config.calibration_dataset, **chosen})
+
+
 def _check_run_synthesizer(config, args: argparse.Namespace):
     """Builds the synthesizer `quantize` will run (the recipe's, or `--synthesizer`, with the recipe's
     `synthesizer_kwargs`), so that hyper-parameters it does not take are refused before the model is loaded."""
@@ -444,6 +474,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     if args.calibration_dataset:  # replaces the recipe's dataset: the saved config names the images really used
         config = config.replace(calibration_dataset={"path": args.calibration_dataset,
                                                      "split": args.calibration_split})
+    config = _with_column_flags(args, config)
     if config.calibration_dataset:
         _check_real_data_flags(args, config)
         needs_processor = "calibrating on real images"
@@ -477,7 +508,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     qmodel = quantizer.quantize(bits=args.bits, config=config, synthesizer=args.synthesizer,
                                 num_images=args.num_images, seed=args.seed, calibration_dataset=dataset,
                                 cache_dir=_cache_argument(args), synthesis_device=state.device,
-                                save_dir=args.output_dir if state.is_main_process else None)
+                                save_dir=args.output_dir if state.is_main_process else None,
+                                image_column=args.image_column, label_column=args.label_column)
     if state.is_main_process:
         final = qmodel.config.quantization_config
         print(f"quantized {args.model} to {final.bits} with {final.num_images} calibration images from "
@@ -550,8 +582,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.limit is not None:
         dataset = dataset.select(range(min(args.limit, len(dataset))))
     results = evaluate_accuracy(quantizer.model, dataset, quantizer.image_processor, batch_size=args.batch_size,
-                                check_class_names=args.check_class_names)
+                                check_class_names=args.check_class_names, image_column=args.image_column,
+                                label_column=args.label_column)
     results.update({"model": args.model, "dataset": args.dataset, "split": args.split})
+    results.update({key: value for key, value in (("image_column", args.image_column),
+                                                  ("label_column", args.label_column)) if value is not None})
     line = f"top-1 {100 * results['top1']:.2f}%"
     if "top5" in results:
         line += f"  top-5 {100 * results['top5']:.2f}%"

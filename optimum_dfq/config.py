@@ -63,6 +63,7 @@ CORRECTION_DEFAULTS: dict[str, Any] = {
 #: Defaults of `DFQConfig.reconstruction` (I&S-ViT: Adam, lr 4e-5, cosine decay, 1000 iterations).
 RECONSTRUCTION_DEFAULTS: dict[str, Any] = {"iterations": 1000, "lr": 4e-5, "batch_size": 32}
 CALIBRATION_ORDERS = ("sequential", "parallel")
+CALIBRATION_DATASET_KEYS = ("path", "split", "name", "image_column", "label_column")
 DEFAULT_PERCENTILES = (0.999, 0.9999, 0.99999)
 
 
@@ -182,8 +183,10 @@ class DFQConfig(QuantizationConfigMixin):
             `DataFreeViTQuantizer.from_pretrained` loads). `"gaussian"` needs nothing and takes no time.
         synthesizer_kwargs (`dict`): hyper-parameters of the synthesizer (its defaults otherwise).
         calibration_dataset (`dict`): real-data calibration instead of synthesis (for comparisons and for
-            reproducing real-data baselines): `{"path": <dataset folder, parquet file or Hub id>, "split": "train"}`.
-            Empty (the default) means data-free.
+            reproducing real-data baselines): `{"path": <dataset folder, parquet file or Hub id>, "split": "train"}`,
+            optionally with `"name"` (configuration), `"image_column"` and `"label_column"` (needed for a dataset
+            with several image or `ClassLabel` columns). Without `"split"`: `"train"`, or the split a `save_to_disk`
+            folder of one split was saved as. Empty (the default) means data-free.
         num_images (`int`, defaults to 32): number of calibration images.
         seed (`int`, defaults to 0): seed of synthesis and calibration.
         modules_to_not_convert (`list[str]`): in-memory module names (or `"re:"` + a regular expression matched
@@ -276,17 +279,18 @@ class DFQConfig(QuantizationConfigMixin):
                 ) from None
         if self.calibration_batch_size < 1:
             raise ConfigError(f"DFQConfig.calibration_batch_size={self.calibration_batch_size} must be at least 1.")
-        unknown = sorted(set(self.calibration_dataset) - {"path", "split", "name"})
+        unknown = sorted(set(self.calibration_dataset) - set(CALIBRATION_DATASET_KEYS))
         if unknown or (self.calibration_dataset and "path" not in self.calibration_dataset):
             raise ConfigError(
                 f"DFQConfig.calibration_dataset={self.calibration_dataset!r} must be empty or have a 'path' (and "
-                "optionally 'split', 'name')."
+                "optionally 'split', 'name', 'image_column', 'label_column')."
             )
         for key, value in self.calibration_dataset.items():
             if not isinstance(value, str) or not value:
                 raise ConfigError(
                     f"DFQConfig.calibration_dataset[{key!r}]={value!r} must be a non-empty string (a dataset folder, "
-                    "parquet file or Hub id for 'path', a split or configuration name for 'split' and 'name')."
+                    "parquet file or Hub id for 'path', a split or configuration name for 'split' and 'name', a "
+                    "column name for 'image_column' and 'label_column')."
                 )
         if self.quant_method != QUANT_METHOD:
             raise ConfigError(f"DFQConfig.quant_method must be {QUANT_METHOD!r}, got {self.quant_method!r}.")

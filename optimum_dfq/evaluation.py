@@ -19,10 +19,10 @@ from .calibration.data import (
     check_image_processor,
     expected_image_shape,
     first_undecodable_image,
-    image_column,
     image_mode,
     is_streaming_dataset,
-    label_column,
+    resolve_image_column,
+    resolve_label_column,
 )
 from .errors import DFQError, ImageSizeError
 
@@ -116,7 +116,7 @@ def _class_label_column(dataset, config) -> str | None:
 
     columns = [name for name, feature in dataset.features.items() if isinstance(feature, ClassLabel)]
     if len(columns) < 2:
-        return label_column(dataset)
+        return resolve_label_column(dataset)
     id2label = {int(i): _normalised(name) for i, name in (getattr(config, "id2label", None) or {}).items()}
     matching = [column for column in columns
                 if [_normalised(name) for name in dataset.features[column].names]
@@ -129,24 +129,36 @@ def _class_label_column(dataset, config) -> str | None:
     raise DFQError(
         f"The dataset has several ClassLabel columns {columns}, and {'none' if not matching else 'more than one'} "
         "has the model's class names (config.id2label) or, failing that, its number of classes, so the labels to "
-        "score are not known. Keep the column the model was trained on: `dataset.remove_columns([...])` with the "
-        f"others (e.g. {columns[1:]})."
+        f"score are not known. Choose the column the model was trained on with label_column={columns[0]!r} "
+        f"(command line: --label-column {columns[0]}), or drop the others: `dataset.remove_columns([...])` (e.g. "
+        f"{columns[1:]})."
     )
 
 
-def _labels(dataset, config, check_names: bool = True) -> list[int]:
-    """The labels of `dataset`, checked to be class ids of the model (and, in a `ClassLabel`, its classes)."""
-    num_labels = config.num_labels
-    column = _class_label_column(dataset, config)
-    if column is not None and check_names:
+def _label_column_to_score(dataset, config, check_names: bool, chosen: str | None) -> str:
+    """The column of class ids to score: `chosen`, else the `ClassLabel` one (see [`_class_label_column`]), else
+    `label` or `labels`; a `ClassLabel` column's names are checked against the model's when `check_names`."""
+    from datasets import ClassLabel
+
+    column = resolve_label_column(dataset, chosen) if chosen is not None else _class_label_column(dataset, config)
+    if column is not None and check_names and isinstance(dataset.features[column], ClassLabel):
         verify_class_names(dataset, column, config)
     if column is None:
         column = next((name for name in ("label", "labels") if name in dataset.column_names), None)
     if column is None:
         raise DFQError(
-            f"The dataset has no label column (columns: {dataset.column_names}). Name the integer class-id column "
-            "'label' (`dataset.rename_column(<name>, 'label')`) or cast it to a ClassLabel."
+            f"The dataset has no label column (columns: {dataset.column_names}). Choose the integer class-id column "
+            "with label_column=<name> (command line: --label-column NAME), name it 'label' "
+            "(`dataset.rename_column(<name>, 'label')`) or cast it to a ClassLabel."
         )
+    return column
+
+
+def _labels(dataset, config, check_names: bool = True, chosen: str | None = None) -> list[int]:
+    """The labels of `dataset` (from the column `chosen`, if given), checked to be class ids of the model (and, in a
+    `ClassLabel`, its classes)."""
+    num_labels = config.num_labels
+    column = _label_column_to_score(dataset, config, check_names, chosen)
     labels = dataset[column]
     if not all(isinstance(label, int) and not isinstance(label, bool) for label in labels):
         kinds = sorted({type(label).__name__ for label in labels})
@@ -194,7 +206,7 @@ def _check_batch_size(batch_size: int) -> None:
 @torch.no_grad()
 def predict_top_k(
     model, dataset, image_processor, k: int = 5, batch_size: int = 64, progress: bool = True,
-    check_class_names: bool = True,
+    check_class_names: bool = True, *, image_column: str | None = None, label_column: str | None = None,
 ) -> tuple[list[list[int]], list[int]]:
     """Runs `model` over a labelled image dataset.
 
@@ -211,6 +223,9 @@ def predict_top_k(
         progress (`bool`): show a progress bar.
         check_class_names (`bool`, defaults to `True`): refuse a `ClassLabel` column whose names are not the model's
             `id2label` names (see [`verify_class_names`]).
+        image_column (`str`, *optional*): the `Image` column to read; needed when the dataset has several.
+        label_column (`str`, *optional*): the `ClassLabel` or integer column of class ids, instead of the one found
+            as above.
 
     Returns:
         `tuple[list[list[int]], list[int]]`: the top-`k` class ids per example (best first) and the labels.
@@ -221,6 +236,8 @@ def predict_top_k(
             several `ClassLabel` columns, none or more than one of them with the model's class names or, failing
             that, number of classes), a label is not a class id of the model, the dataset's class names are not the
             model's, an example has no image or one that does not decode, or `batch_size` is not positive.
+        `CalibrationError` (a `DFQError`): when the dataset has no `Image` column, or several and no
+            `image_column`, or a chosen column is missing or of another type.
         `ImageSizeError`: when the processed images do not have the size and channels the model expects.
     """
     if image_processor is None:
@@ -228,8 +245,8 @@ def predict_top_k(
     check_image_processor(image_processor)
     _check_dataset(dataset)
     _check_batch_size(batch_size)
-    images_col = image_column(dataset)
-    labels = _labels(dataset, model.config, check_class_names)
+    images_col = resolve_image_column(dataset, image_column)
+    labels = _labels(dataset, model.config, check_class_names, label_column)
     expected = expected_image_shape(model)
     mode = image_mode(expected[0])
     was_training = model.training
@@ -271,7 +288,7 @@ def predict_top_k(
 
 def evaluate_accuracy(
     model, dataset, image_processor, batch_size: int = 64, top_k: tuple[int, ...] = (1, 5), progress: bool = True,
-    check_class_names: bool = True,
+    check_class_names: bool = True, *, image_column: str | None = None, label_column: str | None = None,
 ) -> dict[str, Any]:
     """Top-1 (and top-5 when the model has more than 5 classes) accuracy of `model` on `dataset`.
 
@@ -286,12 +303,15 @@ def evaluate_accuracy(
         progress (`bool`): show a progress bar.
         check_class_names (`bool`, defaults to `True`): refuse a `ClassLabel` column whose names are not the model's
             `id2label` names (another dataset, or classes in another order).
+        image_column (`str`, *optional*): the `Image` column to read; needed when the dataset has several.
+        label_column (`str`, *optional*): the `ClassLabel` or integer column of class ids (see [`predict_top_k`]).
 
     Returns:
         `dict`: e.g. `{"top1": 0.91, "top5": 0.99, "num_examples": 10000}`.
 
     Raises:
-        `DFQError`: when the dataset is empty or unlabelled (see [`predict_top_k`]), or no k of `top_k` is left.
+        `DFQError`: when the dataset is empty or unlabelled, its image or label column is ambiguous or a chosen one
+            is not usable (see [`predict_top_k`]), or no k of `top_k` is left.
 
     Example:
         >>> evaluate_accuracy(model, load_dataset("cifar10", split="test"), processor)  # doctest: +SKIP
@@ -313,7 +333,7 @@ def evaluate_accuracy(
             f"k >= {num_labels} is always 1. Ask for smaller k, e.g. top_k=(1,)."
         )
     predictions, references = predict_top_k(model, dataset, image_processor, max(ks), batch_size, progress,
-                                            check_class_names)
+                                            check_class_names, image_column=image_column, label_column=label_column)
     results = load_top_k_metric().compute(predictions=predictions, references=references, k=list(ks))
     results["num_examples"] = len(references)
     return results

@@ -144,6 +144,8 @@ class DataFreeViTQuantizer(OptimumQuantizer):
         save_dir: str | os.PathLike | None = None,
         cache_dir: str | os.PathLike | bool | None = None,
         synthesis_device: str | torch.device | None = None,
+        image_column: str | None = None,
+        label_column: str | None = None,
     ) -> PreTrainedModel:
         """Returns a quantized copy of `model` (the input model is left unchanged).
 
@@ -177,6 +179,10 @@ class DataFreeViTQuantizer(OptimumQuantizer):
             synthesis_device (`str` or `torch.device`, *optional*): where a synthesizer that optimises images runs
                 (the model is moved there for the synthesis and back; e.g. `PartialState().device` under a
                 launcher); the model's own device by default. Calibration runs on the model's device.
+            image_column (`str`, *optional*): the `Image` column of a calibration image dataset (given, or the
+                config's `calibration_dataset`, whose own `image_column` it replaces); needed when it has several.
+            label_column (`str`, *optional*): the `ClassLabel` or integer column to read the calibration labels
+                from (calibration does not use them); needed to keep labels when it has several `ClassLabel` columns.
 
         Returns:
             `PreTrainedModel`: same class and outputs as the input; `model.config.quantization_config` is the
@@ -194,7 +200,8 @@ class DataFreeViTQuantizer(OptimumQuantizer):
             `UnsupportedArchitectureError`: `model` is not a ViT, DeiT or Swin image classifier.
             `ImageSizeError`: the image processor or the calibration images do not have the model's image size.
             `CalibrationError`: NaN/inf weights, empty or malformed calibration data (including raw pixels cast to
-                float), or non-finite activations.
+                float), an image dataset with several image (or `ClassLabel`) columns and none chosen, a chosen column
+                that is missing or of another type, or non-finite activations.
             `SynthesisError`: an unknown synthesizer, invalid synthesizer hyper-parameters, or a failed synthesis.
 
         Example:
@@ -215,6 +222,8 @@ class DataFreeViTQuantizer(OptimumQuantizer):
             raise ConfigError("No model to quantize: pass `model=` or create the quantizer with from_pretrained(...).")
         adapter = get_adapter(model)
         config = self._resolve_config(config, bits, synthesizer, num_images, seed)
+        if calibration_dataset is None and config.calibration_dataset:  # the saved config names the columns used
+            config = _with_columns(config, image_column, label_column)
         if synthesizer is not None and (calibration_dataset is not None or config.calibration_dataset):
             given = "calibration_dataset=" if calibration_dataset is not None else (
                 f"the config's calibration_dataset={config.calibration_dataset!r}")
@@ -238,7 +247,7 @@ class DataFreeViTQuantizer(OptimumQuantizer):
         with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
             torch.manual_seed(config.seed)
             calibration = self.calibration_set(qmodel, config, calibration_dataset, image_processor, cache_dir,
-                                               synthesis_device)
+                                               synthesis_device, image_column=image_column, label_column=label_column)
             config = _record_image_count(config, len(calibration), requested=num_images)
             config, input_normalization = resolve_input_range(config, image_processor)
             _, plan = quantize_model(qmodel, calibration, config, input_normalization)
@@ -316,6 +325,9 @@ class DataFreeViTQuantizer(OptimumQuantizer):
         image_processor: Any | None,
         cache_dir: str | os.PathLike | bool | None = None,
         synthesis_device: str | torch.device | None = None,
+        *,
+        image_column: str | None = None,
+        label_column: str | None = None,
     ) -> CalibrationSet:
         """Builds the calibration set of a run: synthesized, or from the given real data.
 
@@ -329,13 +341,18 @@ class DataFreeViTQuantizer(OptimumQuantizer):
             cache_dir (`str`, `os.PathLike` or `bool`, *optional*): synthesis cache folder; `None` for the default
                 one, `False` for none.
             synthesis_device (`str` or `torch.device`, *optional*): where a synthesizer that optimises images runs.
+            image_column (`str`, *optional*): the `Image` column of an image dataset (by default the one of
+                `config.calibration_dataset`, if it names one, when that dataset is loaded).
+            label_column (`str`, *optional*): the `ClassLabel` or integer label column of an image dataset (likewise).
 
         Returns:
             [`CalibrationSet`]: the images, checked against the model's image size.
 
         Raises:
-            `CalibrationError`: malformed, empty or streaming calibration data.
-            `ConfigError`: a `cache_dir` folder for a synthesizer without a cache, or with real data.
+            `CalibrationError`: malformed, empty or streaming calibration data; an image dataset whose image (or
+                `ClassLabel`) column is ambiguous, or a chosen column that is missing or of another type.
+            `ConfigError`: a `cache_dir` folder for a synthesizer without a cache, or with real data;
+                `image_column` / `label_column` without an image dataset to read them from.
             `ImageSizeError`: images of another size than the model's.
             `SynthesisError`: an unknown synthesizer or a failed synthesis.
         """
@@ -345,7 +362,12 @@ class DataFreeViTQuantizer(OptimumQuantizer):
                               "data; drop cache_dir=.")
         if calibration_dataset is None and config.calibration_dataset:
             spec = config.calibration_dataset
-            calibration_dataset = load_image_dataset(spec["path"], spec.get("split", "train"), spec.get("name"))
+            calibration_dataset = load_image_dataset(spec["path"], spec.get("split"), spec.get("name"))
+            image_column = image_column if image_column is not None else spec.get("image_column")
+            label_column = label_column if label_column is not None else spec.get("label_column")
+        columns = {"image_column": image_column, "label_column": label_column}
+        if (source := _pixel_source(calibration_dataset)) is not None:
+            _check_no_columns_chosen(columns, source)
         if calibration_dataset is None:
             synthesizer = synthesizer_from_config(config)
             extra = {}
@@ -375,7 +397,7 @@ class DataFreeViTQuantizer(OptimumQuantizer):
         elif hasattr(calibration_dataset, "features"):
             calibration = calibration_set_from_dataset(
                 calibration_dataset, image_processor, config.num_images, seed=config.seed,
-                num_channels=expected_image_shape(model)[0],
+                num_channels=expected_image_shape(model)[0], **columns,
             )
         elif _is_dataset_dict(calibration_dataset):
             splits = list(calibration_dataset)
@@ -406,6 +428,35 @@ def _warn_unused_activation_options(config: DFQConfig) -> None:
         logger.warning("bits=%r is weight-only (activations stay float), so %s have no effect; choose a preset "
                        "with activation bits (e.g. 'w4a8') to use them.", config.bits,
                        ", ".join(f"{name}={getattr(config, name)!r}" for name in unused))
+
+
+def _with_columns(config: DFQConfig, image_column: str | None, label_column: str | None) -> DFQConfig:
+    """`config` whose `calibration_dataset` names the columns chosen for it (the others it names are kept)."""
+    chosen = {key: value for key, value in (("image_column", image_column), ("label_column", label_column))
+              if value is not None}
+    return config.replace(calibration_dataset={**config.calibration_dataset, **chosen}) if chosen else config
+
+
+def _pixel_source(calibration_dataset: Any) -> str | None:
+    """Where calibration images come from when no image dataset is read (`None` otherwise, or for data that
+    `calibration_set` refuses anyway)."""
+    if calibration_dataset is None:
+        return "synthesized"
+    if isinstance(calibration_dataset, (CalibrationSet, torch.Tensor)):
+        return f"given as a {type(calibration_dataset).__name__} of pixel values"
+    if hasattr(calibration_dataset, "features") and "pixel_values" in calibration_dataset.features:
+        return "a saved set of preprocessed pixel_values"
+    return None
+
+
+def _check_no_columns_chosen(columns: dict[str, str | None], source: str) -> None:
+    """Refuses `image_column` / `label_column` when the calibration images do not come from an image dataset."""
+    chosen = [f"{key}={value!r}" for key, value in columns.items() if value is not None]
+    if chosen:
+        raise ConfigError(
+            f"{' and '.join(chosen)} would not be used: the calibration images are {source}, not read from an "
+            "image dataset. Drop it, or pass the image dataset (calibration_dataset=) it is a column of."
+        )
 
 
 def _is_dataset_dict(value: Any) -> bool:

@@ -99,6 +99,16 @@ def cifar_test():
     return load_dataset("parquet", data_files={"test": str(FIXTURES / "cifar10_tiny_test.parquet")}, split="test")
 
 
+def two_image_columns(dataset):
+    """`dataset` (with its `img` column) plus a second Image column, `other`, holding the images of the rows in
+    reverse order."""
+    from datasets import Image
+
+    encoded = dataset.cast_column("img", Image(decode=False))
+    pairs = encoded.add_column("other", encoded["img"][::-1], feature=Image(decode=False))
+    return pairs.cast_column("img", Image()).cast_column("other", Image())
+
+
 @pytest.fixture(scope="session")
 def cifar_test_pixels(cifar_test, image_processor) -> torch.Tensor:
     images = [image.convert("RGB") for image in cifar_test["img"]]

@@ -216,7 +216,8 @@ def test_unknown_recipe_key_suggests_the_close_key():
 
 @pytest.mark.parametrize("dataset, key", [({"path": 3}, "path"), ({"path": None}, "path"), ({"path": ""}, "path"),
                                           ({"path": "data.parquet", "split": 3}, "split"),
-                                          ({"path": "data.parquet", "name": ["x"]}, "name")])
+                                          ({"path": "data.parquet", "name": ["x"]}, "name"),
+                                          ({"path": "data.parquet", "image_column": ""}, "image_column")])
 def test_calibration_dataset_values_must_be_names(dataset, key):
     # a number or null path reached pathlib with a TypeError, an empty one datasets with an IndexError, when quantizing
     with pytest.raises(ConfigError, match=rf"DFQConfig\.calibration_dataset\['{key}'\]=.* must be a non-empty string"):

@@ -2,10 +2,10 @@ import pytest
 import torch
 from datasets import Value
 
-from optimum_dfq.errors import DFQError, ImageSizeError
-from optimum_dfq.evaluation import evaluate_accuracy, load_top_k_metric
+from optimum_dfq.errors import CalibrationError, DFQError, ImageSizeError
+from optimum_dfq.evaluation import evaluate_accuracy, load_top_k_metric, predict_top_k
 
-from .conftest import tiny_vit
+from .conftest import tiny_vit, two_image_columns
 
 
 def test_metric_module_loads_offline_and_counts():
@@ -151,8 +151,12 @@ def test_with_several_class_label_columns_the_one_with_the_models_names_is_score
     assert evaluate_accuracy(model, both, image_processor, progress=False) == expected
     twice = both.add_column("again", subset["label"]).cast_column("again", subset.features["label"])
     with pytest.raises(DFQError, match=r"several ClassLabel columns \['coarse', 'label', 'again'\].*more than one "
-                                       r"has the model's class names.*remove_columns"):
+                                       r"has the model's class names.*label_column='coarse' \(command line: "
+                                       r"--label-column coarse\).*remove_columns"):
         evaluate_accuracy(model, twice, image_processor, progress=False)
+    assert evaluate_accuracy(model, twice, image_processor, progress=False, label_column="again") == expected
+    with pytest.raises(DFQError, match="column 'coarse' has 2 classes, but the model has 10"):  # still checked
+        evaluate_accuracy(model, twice, image_processor, progress=False, label_column="coarse")
     assert evaluate_accuracy(model, both.remove_columns("coarse"), image_processor, progress=False) == expected
 
 
@@ -279,3 +283,38 @@ def test_a_dataset_of_some_of_the_models_classes_under_their_names_is_scored(cif
     renamed = two.cast_column("label", ClassLabel(names=["cat", "dog"]))  # other names: still refused
     with pytest.raises(DFQError, match="class names are not the model's"):
         evaluate_accuracy(model, renamed, image_processor, progress=False)
+
+
+def test_several_image_columns_are_refused_and_the_chosen_one_is_scored(cifar_test, image_processor):
+    # the first Image column was scored without a word
+    subset = cifar_test.select(range(8))
+    pairs, model = two_image_columns(subset), tiny_vit()
+    with pytest.raises(CalibrationError, match=r"several image columns \['img', 'other'\].*image_column='img' "
+                                               r"\(command line: --image-column img\)"):
+        evaluate_accuracy(model, pairs, image_processor, progress=False)
+    reversed_images = subset.select(range(7, -1, -1))
+    for column, images in (("img", subset), ("other", reversed_images)):
+        predictions, labels = predict_top_k(model, pairs, image_processor, k=3, progress=False, image_column=column)
+        assert predictions == predict_top_k(model, images, image_processor, k=3, progress=False)[0]
+        assert labels == subset["label"]  # the rows' labels, whichever image column is read
+    assert predict_top_k(model, subset, image_processor, k=3, progress=False)[0] != predict_top_k(
+        model, reversed_images, image_processor, k=3, progress=False)[0]  # so the two choices score differently
+    with pytest.raises(CalibrationError, match=r"image_column='label' is not an Image column \(it holds ClassLabel\)"):
+        evaluate_accuracy(model, pairs, image_processor, progress=False, image_column="label")
+
+
+def test_the_chosen_label_column_is_scored(cifar_test, image_processor):
+    subset = cifar_test.select(range(6))
+    target = [(label + 1) % 10 for label in subset["label"]]
+    both = subset.add_column("target", target)
+    model = tiny_vit()
+    assert predict_top_k(model, both, image_processor, progress=False)[1] == subset["label"]  # the ClassLabel column
+    assert predict_top_k(model, both, image_processor, progress=False, label_column="target")[1] == target
+    with pytest.raises(CalibrationError, match=r"label_column='labels' is not a column of the dataset; its features "
+                                               r"are: img \(Image\), label \(ClassLabel\), target \(int64\)"):
+        evaluate_accuracy(model, both, image_processor, progress=False, label_column="labels")
+    unlabelled = subset.remove_columns("label").add_column("target", target)
+    with pytest.raises(DFQError, match=r"no label column.*label_column=<name> \(command line: --label-column NAME\)"):
+        evaluate_accuracy(model, unlabelled, image_processor, progress=False)
+    assert evaluate_accuracy(model, unlabelled, image_processor, progress=False, label_column="target") == (
+        evaluate_accuracy(model, both, image_processor, progress=False, label_column="target"))

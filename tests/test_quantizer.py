@@ -26,7 +26,7 @@ from optimum_dfq.calibration import iter_quantizers
 from optimum_dfq.nn import QConv2d, QLayerNorm, QLinear
 from optimum_dfq.quantizers import LogSqrt2Quantizer
 
-from .conftest import FIXTURES, TINY_MODELS, tiny_vit
+from .conftest import FIXTURES, TINY_MODELS, tiny_vit, two_image_columns
 
 
 def count_levels_ok(model) -> None:
@@ -665,6 +665,41 @@ def test_calibration_dataset_from_the_config_is_loaded(image_processor):
     calibration = DataFreeViTQuantizer.calibration_set(model, config, None, image_processor)
     assert calibration.metadata == {"source": "real", "num_images": 5, "seed": 2}
     assert calibration.pixel_values.shape == (5, 3, 32, 32) and calibration.labels.shape == (5,)
+
+
+def test_the_chosen_image_column_is_calibrated_on_and_recorded_with_the_configs_dataset(cifar_train, image_processor,
+                                                                                     tmp_path):
+    # a dataset with several Image columns was calibrated on its first one without a word
+    model, pairs = tiny_vit(), two_image_columns(cifar_train.select(range(6)))
+    quantizer = DataFreeViTQuantizer(model, image_processor)
+    with pytest.raises(CalibrationError, match=r"several image columns \['img', 'other'\].*image_column='img'"):
+        quantizer.quantize(bits="w8a8", calibration_dataset=pairs, num_images=4)
+
+    def calibrated(config, **columns):
+        return DataFreeViTQuantizer.calibration_set(model, config, None, image_processor, **columns).pixel_values
+
+    pairs.save_to_disk(str(tmp_path / "pairs"))
+    config = DFQConfig(bits="w8a8", num_images=6, calibration_dataset={"path": str(tmp_path / "pairs")})
+    named = config.replace(calibration_dataset={**config.calibration_dataset, "image_column": "other"})
+    torch.testing.assert_close(calibrated(config, image_column="other"), calibrated(named))
+    assert not torch.equal(calibrated(config, image_column="img"), calibrated(named))  # the choice is what is read
+
+    qmodel = quantizer.quantize(config=config, image_column="other", label_column="label")
+    assert qmodel.config.quantization_config.calibration_dataset == {
+        "path": str(tmp_path / "pairs"), "image_column": "other", "label_column": "label"}
+    reloaded = DFQConfig.from_dict(qmodel.config.quantization_config.to_dict())
+    assert reloaded.calibration_dataset["image_column"] == "other"
+    given = quantizer.quantize(bits="w8a8", calibration_dataset=pairs, num_images=4, image_column="other")
+    assert given.config.quantization_config.calibration_dataset == {}  # a dataset object: nothing to record
+
+
+@pytest.mark.parametrize("data, source", [({"synthesizer": "gaussian"}, "synthesized"),
+                                          ({"calibration_dataset": torch.randn(2, 3, 32, 32)}, "given as a Tensor")])
+def test_a_column_choice_without_an_image_dataset_is_refused(data, source, image_processor):
+    quantizer = DataFreeViTQuantizer(tiny_vit(), image_processor)
+    with pytest.raises(ConfigError, match=rf"image_column='img' would not be used: the calibration images are "
+                                          rf"{source}"):
+        quantizer.quantize(bits="w8a8", image_column="img", **data)
 
 
 def test_calibration_set_is_used_as_given_and_checked_against_the_model():

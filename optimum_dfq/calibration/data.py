@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,10 +121,37 @@ def expected_image_shape(model: torch.nn.Module) -> tuple[int, int, int]:
     return int(config.num_channels), int(height), int(width)
 
 
-def image_column(dataset) -> str:
-    """Name of the (single) `datasets.Image` column of an image dataset."""
+def resolve_image_column(dataset, chosen: str | None = None) -> str:
+    """The `datasets.Image` column to read images from: the one chosen, else the dataset's only one.
+
+    Args:
+        dataset (`datasets.Dataset`): an image dataset.
+        chosen (`str`, *optional*): the column the caller named (`image_column=`, `--image-column`).
+
+    Returns:
+        `str`: the column name.
+
+    Raises:
+        `CalibrationError`: when the chosen column is missing or not an `Image` column, or, with none chosen, when
+            the dataset has no `Image` column or several (which one holds the images is not guessed).
+
+    Example:
+        >>> from datasets import Dataset, Features, Image
+        >>> from PIL import Image as PILImage
+        >>> blank = PILImage.new("RGB", (4, 4))
+        >>> features = Features({"left": Image(), "right": Image()})
+        >>> pairs = Dataset.from_dict({"left": [blank], "right": [blank]}, features)
+        >>> resolve_image_column(pairs, "right")
+        'right'
+        >>> resolve_image_column(pairs)
+        Traceback (most recent call last):
+        ...
+        optimum_dfq.errors.CalibrationError: The dataset has several image columns ['left', 'right']...
+    """
     from datasets import Image, Value
 
+    if chosen is not None:
+        return _chosen_column(dataset, chosen, "image_column", "an Image", lambda feature: isinstance(feature, Image))
     columns = [name for name, feature in dataset.features.items() if isinstance(feature, Image)]
     if not columns:
         texts = [name for name, feature in dataset.features.items()
@@ -134,17 +162,81 @@ def image_column(dataset) -> str:
             f"The dataset has no image column (features: {list(dataset.features)}); an image-classification "
             f"dataset with a `datasets.Image` feature is needed.{cast}"
         )
+    if len(columns) > 1:
+        raise CalibrationError(
+            f"The dataset has several image columns {columns}, so which one holds the images to use is not known. "
+            f"Choose one with image_column={columns[0]!r} (command line: --image-column {columns[0]}), or drop the "
+            f"others (`dataset.remove_columns({columns[1:]})`)."
+        )
     return columns[0]
 
 
-def label_column(dataset) -> str | None:
-    """Name of the `ClassLabel` column, if any."""
+def resolve_label_column(dataset, chosen: str | None = None) -> str | None:
+    """The column to read class labels from: the one chosen, else the dataset's only `ClassLabel` column, if any.
+
+    Args:
+        dataset (`datasets.Dataset`): an image dataset.
+        chosen (`str`, *optional*): the column the caller named (`label_column=`, `--label-column`): a `ClassLabel`
+            or integer column.
+
+    Returns:
+        `str` or `None`: the column name; `None` when none is chosen and the dataset has no `ClassLabel` column.
+
+    Raises:
+        `CalibrationError`: when the chosen column is missing or neither a `ClassLabel` nor an integer column, or,
+            with none chosen, when the dataset has several `ClassLabel` columns.
+
+    Example:
+        >>> from datasets import ClassLabel, Dataset, Features, Value
+        >>> features = Features({"fine": ClassLabel(names=["a", "b"]), "coarse": ClassLabel(names=["x"]),
+        ...                      "id": Value("int64")})
+        >>> data = Dataset.from_dict({"fine": [1], "coarse": [0], "id": [7]}, features)
+        >>> resolve_label_column(data, "fine"), resolve_label_column(data.remove_columns(["fine", "coarse"]))
+        ('fine', None)
+    """
     from datasets import ClassLabel
 
-    for name, feature in dataset.features.items():
-        if isinstance(feature, ClassLabel):
-            return name
-    return None
+    if chosen is not None:
+        return _chosen_column(dataset, chosen, "label_column", "a ClassLabel or integer", _is_label_feature)
+    columns = [name for name, feature in dataset.features.items() if isinstance(feature, ClassLabel)]
+    if len(columns) > 1:
+        raise CalibrationError(
+            f"The dataset has several ClassLabel columns {columns}, so which one holds the labels is not known. "
+            f"Choose one with label_column={columns[0]!r} (command line: --label-column {columns[0]}), or drop the "
+            f"others (`dataset.remove_columns({columns[1:]})`)."
+        )
+    return columns[0] if columns else None
+
+
+def _is_label_feature(feature: Any) -> bool:
+    from datasets import ClassLabel, Value
+
+    return isinstance(feature, ClassLabel) or (isinstance(feature, Value) and feature.dtype.startswith(("int", "uint")))
+
+
+def _chosen_column(dataset, chosen: str, option: str, kind: str, accepts: Callable[[Any], bool]) -> str:
+    """`chosen`, refused with the dataset's features when it is not a column of the kind `accepts` takes."""
+    if not isinstance(chosen, str):
+        raise CalibrationError(f"{option} must be a column name (str), got {type(chosen).__name__} {chosen!r}.")
+    features = ", ".join(f"{name} ({_feature_kind(feature)})" for name, feature in dataset.features.items())
+    feature = dataset.features.get(chosen)
+    if feature is None:
+        raise CalibrationError(
+            f"{option}={chosen!r} is not a column of the dataset; its features are: {features}. Pass one of them."
+        )
+    if not accepts(feature):
+        raise CalibrationError(
+            f"{option}={chosen!r} is not {kind} column (it holds {_feature_kind(feature)}); the dataset's "
+            f"features are: {features}. Pass {kind} column."
+        )
+    return chosen
+
+
+def _feature_kind(feature: Any) -> str:
+    """`Image`, `ClassLabel`, `int64`, `string`...: what a `datasets` feature holds, in a word."""
+    from datasets import Value
+
+    return feature.dtype if isinstance(feature, Value) else type(feature).__name__
 
 
 def is_streaming_dataset(dataset: Any) -> bool:
@@ -276,16 +368,16 @@ def check_processor_output_size(image_processor: Any, expected: tuple[int, int, 
 
 def calibration_set_from_dataset(
     dataset, image_processor, num_images: int | None = None, seed: int = 0, shuffle: bool = True,
-    num_channels: int = 3,
+    num_channels: int = 3, image_column: str | None = None, label_column: str | None = None,
 ) -> CalibrationSet:
     """Takes real images from a `datasets` image dataset and runs them through the model's image processor.
 
-    Images are converted to RGB first (grayscale for a 1-channel model). Labels come from the first `ClassLabel`
-    column, if there is one.
+    Images are converted to RGB first (grayscale for a 1-channel model). Labels come from the `ClassLabel` column,
+    if there is one (or from `label_column`); calibration itself does not use them.
 
     Args:
-        dataset (`datasets.Dataset`): a map-style dataset with a `datasets.Image` column (the first one is used) and
-            optionally a `ClassLabel` column.
+        dataset (`datasets.Dataset`): a map-style dataset with a `datasets.Image` column and optionally a
+            `ClassLabel` column.
         image_processor (`BaseImageProcessor`): the model's image processor
             (`AutoImageProcessor.from_pretrained(model_id)`).
         num_images (`int`, *optional*): how many images to take (all if `None`).
@@ -293,14 +385,19 @@ def calibration_set_from_dataset(
         shuffle (`bool`, *optional*, defaults to `True`): pick a random subset (RepQ-ViT takes one shuffled batch of
             training images); otherwise the first `num_images`.
         num_channels (`int`, *optional*, defaults to 3): the model's input channels (see [`image_mode`]).
+        image_column (`str`, *optional*): the `Image` column to read; needed when the dataset has several.
+        label_column (`str`, *optional*): the `ClassLabel` or integer column to read labels from; needed to keep
+            labels when the dataset has several `ClassLabel` columns.
 
     Returns:
         `CalibrationSet`: the processed images, their labels (or `None`) and `metadata` with `source="real"`,
         `num_images` and `seed`.
 
     Raises:
-        `CalibrationError`: when `image_processor` is `None`, the dataset is empty or has no image column, an image
-            taken does not decode, or `num_images` exceeds its length.
+        `CalibrationError`: when `image_processor` is `None`, the dataset is empty, has no image column, or several
+            image or `ClassLabel` columns and none chosen, a chosen column is missing or of another type (see
+            [`resolve_image_column`], [`resolve_label_column`]), an image taken does not decode, or `num_images`
+            exceeds its length.
 
     Example:
 
@@ -323,6 +420,7 @@ def calibration_set_from_dataset(
         )
     if len(dataset) == 0:
         raise CalibrationError("The calibration dataset is empty; pass a dataset with at least one image.")
+    images_col, labels_col = resolve_image_column(dataset, image_column), resolve_label_column(dataset, label_column)
     if num_images is not None and num_images > len(dataset):
         raise CalibrationError(
             f"Asked for {num_images} calibration images but the dataset has only {len(dataset)}; lower num_images."
@@ -331,7 +429,6 @@ def calibration_set_from_dataset(
         dataset = dataset.shuffle(seed=seed)
     if num_images is not None:
         dataset = dataset.select(range(num_images))
-    images_col, labels_col = image_column(dataset), label_column(dataset)
     mode = image_mode(num_channels)
     try:
         images = [image.convert(mode) for image in dataset[images_col]]
@@ -350,40 +447,76 @@ def calibration_set_from_dataset(
     )
 
 
-def load_image_dataset(path: str, split: str = "train", name: str | None = None):
+def load_image_dataset(path: str, split: str | None = None, name: str | None = None):
     """Loads a labelled image dataset from a parquet file, a `save_to_disk` folder, a dataset folder or a Hub id.
 
     Args:
         path (`str`): `*.parquet` file, folder, or Hub dataset id (e.g. `"ILSVRC/imagenet-1k"`, gated: needs a token).
-        split (`str`): split to load (ignored for a single parquet file or a `save_to_disk` folder of one split).
+        split (`str`, *optional*): split to load; `None` means `"train"`, except for a `save_to_disk` folder of one
+            split, where it means the split that was saved. A single parquet file is one split: it is labelled
+            `split` (or `"train"`).
         name (`str`, *optional*): dataset configuration name.
 
     Returns:
         `datasets.Dataset`
+
+    Raises:
+        `CalibrationError`: when the parquet file does not exist, a `save_to_disk` folder of one split was saved as
+            another split than `split`, a folder of several splits has no split `split`, a saved data file is
+            corrupt, or the dataset cannot be loaded.
+
+    Example:
+
+    ```python
+    >>> import tempfile
+    >>> from datasets import Dataset
+    >>> from optimum_dfq.calibration.data import load_image_dataset
+    >>> folder = tempfile.mkdtemp()
+    >>> Dataset.from_dict({"label": [0, 1]}, split="test").save_to_disk(folder)
+    >>> str(load_image_dataset(folder).split), len(load_image_dataset(folder, split="test"))
+    ('test', 2)
+    >>> load_image_dataset(folder, split="train")
+    Traceback (most recent call last):
+    ...
+    optimum_dfq.errors.CalibrationError: The dataset at '...' was saved as split 'test', not 'train'...
+    ```
     """
     from pathlib import Path
 
     import datasets
 
     local = Path(path)
+    chosen = "train" if split is None else split
     if local.suffix == ".parquet":
         if not local.exists():
             raise CalibrationError(f"Dataset file {path!r} does not exist; check the path.")
-        return datasets.load_dataset("parquet", data_files={split: str(local)}, split=split)
+        return datasets.load_dataset("parquet", data_files={chosen: str(local)}, split=chosen)
     if local.is_dir() and (local / "state.json").exists():
-        return load_saved_dataset(str(local))
+        return _check_saved_split(load_saved_dataset(str(local)), path, split)
     if local.is_dir() and (local / "dataset_dict.json").exists():
         splits = load_saved_dataset(str(local))
-        if split not in splits:
-            raise CalibrationError(f"The dataset at {path!r} has no split {split!r}; its splits are {list(splits)}.")
-        return splits[split]
+        if chosen not in splits:
+            raise CalibrationError(f"The dataset at {path!r} has no split {chosen!r}; its splits are {list(splits)}.")
+        return splits[chosen]
     try:
-        return datasets.load_dataset(path, name, split=split)
+        return datasets.load_dataset(path, name, split=chosen)
     except (FileNotFoundError, ConnectionError, ValueError) as err:
         raise CalibrationError(
-            f"Could not load dataset {path!r} (split {split!r}): {err}. Pass a *.parquet file, a folder written by "
+            f"Could not load dataset {path!r} (split {chosen!r}): {err}. Pass a *.parquet file, a folder written by "
             "save_to_disk, a folder of data files, or a Hub dataset id (gated ones need a token)."
         ) from err
+
+
+def _check_saved_split(dataset, path: str, split: str | None):
+    """`dataset` (one split loaded from `path`), refused when it was saved as another split than the one asked for."""
+    saved = None if dataset.split is None else str(dataset.split)
+    if split is not None and saved is not None and split != saved:
+        raise CalibrationError(
+            f"The dataset at {path!r} was saved as split {saved!r}, not {split!r}, and holds no other split. Ask for "
+            f"split {saved!r} (command line: --split / --calibration-split {saved}) to use it, or save the "
+            f"{split!r} split there."
+        )
+    return dataset
 
 
 def load_saved_dataset(path: str | os.PathLike):

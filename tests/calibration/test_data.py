@@ -7,7 +7,7 @@ from optimum_dfq import CalibrationError
 from optimum_dfq.calibration import CalibrationSet, calibration_set_from_dataset
 from optimum_dfq.calibration.data import load_image_dataset
 
-from ..conftest import FIXTURES
+from ..conftest import FIXTURES, two_image_columns
 
 TRAIN_PARQUET = FIXTURES / "cifar10_tiny_train.parquet"
 
@@ -74,7 +74,7 @@ def test_load_image_dataset_from_save_to_disk_folders(cifar_train, tmp_path):
     train.save_to_disk(str(tmp_path / "single"))
     DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "splits"))
 
-    single = load_image_dataset(str(tmp_path / "single"), split="ignored for a single split")
+    single = load_image_dataset(str(tmp_path / "single"))
     assert single["label"] == train["label"] and single.features == train.features
     picked = load_image_dataset(str(tmp_path / "splits"), split="test")
     assert picked["label"] == test["label"] and len(picked) == 2
@@ -129,3 +129,77 @@ def test_processor_output_size_is_judged_only_where_it_can_be():
     check_processor_output_size(ViTImageProcessor(do_resize=False), (3, 32, 32))  # keeps each image's size
     check_processor_output_size(object(), (3, 32, 32))  # not a transformers processor: only mean/std are read
     check_processor_output_size(resizing, (1, 32, 32))  # its 3-channel mean fails on a grayscale probe: not judged
+
+
+def _pixels(images, image_processor) -> torch.Tensor:
+    return image_processor(images=[image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"]
+
+
+def test_several_image_columns_are_refused_unless_one_is_chosen(cifar_train, image_processor):
+    # the first Image column was taken without a word
+    pairs = two_image_columns(cifar_train.select(range(4)))
+    with pytest.raises(CalibrationError, match=r"several image columns \['img', 'other'\].*image_column='img' "
+                                               r"\(command line: --image-column img\).*remove_columns"):
+        calibration_set_from_dataset(pairs, image_processor, num_images=2)
+    for column in ("img", "other"):
+        chosen = calibration_set_from_dataset(pairs, image_processor, shuffle=False, image_column=column)
+        torch.testing.assert_close(chosen.pixel_values, _pixels(pairs[column], image_processor))
+    first = calibration_set_from_dataset(pairs, image_processor, shuffle=False, image_column="img").pixel_values
+    other = calibration_set_from_dataset(pairs, image_processor, shuffle=False, image_column="other").pixel_values
+    assert not torch.equal(first, other)
+
+
+@pytest.mark.parametrize("columns, reason", [
+    ({"image_column": "image"}, (r"image_column='image' is not a column of the dataset; its features are: "
+                                 r"img \(Image\), label \(ClassLabel\), other \(Image\), id \(int64\), "
+                                 r"name \(string\)")),
+    ({"image_column": "label"}, r"image_column='label' is not an Image column \(it holds ClassLabel\); .*img"),
+    ({"label_column": "labels"}, r"label_column='labels' is not a column of the dataset; its features are: img"),
+    ({"label_column": "name"}, r"label_column='name' is not a ClassLabel or integer column \(it holds string\)"),
+    ({"label_column": "other"}, r"label_column='other' is not a ClassLabel or integer column \(it holds Image\)"),
+])
+def test_a_chosen_column_that_is_missing_or_of_another_type_is_refused_by_name(cifar_train, image_processor, columns,
+                                                                              reason):
+    pairs = two_image_columns(cifar_train.select(range(4)))
+    pairs = pairs.add_column("id", list(range(4))).add_column("name", list("abcd"))
+    with pytest.raises(CalibrationError, match=reason):
+        calibration_set_from_dataset(pairs, image_processor, **{"image_column": "img", **columns})
+
+
+def test_labels_come_from_the_chosen_label_column(cifar_train, image_processor):
+    from datasets import ClassLabel
+
+    subset = cifar_train.select(range(6))
+    coarse = [int(label in (0, 1, 8, 9)) for label in subset["label"]]
+    both = subset.add_column("coarse", coarse).cast_column("coarse", ClassLabel(names=["animal", "vehicle"]))
+    with pytest.raises(CalibrationError, match=r"several ClassLabel columns \['label', 'coarse'\].*"
+                                               r"label_column='label' \(command line: --label-column label\)"):
+        calibration_set_from_dataset(both, image_processor)
+    for column, expected in (("label", subset["label"]), ("coarse", coarse)):
+        chosen = calibration_set_from_dataset(both, image_processor, shuffle=False, label_column=column)
+        assert chosen.labels.tolist() == expected
+    ids = subset.remove_columns("label").add_column("target", [9, 8, 7, 6, 5, 4])  # a plain integer column
+    assert calibration_set_from_dataset(ids, image_processor).labels is None  # not read unless chosen
+    chosen = calibration_set_from_dataset(ids, image_processor, shuffle=False, label_column="target")
+    assert chosen.labels.tolist() == [9, 8, 7, 6, 5, 4]
+
+
+def test_a_single_split_folder_is_loaded_only_as_the_split_it_was_saved_as(cifar_train, tmp_path):
+    # a folder holding the train split was returned for split="test" without a word
+    from datasets import Dataset
+
+    cifar_train.select(range(3)).save_to_disk(str(tmp_path / "train"))
+    assert str(cifar_train.split) == "train"
+    with pytest.raises(CalibrationError, match=r"saved as split 'train', not 'test'.*Ask for split 'train' \(command "
+                                               r"line: --split / --calibration-split train\)"):
+        load_image_dataset(str(tmp_path / "train"), split="test")
+    for split in ("train", None):
+        loaded = load_image_dataset(str(tmp_path / "train"), split=split)
+        assert str(loaded.split) == "train" and len(loaded) == 3
+    Dataset.from_dict({"label": [1, 2]}).save_to_disk(str(tmp_path / "unnamed"))  # no split recorded: as asked
+    assert load_image_dataset(str(tmp_path / "unnamed"), split="test")["label"] == [1, 2]
+
+
+def test_a_parquet_file_is_labelled_with_the_split_asked_for(tmp_path):
+    assert str(load_image_dataset(str(TRAIN_PARQUET)).split) == "train"
+    assert str(load_image_dataset(str(TRAIN_PARQUET), split="validation").split) == "validation"

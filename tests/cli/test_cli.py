@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import FIXTURES, tiny_vit
+from ..conftest import FIXTURES, tiny_vit, two_image_columns
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -294,6 +294,8 @@ def no_model_loading(monkeypatch):
          "the recipe's synthesizer_kwargs {{'hardness_weight': 10.0}} are for 'dfq-vit'"),
         (["quantize", "{model}", "{out}", "--synthesizer", "gaussian", "--batch-size", "2"], "drop --batch-size"),
         (["quantize", "{model}", "{out}", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["quantize", "{model}", "{out}", "--image-column", "img"],
+         "--image-column img would not be used: this run synthesizes its calibration images"),
         (["synthesize", "{model}", "{out}", "--synthesizer", "gaussian", "--cache-dir", "{tmp}/c"],
          "has no cache; drop --cache-dir"),
         (["quantize", "{model}", "{out}", "--synthesizer", "gaussian", "--cache-dir", "{tmp}/c"],
@@ -587,3 +589,42 @@ def test_evaluate_refuses_another_datasets_class_names_unless_told(tmp_path):
     refused = run_cli(*args)
     assert refused.returncode == 2 and "class names are not the model's" in refused.stderr, refused.stderr
     assert run_cli(*args, "--no-class-name-check").returncode == 0
+
+
+def test_column_flags_reach_the_dataset_and_a_saved_split_must_match(model_dir, cifar_test, tmp_path, monkeypatch,
+                                                                    capsys):
+    """A dataset with two Image columns and two ClassLabel columns of the model's classes: the command line could
+    not choose which were read (the first ones were, without a word), and a folder saved as the test split was read
+    for any --split."""
+    from optimum_dfq.cli import main
+
+    def run(*args: str) -> tuple[int, str]:
+        status = main(list(args))
+        return status, capsys.readouterr().err.strip()
+
+    subset = two_image_columns(cifar_test.select(range(8)))
+    subset.add_column("again", subset["label"], feature=subset.features["label"]).save_to_disk(tmp_path / "pairs")
+    monkeypatch.chdir(tmp_path)
+    evaluate = ["evaluate", str(model_dir), "--dataset", str(tmp_path / "pairs")]
+    status, error = run(*evaluate)
+    assert status == 2 and "several image columns ['img', 'other']" in error and "--image-column img" in error
+    status, error = run(*evaluate, "--image-column", "other")
+    assert status == 2 and "several ClassLabel columns ['label', 'again']" in error and "--label-column" in error
+    status, error = run(*evaluate, "--image-column", "photo", "--label-column", "label")
+    assert status == 2 and "image_column='photo' is not a column of the dataset" in error
+    status, error = run(*evaluate, "--image-column", "other", "--label-column", "label", "--output", "r.json")
+    assert status == 0, error
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["image_column"] == "other" and results["label_column"] == "label" and results["split"] == "test"
+    status, error = run(*evaluate, "--image-column", "other", "--label-column", "label", "--split", "train")
+    assert status == 2 and "was saved as split 'test', not 'train'" in error
+
+    quantize = ["quantize", str(model_dir), str(tmp_path / "q"), "--bits", "w8a8", "--num-images", "4",
+                "--calibration-dataset", str(tmp_path / "pairs"), "--calibration-split", "test"]
+    status, error = run(*quantize, "--label-column", "label")
+    assert status == 2 and "several image columns" in error and not (tmp_path / "q").exists()
+    status, error = run(*quantize, "--image-column", "other", "--label-column", "label")
+    assert status == 0, error
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert config["calibration_dataset"] == {"path": str(tmp_path / "pairs"), "split": "test",
+                                             "image_column": "other", "label_column": "label"}
