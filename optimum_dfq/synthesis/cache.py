@@ -9,7 +9,8 @@ finished set is saved with [`save_calibration_set`] into `calibration_set/` (als
 marks the run complete. The directory must be visible to every process of a multi-process run.
 
 Shards are only reused by a run whose batch grid they lie on (see [`SynthesisCache.finished_chunks`]): a shard left by
-a run with another `batch_size` is ignored, never mixed in. Two runs with the same key may share the directory; the
+a run with another `batch_size` is ignored, never mixed in. A run that names no `batch_size` takes the grid of the
+batches it finds ([`SynthesisCache.cached_batch_size`]), as its default depends on its number of processes. Two runs with the same key may share the directory; the
 first to finish saves the set, and the other returns that saved set instead of its own (which may differ slightly if
 its `batch_size` differed), so that every user of the key calibrates on the same images.
 
@@ -244,6 +245,30 @@ class SynthesisCache:
     def shard_ranges(self) -> list[tuple[int, int]]:
         """`(start, stop)` of every finished batch, sorted."""
         return [(start, stop) for start, stop, _ in _batch_files(self.shards)]
+
+    def cached_batch_size(self, num_images: int) -> int | None:
+        """The batch size of the grid that every cached batch of this run (finished or checkpointed) lies on.
+
+        Lets a run that did not choose its `batch_size` resume on the grid of the run it continues, whose default
+        batch size depended on its number of processes.
+
+        Args:
+            num_images (`int`): images of the run.
+
+        Returns:
+            `int` or `None`: `None` when nothing is cached, the batches lie on several grids, or only a last batch
+            `(start, num_images)` with `start > 0` is cached (its grid's batch size cannot be told).
+        """
+        ranges = set(self.shard_ranges()) | {(start, stop) for start, stop, _ in _batch_files(self.partial)}
+        inner = [stop - start for start, stop in ranges if stop < num_images]
+        if inner:
+            size = max(inner)
+        elif ranges == {(0, num_images)}:
+            size = num_images
+        else:
+            return None
+        on_grid = all(start % size == 0 and stop == min(start + size, num_images) for start, stop in ranges)
+        return size if on_grid else None
 
     def finished_chunks(self, grid: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """The chunks of `grid` whose shard is cached and readable, in grid order.

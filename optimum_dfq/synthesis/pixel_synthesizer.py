@@ -306,7 +306,8 @@ class PixelSynthesizer(Synthesizer):
                 the floating-point results of a batched forward pass depend on the batch, so another `batch_size`
                 gives slightly different images. Defaults to the synthesizer's `batch_size`, else to
                 `min(32, ceil(num_images / num_processes))`, so that every process gets a batch (the images then
-                depend on the number of processes: pass `batch_size` to make them independent of it).
+                depend on the number of processes: pass `batch_size` to make them independent of it); a run resumed
+                from the cache without a `batch_size` takes the one of the batches it finds there.
             state (`accelerate.PartialState`, *optional*): process state; built with `cpu=<no CUDA>` if omitted.
                 Whole batches are split over its processes and gathered on all of them.
             cache_dir (`str`, `PathLike` or `bool`, *optional*): cache root, by default the library's synthesis
@@ -363,8 +364,8 @@ class PixelSynthesizer(Synthesizer):
         cache_root = resolve_cache_dir(cache_dir)
         if cache_dir is None or cache_dir is True:
             cache_root = _default_cache_for_run(state, cache_root)
-        batch_size = grid_batch_size(num_images, batch_size if batch_size is not None else self.batch_size,
-                                     state.num_processes)
+        batch_size_chosen = batch_size if batch_size is not None else self.batch_size
+        batch_size = grid_batch_size(num_images, batch_size_chosen, state.num_processes)
         adapter = get_adapter(model)
         self._check_classes(model)
         shape = expected_image_shape(model)
@@ -382,6 +383,8 @@ class PixelSynthesizer(Synthesizer):
         if broadcast_from_main(state, cached_set is not None):
             _log_main(state, "Loading the cached calibration set from %s", cache.complete_path)
             return cached_set if cached_set is not None else cache.load_complete()
+        if cache is not None and batch_size_chosen is None:
+            batch_size = _resume_batch_size(state, cache, num_images, batch_size)
         grid = batch_grid(num_images, batch_size)
         done = broadcast_from_main(  # only the main process reads (and may move aside) the cached shards
             state, cache.finished_chunks(grid) if cache is not None and state.is_main_process else [])
@@ -585,6 +588,17 @@ def _check_cover(records: list[BatchRecord], grid: list[tuple[int, int]], cache:
             f"The finished batches {got} do not match the run's batch grid {grid}, so the images would overlap or "
             f"leave gaps: a cache shard or a process returned an unexpected batch. To fix it, {fix}."
         )
+
+
+def _resume_batch_size(state, cache: SynthesisCache, num_images: int, default: int) -> int:
+    """The default batch size, or that of the batches cached by the run being resumed (which may have had another
+    number of processes, hence another default), so that its work is reused."""
+    cached = broadcast_from_main(state, cache.cached_batch_size(num_images) if state.is_main_process else None)
+    if cached is None or cached == default:
+        return default
+    _log_main(state, "Resuming on the batch grid of the cached batches (batch_size=%d instead of the default %d)",
+              cached, default)
+    return cached
 
 
 def _default_cache_for_run(state, default: Path | None) -> Path | None:

@@ -109,6 +109,44 @@ def test_default_cache_keeps_an_interrupted_run_that_named_no_cache(default_synt
     assert torch.equal(resumed.pixel_values, reference.pixel_values)
 
 
+@pytest.mark.parametrize("files, num_images, expected", [
+    ([], 10, None),
+    (["shards/00000000-00000004", "partial/00000004-00000008"], 10, 4),
+    (["shards/00000008-00000010", "shards/00000004-00000008"], 10, 4),
+    (["shards/00000000-00000010"], 10, 10),
+    (["shards/00000008-00000010"], 10, None),  # a last batch alone: batch size 2, 4 or 8?
+    (["shards/00000000-00000004", "shards/00000000-00000002"], 10, None),  # two grids
+    (["shards/00000000-00000003", "shards/00000003-00000006"], 10, 3),
+    (["shards/00000002-00000005"], 10, None),  # not on the grid of its own size
+])
+def test_cached_batch_size_is_the_grid_every_cached_batch_lies_on(files, num_images, expected, tmp_path):
+    cache = SynthesisCache(tmp_path, "key")
+    for name in files:
+        path = cache.directory / f"{name}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    assert cache.cached_batch_size(num_images) == expected
+
+
+def test_resume_without_batch_size_takes_the_grid_of_the_cached_batches(tmp_path, monkeypatch, caplog):
+    model = tiny_vit()
+    reference = get_synthesizer("psaq", **FAST).synthesize(model, 6, seed=0, batch_size=2, **NORM)
+
+    def interrupt_after_first_batch(record):
+        raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        get_synthesizer("psaq", **FAST).synthesize(model, 6, seed=0, batch_size=2, cache_dir=tmp_path,
+                                                   on_batch_end=interrupt_after_first_batch, **NORM)
+    calls = _count_optimisations(monkeypatch)
+    with caplog.at_level("INFO"):
+        resumed = get_synthesizer("psaq", **FAST).synthesize(model, 6, seed=0, cache_dir=tmp_path, **NORM)
+    assert calls == [[2, 3], [4, 5]]  # the default would be one batch of 6, discarding the cached one
+    assert "batch_size=2 instead of the default 6" in caplog.text
+    assert torch.equal(resumed.pixel_values, reference.pixel_values)
+    assert resumed.metadata["batch_size"] == 2
+
+
 def test_default_cache_location_and_switch(monkeypatch, tmp_path):
     from huggingface_hub import constants
 

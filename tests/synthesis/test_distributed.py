@@ -83,3 +83,25 @@ def test_interrupted_two_process_run_resumes_to_the_one_process_images(tmp_path)
     gathered = load_file(str(tmp_path / "psaq.safetensors"))
     assert torch.equal(gathered["pixel_values"], reference.pixel_values)
     assert torch.equal(gathered["labels"], reference.labels)
+
+
+def test_one_process_run_resumed_on_two_processes_keeps_its_batch_grid(tmp_path):
+    # the default batch size of 34 images is 32 on one process and 17 on two: the resumed run must take the cached
+    # grid (0-32, 32-34) rather than discard the finished batch
+    cache = tmp_path / "cache"
+
+    def interrupt(record):
+        raise RuntimeError("simulated interruption")
+
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        get_synthesizer("psaq", **FAST).synthesize(BUILDERS[CASES["psaq"]](), NUM_IMAGES, seed=0, cache_dir=cache,
+                                                   on_batch_end=interrupt, **NORM)
+    resumed = _torchrun(tmp_path, "--num-images", str(NUM_IMAGES), "--names", "psaq", "--cache-dir", str(cache))
+    logs = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, logs[-3000:]
+    assert "batch_size=32 instead of the default 17" in logs and "Resuming: 32 of 34 images" in logs, logs[-3000:]
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text())["psaq"] for rank in (0, 1)]
+    ran = [batch for report in reports for batch in report["batches"]]
+    assert ran == [[32, 34]]
+    gathered = load_file(str(tmp_path / "psaq.safetensors"))
+    assert torch.equal(gathered["pixel_values"], _reference("psaq", NUM_IMAGES).pixel_values)
