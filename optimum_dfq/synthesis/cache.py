@@ -10,9 +10,10 @@ marks the run complete. The directory must be visible to every process of a mult
 
 Shards are only reused by a run whose batch grid they lie on (see [`SynthesisCache.finished_chunks`]): a shard left by
 a run with another `batch_size` is ignored, never mixed in. A run that names no `batch_size` takes the grid of the
-batches it finds ([`SynthesisCache.cached_batch_size`]), as its default depends on its number of processes. Two runs with the same key may share the directory; the
-first to finish saves the set, and the other returns that saved set instead of its own (which may differ slightly if
-its `batch_size` differed), so that every user of the key calibrates on the same images.
+batches it finds ([`SynthesisCache.cached_batch_size`]), as its default depends on its number of processes. Two runs
+with the same key may share the directory; the first to finish saves the set, and the other returns that saved set
+instead of its own (which may differ slightly if its `batch_size` differed), so that every user of the key calibrates
+on the same images.
 
 Damaged files (a shard or a finished set that cannot be read back, as a machine crash can leave them) are moved aside
 with a `.damaged` suffix, never deleted, and a warning names them; the run then synthesizes those images again (a

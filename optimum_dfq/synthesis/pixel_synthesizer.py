@@ -602,18 +602,22 @@ def _resume_batch_size(state, cache: SynthesisCache, num_images: int, default: i
 
 
 def _default_cache_for_run(state, default: Path | None) -> Path | None:
-    """The default cache, unless the run's processes are on several machines: each would have its own default folder,
-    while the cache must be one folder that every process sees."""
-    if default is None or state.num_processes == 1:
+    """The default cache, unless the run's processes disagree on it: processes on several machines (each would have
+    its own default folder, while the cache must be one folder that every process sees), or with different
+    `OPTIMUM_DFQ_CACHE` / `OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE` settings. Every process takes the same decision."""
+    if state.num_processes == 1:
         return default
-    hosts = set(gather_lists(state, [socket.gethostname()]))
-    if len(hosts) == 1:
+    views = gather_lists(state, [(socket.gethostname(), None if default is None else str(default))])
+    if len(set(views)) == 1:
         return default
     if state.is_main_process:
-        logger.warning("This synthesis runs on %d machines, so the default cache (%s, one per machine) is not used and "
-                       "an interrupted run keeps nothing: pass cache_dir= (--cache-dir) on a filesystem that every "
-                       "machine sees to keep finished batches, or cache_dir=False (--no-cache) to silence this.",
-                       len(hosts), default)
+        hosts = {host for host, _ in views}
+        where = (f"runs on {len(hosts)} machines" if len(hosts) > 1
+                 else "has processes with different OPTIMUM_DFQ_CACHE / OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE settings")
+        logger.warning("This synthesis %s, so the default cache (%s on the main process) is not used and an "
+                       "interrupted run keeps nothing: pass cache_dir= (--cache-dir) on a filesystem that every "
+                       "process sees to keep finished batches, or cache_dir=False (--no-cache) to silence this.",
+                       where, default)
     return None
 
 

@@ -190,17 +190,22 @@ class _TwoProcesses:
     num_processes, is_main_process = 2, True
 
 
-@pytest.mark.parametrize("hosts", [["a", "a"], ["a", "b"]])
-def test_default_cache_is_only_used_when_every_process_is_on_one_machine(hosts, default_synthesis_cache,
-                                                                         monkeypatch, caplog):
-    monkeypatch.setattr(pixel_synthesizer, "gather_lists", lambda state, items: list(hosts))
+@pytest.mark.parametrize("views, reason", [
+    ([("a", "/c"), ("a", "/c")], None),
+    ([("a", "/c"), ("b", "/c")], "runs on 2 machines"),
+    ([("a", "/c"), ("a", None)], "different OPTIMUM_DFQ_CACHE / OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE settings"),
+])
+def test_default_cache_is_only_used_when_every_process_sees_the_same_one(views, reason, monkeypatch, caplog):
+    from pathlib import Path
+
+    monkeypatch.setattr(pixel_synthesizer, "gather_lists", lambda state, items: list(views))
     with caplog.at_level("WARNING"):
-        chosen = pixel_synthesizer._default_cache_for_run(_TwoProcesses(), default_synthesis_cache)
-    if len(set(hosts)) == 1:
-        assert chosen == default_synthesis_cache and not caplog.records
+        chosen = pixel_synthesizer._default_cache_for_run(_TwoProcesses(), Path("/c"))
+    if reason is None:
+        assert chosen == Path("/c") and not caplog.records
     else:
         assert chosen is None
-        assert "runs on 2 machines, so the default cache" in caplog.text and "--cache-dir" in caplog.text
+        assert reason in caplog.text and "the default cache (/c on the main process) is not used" in caplog.text
 
 
 def test_finished_run_is_reused_without_optimising(tmp_path, monkeypatch):
