@@ -28,6 +28,9 @@ Where the cache lives: [`resolve_cache_dir`]. By default every synthesis that op
 interrupted run resumes) under `$OPTIMUM_DFQ_CACHE/synthesis`, `$OPTIMUM_DFQ_CACHE` defaulting to
 `$HF_HOME/optimum_dfq` (`~/.cache/huggingface/optimum_dfq`); `cache_dir=False` (`--no-cache`) or
 `OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE=1` turns that default off.
+
+To see the runs of a cache and reclaim their space: [`~optimum_dfq.synthesis.cache_admin`] (`optimum-dfq cache list`,
+`optimum-dfq cache delete`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,286 @@
+"""Seeing and reclaiming the disk space of the synthesis cache: what `optimum-dfq cache list` and `cache delete` run.
+
+[`list_cached_runs`] describes every entry of a cache root (see [`~optimum_dfq.synthesis.cache`] for the layout of a
+run), [`delete_cached_runs`] removes runs named by their key or a unique prefix of it. Only folders named by a run key
+(64 hexadecimal digits) are ever deleted: anything else in the root is listed as `"unknown"` and left alone, so that
+a cache folder given by mistake (a home folder, say) loses nothing. Deleting the run of a synthesis that is still
+going makes that synthesis fail; run it again to start over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from ..errors import DFQError
+from .cache import SynthesisCache
+
+RUN_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
+MIN_PREFIX_LENGTH = 4
+RunStatus = Literal["complete", "partial", "empty", "unknown"]
+STATUSES: tuple[RunStatus, ...] = get_args(RunStatus)
+
+
+class CacheKeyError(DFQError):
+    """A run key or key prefix given to delete cached runs matches no run, or several."""
+
+
+@dataclass(frozen=True)
+class BatchProgress:
+    """A batch of a run checkpointed part-way: images `start..stop-1`, optimised for `step` steps."""
+
+    start: int
+    stop: int
+    step: int
+
+
+@dataclass(frozen=True)
+class CachedRun:
+    """One entry of a synthesis cache root, as [`list_cached_runs`] finds it.
+
+    Args:
+        key (`str`): the folder's name: the run key (64 hexadecimal digits), or whatever an unknown entry is called.
+        path (`Path`): the folder (or file, for an unknown entry).
+        status (`str`): `"complete"` (the finished set is saved), `"partial"` (some batches finished or
+            checkpointed), `"empty"` (described by `run.json`, nothing synthesized yet) or `"unknown"` (not a run, or
+            one whose `run.json` is missing or unreadable; see `reason`).
+        synthesizer (`str`, *optional*): the synthesizer's name, from `run.json`.
+        model (`str`, *optional*): the model's `name_or_path`, from `run.json` (`None` if it was built in memory).
+        num_images (`int`, *optional*): images the run synthesizes.
+        seed (`int`, *optional*): the run's seed.
+        images_done (`int`): images finished: all of them for a complete run, those of its cached batches otherwise.
+        checkpoints (`tuple[BatchProgress, ...]`): the batches checkpointed part-way, with the step they reached.
+        size_bytes (`int`): total size of its files in bytes (apparent sizes; symbolic links are not followed).
+        modified (`float`): the latest modification time of anything in it (seconds since the epoch).
+        reason (`str`, *optional*): why an `"unknown"` entry is not taken for a run.
+        is_run (`bool`): whether the entry is a folder named by a run key, hence may be deleted (even when its
+            `run.json` is unreadable).
+    """
+
+    key: str
+    path: Path
+    status: RunStatus
+    synthesizer: str | None = None
+    model: str | None = None
+    num_images: int | None = None
+    seed: int | None = None
+    images_done: int = 0
+    checkpoints: tuple[BatchProgress, ...] = ()
+    size_bytes: int = 0
+    modified: float = 0.0
+    reason: str | None = None
+    is_run: bool = True
+
+
+@dataclass(frozen=True)
+class CacheDeletion:
+    """What [`delete_cached_runs`] removed.
+
+    Args:
+        removed (`tuple[CachedRun, ...]`): the runs deleted, as they were just before.
+        freed_bytes (`int`): the total size of their files.
+    """
+
+    removed: tuple[CachedRun, ...]
+    freed_bytes: int
+
+
+def list_cached_runs(cache_dir: str | os.PathLike) -> list[CachedRun]:
+    """Describes every entry of a synthesis cache root, runs first by most recent change, then unknown entries.
+
+    Reading never fails on a damaged or foreign entry: it is listed with status `"unknown"` and the reason. Files that
+    vanish while the root is scanned (a synthesis going on) are skipped.
+
+    Args:
+        cache_dir (`str` or `os.PathLike`): the cache root (e.g. [`~optimum_dfq.synthesis.cache.default_cache_dir`]).
+
+    Returns:
+        `list[CachedRun]`: empty when the folder does not exist or holds nothing.
+
+    Raises:
+        `NotADirectoryError`: `cache_dir` is a file.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     list_cached_runs(root)
+        []
+    """
+    root = Path(os.path.expanduser(os.fspath(cache_dir)))
+    if not root.exists():
+        return []
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root} is a file, not a synthesis cache folder.")
+    entries = [_describe_entry(entry) for entry in root.iterdir()]
+    return sorted(entries, key=lambda run: (run.status == "unknown", -run.modified, run.key))
+
+
+def delete_cached_runs(cache_dir: str | os.PathLike, keys: list[str] | None = None, *,
+                       delete_all: bool = False) -> CacheDeletion:
+    """Deletes runs of a synthesis cache, named by their key or a unique prefix of it, or all of them.
+
+    Every key is matched before anything is deleted, so a bad one deletes nothing. Only entries named by a run key
+    are deleted (see the module docstring); `delete_all` leaves the other entries of the root in place.
+
+    Args:
+        cache_dir (`str` or `os.PathLike`): the cache root.
+        keys (`list[str]`, *optional*): run keys, or prefixes of at least `MIN_PREFIX_LENGTH` (4) characters that
+            match one run each.
+        delete_all (`bool`, *optional*, defaults to `False`): delete every run instead of those of `keys`.
+
+    Returns:
+        `CacheDeletion`: the runs removed and the bytes freed.
+
+    Raises:
+        `CacheKeyError`: a prefix shorter than 4 characters, or one that matches no run or several; neither or both
+            of `keys` and `delete_all` given.
+        `OSError`: a run could not be removed (e.g. no permission); the message names the runs already removed.
+
+    Example:
+        >>> delete_cached_runs("~/.cache/huggingface/optimum_dfq/synthesis", ["3f2a"])  # doctest: +SKIP
+        CacheDeletion(removed=(CachedRun(key='3f2a9c...', ...),), freed_bytes=38012345)
+    """
+    if bool(keys) == delete_all:
+        raise CacheKeyError("Name the runs to delete by key (or key prefix), or delete them all (not both).")
+    runs = [run for run in list_cached_runs(cache_dir) if run.is_run]
+    chosen = runs if delete_all else _match_keys(runs, keys or [], Path(os.path.expanduser(os.fspath(cache_dir))))
+    removed: list[CachedRun] = []
+    for run in chosen:
+        try:
+            shutil.rmtree(run.path)
+        except FileNotFoundError:  # deleted meanwhile by another process: it is gone all the same
+            pass
+        except OSError as err:
+            done = ", ".join(short_key(gone.key) for gone in removed) or "none"
+            raise OSError(f"Could not delete the cached run {run.path} ({err}); runs already deleted: {done}.") from err
+        removed.append(run)
+    return CacheDeletion(tuple(removed), sum(run.size_bytes for run in removed))
+
+
+def short_key(key: str, length: int = 12) -> str:
+    """The first `length` characters of a run key, as `optimum-dfq cache list` shows it.
+
+    Example:
+        >>> short_key("3f2a9c1b7d4e" + "0" * 52)
+        '3f2a9c1b7d4e'
+    """
+    return key[:length]
+
+
+def _match_keys(runs: list[CachedRun], keys: list[str], root: Path) -> list[CachedRun]:
+    chosen: dict[str, CachedRun] = {}
+    for key in keys:
+        run = _match_key(runs, key, root)
+        chosen[run.key] = run
+    return list(chosen.values())
+
+
+def _match_key(runs: list[CachedRun], key: str, root: Path) -> CachedRun:
+    prefix = key.strip().lower()
+    if len(prefix) < MIN_PREFIX_LENGTH:
+        raise CacheKeyError(f"The key prefix {key!r} is too short: give at least {MIN_PREFIX_LENGTH} characters of a "
+                            "run key, as `optimum-dfq cache list` shows them. Nothing was deleted.")
+    matches = [run for run in runs if run.key.startswith(prefix)]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        names = ", ".join(short_key(run.key) for run in matches)
+        raise CacheKeyError(f"The key prefix {key!r} matches {len(matches)} runs in {root} ({names}): give more "
+                            "characters of the key. Nothing was deleted.")
+    if Path(key).name == key and (root / key).exists():
+        raise CacheKeyError(f"{root / key} is not a synthesis run (its name is no run key), so it is not deleted; "
+                            "remove it by hand if it is yours. Nothing was deleted.")
+    raise CacheKeyError(f"No synthesis run in {root} has a key starting with {key!r}; `optimum-dfq cache list` shows "
+                        "the keys. Nothing was deleted.")
+
+
+def _describe_entry(entry: Path) -> CachedRun:
+    size_bytes, modified = _disk_usage(entry)
+    found = {"key": entry.name, "path": entry, "size_bytes": size_bytes, "modified": modified}
+    if not _is_run_folder(entry):
+        return CachedRun(status="unknown", reason=_not_a_run_reason(entry), is_run=False, **found)
+    try:
+        info = _read_run_info(entry / "run.json")
+    except FileNotFoundError:
+        return CachedRun(status="unknown", reason="no run.json describes this run (it was stopped before it began, or "
+                         "written by another tool)", **found)
+    except (OSError, ValueError) as err:
+        return CachedRun(status="unknown", reason=f"unreadable run.json ({type(err).__name__}: {err})", **found)
+    try:
+        return _describe_run(entry, info, found)
+    except OSError as err:
+        return CachedRun(status="unknown", reason=f"unreadable folder ({type(err).__name__}: {err})", **found)
+
+
+def _is_run_folder(entry: Path) -> bool:
+    return RUN_KEY_RE.match(entry.name) is not None and entry.is_dir() and not entry.is_symlink()
+
+
+def _not_a_run_reason(entry: Path) -> str:
+    if not entry.is_dir() or entry.is_symlink():
+        return "not a folder, so not a synthesis run"
+    return "not a synthesis run: its name is no run key (64 hexadecimal digits)"
+
+
+def _read_run_info(path: Path) -> dict[str, Any]:
+    info = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(info, dict) or "synthesizer" not in info:
+        raise ValueError("it does not describe a synthesis run (no 'synthesizer' field)")
+    return info
+
+
+def _describe_run(folder: Path, info: dict[str, Any], found: dict[str, Any]) -> CachedRun:
+    cache = SynthesisCache(folder.parent, folder.name)
+    num_images = _whole_number(info.get("num_images"))
+    checkpoints = tuple(BatchProgress(*progress) for progress in cache.partial_progress())
+    if cache.is_complete():
+        status, images_done = "complete", num_images or 0
+    else:
+        images_done = _covered_images(cache.shard_ranges(), num_images)
+        status = "partial" if images_done or checkpoints else "empty"
+    model = info.get("model") if isinstance(info.get("model"), dict) else {}
+    name_or_path = model.get("name_or_path")
+    return CachedRun(status=status, synthesizer=str(info["synthesizer"]),
+                     model=str(name_or_path) if name_or_path else None, num_images=num_images,
+                     seed=_whole_number(info.get("seed")), images_done=images_done, checkpoints=checkpoints, **found)
+
+
+def _covered_images(ranges: list[tuple[int, int]], num_images: int | None) -> int:
+    """How many distinct images the batches `ranges` hold (batches of two grids may overlap)."""
+    limit = num_images if num_images is not None else max((stop for _, stop in ranges), default=0)
+    covered, reached = 0, 0
+    for start, stop in sorted(ranges):
+        start, stop = max(start, reached), min(stop, limit)
+        if stop > start:
+            covered += stop - start
+            reached = stop
+    return covered
+
+
+def _whole_number(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _disk_usage(entry: Path) -> tuple[int, float]:
+    """Total apparent size in bytes of the regular files under `entry` (or of `entry` itself), and the latest
+    modification time of anything in it; what vanishes or cannot be read meanwhile is skipped."""
+    found = [_lstat(entry)]
+    if entry.is_dir() and not entry.is_symlink():
+        for folder, subfolders, files in os.walk(entry):
+            found += [_lstat(Path(folder, name)) for name in subfolders + files]
+    found = [entry_stat for entry_stat in found if entry_stat is not None]
+    size = sum(entry_stat.st_size for entry_stat in found if stat.S_ISREG(entry_stat.st_mode))
+    return size, max((entry_stat.st_mtime for entry_stat in found), default=0.0)
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return path.lstat()
+    except OSError:
+        return None

@@ -1,0 +1,217 @@
+"""Listing and deleting the runs of a synthesis cache, on folders written by real (tiny) syntheses."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from synth_helpers import FAST, NORM, one_thread, tiny_vit  # noqa: F401
+
+from optimum_dfq.synthesis import get_synthesizer, pixel_synthesizer
+from optimum_dfq.synthesis.cache_admin import (
+    BatchProgress,
+    CacheKeyError,
+    delete_cached_runs,
+    list_cached_runs,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MODEL_NAME = "tiny/vit-for-tests"
+
+
+def _du(path: Path) -> int:
+    """Bytes of the regular files under `path`, as `du --apparent-size --bytes` adds them up."""
+    return sum(entry.lstat().st_size for entry in path.rglob("*") if entry.is_file() and not entry.is_symlink())
+
+
+def _latest_change(path: Path) -> float:
+    return max(entry.lstat().st_mtime for entry in [path, *path.rglob("*")])
+
+
+def _ctrl_c_after(monkeypatch, steps: int) -> None:
+    """Ctrl-C once the run has done `steps` optimisation steps in all (the batch being optimised is checkpointed)."""
+    real, done = pixel_synthesizer.optimize_batch, [0]
+
+    class Progress:
+        def update(self, count):
+            done[0] += count
+            if done[0] == steps:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(pixel_synthesizer, "optimize_batch",
+                        lambda *args, progress=None, **kwargs: real(*args, progress=Progress(), **kwargs))
+
+
+def _named_model():
+    model = tiny_vit()
+    model.config._name_or_path = MODEL_NAME  # provenance only: recorded in run.json, not hashed
+    return model
+
+
+def _run_dir(root: Path, seed: int) -> Path:
+    (found,) = [path.parent for path in root.glob("*/run.json") if f'"seed": {seed}' in path.read_text()]
+    return found
+
+
+@pytest.fixture
+def cache_root(tmp_path, monkeypatch) -> Path:
+    """A cache holding a complete run (4 images, seed 0) and a run interrupted by Ctrl-C at step 2 of its second batch
+    (6 images, seed 1: images 0-1 finished, 2-3 checkpointed)."""
+    root = tmp_path / "cache"
+    get_synthesizer("psaq", **FAST).synthesize(_named_model(), 4, seed=0, batch_size=2, cache_dir=root, **NORM)
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        _ctrl_c_after(patch, 4 + 2)  # FAST optimises 4 steps a batch
+        get_synthesizer("psaq", **FAST).synthesize(_named_model(), 6, seed=1, batch_size=2, cache_dir=root, **NORM)
+    return root
+
+
+def test_a_complete_and_an_interrupted_run_are_listed_with_their_progress_and_size(cache_root):
+    complete_dir, interrupted_dir = _run_dir(cache_root, 0), _run_dir(cache_root, 1)
+    runs = {run.key: run for run in list_cached_runs(cache_root)}
+    assert set(runs) == {complete_dir.name, interrupted_dir.name}
+
+    complete = runs[complete_dir.name]
+    assert (complete.status, complete.synthesizer, complete.model) == ("complete", "psaq", MODEL_NAME)
+    assert (complete.num_images, complete.images_done, complete.seed, complete.checkpoints) == (4, 4, 0, ())
+    assert complete.size_bytes == _du(complete_dir) > 0
+    assert complete.modified == _latest_change(complete_dir)
+    assert complete.path == complete_dir and complete.is_run and complete.reason is None
+
+    interrupted = runs[interrupted_dir.name]
+    assert (interrupted.status, interrupted.num_images, interrupted.images_done) == ("partial", 6, 2)
+    assert interrupted.seed == 1
+    assert interrupted.checkpoints == (BatchProgress(start=2, stop=4, step=2),)
+    assert interrupted.size_bytes == _du(interrupted_dir) > 0
+    assert interrupted.modified == _latest_change(interrupted_dir)
+
+
+def test_images_in_batches_of_two_grids_are_counted_once(tmp_path):
+    def stop_after_first_batch(record):
+        raise KeyboardInterrupt
+
+    for batch_size in (2, 3):  # the second run ignores the first one's batch, which lies on another grid
+        with pytest.raises(KeyboardInterrupt):
+            get_synthesizer("psaq", **FAST).synthesize(tiny_vit(), 6, seed=0, batch_size=batch_size,
+                                                       cache_dir=tmp_path, on_batch_end=stop_after_first_batch, **NORM)
+    (run,) = list_cached_runs(tmp_path)
+    assert sorted(path.name for path in (run.path / "shards").iterdir()) == ["00000000-00000002.safetensors",
+                                                                           "00000000-00000003.safetensors"]
+    assert (run.status, run.images_done, run.num_images) == ("partial", 3, 6)
+
+
+def test_a_run_described_but_not_begun_is_empty(cache_root):
+    empty_dir = _run_dir(cache_root, 1)
+    shutil.rmtree(empty_dir / "shards")
+    shutil.rmtree(empty_dir / "partial")
+    (run,) = [run for run in list_cached_runs(cache_root) if run.key == empty_dir.name]
+    assert (run.status, run.images_done, run.num_images, run.checkpoints) == ("empty", 0, 6, ())
+
+
+def test_entries_that_are_not_runs_are_listed_as_unknown_with_the_reason(cache_root):
+    stray = cache_root / "my-notes"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("not a run")
+    (cache_root / "README").write_text("a file")
+    garbled = cache_root / ("ab" * 32)
+    shutil.copytree(_run_dir(cache_root, 0), garbled)
+    (garbled / "run.json").write_text("{not json")
+    no_description = cache_root / ("cd" * 32)
+    shutil.copytree(_run_dir(cache_root, 0), no_description)
+    (no_description / "run.json").unlink()
+
+    runs = list_cached_runs(cache_root)
+    assert [run.status for run in runs[2:]] == ["unknown"] * 4  # runs first, latest change first
+    assert {run.status for run in runs[:2]} == {"complete", "partial"} and runs[0].modified >= runs[1].modified
+    unknown = {run.key: run for run in runs if run.status == "unknown"}
+    assert set(unknown) == {"my-notes", "README", garbled.name, no_description.name}
+    assert "its name is no run key" in unknown["my-notes"].reason and not unknown["my-notes"].is_run
+    assert unknown["my-notes"].size_bytes == len("not a run")
+    assert "not a folder" in unknown["README"].reason and not unknown["README"].is_run
+    assert unknown[garbled.name].reason.startswith("unreadable run.json (JSONDecodeError")
+    assert "no run.json" in unknown[no_description.name].reason
+    assert unknown[garbled.name].is_run and unknown[no_description.name].is_run  # named by a run key: deletable
+    assert unknown[garbled.name].size_bytes == _du(garbled)
+
+
+def test_a_missing_cache_lists_nothing_and_a_file_is_refused(tmp_path):
+    assert list_cached_runs(tmp_path / "missing") == []
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError, match="is a file, not a synthesis cache folder"):
+        list_cached_runs(tmp_path / "file")
+
+
+def test_delete_by_prefix_removes_exactly_that_run_and_reports_the_bytes(cache_root):
+    complete_dir, interrupted_dir = _run_dir(cache_root, 0), _run_dir(cache_root, 1)
+    size = _du(interrupted_dir)
+    deletion = delete_cached_runs(cache_root, [interrupted_dir.name[:8].upper()])
+    assert [run.key for run in deletion.removed] == [interrupted_dir.name]
+    assert deletion.freed_bytes == size
+    assert not interrupted_dir.exists()
+    assert [path.name for path in cache_root.iterdir()] == [complete_dir.name]
+    assert _du(complete_dir) > 0
+
+
+def test_a_key_named_twice_is_deleted_once(cache_root):
+    key = _run_dir(cache_root, 0).name
+    deletion = delete_cached_runs(cache_root, [key, key[:6]])
+    assert [run.key for run in deletion.removed] == [key]
+
+
+@pytest.mark.parametrize("prefix, message", [
+    ("ambiguous", r"matches 2 runs in .* \((?P<keys>[0-9a-f]{12}, [0-9a-f]{12})\): give more characters"),
+    ("unmatched", r"No synthesis run in .* has a key starting with '.*'; `optimum-dfq cache list` shows the keys"),
+    ("short", r"The key prefix '.{3}' is too short: give at least 4 characters"),
+    ("stray", r"my-notes is not a synthesis run \(its name is no run key\), so it is not deleted"),
+])
+def test_a_prefix_that_does_not_name_one_run_is_refused_and_nothing_is_deleted(prefix, message, cache_root):
+    complete_key = _run_dir(cache_root, 0).name
+    twin = cache_root / (complete_key[:6] + ("0" if complete_key[6] != "0" else "1") * 58)
+    shutil.copytree(cache_root / complete_key, twin)
+    (cache_root / "my-notes").mkdir()
+    keys = {path.name for path in cache_root.iterdir()}
+    unused = next(candidate for candidate in ("ffff", "eeee", "dddd") if not any(k.startswith(candidate) for k in keys))
+    given = {"ambiguous": complete_key[:6], "unmatched": unused, "short": complete_key[:3], "stray": "my-notes"}[prefix]
+    with pytest.raises(CacheKeyError, match=message) as refusal:
+        delete_cached_runs(cache_root, [_run_dir(cache_root, 1).name, given])  # the first one alone would be deleted
+    if prefix == "ambiguous":
+        assert sorted(refusal.value.args[0].split("(")[1].split(")")[0].split(", ")) == sorted(
+            [complete_key[:12], twin.name[:12]])
+    assert {path.name for path in cache_root.iterdir()} == keys
+
+
+def test_delete_all_removes_every_run_and_leaves_what_is_not_one(cache_root):
+    stray = cache_root / "my-notes"
+    stray.mkdir()
+    garbled = cache_root / ("ab" * 32)
+    garbled.mkdir()
+    (garbled / "run.json").write_text("{not json")
+    expected = {path.name: _du(path) for path in cache_root.iterdir() if path != stray}
+    deletion = delete_cached_runs(cache_root, delete_all=True)
+    assert {run.key for run in deletion.removed} == set(expected)
+    assert deletion.freed_bytes == sum(expected.values())
+    assert [path.name for path in cache_root.iterdir()] == ["my-notes"]
+
+
+@pytest.mark.parametrize("keys, delete_all", [([], False), (["abcd"], True)])
+def test_delete_needs_keys_or_all_but_not_both(keys, delete_all, cache_root):
+    with pytest.raises(CacheKeyError, match="Name the runs to delete"):
+        delete_cached_runs(cache_root, keys, delete_all=delete_all)
+    assert len(list(cache_root.iterdir())) == 2
+
+
+def test_a_run_that_cannot_be_removed_is_reported_with_those_already_removed(cache_root, monkeypatch):
+    first, second = sorted(path.name for path in cache_root.iterdir())
+    real = shutil.rmtree
+
+    def refuse_the_second(path, *args, **kwargs):
+        if os.path.basename(path) == second:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", refuse_the_second)
+    with pytest.raises(OSError, match=rf"Could not delete the cached run .*{second}.*already deleted: {first[:12]}\."):
+        delete_cached_runs(cache_root, [first, second])
+    assert [path.name for path in cache_root.iterdir()] == [second]
