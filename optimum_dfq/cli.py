@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -23,6 +22,8 @@ import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from .cli_cache import add_cache_command
 
 PROG = "optimum-dfq"
 
@@ -38,9 +39,6 @@ CACHE_DIR_HELP = ("synthesis cache folder, shared by every process (default: $HF
 NO_CACHE_HELP = "keep no synthesis cache: an interrupted run then starts again from scratch"
 CHECKPOINT_EVERY_HELP = ("save the batch being optimised in the synthesis cache every N steps, so that an interrupted "
                          "run resumes it from there (default: the synthesizer's, 100; 0: only on Ctrl-C)")
-CACHE_ROOT_HELP = ("synthesis cache folder (default: $OPTIMUM_DFQ_CACHE/synthesis, else "
-                   "$HF_HOME/optimum_dfq/synthesis; looked at even when OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE is set, "
-                   "which only stops writing to it)")
 VERBOSE_HELP = ("log what the run does (INFO, main process only): cache use and, every log_every steps, the synthesis "
                 "loss terms")
 
@@ -164,37 +162,6 @@ def _add_export(subparsers) -> None:
     parser.set_defaults(handler=run_export)
 
 
-def _add_cache(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "cache",
-        help="list the runs of the synthesis cache, and delete them to reclaim disk space",
-        description="See what the synthesis cache holds (`cache list`) and reclaim its disk space (`cache delete`). "
-        "Only folders named by a run key are ever deleted.",
-    )
-    commands = parser.add_subparsers(title="cache commands", dest="cache_command", metavar="COMMAND")
-    listing = commands.add_parser(
-        "list",
-        help="list the cached synthesis runs: status, images, model, size",
-        description="List every run of the synthesis cache (complete, partial with its finished images and "
-        "checkpointed batches, or empty) and every entry that is not a run (unknown, with the reason), then the total.",
-    )
-    listing.add_argument("--cache-dir", default=None, help=CACHE_ROOT_HELP)
-    listing.set_defaults(handler=run_cache_list)
-    deleting = commands.add_parser(
-        "delete",
-        help="delete cached synthesis runs by key, or all of them",
-        description="Delete the runs named by KEY (a run key or its first characters, at least 4, as `cache list` "
-        "shows them), or every run with --all. Prints what was removed and the space freed.",
-    )
-    deleting.add_argument("keys", nargs="*", metavar="KEY", help="run key, or its first characters (at least 4)")
-    deleting.add_argument("--all", dest="delete_all", action="store_true",
-                          help="delete every run (asks for confirmation on a terminal unless --yes)")
-    deleting.add_argument("-y", "--yes", action="store_true", help="confirm --all without asking")
-    deleting.add_argument("--cache-dir", default=None, help=CACHE_ROOT_HELP)
-    deleting.set_defaults(handler=run_cache_delete)
-    parser.set_defaults(handler=functools.partial(_print_help, parser))
-
-
 def add_commands(parser: argparse.ArgumentParser) -> None:
     """Adds the `quantize`, `synthesize`, `evaluate`, `export` and `cache` sub-commands to `parser`."""
     subparsers = parser.add_subparsers(title="commands", dest="dfq_command", metavar="COMMAND")
@@ -202,7 +169,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     _add_synthesize(subparsers)
     _add_evaluate(subparsers)
     _add_export(subparsers)
-    _add_cache(subparsers)
+    add_cache_command(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -652,151 +619,6 @@ def run_export(args: argparse.Namespace) -> int:
     print(report.summary())
     print(f"report: {report_path}")
     return 0
-
-
-def run_cache_list(args: argparse.Namespace) -> int:
-    from .synthesis.cache_admin import list_cached_runs
-
-    root = _cache_root(args.cache_dir)
-    runs = list_cached_runs(root)
-    if not runs:
-        why = "the folder is empty" if root.is_dir() else "the folder does not exist"
-        print(f"No synthesis runs cached in {root} ({why}).")
-        return 0
-    print(_runs_table(runs))
-    counts = ", ".join(f"{sum(run.status == status for run in runs)} {status}" for status in _statuses(runs))
-    total = _megabytes(sum(run.size_bytes for run in runs))
-    print(f"\n{_counted(len(runs), 'entry', 'entries')} ({counts}), {total} MB in {root}")
-    return 0
-
-
-def run_cache_delete(args: argparse.Namespace) -> int:
-    from .synthesis.cache_admin import delete_cached_runs, list_cached_runs, short_key
-
-    _check_cache_delete_flags(args)
-    root = _cache_root(args.cache_dir)
-    if args.delete_all:
-        runs = [run for run in list_cached_runs(root) if run.is_run]
-        if not runs:
-            print(f"No synthesis runs cached in {root}; nothing deleted.")
-            return 0
-        size = _megabytes(sum(run.size_bytes for run in runs))
-        question = f"Delete every synthesis run in {root}: {_counted(len(runs), 'run', 'runs')}, {size} MB?"
-        if not args.yes and not _confirmed(question, root):
-            print("Cancelled; nothing deleted.")
-            return 0
-    deletion = delete_cached_runs(root, args.keys, delete_all=args.delete_all)
-    for run in deletion.removed:
-        print(f"deleted {short_key(run.key)} ({run.status}, {run.synthesizer or 'unknown synthesizer'}, "
-              f"{_megabytes(run.size_bytes)} MB)")
-    print(f"freed {_megabytes(deletion.freed_bytes)} MB in {root}")
-    if args.delete_all:
-        _report_entries_left(root)
-    return 0
-
-
-def _cache_root(cache_dir: str | None) -> Path:
-    """The folder `cache list` / `cache delete` look at: `--cache-dir`, else the library default (whether or not
-    `OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE` turns writing to it off)."""
-    from .synthesis.cache import default_cache_dir, resolve_cache_dir
-
-    return default_cache_dir() if cache_dir is None else resolve_cache_dir(cache_dir)
-
-
-def _check_cache_delete_flags(args: argparse.Namespace) -> None:
-    """Refuses `cache delete` with neither KEY nor --all, with both, or with --yes but no --all (which asks nothing)."""
-    from .errors import DFQError
-
-    if args.keys and args.delete_all:
-        raise DFQError("give the KEYs of the runs to delete, or --all, not both.")
-    if not args.keys and not args.delete_all:
-        raise DFQError(f"name the runs to delete by KEY (their first characters, as `{PROG} cache list` shows them), "
-                       "or pass --all to delete every run.")
-    if args.yes and not args.delete_all:
-        raise DFQError("--yes confirms --all; deleting runs named by KEY asks nothing, so drop --yes.")
-
-
-def _confirmed(question: str, root: Path) -> bool:
-    """Asks `question` on the terminal; refuses, off a terminal, to delete every run unconfirmed."""
-    from .errors import DFQError
-
-    if not sys.stdin.isatty():
-        raise DFQError(f"--all deletes every synthesis run in {root}, and there is no terminal to ask for "
-                       "confirmation: add --yes to confirm. Nothing was deleted.")
-    try:
-        answer = input(f"{question} [y/N] ")
-    except EOFError:
-        return False
-    return answer.strip().lower() in ("y", "yes")
-
-
-def _report_entries_left(root: Path) -> None:
-    from .synthesis.cache_admin import list_cached_runs
-
-    left = [run.key for run in list_cached_runs(root) if not run.is_run]
-    if left:
-        shown = ", ".join(left[:5]) + (", ..." if len(left) > 5 else "")
-        print(f"left {_counted(len(left), 'entry', 'entries')} that {'is' if len(left) == 1 else 'are'} no synthesis "
-              f"run: {shown}")
-
-
-def _statuses(runs) -> list[str]:
-    from .synthesis.cache_admin import STATUSES
-
-    return [status for status in STATUSES if any(run.status == status for run in runs)]
-
-
-def _runs_table(runs) -> str:
-    """The table of `cache list`: one line per entry, columns aligned, the size right-aligned."""
-    from .synthesis.cache_admin import short_key
-
-    header = ["KEY", "STATUS", "SYNTHESIZER", "IMAGES", "MODEL", "SIZE (MB)", "MODIFIED", "NOTE"]
-    rows = [[short_key(run.key), run.status, run.synthesizer or "-", _images_cell(run), _shorten(run.model or "-"),
-             _megabytes(run.size_bytes), _modified_cell(run.modified), _note_cell(run)] for run in runs]
-    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
-    size_column = header.index("SIZE (MB)")
-    lines = ["  ".join(cell.rjust(width) if column == size_column else cell.ljust(width)
-                       for column, (cell, width) in enumerate(zip(row, widths))).rstrip()
-             for row in [header, *rows]]
-    return "\n".join(lines)
-
-
-def _images_cell(run) -> str:
-    total = "?" if run.num_images is None else str(run.num_images)
-    if run.status == "complete":
-        return total
-    return "-" if run.status == "unknown" else f"{run.images_done}/{total}"
-
-
-def _note_cell(run) -> str:
-    if run.status == "unknown":
-        return run.reason or ""
-    batches = "; ".join(f"images {batch.start}-{batch.stop - 1} at step {batch.step}" for batch in run.checkpoints)
-    return f"checkpointed: {batches}" if batches else ""
-
-
-def _modified_cell(timestamp: float) -> str:
-    from datetime import datetime
-
-    return datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M") if timestamp else "-"
-
-
-def _shorten(text: str, width: int = 40) -> str:
-    """`text`, or its end after `...` when longer than `width` (a model's local path ends with its name)."""
-    return text if len(text) <= width else "..." + text[-(width - 3):]
-
-
-def _counted(count: int, singular: str, plural: str) -> str:
-    return f"{count} {singular if count == 1 else plural}"
-
-
-def _megabytes(size_bytes: int) -> str:
-    return f"{size_bytes / 1e6:.1f}"
-
-
-def _print_help(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    parser.print_help()
-    return 2
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

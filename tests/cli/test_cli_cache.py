@@ -1,0 +1,220 @@
+"""`optimum-dfq cache list` / `cache delete` on real synthesis caches made by tiny runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from ..conftest import tiny_vit
+from .test_cli import run_cli
+
+CACHE_MODEL = "tiny/vit-for-cache-tests"
+
+
+def _synthesize_into(cache_dir: Path | None, num_images: int, seed: int, monkeypatch=None,
+                     ctrl_c_after_steps: int | None = None) -> Path:
+    """Runs a tiny psaq synthesis (batches of 2 images, 4 steps each) into `cache_dir` (`None`: the default cache),
+    stopped by Ctrl-C after `ctrl_c_after_steps` steps in all if given; returns its run folder."""
+    from optimum_dfq.synthesis import get_synthesizer, pixel_synthesizer
+
+    from ..conftest import CIFAR_MEAN, CIFAR_STD
+
+    model = tiny_vit()
+    model.config._name_or_path = CACHE_MODEL  # provenance only: recorded in run.json, not hashed
+    synthesizer = get_synthesizer("psaq", iterations=(2, 2), warmup=1, jitter=(2, 4))
+    arguments = {"seed": seed, "batch_size": 2, "cache_dir": cache_dir, "image_mean": CIFAR_MEAN,
+                 "image_std": CIFAR_STD}
+    if ctrl_c_after_steps is None:
+        synthesizer.synthesize(model, num_images, **arguments)
+        return _run_folder(cache_dir, seed)
+    real, done = pixel_synthesizer.optimize_batch, [0]
+
+    class CtrlC:
+        def update(self, count):
+            done[0] += count
+            if done[0] == ctrl_c_after_steps:
+                raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(pixel_synthesizer, "optimize_batch",
+                      lambda *args, progress=None, **kwargs: real(*args, progress=CtrlC(), **kwargs))
+        synthesizer.synthesize(model, num_images, **arguments)
+    return _run_folder(cache_dir, seed)
+
+
+def _run_folder(cache_dir: Path | None, seed: int) -> Path:
+    from optimum_dfq.synthesis.cache import default_cache_dir
+
+    root = cache_dir if cache_dir is not None else default_cache_dir()
+    (found,) = [path.parent for path in root.glob("*/run.json") if json.loads(path.read_text())["seed"] == seed]
+    return found
+
+
+def _megabytes_on_disk(*folders: Path) -> str:
+    """The size `cache list` shows, from the apparent sizes of the files (as `du --apparent-size --bytes`)."""
+    total = sum(file.stat().st_size for folder in folders for file in folder.rglob("*") if file.is_file())
+    return f"{total / 1e6:.1f}"
+
+
+@pytest.fixture
+def synthesis_cache(tmp_path, monkeypatch) -> tuple[Path, Path, Path]:
+    """A cache folder with a complete run (4 images), a run stopped by Ctrl-C at step 2 of its second batch (6 images:
+    2 finished, 2 checkpointed) and a folder that is not a run; returns the cache folder and the two runs."""
+    root = tmp_path / "synthesis-cache"
+    complete = _synthesize_into(root, 4, seed=0)
+    interrupted = _synthesize_into(root, 6, seed=1, monkeypatch=monkeypatch, ctrl_c_after_steps=4 + 2)
+    (root / "my-notes").mkdir()
+    (root / "my-notes" / "todo.txt").write_text("not a run")
+    return root, complete, interrupted
+
+
+def test_cache_list_shows_every_run_then_the_total(synthesis_cache):
+    root, complete, interrupted = synthesis_cache
+    result = run_cli("cache", "list", "--cache-dir", str(root))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["KEY", "STATUS", "SYNTHESIZER", "IMAGES", "MODEL", "SIZE", "(MB)", "MODIFIED", "NOTE"]
+    rows = {line.split()[0]: line for line in lines[1:4]}
+    assert set(rows) == {complete.name[:12], interrupted.name[:12], "my-notes"}
+    assert rows[complete.name[:12]].split()[:6] == [complete.name[:12], "complete", "psaq", "4", CACHE_MODEL,
+                                                     _megabytes_on_disk(complete)]
+    assert rows[interrupted.name[:12]].split()[:6] == [interrupted.name[:12], "partial", "psaq", "2/6", CACHE_MODEL,
+                                                        _megabytes_on_disk(interrupted)]
+    assert rows[interrupted.name[:12]].endswith("checkpointed: images 2-3 at step 2")
+    assert rows["my-notes"].split()[1:4] == ["unknown", "-", "-"]
+    assert rows["my-notes"].endswith("not a synthesis run: its name is no run key (64 hexadecimal digits)")
+    total = _megabytes_on_disk(complete, interrupted, root / "my-notes")
+    assert lines[4:] == ["", f"3 entries (1 complete, 1 partial, 1 unknown), {total} MB in {root}"]
+
+
+def test_cache_list_of_a_missing_or_empty_cache_says_where_it_looked(tmp_path, capsys):
+    from optimum_dfq.cli import main
+
+    missing = tmp_path / "missing"
+    assert main(["cache", "list", "--cache-dir", str(missing)]) == 0
+    assert capsys.readouterr().out == f"No synthesis runs cached in {missing} (the folder does not exist).\n"
+    assert main(["cache", "list", "--cache-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == f"No synthesis runs cached in {tmp_path} (the folder is empty).\n"
+
+
+def test_cache_delete_by_prefix_removes_that_run_and_prints_the_space_freed(synthesis_cache):
+    root, complete, interrupted = synthesis_cache
+    size = _megabytes_on_disk(interrupted)
+    result = run_cli("cache", "delete", interrupted.name[:6], "--cache-dir", str(root))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"deleted {interrupted.name[:12]} (partial, psaq, {size} MB)",
+                                          f"freed {size} MB in {root}"]
+    assert sorted(path.name for path in root.iterdir()) == sorted([complete.name, "my-notes"])
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("ambiguous", "matches 2 runs in {root} ("),
+    ("unmatched", "No synthesis run in {root} has a key starting with '{unmatched}'; `optimum-dfq cache list` shows"),
+    ("too short", "The key prefix 'abc' is too short: give at least 4 characters"),
+    ("not a run", "{root}/my-notes is not a synthesis run (its name is no run key), so it is not deleted"),
+    ("no key", "name the runs to delete by KEY (their first characters, as `optimum-dfq cache list` shows them)"),
+    ("key and --all", "give the KEYs of the runs to delete, or --all, not both."),
+    ("--yes without --all", "--yes confirms --all; deleting runs named by KEY asks nothing, so drop --yes."),
+])
+def test_cache_delete_refuses_what_does_not_name_runs_in_one_line_and_deletes_nothing(case, reason, synthesis_cache,
+                                                                                      capsys):
+    from optimum_dfq.cli import main
+
+    root, complete, interrupted = synthesis_cache
+    twin = root / (complete.name[:5] + ("0" if complete.name[5] != "0" else "1") * 59)  # shares a 5-character prefix
+    shutil.copytree(complete, twin)
+    entries = sorted(path.name for path in root.iterdir())
+    unmatched = next(prefix for prefix in ("ffff", "eeee", "dddd") if not any(e.startswith(prefix) for e in entries))
+    given = {"ambiguous": [complete.name[:5]], "unmatched": [unmatched], "too short": ["abc"],
+             "not a run": ["my-notes"], "no key": [], "key and --all": ["--all"], "--yes without --all": ["--yes"]}
+    keys = [] if case == "no key" else [interrupted.name]  # a key that alone would be deleted
+    assert main(["cache", "delete", *keys, *given[case], "--cache-dir", str(root)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("optimum-dfq: error: "), error
+    assert reason.format(root=root, unmatched=unmatched) in error[0], error
+    if case == "ambiguous":
+        assert set(error[0].split(" (")[1].split(")")[0].split(", ")) == {complete.name[:12], twin.name[:12]}
+    assert sorted(path.name for path in root.iterdir()) == entries
+
+
+def test_cache_delete_all_off_a_terminal_needs_yes_and_leaves_what_is_not_a_run(synthesis_cache):
+    root, complete, interrupted = synthesis_cache
+    refused = run_cli("cache", "delete", "--all", "--cache-dir", str(root))
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.strip() == (f"optimum-dfq: error: --all deletes every synthesis run in {root}, and there is "
+                                      "no terminal to ask for confirmation: add --yes to confirm. Nothing was deleted.")
+    assert len(list(root.iterdir())) == 3
+    size = _megabytes_on_disk(complete, interrupted)
+    sizes = {run: _megabytes_on_disk(run) for run in (complete, interrupted)}
+    result = run_cli("cache", "delete", "--all", "--yes", "--cache-dir", str(root))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    deleted = [f"deleted {complete.name[:12]} (complete, psaq, {sizes[complete]} MB)",
+               f"deleted {interrupted.name[:12]} (partial, psaq, {sizes[interrupted]} MB)"]
+    assert sorted(lines[:2]) == sorted(deleted)
+    assert lines[2:] == [f"freed {size} MB in {root}", "left 1 entry that is no synthesis run: my-notes"]
+    assert [path.name for path in root.iterdir()] == ["my-notes"]
+
+
+@pytest.mark.parametrize("answer", ["n", "", "y"])
+def test_cache_delete_all_on_a_terminal_asks_first(answer, synthesis_cache, monkeypatch, capsys):
+    from optimum_dfq.cli import main
+
+    root, complete, interrupted = synthesis_cache
+    questions = []
+    monkeypatch.setattr(sys, "stdin", type("Terminal", (), {"isatty": staticmethod(lambda: True)})())
+    monkeypatch.setattr("builtins.input", lambda question: questions.append(question) or answer)
+    size = _megabytes_on_disk(complete, interrupted)
+    assert main(["cache", "delete", "--all", "--cache-dir", str(root)]) == 0
+    assert questions == [f"Delete every synthesis run in {root}: 2 runs, {size} MB? [y/N] "]
+    output = capsys.readouterr().out
+    if answer == "y":
+        assert f"freed {size} MB in {root}" in output and [path.name for path in root.iterdir()] == ["my-notes"]
+    else:
+        assert output == "Cancelled; nothing deleted.\n" and len(list(root.iterdir())) == 3
+
+
+def test_cache_commands_look_at_the_default_cache_even_where_writing_to_it_is_off(default_synthesis_cache, monkeypatch,
+                                                                                   capsys):
+    from optimum_dfq.cli import main
+
+    run = _synthesize_into(None, 2, seed=0)
+    assert run.parent == default_synthesis_cache
+    monkeypatch.setenv("OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE", "1")  # stops writing there, not looking
+    listed = run_cli("cache", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines()[1].split()[:4] == [run.name[:12], "complete", "psaq", "2"]
+    assert listed.stdout.splitlines()[-1].endswith(f"MB in {default_synthesis_cache}")
+    assert main(["cache", "delete", run.name[:8]]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith(f"MB in {default_synthesis_cache}")
+    assert list(default_synthesis_cache.iterdir()) == []
+    assert main(["cache", "list"]) == 0
+    assert capsys.readouterr().out == f"No synthesis runs cached in {default_synthesis_cache} (the folder is empty).\n"
+
+
+def test_cache_without_a_command_shows_its_commands(capsys):
+    from optimum_dfq.cli import main
+
+    assert main(["cache"]) == 2
+    help_text = capsys.readouterr().out
+    assert "optimum-dfq cache" in help_text and "list" in help_text and "delete" in help_text
+
+
+def test_optimum_cli_dfq_has_the_cache_commands(synthesis_cache, capsys):
+    """`optimum-cli dfq` builds its parser with the register module's `parse_args` and runs `dispatch`."""
+    import argparse
+
+    from optimum.commands.register.dfq import DFQCommand
+    from optimum_dfq.cli import dispatch
+
+    root, complete, _ = synthesis_cache
+    parser = argparse.ArgumentParser(prog="optimum-cli dfq")
+    DFQCommand.parse_args(parser)
+    assert dispatch(parser.parse_args(["cache", "delete", complete.name[:8], "--cache-dir", str(root)]), parser) == 0
+    assert capsys.readouterr().out.startswith(f"deleted {complete.name[:12]} (complete, psaq,")
+    assert dispatch(parser.parse_args(["cache", "list", "--cache-dir", str(root)]), parser) == 0
+    assert "2 entries (1 partial, 1 unknown)" in capsys.readouterr().out
