@@ -457,6 +457,21 @@ def test_synthesize_under_torchrun_writes_and_prints_once(model_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_synthesize_under_torchrun_shares_the_default_cache(model_dir, tmp_path, default_synthesis_cache):
+    # every process of one machine agrees on the default folder: the run caches there and a second run loads it
+    args = ["--synthesizer", "psaq", "--num-images", "4", "--iterations", "2"]
+    first = run_cli_torchrun("synthesize", str(model_dir), str(tmp_path / "a"), *args, cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "default cache" not in first.stderr  # no warning that the default was dropped
+    (run,) = default_synthesis_cache.iterdir()
+    assert sorted(path.name for path in (run / "shards").iterdir()) == ["00000000-00000002.safetensors",
+                                                                       "00000002-00000004.safetensors"]
+    again = run_cli_torchrun("synthesize", str(model_dir), str(tmp_path / "b"), *args, "--verbose", cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"Loading the cached calibration set from {run / 'calibration_set'}" in again.stderr
+
+
+@pytest.mark.slow
 def test_quantize_under_torchrun_saves_and_prints_once(model_dir, tmp_path):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text("bits: w8a8\nsynthesizer: psaq\nsynthesizer_kwargs:\n  iterations: [1, 1]\n  warmup: 1\n")
