@@ -513,6 +513,8 @@ def run_quantize(args: argparse.Namespace) -> int:
                                 cache_dir=_cache_argument(args), synthesis_device=state.device,
                                 save_dir=args.output_dir if state.is_main_process else None,
                                 image_column=args.image_column, label_column=args.label_column)
+    # The others wait only for the save: an upload can outlast the process group's timeout, and needs no other process
+    state.wait_for_everyone()
     if state.is_main_process:
         final = qmodel.config.quantization_config
         print(f"quantized {args.model} to {final.bits} with {final.num_images} calibration images from "
@@ -520,7 +522,6 @@ def run_quantize(args: argparse.Namespace) -> int:
         if args.push_to_hub:
             qmodel.push_to_hub(args.push_to_hub)
             print(f"pushed to {args.push_to_hub}")
-    state.wait_for_everyone()
     return 0
 
 

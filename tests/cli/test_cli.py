@@ -551,6 +551,27 @@ def test_synthesis_runs_on_the_device_of_the_process(model_dir, tmp_path, monkey
     assert devices == [torch.device("cuda", 1)]
 
 
+def test_under_a_launcher_the_other_processes_do_not_wait_for_the_hub_upload(model_dir, tmp_path, monkeypatch):
+    """Rank 0 pushes after the last barrier: an upload longer than the process group's timeout (30 minutes) would
+    otherwise end the run with the others' barrier timing out."""
+    from transformers import PreTrainedModel
+
+    from optimum_dfq import cli
+
+    events = []
+
+    class MainProcess(_GPUState):
+        def wait_for_everyone(self):
+            events.append("barrier")
+
+    monkeypatch.setattr(cli, "_process_state", MainProcess)
+    monkeypatch.setattr(PreTrainedModel, "push_to_hub", lambda self, repo, **kwargs: events.append(f"push {repo}"))
+    assert cli.main(["quantize", str(model_dir), str(tmp_path / "out"), "--synthesizer", "gaussian", "--num-images",
+                     "2", "--push-to-hub", "me/tiny-dfq"]) == 0
+    assert events == ["barrier", "push me/tiny-dfq"]
+    assert (tmp_path / "out" / "config.json").exists()  # saved before the barrier
+
+
 def test_errors_under_a_launcher_name_the_rank(monkeypatch, capsys):
     import argparse
 
