@@ -608,7 +608,7 @@ def _default_cache_for_run(state, default: Path | None) -> Path | None:
     if state.num_processes == 1:
         return default
     views = gather_lists(state, [(socket.gethostname(), None if default is None else str(default))])
-    if len(set(views)) == 1:
+    if len(set(views)) == 1 or all(folder is None for _, folder in views):  # agreed, or turned off everywhere
         return default
     if state.is_main_process:
         hosts = {host for host, _ in views}

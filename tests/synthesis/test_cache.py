@@ -208,6 +208,15 @@ def test_default_cache_is_only_used_when_every_process_sees_the_same_one(views, 
         assert reason in caplog.text and "the default cache (/c on the main process) is not used" in caplog.text
 
 
+def test_a_default_cache_turned_off_everywhere_is_dropped_without_a_warning(monkeypatch, caplog):
+    # OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE=1 on every machine of a multi-machine run: there is no default cache to drop,
+    # yet a warning said it was dropped and told to pass cache_dir=False "to silence this"
+    monkeypatch.setattr(pixel_synthesizer, "gather_lists", lambda state, items: [("a", None), ("b", None)])
+    with caplog.at_level("WARNING"):
+        assert pixel_synthesizer._default_cache_for_run(_TwoProcesses(), None) is None
+    assert not caplog.records
+
+
 def test_finished_run_is_reused_without_optimising(tmp_path, monkeypatch):
     model = tiny_vit()
     first = get_synthesizer("psaq", **FAST).synthesize(model, 3, seed=0, cache_dir=tmp_path, **NORM)
