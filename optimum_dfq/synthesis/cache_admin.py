@@ -2,9 +2,10 @@
 
 [`list_cached_runs`] describes every entry of a cache root (see [`~optimum_dfq.synthesis.cache`] for the layout of a
 run), [`delete_cached_runs`] removes runs named by their key or a unique prefix of it. Only folders named by a run key
-(64 hexadecimal digits) are ever deleted: anything else in the root is listed as `"unknown"` and left alone, so that
-a cache folder given by mistake (a home folder, say) loses nothing. Deleting the run of a synthesis that is still
-going makes that synthesis fail; run it again to start over.
+(64 hexadecimal digits) that hold nothing but what a synthesis run writes are ever deleted: anything else in the root
+(including a folder named by a SHA-256 that holds other files, as other tools' caches have) is listed as `"unknown"`
+and left alone, so that a cache folder given by mistake (a home folder, say) loses nothing. Deleting the run of a
+synthesis that is still going makes that synthesis fail; run it again to start over.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from ..errors import DFQError
-from .cache import SynthesisCache
+from .cache import _TEMPORARY_RE, SynthesisCache
 
 RUN_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
+_RUN_ENTRY_RE = re.compile(r"^(run\.json|shards|partial|calibration_set(\.damaged\d*)?)$")  # what a run writes
 MIN_PREFIX_LENGTH = 4
 RunStatus = Literal["complete", "partial", "empty", "unknown"]
 STATUSES: tuple[RunStatus, ...] = get_args(RunStatus)
@@ -59,8 +61,8 @@ class CachedRun:
         size_bytes (`int`): total size of its files in bytes (apparent sizes; symbolic links are not followed).
         modified (`float`): the latest modification time of anything in it (seconds since the epoch).
         reason (`str`, *optional*): why an `"unknown"` entry is not taken for a run.
-        is_run (`bool`): whether the entry is a folder named by a run key, hence may be deleted (even when its
-            `run.json` is unreadable).
+        is_run (`bool`): whether the entry is a folder named by a run key holding nothing but what a run writes,
+            hence may be deleted (even when its `run.json` is unreadable).
     """
 
     key: str
@@ -148,8 +150,9 @@ def delete_cached_runs(cache_dir: str | os.PathLike, keys: list[str] | None = No
     """
     if bool(keys) == delete_all:
         raise CacheKeyError("Name the runs to delete by key (or key prefix), or delete them all (not both).")
-    runs = [run for run in list_cached_runs(cache_dir) if run.is_run]
-    chosen = runs if delete_all else _match_keys(runs, keys or [], Path(os.path.expanduser(os.fspath(cache_dir))))
+    entries = list_cached_runs(cache_dir)
+    runs = [run for run in entries if run.is_run]
+    chosen = runs if delete_all else _match_keys(entries, keys or [], Path(os.path.expanduser(os.fspath(cache_dir))))
     removed: list[CachedRun] = []
     for run in chosen:
         try:
@@ -173,15 +176,16 @@ def short_key(key: str, length: int = 12) -> str:
     return key[:length]
 
 
-def _match_keys(runs: list[CachedRun], keys: list[str], root: Path) -> list[CachedRun]:
+def _match_keys(entries: list[CachedRun], keys: list[str], root: Path) -> list[CachedRun]:
     chosen: dict[str, CachedRun] = {}
     for key in keys:
-        run = _match_key(runs, key, root)
+        run = _match_key(entries, key, root)
         chosen[run.key] = run
     return list(chosen.values())
 
 
-def _match_key(runs: list[CachedRun], key: str, root: Path) -> CachedRun:
+def _match_key(entries: list[CachedRun], key: str, root: Path) -> CachedRun:
+    runs = [entry for entry in entries if entry.is_run]
     prefix = key.strip().lower()
     if len(prefix) < MIN_PREFIX_LENGTH:
         raise CacheKeyError(f"The key prefix {key!r} is too short: give at least {MIN_PREFIX_LENGTH} characters of a "
@@ -194,8 +198,11 @@ def _match_key(runs: list[CachedRun], key: str, root: Path) -> CachedRun:
         raise CacheKeyError(f"The key prefix {key!r} matches {len(matches)} runs in {root} ({names}): give more "
                             "characters of the key. Nothing was deleted.")
     if Path(key).name == key and (root / key).exists():
-        raise CacheKeyError(f"{root / key} is not a synthesis run (its name is no run key), so it is not deleted; "
-                            "remove it by hand if it is yours. Nothing was deleted.")
+        other = next((entry for entry in entries if entry.key == key and entry.reason), None)
+        why = "its name is no run key" if RUN_KEY_RE.match(key) is None or other is None else (
+            other.reason.removeprefix("not a synthesis run: "))
+        raise CacheKeyError(f"{root / key} is not a synthesis run ({why}), so it is not deleted; remove it by hand "
+                            "if it is yours. Nothing was deleted.")
     raise CacheKeyError(f"No synthesis run in {root} has a key starting with {key!r}; `optimum-dfq cache list` shows "
                         "the keys. Nothing was deleted.")
 
@@ -205,6 +212,11 @@ def _describe_entry(entry: Path) -> CachedRun:
     found = {"key": entry.name, "path": entry, "size_bytes": size_bytes, "modified": modified}
     if not _is_run_folder(entry):
         return CachedRun(status="unknown", reason=_not_a_run_reason(entry), is_run=False, **found)
+    foreign = _foreign_entries(entry)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        return CachedRun(status="unknown", reason=f"not a synthesis run: it holds {shown}, which no synthesis run "
+                         "writes", is_run=False, **found)
     try:
         info = _read_run_info(entry / "run.json")
     except FileNotFoundError:
@@ -220,6 +232,16 @@ def _describe_entry(entry: Path) -> CachedRun:
 
 def _is_run_folder(entry: Path) -> bool:
     return RUN_KEY_RE.match(entry.name) is not None and entry.is_dir() and not entry.is_symlink()
+
+
+def _foreign_entries(folder: Path) -> list[str]:
+    """The names in `folder` that a synthesis run does not write (none when it cannot be read: it is then listed as
+    an unreadable run)."""
+    try:
+        names = sorted(entry.name for entry in folder.iterdir())
+    except OSError:
+        return []
+    return [name for name in names if not _RUN_ENTRY_RE.match(name) and not _TEMPORARY_RE.match(name)]
 
 
 def _not_a_run_reason(entry: Path) -> str:

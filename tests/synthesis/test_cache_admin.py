@@ -215,3 +215,22 @@ def test_a_run_that_cannot_be_removed_is_reported_with_those_already_removed(cac
     with pytest.raises(OSError, match=rf"Could not delete the cached run .*{second}.*already deleted: {first[:12]}\."):
         delete_cached_runs(cache_root, [first, second])
     assert [path.name for path in cache_root.iterdir()] == [second]
+
+
+def test_a_folder_named_like_a_key_but_holding_other_files_is_never_deleted(cache_root):
+    # other tools name folders by a SHA-256 too (datasets' downloads/extracted/<sha256>/, say): a --cache-dir given by
+    # mistake there lost all of them to `cache delete --all`
+    extracted = cache_root / ("e" * 64)
+    (extracted / "train").mkdir(parents=True)
+    (extracted / "train" / "data.arrow").write_text("someone else's data")
+    (extracted / "README.md").write_text("not a run")
+    (found,) = [run for run in list_cached_runs(cache_root) if run.key == extracted.name]
+    assert (found.status, found.is_run) == ("unknown", False)
+    assert found.reason == "not a synthesis run: it holds README.md, train, which no synthesis run writes"
+    deletion = delete_cached_runs(cache_root, delete_all=True)
+    assert extracted.name not in {run.key for run in deletion.removed} and len(deletion.removed) == 2
+    assert (extracted / "train" / "data.arrow").read_text() == "someone else's data"
+    with pytest.raises(CacheKeyError, match=r"is not a synthesis run \(it holds README.md, train, which no synthesis "
+                                            r"run writes\), so it is not deleted"):
+        delete_cached_runs(cache_root, [extracted.name])
+    assert extracted.exists()
