@@ -680,10 +680,23 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
         if not isinstance(interrupt, SynthesisTerminated):
             raise
         # a scheduler's preemption: the batches being optimised are checkpointed in the cache, nothing to trace
-        resume = ("nothing was kept (--no-cache)" if getattr(args, "no_cache", False)
-                  else "run the same command again to resume from what the synthesis cache kept")
-        print(f"{PROG}: terminated by SIGTERM during synthesis; {resume}.", file=sys.stderr)
+        print(f"{PROG}: terminated by SIGTERM during synthesis; {_after_sigterm(args)}.", file=sys.stderr)
         return 128 + 15
+
+
+def _after_sigterm(args: argparse.Namespace) -> str:
+    """What a synthesis stopped by SIGTERM kept: nothing without a cache, else what the same command resumes from."""
+    from .synthesis.cache import DISABLE_CACHE_ENV, default_cache_disabled
+
+    if getattr(args, "no_cache", False):
+        return "nothing was kept (--no-cache)"
+    try:
+        default_off = getattr(args, "cache_dir", None) is None and default_cache_disabled()
+    except ValueError:  # a bad OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE value stops a run before it synthesizes
+        default_off = False
+    if default_off:
+        return f"nothing was kept ({DISABLE_CACHE_ENV} turns the default synthesis cache off)"
+    return "run the same command again to resume from what the synthesis cache kept"
 
 
 def release_process_group() -> None:

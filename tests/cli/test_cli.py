@@ -371,7 +371,7 @@ def _tiny_psaq_recipe(folder: Path) -> Path:
     return recipe
 
 
-def test_sigterm_during_synthesis_ends_with_one_line_and_status_143(capsys):
+def test_sigterm_during_synthesis_ends_with_one_line_and_status_143(capsys, monkeypatch):
     import argparse
 
     from optimum_dfq.cli import dispatch
@@ -380,12 +380,21 @@ def test_sigterm_during_synthesis_ends_with_one_line_and_status_143(capsys):
     def preempted(args):
         raise SynthesisTerminated("SIGTERM received")
 
+    monkeypatch.delenv("OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE")
     assert dispatch(argparse.Namespace(handler=preempted)) == 143
     assert capsys.readouterr().err.strip() == ("optimum-dfq: terminated by SIGTERM during synthesis; run the same "
                                                "command again to resume from what the synthesis cache kept.")
     assert dispatch(argparse.Namespace(handler=preempted, no_cache=True)) == 143
     assert capsys.readouterr().err.strip() == ("optimum-dfq: terminated by SIGTERM during synthesis; nothing was kept "
                                                "(--no-cache).")
+    # the default cache turned off: nothing was kept either, so "run the same command again to resume" was wrong
+    monkeypatch.setenv("OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE", "1")
+    assert dispatch(argparse.Namespace(handler=preempted, no_cache=False, cache_dir=None)) == 143
+    assert capsys.readouterr().err.strip() == ("optimum-dfq: terminated by SIGTERM during synthesis; nothing was kept "
+                                               "(OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE turns the default synthesis cache "
+                                               "off).")
+    assert dispatch(argparse.Namespace(handler=preempted, no_cache=False, cache_dir="cache")) == 143
+    assert "run the same command again to resume" in capsys.readouterr().err  # an explicit --cache-dir still caches
 
     def interrupted(args):
         raise KeyboardInterrupt
