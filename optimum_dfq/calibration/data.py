@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -453,8 +454,9 @@ def load_image_dataset(path: str, split: str | None = None, name: str | None = N
     Args:
         path (`str`): `*.parquet` file, folder, or Hub dataset id (e.g. `"ILSVRC/imagenet-1k"`, gated: needs a token).
         split (`str`, *optional*): split to load; `None` means `"train"`, except for a `save_to_disk` folder of one
-            split, where it means the split that was saved. A single parquet file is one split: it is labelled
-            `split` (or `"train"`).
+            split, where it means the split that was saved (a slice of a split, saved as e.g. `"test[:500]"`,
+            counts as that split: `"test"` takes it). A single parquet file is one split: it is labelled `split`
+            (or `"train"`).
         name (`str`, *optional*): dataset configuration name.
 
     Returns:
@@ -508,9 +510,13 @@ def load_image_dataset(path: str, split: str | None = None, name: str | None = N
 
 
 def _check_saved_split(dataset, path: str, split: str | None):
-    """`dataset` (one split loaded from `path`), refused when it was saved as another split than the one asked for."""
+    """`dataset` (one split loaded from `path`), refused when it was saved as another split than the one asked for.
+
+    A slice of one split (`load_dataset(..., split="test[:500]")` saves as `"test[:500]"`) is that split: asking for
+    `"test"` takes it."""
     saved = None if dataset.split is None else str(dataset.split)
-    if split is not None and saved is not None and split != saved:
+    sliced = re.fullmatch(r"([^\[\]+]+)\[[^\]]*\]", saved or "")
+    if split is not None and saved is not None and split != saved and not (sliced and split == sliced.group(1)):
         raise CalibrationError(
             f"The dataset at {path!r} was saved as split {saved!r}, not {split!r}, and holds no other split. Ask for "
             f"split {saved!r} (command line: --split / --calibration-split {saved}) to use it, or save the "

@@ -200,6 +200,22 @@ def test_a_single_split_folder_is_loaded_only_as_the_split_it_was_saved_as(cifar
     assert load_image_dataset(str(tmp_path / "unnamed"), split="test")["label"] == [1, 2]
 
 
+def test_a_saved_slice_of_a_split_is_loaded_as_that_split(tmp_path):
+    # load_dataset(..., split="test[:5]").save_to_disk(folder) records the split as 'test[:5]': `optimum-dfq evaluate`
+    # (default --split test) refused the folder as "saved as split 'test[:5]', not 'test'"
+    from datasets import load_dataset
+
+    sliced = load_dataset("parquet", data_files={"test": str(FIXTURES / "cifar10_tiny_test.parquet")}, split="test[:5]")
+    assert str(sliced.split) == "test[:5]"
+    sliced.save_to_disk(str(tmp_path / "test-5"))
+    for split in ("test", "test[:5]", None):
+        assert load_image_dataset(str(tmp_path / "test-5"), split=split)["label"] == sliced["label"]
+    with pytest.raises(CalibrationError, match=r"saved as split 'test\[:5\]', not 'train'"):
+        load_image_dataset(str(tmp_path / "test-5"), split="train")
+    with pytest.raises(CalibrationError, match=r"saved as split 'test\[:5\]', not 'test\[:3\]'"):  # not re-sliced
+        load_image_dataset(str(tmp_path / "test-5"), split="test[:3]")
+
+
 def test_a_parquet_file_is_labelled_with_the_split_asked_for(tmp_path):
     assert str(load_image_dataset(str(TRAIN_PARQUET)).split) == "train"
     assert str(load_image_dataset(str(TRAIN_PARQUET), split="validation").split) == "validation"
