@@ -454,9 +454,9 @@ def load_image_dataset(path: str, split: str | None = None, name: str | None = N
     Args:
         path (`str`): `*.parquet` file, folder, or Hub dataset id (e.g. `"ILSVRC/imagenet-1k"`, gated: needs a token).
         split (`str`, *optional*): split to load; `None` means `"train"`, except for a `save_to_disk` folder of one
-            split, where it means the split that was saved (a slice of a split, saved as e.g. `"test[:500]"`,
-            counts as that split: `"test"` takes it). A single parquet file is one split: it is labelled `split`
-            (or `"train"`).
+            split (a `Dataset`, or a `DatasetDict` of one split), where it means the split that was saved (a slice of
+            a split, saved as e.g. `"test[:500]"`, counts as that split: `"test"` takes it). A single parquet file is
+            one split: it is labelled `split` (or `"train"`).
         name (`str`, *optional*): dataset configuration name.
 
     Returns:
@@ -497,6 +497,8 @@ def load_image_dataset(path: str, split: str | None = None, name: str | None = N
         return _check_saved_split(load_saved_dataset(str(local)), path, split)
     if local.is_dir() and (local / "dataset_dict.json").exists():
         splits = load_saved_dataset(str(local))
+        if split is None and len(splits) == 1:  # a folder of one split: the split that was saved
+            return next(iter(splits.values()))
         if chosen not in splits:
             raise CalibrationError(f"The dataset at {path!r} has no split {chosen!r}; its splits are {list(splits)}.")
         return splits[chosen]

@@ -216,6 +216,21 @@ def test_a_saved_slice_of_a_split_is_loaded_as_that_split(tmp_path):
         load_image_dataset(str(tmp_path / "test-5"), split="test[:3]")
 
 
+def test_a_saved_dataset_dict_of_one_split_is_loaded_as_that_split_when_none_is_asked(tmp_path):
+    # the README: "load_image_dataset(path) without split takes the saved one ("train" for sources of several splits)";
+    # a DatasetDict folder holding only "validation" was refused as having no split 'train'
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"validation": Dataset.from_dict({"label": [1, 2]})}).save_to_disk(str(tmp_path / "one"))
+    assert load_image_dataset(str(tmp_path / "one"))["label"] == [1, 2]
+    with pytest.raises(CalibrationError, match=r"has no split 'train'; its splits are \['validation'\]"):
+        load_image_dataset(str(tmp_path / "one"), split="train")  # a split asked for is still checked
+    two = DatasetDict({"test": Dataset.from_dict({"label": [3]}), "validation": Dataset.from_dict({"label": [4]})})
+    two.save_to_disk(str(tmp_path / "two"))
+    with pytest.raises(CalibrationError, match=r"has no split 'train'"):  # several splits: "train" by default
+        load_image_dataset(str(tmp_path / "two"))
+
+
 def test_a_parquet_file_is_labelled_with_the_split_asked_for(tmp_path):
     assert str(load_image_dataset(str(TRAIN_PARQUET)).split) == "train"
     assert str(load_image_dataset(str(TRAIN_PARQUET), split="validation").split) == "validation"
