@@ -61,7 +61,7 @@ from .engine import EngineState
 _SHARD_RE = re.compile(r"^(\d+)-(\d+)\.safetensors$")
 _EXTRA_PREFIX = "extra."
 _CHECKPOINT_FORMAT = "optimum_dfq.batch_checkpoint/1"
-_TEMPORARY_RE = re.compile(r"^\..+\.tmp-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[a-z0-9_]+$")
+TEMPORARY_NAME_RE = re.compile(r"^\..+\.tmp-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[a-z0-9_]+$")
 CACHE_ENV = "OPTIMUM_DFQ_CACHE"
 DISABLE_CACHE_ENV = "OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE"
 _TRUE_VALUES, _FALSE_VALUES = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
@@ -220,7 +220,7 @@ class SynthesisCache:
         for folder in (self.directory, self.shards, self.partial):
             entries = list(folder.iterdir()) if folder.is_dir() else []
             for entry in entries:
-                match = _TEMPORARY_RE.match(entry.name)
+                match = TEMPORARY_NAME_RE.match(entry.name)
                 if (match is None or match["host"] != host or _process_exists(int(match["pid"]))
                         or not _older_than(entry, ABANDONED_TEMPORARY_AGE_S)):
                     continue

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from ..errors import DFQError
-from .cache import _TEMPORARY_RE, SynthesisCache
+from .cache import TEMPORARY_NAME_RE, SynthesisCache
 
 RUN_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 _RUN_ENTRY_RE = re.compile(r"^(run\.json|shards|partial|calibration_set(\.damaged\d*)?)$")  # what a run writes
@@ -241,7 +241,7 @@ def _foreign_entries(folder: Path) -> list[str]:
         names = sorted(entry.name for entry in folder.iterdir())
     except OSError:
         return []
-    return [name for name in names if not _RUN_ENTRY_RE.match(name) and not _TEMPORARY_RE.match(name)]
+    return [name for name in names if not _RUN_ENTRY_RE.match(name) and not TEMPORARY_NAME_RE.match(name)]
 
 
 def _not_a_run_reason(entry: Path) -> str:
