@@ -36,7 +36,7 @@ from ..calibration.data import (
     check_processor_output_size,
     expected_image_shape,
 )
-from ..errors import SynthesisError
+from ..errors import ConfigError, SynthesisError
 from ..models.adapters import ModelAdapter, get_adapter, window_sizes_kept
 from ..registry import qualified_name
 from ..version import __version__
@@ -361,9 +361,8 @@ class PixelSynthesizer(Synthesizer):
         """
         check_synthesis_arguments(num_images, seed)
         state = resolve_state(state)
-        cache_root = resolve_cache_dir(cache_dir)
-        if cache_dir is None or cache_dir is True:
-            cache_root = _default_cache_for_run(state, cache_root)
+        default_cache = cache_dir is None or cache_dir is True
+        cache_root = _default_cache_for_run(state) if default_cache else resolve_cache_dir(cache_dir)
         batch_size_chosen = batch_size if batch_size is not None else self.batch_size
         batch_size = grid_batch_size(num_images, batch_size_chosen, state.num_processes)
         adapter = get_adapter(model)
@@ -601,13 +600,26 @@ def _resume_batch_size(state, cache: SynthesisCache, num_images: int, default: i
     return cached
 
 
-def _default_cache_for_run(state, default: Path | None) -> Path | None:
+def _default_cache_for_run(state) -> Path | None:
     """The default cache, unless the run's processes disagree on it: processes on several machines (each would have
     its own default folder, while the cache must be one folder that every process sees), or with different
-    `OPTIMUM_DFQ_CACHE` / `OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE` settings. Every process takes the same decision."""
+    `OPTIMUM_DFQ_CACHE` / `OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE` settings. Every process takes the same decision, and
+    an invalid setting on any process is raised on all of them (raised on its own, it would leave the others waiting
+    in the gather until the process group's timeout)."""
+    try:
+        default, problem = resolve_cache_dir(None), None
+    except ConfigError as err:
+        default, problem = None, str(err)
     if state.num_processes == 1:
+        if problem is not None:
+            raise ConfigError(problem)
         return default
-    views = gather_lists(state, [(socket.gethostname(), None if default is None else str(default))])
+    views = gather_lists(state, [(socket.gethostname(), None if default is None else str(default), problem)])
+    problems = [(rank, error) for rank, (_, _, error) in enumerate(views) if error is not None]
+    if problems:
+        rank, error = problems[0]
+        raise ConfigError(f"{error} (process {rank})")
+    views = [(host, folder) for host, folder, _ in views]
     if len(set(views)) == 1 or all(folder is None for _, folder in views):  # agreed, or turned off everywhere
         return default
     if state.is_main_process:

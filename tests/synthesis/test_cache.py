@@ -190,31 +190,57 @@ class _TwoProcesses:
     num_processes, is_main_process = 2, True
 
 
-@pytest.mark.parametrize("views, reason", [
-    ([("a", "/c"), ("a", "/c")], None),
-    ([("a", "/c"), ("b", "/c")], "runs on 2 machines"),
-    ([("a", "/c"), ("a", None)], "different OPTIMUM_DFQ_CACHE / OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE settings"),
+@pytest.mark.parametrize("others, reason", [
+    ([("a", "same")], None),
+    ([("b", "same")], "runs on 2 machines"),
+    ([("a", None)], "different OPTIMUM_DFQ_CACHE / OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE settings"),
 ])
-def test_default_cache_is_only_used_when_every_process_sees_the_same_one(views, reason, monkeypatch, caplog):
-    from pathlib import Path
+def test_default_cache_is_only_used_when_every_process_sees_the_same_one(others, reason, default_synthesis_cache,
+                                                                         monkeypatch, caplog):
+    def gather(state, items):  # this process (host "a") and the others
+        (mine,) = items
+        assert mine == ("a", str(default_synthesis_cache), None)
+        return [mine] + [(host, mine[1] if folder == "same" else folder, None) for host, folder in others]
 
-    monkeypatch.setattr(pixel_synthesizer, "gather_lists", lambda state, items: list(views))
+    monkeypatch.setattr(pixel_synthesizer.socket, "gethostname", lambda: "a")
+    monkeypatch.setattr(pixel_synthesizer, "gather_lists", gather)
     with caplog.at_level("WARNING"):
-        chosen = pixel_synthesizer._default_cache_for_run(_TwoProcesses(), Path("/c"))
+        chosen = pixel_synthesizer._default_cache_for_run(_TwoProcesses())
     if reason is None:
-        assert chosen == Path("/c") and not caplog.records
+        assert chosen == default_synthesis_cache and not caplog.records
     else:
         assert chosen is None
-        assert reason in caplog.text and "the default cache (/c on the main process) is not used" in caplog.text
+        assert reason in caplog.text
+        assert f"the default cache ({default_synthesis_cache} on the main process) is not used" in caplog.text
 
 
 def test_a_default_cache_turned_off_everywhere_is_dropped_without_a_warning(monkeypatch, caplog):
     # OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE=1 on every machine of a multi-machine run: there is no default cache to drop,
     # yet a warning said it was dropped and told to pass cache_dir=False "to silence this"
-    monkeypatch.setattr(pixel_synthesizer, "gather_lists", lambda state, items: [("a", None), ("b", None)])
+    monkeypatch.setattr(pixel_synthesizer, "gather_lists",
+                        lambda state, items: [("a", None, None), ("b", None, None)])
     with caplog.at_level("WARNING"):
-        assert pixel_synthesizer._default_cache_for_run(_TwoProcesses(), None) is None
+        assert pixel_synthesizer._default_cache_for_run(_TwoProcesses()) is None
     assert not caplog.records
+
+
+@pytest.mark.parametrize("mine", ["1", "maybe"])
+def test_an_invalid_cache_setting_on_any_process_is_raised_on_every_process(mine, monkeypatch):
+    # raised on one process only, before the gather, it would leave the others waiting until the group's timeout
+    from optimum_dfq.errors import ConfigError
+
+    monkeypatch.setenv("OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE", mine)
+    gathered = []
+
+    def gather(state, items):
+        gathered.extend(items)
+        return list(items) + [("b", None, "OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE='perhaps' is not a yes/no value")]
+
+    monkeypatch.setattr(pixel_synthesizer, "gather_lists", gather)
+    with pytest.raises(ConfigError, match="is not a yes/no value"):
+        pixel_synthesizer._default_cache_for_run(_TwoProcesses())
+    assert len(gathered) == 1  # this process took part in the gather, even with its own setting invalid
+    assert (gathered[0][2] is not None) == (mine == "maybe")
 
 
 def test_finished_run_is_reused_without_optimising(tmp_path, monkeypatch):
