@@ -413,18 +413,18 @@ def _with_column_flags(args: argparse.Namespace, config):
     is loaded) when no image dataset is read: the images are synthesized, or come from a `synthesize` folder."""
     from .errors import DFQError
 
-    chosen = {key: value for key, value in (("image_column", args.image_column), ("label_column", args.label_column))
-              if value is not None}
+    chosen = [(flag, value) for flag, value in (("--image-column", args.image_column),
+                                                ("--label-column", args.label_column)) if value is not None]
     if not chosen:
         return config
-    flags = " and ".join(f"--{key.replace('_', '-')} {value}" for key, value in chosen.items())
+    flags = " and ".join(f"{flag} {value}" for flag, value in chosen)
     if not config.calibration_dataset:
         raise DFQError(f"{flags} would not be used: this run synthesizes its calibration images. Drop it, or add "
                        "--calibration-dataset with the image dataset it is a column of.")
     if _is_saved_calibration_set(config.calibration_dataset["path"]):
         raise DFQError(f"{flags} would not be used: {config.calibration_dataset['path']} is a calibration set written "
                        "by `synthesize` (preprocessed pixel values, no image column). Drop it.")
-    return config.replace(calibration_dataset={**config.calibration_dataset, **chosen})
+    return config.with_dataset_columns(args.image_column, args.label_column)
 
 
 def _check_run_synthesizer(config, args: argparse.Namespace):

@@ -495,6 +495,26 @@ class DFQConfig(QuantizationConfigMixin):
         data.update(changes)
         return type(self).from_dict(data)
 
+    def with_dataset_columns(self, image_column: str | None = None, label_column: str | None = None) -> DFQConfig:
+        """Returns a copy whose `calibration_dataset` also names the columns chosen to read it (the keys it already
+        has are kept; a column left `None` is not recorded).
+
+        Args:
+            image_column (`str`, *optional*): the dataset's `Image` column.
+            label_column (`str`, *optional*): its `ClassLabel` or integer label column.
+
+        Returns:
+            `DFQConfig`: `self` when no column is chosen.
+
+        Example:
+            >>> config = DFQConfig(calibration_dataset={"path": "pairs/", "split": "train"})
+            >>> config.with_dataset_columns(image_column="img").calibration_dataset
+            {'path': 'pairs/', 'split': 'train', 'image_column': 'img'}
+        """
+        chosen = {key: value for key, value in (("image_column", image_column), ("label_column", label_column))
+                  if value is not None}
+        return self.replace(calibration_dataset={**self.calibration_dataset, **chosen}) if chosen else self
+
 
 @functools.cache
 def _unique_key_loader() -> type:

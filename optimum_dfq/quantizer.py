@@ -223,7 +223,7 @@ class DataFreeViTQuantizer(OptimumQuantizer):
         adapter = get_adapter(model)
         config = self._resolve_config(config, bits, synthesizer, num_images, seed)
         if calibration_dataset is None and config.calibration_dataset:  # the saved config names the columns used
-            config = _with_columns(config, image_column, label_column)
+            config = config.with_dataset_columns(image_column, label_column)
         if synthesizer is not None and (calibration_dataset is not None or config.calibration_dataset):
             given = "calibration_dataset=" if calibration_dataset is not None else (
                 f"the config's calibration_dataset={config.calibration_dataset!r}")
@@ -428,13 +428,6 @@ def _warn_unused_activation_options(config: DFQConfig) -> None:
         logger.warning("bits=%r is weight-only (activations stay float), so %s have no effect; choose a preset "
                        "with activation bits (e.g. 'w4a8') to use them.", config.bits,
                        ", ".join(f"{name}={getattr(config, name)!r}" for name in unused))
-
-
-def _with_columns(config: DFQConfig, image_column: str | None, label_column: str | None) -> DFQConfig:
-    """`config` whose `calibration_dataset` names the columns chosen for it (the others it names are kept)."""
-    chosen = {key: value for key, value in (("image_column", image_column), ("label_column", label_column))
-              if value is not None}
-    return config.replace(calibration_dataset={**config.calibration_dataset, **chosen}) if chosen else config
 
 
 def _pixel_source(calibration_dataset: Any) -> str | None:
