@@ -550,8 +550,15 @@ def run_synthesize(args: argparse.Namespace) -> int:
         extra["cache_dir"] = _cache_argument(args)
     if synthesizer.accepts("device"):  # this process's GPU under a launcher (from_pretrained leaves the model on CPU)
         extra["device"] = state.device
+    optimised: list[int] = []  # images this process optimised; the others came from the synthesis cache
+    if synthesizer.accepts("on_batch_end"):
+        extra["on_batch_end"] = lambda record: optimised.append(record.stop - record.start)
     calibration = synthesizer.synthesize(quantizer.model, args.num_images, seed=args.seed,
                                          image_processor=quantizer.image_processor, **extra)
+    if "on_batch_end" in extra:
+        from .synthesis.distributed import gather_lists
+
+        optimised = gather_lists(state, optimised)
     if state.is_main_process:
         output = Path(args.output_dir)
         save_calibration_set(calibration, output)
@@ -561,10 +568,20 @@ def run_synthesize(args: argparse.Namespace) -> int:
                         std=getattr(processor, "image_std", None))
         steps = getattr(synthesizer, "iterations", ())
         schedule = f" ({sum(steps)} steps: {' + '.join(map(str, steps))})" if steps else ""
-        print(f"synthesized {len(calibration)} images with '{synthesizer.name}'{schedule}; saved to {output} "
-              f"(preview: {grid})")
+        made = f"{len(calibration)} images with '{synthesizer.name}'{schedule}"
+        print(f"{_synthesis_outcome(made, len(calibration), sum(optimised), 'on_batch_end' in extra)}; saved to "
+              f"{output} (preview: {grid})")
     state.wait_for_everyone()
     return 0
+
+
+def _synthesis_outcome(made: str, num_images: int, optimised: int, counted: bool) -> str:
+    """How the images of a `synthesize` run came to be: optimised now, loaded from the synthesis cache, or both."""
+    if not counted or optimised == num_images:
+        return f"synthesized {made}"
+    if optimised == 0:
+        return f"loaded {made} from the synthesis cache (no step run)"
+    return f"synthesized {made}, {num_images - optimised} of them resumed from the synthesis cache"
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

@@ -120,6 +120,8 @@ def test_verbose_shows_the_loss_terms_and_cache_dir_resumes_an_interrupted_run(m
     assert "Resuming: 1 of 2 images already cached" in verbose.stderr
     assert "images 1-1 step 1/4" in verbose.stderr and "ce=" in verbose.stderr
     assert "images 0-0 step" not in verbose.stderr  # the cached batch is not optimised again
+    assert "synthesized 2 images with 'psaq' (4 steps: 2 + 2), 1 of them resumed from the synthesis cache" in (
+        verbose.stdout)
     first, resumed = load_calibration_set(tmp_path / "a"), load_calibration_set(tmp_path / "b")
     assert torch.equal(first.pixel_values, resumed.pixel_values)
 
@@ -135,6 +137,8 @@ def test_synthesis_uses_the_default_cache_unless_no_cache(model_dir, tmp_path, d
     again = run_cli("synthesize", str(model_dir), str(tmp_path / "c"), *args, "--verbose")
     assert again.returncode == 0, again.stderr
     assert f"Loading the cached calibration set from {default_synthesis_cache}" in again.stderr
+    assert "synthesized 2 images with 'psaq'" in on.stdout
+    assert "loaded 2 images with 'psaq' (2 steps: 1 + 1) from the synthesis cache (no step run)" in again.stdout
 
 
 def test_quantize_with_real_calibration_data(model_dir, tmp_path):
