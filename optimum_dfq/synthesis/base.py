@@ -99,7 +99,8 @@ def get_synthesizer(name: str, **hyperparameters: Any) -> Synthesizer:
 
 
 def check_synthesis_arguments(num_images: Any, seed: Any) -> None:
-    """Refuses an image count that is not a positive `int` or a seed that is not an integer, before any work.
+    """Refuses an image count that is not a positive `int` or a seed that is not an integer in 0..2**64 - 1 (the
+    seeds `quantize` takes), before any work.
 
     Args:
         num_images: the requested number of images.
@@ -115,6 +116,9 @@ def check_synthesis_arguments(num_images: Any, seed: Any) -> None:
         raise SynthesisError(f"num_images must be a positive integer, got {num_images!r}.")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise SynthesisError(f"seed must be an integer (e.g. seed=0), got {seed!r}.")
+    if not 0 <= seed < 2**64:  # the range `quantize` takes, so that a set made with a seed can be remade there
+        raise SynthesisError(f"seed={seed} is outside 0..2**64 - 1, the seeds quantize accepts (torch and numpy "
+                             "take no others); pass a seed in that range, such as 0.")
 
 
 class Synthesizer(ABC):

@@ -193,6 +193,8 @@ def test_an_image_processor_of_another_size_is_refused_before_synthesis(name, mo
     (2, 2.5, "seed must be an integer"),  # was torch's "manual_seed expected a long"
     (2, "1", "seed must be an integer"),
     (2, None, "seed must be an integer"),
+    (2, -1, r"seed=-1 is outside 0\.\.2\*\*64 - 1, the seeds quantize accepts"),  # as quantize refuses it
+    (2, 2**64, r"seed=18446744073709551616 is outside"),
 ])
 def test_every_synthesizer_refuses_a_bad_image_count_or_seed(name, num_images, seed, match):
     synthesizer = get_synthesizer(name) if name == "gaussian" else get_synthesizer(name, **FAST)
