@@ -25,7 +25,7 @@ from .calibration.data import (
 )
 from .calibration.reparam import get_scale_selector
 from .config import QUANT_METHOD, DFQConfig
-from .errors import CalibrationError, CheckpointError, ConfigError, UnsupportedArchitectureError
+from .errors import CalibrationError, CheckpointError, ConfigError, DFQError, UnsupportedArchitectureError
 from .integrations.transformers import finalize_quantized_model
 from .models import get_adapter
 from .models.adapters import ADAPTERS
@@ -200,8 +200,9 @@ class DataFreeViTQuantizer(OptimumQuantizer):
             `UnsupportedArchitectureError`: `model` is not a ViT, DeiT or Swin image classifier.
             `ImageSizeError`: the image processor or the calibration images do not have the model's image size.
             `CalibrationError`: NaN/inf weights, empty or malformed calibration data (including raw pixels cast to
-                float), an image dataset with several image (or `ClassLabel`) columns and none chosen, a chosen column
-                that is missing or of another type, or non-finite activations.
+                float, or beyond the image processor's output range), an image dataset with several image (or
+                `ClassLabel`) columns and none chosen, a chosen column that is missing or of another type, or
+                non-finite activations.
             `SynthesisError`: an unknown synthesizer, invalid synthesizer hyper-parameters, or a failed synthesis.
 
         Example:
@@ -481,18 +482,39 @@ def _check_save_dir(save_dir: str | os.PathLike) -> None:
 
 
 def _check_not_raw_pixels(pixel_values: torch.Tensor, image_processor: Any | None) -> None:
-    """Refuses given pixel values that are whole numbers in 0..255, not all 0 or 1: raw 8-bit pixels cast to float,
-    which no image processor that rescales makes (one that does not rescale can: its model takes such values, and
-    they pass)."""
+    """Refuses given pixel values that are raw pixels, not the output of an image processor that rescales (one that
+    does not rescale can make them: its model takes such values, and they pass):
+
+    - whole numbers in 0..255, not all 0 or 1: raw 8-bit pixels cast to float;
+    - with the processor at hand, non-negative values whose maximum is beyond twice the largest value its rescaling
+      and normalisation can produce (`(1 - mean) / std`): raw pixels that were resized or filtered as floats. Pixels
+      with negative values (normalised images, Gaussian noise) are not judged by their range."""
     if image_processor is not None and getattr(image_processor, "do_rescale", False) is not True:
         return
     low, high = float(pixel_values.min()), float(pixel_values.max())
+    fix = ("pixel values normalised by the model's image processor (image_processor(images, "
+           "return_tensors='pt').pixel_values). To calibrate on raw images, pass a datasets.Dataset of them.")
     if 0 <= low and 1 < high <= 255 and torch.equal(pixel_values, pixel_values.round()):
+        raise CalibrationError(f"The calibration pixel values are whole numbers from {low:g} to {high:g}: raw pixels "
+                               f"cast to float, not {fix}")
+    largest = _largest_processed_pixel(image_processor, pixel_values.shape[1]) if image_processor is not None else None
+    if largest is not None and 0 <= low and high > 2 * largest:
         raise CalibrationError(
-            f"The calibration pixel values are whole numbers from {low:g} to {high:g}: raw pixels cast to float, not "
-            "pixel values normalised by the model's image processor (image_processor(images, "
-            "return_tensors='pt').pixel_values). To calibrate on raw images, pass a datasets.Dataset of them."
+            f"The calibration pixel values run from {low:g} to {high:g}, but the image processor's rescaling and "
+            f"normalisation produce at most {largest:.3g}: raw pixels, not {fix}"
         )
+
+
+def _largest_processed_pixel(image_processor: Any, num_channels: int) -> float | None:
+    """The largest value a rescaling image processor can output, `max((1 - mean) / std)`, or `None` when its
+    statistics cannot be read."""
+    from .synthesis.normalization import normalization_stats
+
+    try:
+        mean, std = normalization_stats(image_processor, num_channels=num_channels)
+    except DFQError:
+        return None
+    return max((1 - m) / s for m, s in zip(mean, std))
 
 
 def _record_image_count(config: DFQConfig, count: int, requested: int | None) -> DFQConfig:

@@ -755,6 +755,28 @@ def test_raw_pixels_cast_to_float_are_refused_like_integer_ones(image_processor)
     assert qmodel.config.quantization_config.num_images == 4
 
 
+def test_raw_pixels_resized_as_floats_are_refused_by_the_processor_range(image_processor):
+    # raw images resized as floats are not whole numbers, and passed the check above
+    from transformers import ViTImageProcessor
+
+    raw = torch.rand(4, 3, 32, 32) * 255
+    with pytest.raises(CalibrationError, match=r"run from .* but the image processor's rescaling and normalisation "
+                                               r"produce at most 2\.13: raw pixels.*image_processor\(images"):
+        DataFreeViTQuantizer(image_processor=image_processor).quantize(tiny_vit(), bits="w8a8", calibration_dataset=raw)
+    unnormalised = ViTImageProcessor(size={"height": 32, "width": 32}, do_normalize=False)
+    with pytest.raises(CalibrationError, match=r"produce at most 1: raw pixels"):
+        DataFreeViTQuantizer(image_processor=unnormalised).quantize(tiny_vit(), bits="w8a8", calibration_dataset=raw)
+    imagenet = ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.485, 0.456, 0.406],
+                                 image_std=[0.229, 0.224, 0.225])
+    with pytest.raises(CalibrationError, match=r"produce at most 2\.64: raw pixels"):
+        DataFreeViTQuantizer(image_processor=imagenet).quantize(tiny_vit(), bits="w8a8", calibration_dataset=raw / 20)
+    # within the processor's range, or with negative values (Gaussian noise beyond that range), the pixels pass
+    for pixels in (raw / 255 * 2.6, torch.randn(4, 3, 32, 32) * 3):
+        qmodel = DataFreeViTQuantizer(image_processor=imagenet).quantize(tiny_vit(), bits="w8a8",
+                                                                         calibration_dataset=pixels)
+        assert qmodel.config.quantization_config.num_images == 4
+
+
 def test_given_pixel_tensor_is_used_whole_and_its_size_recorded(caplog):
     pixels = torch.randn(6, 3, 32, 32)
     with caplog.at_level("INFO", logger="optimum_dfq.quantizer"):
