@@ -70,8 +70,8 @@ def _add_quantize(subparsers) -> None:
                         help="Image column of the calibration dataset (needed when it has several; recorded in the "
                         "saved config)")
     parser.add_argument("--label-column", default=None, metavar="NAME",
-                        help="ClassLabel or integer column of the calibration dataset's labels (needed to read them "
-                        "when it has several ClassLabel columns; calibration does not use them)")
+                        help="ClassLabel or integer column of the calibration dataset's labels (with several "
+                        "ClassLabel columns none is read without it; calibration does not use them)")
     parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="also push the result to this Hub repo")
     parser.add_argument("--batch-size", type=int, default=None, help=BATCH_SIZE_HELP)
     _add_cache_flags(parser)

@@ -182,7 +182,8 @@ class DataFreeViTQuantizer(OptimumQuantizer):
             image_column (`str`, *optional*): the `Image` column of a calibration image dataset (given, or the
                 config's `calibration_dataset`, whose own `image_column` it replaces); needed when it has several.
             label_column (`str`, *optional*): the `ClassLabel` or integer column to read the calibration labels
-                from (calibration does not use them); needed to keep labels when it has several `ClassLabel` columns.
+                from (calibration does not use them); needed to keep labels when it has several `ClassLabel` columns
+                (then none are read without it).
 
         Returns:
             `PreTrainedModel`: same class and outputs as the input; `model.config.quantization_config` is the
@@ -200,9 +201,8 @@ class DataFreeViTQuantizer(OptimumQuantizer):
             `UnsupportedArchitectureError`: `model` is not a ViT, DeiT or Swin image classifier.
             `ImageSizeError`: the image processor or the calibration images do not have the model's image size.
             `CalibrationError`: NaN/inf weights, empty or malformed calibration data (including raw pixels cast to
-                float, or beyond the image processor's output range), an image dataset with several image (or
-                `ClassLabel`) columns and none chosen, a chosen column that is missing or of another type, or
-                non-finite activations.
+                float, or beyond the image processor's output range), an image dataset with several image columns
+                and none chosen, a chosen column that is missing or of another type, or non-finite activations.
             `SynthesisError`: an unknown synthesizer, invalid synthesizer hyper-parameters, or a failed synthesis.
 
         Example:
@@ -350,8 +350,8 @@ class DataFreeViTQuantizer(OptimumQuantizer):
             [`CalibrationSet`]: the images, checked against the model's image size.
 
         Raises:
-            `CalibrationError`: malformed, empty or streaming calibration data; an image dataset whose image (or
-                `ClassLabel`) column is ambiguous, or a chosen column that is missing or of another type.
+            `CalibrationError`: malformed, empty or streaming calibration data; an image dataset whose image column is
+                ambiguous, or a chosen column that is missing or of another type.
             `ConfigError`: a `cache_dir` folder for a synthesizer without a cache, or with real data;
                 `image_column` / `label_column` without an image dataset to read them from.
             `ImageSizeError`: images of another size than the model's.

@@ -367,6 +367,19 @@ def check_processor_output_size(image_processor: Any, expected: tuple[int, int, 
         )
 
 
+def _calibration_label_column(dataset, chosen: str | None) -> str | None:
+    """[`resolve_label_column`] for calibration, which does not use labels: several `ClassLabel` columns and none
+    chosen mean no labels are read (logged), not an error."""
+    from datasets import ClassLabel
+
+    columns = [name for name, feature in dataset.features.items() if isinstance(feature, ClassLabel)]
+    if chosen is None and len(columns) > 1:
+        logger.info("The calibration dataset has several ClassLabel columns %s and none was chosen; calibration does "
+                    "not use labels, so none are read (pass label_column= / --label-column to keep them).", columns)
+        return None
+    return resolve_label_column(dataset, chosen)
+
+
 def calibration_set_from_dataset(
     dataset, image_processor, num_images: int | None = None, seed: int = 0, shuffle: bool = True,
     num_channels: int = 3, image_column: str | None = None, label_column: str | None = None,
@@ -374,7 +387,8 @@ def calibration_set_from_dataset(
     """Takes real images from a `datasets` image dataset and runs them through the model's image processor.
 
     Images are converted to RGB first (grayscale for a 1-channel model). Labels come from the `ClassLabel` column,
-    if there is one (or from `label_column`); calibration itself does not use them.
+    if there is one (or from `label_column`); calibration itself does not use them, so with several `ClassLabel`
+    columns and none chosen the set has no labels (logged) rather than an error.
 
     Args:
         dataset (`datasets.Dataset`): a map-style dataset with a `datasets.Image` column and optionally a
@@ -388,7 +402,7 @@ def calibration_set_from_dataset(
         num_channels (`int`, *optional*, defaults to 3): the model's input channels (see [`image_mode`]).
         image_column (`str`, *optional*): the `Image` column to read; needed when the dataset has several.
         label_column (`str`, *optional*): the `ClassLabel` or integer column to read labels from; needed to keep
-            labels when the dataset has several `ClassLabel` columns.
+            labels when the dataset has several `ClassLabel` columns (without it, they are not read).
 
     Returns:
         `CalibrationSet`: the processed images, their labels (or `None`) and `metadata` with `source="real"`,
@@ -396,7 +410,7 @@ def calibration_set_from_dataset(
 
     Raises:
         `CalibrationError`: when `image_processor` is `None`, the dataset is empty, has no image column, or several
-            image or `ClassLabel` columns and none chosen, a chosen column is missing or of another type (see
+            image columns and none chosen, a chosen column is missing or of another type (see
             [`resolve_image_column`], [`resolve_label_column`]), an image taken does not decode, or `num_images`
             exceeds its length.
 
@@ -421,7 +435,8 @@ def calibration_set_from_dataset(
         )
     if len(dataset) == 0:
         raise CalibrationError("The calibration dataset is empty; pass a dataset with at least one image.")
-    images_col, labels_col = resolve_image_column(dataset, image_column), resolve_label_column(dataset, label_column)
+    images_col = resolve_image_column(dataset, image_column)
+    labels_col = _calibration_label_column(dataset, label_column)
     if num_images is not None and num_images > len(dataset):
         raise CalibrationError(
             f"Asked for {num_images} calibration images but the dataset has only {len(dataset)}; lower num_images."

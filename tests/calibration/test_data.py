@@ -166,15 +166,19 @@ def test_a_chosen_column_that_is_missing_or_of_another_type_is_refused_by_name(c
         calibration_set_from_dataset(pairs, image_processor, **{"image_column": "img", **columns})
 
 
-def test_labels_come_from_the_chosen_label_column(cifar_train, image_processor):
+def test_labels_come_from_the_chosen_label_column(cifar_train, image_processor, caplog):
     from datasets import ClassLabel
 
     subset = cifar_train.select(range(6))
     coarse = [int(label in (0, 1, 8, 9)) for label in subset["label"]]
     both = subset.add_column("coarse", coarse).cast_column("coarse", ClassLabel(names=["animal", "vehicle"]))
-    with pytest.raises(CalibrationError, match=r"several ClassLabel columns \['label', 'coarse'\].*"
-                                               r"label_column='label' \(command line: --label-column label\)"):
-        calibration_set_from_dataset(both, image_processor)
+    # calibration does not use labels: with several ClassLabel columns and none chosen, none are read (not guessed)
+    with caplog.at_level("INFO", logger="optimum_dfq.calibration.data"):
+        unlabelled = calibration_set_from_dataset(both, image_processor, shuffle=False)
+    assert unlabelled.labels is None and len(unlabelled) == 6
+    assert "several ClassLabel columns ['label', 'coarse'] and none was chosen" in caplog.text
+    assert torch.equal(unlabelled.pixel_values,
+                       calibration_set_from_dataset(subset, image_processor, shuffle=False).pixel_values)
     for column, expected in (("label", subset["label"]), ("coarse", coarse)):
         chosen = calibration_set_from_dataset(both, image_processor, shuffle=False, label_column=column)
         assert chosen.labels.tolist() == expected

@@ -677,3 +677,9 @@ def test_column_flags_reach_the_dataset_and_a_saved_split_must_match(model_dir, 
     config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert config["calibration_dataset"] == {"path": str(tmp_path / "pairs"), "split": "test",
                                              "image_column": "other", "label_column": "label"}
+    # calibration does not use labels: two ClassLabel columns and no --label-column read none, not an error
+    quantize[2] = str(tmp_path / "q2")
+    status, error = run(*quantize, "--image-column", "other")
+    assert status == 0, error
+    config = json.loads((tmp_path / "q2" / "config.json").read_text())["quantization_config"]
+    assert config["calibration_dataset"] == {"path": str(tmp_path / "pairs"), "split": "test", "image_column": "other"}
