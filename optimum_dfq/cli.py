@@ -65,7 +65,9 @@ def _add_quantize(subparsers) -> None:
                         help="calibrate on these images instead of synthesizing: REAL images (parquet file, dataset "
                         "folder or Hub id; replaces a recipe's calibration_dataset) or a folder written by "
                         "`synthesize` (used whole)")
-    parser.add_argument("--calibration-split", default="train", help="split of --calibration-dataset")
+    parser.add_argument("--calibration-split", default=None,
+                        help="split of --calibration-dataset (default: the split a one-split saved folder holds, "
+                        "else train)")
     parser.add_argument("--image-column", default=None, metavar="NAME",
                         help="Image column of the calibration dataset (needed when it has several; recorded in the "
                         "saved config)")
@@ -128,7 +130,8 @@ def _add_evaluate(subparsers) -> None:
     )
     parser.add_argument("model", help="model folder or Hub id (quantized optimum_dfq checkpoints load too)")
     parser.add_argument("--dataset", required=True, help="parquet file, dataset folder or Hub id")
-    parser.add_argument("--split", default="test", help="dataset split (default test)")
+    parser.add_argument("--split", default=None,
+                        help="dataset split (default: the split a one-split saved folder holds, else test)")
     parser.add_argument("--image-column", default=None, metavar="NAME",
                         help="the dataset's Image column (needed when it has several)")
     parser.add_argument("--label-column", default=None, metavar="NAME",
@@ -463,7 +466,7 @@ def _calibration_source(qmodel) -> str:
 
 
 def run_quantize(args: argparse.Namespace) -> int:
-    from .calibration.data import load_image_dataset
+    from .calibration.data import load_image_dataset, split_to_load
     from .config import DFQConfig, parse_bits
 
     # Everything that can be checked without the model is checked before it is loaded (or downloaded).
@@ -475,6 +478,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     if args.num_images is not None and args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}.")
     if args.calibration_dataset:  # replaces the recipe's dataset: the saved config names the images really used
+        args.calibration_split = split_to_load(args.calibration_dataset, args.calibration_split, "train")
         config = config.replace(calibration_dataset={"path": args.calibration_dataset,
                                                      "split": args.calibration_split})
     config = _with_column_flags(args, config)
@@ -585,7 +589,7 @@ def _synthesis_outcome(made: str, num_images: int, optimised: int, counted: bool
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .calibration.data import load_image_dataset
+    from .calibration.data import load_image_dataset, split_to_load
     from .errors import DFQError
     from .evaluation import evaluate_accuracy
 
@@ -599,6 +603,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         return 0  # evaluation is not sharded: under a launcher the main process evaluates, the others stop here
     quantizer = _load_quantizer(args.model)
     _require_image_processor(quantizer, args.model, "evaluate (to preprocess the dataset's images)")
+    args.split = split_to_load(args.dataset, args.split, "test")
     dataset = load_image_dataset(args.dataset, args.split)
     if args.limit is not None:
         dataset = dataset.select(range(min(args.limit, len(dataset))))

@@ -526,6 +526,45 @@ def load_image_dataset(path: str, split: str | None = None, name: str | None = N
         ) from err
 
 
+def split_to_load(path: str, split: str | None, default: str) -> str:
+    """The split a command reads from `path`: `split` when given, else the split a `save_to_disk` folder of one split
+    was saved as (read from its metadata, without loading it), else `default`.
+
+    Args:
+        path (`str`): what [`load_image_dataset`] takes.
+        split (`str`, *optional*): the split asked for (`--split`, `--calibration-split`).
+        default (`str`): the split of a dataset that holds several, or of a file (`"train"` for calibration,
+            `"test"` for evaluation).
+
+    Returns:
+        `str`
+
+    Example:
+        >>> import tempfile
+        >>> from datasets import Dataset
+        >>> folder = tempfile.mkdtemp()
+        >>> Dataset.from_dict({"label": [0]}, split="validation").save_to_disk(folder)  # doctest: +SKIP
+        >>> split_to_load(folder, None, "test"), split_to_load(folder, "train", "test")  # doctest: +SKIP
+        ('validation', 'train')
+    """
+    if split is not None:
+        return split
+    import json
+    from pathlib import Path
+
+    folder = Path(path)
+    try:
+        if (folder / "state.json").is_file():
+            saved = json.loads((folder / "state.json").read_text(encoding="utf-8")).get("_split")
+            return str(saved) if saved else default
+        if (folder / "dataset_dict.json").is_file():
+            splits = json.loads((folder / "dataset_dict.json").read_text(encoding="utf-8")).get("splits")
+            return str(splits[0]) if isinstance(splits, list) and len(splits) == 1 else default
+    except (OSError, ValueError, AttributeError):  # an unreadable folder is reported by load_image_dataset
+        return default
+    return default
+
+
 def _check_saved_split(dataset, path: str, split: str | None):
     """`dataset` (one split loaded from `path`), refused when it was saved as another split than the one asked for.
 

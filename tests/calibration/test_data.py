@@ -188,6 +188,25 @@ def test_labels_come_from_the_chosen_label_column(cifar_train, image_processor, 
     assert chosen.labels.tolist() == [9, 8, 7, 6, 5, 4]
 
 
+def test_the_split_to_load_is_the_one_asked_for_else_the_one_a_folder_holds_else_the_default(cifar_train, tmp_path):
+    from datasets import DatasetDict
+
+    from optimum_dfq.calibration.data import split_to_load
+
+    subset = cifar_train.select(range(2))
+    subset.save_to_disk(str(tmp_path / "one"))  # saved as "train"
+    DatasetDict({"validation": subset}).save_to_disk(str(tmp_path / "dict"))
+    DatasetDict({"train": subset, "test": subset}).save_to_disk(str(tmp_path / "both"))
+    assert split_to_load(str(tmp_path / "one"), None, "test") == "train"
+    assert split_to_load(str(tmp_path / "dict"), None, "test") == "validation"
+    assert split_to_load(str(tmp_path / "both"), None, "test") == "test"
+    assert split_to_load(str(tmp_path / "both"), "train", "test") == "train"
+    assert split_to_load(str(FIXTURES / "cifar10_tiny_train.parquet"), None, "test") == "test"
+    for folder in ("one", "dict"):  # the split it names is one load_image_dataset reads from that folder
+        path = str(tmp_path / folder)
+        assert len(load_image_dataset(path, split_to_load(path, None, "test"))) == 2
+
+
 def test_a_single_split_folder_is_loaded_only_as_the_split_it_was_saved_as(cifar_train, tmp_path):
     # a folder holding the train split was returned for split="test" without a word
     from datasets import Dataset

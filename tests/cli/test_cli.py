@@ -640,6 +640,24 @@ def test_evaluate_refuses_another_datasets_class_names_unless_told(tmp_path):
     assert run_cli(*args, "--no-class-name-check").returncode == 0
 
 
+def test_without_split_flags_a_folder_of_one_split_is_read_as_the_split_it_holds(model_dir, cifar_test, tmp_path,
+                                                                                    capsys):
+    # --split defaulted to test and --calibration-split to train, refusing a folder saved as "validation"
+    from datasets import DatasetDict
+
+    from optimum_dfq.cli import main
+
+    DatasetDict({"validation": cifar_test.select(range(8))}).save_to_disk(str(tmp_path / "val"))
+    assert main(["evaluate", str(model_dir), "--dataset", str(tmp_path / "val")]) == 0
+    assert f"(8 examples of {tmp_path / 'val'}:validation)" in capsys.readouterr().out
+    assert main(["quantize", str(model_dir), str(tmp_path / "q"), "--bits", "w8a8", "--num-images", "4",
+                 "--calibration-dataset", str(tmp_path / "val")]) == 0
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert config["calibration_dataset"] == {"path": str(tmp_path / "val"), "split": "validation"}
+    assert main(["evaluate", str(model_dir), "--dataset", str(tmp_path / "val"), "--split", "test"]) == 2
+    assert "has no split 'test'" in capsys.readouterr().err  # a split named is still the one read
+
+
 def test_column_flags_reach_the_dataset_and_a_saved_split_must_match(model_dir, cifar_test, tmp_path, monkeypatch,
                                                                     capsys):
     """A dataset with two Image columns and two ClassLabel columns of the model's classes: the command line could
@@ -677,7 +695,9 @@ def test_column_flags_reach_the_dataset_and_a_saved_split_must_match(model_dir, 
     config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert config["calibration_dataset"] == {"path": str(tmp_path / "pairs"), "split": "test",
                                              "image_column": "other", "label_column": "label"}
-    # calibration does not use labels: two ClassLabel columns and no --label-column read none, not an error
+    # calibration does not use labels: two ClassLabel columns and no --label-column read none, not an error; with no
+    # --calibration-split, a folder of one split is read as the split it holds
+    quantize = quantize[:-2]
     quantize[2] = str(tmp_path / "q2")
     status, error = run(*quantize, "--image-column", "other")
     assert status == 0, error
