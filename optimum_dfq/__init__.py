@@ -4,6 +4,7 @@ Importing the package registers the `"optimum_dfq"` attention implementation and
 method with transformers, so that `AutoModelForImageClassification.from_pretrained` loads quantized checkpoints.
 """
 
+from .bundled_recipes import list_recipes
 from .calibration import CalibrationSet
 from .config import BIT_PRESETS, DFQConfig, parse_bits
 from .errors import (
@@ -42,6 +43,7 @@ __all__ = [
     "__version__",
     "capture_attention",
     "get_synthesizer",
+    "list_recipes",
     "parse_bits",
     "register_synthesizer",
 ]

@@ -42,6 +42,16 @@ CHECKPOINT_EVERY_HELP = ("save the batch being optimised in the synthesis cache 
 VERBOSE_HELP = ("log what the run does (INFO, main process only): cache use and, every log_every steps, the synthesis "
                 "loss terms")
 
+def _bundled_recipe_names() -> str:
+    from .bundled_recipes import list_recipes
+    from .errors import ConfigError
+
+    try:
+        return ", ".join(list_recipes())
+    except ConfigError:  # optimum_dfq imported from a source tree that is not installed: --recipe still takes paths
+        return "none installed"
+
+
 def _add_quantize(subparsers) -> None:
     parser = subparsers.add_parser(
         "quantize",
@@ -58,7 +68,8 @@ def _add_quantize(subparsers) -> None:
                         "else the library default)")
     parser.add_argument("--num-images", type=int, default=None,
                         help="number of calibration images (default: the recipe's, else 32)")
-    parser.add_argument("--recipe", default=None, help="YAML recipe (DFQConfig fields), e.g. recipes/sardfq_w4a4.yaml")
+    parser.add_argument("--recipe", default=None, help="YAML recipe (DFQConfig fields): the name of one shipped with "
+                        f"the package ({_bundled_recipe_names()}) or a file path; an existing file wins over a name")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of synthesis and calibration (default: the recipe's, else 0)")
     parser.add_argument("--calibration-dataset", default=None,

@@ -454,28 +454,35 @@ class DFQConfig(QuantizationConfigMixin):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> DFQConfig:
-        """Reads a YAML recipe (see `recipes/`).
+        """Reads a YAML recipe: a file, or one of the recipes shipped with the package by name (see
+        [`~optimum_dfq.list_recipes`]; they are the repository's `recipes/` folder).
 
         Args:
-            path (`str` or `Path`): the recipe file.
+            path (`str` or `Path`): the recipe file, or a bundled recipe's name such as `"sardfq_w4a4"`. An existing
+                file wins over a bundled recipe of the same name; a `str` that is no file is looked up by name only
+                when it has no folder and no `.yaml` suffix; a `Path` is always a file.
 
         Returns:
             `DFQConfig`
 
+        Raises:
+            `ConfigError`: no such file nor bundled recipe (the message lists the bundled names), a folder, invalid
+                YAML (a key written twice included), or fields [`DFQConfig.from_dict`] refuses.
+
         Example:
-            >>> cfg = DFQConfig.from_yaml("recipes/repq_vit_w4a4.yaml")  # doctest: +SKIP
+            >>> DFQConfig.from_yaml("sardfq_w4a4").synthesizer
+            'sardfq'
+            >>> cfg = DFQConfig.from_yaml("my_recipes/repq_vit_w4a4.yaml")  # doctest: +SKIP
         """
         import yaml
 
-        path = Path(path)
+        from .bundled_recipes import read_recipe
+
+        source, text = read_recipe(path)
         try:
-            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader())  # a SafeLoader subclass
-        except FileNotFoundError as err:
-            raise ConfigError(f"Recipe file {str(path)!r} does not exist.") from err
-        except IsADirectoryError as err:
-            raise ConfigError(f"{str(path)!r} is a folder; pass a recipe file, e.g. recipes/default.yaml.") from err
+            data = yaml.load(text, Loader=_unique_key_loader())  # a SafeLoader subclass
         except yaml.YAMLError as err:
-            raise ConfigError(f"Recipe file {str(path)!r} is not valid YAML: {err}") from err
+            raise ConfigError(f"{source[0].upper()}{source[1:]} is not valid YAML: {err}") from err
         if data is None:
             data = {}
         return cls.from_dict(data)

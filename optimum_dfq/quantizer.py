@@ -301,7 +301,7 @@ class DataFreeViTQuantizer(OptimumQuantizer):
         if config is not None and not isinstance(config, DFQConfig):
             raise ConfigError(
                 f"config must be a DFQConfig, got {type(config).__name__}. Build one with DFQConfig(...), "
-                "DFQConfig.from_dict(...) or DFQConfig.from_yaml('recipes/default.yaml')."
+                "DFQConfig.from_dict(...) or DFQConfig.from_yaml('default')."
             )
         config = config or DFQConfig()
         overrides = {

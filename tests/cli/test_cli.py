@@ -54,6 +54,9 @@ def test_help_explains_every_command():
     text = " ".join(quantize_help.split())
     assert "number of calibration images (default: the recipe's, else 32)" in text  # a flag replaces the recipe's
     assert "(default: the recipe's, else 0)" in text and "without real data" not in text
+    from optimum_dfq import list_recipes
+
+    assert f"the name of one shipped with the package ({', '.join(list_recipes())}) or a file path" in text
 
 
 def test_quantize_then_evaluate(model_dir, tmp_path):
@@ -154,6 +157,15 @@ def test_quantize_with_real_calibration_data(model_dir, tmp_path):
     assert config["calibration_dataset"] == {"path": data, "split": "train"}
 
 
+def test_quantize_with_a_bundled_recipe_by_name(model_dir, tmp_path):
+    """--recipe takes a bundled recipe's name from any folder; its flags still replace the recipe's fields."""
+    result = run_cli("quantize", str(model_dir), str(tmp_path / "q"), "--recipe", "sardfq_w4a4", "--synthesizer",
+                     "gaussian", "--num-images", "4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert (config["post_softmax"], config["input_range"], config["synthesizer"]) == ("log2", "calibrated", "gaussian")
+
+
 def test_quantize_from_a_synthesized_set(model_dir, tmp_path):
     """The folder written by `synthesize` calibrates `quantize` whole, and is reported as synthetic, not real."""
     from optimum_dfq.synthesis import get_synthesizer, save_calibration_set
@@ -179,6 +191,7 @@ def test_quantize_from_a_synthesized_set(model_dir, tmp_path):
         (["quantize", "{model}", "{out}", "--recipe", "{bad_recipe}"], "not valid YAML"),
         (["quantize", "{model}", "{out}", "--recipe", "{unknown_key_recipe}"], "wieght_bits"),
         (["quantize", "{model}", "{out}", "--recipe", "{missing}.yaml"], "does not exist"),
+        (["quantize", "{model}", "{out}", "--recipe", "sardfq"], "Unknown recipe 'sardfq': no such file"),
         (["quantize", "{model}", "{out}", "--num-images", "0"], "--num-images must be at least 1"),
         (["evaluate", "{model}", "--dataset", "{missing}.parquet"], "does not exist"),
         (["export", "{model}", "{out}.onnx"], "is not a quantized model"),
