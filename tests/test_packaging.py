@@ -1,4 +1,4 @@
-"""The wheel built from this checkout hold every file the library reads at run time (modules, recipes,
+"""The wheel and the sdist built from this checkout hold every file the library reads at run time (modules, recipes,
 the `evaluate` metric script, the `optimum-cli dfq` portion) and none of the repository's tests, benchmarks or
 examples: a user installs the wheel, not this folder."""
 
@@ -7,14 +7,15 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-#: pyproject.toml's build-system floor.
-SETUPTOOLS_MIN = 68
+#: pyproject.toml's build-system floor (the SPDX `license` string).
+SETUPTOOLS_MIN = 77
 #: Left out of the copy built from: build outputs, caches, and the reference models' weights (50 MB, not packaged).
 NOT_COPIED = (".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache", ".venv", "runs",
               "outputs")
@@ -88,5 +89,26 @@ def test_wheel_holds_nothing_of_the_repository_only(wheel_names):
 def test_wheel_metadata(wheel, wheel_names):
     info = next(name for name in wheel_names if name.endswith(".dist-info/METADATA")).rsplit("/", 1)[0]
     with zipfile.ZipFile(wheel) as archive:
+        metadata = archive.read(f"{info}/METADATA").decode()
         entry_points = archive.read(f"{info}/entry_points.txt").decode()
+    assert "License-Expression: Apache-2.0" in metadata.splitlines()
+    assert f"{info}/licenses/LICENSE" in wheel_names
     assert "optimum-dfq = optimum_dfq.cli:main" in entry_points
+
+
+def test_sdist_builds_the_same_wheel(checkout, wheel_names, tmp_path):
+    """A release's sdist holds what the wheel is built from (recipes/ included) and no tests; its wheel is the same."""
+    build = "import setuptools.build_meta as b, sys; print(b.build_sdist(sys.argv[1]))"
+    result = subprocess.run([sys.executable, "-c", build, str(tmp_path / "sdist")], check=False, capture_output=True,
+                            text=True, cwd=checkout, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    sdist = tmp_path / "sdist" / result.stdout.strip().splitlines()[-1]
+    with tarfile.open(sdist) as archive:
+        root = archive.getnames()[0].split("/")[0]
+        names = {name.removeprefix(f"{root}/") for name in archive.getnames()}
+        archive.extractall(tmp_path, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    assert {f"recipes/{path.name}" for path in (ROOT / "recipes").iterdir() if path.suffix in (".yaml", ".py")} <= names
+    assert {"pyproject.toml", "README.md", "LICENSE", "optimum/commands/register/dfq.py"} <= names
+    assert [name for name in names if name.startswith(REPOSITORY_ONLY) and not name.startswith("recipes/")] == []
+    rebuilt = zipfile.ZipFile(_pip_wheel(tmp_path / root, tmp_path / "rebuilt")).namelist()
+    assert sorted(rebuilt) == sorted(wheel_names)
