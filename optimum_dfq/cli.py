@@ -8,7 +8,8 @@ Multi-GPU synthesis: `accelerate launch --multi_gpu --num_processes 8 -m optimum
 `torchrun --nproc_per_node 2 -m optimum_dfq.cli synthesize ...` on CPU). Every process takes part in the sharded
 synthesis, on its own device (`PartialState().device`: its GPU); only the main process writes the output and
 prints the result line, the others wait for it. `evaluate` and `export` are not sharded: under a launcher they run
-on the main process only. `cache list` / `cache delete` show and reclaim the disk space of the synthesis cache.
+on the main process only. `cache list` / `cache delete` / `cache prune` show and reclaim the disk space of the
+synthesis cache.
 """
 
 from __future__ import annotations

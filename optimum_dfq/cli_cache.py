@@ -1,4 +1,4 @@
-"""The `optimum-dfq cache {list,delete}` commands: see the synthesis cache's runs and reclaim their disk space.
+"""The `optimum-dfq cache {list,delete,prune}` commands: see the synthesis cache's runs and reclaim their disk space.
 
 Library side: [`~optimum_dfq.synthesis.cache_admin`]. Imports stay light at module level (only argparse), as in
 [`optimum_dfq.cli`], which adds these commands with [`add_cache_command`].
@@ -17,12 +17,12 @@ CACHE_ROOT_HELP = ("synthesis cache folder (default: $OPTIMUM_DFQ_CACHE/synthesi
 
 
 def add_cache_command(subparsers) -> None:
-    """Adds `cache` with its `list` and `delete` sub-commands to the `subparsers` of the command line."""
+    """Adds `cache` with its `list`, `delete` and `prune` sub-commands to the `subparsers` of the command line."""
     parser = subparsers.add_parser(
         "cache",
         help="list the runs of the synthesis cache, and delete them to reclaim disk space",
-        description="See what the synthesis cache holds (`cache list`) and reclaim its disk space (`cache delete`). "
-        "Only folders named by a run key are ever deleted.",
+        description="See what the synthesis cache holds (`cache list`) and reclaim its disk space (`cache delete`, "
+        "`cache prune`). Only folders named by a run key are ever deleted.",
     )
     commands = parser.add_subparsers(title="cache commands", dest="cache_command", metavar="COMMAND")
     listing = commands.add_parser(
@@ -45,6 +45,25 @@ def add_cache_command(subparsers) -> None:
     deleting.add_argument("-y", "--yes", action="store_true", help="confirm --all without asking")
     deleting.add_argument("--cache-dir", default=None, help=CACHE_ROOT_HELP)
     deleting.set_defaults(handler=run_cache_delete)
+    pruning = commands.add_parser(
+        "prune",
+        help="delete the cached synthesis runs changed before an age, or beyond a total size",
+        description="Delete the runs changed longer ago than --older-than, and/or the least recently changed runs "
+        "until the runs take at most --max-size (last change as `cache list` shows it). A run that is not complete "
+        "and changed in the last hour is kept: a synthesis may still be writing it (`cache delete KEY` deletes it). "
+        "Prints each run deleted and the space freed.",
+    )
+    pruning.add_argument("--older-than", metavar="DURATION",
+                         help="delete the runs last changed longer ago than this: a number and a unit, s, m, h, d or "
+                         "w (e.g. 30d, 12h, 90m)")
+    pruning.add_argument("--max-size", metavar="SIZE",
+                         help="delete the least recently changed runs until the runs take at most this: a number and "
+                         "a unit (e.g. 5GB, 500MB; GB is 10^9 bytes, as `cache list` counts, GiB 2^30)")
+    pruning.add_argument("--dry-run", action="store_true", help="print what would be deleted and the space freed; "
+                         "delete nothing")
+    pruning.add_argument("-y", "--yes", action="store_true", help="delete without asking (needed off a terminal)")
+    pruning.add_argument("--cache-dir", default=None, help=CACHE_ROOT_HELP)
+    pruning.set_defaults(handler=run_cache_prune)
     parser.set_defaults(handler=functools.partial(_print_help, parser))
 
 
@@ -65,7 +84,7 @@ def run_cache_list(args: argparse.Namespace) -> int:
 
 
 def run_cache_delete(args: argparse.Namespace) -> int:
-    from .synthesis.cache_admin import delete_cached_runs, list_cached_runs, short_key
+    from .synthesis.cache_admin import delete_cached_runs, list_cached_runs
 
     _check_cache_delete_flags(args)
     root = _cache_root(args.cache_dir)
@@ -76,21 +95,48 @@ def run_cache_delete(args: argparse.Namespace) -> int:
             return 0
         size = _megabytes(sum(run.size_bytes for run in runs))
         question = f"Delete every synthesis run in {root}: {_counted(len(runs), 'run', 'runs')}, {size} MB?"
-        if not args.yes and not _confirmed(question, root):
+        if not args.yes and not _confirmed(question, f"--all deletes every synthesis run in {root}"):
             print("Cancelled; nothing deleted.")
             return 0
     deletion = delete_cached_runs(root, args.keys, delete_all=args.delete_all)
-    for run in deletion.removed:
-        print(f"deleted {short_key(run.key)} ({run.status}, {run.synthesizer or 'unknown synthesizer'}, "
-              f"{_megabytes(run.size_bytes)} MB)")
-    print(f"freed {_megabytes(deletion.freed_bytes)} MB in {root}")
+    print("\n".join(_removed_lines(deletion.removed, root)))
     if args.delete_all:
         _report_entries_left(root)
     return 0
 
 
+def run_cache_prune(args: argparse.Namespace) -> int:
+    from .cli import PROG
+    from .synthesis.cache_admin import delete_cached_runs, parse_duration, parse_size, prune_cached_runs, short_key
+
+    _check_cache_prune_flags(args)
+    older_than = None if args.older_than is None else parse_duration(args.older_than, "--older-than")
+    max_size = None if args.max_size is None else parse_size(args.max_size, "--max-size")
+    root = _cache_root(args.cache_dir)
+    plan = prune_cached_runs(root, older_than=older_than, max_size=max_size, dry_run=True)
+    if not plan.removed:
+        print(f"No synthesis run in {root} to prune; nothing deleted.")
+    elif args.dry_run:
+        print("\n".join(_removed_lines(plan.removed, root, dry_run=True)))
+    else:
+        runs = _counted(len(plan.removed), "run", "runs")
+        question = "\n".join([*_removed_lines(plan.removed, root, dry_run=True), f"Delete {runs}?"])
+        if not args.yes and not _confirmed(question, f"cache prune deletes {runs} in {root}"):
+            print("Cancelled; nothing deleted.")
+            return 0
+        # exactly the runs found (and shown), not those the rules would pick a moment later
+        deletion = delete_cached_runs(root, [run.key for run in plan.removed])
+        print("\n".join(_removed_lines(deletion.removed, root)))
+    for run in plan.kept:
+        print(f"kept {_run_cell(run)}: not complete and changed in the last hour, so a synthesis may still be writing "
+              f"it (`{PROG} cache delete {short_key(run.key)}` deletes it)")
+    print(f"{'would leave' if args.dry_run else 'left'} {_counted(len(plan.left), 'run', 'runs')}, "
+          f"{_megabytes(plan.size_left)} MB")
+    return 0
+
+
 def _cache_root(cache_dir: str | None) -> Path:
-    """The folder `cache list` / `cache delete` look at: `--cache-dir`, else the library default (whether or not
+    """The folder the `cache` commands look at: `--cache-dir`, else the library default (whether or not
     `OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE` turns writing to it off)."""
     from .synthesis.cache import default_cache_dir, resolve_cache_dir
 
@@ -111,18 +157,43 @@ def _check_cache_delete_flags(args: argparse.Namespace) -> None:
         raise DFQError("--yes confirms --all; deleting runs named by KEY asks nothing, so drop --yes.")
 
 
-def _confirmed(question: str, root: Path) -> bool:
-    """Asks `question` on the terminal; refuses, off a terminal, to delete every run unconfirmed."""
+def _check_cache_prune_flags(args: argparse.Namespace) -> None:
+    """Refuses `cache prune` with no rule to prune by, or with both --dry-run and --yes (a dry run asks nothing)."""
+    from .errors import DFQError
+
+    if args.older_than is None and args.max_size is None:
+        raise DFQError("give --older-than DURATION (e.g. 30d) to delete the runs changed before that, and/or "
+                       "--max-size SIZE (e.g. 5GB) to delete the least recently changed runs beyond that size.")
+    if args.dry_run and args.yes:
+        raise DFQError("--yes confirms deleting; --dry-run deletes nothing and asks nothing, so drop one of them.")
+
+
+def _confirmed(question: str, action: str) -> bool:
+    """Asks `question` on the terminal; off a terminal, refuses to do `action` (a deletion) unconfirmed."""
     from .errors import DFQError
 
     if not sys.stdin.isatty():
-        raise DFQError(f"--all deletes every synthesis run in {root}, and there is no terminal to ask for "
-                       "confirmation: add --yes to confirm. Nothing was deleted.")
+        raise DFQError(f"{action}, and there is no terminal to ask for confirmation: add --yes to confirm. Nothing "
+                       "was deleted.")
     try:
         answer = input(f"{question} [y/N] ")
     except EOFError:
         return False
     return answer.strip().lower() in ("y", "yes")
+
+
+def _removed_lines(runs, root: Path, dry_run: bool = False) -> list[str]:
+    """One line per run deleted (or to delete, for a dry run), then the space freed."""
+    freed = _megabytes(sum(run.size_bytes for run in runs))
+    return [*(f"{'would delete' if dry_run else 'deleted'} {_run_cell(run)}" for run in runs),
+            f"{'would free' if dry_run else 'freed'} {freed} MB in {root}"]
+
+
+def _run_cell(run) -> str:
+    from .synthesis.cache_admin import short_key
+
+    return (f"{short_key(run.key)} ({run.status}, {run.synthesizer or 'unknown synthesizer'}, "
+            f"{_megabytes(run.size_bytes)} MB)")
 
 
 def _report_entries_left(root: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -134,3 +135,16 @@ def default_synthesis_cache(monkeypatch, tmp_path) -> Path:
     monkeypatch.delenv("OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE")
     monkeypatch.setenv("OPTIMUM_DFQ_CACHE", str(tmp_path / "dfq-cache"))
     return tmp_path / "dfq-cache" / "synthesis"
+
+
+@pytest.fixture
+def set_last_change():
+    """A function `(folder, seconds_ago)` that dates the last change of `folder` and of everything in it (a cached
+    run's last change, as `optimum-dfq cache list` shows it) `seconds_ago` seconds back."""
+
+    def backdate(folder: Path, seconds_ago: float) -> None:
+        when = time.time() - seconds_ago
+        for path in [folder, *folder.rglob("*")]:
+            os.utime(path, (when, when), follow_symlinks=False)
+
+    return backdate

@@ -30,7 +30,7 @@ interrupted run resumes) under `$OPTIMUM_DFQ_CACHE/synthesis`, `$OPTIMUM_DFQ_CAC
 `OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE=1` turns that default off.
 
 To see the runs of a cache and reclaim their space: [`~optimum_dfq.synthesis.cache_admin`] (`optimum-dfq cache list`,
-`optimum-dfq cache delete`).
+`optimum-dfq cache delete`, `optimum-dfq cache prune`).
 """
 
 from __future__ import annotations

@@ -1,11 +1,15 @@
-"""Seeing and reclaiming the disk space of the synthesis cache: what `optimum-dfq cache list` and `cache delete` run.
+"""Seeing and reclaiming the disk space of the synthesis cache: what `optimum-dfq cache list`, `cache delete` and
+`cache prune` run.
 
 [`list_cached_runs`] describes every entry of a cache root (see [`~optimum_dfq.synthesis.cache`] for the layout of a
-run), [`delete_cached_runs`] removes runs named by their key or a unique prefix of it. Only folders named by a run key
+run), [`delete_cached_runs`] removes runs named by their key or a unique prefix of it, [`prune_cached_runs`] those
+changed before an age or, least recently changed first, those beyond a total size. Only folders named by a run key
 (64 hexadecimal digits) that hold nothing but what a synthesis run writes are ever deleted: anything else in the root
 (including a folder named by a SHA-256 that holds other files, as other tools' caches have) is listed as `"unknown"`
 and left alone, so that a cache folder given by mistake (a home folder, say) loses nothing. Deleting the run of a
-synthesis that is still going makes that synthesis fail; run it again to start over.
+synthesis that is still going makes that synthesis fail; run it again to start over. Pruning therefore never deletes
+an unfinished run changed in the last hour (`UNFINISHED_RUN_GRACE_S`): a synthesis going on writes its run at every
+checkpoint (every 100 steps by default) and at every finished batch.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import os
 import re
 import shutil
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -27,10 +32,23 @@ _RUN_ENTRY_RE = re.compile(r"^(run\.json|shards|partial|calibration_set(\.damage
 MIN_PREFIX_LENGTH = 4
 RunStatus = Literal["complete", "partial", "empty", "unknown"]
 STATUSES: tuple[RunStatus, ...] = get_args(RunStatus)
+UNFINISHED_RUN_GRACE_S = 3600.0  # prune leaves a run that is not complete and changed more recently than this
+_DURATION_RE = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*([smhdw])$")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+DURATION_FORMS = "a number and a unit, s, m, h, d or w (e.g. 30d, 12h, 90m)"
+_SIZE_RE = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]i?b|b)$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, **{f"{prefix}b": 1000 ** power for power, prefix in enumerate("kmgt", 1)},
+               **{f"{prefix}ib": 1024 ** power for power, prefix in enumerate("kmgt", 1)}}
+SIZE_FORMS = ("a number and a unit, B, KB, MB, GB, TB (powers of 1000, as `cache list` counts) or KiB, MiB, GiB, TiB "
+              "(powers of 1024), e.g. 5GB, 500MB")
 
 
 class CacheKeyError(DFQError):
     """A run key or key prefix given to delete cached runs matches no run, or several."""
+
+
+class CachePruneError(DFQError):
+    """The rules to prune a synthesis cache by are missing, or an age or size is ill-formed."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +111,30 @@ class CacheDeletion:
     freed_bytes: int
 
 
+@dataclass(frozen=True)
+class CachePruning(CacheDeletion):
+    """What [`prune_cached_runs`] removed, or would remove when it is a dry run.
+
+    Args:
+        removed (`tuple[CachedRun, ...]`): the runs deleted (to delete, for a dry run), least recently changed first.
+        freed_bytes (`int`): the total size of their files.
+        kept (`tuple[CachedRun, ...]`): the runs that a rule would delete but that are left because they are not
+            complete and changed in the last hour (`UNFINISHED_RUN_GRACE_S`): a synthesis may still be writing them.
+        left (`tuple[CachedRun, ...]`): the runs left (would be left, for a dry run), `kept` among them; their total
+            size is `size_left`.
+        dry_run (`bool`): whether nothing was deleted.
+    """
+
+    kept: tuple[CachedRun, ...] = ()
+    left: tuple[CachedRun, ...] = ()
+    dry_run: bool = False
+
+    @property
+    def size_left(self) -> int:
+        """The total size in bytes of the runs left."""
+        return sum(run.size_bytes for run in self.left)
+
+
 def list_cached_runs(cache_dir: str | os.PathLike) -> list[CachedRun]:
     """Describes every entry of a synthesis cache root, runs first by most recent change, then unknown entries.
 
@@ -153,17 +195,124 @@ def delete_cached_runs(cache_dir: str | os.PathLike, keys: list[str] | None = No
     entries = list_cached_runs(cache_dir)
     runs = [run for run in entries if run.is_run]
     chosen = runs if delete_all else _match_keys(entries, keys or [], Path(os.path.expanduser(os.fspath(cache_dir))))
-    removed: list[CachedRun] = []
-    for run in chosen:
-        try:
-            shutil.rmtree(run.path)
-        except FileNotFoundError:  # deleted meanwhile by another process: it is gone all the same
-            pass
-        except OSError as err:
-            done = ", ".join(short_key(gone.key) for gone in removed) or "none"
-            raise OSError(f"Could not delete the cached run {run.path} ({err}); runs already deleted: {done}.") from err
-        removed.append(run)
-    return CacheDeletion(tuple(removed), sum(run.size_bytes for run in removed))
+    removed = _remove_runs(chosen)
+    return CacheDeletion(removed, sum(run.size_bytes for run in removed))
+
+
+def prune_cached_runs(cache_dir: str | os.PathLike, *, older_than: str | float | None = None,
+                      max_size: str | int | None = None, dry_run: bool = False) -> CachePruning:
+    """Deletes the runs of a synthesis cache changed before an age, and/or the least recently changed runs until the
+    runs take at most a size.
+
+    A run's last change is the latest modification time of anything in it, as [`list_cached_runs`] reports it. Runs
+    of any status are pruned (complete, partial, empty, or named by a run key with an unreadable `run.json`), except
+    that a run that is not complete and changed less than an hour ago (`UNFINISHED_RUN_GRACE_S`) is always left, and
+    returned in `kept` if a rule reached it: a synthesis going on writes its run at every checkpoint and finished batch
+    (delete such a run by its key with [`delete_cached_runs`]). Entries that are no run are neither deleted nor counted
+    in the total size.
+
+    Args:
+        cache_dir (`str` or `os.PathLike`): the cache root.
+        older_than (`str` or `float`, *optional*): delete the runs whose last change is older than this: an age such
+            as `"30d"`, `"12h"`, `"90m"` (see [`parse_duration`]), or seconds.
+        max_size (`str` or `int`, *optional*): then delete the least recently changed runs until the runs left take
+            at most this: a size such as `"5GB"`, `"500MB"`, `"2GiB"` (see [`parse_size`]), or bytes.
+        dry_run (`bool`, *optional*, defaults to `False`): delete nothing; return what would be deleted.
+
+    Returns:
+        `CachePruning`: the runs removed (or to remove), the bytes freed, the recent unfinished runs kept and the runs
+        left.
+
+    Raises:
+        `CachePruneError`: neither `older_than` nor `max_size` given, or one of them ill-formed.
+        `OSError`: a run could not be removed (e.g. no permission); the message names the runs already removed.
+
+    Example:
+        >>> prune_cached_runs("~/.cache/huggingface/optimum_dfq/synthesis", older_than="30d", max_size="5GB",
+        ...                   dry_run=True)  # doctest: +SKIP
+        CachePruning(removed=(CachedRun(key='3f2a9c...', ...),), freed_bytes=38012345, kept=(), left=(...), ...)
+    """
+    if older_than is None and max_size is None:
+        raise CachePruneError("Give older_than (an age, e.g. '30d') and/or max_size (a size, e.g. '5GB') to prune a "
+                              "synthesis cache by; nothing was deleted.")
+    age_limit = None if older_than is None else parse_duration(older_than)
+    size_limit = None if max_size is None else parse_size(max_size)
+    runs = sorted((run for run in list_cached_runs(cache_dir) if run.is_run), key=lambda run: (run.modified, run.key))
+    now, size_left = time.time(), sum(run.size_bytes for run in runs)  # runs only: nothing else is deleted
+    chosen: list[CachedRun] = []
+    kept: list[CachedRun] = []
+    for run in runs:  # least recently changed first, so every run past the age comes before the others
+        past_age = age_limit is not None and now - run.modified > age_limit
+        over_size = size_limit is not None and size_left > size_limit
+        if not (past_age or over_size):
+            continue
+        if run.status != "complete" and now - run.modified < UNFINISHED_RUN_GRACE_S:
+            kept.append(run)
+            continue
+        chosen.append(run)
+        size_left -= run.size_bytes
+    removed = tuple(chosen) if dry_run else _remove_runs(chosen)
+    gone = {run.key for run in chosen}
+    left = tuple(run for run in runs if run.key not in gone)
+    return CachePruning(removed, sum(run.size_bytes for run in removed), kept=tuple(kept), left=left, dry_run=dry_run)
+
+
+def parse_duration(value: str | float, name: str = "older_than") -> float:
+    """The seconds of an age such as `"30d"`: a number and a unit, `s`, `m` (minutes), `h`, `d` or `w` (weeks).
+
+    Args:
+        value (`str` or `float`): the age; a number is taken as seconds.
+        name (`str`, *optional*, defaults to `"older_than"`): what the value is given as, for the error message
+            (e.g. `"--older-than"`).
+
+    Returns:
+        `float`: seconds, at least 0.
+
+    Raises:
+        `CachePruneError`: anything else (e.g. `"30"`, `"30 days"`, `"1M"`, a negative number), naming the accepted
+            forms.
+
+    Example:
+        >>> parse_duration("30d"), parse_duration("12h"), parse_duration("1.5m"), parse_duration(45)
+        (2592000.0, 43200.0, 90.0, 45.0)
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value >= 0:
+            return float(value)
+        raise CachePruneError(f"{name} must be an age of at least 0 seconds; got {value}.")
+    found = _DURATION_RE.match(value.strip()) if isinstance(value, str) else None
+    if found is None:
+        raise CachePruneError(f"{name} {value!r} is not an age: give {DURATION_FORMS}.")
+    return float(found.group(1)) * _DURATION_UNITS[found.group(2)]
+
+
+def parse_size(value: str | int, name: str = "max_size") -> int:
+    """The bytes of a size such as `"5GB"`: a number and a unit, `B`, `KB`, `MB`, `GB`, `TB` (powers of 1000, as
+    `optimum-dfq cache list` counts megabytes) or `KiB`, `MiB`, `GiB`, `TiB` (powers of 1024), in any case.
+
+    Args:
+        value (`str` or `int`): the size; an integer is taken as bytes.
+        name (`str`, *optional*, defaults to `"max_size"`): what the value is given as, for the error message
+            (e.g. `"--max-size"`).
+
+    Returns:
+        `int`: bytes (rounded down), at least 0.
+
+    Raises:
+        `CachePruneError`: anything else (e.g. `"5"`, `"5G"`, a negative number), naming the accepted forms.
+
+    Example:
+        >>> parse_size("5GB"), parse_size("500mb"), parse_size("1.5KiB"), parse_size(100)
+        (5000000000, 500000000, 1536, 100)
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value >= 0:
+            return value
+        raise CachePruneError(f"{name} must be a size of at least 0 bytes; got {value}.")
+    found = _SIZE_RE.match(value.strip()) if isinstance(value, str) else None
+    if found is None:
+        raise CachePruneError(f"{name} {value!r} is not a size: give {SIZE_FORMS}.")
+    return int(float(found.group(1)) * _SIZE_UNITS[found.group(2).lower()])
 
 
 def short_key(key: str, length: int = 12) -> str:
@@ -174,6 +323,21 @@ def short_key(key: str, length: int = 12) -> str:
         '3f2a9c1b7d4e'
     """
     return key[:length]
+
+
+def _remove_runs(runs: list[CachedRun]) -> tuple[CachedRun, ...]:
+    """Deletes the folders of `runs`, in order; returns them. A run already gone counts as deleted."""
+    removed: list[CachedRun] = []
+    for run in runs:
+        try:
+            shutil.rmtree(run.path)
+        except FileNotFoundError:  # deleted meanwhile by another process: it is gone all the same
+            pass
+        except OSError as err:
+            done = ", ".join(short_key(gone.key) for gone in removed) or "none"
+            raise OSError(f"Could not delete the cached run {run.path} ({err}); runs already deleted: {done}.") from err
+        removed.append(run)
+    return tuple(removed)
 
 
 def _match_keys(entries: list[CachedRun], keys: list[str], root: Path) -> list[CachedRun]:

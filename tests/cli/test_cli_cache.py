@@ -13,6 +13,7 @@ from ..conftest import tiny_vit
 from .test_cli import run_cli
 
 CACHE_MODEL = "tiny/vit-for-cache-tests"
+HOUR, DAY = 3600, 86400
 
 
 def _synthesize_into(cache_dir: Path | None, num_images: int, seed: int, monkeypatch=None,
@@ -54,10 +55,14 @@ def _run_folder(cache_dir: Path | None, seed: int) -> Path:
     return found
 
 
+def _bytes_on_disk(*folders: Path) -> int:
+    """The apparent sizes of the files under `folders` (as `du --apparent-size --bytes` adds them up)."""
+    return sum(file.stat().st_size for folder in folders for file in folder.rglob("*") if file.is_file())
+
+
 def _megabytes_on_disk(*folders: Path) -> str:
-    """The size `cache list` shows, from the apparent sizes of the files (as `du --apparent-size --bytes`)."""
-    total = sum(file.stat().st_size for folder in folders for file in folder.rglob("*") if file.is_file())
-    return f"{total / 1e6:.1f}"
+    """The size `cache list` shows."""
+    return f"{_bytes_on_disk(*folders) / 1e6:.1f}"
 
 
 @pytest.fixture
@@ -201,7 +206,7 @@ def test_cache_without_a_command_shows_its_commands(capsys):
 
     assert main(["cache"]) == 2
     help_text = capsys.readouterr().out
-    assert "optimum-dfq cache" in help_text and "list" in help_text and "delete" in help_text
+    assert "optimum-dfq cache" in help_text and "list" in help_text and "delete" in help_text and "prune" in help_text
 
 
 def test_optimum_cli_dfq_has_the_cache_commands(synthesis_cache, capsys):
@@ -211,10 +216,123 @@ def test_optimum_cli_dfq_has_the_cache_commands(synthesis_cache, capsys):
     from optimum.commands.register.dfq import DFQCommand
     from optimum_dfq.cli import dispatch
 
-    root, complete, _ = synthesis_cache
+    root, complete, interrupted = synthesis_cache
     parser = argparse.ArgumentParser(prog="optimum-cli dfq")
     DFQCommand.parse_args(parser)
     assert dispatch(parser.parse_args(["cache", "delete", complete.name[:8], "--cache-dir", str(root)]), parser) == 0
     assert capsys.readouterr().out.startswith(f"deleted {complete.name[:12]} (complete, psaq,")
     assert dispatch(parser.parse_args(["cache", "list", "--cache-dir", str(root)]), parser) == 0
     assert "2 entries (1 partial, 1 unknown)" in capsys.readouterr().out
+    assert dispatch(parser.parse_args(["cache", "prune", "--max-size", "0B", "--dry-run", "--cache-dir", str(root)]),
+                    parser) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith(f"kept {interrupted.name[:12]} (partial, psaq,")
+
+
+def test_cache_prune_older_than_deletes_the_old_runs_and_prints_each_and_the_space_freed(synthesis_cache,
+                                                                                        set_last_change):
+    root, complete, interrupted = synthesis_cache
+    sizes = {run: _megabytes_on_disk(run) for run in (complete, interrupted)}
+    nothing = run_cli("cache", "prune", "--older-than", "30d", "--cache-dir", str(root))  # just made: none is old
+    assert nothing.returncode == 0, nothing.stderr
+    assert nothing.stdout.splitlines() == [f"No synthesis run in {root} to prune; nothing deleted.",
+                                           f"left 2 runs, {_megabytes_on_disk(complete, interrupted)} MB"]
+    set_last_change(complete, 40 * DAY)
+    set_last_change(interrupted, 2 * DAY)
+    set_last_change(root / "my-notes", 100 * DAY)
+    result = run_cli("cache", "prune", "--older-than", "30d", "--yes", "--cache-dir", str(root))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"deleted {complete.name[:12]} (complete, psaq, {sizes[complete]} MB)",
+                                          f"freed {sizes[complete]} MB in {root}",
+                                          f"left 1 run, {sizes[interrupted]} MB"]
+    assert sorted(path.name for path in root.iterdir()) == sorted([interrupted.name, "my-notes"])
+
+
+def test_cache_prune_max_size_dry_run_shows_the_least_recently_changed_runs_that_would_go(synthesis_cache,
+                                                                                         set_last_change):
+    root, complete, interrupted = synthesis_cache
+    set_last_change(interrupted, 3 * HOUR)
+    set_last_change(complete, 2 * HOUR)
+    sizes = {run: _megabytes_on_disk(run) for run in (complete, interrupted)}
+    limit = f"{_bytes_on_disk(complete)}B"  # room for one run: the least recently changed one goes
+    dry = run_cli("cache", "prune", "--max-size", limit, "--dry-run", "--cache-dir", str(root))
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.splitlines() == [f"would delete {interrupted.name[:12]} (partial, psaq, {sizes[interrupted]} MB)",
+                                       f"would free {sizes[interrupted]} MB in {root}",
+                                       f"would leave 1 run, {sizes[complete]} MB"]
+    assert len(list(root.iterdir())) == 3
+    result = run_cli("cache", "prune", "--max-size", limit, "--yes", "--cache-dir", str(root))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == f"deleted {interrupted.name[:12]} (partial, psaq, {sizes[interrupted]} MB)"
+    assert sorted(path.name for path in root.iterdir()) == sorted([complete.name, "my-notes"])
+
+
+def test_cache_prune_keeps_an_unfinished_run_changed_in_the_last_hour_and_says_so(synthesis_cache, capsys):
+    from optimum_dfq.cli import main
+
+    root, complete, interrupted = synthesis_cache  # both just made
+    sizes = {run: _megabytes_on_disk(run) for run in (complete, interrupted)}
+    assert main(["cache", "prune", "--max-size", "0B", "--yes", "--cache-dir", str(root)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"deleted {complete.name[:12]} (complete, psaq, {sizes[complete]} MB)",
+        f"freed {sizes[complete]} MB in {root}",
+        (f"kept {interrupted.name[:12]} (partial, psaq, {sizes[interrupted]} MB): not complete and changed in the "
+         f"last hour, so a synthesis may still be writing it (`optimum-dfq cache delete {interrupted.name[:12]}` "
+         "deletes it)"),
+        f"left 1 run, {sizes[interrupted]} MB"]
+    assert sorted(path.name for path in root.iterdir()) == sorted([interrupted.name, "my-notes"])
+
+
+def test_cache_prune_off_a_terminal_needs_yes(synthesis_cache, set_last_change):
+    root, complete, interrupted = synthesis_cache
+    for run in (complete, interrupted):
+        set_last_change(run, 2 * DAY)
+    refused = run_cli("cache", "prune", "--older-than", "1d", "--cache-dir", str(root))
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.strip() == (f"optimum-dfq: error: cache prune deletes 2 runs in {root}, and there is no "
+                                      "terminal to ask for confirmation: add --yes to confirm. Nothing was deleted.")
+    assert len(list(root.iterdir())) == 3
+
+
+@pytest.mark.parametrize("answer", ["n", "y"])
+def test_cache_prune_on_a_terminal_shows_the_runs_and_asks_first(answer, synthesis_cache, set_last_change,
+                                                                monkeypatch, capsys):
+    from optimum_dfq.cli import main
+
+    root, complete, _ = synthesis_cache
+    set_last_change(complete, 40 * DAY)
+    size = _megabytes_on_disk(complete)
+    questions = []
+    monkeypatch.setattr(sys, "stdin", type("Terminal", (), {"isatty": staticmethod(lambda: True)})())
+    monkeypatch.setattr("builtins.input", lambda question: questions.append(question) or answer)
+    assert main(["cache", "prune", "--older-than", "30d", "--cache-dir", str(root)]) == 0
+    assert questions == [f"would delete {complete.name[:12]} (complete, psaq, {size} MB)\n"
+                         + f"would free {size} MB in {root}\nDelete 1 run? [y/N] "]
+    output = capsys.readouterr().out
+    if answer == "y":
+        assert output.splitlines()[:2] == [f"deleted {complete.name[:12]} (complete, psaq, {size} MB)",
+                                           f"freed {size} MB in {root}"]
+        assert not complete.exists()
+    else:
+        assert output == "Cancelled; nothing deleted.\n" and complete.exists()
+
+
+@pytest.mark.parametrize("flags, reason", [
+    ([], "give --older-than DURATION (e.g. 30d) to delete the runs changed before that, and/or --max-size SIZE"),
+    (["--older-than", "30 days"], "--older-than '30 days' is not an age: give a number and a unit, s, m, h, d or w"),
+    (["--max-size", "5G"], "--max-size '5G' is not a size: give a number and a unit, B, KB, MB, GB, TB"),
+    (["--older-than", "1s", "--dry-run", "--yes"], "--yes confirms deleting; --dry-run deletes nothing and asks"),
+])
+def test_cache_prune_refuses_a_missing_or_ill_formed_rule_in_one_line_and_deletes_nothing(flags, reason,
+                                                                                         synthesis_cache,
+                                                                                         set_last_change, capsys):
+    from optimum_dfq.cli import main
+
+    root = synthesis_cache[0]
+    for path in root.iterdir():
+        set_last_change(path, 40 * DAY)  # every run would go
+    assert main(["cache", "prune", *flags, "--cache-dir", str(root)]) == 2
+    captured = capsys.readouterr()
+    error = captured.err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("optimum-dfq: error: "), error
+    assert reason in error[0] and captured.out == "", error
+    assert len(list(root.iterdir())) == 3

@@ -13,13 +13,18 @@ from optimum_dfq.synthesis import get_synthesizer, pixel_synthesizer
 from optimum_dfq.synthesis.cache_admin import (
     BatchProgress,
     CacheKeyError,
+    CachePruneError,
     delete_cached_runs,
     list_cached_runs,
+    parse_duration,
+    parse_size,
+    prune_cached_runs,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 MODEL_NAME = "tiny/vit-for-tests"
+HOUR, DAY = 3600, 86400
 
 
 def _du(path: Path) -> int:
@@ -234,3 +239,124 @@ def test_a_folder_named_like_a_key_but_holding_other_files_is_never_deleted(cach
                                             r"run writes\), so it is not deleted"):
         delete_cached_runs(cache_root, [extracted.name])
     assert extracted.exists()
+
+
+def test_prune_older_than_deletes_the_runs_last_changed_before_that_age_complete_or_not(cache_root, set_last_change):
+    complete_dir, interrupted_dir = _run_dir(cache_root, 0), _run_dir(cache_root, 1)
+    set_last_change(complete_dir, 40 * DAY)
+    set_last_change(interrupted_dir, 2 * DAY)
+    complete_size, interrupted_size = _du(complete_dir), _du(interrupted_dir)
+    pruning = prune_cached_runs(cache_root, older_than="30d")
+    assert [(run.key, run.status) for run in pruning.removed] == [(complete_dir.name, "complete")]
+    assert pruning.freed_bytes == complete_size and not pruning.dry_run and pruning.kept == ()
+    assert [run.key for run in pruning.left] == [interrupted_dir.name] and pruning.size_left == interrupted_size
+    assert [path.name for path in cache_root.iterdir()] == [interrupted_dir.name]
+
+    pruning = prune_cached_runs(cache_root, older_than=DAY)  # seconds
+    assert [(run.key, run.status) for run in pruning.removed] == [(interrupted_dir.name, "partial")]
+    assert pruning.freed_bytes == interrupted_size and pruning.left == ()
+    assert list(cache_root.iterdir()) == []
+
+
+@pytest.mark.parametrize("older", ["complete", "interrupted"])
+def test_prune_max_size_deletes_the_least_recently_changed_runs_until_the_rest_fits(older, cache_root,
+                                                                                   set_last_change):
+    runs = {"complete": _run_dir(cache_root, 0), "interrupted": _run_dir(cache_root, 1)}
+    newer = "interrupted" if older == "complete" else "complete"
+    set_last_change(runs[older], 3 * HOUR)
+    set_last_change(runs[newer], 2 * HOUR)
+    total = _du(runs[older]) + _du(runs[newer])
+    assert prune_cached_runs(cache_root, max_size=total).removed == ()  # at most SIZE: nothing to delete
+    assert len(list(cache_root.iterdir())) == 2
+
+    pruning = prune_cached_runs(cache_root, max_size=total - 1)
+    assert [run.key for run in pruning.removed] == [runs[older].name]
+    assert pruning.size_left == _du(runs[newer]) and [run.key for run in pruning.left] == [runs[newer].name]
+    assert [path.name for path in cache_root.iterdir()] == [runs[newer].name]
+
+
+def test_prune_never_deletes_an_unfinished_run_changed_in_the_last_hour(cache_root, set_last_change):
+    complete_dir, interrupted_dir = _run_dir(cache_root, 0), _run_dir(cache_root, 1)
+    set_last_change(interrupted_dir, 50 * 60)  # a synthesis may still be writing it; the complete run was just made
+    size = _du(interrupted_dir)
+    by_age = prune_cached_runs(cache_root, older_than="10m")
+    assert by_age.removed == () and [run.key for run in by_age.kept] == [interrupted_dir.name]
+    pruning = prune_cached_runs(cache_root, max_size="0B")
+    assert [run.key for run in pruning.removed] == [complete_dir.name]  # finished: not protected, however recent
+    assert [(run.key, run.status) for run in pruning.kept] == [(interrupted_dir.name, "partial")]
+    assert [run.key for run in pruning.left] == [interrupted_dir.name] and pruning.size_left == size
+    assert [path.name for path in cache_root.iterdir()] == [interrupted_dir.name]
+
+    set_last_change(interrupted_dir, 70 * 60)
+    pruning = prune_cached_runs(cache_root, max_size=0)
+    assert [run.key for run in pruning.removed] == [interrupted_dir.name] and pruning.kept == ()
+    assert list(cache_root.iterdir()) == []
+
+
+def test_a_dry_run_prunes_nothing_and_says_what_would_go(cache_root, set_last_change):
+    for path in cache_root.iterdir():
+        set_last_change(path, 2 * DAY)
+    before = {path.name: _du(path) for path in cache_root.iterdir()}
+    pruning = prune_cached_runs(cache_root, older_than="1d", dry_run=True)
+    assert pruning.dry_run and {run.key for run in pruning.removed} == set(before)
+    assert pruning.freed_bytes == sum(before.values()) and pruning.left == ()
+    assert {path.name: _du(path) for path in cache_root.iterdir()} == before
+
+
+def test_prune_neither_deletes_nor_counts_entries_that_are_not_runs(cache_root, set_last_change):
+    stray = cache_root / "my-notes"
+    stray.mkdir()
+    (stray / "big.bin").write_bytes(bytes(1_000_000))
+    extracted = cache_root / ("e" * 64)  # named like a run, holding what no run writes
+    extracted.mkdir()
+    (extracted / "data.arrow").write_bytes(bytes(1_000_000))
+    for path in cache_root.iterdir():
+        set_last_change(path, 40 * DAY)
+    runs_size = _du(_run_dir(cache_root, 0)) + _du(_run_dir(cache_root, 1))
+    assert prune_cached_runs(cache_root, max_size=runs_size).removed == ()
+    pruning = prune_cached_runs(cache_root, older_than="30d", max_size=0)
+    assert len(pruning.removed) == 2 and pruning.freed_bytes == runs_size and pruning.size_left == 0
+    assert sorted(path.name for path in cache_root.iterdir()) == sorted([stray.name, extracted.name])
+    assert _du(stray) == _du(extracted) == 1_000_000
+
+
+@pytest.mark.parametrize("text, seconds", [("30d", 30 * DAY), ("12h", 12 * HOUR), ("90m", 5400), ("45s", 45),
+                                           ("2w", 14 * DAY), ("1.5h", 5400), (" 7 d ", 7 * DAY), ("0s", 0)])
+def test_an_age_is_a_number_and_a_unit(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["30", "30 days", "1M", "-1d", "d", "1.2.3h", ""])
+def test_an_ill_formed_age_is_refused_with_the_accepted_forms(text):
+    with pytest.raises(CachePruneError, match=r"^--older-than '.*' is not an age: give a number and a unit, s, m, h, "
+                                              r"d or w \(e\.g\. 30d, 12h, 90m\)\.$"):
+        parse_duration(text, "--older-than")
+
+
+@pytest.mark.parametrize("text, size", [("5GB", 5 * 10**9), ("500MB", 500 * 10**6), ("500mb", 500 * 10**6),
+                                        ("2GiB", 2 * 2**30), ("1.5KiB", 1536), ("1 TB", 10**12), ("0B", 0),
+                                        ("100b", 100)])
+def test_a_size_is_a_number_and_a_unit(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["5", "5G", "5 gigabytes", "-5GB", "GB", "5iB", "5PB"])
+def test_an_ill_formed_size_is_refused_with_the_accepted_forms(text):
+    with pytest.raises(CachePruneError, match=r"^max_size '.*' is not a size: give a number and a unit, B, KB, MB, "
+                                              r"GB, TB \(powers of 1000, .*\) or KiB, MiB, GiB, TiB "
+                                              r"\(powers of 1024\), e\.g\. 5GB, 500MB\.$"):
+        parse_size(text)
+
+
+@pytest.mark.parametrize("rules, message", [
+    ({}, "Give older_than (an age, e.g. '30d') and/or max_size (a size, e.g. '5GB')"),
+    ({"older_than": -1}, "older_than must be an age of at least 0 seconds; got -1."),
+    ({"max_size": -1}, "max_size must be a size of at least 0 bytes; got -1."),
+    ({"older_than": True}, "older_than True is not an age"),
+    ({"max_size": 1.5}, "max_size 1.5 is not a size"),
+])
+def test_prune_without_a_rule_or_with_a_bad_number_deletes_nothing(rules, message, cache_root):
+    with pytest.raises(CachePruneError) as refusal:
+        prune_cached_runs(cache_root, **rules)
+    assert message in str(refusal.value)
+    assert len(list(cache_root.iterdir())) == 2
