@@ -12,6 +12,8 @@ import sys
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from synth_helpers import FAST, NORM, SYNTHESIZERS, one_thread, tiny_swin, tiny_vit  # noqa: F401
 
 from optimum_dfq import CalibrationSet
@@ -112,6 +114,8 @@ def test_default_cache_keeps_an_interrupted_run_that_named_no_cache(default_synt
 @pytest.mark.parametrize("files, num_images, expected", [
     ([], 10, None),
     (["shards/00000000-00000004", "partial/00000004-00000008"], 10, 4),
+    (["partial/00000000-00000004"], 10, 4),  # interrupted in its first batch: only a checkpoint tells the grid
+    (["shards/00000000-00000004", "partial/00000000-00000002"], 10, None),  # a checkpoint of another grid
     (["shards/00000008-00000010", "shards/00000004-00000008"], 10, 4),
     (["shards/00000000-00000010"], 10, 10),
     (["shards/00000008-00000010"], 10, None),  # a last batch alone: batch size 2, 4 or 8?
@@ -175,6 +179,18 @@ def test_default_cache_location_and_switch(monkeypatch, tmp_path):
     for bad in (5, "", 1.5):
         with pytest.raises(ConfigError, match="cache_dir must be a folder, None/True for the default"):
             resolve_cache_dir(bad)
+
+
+def test_a_cache_folder_given_with_a_tilde_is_in_the_home_folder(monkeypatch, tmp_path):
+    # "~/..." (a quoted value in a shell or a config file is not expanded) must not make a folder named "~"
+    from optimum_dfq.synthesis.cache import resolve_cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE")
+    monkeypatch.setenv("OPTIMUM_DFQ_CACHE", "~/dfq-cache")
+    assert resolve_cache_dir(None) == tmp_path / "dfq-cache" / "synthesis"
+    assert resolve_cache_dir("~/explicit") == tmp_path / "explicit"
+    assert SynthesisCache("~/explicit", "key").directory == tmp_path / "explicit" / "key"
 
 
 def test_a_bad_cache_dir_is_refused_before_any_optimisation(monkeypatch):
@@ -338,7 +354,7 @@ def test_batches_that_do_not_cover_the_images_exactly_are_refused(tmp_path, monk
     assert not (run_dir / "calibration_set").exists()
 
 
-@pytest.mark.parametrize("damage", ["truncate", "empty", "wrong_images"])
+@pytest.mark.parametrize("damage", ["truncate", "empty", "wrong_images", "short"])
 def test_a_damaged_shard_is_moved_aside_and_synthesized_again(damage, tmp_path, monkeypatch, caplog):
     model = tiny_vit()
     reference = get_synthesizer("psaq", **FAST).synthesize(model, 6, seed=0, batch_size=2, **NORM)
@@ -355,6 +371,11 @@ def test_a_damaged_shard_is_moved_aside_and_synthesized_again(damage, tmp_path, 
     content = shard.read_bytes()
     if damage == "wrong_images":  # a readable file under the wrong name: images 0-2 where 2-4 belong
         shard.write_bytes((run_dir / "shards" / "00000000-00000002.safetensors").read_bytes())
+    elif damage == "short":  # named and labelled images 2-4, but holding one image
+        with safe_open(str(shard), framework="pt") as handle:
+            header = handle.metadata()
+            tensors = {key: handle.get_tensor(key)[:1] for key in handle.keys()}  # noqa: SIM118
+        save_file(tensors, str(shard), metadata=header)
     else:  # what a crash can leave behind
         shard.write_bytes(content[: len(content) // 2] if damage == "truncate" else b"")
     damaged_bytes = shard.read_bytes()
@@ -368,6 +389,17 @@ def test_a_damaged_shard_is_moved_aside_and_synthesized_again(damage, tmp_path, 
     aside = run_dir / "shards" / "00000002-00000004.safetensors.damaged"
     assert aside.read_bytes() == damaged_bytes  # kept for inspection, not deleted
     assert str(shard) in caplog.text and "synthesized again" in caplog.text
+
+
+def test_a_file_damaged_again_is_moved_aside_beside_the_first_damaged_copy(tmp_path):
+    cache = SynthesisCache(tmp_path, "key")
+    cache.shards.mkdir(parents=True)
+    shard = cache.shards / "00000000-00000002.safetensors"
+    for garbage in (b"first", b"second"):
+        shard.write_bytes(garbage)
+        assert cache.finished_chunks([(0, 2)]) == []
+    assert (cache.shards / f"{shard.name}.damaged").read_bytes() == b"first"  # never deleted, nor overwritten
+    assert (cache.shards / f"{shard.name}.damaged2").read_bytes() == b"second"
 
 
 @pytest.mark.parametrize("error", [PermissionError, MemoryError])
@@ -621,7 +653,7 @@ def test_a_killed_run_resumes_each_batch_from_its_last_periodic_checkpoint(tmp_p
     assert torch.equal(resumed.pixel_values, reference.pixel_values)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "another_batch"])
+@pytest.mark.parametrize("damage", ["truncate", "another_batch", "another_format"])
 def test_a_damaged_batch_checkpoint_is_moved_aside_and_the_batch_starts_again(damage, tmp_path, monkeypatch,
                                                                                caplog):
     model = tiny_vit()
@@ -633,6 +665,11 @@ def test_a_damaged_batch_checkpoint_is_moved_aside_and_the_batch_starts_again(da
     checkpoint = run_dir / "partial" / "00000002-00000004.safetensors"
     if damage == "truncate":
         checkpoint.write_bytes(checkpoint.read_bytes()[:100])
+    elif damage == "another_format":  # e.g. written by a later version, whose state this one cannot tell apart
+        with safe_open(str(checkpoint), framework="pt") as handle:
+            header = dict(handle.metadata(), format="optimum_dfq.batch_checkpoint/999")
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        save_file(tensors, str(checkpoint), metadata=header)
     else:  # a readable checkpoint of another batch size: 1 image where the batch has 2
         cache = SynthesisCache(tmp_path, run_dir.name)
         state = cache.batch_checkpoint(2, 4, None).load()
@@ -659,8 +696,14 @@ def test_a_checkpoint_left_beside_its_finished_batch_is_removed(tmp_path, monkey
     saved = leftover.read_bytes()
     get_synthesizer("psaq", **FAST).synthesize(model, 4, seed=0, batch_size=2, cache_dir=tmp_path, **NORM)
     shutil.rmtree(run_dir / "calibration_set")  # as if the run crashed after its shard was written
+    (run_dir / "shards" / "00000002-00000004.safetensors").unlink()
     leftover.write_bytes(saved)
-    get_synthesizer("psaq", **FAST).synthesize(model, 4, seed=0, batch_size=2, cache_dir=tmp_path, **NORM)
+    seen = []  # whether the leftover is still there once the resumed run has finished its first batch
+    get_synthesizer("psaq", **FAST).synthesize(model, 4, seed=0, batch_size=2, cache_dir=tmp_path,
+                                               on_batch_end=lambda record: seen.append(leftover.exists()), **NORM)
+    # gone when the run starts, not only once the set is saved: an interruption meanwhile would list the finished
+    # batch among those "being optimised" (and it would take the space of three batches of pixels)
+    assert seen == [False]
     assert not leftover.exists()
 
 
