@@ -259,6 +259,35 @@ def test_an_invalid_cache_setting_on_any_process_is_raised_on_every_process(mine
     assert (gathered[0][2] is not None) == (mine == "maybe")
 
 
+def test_an_invalid_cache_setting_is_refused_before_any_optimisation(monkeypatch):
+    # not taken for "off": a typo in the variable must not silently keep an interrupted run from resuming
+    from optimum_dfq.errors import ConfigError
+
+    monkeypatch.setenv("OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE", "maybe")
+    calls = _count_optimisations(monkeypatch)
+    with pytest.raises(ConfigError, match="OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE='maybe' is not a yes/no value"):
+        get_synthesizer("psaq", **FAST).synthesize(tiny_vit(), 2, seed=0, **NORM)
+    assert calls == []
+
+
+def test_a_run_over_several_machines_keeps_nothing_in_their_own_default_caches(default_synthesis_cache, monkeypatch,
+                                                                             caplog):
+    class TwoProcesses:  # this process, the main one, and another on another machine
+        num_processes, process_index, is_main_process = 2, 0, True
+
+    def gather(state, items):
+        if items and isinstance(items[0], tuple):  # where each process's default cache is
+            return list(items) + [("another-host", items[0][1], None)]
+        raise _Interrupt  # the finished batches, gathered: the run has done its part
+
+    monkeypatch.setattr(pixel_synthesizer, "gather_lists", gather)
+    monkeypatch.setattr(pixel_synthesizer, "broadcast_from_main", lambda state, value: value)
+    with pytest.raises(_Interrupt), caplog.at_level("WARNING"):
+        get_synthesizer("psaq", **FAST).synthesize(tiny_vit(), 4, seed=0, batch_size=2, state=TwoProcesses(), **NORM)
+    assert "runs on 2 machines" in caplog.text
+    assert not default_synthesis_cache.exists()  # no batch kept where the other machine cannot see it
+
+
 def test_finished_run_is_reused_without_optimising(tmp_path, monkeypatch):
     model = tiny_vit()
     first = get_synthesizer("psaq", **FAST).synthesize(model, 3, seed=0, cache_dir=tmp_path, **NORM)
@@ -705,6 +734,16 @@ def test_a_checkpoint_left_beside_its_finished_batch_is_removed(tmp_path, monkey
     # batch among those "being optimised" (and it would take the space of three batches of pixels)
     assert seen == [False]
     assert not leftover.exists()
+
+
+def test_a_finished_batch_leaves_no_checkpoint_behind(tmp_path):
+    # else an interruption later in the run would list it among the batches "being optimised", and every finished
+    # batch would hold three times its pixels on disk until the set is saved
+    left = []
+    get_synthesizer("psaq", **FAST, checkpoint_every=1).synthesize(
+        tiny_vit(), 4, seed=0, batch_size=2, cache_dir=tmp_path,
+        on_batch_end=lambda record: left.append(sorted(path.name for path in tmp_path.rglob("partial/*"))), **NORM)
+    assert left == [[], []]
 
 
 @pytest.mark.parametrize("bad", [-1, 2.5, "10", True])

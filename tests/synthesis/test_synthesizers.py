@@ -14,7 +14,7 @@ from optimum_dfq.errors import SynthesisError
 from optimum_dfq.models import get_adapter
 from optimum_dfq.synthesis import StepContext, get_synthesizer
 from optimum_dfq.synthesis.features import FeatureCapture, probe_attention_sites
-from optimum_dfq.synthesis.pixel_synthesizer import ModelInfo, frozen_model
+from optimum_dfq.synthesis.pixel_synthesizer import ModelInfo, batch_grid, frozen_model, grid_batch_size
 from optimum_dfq.version import __version__
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -94,6 +94,31 @@ def test_images_do_not_depend_on_their_batch_mates(name):
     alone = get_synthesizer(name, **FAST).synthesize(model, 3, seed=0, batch_size=1, **NORM)
     assert torch.allclose(together.pixel_values, alone.pixel_values, atol=1e-5)
     assert torch.equal(together.labels, alone.labels)
+
+
+@pytest.mark.parametrize("num_images, num_processes, expected", [
+    (3, 2, [(0, 2), (2, 3)]),  # ceil(3 / 2) = 2: a batch for each process (not 3 batches of 1)
+    (1, 4, [(0, 1)]),  # fewer images than processes: batches of 1, never of 0
+    (7, 3, [(0, 3), (3, 6), (6, 7)]),
+    (65, 2, [(0, 32), (32, 64), (64, 65)]),  # at most 32 images a batch
+])
+def test_the_default_batch_grid_gives_every_process_a_batch(num_images, num_processes, expected):
+    size = grid_batch_size(num_images, num_processes=num_processes)
+    assert batch_grid(num_images, size) == expected
+    assert grid_batch_size(num_images, 64, num_processes) == min(64, num_images)  # a given size: at most the images
+
+
+def test_a_finalize_that_drops_images_is_refused_and_nothing_is_cached(tmp_path):
+    from optimum_dfq import CalibrationSet
+    from optimum_dfq.synthesis import PSAQSynthesizer
+
+    class KeepsOne(PSAQSynthesizer):
+        def finalize(self, calibration_set):
+            return CalibrationSet(calibration_set.pixel_values[:1], metadata=calibration_set.metadata)
+
+    with pytest.raises(SynthesisError, match="has 1 images instead of num_images=2.*finalize must keep every image"):
+        KeepsOne(**FAST).synthesize(tiny_vit(), 2, seed=0, cache_dir=tmp_path, **NORM)
+    assert not list(tmp_path.rglob("calibration_set"))
 
 
 def test_first_image_is_the_gaussian_synthesizers_image_before_optimisation():
