@@ -68,6 +68,18 @@ def test_labels_must_be_class_ids_of_the_model(cifar_test, image_processor):
         evaluate_accuracy(tiny_vit(), names, image_processor, progress=False)
     with pytest.raises(DFQError, match="no label column.*rename_column"):
         evaluate_accuracy(tiny_vit(), subset.remove_columns("label"), image_processor, progress=False)
+    beyond = subset.cast_column("label", Value("int64")).map(lambda row, i: {"label": 10 if i == 3 else 0},
+                                                             with_indices=True)
+    with pytest.raises(DFQError, match=r"Labels \[10\] .* 10 classes\. Evaluate"):  # ids are 0..9: 10 is one too many
+        evaluate_accuracy(tiny_vit(), beyond, image_processor, progress=False)
+    flags = subset.remove_columns("label").add_column("label", [True, False] * 3)  # a bool column
+    with pytest.raises(DFQError, match=r"must be integer class ids, got \['bool'\]"):  # True is not class 1
+        evaluate_accuracy(tiny_vit(), flags, image_processor, progress=False)
+
+
+def test_predict_top_k_returns_at_most_every_class(cifar_test, image_processor):
+    predictions, labels = predict_top_k(tiny_vit(), cifar_test.select(range(3)), image_processor, k=20, progress=False)
+    assert [sorted(row) for row in predictions] == [list(range(10))] * 3 and len(labels) == 3
 
 
 def test_streaming_dataset_and_wrong_image_size_are_named(cifar_test, image_processor):

@@ -19,6 +19,38 @@ def test_pixel_values_must_be_a_4d_tensor(pixels, got):
         CalibrationSet(pixel_values=pixels)
 
 
+def test_pixel_values_must_be_processed_finite_images():
+    # raw uint8 pixels, NaN or inf (one value is enough) and no image at all are refused, naming the problem
+    nan, inf = torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)
+    nan[1, 0, 0, 0], inf[0, 2, 3, 3] = float("nan"), float("-inf")
+    for pixels, problem in [(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), r"dtype torch\.uint8.*image processor"),
+                            (nan, "NaN or inf"), (inf, "NaN or inf"), (torch.zeros(0, 3, 4, 4), "empty")]:
+        with pytest.raises(CalibrationError, match=problem):
+            CalibrationSet(pixel_values=pixels)
+
+
+def test_images_of_another_size_or_channel_count_than_the_models_are_refused():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from optimum_dfq.errors import ImageSizeError
+
+    model = ViTForImageClassification(ViTConfig(image_size=[32, 48], patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                                num_attention_heads=2, intermediate_size=64, num_labels=10))
+    CalibrationSet(pixel_values=torch.zeros(1, 3, 32, 48)).check_image_size(model)  # (height, width)
+    for shape in [(1, 3, 48, 32), (1, 1, 32, 48)]:
+        with pytest.raises(ImageSizeError, match=r"expects \(3, 32, 48\)"):
+            CalibrationSet(pixel_values=torch.zeros(shape)).check_image_size(model)
+
+
+def test_an_empty_dataset_or_one_image_too_few_is_refused(cifar_train, image_processor):
+    with pytest.raises(CalibrationError, match="The calibration dataset is empty"):
+        calibration_set_from_dataset(cifar_train.select([]), image_processor)
+    four = cifar_train.select(range(4))
+    assert len(calibration_set_from_dataset(four, image_processor, num_images=4)) == 4
+    with pytest.raises(CalibrationError, match="Asked for 5 calibration images but the dataset has only 4"):
+        calibration_set_from_dataset(four, image_processor, num_images=5)
+
+
 def test_dataset_without_image_column_names_the_needed_feature(cifar_train, image_processor):
     with pytest.raises(CalibrationError, match=r"no image column \(features: \['label'\]\).*datasets.Image"):
         calibration_set_from_dataset(cifar_train.remove_columns("img"), image_processor, num_images=2)
@@ -90,6 +122,17 @@ def test_load_image_dataset_names_a_corrupt_save_to_disk_folder(cifar_train, tmp
     with pytest.raises(CalibrationError, match=r"'.*saved' holds a saved dataset whose data file is corrupt or "
                                                r"truncated"):
         load_image_dataset(str(tmp_path / "saved"))
+
+
+def test_a_saved_dataset_missing_its_data_file_is_not_called_corrupt(cifar_train, tmp_path):
+    # the synthesis cache tells a set moved meanwhile by another run (FileNotFoundError) from a damaged one by this
+    from optimum_dfq.calibration.data import load_saved_dataset
+
+    cifar_train.select(range(2)).save_to_disk(str(tmp_path / "saved"))
+    (arrow,) = (tmp_path / "saved").glob("*.arrow")
+    arrow.unlink()
+    with pytest.raises(FileNotFoundError):
+        load_saved_dataset(tmp_path / "saved")
 
 
 def test_load_image_dataset_failure_names_the_path_and_the_accepted_forms(tmp_path):
@@ -177,6 +220,10 @@ def test_labels_come_from_the_chosen_label_column(cifar_train, image_processor, 
         unlabelled = calibration_set_from_dataset(both, image_processor, shuffle=False)
     assert unlabelled.labels is None and len(unlabelled) == 6
     assert "several ClassLabel columns ['label', 'coarse'] and none was chosen" in caplog.text
+    from optimum_dfq.calibration.data import resolve_label_column
+
+    with pytest.raises(CalibrationError, match=r"several ClassLabel columns \['label', 'coarse'\].*label_column="):
+        resolve_label_column(both)  # the public resolver does not guess either
     assert torch.equal(unlabelled.pixel_values,
                        calibration_set_from_dataset(subset, image_processor, shuffle=False).pixel_values)
     for column, expected in (("label", subset["label"]), ("coarse", coarse)):
@@ -237,6 +284,11 @@ def test_a_saved_slice_of_a_split_is_loaded_as_that_split(tmp_path):
         load_image_dataset(str(tmp_path / "test-5"), split="train")
     with pytest.raises(CalibrationError, match=r"saved as split 'test\[:5\]', not 'test\[:3\]'"):  # not re-sliced
         load_image_dataset(str(tmp_path / "test-5"), split="test[:3]")
+    sliced.save_to_disk(str(tmp_path / "both"))
+    (tmp_path / "both" / "state.json").write_text(  # as load_dataset(..., split="test+train") saves it
+        (tmp_path / "both" / "state.json").read_text().replace('"test[:5]"', '"test+train"'))
+    with pytest.raises(CalibrationError, match=r"saved as split 'test\+train', not 'test'"):  # a slice, not a sum
+        load_image_dataset(str(tmp_path / "both"), split="test")
 
 
 def test_a_saved_dataset_dict_of_one_split_is_loaded_as_that_split_when_none_is_asked(tmp_path):
