@@ -92,6 +92,20 @@ def test_ctrl_c_keeps_the_finished_batches_and_says_how_to_resume(cached, tmp_pa
         assert "not kept" in message and "cache_dir=" in message
 
 
+def test_the_ctrl_c_warning_counts_only_the_batches_the_run_can_reuse(tmp_path, caplog):
+    def ctrl_c_after_first_batch(record):
+        raise KeyboardInterrupt
+
+    model = tiny_vit()
+    with pytest.raises(KeyboardInterrupt):  # leaves images 0-3 cached on the grid of batch_size=4
+        get_synthesizer("psaq", **FAST).synthesize(model, 6, seed=0, batch_size=4, cache_dir=tmp_path,
+                                                   on_batch_end=ctrl_c_after_first_batch, **NORM)
+    with pytest.raises(KeyboardInterrupt), caplog.at_level("WARNING"):
+        get_synthesizer("psaq", **FAST).synthesize(model, 6, seed=0, batch_size=2, cache_dir=tmp_path,
+                                                   on_batch_end=ctrl_c_after_first_batch, **NORM)
+    assert "2 of 6 images are cached" in caplog.records[-1].getMessage()  # images 0-3 of batch_size=4 are not reused
+
+
 def test_default_cache_keeps_an_interrupted_run_that_named_no_cache(default_synthesis_cache, monkeypatch):
     model = tiny_vit()
     reference = get_synthesizer("psaq", **FAST).synthesize(model, 4, seed=0, batch_size=2, cache_dir=False, **NORM)
