@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from .calibration.data import (
     IMAGE_DECODE_ERRORS,
     check_image_processor,
+    class_label_columns,
     expected_image_shape,
     first_undecodable_image,
     image_mode,
@@ -112,9 +113,7 @@ def _class_label_column(dataset, config) -> str | None:
     """The `ClassLabel` column to score: the only one, or of several the one whose names are the model's `id2label`
     (CIFAR-100 has `fine_label` and `coarse_label`), or, when none has them (placeholder or WordNet-id names), the one
     with the model's number of classes; several without exactly one such column are refused."""
-    from datasets import ClassLabel
-
-    columns = [name for name, feature in dataset.features.items() if isinstance(feature, ClassLabel)]
+    columns = class_label_columns(dataset)
     if len(columns) < 2:
         return resolve_label_column(dataset)
     id2label = {int(i): _normalised(name) for i, name in (getattr(config, "id2label", None) or {}).items()}

@@ -508,13 +508,13 @@ def _check_not_raw_pixels(pixel_values: torch.Tensor, image_processor: Any | Non
 def _largest_processed_pixel(image_processor: Any, num_channels: int) -> float | None:
     """The largest value a rescaling image processor can output, `max((1 - mean) / std)`, or `None` when its
     statistics cannot be read."""
-    from .synthesis.normalization import normalization_stats
+    from .synthesis.normalization import normalization_stats, valid_pixel_range
 
     try:
         mean, std = normalization_stats(image_processor, num_channels=num_channels)
     except DFQError:
         return None
-    return max((1 - m) / s for m, s in zip(mean, std))
+    return float(valid_pixel_range(mean, std)[1].max())
 
 
 def _record_image_count(config: DFQConfig, count: int, requested: int | None) -> DFQConfig:

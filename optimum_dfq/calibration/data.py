@@ -195,11 +195,9 @@ def resolve_label_column(dataset, chosen: str | None = None) -> str | None:
         >>> resolve_label_column(data, "fine"), resolve_label_column(data.remove_columns(["fine", "coarse"]))
         ('fine', None)
     """
-    from datasets import ClassLabel
-
     if chosen is not None:
         return _chosen_column(dataset, chosen, "label_column", "a ClassLabel or integer", _is_label_feature)
-    columns = [name for name, feature in dataset.features.items() if isinstance(feature, ClassLabel)]
+    columns = class_label_columns(dataset)
     if len(columns) > 1:
         raise CalibrationError(
             f"The dataset has several ClassLabel columns {columns}, so which one holds the labels is not known. "
@@ -207,6 +205,13 @@ def resolve_label_column(dataset, chosen: str | None = None) -> str | None:
             f"others (`dataset.remove_columns({columns[1:]})`)."
         )
     return columns[0] if columns else None
+
+
+def class_label_columns(dataset) -> list[str]:
+    """The names of a dataset's `ClassLabel` columns, in column order."""
+    from datasets import ClassLabel
+
+    return [name for name, feature in dataset.features.items() if isinstance(feature, ClassLabel)]
 
 
 def _is_label_feature(feature: Any) -> bool:
@@ -370,9 +375,7 @@ def check_processor_output_size(image_processor: Any, expected: tuple[int, int, 
 def _calibration_label_column(dataset, chosen: str | None) -> str | None:
     """[`resolve_label_column`] for calibration, which does not use labels: several `ClassLabel` columns and none
     chosen mean no labels are read (logged), not an error."""
-    from datasets import ClassLabel
-
-    columns = [name for name, feature in dataset.features.items() if isinstance(feature, ClassLabel)]
+    columns = class_label_columns(dataset)
     if chosen is None and len(columns) > 1:
         logger.info("The calibration dataset has several ClassLabel columns %s and none was chosen; calibration does "
                     "not use labels, so none are read (pass label_column= / --label-column to keep them).", columns)
