@@ -26,6 +26,7 @@ from .calibration.data import (
 from .calibration.reparam import get_scale_selector
 from .config import QUANT_METHOD, DFQConfig
 from .errors import CalibrationError, CheckpointError, ConfigError, DFQError, UnsupportedArchitectureError
+from .formats.compressed_tensors import EXPORT_MARKER
 from .integrations.transformers import finalize_quantized_model
 from .models import get_adapter
 from .models.adapters import ADAPTERS
@@ -462,7 +463,8 @@ def _is_dataset_dict(value: Any) -> bool:
 def _check_save_dir(save_dir: str | os.PathLike) -> None:
     """Refuses a `save_dir` that is a file (transformers' `save_pretrained` logs an error and saves nothing) or that
     holds a model other than an optimum_dfq quantized one, typically the float model itself, which saving would
-    overwrite. An earlier quantized output is replaced, as `save_pretrained` does."""
+    overwrite. An earlier quantized output (native, or exported to compressed-tensors) is replaced, as
+    `save_pretrained` does."""
     path = Path(save_dir).expanduser()
     if path.exists() and not path.is_dir():
         raise ConfigError(f"save_dir {save_dir} is a file; pass a folder (a new one, or an earlier quantized output).")
@@ -473,7 +475,8 @@ def _check_save_dir(save_dir: str | os.PathLike) -> None:
     except (OSError, ValueError):
         stored = None
     quantization = stored.get("quantization_config") if isinstance(stored, dict) else None
-    if not isinstance(quantization, dict) or quantization.get("quant_method") != QUANT_METHOD:
+    ours = isinstance(quantization, dict) and quantization.get("quant_method") == QUANT_METHOD
+    if not ours and not (isinstance(quantization, dict) and isinstance(stored.get(EXPORT_MARKER), dict)):
         raise ConfigError(
             f"save_dir {save_dir} holds a model that is not a quantized one (its config.json has no optimum_dfq "
             "quantization_config: the float model being quantized?), and saving there would overwrite it. Pass a new "

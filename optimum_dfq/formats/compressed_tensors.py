@@ -30,6 +30,7 @@ quantize Linear inputs (`quantize_attention=False`, the patch embedding in `modu
 from __future__ import annotations
 
 import copy
+import json
 import os
 from collections.abc import Iterator
 
@@ -41,9 +42,12 @@ from ..errors import ConfigError
 from ..nn import AttentionQuantizers, QConv2d, QLayerNorm, QLinear
 from ..nn.modules import FrozenWeightMixin
 from ..quantizers import Quantizer, UniformQuantizer
+from ..version import __version__
 from .checkpoint import consumers_of
 
 INSTALL_HINT = 'pip install "optimum-dfq[compressed-tensors]"  (compressed-tensors>=0.20,<0.21)'
+# a top-level config.json key naming the export's origin: `quantize(save_dir=...)` may replace a folder holding it
+EXPORT_MARKER = "optimum_dfq_export"
 
 
 def _require_compressed_tensors() -> None:
@@ -250,6 +254,18 @@ def export_compressed_tensors(
     compressor.compress_model(float_model)
     float_model.save_pretrained(save_directory, **save_kwargs)
     compressor.update_config(save_directory)
+    _mark_export(save_directory, config)
+
+
+def _mark_export(save_directory: str | os.PathLike, config: DFQConfig) -> None:
+    """Records in `config.json` that optimum_dfq wrote this export (plain transformers keeps it as an attribute)."""
+    path = os.path.join(save_directory, "config.json")
+    with open(path, encoding="utf-8") as file:
+        stored = json.load(file)
+    stored[EXPORT_MARKER] = {"format": "compressed-tensors", "bits": config.bits, "version": __version__}
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump(stored, file, indent=2, sort_keys=True)
+        file.write("\n")
 
 
 def _set_params(module: nn.Module, base: str, quantizer: UniformQuantizer, with_zero_point: bool) -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from optimum_dfq import ConfigError, DFQConfig
-from optimum_dfq.formats.compressed_tensors import export_compressed_tensors
+from optimum_dfq.formats.compressed_tensors import EXPORT_MARKER, export_compressed_tensors
 
 from ..conftest import tiny_deit_teacher, tiny_swin, tiny_vit
 from .conftest import logits, quantize, run_python
@@ -81,6 +81,28 @@ def test_symmetric_weights_are_packed(exported):
     assert formats["vit-w4a16-symmetric"] == "pack-quantized"
     assert formats["vit-w4a16"] == "int-quantized"  # transformers cannot load packed asymmetric zero points
 
+
+
+def test_quantize_replaces_its_own_export_but_not_another_tools(tmp_path):
+    # quantize(save_dir=) refused a folder holding an earlier compressed-tensors export of optimum_dfq: it could not tell
+    # it from another tool's quantized model, which it must not overwrite
+    from optimum_dfq import __version__
+
+    quantize(tiny_vit, "w4a16").save_pretrained(tmp_path / "ours", format="compressed-tensors")
+    marker = json.loads((tmp_path / "ours" / "config.json").read_text())[EXPORT_MARKER]
+    assert marker == {"format": "compressed-tensors", "bits": "w4a16", "version": __version__}
+    quantize(tiny_vit, "w8a8", save_dir=tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["quantization_config"]["quant_method"] == (
+        "optimum_dfq")
+
+    quantize(tiny_vit, "w4a16").save_pretrained(tmp_path / "other", format="compressed-tensors")
+    stored = json.loads((tmp_path / "other" / "config.json").read_text())
+    del stored[EXPORT_MARKER]  # as another tool's compressed-tensors checkpoint has it
+    (tmp_path / "other" / "config.json").write_text(json.dumps(stored))
+    weights = (tmp_path / "other" / "model.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match=r"save_dir .*other holds a model that is not a quantized one"):
+        quantize(tiny_vit, "w8a8", save_dir=tmp_path / "other")
+    assert (tmp_path / "other" / "model.safetensors").read_bytes() == weights
 
 def test_unexpressible_configs_raise_naming_the_loss(tmp_path):
     with pytest.raises(ConfigError) as info:
