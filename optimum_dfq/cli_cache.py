@@ -7,10 +7,12 @@ Library side: [`~optimum_dfq.synthesis.cache_admin`]. Imports stay light at modu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import sys
 from pathlib import Path
 
+_IN_USE = "a synthesis is using it; wait for it to end, or stop it, to delete it"
 CACHE_ROOT_HELP = ("synthesis cache folder (default: $OPTIMUM_DFQ_CACHE/synthesis, else "
                    "$HF_HOME/optimum_dfq/synthesis; looked at even when OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE is set, "
                    "which only stops writing to it)")
@@ -29,7 +31,8 @@ def add_cache_command(subparsers) -> None:
         "list",
         help="list the cached synthesis runs: status, images, model, size",
         description="List every run of the synthesis cache (complete, partial with its finished images and "
-        "checkpointed batches, or empty) and every entry that is not a run (unknown, with the reason), then the total.",
+        "checkpointed batches, or empty; '(running)' while a synthesis uses it) and every entry that is not a run "
+        "(unknown, with the reason), then the total.",
     )
     listing.add_argument("--cache-dir", default=None, help=CACHE_ROOT_HELP)
     listing.set_defaults(handler=run_cache_list)
@@ -37,7 +40,8 @@ def add_cache_command(subparsers) -> None:
         "delete",
         help="delete cached synthesis runs by key, or all of them",
         description="Delete the runs named by KEY (a run key or its first characters, at least 4, as `cache list` "
-        "shows them), or every run with --all. Prints what was removed and the space freed.",
+        "shows them), or every run with --all. Prints what was removed and the space freed. A run that a synthesis "
+        "is using (running, in `cache list`) is never deleted: naming one deletes nothing, --all skips it.",
     )
     deleting.add_argument("keys", nargs="*", metavar="KEY", help="run key, or its first characters (at least 4)")
     deleting.add_argument("--all", dest="delete_all", action="store_true",
@@ -49,9 +53,10 @@ def add_cache_command(subparsers) -> None:
         "prune",
         help="delete the cached synthesis runs changed before an age, or beyond a total size",
         description="Delete the runs changed longer ago than --older-than, and/or the least recently changed runs "
-        "until the runs take at most --max-size (last change as `cache list` shows it). A run that is not complete "
-        "and changed in the last hour is kept: a synthesis may still be writing it (`cache delete KEY` deletes it). "
-        "Prints each run deleted and the space freed.",
+        "until the runs take at most --max-size (last change as `cache list` shows it). A run that a synthesis is "
+        "using is kept, and so is a run that is not complete and changed in the last hour: a synthesis may still be "
+        "writing it where locks are unavailable (`cache delete KEY` deletes it). Prints each run deleted and the "
+        "space freed.",
     )
     pruning.add_argument("--older-than", metavar="DURATION",
                          help="delete the runs last changed longer ago than this: a number and a unit, s, m, h, d or "
@@ -78,6 +83,8 @@ def run_cache_list(args: argparse.Namespace) -> int:
         return 0
     print(_runs_table(runs))
     counts = ", ".join(f"{sum(run.status == status for run in runs)} {status}" for status in _statuses(runs))
+    running = sum(run.live for run in runs)
+    counts += f"; {running} running" if running else ""
     total = _megabytes(sum(run.size_bytes for run in runs))
     print(f"\n{_counted(len(runs), 'entry', 'entries')} ({counts}), {total} MB in {root}")
     return 0
@@ -90,16 +97,22 @@ def run_cache_delete(args: argparse.Namespace) -> int:
     root = _cache_root(args.cache_dir)
     if args.delete_all:
         runs = [run for run in list_cached_runs(root) if run.is_run]
-        if not runs:
-            print(f"No synthesis runs cached in {root}; nothing deleted.")
+        idle = [run for run in runs if not run.live]
+        if not idle:
+            for run in runs:
+                print(_skipped_line(run))
+            print(f"No synthesis runs cached in {root}{' but those in use' if runs else ''}; nothing deleted.")
             return 0
-        size = _megabytes(sum(run.size_bytes for run in runs))
-        question = f"Delete every synthesis run in {root}: {_counted(len(runs), 'run', 'runs')}, {size} MB?"
+        size = _megabytes(sum(run.size_bytes for run in idle))
+        in_use = f" but the {_counted(len(runs) - len(idle), 'run', 'runs')} in use" if len(idle) < len(runs) else ""
+        question = f"Delete every synthesis run in {root}{in_use}: {_counted(len(idle), 'run', 'runs')}, {size} MB?"
         if not args.yes and not _confirmed(question, f"--all deletes every synthesis run in {root}"):
             print("Cancelled; nothing deleted.")
             return 0
     deletion = delete_cached_runs(root, args.keys, delete_all=args.delete_all)
     print("\n".join(_removed_lines(deletion.removed, root)))
+    for run in deletion.skipped:
+        print(_skipped_line(run))
     if args.delete_all:
         _report_entries_left(root)
     return 0
@@ -125,11 +138,15 @@ def run_cache_prune(args: argparse.Namespace) -> int:
             print("Cancelled; nothing deleted.")
             return 0
         # exactly the runs found (and shown), not those the rules would pick a moment later
-        deletion = delete_cached_runs(root, [run.key for run in plan.removed])
+        deletion = delete_cached_runs(root, [run.key for run in plan.removed], skip_live=True)
         print("\n".join(_removed_lines(deletion.removed, root)))
+        plan = dataclasses.replace(plan, kept=(*plan.kept, *deletion.skipped), left=(*plan.left, *deletion.skipped))
     for run in plan.kept:
-        print(f"kept {_run_cell(run)}: not complete and changed in the last hour, so a synthesis may still be writing "
-              f"it (`{PROG} cache delete {short_key(run.key)}` deletes it)")
+        if run.live:
+            print(f"kept {_run_cell(run)}: {_IN_USE}")
+        else:
+            print(f"kept {_run_cell(run)}: not complete and changed in the last hour, so a synthesis may still be "
+                  f"writing it (`{PROG} cache delete {short_key(run.key)}` deletes it)")
     print(f"{'would leave' if args.dry_run else 'left'} {_counted(len(plan.left), 'run', 'runs')}, "
           f"{_megabytes(plan.size_left)} MB")
     return 0
@@ -189,6 +206,10 @@ def _removed_lines(runs, root: Path, dry_run: bool = False) -> list[str]:
             f"{'would free' if dry_run else 'freed'} {freed} MB in {root}"]
 
 
+def _skipped_line(run) -> str:
+    return f"skipped {_run_cell(run)}: {_IN_USE}"
+
+
 def _run_cell(run) -> str:
     from .synthesis.cache_admin import short_key
 
@@ -217,8 +238,9 @@ def _runs_table(runs) -> str:
     from .synthesis.cache_admin import short_key
 
     header = ["KEY", "STATUS", "SYNTHESIZER", "IMAGES", "MODEL", "SIZE (MB)", "MODIFIED", "NOTE"]
-    rows = [[short_key(run.key), run.status, run.synthesizer or "-", _images_cell(run), _shorten(run.model or "-"),
-             _megabytes(run.size_bytes), _modified_cell(run.modified), _note_cell(run)] for run in runs]
+    rows = [[short_key(run.key), f"{run.status} (running)" if run.live else run.status, run.synthesizer or "-",
+             _images_cell(run), _shorten(run.model or "-"), _megabytes(run.size_bytes), _modified_cell(run.modified),
+             _note_cell(run)] for run in runs]
     widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
     size_column = header.index("SIZE (MB)")
     lines = ["  ".join(cell.rjust(width) if column == size_column else cell.ljust(width)

@@ -148,3 +148,57 @@ def set_last_change():
             os.utime(path, (when, when), follow_symlinks=False)
 
     return backdate
+
+
+_HOLD_RUN = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("run_lock", sys.argv[1])
+run_lock = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(run_lock)
+with run_lock.hold_run_lock(sys.argv[2]) as held:
+    print(held, flush=True)
+    sys.stdin.read()  # holds the run until the test closes stdin (or kills the process)
+"""
+
+
+class RunHolder:
+    """Another process holding a cached run's lock as each process of a synthesis does (`hold_run_lock`, loaded
+    from its file alone so that the process starts in well under a second), until [`RunHolder.end`] (it ends
+    normally) or [`RunHolder.kill`] (SIGKILL: a crash)."""
+
+    def __init__(self, folder: Path) -> None:
+        import subprocess
+        import sys
+
+        from optimum_dfq.synthesis import run_lock
+
+        self.process = subprocess.Popen([sys.executable, "-c", _HOLD_RUN, run_lock.__file__, str(folder)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        held = self.process.stdout.readline().strip()
+        assert held == "True", f"the holder did not lock {folder}: {held!r}"
+
+    def end(self) -> None:
+        self.process.stdin.close()
+        assert self.process.wait(timeout=60) == 0
+
+    def kill(self) -> None:
+        self.process.kill()
+        assert self.process.wait(timeout=60) == -9
+
+
+@pytest.fixture
+def hold_run():
+    """A function `(run folder) -> RunHolder`: another process holds the run as a synthesis going on does; every
+    holder still going is killed after the test."""
+    holders = []
+
+    def start(folder: Path) -> RunHolder:
+        holders.append(RunHolder(folder))
+        return holders[-1]
+
+    yield start
+    for holder in holders:
+        if holder.process.poll() is None:
+            holder.kill()
+        for pipe in (holder.process.stdin, holder.process.stdout):
+            pipe.close()

@@ -29,6 +29,10 @@ interrupted run resumes) under `$OPTIMUM_DFQ_CACHE/synthesis`, `$OPTIMUM_DFQ_CAC
 `$HF_HOME/optimum_dfq` (`~/.cache/huggingface/optimum_dfq`); `cache_dir=False` (`--no-cache`) or
 `OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE=1` turns that default off.
 
+While a synthesis uses a run, each of its processes holds a shared lock on the run's `run.lock`
+([`SynthesisCache.running`], see [`~optimum_dfq.synthesis.run_lock`]): `optimum-dfq cache` then takes the run for live
+and neither deletes nor prunes it.
+
 To see the runs of a cache and reclaim their space: [`~optimum_dfq.synthesis.cache_admin`] (`optimum-dfq cache list`,
 `optimum-dfq cache delete`, `optimum-dfq cache prune`).
 """
@@ -57,6 +61,7 @@ from ..errors import ConfigError
 from .context import BatchRecord
 from .dataset import load_calibration_set, save_calibration_set, to_jsonable
 from .engine import EngineState
+from .run_lock import hold_run_lock
 
 _SHARD_RE = re.compile(r"^(\d+)-(\d+)\.safetensors$")
 _EXTRA_PREFIX = "extra."
@@ -145,6 +150,20 @@ class SynthesisCache:
         self.complete_path = self.directory / "calibration_set"
         self.partial = self.directory / "partial"
         self._read_back: dict[tuple[int, int], BatchRecord] = {}  # shards read by finished_chunks, until taken
+
+    def running(self) -> contextlib.AbstractContextManager[bool]:
+        """Marks the run as live while the block runs: holds a shared lock on its `run.lock` (made with the run
+        folder if missing), released when the block ends, however it ends (see [`~optimum_dfq.synthesis.run_lock`]).
+
+        Returns:
+            `contextlib.AbstractContextManager[bool]`: yields whether the lock is held (not where locks are
+            unavailable).
+
+        Example:
+            >>> with SynthesisCache(root, key).running():  # doctest: +SKIP
+            ...     ...  # synthesize into the run folder
+        """
+        return hold_run_lock(self.directory)
 
     def is_complete(self) -> bool:
         """Whether the finished set of this run is saved."""

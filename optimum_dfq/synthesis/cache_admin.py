@@ -6,14 +6,23 @@ run), [`delete_cached_runs`] removes runs named by their key or a unique prefix 
 changed before an age or, least recently changed first, those beyond a total size. Only folders named by a run key
 (64 hexadecimal digits) that hold nothing but what a synthesis run writes are ever deleted: anything else in the root
 (including a folder named by a SHA-256 that holds other files, as other tools' caches have) is listed as `"unknown"`
-and left alone, so that a cache folder given by mistake (a home folder, say) loses nothing. Deleting the run of a
-synthesis that is still going makes that synthesis fail; run it again to start over. Pruning therefore never deletes
-an unfinished run changed in the last hour (`UNFINISHED_RUN_GRACE_S`): a synthesis going on writes its run at every
-checkpoint (every 100 steps by default) and at every finished batch.
+and left alone, so that a cache folder given by mistake (a home folder, say) loses nothing.
+
+A run that a synthesis is using is live (`CachedRun.live`): each process of the synthesis holds a shared lock on the
+run's `run.lock` (see [`~optimum_dfq.synthesis.run_lock`]), which the OS drops when the process ends or dies. Live runs
+are never deleted: [`delete_cached_runs`] refuses to delete one named by its key and skips them when deleting all,
+[`prune_cached_runs`] keeps them; the check is made again under an exclusive lock just before a run is deleted, and a
+synthesis starting meanwhile waits for the deletion to end. Pruning also never deletes an unfinished run changed in
+the last hour (`UNFINISHED_RUN_GRACE_S`; a synthesis going on writes its run at every checkpoint, every 100 steps by
+default, and at every finished batch): the only protection where locks are unavailable (Windows, filesystems that
+refuse `flock`, such as some network filesystems; an NFS mount with `nolock` sees only its own machine's locks), and
+for a synthesis by a version of this library that took no lock. There, deleting the run of a synthesis going on makes
+that synthesis fail; run it again to start over.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -26,9 +35,10 @@ from typing import Any, Literal, get_args
 
 from ..errors import DFQError
 from .cache import TEMPORARY_NAME_RE, SynthesisCache
+from .run_lock import RUN_LOCK_NAME, run_deletion_lock, run_is_live
 
 RUN_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
-_RUN_ENTRY_RE = re.compile(r"^(run\.json|shards|partial|calibration_set(\.damaged\d*)?)$")  # what a run writes
+_RUN_ENTRY_RE = re.compile(r"^(run\.(json|lock)|shards|partial|calibration_set(\.damaged\d*)?)$")  # what a run writes
 MIN_PREFIX_LENGTH = 4
 RunStatus = Literal["complete", "partial", "empty", "unknown"]
 STATUSES: tuple[RunStatus, ...] = get_args(RunStatus)
@@ -45,6 +55,10 @@ SIZE_FORMS = ("a number and a unit, B, KB, MB, GB, TB (powers of 1000, as `cache
 
 class CacheKeyError(DFQError):
     """A run key or key prefix given to delete cached runs matches no run, or several."""
+
+
+class CacheRunLiveError(DFQError):
+    """A run named to be deleted is in use by a synthesis going on."""
 
 
 class CachePruneError(DFQError):
@@ -81,6 +95,8 @@ class CachedRun:
         reason (`str`, *optional*): why an `"unknown"` entry is not taken for a run.
         is_run (`bool`): whether the entry is a folder named by a run key holding nothing but what a run writes,
             hence may be deleted (even when its `run.json` is unreadable).
+        live (`bool`): whether a synthesis is using the run now (it holds the run's lock), so that it is not deleted;
+            always `False` where locks are unavailable (see the module docstring).
     """
 
     key: str
@@ -96,6 +112,7 @@ class CachedRun:
     modified: float = 0.0
     reason: str | None = None
     is_run: bool = True
+    live: bool = False
 
 
 @dataclass(frozen=True)
@@ -105,10 +122,13 @@ class CacheDeletion:
     Args:
         removed (`tuple[CachedRun, ...]`): the runs deleted, as they were just before.
         freed_bytes (`int`): the total size of their files.
+        skipped (`tuple[CachedRun, ...]`, *optional*): the runs to delete that were left because a synthesis is
+            using them (`live`).
     """
 
     removed: tuple[CachedRun, ...]
     freed_bytes: int
+    skipped: tuple[CachedRun, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -118,8 +138,10 @@ class CachePruning(CacheDeletion):
     Args:
         removed (`tuple[CachedRun, ...]`): the runs deleted (to delete, for a dry run), least recently changed first.
         freed_bytes (`int`): the total size of their files.
-        kept (`tuple[CachedRun, ...]`): the runs that a rule would delete but that are left because they are not
-            complete and changed in the last hour (`UNFINISHED_RUN_GRACE_S`): a synthesis may still be writing them.
+        skipped (`tuple[CachedRun, ...]`): those of `kept` that a synthesis is using (`live`).
+        kept (`tuple[CachedRun, ...]`): the runs that a rule would delete but that are left because a synthesis is
+            using them (`live`), or because they are not complete and changed in the last hour
+            (`UNFINISHED_RUN_GRACE_S`): a synthesis may still be writing them.
         left (`tuple[CachedRun, ...]`): the runs left (would be left, for a dry run), `kept` among them; their total
             size is `size_left`.
         dry_run (`bool`): whether nothing was deleted.
@@ -166,24 +188,31 @@ def list_cached_runs(cache_dir: str | os.PathLike) -> list[CachedRun]:
 
 
 def delete_cached_runs(cache_dir: str | os.PathLike, keys: list[str] | None = None, *,
-                       delete_all: bool = False) -> CacheDeletion:
-    """Deletes runs of a synthesis cache, named by their key or a unique prefix of it, or all of them.
+                       delete_all: bool = False, skip_live: bool = False) -> CacheDeletion:
+    """Deletes runs of a synthesis cache, named by their key or a unique prefix of it, or all of them, except the
+    runs a synthesis is using (`live`).
 
-    Every key is matched before anything is deleted, so a bad one deletes nothing. Only entries named by a run key
-    are deleted (see the module docstring); `delete_all` leaves the other entries of the root in place.
+    Every key is matched, and every run named checked not to be live, before anything is deleted, so a bad key or a
+    live run deletes nothing. Only entries named by a run key are deleted (see the module docstring); `delete_all`
+    leaves the other entries of the root in place. A run found live just before its deletion (a synthesis started
+    meanwhile) is left and returned in `skipped`.
 
     Args:
         cache_dir (`str` or `os.PathLike`): the cache root.
         keys (`list[str]`, *optional*): run keys, or prefixes of at least `MIN_PREFIX_LENGTH` (4) characters that
             match one run each.
-        delete_all (`bool`, *optional*, defaults to `False`): delete every run instead of those of `keys`.
+        delete_all (`bool`, *optional*, defaults to `False`): delete every run instead of those of `keys`; live
+            runs are skipped.
+        skip_live (`bool`, *optional*, defaults to `False`): skip the live runs of `keys` instead of refusing them.
 
     Returns:
-        `CacheDeletion`: the runs removed and the bytes freed.
+        `CacheDeletion`: the runs removed, the bytes freed and the live runs skipped.
 
     Raises:
         `CacheKeyError`: a prefix shorter than 4 characters, or one that matches no run or several; neither or both
             of `keys` and `delete_all` given.
+        `CacheRunLiveError`: a run of `keys` is live (unless `skip_live`); the message names it and says to wait for
+            its synthesis to end, or stop it.
         `OSError`: a run could not be removed (e.g. no permission); the message names the runs already removed.
 
     Example:
@@ -194,9 +223,13 @@ def delete_cached_runs(cache_dir: str | os.PathLike, keys: list[str] | None = No
         raise CacheKeyError("Name the runs to delete by key (or key prefix), or delete them all (not both).")
     entries = list_cached_runs(cache_dir)
     runs = [run for run in entries if run.is_run]
-    chosen = runs if delete_all else _match_keys(entries, keys or [], Path(os.path.expanduser(os.fspath(cache_dir))))
-    removed = _remove_runs(chosen)
-    return CacheDeletion(removed, sum(run.size_bytes for run in removed))
+    root = Path(os.path.expanduser(os.fspath(cache_dir)))
+    chosen = runs if delete_all else _match_keys(entries, keys or [], root)
+    live = [run for run in chosen if run.live]
+    if live and not (delete_all or skip_live):
+        raise CacheRunLiveError(_live_refusal(live, root))
+    removed, skipped = _remove_runs([run for run in chosen if not run.live])
+    return CacheDeletion(removed, sum(run.size_bytes for run in removed), skipped=(*live, *skipped))
 
 
 def prune_cached_runs(cache_dir: str | os.PathLike, *, older_than: str | float | None = None,
@@ -206,10 +239,11 @@ def prune_cached_runs(cache_dir: str | os.PathLike, *, older_than: str | float |
 
     A run's last change is the latest modification time of anything in it, as [`list_cached_runs`] reports it. Runs
     of any status are pruned (complete, partial, empty, or named by a run key with an unreadable `run.json`), except
-    that a run that is not complete and changed less than an hour ago (`UNFINISHED_RUN_GRACE_S`) is always left, and
-    returned in `kept` if a rule reached it: a synthesis going on writes its run at every checkpoint and finished batch
-    (delete such a run by its key with [`delete_cached_runs`]). Entries that are no run are neither deleted nor counted
-    in the total size.
+    that a run a synthesis is using (`live`, however long ago it changed), and a run that is not complete and changed
+    less than an hour ago (`UNFINISHED_RUN_GRACE_S`: a synthesis going on writes its run at every checkpoint and
+    finished batch, and where locks are unavailable no run is found live), are always left, and returned in `kept` if
+    a rule reached them (delete a recent run that is not live by its key with [`delete_cached_runs`]). Entries that
+    are no run are neither deleted nor counted in the total size.
 
     Args:
         cache_dir (`str` or `os.PathLike`): the cache root.
@@ -220,8 +254,8 @@ def prune_cached_runs(cache_dir: str | os.PathLike, *, older_than: str | float |
         dry_run (`bool`, *optional*, defaults to `False`): delete nothing; return what would be deleted.
 
     Returns:
-        `CachePruning`: the runs removed (or to remove), the bytes freed, the recent unfinished runs kept and the runs
-        left.
+        `CachePruning`: the runs removed (or to remove), the bytes freed, the live and recent unfinished runs kept
+        and the runs left.
 
     Raises:
         `CachePruneError`: neither `older_than` nor `max_size` given, or one of them ill-formed.
@@ -246,15 +280,17 @@ def prune_cached_runs(cache_dir: str | os.PathLike, *, older_than: str | float |
         over_size = size_limit is not None and size_left > size_limit
         if not (past_age or over_size):
             continue
-        if run.status != "complete" and now - run.modified < UNFINISHED_RUN_GRACE_S:
+        if run.live or (run.status != "complete" and now - run.modified < UNFINISHED_RUN_GRACE_S):
             kept.append(run)
             continue
         chosen.append(run)
         size_left -= run.size_bytes
-    removed = tuple(chosen) if dry_run else _remove_runs(chosen)
-    gone = {run.key for run in chosen}
+    removed, skipped = (tuple(chosen), ()) if dry_run else _remove_runs(chosen)
+    kept += skipped  # found live just before their deletion: a synthesis started meanwhile
+    gone = {run.key for run in removed}
     left = tuple(run for run in runs if run.key not in gone)
-    return CachePruning(removed, sum(run.size_bytes for run in removed), kept=tuple(kept), left=left, dry_run=dry_run)
+    return CachePruning(removed, sum(run.size_bytes for run in removed), kept=tuple(kept), left=left, dry_run=dry_run,
+                        skipped=tuple(run for run in kept if run.live))
 
 
 def parse_duration(value: str | float, name: str = "older_than") -> float:
@@ -325,19 +361,48 @@ def short_key(key: str, length: int = 12) -> str:
     return key[:length]
 
 
-def _remove_runs(runs: list[CachedRun]) -> tuple[CachedRun, ...]:
-    """Deletes the folders of `runs`, in order; returns them. A run already gone counts as deleted."""
+def _remove_runs(runs: list[CachedRun]) -> tuple[tuple[CachedRun, ...], tuple[CachedRun, ...]]:
+    """Deletes the folders of `runs`, in order, each under an exclusive lock (see the module docstring); returns the
+    runs deleted and those left because a synthesis started using them since they were listed (returned live). A run
+    already gone counts as deleted."""
     removed: list[CachedRun] = []
+    skipped: list[CachedRun] = []
     for run in runs:
         try:
-            shutil.rmtree(run.path)
+            with run_deletion_lock(run.path) as free:
+                if not free:
+                    skipped.append(dataclasses.replace(run, live=True))
+                    continue
+                _remove_run_folder(run.path)
         except FileNotFoundError:  # deleted meanwhile by another process: it is gone all the same
             pass
         except OSError as err:
             done = ", ".join(short_key(gone.key) for gone in removed) or "none"
             raise OSError(f"Could not delete the cached run {run.path} ({err}); runs already deleted: {done}.") from err
         removed.append(run)
-    return tuple(removed)
+    return tuple(removed), tuple(skipped)
+
+
+def _remove_run_folder(folder: Path) -> None:
+    """Deletes a run folder, its lock file last, so that a synthesis starting meanwhile waits on the lock held for
+    the deletion, then finds the lock file gone and locks the folder it makes again, rather than a folder being
+    deleted."""
+    for entry in folder.iterdir():
+        if entry.name == RUN_LOCK_NAME:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink(missing_ok=True)
+    (folder / RUN_LOCK_NAME).unlink(missing_ok=True)
+    folder.rmdir()
+
+
+def _live_refusal(live: list[CachedRun], root: Path) -> str:
+    names = ", ".join(short_key(run.key) for run in live)
+    runs, are = ("run", "is") if len(live) == 1 else ("runs", "are")
+    return (f"The synthesis {runs} {names} in {root} {are} in use by a synthesis going on, so not deleted: wait for "
+            "it to end, or stop it, then delete again. Nothing was deleted.")
 
 
 def _match_keys(entries: list[CachedRun], keys: list[str], root: Path) -> list[CachedRun]:
@@ -381,6 +446,7 @@ def _describe_entry(entry: Path) -> CachedRun:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         return CachedRun(status="unknown", reason=f"not a synthesis run: it holds {shown}, which no synthesis run "
                          "writes", is_run=False, **found)
+    found["live"] = run_is_live(entry)
     try:
         info = _read_run_info(entry / "run.json")
     except FileNotFoundError:

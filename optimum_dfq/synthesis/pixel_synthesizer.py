@@ -320,7 +320,8 @@ class PixelSynthesizer(Synthesizer):
                 metadata), and an interrupted one resumes with the batches it has not finished, each batch being
                 optimised from its last checkpoint (every `checkpoint_every` steps and on Ctrl-C, when a warning
                 says what is kept), to the images of an uninterrupted run. Cached batches of another `batch_size`
-                are ignored.
+                are ignored. While it runs, every process holds the run's lock ([`SynthesisCache.running`]), so that
+                `optimum-dfq cache` shows the run as running and neither deletes nor prunes it.
             device (`str` or `torch.device`, *optional*): where to optimise (the model's device by default; the model
                 is moved there for the run and back afterwards).
             on_batch_end (`Callable[[BatchRecord], None]`, *optional*): called after each finished (and cached)
@@ -376,52 +377,54 @@ class PixelSynthesizer(Synthesizer):
         material = self._run_material(model, num_images, seed, mean, std, config)
         key = run_fingerprint(material)
         cache = SynthesisCache(cache_root, key) if cache_root is not None else None
-        if cache is not None and state.is_main_process:
-            cache.remove_abandoned_temporaries()
-        cached_set = cache.load_complete_if_readable() if cache is not None and state.is_main_process else None
-        if broadcast_from_main(state, cached_set is not None):
-            _log_main(state, "Loading the cached calibration set from %s", cache.complete_path)
-            return cached_set if cached_set is not None else cache.load_complete()
-        if cache is not None and batch_size_chosen is None:
-            batch_size = _resume_batch_size(state, cache, num_images, batch_size)
-        grid = batch_grid(num_images, batch_size)
-        done = broadcast_from_main(  # only the main process reads (and may move aside) the cached shards
-            state, cache.finished_chunks(grid) if cache is not None and state.is_main_process else [])
-        if cache is not None and state.is_main_process:
-            cache.write_run_info(material)
-        finished = set(done)
-        pending = [chunk for chunk in grid if chunk not in finished]
-        if done:
-            _log_main(state, "Resuming: %d of %d images already cached", sum(b - a for a, b in done), num_images)
-        _warn_idle_processes(state, len(pending), batch_size)
-        try:
-            with frozen_model(model, device) as run_device:
-                info = ModelInfo(model, adapter, probe_attention_sites(model, adapter), shape,
-                                 int(model.config.num_labels), run_device, (list(mean), list(std)))
-                my_chunks = shard_chunks(pending, state.process_index, state.num_processes)
-                records = self._run_chunks(info, my_chunks, seed, config, state, cache, on_batch_end)
-        except KeyboardInterrupt:
-            _warn_interrupted(state, cache, grid)
-            raise
-        records = gather_lists(state, records)
-        if cache is not None:
-            records += [cache.take_shard(start, stop) for start, stop in done]
-        records.sort(key=lambda record: record.start)
-        _check_cover(records, grid, cache)
-        calibration_set = self.finalize(self._assemble(records, material, config, key, batch_size))
-        if len(calibration_set) != num_images:
-            raise SynthesisError(f"The assembled calibration set has {len(calibration_set)} images instead of "
-                                 f"num_images={num_images}; {type(self).__name__}.finalize must keep every image.")
-        if cache is not None:
-            saved = broadcast_from_main(state, cache.save_complete(calibration_set) if state.is_main_process else None)
-            if state.is_main_process:
-                cache.discard_checkpoints()
-            state.wait_for_everyone()
-            if not saved:  # a concurrent run of the same key finished first: its set is the cached one, use it too
-                _log_main(state, "Another run of the same key finished first; using its set from %s",
-                          cache.complete_path)
-                return cache.load_complete()
-        return calibration_set
+        with cache.running() if cache is not None else contextlib.nullcontext():  # live: `optimum-dfq cache` keeps it
+            if cache is not None and state.is_main_process:
+                cache.remove_abandoned_temporaries()
+            cached_set = cache.load_complete_if_readable() if cache is not None and state.is_main_process else None
+            if broadcast_from_main(state, cached_set is not None):
+                _log_main(state, "Loading the cached calibration set from %s", cache.complete_path)
+                return cached_set if cached_set is not None else cache.load_complete()
+            if cache is not None and batch_size_chosen is None:
+                batch_size = _resume_batch_size(state, cache, num_images, batch_size)
+            grid = batch_grid(num_images, batch_size)
+            done = broadcast_from_main(  # only the main process reads (and may move aside) the cached shards
+                state, cache.finished_chunks(grid) if cache is not None and state.is_main_process else [])
+            if cache is not None and state.is_main_process:
+                cache.write_run_info(material)
+            finished = set(done)
+            pending = [chunk for chunk in grid if chunk not in finished]
+            if done:
+                _log_main(state, "Resuming: %d of %d images already cached", sum(b - a for a, b in done), num_images)
+            _warn_idle_processes(state, len(pending), batch_size)
+            try:
+                with frozen_model(model, device) as run_device:
+                    info = ModelInfo(model, adapter, probe_attention_sites(model, adapter), shape,
+                                     int(model.config.num_labels), run_device, (list(mean), list(std)))
+                    my_chunks = shard_chunks(pending, state.process_index, state.num_processes)
+                    records = self._run_chunks(info, my_chunks, seed, config, state, cache, on_batch_end)
+            except KeyboardInterrupt:
+                _warn_interrupted(state, cache, grid)
+                raise
+            records = gather_lists(state, records)
+            if cache is not None:
+                records += [cache.take_shard(start, stop) for start, stop in done]
+            records.sort(key=lambda record: record.start)
+            _check_cover(records, grid, cache)
+            calibration_set = self.finalize(self._assemble(records, material, config, key, batch_size))
+            if len(calibration_set) != num_images:
+                raise SynthesisError(f"The assembled calibration set has {len(calibration_set)} images instead of "
+                                     f"num_images={num_images}; {type(self).__name__}.finalize must keep every image.")
+            if cache is not None:
+                saved = broadcast_from_main(state,
+                                            cache.save_complete(calibration_set) if state.is_main_process else None)
+                if state.is_main_process:
+                    cache.discard_checkpoints()
+                state.wait_for_everyone()
+                if not saved:  # a concurrent run of the same key finished first: its set is the cached one, use it too
+                    _log_main(state, "Another run of the same key finished first; using its set from %s",
+                              cache.complete_path)
+                    return cache.load_complete()
+            return calibration_set
 
     def _run_chunks(self, info, chunks, seed, config, state, cache, on_batch_end) -> list[BatchRecord]:
         from tqdm.auto import tqdm

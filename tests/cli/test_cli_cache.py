@@ -336,3 +336,66 @@ def test_cache_prune_refuses_a_missing_or_ill_formed_rule_in_one_line_and_delete
     assert len(error) == 1 and error[0].startswith("optimum-dfq: error: "), error
     assert reason in error[0] and captured.out == "", error
     assert len(list(root.iterdir())) == 3
+
+
+def test_cache_commands_show_a_run_a_synthesis_is_using_and_never_delete_it(synthesis_cache, hold_run,
+                                                                           set_last_change, capsys):
+    from optimum_dfq.cli import main
+
+    root, complete, interrupted = synthesis_cache
+    holder = hold_run(interrupted)
+    for run in (complete, interrupted):
+        set_last_change(run, 40 * DAY)  # past any age, and the one-hour rule
+    sizes = {run: _megabytes_on_disk(run) for run in (complete, interrupted)}
+    listed = run_cli("cache", "list", "--cache-dir", str(root))
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split()[0]: line.split() for line in listed.stdout.splitlines()[1:4]}
+    assert rows[interrupted.name[:12]][:5] == [interrupted.name[:12], "partial", "(running)", "psaq", "2/6"]
+    assert rows[complete.name[:12]][:3] == [complete.name[:12], "complete", "psaq"]
+    total = _megabytes_on_disk(complete, interrupted, root / "my-notes")
+    assert listed.stdout.splitlines()[-1] == (f"3 entries (1 complete, 1 partial, 1 unknown; 1 running), {total} MB "
+                                              f"in {root}")
+
+    assert main(["cache", "delete", interrupted.name[:8], "--cache-dir", str(root)]) == 2
+    assert capsys.readouterr().err.splitlines() == [(
+        f"optimum-dfq: error: The synthesis run {interrupted.name[:12]} in {root} is in use by a synthesis going on, "
+        "so not deleted: wait for it to end, or stop it, then delete again. Nothing was deleted.")]
+    assert main(["cache", "prune", "--older-than", "30d", "--yes", "--cache-dir", str(root)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"deleted {complete.name[:12]} (complete, psaq, {sizes[complete]} MB)",
+        f"freed {sizes[complete]} MB in {root}",
+        (f"kept {interrupted.name[:12]} (partial, psaq, {sizes[interrupted]} MB): a synthesis is using it; wait for "
+         "it to end, or stop it, to delete it"),
+        f"left 1 run, {sizes[interrupted]} MB"]
+    assert sorted(path.name for path in root.iterdir()) == sorted([interrupted.name, "my-notes"])
+
+    holder.end()
+    assert main(["cache", "delete", interrupted.name[:8], "--cache-dir", str(root)]) == 0
+    assert capsys.readouterr().out.startswith(f"deleted {interrupted.name[:12]} (partial, psaq,")
+    assert [path.name for path in root.iterdir()] == ["my-notes"]
+
+
+def test_cache_delete_all_skips_the_runs_a_synthesis_is_using_and_says_so(synthesis_cache, hold_run, monkeypatch,
+                                                                          capsys):
+    from optimum_dfq.cli import main
+
+    root, complete, interrupted = synthesis_cache
+    hold_run(complete)  # a synthesis loading the finished set
+    questions = []
+    monkeypatch.setattr(sys, "stdin", type("Terminal", (), {"isatty": staticmethod(lambda: True)})())
+    monkeypatch.setattr("builtins.input", lambda question: questions.append(question) or "y")
+    sizes = {run: _megabytes_on_disk(run) for run in (complete, interrupted)}
+    assert main(["cache", "delete", "--all", "--cache-dir", str(root)]) == 0
+    assert questions == [(f"Delete every synthesis run in {root} but the 1 run in use: 1 run, {sizes[interrupted]} "
+                          "MB? [y/N] ")]
+    skipped = (f"skipped {complete.name[:12]} (complete, psaq, {sizes[complete]} MB): a synthesis is using it; wait "
+               "for it to end, or stop it, to delete it")
+    assert capsys.readouterr().out.splitlines() == [
+        f"deleted {interrupted.name[:12]} (partial, psaq, {sizes[interrupted]} MB)",
+        f"freed {sizes[interrupted]} MB in {root}", skipped, "left 1 entry that is no synthesis run: my-notes"]
+    assert sorted(path.name for path in root.iterdir()) == sorted([complete.name, "my-notes"])
+
+    assert main(["cache", "delete", "--all", "--yes", "--cache-dir", str(root)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        skipped, f"No synthesis runs cached in {root} but those in use; nothing deleted."]
+    assert len(questions) == 1 and complete.exists()

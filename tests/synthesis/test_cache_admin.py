@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 from synth_helpers import FAST, NORM, one_thread, tiny_vit  # noqa: F401
 
-from optimum_dfq.synthesis import get_synthesizer, pixel_synthesizer
+from optimum_dfq.synthesis import cache_admin, get_synthesizer, pixel_synthesizer
 from optimum_dfq.synthesis.cache_admin import (
     BatchProgress,
     CacheKeyError,
     CachePruneError,
+    CacheRunLiveError,
     delete_cached_runs,
     list_cached_runs,
     parse_duration,
@@ -212,7 +212,7 @@ def test_a_run_that_cannot_be_removed_is_reported_with_those_already_removed(cac
     real = shutil.rmtree
 
     def refuse_the_second(path, *args, **kwargs):
-        if os.path.basename(path) == second:
+        if second in Path(path).parts:  # a run folder is deleted entry by entry
             raise PermissionError(13, "Permission denied", str(path))
         return real(path, *args, **kwargs)
 
@@ -360,3 +360,96 @@ def test_prune_without_a_rule_or_with_a_bad_number_deletes_nothing(rules, messag
         prune_cached_runs(cache_root, **rules)
     assert message in str(refusal.value)
     assert len(list(cache_root.iterdir())) == 2
+
+
+def test_a_run_held_by_a_synthesis_is_live_and_neither_deleted_nor_pruned_however_old(cache_root, hold_run,
+                                                                                     set_last_change):
+    complete_dir, interrupted_dir = _run_dir(cache_root, 0), _run_dir(cache_root, 1)
+    holder = hold_run(interrupted_dir)
+    for path in (complete_dir, interrupted_dir):
+        set_last_change(path, 40 * DAY)  # past any age, and the one-hour rule
+    runs = {run.key: run for run in list_cached_runs(cache_root)}
+    assert runs[interrupted_dir.name].live and not runs[complete_dir.name].live
+    assert runs[interrupted_dir.name].status == "partial"
+
+    with pytest.raises(CacheRunLiveError, match=rf"^The synthesis run {interrupted_dir.name[:12]} in {cache_root} is "
+                                                r"in use by a synthesis going on, so not deleted: wait for it to end, "
+                                                r"or stop it, then delete again\. Nothing was deleted\.$"):
+        delete_cached_runs(cache_root, [complete_dir.name, interrupted_dir.name[:8]])  # the first alone would go
+    assert complete_dir.exists() and interrupted_dir.exists()
+
+    plan = prune_cached_runs(cache_root, older_than="30d", max_size=0, dry_run=True)  # what `cache prune` shows
+    assert [run.key for run in plan.removed] == [complete_dir.name]
+    assert [(run.key, run.live) for run in plan.kept] == [(interrupted_dir.name, True)]
+    pruning = prune_cached_runs(cache_root, older_than="30d", max_size=0)
+    assert [run.key for run in pruning.removed] == [complete_dir.name]
+    assert [(run.key, run.live) for run in pruning.kept] == [(interrupted_dir.name, True)]
+    assert pruning.skipped == pruning.kept and [run.key for run in pruning.left] == [interrupted_dir.name]
+    assert [path.name for path in cache_root.iterdir()] == [interrupted_dir.name]
+
+    holder.end()  # the synthesis ended: the same run is no longer live, and goes
+    (run,) = list_cached_runs(cache_root)
+    assert not run.live and (interrupted_dir / "run.lock").exists()
+    assert [run.key for run in delete_cached_runs(cache_root, [interrupted_dir.name[:8]]).removed] == [run.key]
+    assert list(cache_root.iterdir()) == []
+
+
+def test_delete_all_skips_a_live_run(cache_root, hold_run):
+    complete_dir, interrupted_dir = _run_dir(cache_root, 0), _run_dir(cache_root, 1)
+    hold_run(complete_dir)  # a synthesis loading a finished set holds it too
+    deletion = delete_cached_runs(cache_root, delete_all=True)
+    assert [run.key for run in deletion.removed] == [interrupted_dir.name]
+    assert [(run.key, run.live) for run in deletion.skipped] == [(complete_dir.name, True)]
+    assert [path.name for path in cache_root.iterdir()] == [complete_dir.name]
+    assert _du(complete_dir) > 0 and (complete_dir / "calibration_set").is_dir()
+
+
+def test_a_lock_file_left_by_a_killed_synthesis_does_not_make_the_run_live(cache_root, hold_run, set_last_change):
+    interrupted_dir = _run_dir(cache_root, 1)
+    hold_run(interrupted_dir).kill()  # a crash: the OS drops the lock, the file stays
+    assert (interrupted_dir / "run.lock").exists()
+    set_last_change(interrupted_dir, 2 * HOUR)
+    (run,) = [run for run in list_cached_runs(cache_root) if run.key == interrupted_dir.name]
+    assert not run.live and run.status == "partial" and run.is_run
+    pruning = prune_cached_runs(cache_root, older_than="1h")
+    assert [run.key for run in pruning.removed] == [interrupted_dir.name] and pruning.kept == ()
+    assert not interrupted_dir.exists()
+
+
+def test_a_run_found_live_when_it_is_deleted_is_skipped(cache_root, hold_run, monkeypatch):
+    # a synthesis starting between the listing and the deletion: the deletion's own lock sees it
+    complete_dir, interrupted_dir = _run_dir(cache_root, 0), _run_dir(cache_root, 1)
+    listed = list_cached_runs(cache_root)
+    monkeypatch.setattr(cache_admin, "list_cached_runs", lambda root: listed)
+    hold_run(interrupted_dir)
+    deletion = delete_cached_runs(cache_root, delete_all=True)
+    assert [run.key for run in deletion.removed] == [complete_dir.name]
+    assert [(run.key, run.live) for run in deletion.skipped] == [(interrupted_dir.name, True)]
+    assert [path.name for path in cache_root.iterdir()] == [interrupted_dir.name]
+
+
+def test_a_synthesis_going_on_is_live_until_it_ends_however_it_ends(tmp_path):
+    seen = []
+
+    def probe(record):
+        (run,) = list_cached_runs(tmp_path)
+        seen.append(run.live)
+        with pytest.raises(CacheRunLiveError):
+            delete_cached_runs(tmp_path, [run.key])
+        assert prune_cached_runs(tmp_path, max_size=0).kept == (run,)
+        if record.start == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # stopped after its second batch: the lock goes with it
+        get_synthesizer("psaq", **FAST).synthesize(tiny_vit(), 6, seed=0, batch_size=2, cache_dir=tmp_path,
+                                                   on_batch_end=probe, **NORM)
+    assert seen == [True, True]
+    (run,) = list_cached_runs(tmp_path)
+    assert (run.status, run.images_done, run.live) == ("partial", 4, False)
+
+    calibration = get_synthesizer("psaq", **FAST).synthesize(tiny_vit(), 6, seed=0, batch_size=2, cache_dir=tmp_path,
+                                                             on_batch_end=probe, **NORM)  # resumes, then finishes
+    assert seen == [True, True, True] and len(calibration) == 6
+    (run,) = list_cached_runs(tmp_path)
+    assert (run.status, run.live) == ("complete", False)
+    assert [gone.key for gone in delete_cached_runs(tmp_path, [run.key]).removed] == [run.key]
