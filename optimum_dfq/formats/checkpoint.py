@@ -252,7 +252,8 @@ def read_checkpoint_info(files: Sequence[str] | None) -> CheckpointInfo:
         [`CheckpointInfo`]
 
     Raises:
-        `CheckpointError`: not safetensors, unreadable/corrupt/truncated file, or no optimum_dfq metadata.
+        `CheckpointError`: not safetensors, a file that cannot be read (naming the `OSError`), a corrupt or
+            truncated file, or no optimum_dfq metadata.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -275,10 +276,16 @@ def read_checkpoint_info(files: Sequence[str] | None) -> CheckpointInfo:
                 names = handle.keys()
                 shapes.update({name: tuple(handle.get_slice(name).get_shape()) for name in names})
                 metadata = metadata if metadata is not None else (handle.metadata() or {})
-        except (SafetensorError, OSError) as err:
+        except SafetensorError as err:
             raise CheckpointError(
                 f"The checkpoint file {path} is corrupt or truncated ({err}). Download it again "
                 "(from_pretrained(..., force_download=True)) or re-save the model."
+            ) from err
+        except OSError as err:  # the file itself may be sound: do not call it corrupt
+            raise CheckpointError(
+                f"The checkpoint file {path} could not be read ({type(err).__name__}: {err}). Check that it exists "
+                "and that this process may read it; a link into the Hugging Face cache whose file is gone is restored "
+                "by from_pretrained(..., force_download=True)."
             ) from err
     raw = (metadata or {}).get(METADATA_KEY)
     if raw is None:

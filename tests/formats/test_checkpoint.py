@@ -87,6 +87,24 @@ def test_pytorch_bin_checkpoint_is_refused(checkpoint):
         AutoModelForImageClassification.from_pretrained(checkpoint)
 
 
+@pytest.mark.parametrize("error", [PermissionError(13, "Permission denied"), FileNotFoundError(2, "No such file")])
+def test_a_checkpoint_file_that_cannot_be_read_is_named_with_the_cause_not_called_corrupt(error, saved_vit,
+                                                                                         monkeypatch):
+    # an OSError from safe_open (an unreadable file, a link into the Hub cache whose blob is gone) was reported as
+    # "corrupt or truncated", sending the user to download a file that is fine
+    import safetensors
+
+    def refuse(path, *args, **kwargs):
+        raise type(error)(error.errno, error.strerror, path)
+
+    monkeypatch.setattr(safetensors, "safe_open", refuse)
+    path = str(saved_vit / "model.safetensors")
+    with pytest.raises(CheckpointError, match=f"The checkpoint file {re.escape(path)} could not be read "
+                                              rf"\({type(error).__name__}: .*{error.strerror}.*\)") as err:
+        read_checkpoint_info([path])
+    assert "corrupt" not in str(err.value) and isinstance(err.value.__cause__, type(error))
+
+
 def test_plan_written_by_a_newer_version_asks_for_an_upgrade(checkpoint):
     _edit(checkpoint, plan=lambda payload: payload["plan"].update(future_stage={"vit.layers.0": "x"}))
     with pytest.raises(CheckpointError, match=r"field\(s\) \['future_stage'\].*newer version.*pip install -U"):
