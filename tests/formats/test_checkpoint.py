@@ -26,6 +26,7 @@ from optimum_dfq.formats.checkpoint import (
     METADATA_KEY,
     checkpoint_metadata,
     read_checkpoint_info,
+    state_digest,
     verify_loaded,
 )
 
@@ -216,6 +217,15 @@ def test_edited_quantization_config_is_refused_before_loading(field, checkpoint)
         AutoModelForImageClassification.from_pretrained(checkpoint)
 
 
+def test_an_invalid_quantization_config_copy_in_the_weights_is_a_checkpoint_error(checkpoint):
+    # config.json is valid: the ConfigError about the weights file's copy would send the user to edit config.json
+    _edit(checkpoint, plan=lambda payload: payload["quantization_config"].update(bits="w9a9"))
+    with pytest.raises(CheckpointError, match=r"quantization_config recorded in the 'optimum_dfq' metadata of the "
+                                              r"checkpoint is invalid \(.*outside 2\.\.8.*\), although config\.json's "
+                                              "is valid.*save the checkpoint again as a whole"):
+        AutoModelForImageClassification.from_pretrained(checkpoint)
+
+
 @pytest.fixture(scope="module")
 def saved_vit_w8a8(tmp_path_factory):
     folder = tmp_path_factory.mktemp("vit-w8a8")
@@ -246,6 +256,19 @@ def test_a_transposed_classifier_is_not_blamed_on_num_labels(checkpoint):
     _edit(checkpoint, tensors={"classifier.weight_packed": packed.t().contiguous()})  # [16, 10] where [10, 16] belongs
     with pytest.raises(CheckpointError, match=r"classifier\.weight_packed: \[16, 10\] in the checkpoint, \[10, 16\] "
                                               r"in the model.*different saves") as err:
+        AutoModelForImageClassification.from_pretrained(checkpoint)
+    assert "num_labels" not in str(err.value)
+
+
+def test_a_renamed_tensor_of_another_size_is_named_as_the_model_calls_it_and_not_blamed_on_num_labels(checkpoint):
+    # ViT checkpoints keep transformers 4 names (attention.attention.query) that loading renames (q_proj): the shape
+    # check must compare under the loading name. A first dimension that differs elsewhere than in the classifier is
+    # no num_labels matter.
+    name = "vit.encoder.layer.0.attention.attention.query.bias"
+    assert name in load_file(checkpoint / "model.safetensors")
+    _edit(checkpoint, tensors={name: torch.zeros(24)})
+    with pytest.raises(CheckpointError, match=r"vit\.layers\.0\.attention\.q_proj\.bias: \[24\] in the checkpoint, "
+                                              r"\[32\] in the model\..*different saves") as err:
         AutoModelForImageClassification.from_pretrained(checkpoint)
     assert "num_labels" not in str(err.value)
 
@@ -297,3 +320,9 @@ def test_edited_float_tensor_is_caught_when_loading_in_the_saved_dtype(tensor, c
     with pytest.raises(CheckpointError, match=r"The loaded tensors differ from the ones that were saved \(SHA-256 "
                                               r"mismatch\).*force_download=True"):
         AutoModelForImageClassification.from_pretrained(checkpoint)
+
+
+def test_state_digest_tells_dtypes_apart_even_with_identical_bytes():
+    values = torch.arange(4, dtype=torch.int32)
+    assert state_digest({"t": values}) != state_digest({"t": values.view(torch.float32)})  # same bytes and shape
+    assert state_digest({"t": values}) == state_digest({"t": values.clone()})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -346,6 +347,20 @@ def test_save_pretrained_refuses_a_state_dict_that_is_not_the_model_s(vit_w4a4, 
                                               r"model\.load_state_dict\(state_dict\)"):
             qmodel.save_pretrained(tmp_path / "edited", *args, **kwargs)
     assert not (tmp_path / "edited" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("change", ["extra", "missing"])
+def test_save_pretrained_refuses_a_state_dict_with_other_tensor_names(change, vit_w4a4, tmp_path):
+    qmodel, _ = vit_w4a4
+    state_dict = dict(qmodel.state_dict())
+    if change == "extra":
+        state_dict["classifier.extra"] = torch.zeros(3)
+    else:
+        del state_dict["classifier.bias"]
+    expected = "classifier.extra" if change == "extra" else "classifier.bias"
+    with pytest.raises(ConfigError, match=rf"differs from the model's own tensors: {re.escape(expected)}\."):
+        qmodel.save_pretrained(tmp_path, state_dict=state_dict)
+    assert not (tmp_path / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("format", ["optimum_dfq", "compressed-tensors"])
