@@ -419,8 +419,9 @@ def write_repo_extras(
     """Writes the image processor's config (when known) and the model card (`README.md`) into `folder`.
 
     The image processor is `image_processor`, else the one attached to `model.hf_quantizer` by `quantize()`, else
-    the `preprocessor_config.json` next to the checkpoint the model was loaded from (copied as is). The card shows
-    `AutoImageProcessor` in its loading snippet only when `folder` then holds a processor config.
+    the `preprocessor_config.json` next to the checkpoint the model was loaded from (copied as is); a
+    `preprocessor_config.json` already in `folder` is kept. The card shows `AutoImageProcessor` in its loading
+    snippet only when `folder` then holds a processor config.
 
     Args:
         model (`PreTrainedModel`): an optimum_dfq quantized model.

@@ -401,11 +401,21 @@ def test_from_pretrained_refuses_a_file_and_a_folder_without_config_json(tmp_pat
     tiny_vit().save_pretrained(tmp_path)
     # a file reached torch.load (an UnpicklingError about weights_only), a folder without config.json got
     # transformers' "Should have a `model_type` key in its config.json"
-    with pytest.raises(NotADirectoryError, match="config.json is a file; pass the model folder"):
+    with pytest.raises(NotADirectoryError, match=r"config.json is a file; pass the model folder .* instead \(here: "
+                                                 f"{re.escape(str(tmp_path))}\\)"):
         DataFreeViTQuantizer.from_pretrained(tmp_path / "config.json")
     (tmp_path / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="holds no config.json, so it is not a model folder"):
         DataFreeViTQuantizer.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_looks_for_config_json_in_the_subfolder(tmp_path):
+    tiny_vit().save_pretrained(tmp_path / "float")  # nothing but the subfolder at the top
+    quantizer = DataFreeViTQuantizer.from_pretrained(tmp_path, subfolder="float", load_image_processor=False)
+    assert type(quantizer.model).__name__ == "ViTForImageClassification"
+    (tmp_path / "other").mkdir()
+    with pytest.raises(FileNotFoundError, match=f"{re.escape(str(tmp_path / 'other'))} holds no config.json"):
+        DataFreeViTQuantizer.from_pretrained(tmp_path, subfolder="other")
 
 
 @pytest.mark.parametrize("seed", [-1, 2**64])

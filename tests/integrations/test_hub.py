@@ -12,13 +12,14 @@ from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import EntryNotFoundError
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-from optimum_dfq import ConfigError, DataFreeViTQuantizer
-from optimum_dfq.hub import accuracy_eval_results, build_model_card
+from optimum_dfq import ConfigError, DataFreeViTQuantizer, DFQConfig
+from optimum_dfq.hub import accuracy_eval_results, build_model_card, write_repo_extras
 
-from ..conftest import tiny_vit
+from ..conftest import FIXTURES, tiny_vit
 from .conftest import logits, quantize
 
 SHA = "a" * 40
+USER = "fake-user"  # the namespace of the token's user
 
 
 def read_card(repo: Path) -> ModelCard:
@@ -30,6 +31,7 @@ class FakeHub:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.created: list[dict] = []
         self.commits: list[dict] = []
 
     def repo(self, repo_id: str) -> Path:
@@ -37,12 +39,15 @@ class FakeHub:
 
     # HfApi.create_repo / HfApi.upload_folder (optimum_dfq.hub.push_to_hub)
     def create_repo(self, api, repo_id, **kwargs):
+        repo_id = repo_id if "/" in repo_id else f"{USER}/{repo_id}"  # as the Hub does with a bare name
         self.repo(repo_id).mkdir(parents=True, exist_ok=True)
+        self.created.append({"repo_id": repo_id, "token": getattr(api, "token", None), **kwargs})
         return mock.Mock(repo_id=repo_id)
 
     def upload_folder(self, api, *, repo_id, folder_path, commit_message=None, **kwargs):
         shutil.copytree(folder_path, self.repo(repo_id), dirs_exist_ok=True)
-        self.commits.append({"repo_id": repo_id, "message": commit_message, "library": api.library_name})
+        self.commits.append({"repo_id": repo_id, "message": commit_message, "library": api.library_name,
+                             "options": kwargs})
         return mock.Mock(oid=SHA)
 
     # transformers.utils.hub.hf_api() (model.push_to_hub): create_repo + create_commit
@@ -103,8 +108,10 @@ def test_quantizer_push_uploads_model_processor_and_card_then_loads_by_repo_id(v
     assert "image input | 8-bit, levels on the pixel grid of the image processor" in card.text  # vit_w4a4 has one
     assert card.data.base_model == "google/vit-base-patch16-224" and card.data.base_model_relation == "quantized"
     assert {"optimum-dfq", "data-free", "w4a4"} <= set(card.data.tags)
-    assert [(r.metric_name, r.metric_value, r.dataset_split) for r in card.data.eval_results] == [
-        ("Top-1 accuracy", 0.5, "test"), ("Top-5 accuracy", 0.875, "test")]
+    assert [(r.metric_name, r.metric_value, r.dataset_type, r.dataset_name, r.dataset_split)
+            for r in card.data.eval_results] == [("Top-1 accuracy", 0.5, "cifar10", "CIFAR-10", "test"),
+                                                 ("Top-5 accuracy", 0.875, "cifar10", "CIFAR-10", "test")]
+    assert "| CIFAR-10 | test | Top-1 accuracy | 0.5 |" in card.text
     assert "model-index" in card.content
 
     cache = tmp_path / "cache"
@@ -147,17 +154,44 @@ def test_card_of_real_data_calibration_does_not_claim_data_free(cifar_train, ima
         in card.text
 
 
+def test_card_of_a_recipe_with_a_calibration_dataset_names_it_also_without_a_calibration_record(image_processor):
+    path = str(FIXTURES / "cifar10_tiny_train.parquet")
+    qmodel = DataFreeViTQuantizer(tiny_vit(), image_processor).quantize(
+        config=DFQConfig(bits="w8a8", num_images=8, calibration_dataset={"path": path}))
+    card = build_model_card(qmodel, "org/real-recipe")
+    assert f"**real images**: 8 from {path} (seed 0); not data-free" in card.text
+    assert "did not make them" not in card.text  # the recipe's calibration_dataset made the set
+    # a model whose provenance has no calibration record (written before it was recorded): the config tells
+    qmodel.hf_quantizer.provenance = {**qmodel.hf_quantizer.provenance, "calibration": {}}
+    card = build_model_card(qmodel, "org/real-recipe")
+    assert f"**real images**: 8 from {path}" in card.text and "data-free" not in card.data.tags
+
+
+def test_card_table_lists_the_quantizers_the_config_has(vit_w4a4):
+    rows = build_model_card(vit_w4a4[0], "org/w4a4").text
+    assert "| image input | 8-bit, levels on the pixel grid of the image processor, per channel |" in rows
+    assert "| attention | Q, K, V 4-bit uniform; softmax output `log_sqrt2` |" in rows
+    calibrated = build_model_card(quantize(tiny_vit, "w4a4"), "org/no-processor").text  # no processor: calibrated
+    assert "| image input | 8-bit, one calibrated range |" in calibrated
+    weight_only = build_model_card(quantize(tiny_vit, "w4a16"), "org/w4a16").text
+    assert "| activations | float (weight-only quantization) |" in weight_only
+    assert "| image input |" not in weight_only and "| attention |" not in weight_only
+
+
 def test_recipe_is_not_annotated_when_it_made_the_calibration_set(vit_w4a4):
     qmodel, _ = vit_w4a4
     assert "did not make them" not in build_model_card(qmodel, "org/synthetic").text
 
 
-def test_recipe_note_for_a_saved_synthetic_set_of_another_seed(image_processor):
+@pytest.mark.parametrize("recipe_synthesizer", [None, "gaussian"])  # another synthesizer, or only another seed
+def test_recipe_note_for_a_saved_synthetic_set_of_another_seed(recipe_synthesizer, image_processor):
     from optimum_dfq.synthesis import calibration_set_to_dataset, get_synthesizer
 
     saved = get_synthesizer("gaussian").synthesize(tiny_vit(), 4, seed=3)
+    config = DFQConfig(bits="w8a8", **({"synthesizer": recipe_synthesizer} if recipe_synthesizer else {}))
+    assert (config.synthesizer == "gaussian") == bool(recipe_synthesizer) and config.seed == 0
     qmodel = DataFreeViTQuantizer(tiny_vit(), image_processor).quantize(
-        bits="w8a8", calibration_dataset=calibration_set_to_dataset(saved))
+        config=config, calibration_dataset=calibration_set_to_dataset(saved))
     text = build_model_card(qmodel, "org/saved").text
     assert "`gaussian` synthesizer" in text and "seed 3" in text
     assert "did not make them" in text
@@ -173,7 +207,7 @@ def test_local_base_model_is_never_declared_as_a_hub_model(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)  # the card is built elsewhere, where "models/vit-float" does not exist
     for model in (qmodel, AutoModelForImageClassification.from_pretrained(tmp_path / "saved")):
         card = build_model_card(model, "org/x")
-        assert card.data.base_model is None
+        assert card.data.base_model is None and "base_model_relation" not in card.content
         assert "huggingface.co/models" not in card.text and "of a `ViTForImageClassification`" in card.text
 
 
@@ -196,6 +230,38 @@ def test_loaded_model_pushes_the_processor_config_found_next_to_its_checkpoint(v
     assert (hub.repo("org/repush") / "preprocessor_config.json").read_text() == (
         local / "preprocessor_config.json").read_text()
     assert 'AutoImageProcessor.from_pretrained("org/repush")' in read_card(hub.repo("org/repush")).text
+
+
+def test_loaded_model_without_a_processor_config_next_to_it_pushes_none_and_says_so(vit_w4a4, hub):
+    _, folder = vit_w4a4
+    assert not (folder / "preprocessor_config.json").exists()
+    AutoModelForImageClassification.from_pretrained(folder).push_to_hub("org/no-processor-here")
+    assert "preprocessor_config.json" not in hub.commits[-1]["files"]
+    text = read_card(hub.repo("org/no-processor-here")).text
+    assert "AutoImageProcessor" not in text and "has no image processor config" in text
+
+
+def test_push_forwards_the_upload_options_and_uses_the_repo_id_the_hub_gives_back(vit_w4a4, hub):
+    qmodel, _ = vit_w4a4
+    DataFreeViTQuantizer().push_to_hub(qmodel, "vit-tiny", private=True, token="hf_fake", revision="dev",
+                                       create_pr=True, commit_message="First upload", commit_description="Details",
+                                       max_shard_size="20KB")
+    assert hub.created[-1] == {"repo_id": f"{USER}/vit-tiny", "token": "hf_fake", "private": True, "exist_ok": True}
+    commit = hub.commits[-1]
+    assert (commit["repo_id"], commit["message"]) == (f"{USER}/vit-tiny", "First upload")
+    assert commit["options"] == {"commit_description": "Details", "revision": "dev", "create_pr": True}
+    repo = hub.repo(f"{USER}/vit-tiny")
+    assert (repo / "model.safetensors.index.json").is_file()  # max_shard_size reached save_pretrained
+    assert f'from_pretrained("{USER}/vit-tiny")' in read_card(repo).text  # the id the model can be loaded by
+
+
+def test_repo_extras_keep_a_processor_config_already_in_the_folder(vit_w4a4, tmp_path):
+    qmodel, _ = vit_w4a4  # has an image processor attached
+    own = '{"image_processor_type": "ViTImageProcessor", "size": {"height": 48, "width": 48}}'
+    (tmp_path / "preprocessor_config.json").write_text(own)
+    write_repo_extras(qmodel, tmp_path, "org/own-processor")
+    assert (tmp_path / "preprocessor_config.json").read_text() == own
+    assert 'AutoImageProcessor.from_pretrained("org/own-processor")' in (tmp_path / "README.md").read_text()
 
 
 def test_card_intro_says_where_synthetic_images_came_from(vit_w4a4):
@@ -222,6 +288,24 @@ def test_commit_message_says_data_free_only_for_synthetic_calibration(vit_w4a4, 
     assert hub.commits[-1]["message"] == "Upload w8a8 quantized model"
 
 
+def test_pushing_a_float_model_is_refused_before_a_repository_is_created(hub):
+    with pytest.raises(ConfigError, match="not an optimum_dfq quantized model"):
+        DataFreeViTQuantizer().push_to_hub(tiny_vit(), "org/float")
+    assert hub.created == [] and hub.commits == []
+
+
+def test_eval_results_attached_to_the_quantizer_reach_the_card_of_transformers_push(vit_w4a4, hub):
+    qmodel, _ = vit_w4a4
+    qmodel.hf_quantizer.eval_results = accuracy_eval_results({"top1": 0.625}, dataset_id="cifar10")
+    try:
+        qmodel.push_to_hub("org/with-results")  # transformers' push_to_hub takes no eval_results
+    finally:
+        qmodel.hf_quantizer.eval_results = None
+    card = read_card(hub.repo("org/with-results"))
+    assert [(r.metric_name, r.metric_value) for r in card.data.eval_results] == [("Top-1 accuracy", 0.625)]
+    assert "| cifar10 | validation | Top-1 accuracy | 0.625 |" in card.text
+
+
 def test_card_errors():
     with pytest.raises(ConfigError, match="not an optimum_dfq quantized model"):
         build_model_card(tiny_vit(), "org/float")
@@ -239,3 +323,6 @@ def test_hub_id_the_float_model_was_loaded_from_is_the_card_s_base_model_also_af
         assert card.data.base_model == "google/vit-base-patch16-224"
         assert card.data.base_model_relation == "quantized"
         assert "https://huggingface.co/google/vit-base-patch16-224" in card.text
+        # no image processor: the card points to the base model's
+        assert ("preprocess images as for the float model ([`google/vit-base-patch16-224`]"
+                "(https://huggingface.co/google/vit-base-patch16-224))") in card.text
