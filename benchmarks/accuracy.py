@@ -164,6 +164,9 @@ def main() -> None:
         args.synth_iterations = args.synth_iterations or 100
     if args.output_dir is None:
         args.output_dir = str(ROOT / "benchmarks" / "results" / ("quick" if args.quick else ""))
+    args.plots = can_plot()
+    if not args.plots:
+        print('matplotlib is not installed (pip install "optimum-dfq[plot]"), so accuracy.png is not written')
 
     import torch
     from datasets import load_dataset
@@ -259,7 +262,8 @@ def main() -> None:
                 write_results(rows, args, settings, time.perf_counter() - started, __version__)
                 print(line, flush=True)
     write_results(rows, args, settings, time.perf_counter() - started, __version__)
-    print(f"wrote {Path(args.output_dir) / 'accuracy.md'}, accuracy.json, accuracy.png")
+    plot_note = ", accuracy.png" if args.plots else " (no accuracy.png)"
+    print(f"wrote {Path(args.output_dir) / 'accuracy.md'}, accuracy.json, headline.md{plot_note}")
 
 
 def json_object(text: str) -> dict[str, Any]:
@@ -420,7 +424,8 @@ def write_results(rows: list[dict[str, Any]], args, settings: dict[str, Any], se
         lines.append("")
     (out / "accuracy.md").write_text("\n".join(lines))
     (out / "headline.md").write_text(headline(rows))
-    plot(rows, out / "accuracy.png", dataset)
+    if args.plots:
+        plot(rows, out / "accuracy.png", dataset)
 
 
 def source_rank(source: str) -> int:
@@ -451,15 +456,22 @@ def headline(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict[str, Any]], path: Path, dataset: str = "CIFAR-10") -> None:
+def can_plot() -> bool:
+    """Whether matplotlib (the `[plot]` extra) can be imported, to draw accuracy.png."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot
     except ImportError:
-        print("matplotlib not installed (pip install optimum-dfq[plot]); skipping the plot")
-        return
+        return False
+    return True
+
+
+def plot(rows: list[dict[str, Any]], path: Path, dataset: str = "CIFAR-10") -> None:
+    """Draws top-1 against bits per model (RepQ-ViT rows) to `path`; needs matplotlib (`can_plot()`)."""
+    import matplotlib.pyplot as plt
+
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):

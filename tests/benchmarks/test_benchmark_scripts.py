@@ -48,16 +48,16 @@ def float_top1(cifar_test, image_processor) -> float:
                              progress=False)["top1"]
 
 
-def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
-    """Runs `benchmarks/<script>` in a fresh process, offline, from the repository root."""
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+def run_script(script: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Runs `benchmarks/<script>` in a fresh process, offline, from the repository root (`env`: extra variables)."""
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
                           text=True, env=environment, cwd=ROOT, timeout=600, check=False)
 
 
-def run_benchmark(script: str, *args: str) -> str:
+def run_benchmark(script: str, *args: str, env: dict[str, str] | None = None) -> str:
     """Runs a benchmark that must succeed and returns what it printed."""
-    result = run_script(script, *args)
+    result = run_script(script, *args, env=env)
     assert result.returncode == 0, f"{script} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     return result.stdout
 
@@ -77,6 +77,22 @@ def test_accuracy_benchmark(tmp_path, dataset, model_dir, float_top1):
     report = (tmp_path / "accuracy.md").read_text()
     assert report.startswith(f"# Accuracy benchmark (`{dataset.resolve()}` test top-1, %)")
     assert "| gaussian | +log-sqrt2 |" in report
+
+
+def test_accuracy_benchmark_without_matplotlib_says_once_that_it_writes_no_plot(tmp_path, dataset, model_dir):
+    # matplotlib comes with the [plot] extra only: without it the run must not claim accuracy.png, and says so once
+    blocker = tmp_path / "blocker" / "matplotlib"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('matplotlib blocked by the test')\n")
+    python_path = os.pathsep.join(filter(None, [str(blocker.parent), os.environ.get("PYTHONPATH")]))
+    output = tmp_path / "out"
+    printed = run_benchmark("accuracy.py", "--dataset", str(dataset), "--models", str(model_dir), "--sources",
+                            "real", "gaussian", "--bits", "w4a4", "--backends", "repq", "--ablation-bits",
+                            "--onnx-bits", "--num-images", "4", *QUICK, "--output-dir", str(output),
+                            env={"PYTHONPATH": python_path})
+    assert not (output / "accuracy.png").exists()
+    assert printed.count("matplotlib") == 1 and 'pip install "optimum-dfq[plot]"' in printed
+    assert printed.splitlines()[-1] == f"wrote {output / 'accuracy.md'}, accuracy.json, headline.md (no accuracy.png)"
 
 
 def test_accuracy_benchmark_refuses_unknown_backend(tmp_path, dataset, model_dir):
