@@ -481,7 +481,8 @@ def load_image_dataset(path: str, split: str | None = None, name: str | None = N
         `datasets.Dataset`
 
     Raises:
-        `CalibrationError`: when the parquet file does not exist, a `save_to_disk` folder of one split was saved as
+        `CalibrationError`: when the parquet file does not exist, or nothing is at a path that can only be local
+            (see [`~optimum_dfq.hub.looks_like_local_path`]), a `save_to_disk` folder of one split was saved as
             another split than `split`, a folder of several splits has no split `split`, a saved data file is
             corrupt, or the dataset cannot be loaded.
 
@@ -520,6 +521,12 @@ def load_image_dataset(path: str, split: str | None = None, name: str | None = N
         if chosen not in splits:
             raise CalibrationError(f"The dataset at {path!r} has no split {chosen!r}; its splits are {list(splits)}.")
         return splits[chosen]
+    from ..hub import looks_like_local_path
+
+    if looks_like_local_path(path) and not local.expanduser().exists():  # the Hub's error would hide a typo
+        raise CalibrationError(f"No dataset at {local.expanduser().absolute()}: check the path, or pass a Hub "
+                               "dataset id (a path starting with '/', '.' or '~', ending with '/' or that is no valid "
+                               "Hub id is always read as a local one).")
     try:
         return datasets.load_dataset(path, name, split=chosen)
     except (FileNotFoundError, ConnectionError, ValueError) as err:

@@ -1,5 +1,8 @@
 """Calibration sets from tensors and real image datasets, and loading image datasets from disk."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -133,6 +136,17 @@ def test_a_saved_dataset_missing_its_data_file_is_not_called_corrupt(cifar_train
     arrow.unlink()
     with pytest.raises(FileNotFoundError):
         load_saved_dataset(tmp_path / "saved")
+
+
+@pytest.mark.parametrize("path", ["./no-such-data", "no-such-data/", "a/b/no-such-data", "~/no-such-data"])
+def test_load_image_dataset_reports_a_missing_local_folder_as_such(path, tmp_path, monkeypatch):
+    # a path that can only be local (as for models: hub.looks_like_local_path) is not looked up on the Hub, whose
+    # error ("Couldn't reach './no-such-data' on the Hub") would hide the typo in the path
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    missing = Path(path).expanduser().absolute()
+    with pytest.raises(CalibrationError, match=rf"^No dataset at {re.escape(str(missing))}: check the path"):
+        load_image_dataset(path)
 
 
 def test_load_image_dataset_failure_names_the_path_and_the_accepted_forms(tmp_path):
