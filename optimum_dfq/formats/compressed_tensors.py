@@ -228,11 +228,18 @@ def export_compressed_tensors(
     if activation_bits is not None:
         inputs = QuantizationArgs(num_bits=activation_bits, type="int", symmetric=False, strategy="tensor",
                                   dynamic=False)
+    # our codes are stored: compressing the dequantized weight with the same scale and zero point reproduces them.
+    # Asymmetric weights use int-quantized (int8 containers): pack-quantized packs their zero points too, and
+    # transformers 5.23's loader then rejects them (size mismatch of weight_zero_point). The format is the scheme's,
+    # not a model-wide override, which compressed-tensors warns about ("Compression may fail") when it differs from
+    # the format it infers.
+    fmt = "pack-quantized" if weight_bits < 8 and config.weight_symmetric else "int-quantized"
     scheme = QuantizationScheme(
         targets=["Linear"],
         weights=QuantizationArgs(num_bits=weight_bits, type="int", symmetric=config.weight_symmetric,
                                  strategy="channel"),
         input_activations=inputs,
+        format=fmt,
     )
     linears = dict(_quantized_linears(model))
     ignore = [n for n, m in float_model.named_modules() if isinstance(m, nn.Linear) and n not in linears]
@@ -246,11 +253,7 @@ def export_compressed_tensors(
             _set_params(target, "input", input_quantizers[name], True)
         target.quantization_status = QuantizationStatus.FROZEN
 
-    # our codes are stored: compressing the dequantized weight with the same scale and zero point reproduces them.
-    # Asymmetric weights use int-quantized (int8 containers): pack-quantized packs their zero points too, and
-    # transformers 5.23's loader then rejects them (size mismatch of weight_zero_point).
-    fmt = "pack-quantized" if weight_bits < 8 and config.weight_symmetric else "int-quantized"
-    compressor = ModelCompressor.from_pretrained_model(float_model, quantization_format=fmt)
+    compressor = ModelCompressor.from_pretrained_model(float_model)
     compressor.compress_model(float_model)
     float_model.save_pretrained(save_directory, **save_kwargs)
     compressor.update_config(save_directory)

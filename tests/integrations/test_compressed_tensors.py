@@ -82,7 +82,6 @@ def test_symmetric_weights_are_packed(exported):
     assert formats["vit-w4a16"] == "int-quantized"  # transformers cannot load packed asymmetric zero points
 
 
-
 def test_quantize_replaces_its_own_export_but_not_another_tools(tmp_path):
     # quantize(save_dir=) refused a folder holding an earlier compressed-tensors export of optimum_dfq: it could not tell
     # it from another tool's quantized model, which it must not overwrite
@@ -103,6 +102,23 @@ def test_quantize_replaces_its_own_export_but_not_another_tools(tmp_path):
     with pytest.raises(ConfigError, match=r"save_dir .*other holds a model that is not a quantized one"):
         quantize(tiny_vit, "w8a8", save_dir=tmp_path / "other")
     assert (tmp_path / "other" / "model.safetensors").read_bytes() == weights
+
+
+@pytest.mark.parametrize("bits, symmetric", [("w8a16", False), ("w4a16", False), ("w4a16", True)])
+def test_the_export_makes_compressed_tensors_warn_nothing(tmp_path, bits, symmetric):
+    # compressed-tensors logs with loguru: a format forced on the whole model that differs from the one it infers made
+    # it warn "... does not match the inferred format pack-quantized. Compression may fail" for a lossless export
+    from loguru import logger
+
+    qmodel = quantize(tiny_vit, config=DFQConfig(bits=bits, weight_symmetric=symmetric))
+    warnings: list[str] = []
+    sink = logger.add(lambda message: warnings.append(str(message)), level="WARNING")
+    try:
+        qmodel.save_pretrained(tmp_path, format="compressed-tensors")
+    finally:
+        logger.remove(sink)
+    assert warnings == []
+
 
 def test_unexpressible_configs_raise_naming_the_loss(tmp_path):
     with pytest.raises(ConfigError) as info:
