@@ -11,6 +11,10 @@ import dataclasses
 import functools
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .synthesis.cache_admin import CachePruning
 
 _IN_USE = "a synthesis is using it; wait for it to end, or stop it, to delete it"
 CACHE_ROOT_HELP = ("synthesis cache folder (default: $OPTIMUM_DFQ_CACHE/synthesis, else "
@@ -128,7 +132,7 @@ def run_cache_prune(args: argparse.Namespace) -> int:
     root = _cache_root(args.cache_dir)
     plan = prune_cached_runs(root, older_than=older_than, max_size=max_size, dry_run=True)
     if not plan.removed:
-        print(f"No synthesis run in {root} to prune; nothing deleted.")
+        print(_nothing_to_prune(root, plan, args))
     elif args.dry_run:
         print("\n".join(_removed_lines(plan.removed, root, dry_run=True)))
     else:
@@ -150,6 +154,20 @@ def run_cache_prune(args: argparse.Namespace) -> int:
     print(f"{'would leave' if args.dry_run else 'left'} {_counted(len(plan.left), 'run', 'runs')}, "
           f"{_megabytes(plan.size_left)} MB")
     return 0
+
+
+def _nothing_to_prune(root: Path, plan: CachePruning, args: argparse.Namespace) -> str:
+    """Why `cache prune` deletes nothing: an empty cache, only runs it must keep, or no run beyond the rules."""
+    if not plan.left:
+        return f"No synthesis runs cached in {root}; nothing deleted."
+    if plan.kept:
+        return f"Nothing to prune in {root} but runs that must be kept (below); nothing deleted."
+    reasons = []
+    if args.older_than is not None:
+        reasons.append(f"no run was last changed more than {args.older_than} ago")
+    if args.max_size is not None:
+        reasons.append(f"the runs take {_megabytes(plan.size_left)} MB, within --max-size {args.max_size}")
+    return f"Nothing to prune in {root}: {' and '.join(reasons)}; nothing deleted."
 
 
 def _cache_root(cache_dir: str | None) -> Path:

@@ -225,7 +225,9 @@ def test_optimum_cli_dfq_has_the_cache_commands(synthesis_cache, capsys):
     assert "2 entries (1 partial, 1 unknown)" in capsys.readouterr().out
     assert dispatch(parser.parse_args(["cache", "prune", "--max-size", "0B", "--dry-run", "--cache-dir", str(root)]),
                     parser) == 0
-    assert capsys.readouterr().out.splitlines()[1].startswith(f"kept {interrupted.name[:12]} (partial, psaq,")
+    pruned = capsys.readouterr().out.splitlines()
+    assert pruned[0] == f"Nothing to prune in {root} but runs that must be kept (below); nothing deleted."
+    assert pruned[1].startswith(f"kept {interrupted.name[:12]} (partial, psaq,")
 
 
 def test_cache_prune_older_than_deletes_the_old_runs_and_prints_each_and_the_space_freed(synthesis_cache,
@@ -234,8 +236,15 @@ def test_cache_prune_older_than_deletes_the_old_runs_and_prints_each_and_the_spa
     sizes = {run: _megabytes_on_disk(run) for run in (complete, interrupted)}
     nothing = run_cli("cache", "prune", "--older-than", "30d", "--cache-dir", str(root))  # just made: none is old
     assert nothing.returncode == 0, nothing.stderr
-    assert nothing.stdout.splitlines() == [f"No synthesis run in {root} to prune; nothing deleted.",
-                                           f"left 2 runs, {_megabytes_on_disk(complete, interrupted)} MB"]
+    total = _megabytes_on_disk(complete, interrupted)
+    assert nothing.stdout.splitlines() == [
+        f"Nothing to prune in {root}: no run was last changed more than 30d ago; nothing deleted.",
+        f"left 2 runs, {total} MB"]  # it said "No synthesis run in ... to prune", as if the cache were empty
+    nothing = run_cli("cache", "prune", "--older-than", "30d", "--max-size", "5GB", "--cache-dir", str(root))
+    assert nothing.stdout.splitlines()[0] == (f"Nothing to prune in {root}: no run was last changed more than 30d ago "
+                                              f"and the runs take {total} MB, within --max-size 5GB; nothing deleted.")
+    empty = run_cli("cache", "prune", "--max-size", "5GB", "--cache-dir", str(root / "empty"))
+    assert empty.stdout.splitlines()[0] == f"No synthesis runs cached in {root / 'empty'}; nothing deleted."
     set_last_change(complete, 40 * DAY)
     set_last_change(interrupted, 2 * DAY)
     set_last_change(root / "my-notes", 100 * DAY)
