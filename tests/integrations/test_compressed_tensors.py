@@ -83,8 +83,8 @@ def test_symmetric_weights_are_packed(exported):
 
 
 def test_quantize_replaces_its_own_export_but_not_another_tools(tmp_path):
-    # quantize(save_dir=) refused a folder holding an earlier compressed-tensors export of optimum_dfq: it could not tell
-    # it from another tool's quantized model, which it must not overwrite
+    # quantize(save_dir=) refused an earlier compressed-tensors export of optimum_dfq: it could not tell it from
+    # another tool's quantized model, which it must not overwrite
     from optimum_dfq import __version__
 
     quantize(tiny_vit, "w4a16").save_pretrained(tmp_path / "ours", format="compressed-tensors")
