@@ -112,6 +112,15 @@ def test_plan_written_by_a_newer_version_asks_for_an_upgrade(checkpoint):
         AutoModelForImageClassification.from_pretrained(checkpoint)
 
 
+def test_plan_naming_a_module_the_model_does_not_have_is_a_checkpoint_error(checkpoint):
+    # get_submodule's AttributeError ("ViTEncoder has no attribute `7`") said nothing about the checkpoint
+    consumers = {"vit.layers.7.layernorm_before": ["vit.layers.7.attention.q_proj"]}
+    _edit(checkpoint, plan=lambda payload: payload["plan"]["layernorm_consumers"].update(consumers))
+    with pytest.raises(CheckpointError, match=r"quantization plan does not fit ViTForImageClassification: "
+                                              r"AttributeError\(.*saved from another architecture"):
+        AutoModelForImageClassification.from_pretrained(checkpoint)
+
+
 MALFORMED = {
     "not json": ("{plan", "JSONDecodeError"),
     "no plan": (json.dumps({"sha256": "0" * 64}), "KeyError: 'plan'"),

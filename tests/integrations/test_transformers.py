@@ -182,6 +182,10 @@ def test_dequantize_is_refused_pointing_to_the_float_checkpoint(vit_w4a4, pixels
                                                   r"recovered.*Load the float checkpoint"):
         model.dequantize()
     assert model.is_quantized and torch.equal(logits(model, pixels[0]), before)  # left unchanged
+    model.hf_quantizer.provenance = {**model.hf_quantizer.provenance, "base_model": "google/vit-base-patch16-224"}
+    with pytest.raises(NotImplementedError, match=r"quantized from \('google/vit-base-patch16-224'\) with "
+                                                  "from_pretrained"):
+        model.dequantize()
 
 
 def test_registration_is_idempotent_and_survives_reload():
@@ -208,9 +212,16 @@ def test_quantizing_inside_from_pretrained_is_refused(tmp_path):
         AutoModelForImageClassification.from_pretrained(tmp_path, quantization_config=DFQConfig())
 
 
-def test_requested_attention_is_overridden(vit_w4a4, pixels):
+def test_requested_attention_is_overridden(vit_w4a4, pixels, caplog):
     qmodel, folder = vit_w4a4
-    model = AutoModelForImageClassification.from_pretrained(folder, attn_implementation="sdpa")
+    with caplog.at_level("WARNING", logger="optimum_dfq"):
+        model = AutoModelForImageClassification.from_pretrained(folder, attn_implementation="sdpa")
+    assert "run the 'optimum_dfq' attention implementation" in caplog.text
+    assert "ignoring attn_implementation='sdpa'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="optimum_dfq"):
+        AutoModelForImageClassification.from_pretrained(folder)  # the saved attention name: nothing to say
+    assert "ignoring attn_implementation" not in caplog.text
     assert model.config._attn_implementation == "optimum_dfq"
     assert torch.equal(logits(model, pixels[0]), logits(qmodel, pixels[0]))
 
@@ -240,6 +251,9 @@ def test_loading_with_the_in_memory_models_config(vit_w4a4, pixels):
     assert isinstance(qmodel.config.quantization_config, DFQConfig)
     model = AutoModelForImageClassification.from_pretrained(folder, config=qmodel.config)
     assert torch.equal(logits(model, pixels[0]), logits(qmodel, pixels[0]))
+    # quantize()'s model is marked as quantized like a loaded one (transformers and Trainer read these)
+    assert qmodel.is_quantized and model.is_quantized
+    assert qmodel.quantization_method == model.quantization_method == "optimum_dfq"
     assert qmodel.config.quantization_config.get("bits") == "w4a4"
     assert qmodel.config.quantization_config.get("quant_method") == "optimum_dfq"
     assert qmodel.config.quantization_config.get("not_a_field", 3) == 3
@@ -307,7 +321,8 @@ def test_broken_checkpoint_raises_a_clear_error(case, vit_w4a4, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- transformers options
-@pytest.mark.parametrize("implementation", ["sdpa", "eager", None, {"": "sdpa"}])
+@pytest.mark.parametrize("implementation", ["sdpa", "eager", None, {"": "sdpa"},
+                                            {"": "optimum_dfq", "sub": {"": "sdpa"}}])  # a nested sub-config dict
 def test_switching_a_quantized_model_to_another_attention_is_refused(implementation, vit_w4a4, pixels):
     # the attention quantizers (Q, K, V, softmax output) live in the "optimum_dfq" attention: SDPA or eager would
     # skip them, and the model predicted differently without a word
@@ -331,6 +346,8 @@ def test_disk_offload_is_refused_instead_of_blamed_on_the_checkpoint(vit_w4a4, t
         with pytest.raises(ConfigError, match=r"cannot be offloaded to disk: device_map puts .* on 'disk'.*"
                                               r"device_map=\"cpu\""):
             AutoModelForImageClassification.from_pretrained(folder, offload_folder=tmp_path, **options)
+    with pytest.raises(ConfigError, match="device_map puts the whole model on 'disk'"):
+        AutoModelForImageClassification.from_pretrained(folder, offload_folder=tmp_path, device_map={"": "disk"})
 
 
 def test_save_pretrained_refuses_a_state_dict_that_is_not_the_model_s(vit_w4a4, tmp_path, pixels):
@@ -361,6 +378,33 @@ def test_save_pretrained_refuses_a_state_dict_with_other_tensor_names(change, vi
     with pytest.raises(ConfigError, match=rf"differs from the model's own tensors: {re.escape(expected)}\."):
         qmodel.save_pretrained(tmp_path, state_dict=state_dict)
     assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_saving_a_model_whose_quantizer_lost_the_plan_is_refused(vit_w4a4, tmp_path):
+    qmodel, _ = vit_w4a4
+    plan, qmodel.hf_quantizer.plan = qmodel.hf_quantizer.plan, None
+    try:
+        with pytest.raises(optimum_dfq.DFQError, match="does not know the model's quantization plan"):
+            qmodel.save_pretrained(tmp_path)
+    finally:
+        qmodel.hf_quantizer.plan = plan
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_calibration_metadata_json_cannot_hold_is_recorded_as_json_and_saves(tmp_path):
+    # a user's CalibrationSet may carry a Path or a tuple in its metadata: the provenance is made plain JSON when the
+    # model is quantized, so save_pretrained can write it and the loaded model reads back the same provenance
+    from optimum_dfq import CalibrationSet, DataFreeViTQuantizer
+
+    metadata = {"source": "synthetic", "synthesizer": "mine", "seed": 1,
+                "hyperparameters": {"folder": Path("/data/run"), "sizes": (1, 2)}}
+    calibration = CalibrationSet(pixel_values=torch.randn(4, 3, 32, 32), metadata=metadata)
+    qmodel = DataFreeViTQuantizer().quantize(tiny_vit(), bits="w8a8", calibration_dataset=calibration)
+    recorded = qmodel.hf_quantizer.provenance["calibration"]
+    assert recorded["hyperparameters"] == {"folder": str(Path("/data/run")), "sizes": [1, 2]}
+    qmodel.save_pretrained(tmp_path)
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path)
+    assert loaded.hf_quantizer.provenance == qmodel.hf_quantizer.provenance
 
 
 @pytest.mark.parametrize("format", ["optimum_dfq", "compressed-tensors"])
