@@ -43,6 +43,7 @@ CHECKPOINT_EVERY_HELP = ("save the batch being optimised in the synthesis cache 
 VERBOSE_HELP = ("log what the run does (INFO, main process only): cache use and, every log_every steps, the synthesis "
                 "loss terms")
 
+
 def _bundled_recipe_names() -> str:
     from .bundled_recipes import list_recipes
     from .errors import ConfigError

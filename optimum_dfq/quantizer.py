@@ -475,8 +475,9 @@ def _check_save_dir(save_dir: str | os.PathLike) -> None:
     except (OSError, ValueError):
         stored = None
     quantization = stored.get("quantization_config") if isinstance(stored, dict) else None
-    ours = isinstance(quantization, dict) and quantization.get("quant_method") == QUANT_METHOD
-    if not ours and not (isinstance(quantization, dict) and isinstance(stored.get(EXPORT_MARKER), dict)):
+    ours = isinstance(quantization, dict) and (quantization.get("quant_method") == QUANT_METHOD
+                                               or isinstance(stored.get(EXPORT_MARKER), dict))
+    if not ours:
         raise ConfigError(
             f"save_dir {save_dir} holds a model that is not a quantized one (its config.json has no optimum_dfq "
             "quantization_config: the float model being quantized?), and saving there would overwrite it. Pass a new "
