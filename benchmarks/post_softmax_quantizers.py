@@ -27,8 +27,12 @@ from transformers import (
     AutoModelForImageClassification,
     ViTConfig,
     ViTForImageClassification,
-    ViTImageProcessor,
 )
+
+try:  # the PIL backend by name: importing ViTImageProcessor without torchvision prints a fallback notice
+    from transformers import ViTImageProcessorPil as ViTImageProcessor
+except ImportError:  # transformers before the backend split, where ViTImageProcessor is the PIL one
+    from transformers import ViTImageProcessor
 
 from optimum_dfq.models import get_adapter
 from optimum_dfq.nn import AttentionQuantizers, use_quantized_attention

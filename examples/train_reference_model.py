@@ -284,10 +284,17 @@ def load_image_data(dataset: str, image_size: int) -> ImageData:
 
 
 def build_image_processor(image_size: int) -> Any:
-    """The image processor saved with the model (CIFAR-10 mean/std; a no-op resize for 32x32 inputs)."""
-    from transformers import ViTImageProcessor
+    """The image processor saved with the model (CIFAR-10 mean/std; a no-op resize for 32x32 inputs).
 
-    return ViTImageProcessor(
+    Built with the PIL/NumPy backend, the one [`Normalizer`] matches bit for bit, also where torchvision is installed
+    (`ViTImageProcessor` then means the torchvision backend). Saved, it is a `ViTImageProcessor` either way.
+    """
+    try:
+        from transformers import ViTImageProcessorPil as processor_class
+    except ImportError:  # transformers before the PIL/torchvision backend split: ViTImageProcessor is the PIL one
+        from transformers import ViTImageProcessor as processor_class
+
+    return processor_class(
         do_resize=True,
         size={"height": image_size, "width": image_size},
         do_rescale=True,

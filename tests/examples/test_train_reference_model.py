@@ -4,6 +4,7 @@ import importlib.util
 import json
 import shutil
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -140,3 +141,15 @@ def test_model_card_states_the_trained_image_size(trainer, tmp_path):
     # trained on the folder "data", not on CIFAR-10 (whose channel statistics its image processor still uses)
     assert "datasets:\n- data\n" in card and "name: data\n" in card and "| data test |" in card
     assert "trained **from scratch** on data (train split only)" in card and "CIFAR-10 test" not in card
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="a notice of torchvision missing")
+def test_saved_image_processor_is_built_without_the_missing_torchvision_notice(tmp_path):
+    code = ("import sys; sys.path.insert(0, 'examples'); import train_reference_model as t; "
+            f"t.build_image_processor(32).save_pretrained({str(tmp_path)!r})")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "requires torchvision" not in result.stderr
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert saved["image_processor_type"] == "ViTImageProcessor"  # what AutoImageProcessor loads the models with
