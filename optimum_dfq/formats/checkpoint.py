@@ -541,8 +541,9 @@ def verify_loaded(model: nn.Module, info: CheckpointInfo) -> None:
     integer and bool tensors (packed codes, weight shapes, calibration flags) equals the saved one whatever the
     float dtype, and the SHA-256 of the whole loaded state dict equals the saved one. When `from_pretrained(dtype=...)`
     changed the float dtype, the whole state is compared with the digest recorded for that dtype (`bfloat16`,
-    `float16`); for another dtype, or a checkpoint written before those digests existed, only the integer tensors
-    are verified (an info log says so).
+    `float16`), modules left in the saved dtype included (`_keep_in_fp32_modules`); for another dtype, a mix of new
+    dtypes, or a checkpoint written before those digests existed, only the integer tensors are verified (an info log
+    says so).
 
     Args:
         model (`PreTrainedModel`): the loaded quantized model.
@@ -606,12 +607,16 @@ def verify_loaded(model: nn.Module, info: CheckpointInfo) -> None:
                 f"{corrupt}"
             )
         return
+    if len(changed) > 1:  # e.g. `_keep_in_fp32_modules` beside dtype=...: digests exist for one dtype at a time
+        loaded_as, no_digest = f"mixed float dtypes ({', '.join(loaded)})", "for a mix of dtypes"
+    else:
+        loaded_as, no_digest = target, "for that dtype"
     if info.integer_sha256 is not None:
-        logger.info("Loaded in %s instead of %s: the checkpoint records no digest for that dtype, so only its integer "
-                    "tensors were verified.", target, info.float_dtype)
+        logger.info("Loaded in %s instead of %s: the checkpoint records no digest %s, so only its integer tensors "
+                    "were verified.", loaded_as, info.float_dtype, no_digest)
     else:
         logger.info("Loaded in %s instead of %s: the checkpoint was written before per-dtype and integer digests were "
-                    "recorded, so the digest check is skipped.", target, info.float_dtype)
+                    "recorded, so the digest check is skipped.", loaded_as, info.float_dtype)
 
 
 def consumers_of(model: nn.Module, layernorm_consumers: Mapping[str, list[str]]) -> dict[str, QLayerNorm]:

@@ -184,6 +184,52 @@ def test_half_precision_load_checks_the_float_tensors_against_their_cast_digest(
         AutoModelForImageClassification.from_pretrained(checkpoint, dtype=dtype)
 
 
+def _checkpoint_logs(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "optimum_dfq.formats.checkpoint"]
+
+
+def test_float32_module_kept_beside_a_half_precision_load_is_verified_by_the_cast_digest(checkpoint, monkeypatch,
+                                                                                          caplog):
+    monkeypatch.setattr(ViTForImageClassification, "_keep_in_fp32_modules", ["classifier"])  # as some models declare
+    with caplog.at_level(logging.INFO, logger="optimum_dfq.formats.checkpoint"):
+        model = AutoModelForImageClassification.from_pretrained(checkpoint, dtype=torch.float16)
+    assert model.classifier.bias.dtype == torch.float32 and model.vit.layernorm.weight.dtype == torch.float16
+    assert _checkpoint_logs(caplog) == []  # float16 + the saved float32: the float16 digest covers the whole state
+    bias = load_file(checkpoint / "model.safetensors")["classifier.bias"]
+    _edit(checkpoint, tensors={"classifier.bias": bias + 1})
+    with pytest.raises(CheckpointError, match=r"cast to float16 \(SHA-256 mismatch\)"):
+        AutoModelForImageClassification.from_pretrained(checkpoint, dtype=torch.float16)
+
+
+def test_load_in_two_new_float_dtypes_verifies_the_integer_tensors_and_says_so(saved_vit, tmp_path, monkeypatch,
+                                                                                caplog):
+    folder = tmp_path / "float16"
+    AutoModelForImageClassification.from_pretrained(saved_vit, dtype=torch.float16).save_pretrained(folder)
+    monkeypatch.setattr(ViTForImageClassification, "_keep_in_fp32_modules_strict", ["classifier"])
+    with caplog.at_level(logging.INFO, logger="optimum_dfq.formats.checkpoint"):
+        model = AutoModelForImageClassification.from_pretrained(folder, dtype=torch.bfloat16)
+    assert model.classifier.bias.dtype == torch.float32 and model.vit.layernorm.weight.dtype == torch.bfloat16
+    assert _checkpoint_logs(caplog) == [(
+        "Loaded in mixed float dtypes (bfloat16, float32) instead of float16: the checkpoint records no digest for a "
+        "mix of dtypes, so only its integer tensors were verified.")]
+    packed = load_file(folder / "model.safetensors")["classifier.weight_packed"].clone()
+    packed[0, 0] ^= 0x0F
+    _edit(folder, tensors={"classifier.weight_packed": packed})
+    with pytest.raises(CheckpointError, match=r"integer tensors \(packed weight codes.*SHA-256 mismatch"):
+        AutoModelForImageClassification.from_pretrained(folder, dtype=torch.bfloat16)
+
+
+def test_mixed_float_dtypes_are_not_compared_with_the_digest_of_one_cast(saved_vit):
+    """A state mixing float16 and bfloat16 matches neither cast digest: comparing it with one would be a false alarm."""
+    info = read_checkpoint_info([str(saved_vit / "model.safetensors")])
+    model = AutoModelForImageClassification.from_pretrained(saved_vit, dtype=torch.float16)
+    for tensor in [*model.classifier.parameters(), *model.classifier.buffers()]:
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.to(torch.bfloat16)  # in place: the tensors keep transformers' loaded flags
+    assert state_digest(model.state_dict(), torch.float16) != info.cast_sha256["float16"]
+    verify_loaded(model, info)
+
+
 def test_checkpoint_without_cast_digests_verifies_its_integer_tensors(checkpoint, caplog):
     _strip_metadata(checkpoint, "cast_sha256")
     with caplog.at_level(logging.INFO, logger="optimum_dfq.formats.checkpoint"):
