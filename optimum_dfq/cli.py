@@ -33,7 +33,7 @@ BATCH_SIZE_HELP = ("images synthesized together (default: min(32, ceil(num_image
                    "gets a batch; fix it to make the images independent of the number of processes: another batch "
                    "size gives slightly different images)")
 CACHE_DIR_HELP = ("synthesis cache folder, shared by every process (default: $HF_HOME/optimum_dfq/synthesis, or "
-                  "$OPTIMUM_DFQ_CACHE/synthesis; a run over several machines needs a folder they all see): a finished "
+                  "$OPTIMUM_DFQ_CACHE/synthesis; a multi-process run checks that every process sees it): a finished "
                   "run with the same arguments is reused, and a run started again after an interruption resumes from "
                   "its finished batches and from the checkpoints of the batches it was optimising (saved every "
                   "checkpoint_every=100 steps and on Ctrl-C)")

@@ -6,7 +6,8 @@ being optimised is checkpointed as `partial/<start>-<stop>.safetensors` (every `
 Ctrl-C; see [`BatchCheckpoint`]), so that it resumes from the step it had reached; the file goes once its shard is
 written (and any left by another batch grid once the finished set is saved). The
 finished set is saved with [`save_calibration_set`] into `calibration_set/` (also via a rename), whose presence
-marks the run complete. The directory must be visible to every process of a multi-process run.
+marks the run complete. The directory must be visible to every process of a multi-process run (the synthesis
+checks it with a probe file: [`~optimum_dfq.synthesis.shared_folder`]).
 
 Shards are only reused by a run whose batch grid they lie on (see [`SynthesisCache.finished_chunks`]): a shard left by
 a run with another `batch_size` is ignored, never mixed in. A run that names no `batch_size` takes the grid of the

@@ -6,7 +6,9 @@ run), [`delete_cached_runs`] removes runs named by their key or a unique prefix 
 changed before an age or, least recently changed first, those beyond a total size. Only folders named by a run key
 (64 hexadecimal digits) that hold nothing but what a synthesis run writes are ever deleted: anything else in the root
 (including a folder named by a SHA-256 that holds other files, as other tools' caches have) is listed as `"unknown"`
-and left alone, so that a cache folder given by mistake (a home folder, say) loses nothing.
+and left alone, so that a cache folder given by mistake (a home folder, say) loses nothing. The probe files with which a
+multi-process synthesis checks that every process sees the root ([`~optimum_dfq.synthesis.shared_folder`]) are
+neither listed nor deleted.
 
 A run that a synthesis is using is live (`CachedRun.live`): each process of the synthesis holds a shared lock on the
 run's `run.lock` (see [`~optimum_dfq.synthesis.run_lock`]), which the OS drops when the process ends or dies. Live runs
@@ -36,6 +38,7 @@ from typing import Any, Literal, get_args
 from ..errors import DFQError
 from .cache import TEMPORARY_NAME_RE, SynthesisCache
 from .run_lock import RUN_LOCK_NAME, run_deletion_lock, run_is_live
+from .shared_folder import PROBE_NAME_RE
 
 RUN_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 _RUN_ENTRY_RE = re.compile(r"^(run\.(json|lock)|shards|partial|calibration_set(\.damaged\d*)?)$")  # what a run writes
@@ -161,7 +164,8 @@ def list_cached_runs(cache_dir: str | os.PathLike) -> list[CachedRun]:
     """Describes every entry of a synthesis cache root, runs first by most recent change, then unknown entries.
 
     Reading never fails on a damaged or foreign entry: it is listed with status `"unknown"` and the reason. Files that
-    vanish while the root is scanned (a synthesis going on) are skipped.
+    vanish while the root is scanned (a synthesis going on) are skipped, as are the probe files of a multi-process
+    synthesis checking that the folder is shared ([`~optimum_dfq.synthesis.shared_folder.PROBE_NAME_RE`]).
 
     Args:
         cache_dir (`str` or `os.PathLike`): the cache root (e.g. [`~optimum_dfq.synthesis.cache.default_cache_dir`]).
@@ -183,7 +187,8 @@ def list_cached_runs(cache_dir: str | os.PathLike) -> list[CachedRun]:
         return []
     if not root.is_dir():
         raise NotADirectoryError(f"{root} is a file, not a synthesis cache folder.")
-    entries = [_describe_entry(entry) for entry in root.iterdir()]
+    # a probe file is not listed: it lives for the instant a multi-process synthesis checks the folder is shared
+    entries = [_describe_entry(entry) for entry in root.iterdir() if not PROBE_NAME_RE.match(entry.name)]
     return sorted(entries, key=lambda run: (run.status == "unknown", -run.modified, run.key))
 
 

@@ -19,7 +19,6 @@ import contextlib
 import logging
 import numbers
 import os
-import socket
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -50,6 +49,7 @@ from .features import AttentionSite, probe_attention_sites
 from .geometry import TokenGrid, probe_token_grids
 from .hashing import model_config_material, model_fingerprint, run_fingerprint
 from .normalization import normalization_stats, valid_pixel_range
+from .shared_folder import processes_not_sharing
 
 logger = logging.getLogger(__name__)
 
@@ -313,15 +313,18 @@ class PixelSynthesizer(Synthesizer):
             cache_dir (`str`, `PathLike` or `bool`, *optional*): cache root, by default the library's synthesis
                 cache ([`~optimum_dfq.synthesis.cache.default_cache_dir`]: `$HF_HOME/optimum_dfq/synthesis`, or
                 `$OPTIMUM_DFQ_CACHE/synthesis`); `False` keeps nothing, as does `OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE=1`
-                for the default. A run spanning several machines uses the default cache only if given explicitly
-                (`cache_dir=` on a filesystem every machine sees). A finished run with the same synthesizer,
-                resolved hyper-parameters (`log_every` aside), model weights and configuration, normalisation, seed
-                and `num_images` is loaded instead of recomputed (whatever its `batch_size`, recorded in the set's
-                metadata), and an interrupted one resumes with the batches it has not finished, each batch being
-                optimised from its last checkpoint (every `checkpoint_every` steps and on Ctrl-C, when a warning
-                says what is kept), to the images of an uninterrupted run. Cached batches of another `batch_size`
-                are ignored. While it runs, every process holds the run's lock ([`SynthesisCache.running`]), so that
-                `optimum-dfq cache` shows the run as running and neither deletes nor prunes it.
+                for the default. With several processes the folder must be one that every process sees (one
+                filesystem, whatever the machines): a probe file checks it before the run
+                ([`~optimum_dfq.synthesis.shared_folder.processes_not_sharing`]); a default cache that some process
+                does not share is not used (a warning says so, and the run keeps nothing), an explicit one raises. A
+                finished run with the same synthesizer, resolved hyper-parameters (`log_every` aside), model weights
+                and configuration, normalisation, seed and `num_images` is loaded instead of recomputed (whatever its
+                `batch_size`, recorded in the set's metadata), and an interrupted one resumes with the batches it has
+                not finished, each batch being optimised from its last checkpoint (every `checkpoint_every` steps and
+                on Ctrl-C, when a warning says what is kept), to the images of an uninterrupted run. Cached batches
+                of another `batch_size` are ignored. While it runs, every process holds the run's lock
+                ([`SynthesisCache.running`]), so that `optimum-dfq cache` shows the run as running and neither
+                deletes nor prunes it.
             device (`str` or `torch.device`, *optional*): where to optimise (the model's device by default; the model
                 is moved there for the run and back afterwards).
             on_batch_end (`Callable[[BatchRecord], None]`, *optional*): called after each finished (and cached)
@@ -339,8 +342,9 @@ class PixelSynthesizer(Synthesizer):
             `UnsupportedArchitectureError`: if the model is not a supported ViT, DeiT or Swin classifier.
             `ImageSizeError`: if `image_processor` resizes every image to another size than the model takes (it was
                 made for another model).
-            `ConfigError`: if `image_processor` is a path or Hub id instead of the processor, or `cache_dir` is
-                neither a folder nor a bool/`None`.
+            `ConfigError`: if `image_processor` is a path or Hub id instead of the processor, `cache_dir` is
+                neither a folder nor a bool/`None`, or (several processes) `cache_dir` names a folder that some
+                process does not share with the main process (raised on every process).
 
         A class-conditional method (`class_conditional`: PSAQ-ViT, SARDFQ, DFQ-ViT) also raises `SynthesisError` for
         a head with fewer than 2 classes (`num_labels=1`, e.g. a regression head, whose class term is identically
@@ -362,8 +366,7 @@ class PixelSynthesizer(Synthesizer):
         """
         check_synthesis_arguments(num_images, seed)
         state = resolve_state(state)
-        default_cache = cache_dir is None or cache_dir is True
-        cache_root = _default_cache_for_run(state) if default_cache else resolve_cache_dir(cache_dir)
+        cache_root = _cache_for_run(state, cache_dir)
         batch_size_chosen = batch_size if batch_size is not None else self.batch_size
         batch_size = grid_batch_size(num_images, batch_size_chosen, state.num_processes)
         adapter = get_adapter(model)
@@ -603,12 +606,35 @@ def _resume_batch_size(state, cache: SynthesisCache, num_images: int, default: i
     return cached
 
 
+def _cache_for_run(state, cache_dir: str | os.PathLike | bool | None) -> Path | None:
+    """The cache root of the run (`None` for none), checked to be shared by every process of a multi-process run.
+
+    Raises:
+        `ConfigError`: for an invalid `cache_dir` or cache setting, or an explicit `cache_dir` that some process does
+            not share with the main process (raised on every process).
+    """
+    if cache_dir is None or cache_dir is True:
+        return _default_cache_for_run(state)
+    root = resolve_cache_dir(cache_dir)
+    unshared = processes_not_sharing(state, root) if root is not None and state.num_processes > 1 else {}
+    if unshared:
+        raise ConfigError(
+            f"The synthesis cache folder {root} (cache_dir=) is not shared by every process of this run: "
+            f"{_describe_unshared(unshared)}. Every process writes its finished batches there and the main process "
+            "reads them back, so the folder must be on a filesystem that every process sees (a local folder such as "
+            "/scratch on each machine is not): pass cache_dir= (--cache-dir) such a folder, or cache_dir=False "
+            "(--no-cache) to keep no cache."
+        )
+    return root
+
+
 def _default_cache_for_run(state) -> Path | None:
-    """The default cache, unless the run's processes disagree on it: processes on several machines (each would have
-    its own default folder, while the cache must be one folder that every process sees), or with different
-    `OPTIMUM_DFQ_CACHE` / `OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE` settings. Every process takes the same decision, and
-    an invalid setting on any process is raised on all of them (raised on its own, it would leave the others waiting
-    in the gather until the process group's timeout)."""
+    """The default cache, unless the run's processes do not share it: checked with a probe file
+    ([`~optimum_dfq.synthesis.shared_folder.processes_not_sharing`]), whatever the machines, as processes on several
+    machines may share it (an NFS home) and processes on one may not (containers), or some process turns it off
+    (`OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE`). Every process takes the same decision, and an invalid setting on any
+    process is raised on all of them (raised on its own, it would leave the others waiting in the gather until the
+    process group's timeout)."""
     try:
         default, problem = resolve_cache_dir(None), None
     except ConfigError as err:
@@ -617,23 +643,34 @@ def _default_cache_for_run(state) -> Path | None:
         if problem is not None:
             raise ConfigError(problem)
         return default
-    views = gather_lists(state, [(socket.gethostname(), None if default is None else str(default), problem)])
-    problems = [(rank, error) for rank, (_, _, error) in enumerate(views) if error is not None]
+    views = gather_lists(state, [(default is not None, problem)])
+    problems = [(rank, error) for rank, (_, error) in enumerate(views) if error is not None]
     if problems:
         rank, error = problems[0]
         raise ConfigError(f"{error} (process {rank})")
-    views = [(host, folder) for host, folder, _ in views]
-    if len(set(views)) == 1 or all(folder is None for _, folder in views):  # agreed, or turned off everywhere
-        return default
+    enabled = [on for on, _ in views]
+    if not any(enabled):  # turned off everywhere: nothing to warn about
+        return None
+    if all(enabled):
+        unshared = processes_not_sharing(state, default)
+        if not unshared:
+            return default
+        why = (f"({default} on the main process) is not shared by every process of this run "
+               f"({_describe_unshared(unshared)})")
+    else:
+        off = ", ".join(str(rank) for rank, on in enumerate(enabled) if not on)
+        why = f"is turned off by {DISABLE_CACHE_ENV} on process(es) {off} only"
     if state.is_main_process:
-        hosts = {host for host, _ in views}
-        where = (f"runs on {len(hosts)} machines" if len(hosts) > 1
-                 else "has processes with different OPTIMUM_DFQ_CACHE / OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE settings")
-        logger.warning("This synthesis %s, so the default cache (%s on the main process) is not used and an "
-                       "interrupted run keeps nothing: pass cache_dir= (--cache-dir) on a filesystem that every "
-                       "process sees to keep finished batches, or cache_dir=False (--no-cache) to silence this.",
-                       where, default)
+        logger.warning("The default synthesis cache %s, so it is not used and an interrupted run keeps nothing: pass "
+                       "cache_dir= (--cache-dir) on a filesystem that every process sees to keep finished batches, or "
+                       "cache_dir=False (--no-cache) to silence this.", why)
     return None
+
+
+def _describe_unshared(unshared: dict[int, str]) -> str:
+    """`"process 1 sees no probe file ...; process 2 ..."` (the main process is "the main process")."""
+    return "; ".join(f"{'the main process' if rank == 0 else f'process {rank}'} {why}"
+                     for rank, why in sorted(unshared.items()))
 
 
 def _log_main(state, message: str, *args) -> None:
@@ -647,8 +684,9 @@ def _warn_interrupted(state, cache: SynthesisCache | None, grid: list[tuple[int,
         return
     if cache is None:
         logger.warning("Synthesis interrupted: the images synthesized so far are not kept, as the synthesis cache is "
-                       "off (cache_dir=False / --no-cache, %s, or a run over several machines). Leave it on, or pass "
-                       "cache_dir= (--cache-dir), to keep every finished batch and resume an interrupted run.",
+                       "off (cache_dir=False / --no-cache, %s, or a default cache not shared by every process). "
+                       "Leave it on, or pass cache_dir= (--cache-dir), to keep every finished batch and resume an "
+                       "interrupted run.",
                        DISABLE_CACHE_ENV)
         return
     on_grid = set(grid)

@@ -217,41 +217,62 @@ def test_a_bad_cache_dir_is_refused_before_any_optimisation(monkeypatch):
 
 
 class _TwoProcesses:
-    num_processes, is_main_process = 2, True
+    num_processes, process_index, is_main_process = 2, 0, True
 
 
-@pytest.mark.parametrize("others, reason", [
-    ([("a", "same")], None),
-    ([("b", "same")], "runs on 2 machines"),
-    ([("a", None)], "different OPTIMUM_DFQ_CACHE / OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE settings"),
+NOT_SEEN = "sees no probe file that the main process wrote there"
+UNSHARED = "(DEFAULT on the main process) is not shared by every process of this run"
+
+
+def _fake_probe(monkeypatch, unshared: dict[int, str]) -> list:
+    """Makes the probe of a shared folder answer `unshared`; returns the folders probed."""
+    probed = []
+
+    def probe(state, folder):
+        probed.append(folder)
+        return dict(unshared)
+
+    monkeypatch.setattr(pixel_synthesizer, "processes_not_sharing", probe)
+    return probed
+
+
+@pytest.mark.parametrize("other_enabled, unshared, reason", [
+    (True, {}, None),
+    (True, {1: NOT_SEEN}, f"{UNSHARED} (process 1 {NOT_SEEN})"),
+    (True, {0: "cannot write there (PermissionError: denied)"},
+     f"{UNSHARED} (the main process cannot write there (PermissionError: denied))"),
+    (False, {}, "is turned off by OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE on process(es) 1 only"),
 ])
-def test_default_cache_is_only_used_when_every_process_sees_the_same_one(others, reason, default_synthesis_cache,
-                                                                         monkeypatch, caplog):
-    def gather(state, items):  # this process (host "a") and the others
+def test_default_cache_is_only_used_when_every_process_sees_the_probe_in_it(other_enabled, unshared, reason,
+                                                                             default_synthesis_cache, monkeypatch,
+                                                                             caplog):
+    def gather(state, items):  # this process and the other one
         (mine,) = items
-        assert mine == ("a", str(default_synthesis_cache), None)
-        return [mine] + [(host, mine[1] if folder == "same" else folder, None) for host, folder in others]
+        assert mine == (True, None)
+        return [mine, (other_enabled, None)]
 
-    monkeypatch.setattr(pixel_synthesizer.socket, "gethostname", lambda: "a")
     monkeypatch.setattr(pixel_synthesizer, "gather_lists", gather)
+    probed = _fake_probe(monkeypatch, unshared)
     with caplog.at_level("WARNING"):
         chosen = pixel_synthesizer._default_cache_for_run(_TwoProcesses())
+    assert probed == ([default_synthesis_cache] if other_enabled else [])  # the filesystem decides, not host names
     if reason is None:
         assert chosen == default_synthesis_cache and not caplog.records
     else:
         assert chosen is None
-        assert reason in caplog.text
-        assert f"the default cache ({default_synthesis_cache} on the main process) is not used" in caplog.text
+        reason = reason.replace("DEFAULT", str(default_synthesis_cache))
+        assert f"The default synthesis cache {reason}, so it is not used" in caplog.text
+        assert "cache_dir=False (--no-cache) to silence this" in caplog.text
 
 
-def test_a_default_cache_turned_off_everywhere_is_dropped_without_a_warning(monkeypatch, caplog):
+def test_a_default_cache_turned_off_everywhere_is_dropped_without_a_warning_or_a_probe(monkeypatch, caplog):
     # OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE=1 on every machine of a multi-machine run: there is no default cache to drop,
     # yet a warning said it was dropped and told to pass cache_dir=False "to silence this"
-    monkeypatch.setattr(pixel_synthesizer, "gather_lists",
-                        lambda state, items: [("a", None, None), ("b", None, None)])
+    monkeypatch.setattr(pixel_synthesizer, "gather_lists", lambda state, items: [(False, None), (False, None)])
+    probed = _fake_probe(monkeypatch, {})
     with caplog.at_level("WARNING"):
         assert pixel_synthesizer._default_cache_for_run(_TwoProcesses()) is None
-    assert not caplog.records
+    assert not caplog.records and probed == []
 
 
 @pytest.mark.parametrize("mine", ["1", "maybe"])
@@ -264,13 +285,44 @@ def test_an_invalid_cache_setting_on_any_process_is_raised_on_every_process(mine
 
     def gather(state, items):
         gathered.extend(items)
-        return list(items) + [("b", None, "OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE='perhaps' is not a yes/no value")]
+        return list(items) + [(False, "OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE='perhaps' is not a yes/no value")]
 
     monkeypatch.setattr(pixel_synthesizer, "gather_lists", gather)
     with pytest.raises(ConfigError, match="is not a yes/no value"):
         pixel_synthesizer._default_cache_for_run(_TwoProcesses())
     assert len(gathered) == 1  # this process took part in the gather, even with its own setting invalid
-    assert (gathered[0][2] is not None) == (mine == "maybe")
+    assert (gathered[0][1] is not None) == (mine == "maybe")
+
+
+@pytest.mark.parametrize("cache_dir", [None, True, "folder"])
+def test_a_single_process_run_writes_no_probe(cache_dir, default_synthesis_cache, tmp_path, monkeypatch):
+    def probe(state, folder):
+        raise AssertionError("a single process has no other process to share its cache with")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pixel_synthesizer, "processes_not_sharing", probe)
+    get_synthesizer("psaq", **FAST).synthesize(tiny_vit(), 2, seed=0, cache_dir=cache_dir, **NORM)
+    root = tmp_path / "folder" if cache_dir == "folder" else default_synthesis_cache
+    (run_dir,) = root.iterdir()  # the run, and nothing else
+    assert (run_dir / "calibration_set").is_dir()
+
+
+def test_an_explicit_cache_dir_that_another_process_does_not_see_is_refused(tmp_path, monkeypatch):
+    from optimum_dfq.errors import ConfigError
+
+    probed = _fake_probe(monkeypatch, {1: NOT_SEEN})
+    with pytest.raises(ConfigError) as raised:
+        pixel_synthesizer._cache_for_run(_TwoProcesses(), tmp_path / "scratch")
+    assert probed == [tmp_path / "scratch"]
+    message = str(raised.value)
+    assert f"The synthesis cache folder {tmp_path / 'scratch'} (cache_dir=) is not shared by every process" in message
+    assert f"process 1 {NOT_SEEN}" in message
+    assert "a filesystem that every process sees" in message and "cache_dir=False (--no-cache)" in message
+
+    probed = _fake_probe(monkeypatch, {})
+    assert pixel_synthesizer._cache_for_run(_TwoProcesses(), tmp_path / "shared") == tmp_path / "shared"
+    assert pixel_synthesizer._cache_for_run(_TwoProcesses(), False) is None
+    assert probed == [tmp_path / "shared"]  # cache_dir=False: no folder, no probe
 
 
 def test_an_invalid_cache_setting_is_refused_before_any_optimisation(monkeypatch):
@@ -284,22 +336,22 @@ def test_an_invalid_cache_setting_is_refused_before_any_optimisation(monkeypatch
     assert calls == []
 
 
-def test_a_run_over_several_machines_keeps_nothing_in_their_own_default_caches(default_synthesis_cache, monkeypatch,
-                                                                             caplog):
-    class TwoProcesses:  # this process, the main one, and another on another machine
+def test_a_default_cache_another_process_does_not_see_keeps_nothing(default_synthesis_cache, monkeypatch, caplog):
+    class TwoProcesses:  # this process, the main one, and another that does not see its default cache
         num_processes, process_index, is_main_process = 2, 0, True
 
     def gather(state, items):
-        if items and isinstance(items[0], tuple):  # where each process's default cache is
-            return list(items) + [("another-host", items[0][1], None)]
+        if items and isinstance(items[0], tuple):  # whether each process has a default cache
+            return list(items) + [(True, None)]
         raise _Interrupt  # the finished batches, gathered: the run has done its part
 
     monkeypatch.setattr(pixel_synthesizer, "gather_lists", gather)
     monkeypatch.setattr(pixel_synthesizer, "broadcast_from_main", lambda state, value: value)
+    _fake_probe(monkeypatch, {1: NOT_SEEN})
     with pytest.raises(_Interrupt), caplog.at_level("WARNING"):
         get_synthesizer("psaq", **FAST).synthesize(tiny_vit(), 4, seed=0, batch_size=2, state=TwoProcesses(), **NORM)
-    assert "runs on 2 machines" in caplog.text
-    assert not default_synthesis_cache.exists()  # no batch kept where the other machine cannot see it
+    assert "is not shared by every process of this run" in caplog.text
+    assert not default_synthesis_cache.exists()  # no batch kept where the other process cannot see it
 
 
 def test_finished_run_is_reused_without_optimising(tmp_path, monkeypatch):

@@ -141,6 +141,23 @@ def test_entries_that_are_not_runs_are_listed_as_unknown_with_the_reason(cache_r
     assert unknown[garbled.name].size_bytes == _du(garbled)
 
 
+def test_probe_files_of_a_multi_process_synthesis_are_neither_listed_nor_deleted(cache_root):
+    # a probe lives for the instant a multi-process synthesis checks that the folder is shared; one left by a killed
+    # process must not show as an unknown entry of `cache list`, nor be taken for a run
+    main_probe = cache_root / ".optimum_dfq-probe-0123456789abcdef0123456789abcdef"
+    other_probe = cache_root / f"{main_probe.name}-1"
+    for probe in (main_probe, other_probe):
+        probe.write_text("0123456789abcdef0123456789abcdef")
+    look_alike = cache_root / ".optimum_dfq-probe-notes"  # not a probe's name: listed as any stray file is
+    look_alike.write_text("mine")
+
+    runs = list_cached_runs(cache_root)
+    assert {run.key for run in runs} == {_run_dir(cache_root, 0).name, _run_dir(cache_root, 1).name, look_alike.name}
+    delete_cached_runs(cache_root, delete_all=True)
+    assert sorted(path.name for path in cache_root.iterdir()) == sorted([main_probe.name, other_probe.name,
+                                                                         look_alike.name])
+
+
 def test_a_missing_cache_lists_nothing_and_a_file_is_refused(tmp_path):
     assert list_cached_runs(tmp_path / "missing") == []
     (tmp_path / "file").write_text("")

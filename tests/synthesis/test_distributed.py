@@ -30,12 +30,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _torchrun(out: Path, *worker_args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(Path.cwd()))
-    env.pop("WORLD_SIZE", None)
+def _torchrun(out: Path, *worker_args: str, env: dict[str, str] | None = None,
+              timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs the worker on 2 processes; `env` adds to (a value `""`: removes from) the environment."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(Path.cwd()), **(env or {}))
+    env = {name: value for name, value in env.items() if value != "" and name != "WORLD_SIZE"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(_free_port()), str(WORKER), "--out", str(out), *worker_args]
-    return subprocess.run(command, env=env, capture_output=True, text=True, check=False, timeout=300)
+    return subprocess.run(command, env=env, capture_output=True, text=True, check=False, timeout=timeout)
 
 
 def _reference(name: str, num_images: int, batch_size: int | None = None):
@@ -105,3 +107,55 @@ def test_one_process_run_resumed_on_two_processes_keeps_its_batch_grid(tmp_path)
     assert ran == [[32, 34]]
     gathered = load_file(str(tmp_path / "psaq.safetensors"))
     assert torch.equal(gathered["pixel_values"], _reference("psaq", NUM_IMAGES).pixel_values)
+
+
+def _probes(*folders: Path) -> list[Path]:
+    return [path for folder in folders if folder.is_dir() for path in folder.iterdir()
+            if path.name.startswith(".optimum_dfq-probe-")]
+
+
+def test_a_cache_every_process_sees_is_used_whatever_the_machines_and_the_probe_is_removed(tmp_path):
+    # processes on two "machines" (their host names differ) sharing one filesystem, as an NFS home: the default cache
+    # and an explicit one are both used, the second synthesis of each loading the finished set on both processes
+    home, explicit = tmp_path / "home-cache", tmp_path / "explicit"
+    result = _torchrun(tmp_path, "--num-images", "4", "--names", "psaq", "--rank-hostnames", "--repeat",
+                       "--cache-dir", "default", "--cache-dir", str(explicit),
+                       env={"OPTIMUM_DFQ_CACHE": str(home), "OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE": ""}, timeout=120)
+    logs = result.stdout + result.stderr
+    assert result.returncode == 0, logs[-3000:]
+    assert "not shared" not in logs and logs.count("Loading the cached calibration set") == 2, logs[-3000:]
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text())["psaq"] for rank in (0, 1)]
+    # each process synthesized its batch once per cache folder, then the finished set was loaded instead
+    assert reports[0]["batches"] == [[0, 2]] * 2 and reports[1]["batches"] == [[2, 4]] * 2
+    for root in (home / "synthesis", explicit):
+        (run_dir,) = root.iterdir()  # the run, and no probe left
+        assert sorted(path.name for path in (run_dir / "shards").iterdir()) == [
+            "00000000-00000002.safetensors", "00000002-00000004.safetensors"]  # each process's batch, in one folder
+
+
+def test_a_cache_folder_that_is_another_folder_on_each_process_is_not_used(tmp_path):
+    # each process works in its own folder, so the same relative paths name another folder on each, as node-local
+    # storage mounted under the same path on each machine (or a container's own disk) does; the host name is the same
+    result = _torchrun(tmp_path, "--num-images", "4", "--names", "psaq", "--rank-cwd", "--record-errors",
+                       "--cache-dir", "default", "--cache-dir", "scratch",
+                       env={"OPTIMUM_DFQ_CACHE": "home-cache", "OPTIMUM_DFQ_DISABLE_SYNTHESIS_CACHE": ""}, timeout=120)
+    logs = result.stdout + result.stderr
+    assert result.returncode == 0, logs[-3000:]  # no process left waiting for another
+
+    # the default cache: a warning, and the run goes on without a cache
+    assert logs.count("The default synthesis cache (home-cache/synthesis on the main process) is not shared by every "
+                      "process of this run (process 1 sees no probe file that the main process wrote there)") == 1
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text())["psaq"] for rank in (0, 1)]
+    assert reports[0]["batches"] == [[0, 2]] and reports[1]["batches"] == [[2, 4]]  # the explicit run made none
+    assert list((tmp_path / "rank0" / "home-cache" / "synthesis").iterdir()) == []  # made for the probe, left empty
+    assert not (tmp_path / "rank1" / "home-cache").exists()
+
+    # the explicit cache_dir: a ConfigError on every process, naming the folder, the process and the fix
+    for report in reports:
+        (error,) = report["errors"]
+        assert error.startswith("The synthesis cache folder scratch (cache_dir=) is not shared by every process of "
+                                "this run: process 1 sees no probe file that the main process wrote there."), error
+        assert "cache_dir=False (--no-cache)" in error
+    assert not (tmp_path / "rank1" / "scratch").exists()  # process 1 wrote nothing where it saw no probe
+    assert _probes(*(tmp_path / f"rank{rank}" / folder for rank in (0, 1)
+                     for folder in ("scratch", "home-cache/synthesis"))) == []

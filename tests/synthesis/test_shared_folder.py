@@ -1,0 +1,124 @@
+"""The probe of a shared cache folder, one process at a time: the collective calls are faked, the filesystem is real.
+
+The same probe between two real processes: tests/synthesis/test_distributed.py.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from optimum_dfq.synthesis import shared_folder
+from optimum_dfq.synthesis.shared_folder import PROBE_NAME_RE, PROBE_PREFIX, processes_not_sharing
+
+TOKEN = "0123456789abcdef0123456789abcdef"
+
+
+def _state(rank: int) -> SimpleNamespace:
+    return SimpleNamespace(num_processes=2, process_index=rank, is_main_process=rank == 0)
+
+
+def _collectives(monkeypatch, broadcasts: list, on_gather=lambda items: list(items)) -> list:
+    """Fakes the collective calls: each broadcast answers the main process's value (the next of `broadcasts` on other
+    processes), the gather answers `on_gather(items)`; returns what this process gathered."""
+    answers, gathered = iter(broadcasts), []
+
+    def broadcast(state, value):
+        return value if state.is_main_process else next(answers)
+
+    def gather(state, items):
+        gathered.extend(items)
+        return on_gather(items)
+
+    monkeypatch.setattr(shared_folder, "broadcast_from_main", broadcast)
+    monkeypatch.setattr(shared_folder, "gather_lists", gather)
+    return gathered
+
+
+def test_a_single_process_writes_nothing(tmp_path):
+    assert processes_not_sharing(SimpleNamespace(num_processes=1), tmp_path / "cache") == {}
+    assert not (tmp_path / "cache").exists()
+
+
+def test_the_main_process_probes_the_folder_and_removes_its_probe(tmp_path, monkeypatch):
+    folder = tmp_path / "new" / "cache"  # made by the main process, as the run would make it
+    seen = []
+
+    def other_process_answers(items):  # process 1 finds the main probe and writes its own beside it
+        (main_probe,) = folder.iterdir()
+        token = main_probe.name[len(PROBE_PREFIX):]
+        assert PROBE_NAME_RE.match(main_probe.name) and main_probe.read_text() == token
+        (folder / f"{main_probe.name}-1").write_text(token)
+        seen.append(main_probe)
+        return list(items) + [None]
+
+    _collectives(monkeypatch, [], other_process_answers)
+    assert processes_not_sharing(_state(0), folder) == {}
+    assert list(folder.iterdir()) == [folder / f"{seen[0].name}-1"]  # the main probe is gone; process 1 removes its own
+
+    _collectives(monkeypatch, [], other_process_answers)  # another check: another name (a concurrent run's differs too)
+    (folder / f"{seen[0].name}-1").unlink()
+    processes_not_sharing(_state(0), folder)
+    assert seen[1] != seen[0]
+
+
+def test_the_main_process_reports_what_the_others_do_not_see_and_what_it_does_not_see_of_theirs(tmp_path,
+                                                                                                monkeypatch):
+    _collectives(monkeypatch, [], lambda items: list(items) + [None])  # process 1 says it saw, yet wrote nothing here
+    assert processes_not_sharing(_state(0), tmp_path) == {
+        1: "wrote a probe file there that the main process does not see"}
+    _collectives(monkeypatch, [], lambda items: list(items) + ["sees no probe file that the main process wrote there"])
+    assert processes_not_sharing(_state(0), tmp_path) == {1: "sees no probe file that the main process wrote there"}
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_main_probe_is_removed_when_a_collective_call_fails(tmp_path, monkeypatch):
+    def broken(items):
+        raise RuntimeError("the process group broke down")
+
+    _collectives(monkeypatch, [], broken)
+    with pytest.raises(RuntimeError, match="broke down"):
+        processes_not_sharing(_state(0), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_main_process_that_cannot_write_the_probe_says_so_to_every_process(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    gathered = _collectives(monkeypatch, [])
+    unshared = processes_not_sharing(_state(0), tmp_path / "file" / "cache")  # no folder can be made in a file
+    assert list(unshared) == [0] and unshared[0].startswith("cannot write there (")
+    assert gathered == []  # every process returns on the broadcast: no one waits in the gather
+
+    gathered = _collectives(monkeypatch, [(TOKEN, unshared[0])])
+    assert processes_not_sharing(_state(1), tmp_path / "cache") == unshared
+    assert gathered == [] and not (tmp_path / "cache").exists()
+
+
+def test_another_process_that_sees_the_main_probe_answers_with_its_own_and_removes_it(tmp_path, monkeypatch):
+    (tmp_path / f"{PROBE_PREFIX}{TOKEN}").write_text(TOKEN)  # written by the main process
+    own = tmp_path / f"{PROBE_PREFIX}{TOKEN}-1"
+
+    def main_looks(items):  # the main process looks for process 1's probe before the last broadcast
+        assert own.read_text() == TOKEN
+        return [None, *items]
+
+    gathered = _collectives(monkeypatch, [(TOKEN, None), {}], main_looks)
+    assert processes_not_sharing(_state(1), tmp_path) == {}
+    assert gathered == [None] and not own.exists()
+
+
+def test_another_process_that_does_not_see_the_main_probe_says_so_and_writes_nothing(tmp_path, monkeypatch):
+    verdict = {1: "sees no probe file that the main process wrote there"}
+    gathered = _collectives(monkeypatch, [(TOKEN, None), verdict], lambda items: [None, *items])
+    assert processes_not_sharing(_state(1), tmp_path / "local") == verdict
+    assert gathered == [verdict[1]] and not (tmp_path / "local").exists()
+
+
+def test_another_process_that_cannot_write_beside_the_main_probe_says_so(tmp_path, monkeypatch):
+    (tmp_path / f"{PROBE_PREFIX}{TOKEN}").write_text(TOKEN)
+    (tmp_path / f"{PROBE_PREFIX}{TOKEN}-1").mkdir()  # in the way of its probe file, as a read-only mount would be
+    gathered = _collectives(monkeypatch, [(TOKEN, None), {}], lambda items: [None, *items])
+    processes_not_sharing(_state(1), tmp_path)
+    assert gathered[0].startswith("cannot write there (FileExistsError")
+    assert (tmp_path / f"{PROBE_PREFIX}{TOKEN}-1").is_dir()  # what it did not write, it does not remove
