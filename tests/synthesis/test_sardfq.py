@@ -48,9 +48,9 @@ def test_msr_resize_mode_sets_how_each_quadrant_is_brought_to_the_input_size(mod
     synth = get_synthesizer("sardfq", **FAST, msr_resize=mode)
     plan = plan_batch(synth, tiny_vit(), [0])
     inputs = plan.views(plan.init)
-    first = plan.views.layout.quadrants[0]
-    top, left = (first // 2) * 16, (first % 2) * 16
-    quadrant = plan.init[:1, :, top:top + 16, left:left + 16]
+    top, bottom, left, right = plan.views.layout.boxes[0]
+    assert bottom - top == right - left == 16 and top in (0, 16) and left in (0, 16)  # a quadrant
+    quadrant = plan.init[:1, :, top:bottom, left:right]
     expected = torch.nn.functional.interpolate(quadrant, size=(32, 32), mode=mode,
                                                **({} if mode == "nearest" else {"align_corners": False}))
     torch.testing.assert_close(inputs[1:2], expected)
@@ -103,3 +103,103 @@ def test_apa_covariance_reaches_the_priors_and_enters_the_cache_key_only_off_its
     assert resolved(apa_covariance="diagonal")["apa_covariance"] == "diagonal"
     with pytest.raises(SynthesisError, match="apa_covariance"):
         get_synthesizer("sardfq", apa_covariance="full")
+
+
+def test_default_msr_layout_is_the_quadrant_layout_and_keeps_the_cache_key():
+    from optimum_dfq.synthesis.regions import quadrant_layout
+
+    plan = plan_batch(get_synthesizer("sardfq", **FAST), tiny_vit(), list(range(6)))
+    labels, layout = quadrant_layout(list(range(6)), 0, 10, 4, (32, 32))
+    assert torch.equal(plan.labels, labels) and plan.views.layout == layout
+    assert plan.owners[6:].tolist() == layout.owners
+    default = resolved()
+    assert "msr_layout" not in default and "msr_region_scale" not in default  # runs from before keep their cache key
+    assert resolved(msr_layout="quadrants", msr_region_scale=[0.25, 0.5]) == default
+    assert resolved(msr_layout="grid:2x2") == default  # the same regions, so the same images and key
+
+
+@pytest.mark.parametrize("layout, regions", [("grid:3x3", 9), ("grid:1x4", 4), ("random", 4), ("random", 6)])
+def test_msr_layout_sets_where_the_crops_lie(layout, regions):
+    synth = get_synthesizer("sardfq", **FAST, msr_layout=layout, msr_regions=regions)
+    plan = plan_batch(synth, tiny_vit(), list(range(8)))
+    boxes, owners = plan.views.layout.boxes, plan.views.layout.owners
+    assert plan.owners[8:].tolist() == owners  # crops are jittered and flipped with their parent (engine: owners)
+    assert plan.views(plan.init).shape == (8 + len(owners), 3, 32, 32)
+    assert max(owners.count(position) for position in range(8)) > 1
+    if layout.startswith("grid"):
+        rows, cols = (int(n) for n in layout[5:].split("x"))
+        assert {(bottom - top, right - left) for top, bottom, left, right in boxes} <= {
+            (32 // rows + extra_h, 32 // cols + extra_w) for extra_h in (0, 1) for extra_w in (0, 1)}
+    else:
+        assert len({bottom - top for top, bottom, _, _ in boxes}) > 1 and all(
+            8 <= bottom - top <= 16 for top, bottom, _, _ in boxes)  # 0.25 and 0.5 of 32
+    assert resolved(msr_layout=layout, msr_regions=regions)["msr_layout"] == layout
+
+
+def test_random_msr_layout_scale_enters_the_cache_key_off_its_default():
+    assert "msr_region_scale" not in resolved(msr_layout="random")
+    assert resolved(msr_layout="random", msr_region_scale=[0.2, 0.4])["msr_region_scale"] == (0.2, 0.4)
+    synth = get_synthesizer("sardfq", **FAST, msr_layout="random", msr_region_scale=(0.2, 0.25))
+    boxes = plan_batch(synth, tiny_vit(), list(range(8))).views.layout.boxes
+    assert all(7 <= bottom - top <= 8 for top, bottom, _, _ in boxes)  # 0.2 * 32 = 6.4, 0.25 * 32 = 8
+
+
+def test_msr_crops_are_rolled_and_flipped_with_their_parent(monkeypatch):
+    from optimum_dfq.synthesis import augment
+
+    applied = []
+    original = augment.JitterFlip.apply
+
+    def recording(inputs, offsets, flips):
+        applied.append((offsets.clone(), flips.clone()))
+        return original(inputs, offsets, flips)
+
+    monkeypatch.setattr(augment.JitterFlip, "apply", staticmethod(recording))
+    synth = get_synthesizer("sardfq", **dict(FAST, jitter=(4, 4)), msr_layout="random", flip_prob=0.5)
+    owners = plan_batch(synth, tiny_vit(), list(range(4))).owners
+    synth.synthesize(tiny_vit(), 4, seed=0, cache_dir=False, batch_size=4, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    assert len(applied) == 4 and all(len(offsets) == len(owners) for offsets, _ in applied)
+    for offsets, flips in applied:
+        assert torch.equal(offsets, offsets[:4][owners]) and torch.equal(flips, flips[:4][owners])
+    assert len({tuple(offsets[:4].tolist()) for offsets, _ in applied}) > 1  # the rolls do change between steps
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"msr_layout": "hexagons"}, r"msr_layout='hexagons' must be one of \['quadrants', 'random'\] or 'grid:RxC'"),
+    ({"msr_layout": "grid:3"}, "'grid:RxC'"),
+    ({"msr_layout": 4}, "'grid:RxC'"),
+    ({"msr_regions": 5}, r"msr_regions=5 exceeds the 4 cells of msr_layout='quadrants'"),
+    ({"msr_layout": "grid:2x3", "msr_regions": 7}, "msr_regions=7 exceeds the 6 cells"),
+    ({"msr_regions": -1}, "msr_regions >= 0"),
+    ({"msr_region_scale": (0.2, 0.4)}, "only applies to msr_layout='random'"),
+    ({"msr_layout": "random", "msr_region_scale": (0.6, 0.3)}, "0 < low <= high <= 1"),
+    ({"msr_layout": "random", "msr_region_scale": (0.0, 0.3)}, "0 < low <= high <= 1"),
+    ({"msr_layout": "random", "msr_region_scale": (0.3, 1.5)}, "0 < low <= high <= 1"),
+    ({"msr_layout": "random", "msr_region_scale": 0.3}, "must be two numbers"),
+    ({"msr_layout": "random", "msr_region_scale": ["0.3", "0.6"]}, "must be two numbers"),
+    ({"msr_layout": "random", "msr_regions": 9, "msr_region_scale": (0.34, 0.4)}, r"at most 1/ceil\(sqrt"),
+])
+def test_invalid_msr_options_are_refused(options, match):
+    with pytest.raises(SynthesisError, match=match):
+        get_synthesizer("sardfq", **options)
+
+
+def test_msr_options_round_trip_through_yaml_and_config_json(tmp_path):
+    import json
+
+    from optimum_dfq import DFQConfig
+    from optimum_dfq.synthesis import synthesizer_from_config
+
+    options = {"msr_layout": "random", "msr_region_scale": (0.2, 0.45), "msr_regions": 3}
+    config = DFQConfig(synthesizer="sardfq", synthesizer_kwargs=options)
+    (tmp_path / "recipe.yaml").write_text(config.to_yaml())
+    from_yaml = DFQConfig.from_yaml(tmp_path / "recipe.yaml")
+    from_json = DFQConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert from_yaml == config == from_json
+    direct = get_synthesizer("sardfq", **options)
+    for loaded in (from_yaml, from_json):  # YAML and JSON give lists: the synthesizer (and its cache key) is the same
+        synth = synthesizer_from_config(loaded)
+        assert synth.msr_region_scale == (0.2, 0.45) and synth.hyperparameters() == direct.hyperparameters()
+    bad = DFQConfig(synthesizer="sardfq", synthesizer_kwargs={"msr_layout": "grid:2x2", "msr_regions": 5})
+    with pytest.raises(SynthesisError, match="msr_regions=5 exceeds"):
+        synthesizer_from_config(bad)
