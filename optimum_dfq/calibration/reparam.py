@@ -149,7 +149,8 @@ def mean_selector(scale: torch.Tensor, zero_point: torch.Tensor) -> tuple[torch.
 def median_selector(scale: torch.Tensor, zero_point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """DopQ-ViT v1 MOSF ("median as the optimal scaling factor"), also the literal reading of v3's MAD rule
     (the scalar minimising the mean absolute deviation is the median). Our interpretation: `s̃ = median(s)` and
-    the lower bound `m̃ = median(m)`, `z̃ = -m̃ / s̃`."""
+    the lower bound `m̃ = median(m)`, `z̃ = -m̃ / s̃`, both `torch.median` (the lower of the two middle values for
+    an even channel count)."""
     layer_scale = scale.median()
     lower = (-zero_point * scale).median()
     return layer_scale, -lower / layer_scale

@@ -10,13 +10,15 @@ from optimum_dfq.calibration import (
     calibrate_weights,
     convert_model,
     quantization_disabled,
+    reparameterize_layernorm,
     reparameterize_model,
     set_quantizer_modes,
 )
+from optimum_dfq.calibration.convert import activation_quantizer, weight_quantizer
 from optimum_dfq.calibration.data import CalibrationSet
 from optimum_dfq.config import SCALE_SELECTORS
 from optimum_dfq.models import find_layernorm_consumers, get_adapter
-from optimum_dfq.nn import QLayerNorm, use_quantized_attention
+from optimum_dfq.nn import QLayerNorm, QLinear, use_quantized_attention
 
 
 def prepared(model, config, images):
@@ -98,3 +100,87 @@ def test_fixed_selectors_by_hand():
     # a tighter k = 0.1 (threshold 0.162) keeps the channels within 0.162 of the median: 0.2, 0.4, 0.3
     s, z = SCALE_SELECTOR_REGISTRY["mad"](scale, zero, k=0.1)
     assert float(s) == pytest.approx(0.3) and float(z) == pytest.approx(19.0 / 3)
+
+
+def test_median_selector_takes_the_lower_middle_value_for_an_even_channel_count():
+    # documented in the search selector: torch.median, not the interpolated median, for an even channel count
+    scale = torch.tensor([0.1, 0.4, 0.2, 0.8], dtype=torch.float64)
+    zero = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    s, z = SCALE_SELECTOR_REGISTRY["median"](scale, zero)
+    # sorted scales 0.1, 0.2, 0.4, 0.8 -> 0.2; lower bounds -z·s sorted -3.2, -0.8, -0.6, -0.1 -> -0.8; z̃ = 0.8 / 0.2
+    assert float(s) == pytest.approx(0.2) and float(z) == pytest.approx(4.0)
+
+
+def test_mad_selector_default_k_is_three():
+    # |s - 0.4| = [0.3, 0.2, 0.1, 0, 0.1, 0.2, 0.6], mean 1.5 / 7: the last channel is within 3x (0.643) of the mean
+    # deviation but not within 2x (0.429), so the default k = 3 keeps every channel
+    scale = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 1.0], dtype=torch.float64)
+    zero = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 14.0], dtype=torch.float64)
+    s, z = SCALE_SELECTOR_REGISTRY["mad"](scale, zero)
+    assert float(s) == pytest.approx(3.1 / 7) and float(z) == pytest.approx(5.0)
+    s, z = SCALE_SELECTOR_REGISTRY["mad"](scale, zero, k=2.0)
+    assert float(s) == pytest.approx(0.35) and float(z) == pytest.approx(3.5)
+
+
+def quantized_norm(bits, config, bias=True, per_channel=True, channels=16, outputs=8, seed=0):
+    """A QLayerNorm with a calibrated `bits`-bit output quantizer feeding one QLinear, and calibration inputs."""
+    generator = torch.Generator().manual_seed(seed)
+    norm = torch.nn.LayerNorm(channels, bias=bias)
+    linear = torch.nn.Linear(channels, outputs)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(channels, generator=generator) * 3 + 0.2)
+        if bias:
+            norm.bias.copy_(torch.randn(channels, generator=generator))
+    quantizer = activation_quantizer(config, bits=bits, channels=channels if per_channel else None)
+    qnorm = QLayerNorm.from_float(norm, quantizer, "block.norm")
+    qlinear = QLinear.from_float(linear, weight_quantizer(config, outputs), None, "block.fc")
+    qlinear.calibrate_weights()
+    inputs = torch.randn(256, channels, generator=generator)
+    quantizer.set_mode("observe")
+    with torch.no_grad():
+        qnorm(inputs)
+    quantizer.calibrate()
+    quantizer.set_mode("quantize")
+    return qnorm, qlinear, inputs
+
+
+def float_output(qnorm, inputs):
+    with torch.no_grad(), quantization_disabled(qnorm):
+        return qnorm(inputs)
+
+
+def test_the_per_tensor_quantizer_keeps_the_bits_site_and_activation_codes_of_the_per_channel_one():
+    config = DFQConfig(bits="w4a4", scale_selector="median")
+    qnorm, qlinear, inputs = quantized_norm(8, config)  # 8 bits at this site, unlike the config's 4
+    site = qnorm.output_quantizer.site
+    codes = qnorm.output_quantizer.codes(float_output(qnorm, inputs))
+    reparameterize_layernorm(qnorm, [qlinear], config)
+    quantizer = qnorm.output_quantizer
+    assert not quantizer.per_channel and quantizer.bits == 8 and quantizer.site == site
+    folded_codes = quantizer.codes(float_output(qnorm, inputs))
+    assert int(codes.max()) > 15  # the 8-bit range is really used
+    assert float((folded_codes == codes).double().mean()) > 0.999  # equal up to float32 ties
+
+
+def test_an_unrounded_zero_point_is_kept_when_round_zero_point_is_false():
+    config = DFQConfig(bits="w4a4", scale_selector="median", round_zero_point=False)
+    qnorm, qlinear, inputs = quantized_norm(4, config)
+    scale, zero = qnorm.output_quantizer.scale.double(), qnorm.output_quantizer.zero_point.double()
+    expected_zero = -(-zero * scale).median() / scale.median()  # the median selector, by its docstring
+    assert float(expected_zero) != round(float(expected_zero))
+    before = float_output(qnorm, inputs) @ qlinear.weight.T + qlinear.bias
+    reparameterize_layernorm(qnorm, [qlinear], config)
+    assert float(qnorm.output_quantizer.zero_point) == pytest.approx(float(expected_zero), rel=1e-6)
+    after = float_output(qnorm, inputs) @ qlinear.weight.T + qlinear.bias
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bias,per_channel,message", [
+    (True, False, "block.norm.output is not a per-channel uniform quantizer"),
+    (False, True, "block.norm.output: re-parameterisation needs a LayerNorm with weight and bias"),
+])
+def test_reparameterize_layernorm_refuses_what_it_cannot_fold(bias, per_channel, message):
+    config = DFQConfig(bits="w4a4")
+    qnorm, qlinear, _ = quantized_norm(4, config, bias=bias, per_channel=per_channel)
+    with pytest.raises(ValueError, match=message):
+        reparameterize_layernorm(qnorm, [qlinear], config)

@@ -230,3 +230,49 @@ def test_search_returns_the_candidate_with_the_smallest_consumer_output_error():
     assert min(errors) < errors[0] * 0.99 and min(errors) < max(errors) * 0.9  # the choice matters here
     chosen = SCALE_SELECTOR_REGISTRY["search"](scale, zero, context=context)
     assert consumer_output_error(scale, zero, *chosen, context) == pytest.approx(min(errors), rel=1e-12)
+
+
+def test_search_tries_the_documented_candidates(monkeypatch):
+    # the docstring's candidates: s̃ on the 0.5, 0.55, ..., 1.0 quantiles of the scales with the median lower bound,
+    # plus RepQ-ViT's means; each is measured once
+    from optimum_dfq.calibration import reparam
+
+    norm, linears, calibration, _ = planted_outlier_pair()
+    qnorm, qlinears = quantized_pair(norm, linears, calibration, DFQConfig(bits="w4a4"))
+    scale, zero = qnorm.output_quantizer.scale.double(), qnorm.output_quantizer.zero_point.double()
+    measured = []
+
+    def spy(scale, zero_point, layer_scale, layer_zero, *args, **kwargs):
+        measured.append((float(layer_scale), float(layer_zero)))
+        return consumer_output_error(scale, zero_point, layer_scale, layer_zero, *args, **kwargs)
+
+    monkeypatch.setattr(reparam, "consumer_output_error", spy)
+    context = SelectorContext(float_norm_output(norm, calibration), qlinears, 4, round_zero_point=True)
+    SCALE_SELECTOR_REGISTRY["search"](scale, zero, context=context)
+    lower = float(torch.sort(-zero * scale).values[(CHANNELS - 1) // 2])  # the lower middle value (64 channels)
+    thresholds = torch.quantile(scale, torch.linspace(0.5, 1.0, 11, dtype=torch.float64)).tolist()
+    expected = [(t, -lower / t) for t in thresholds] + [(float(scale.mean()), float(zero.mean()))]
+    assert len(set(thresholds)) == 11  # the quantiles are distinct here: each candidate is a different one
+    assert measured == [pytest.approx(pair, rel=1e-9) for pair in expected]
+
+
+def test_the_search_context_carries_the_quantizer_bits_and_the_round_zero_point_option(monkeypatch):
+    contexts = []
+
+    def spy(scale, zero_point, context=None):
+        contexts.append(context)
+        return scale.median(), zero_point.median()
+
+    spy.needs_context = True
+    monkeypatch.setitem(SCALE_SELECTOR_REGISTRY, "search", spy)
+    norm, linears, calibration, _ = planted_outlier_pair()
+    config = DFQConfig(bits="w4a4", scale_selector="search", round_zero_point=False)
+    qnorm = QLayerNorm.from_float(norm, activation_quantizer(config, bits=6, channels=CHANNELS), "norm")
+    qlinears = [QLinear.from_float(linear, weight_quantizer(config, OUTPUTS), None, "fc") for linear in linears]
+    qnorm.output_quantizer.set_mode("observe")
+    with torch.no_grad():
+        qnorm(calibration)
+    qnorm.output_quantizer.calibrate()
+    reparameterize_layernorm(qnorm, qlinears, config, activations=float_norm_output(norm, calibration))
+    (context,) = contexts
+    assert context.bits == 6 and context.round_zero_point is False and context.consumers == qlinears
