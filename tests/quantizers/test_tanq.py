@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -208,3 +210,42 @@ def test_a_nan_probability_stays_nan_like_in_every_other_quantizer():
     pixels[0, 0, 0, 0] = float("nan")
     logits = qmodel(pixel_values=pixels).logits
     assert torch.isnan(logits[0]).all() and torch.isfinite(logits[1]).all()
+
+
+@pytest.mark.parametrize("bits,kappa,centre", [(3, 0.9, 0.5), (4, 0.7, 0.8), (4, 0.95, 0.2), (2, 0.5, 0.3)])
+def test_fake_quant_is_the_documented_compander_formula(bits, kappa, centre):
+    # TanQuantizer's docstring, computed here in float64 with math only:
+    # u(a) = (tan(h(a - c)) - tan(-hc)) / (tan(h(1 - c)) - tan(-hc)), h = κ(π/2) / max(c, 1 - c),
+    # â = levels[round(u(a)·(2^b - 1))], levels_k = c + arctan(tan(-hc) + k/(2^b - 1)·(tan(h(1 - c)) - tan(-hc))) / h
+    quantizer = TanQuantizer(bits, kappas=[kappa], centres=[centre])
+    quantizer.kappa.fill_(kappa)
+    quantizer.centre.fill_(centre)
+    quantizer.calibrated.fill_(True)
+    h = kappa * (math.pi / 2) / max(centre, 1 - centre)
+    low, high = math.tan(-h * centre), math.tan(h * (1 - centre))
+    top = 2**bits - 1
+    levels = [centre + math.atan(low + k / top * (high - low)) / h for k in range(top + 1)]
+    expected_levels = torch.tensor(levels, dtype=torch.float64)
+    torch.testing.assert_close(quantizer.levels().double(), expected_levels, atol=1e-6, rtol=0)
+    probs = torch.rand(4000, generator=torch.Generator().manual_seed(0)) ** 3  # many small probabilities, some large
+    codes = [round((math.tan(h * (a - centre)) - low) / (high - low) * top) for a in probs.double().tolist()]
+    expected = torch.tensor([levels[k] for k in codes], dtype=torch.float64)
+    out = quantizer(probs).double()
+    # float32 arithmetic can move an input that sits within ~1e-6 of a rounding boundary to the next level
+    assert float((out - expected).abs().le(1e-6).double().mean()) > 0.998
+    assert len(set(codes)) == top + 1  # every level is reached: the whole codebook is checked
+
+
+def test_a_second_calibration_uses_its_own_values():
+    # calibrating again (observe, calibrate) must pair the new probabilities with the new V, not with the V of the
+    # first calibration; stale values would silently switch the search to the probability MSE
+    probs = attention_like(rows=2 * 4 * 16, keys=16).reshape(2, 4, 16, 16)
+    value = torch.randn(2, 4, 16, 8, generator=torch.Generator().manual_seed(1))
+    value[..., :2, :] *= 50  # as above: the A·V and probability-MSE objectives pick different shapes
+    kappas, centres = (0.5, 0.7, 0.9, 0.95), (0.2, 0.5, 0.8)
+    expected = brute_force(probs, value, 3, kappas, centres)
+    assert expected != brute_force(probs, None, 3, kappas, centres)
+    quantizer = calibrated(TanQuantizer(3, kappas, centres), attention_like(rows=2 * 4 * 16, keys=16, seed=5)
+                           .reshape(2, 4, 16, 16), torch.randn(2, 4, 16, 8))
+    calibrated(quantizer, probs, value)
+    assert (float(quantizer.kappa), float(quantizer.centre)) == pytest.approx(expected)
