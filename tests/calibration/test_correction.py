@@ -281,3 +281,65 @@ def test_the_ridge_lambda_option_sets_the_shrinkage():
     default = DFQConfig(correction={"kind": "ridge"}).correction["ridge_lambda"]
     assert not torch.allclose(fit_ridge(x_q, x_fp, 10.0).matrix, fit_ridge(x_q, x_fp, default).matrix, atol=1e-3)
     assert not torch.allclose(fit_ridge(x_q, x_fp, 1e-6).matrix, fit_ridge(x_q, x_fp, default).matrix, atol=1e-3)
+
+
+def test_the_records_measure_the_fit_rows_before_and_after_the_correction(calibration, monkeypatch):
+    import optimum_dfq.calibration.correction as correction_module
+
+    fits = []
+    original = correction_module.fit_correction
+
+    def recording(x_q, x_fp, options):
+        fits.append((x_q, x_fp, original(x_q, x_fp, options)))
+        return fits[-1][-1]
+
+    monkeypatch.setattr(correction_module, "fit_correction", recording)
+    model, _ = quantize_model(tiny_vit(), calibration, DFQConfig(bits="w3a8"))
+    config = DFQConfig(bits="w3a8", correction={"kind": "affine", "sites": ["fc1", "fc2"], "fold": False})
+    records = correction_module.correct_activations(model, float_reference(model), calibration, config)
+    assert len(records) == len(fits) == 4
+    for record, (x_q, x_fp, fitted) in zip(records, fits):
+        with torch.no_grad():
+            before = float((x_q.double() - x_fp.double()).pow(2).mean())
+            after = float((fitted(x_q).double() - x_fp.double()).pow(2).mean())
+        assert record.mse_before == pytest.approx(before, rel=1e-4)
+        assert record.mse_after == pytest.approx(after, rel=1e-4)
+        assert record.mse_after < record.mse_before  # the least-squares fit beats the identity on its own rows
+
+
+def test_a_folded_correction_leaves_the_weight_quantizer_calibrated_on_the_folded_weight(calibration):
+    # the documented fold order: fold into the float weight, then re-calibrate the weight quantizer on it
+    model, plan = quantize_model(tiny_vit(), calibration, DFQConfig(bits="w3a8", correction={"sites": ["fc1"]}))
+    assert set(plan.corrections.values()) == {"folded"}
+    for name in plan.corrections:
+        linear = model.get_submodule(name)
+        with torch.no_grad():
+            quantized = linear.weight_quantizer(linear.weight)
+            assert not torch.equal(quantized, linear.weight)  # the quantizer is on: the comparison means something
+            linear.calibrate_weights()
+            torch.testing.assert_close(linear.weight_quantizer(linear.weight), quantized, atol=0, rtol=0)
+
+
+def test_attach_corrections_gives_a_folded_linear_without_bias_the_zero_bias_its_checkpoint_holds():
+    from optimum_dfq.calibration import AffineCorrection
+    from optimum_dfq.quantizers import build_quantizer
+
+    def skeleton():
+        layer = torch.nn.Linear(6, 5, bias=False)
+        torch.nn.init.normal_(layer.weight, generator=torch.Generator().manual_seed(0))
+        return torch.nn.ModuleDict(
+            {"fc": QLinear.from_float(layer, build_quantizer("uniform", bits=8, channels=5, axis=0), None, "fc")}
+        )
+
+    saved = skeleton()
+    correction = AffineCorrection(6)
+    correction.shift.fill_(0.5)
+    fold_correction(saved["fc"], correction)
+    assert "fc.bias" in saved.state_dict()
+    loaded = skeleton()
+    attach_corrections(loaded, {"fc": "folded"})
+    assert loaded["fc"].bias is not None and torch.equal(loaded["fc"].bias, torch.zeros(5))  # identity values
+    loaded.load_state_dict(saved.state_dict())
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded["fc"](x), saved["fc"](x))
