@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..errors import CalibrationError
 from .base import Quantizer
 
 #: Curvatures searched by default (spec 10.3).
@@ -120,7 +121,11 @@ class TanQuantizer(Quantizer):
 
     # ------------------------------------------------------------------ observation of V
     def observe_value(self, value: torch.Tensor) -> None:
-        """Records the `V` that the next observed probabilities multiply (`[..., keys, head_dim]`)."""
+        """Records the `V` that the next observed probabilities multiply (`[..., keys, head_dim]`).
+
+        Calibration then minimises the error of `A·V` instead of that of the probabilities: either every observed
+        probability tensor has its `V`, or none has; `calibrate()` raises `CalibrationError` when they do not pair up.
+        """
         self._observed_values.append(value.detach())
 
     def reset(self) -> None:
@@ -165,6 +170,14 @@ class TanQuantizer(Quantizer):
         paired = len(values) == len(observed) and all(
             v.shape[:-2] == a.shape[:-2] and v.shape[-2] == a.shape[-1] for a, v in zip(observed, values)
         )
+        if values and not paired:  # without any V the probability error is the objective; a wrong V is a bug
+            shapes = f"{[list(a.shape) for a in observed]} and {[list(v.shape) for v in values]}"
+            raise CalibrationError(
+                f"Quantizer at {self.site or type(self).__name__} observed {len(observed)} probability tensor(s) and "
+                f"{len(values)} V tensor(s) that do not pair up (shapes {shapes}; each V must be `[..., keys, "
+                "head_dim]` for probabilities `[..., queries, keys]`). Pass each call's V with observe_value() "
+                "before its probabilities, or none at all to calibrate on the probability error."
+            )
         total = sum(a.numel() for a in observed)
         keep = min(1.0, self.max_search_elements / max(total, 1))
         pairs = []

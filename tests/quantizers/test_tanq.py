@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from optimum_dfq import DataFreeViTQuantizer, DFQConfig
+from optimum_dfq import CalibrationError, DataFreeViTQuantizer, DFQConfig
 from optimum_dfq.calibration import iter_quantizers
 from optimum_dfq.quantizers import QUANTIZER_REGISTRY, TanQuantizer, tanq_codebook
 
@@ -249,3 +249,20 @@ def test_a_second_calibration_uses_its_own_values():
                            .reshape(2, 4, 16, 16), torch.randn(2, 4, 16, 8))
     calibrated(quantizer, probs, value)
     assert (float(quantizer.kappa), float(quantizer.centre)) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("values", ["wrong_keys", "missing_one"])
+def test_values_that_do_not_pair_with_the_probabilities_are_refused_not_ignored(values):
+    probs = attention_like(rows=2 * 4 * 16, keys=16).reshape(2, 4, 16, 16)
+    quantizer = TanQuantizer(3)
+    quantizer.site = "vit.encoder.layer.0.attention.probs"
+    quantizer.set_mode("observe")
+    if values == "wrong_keys":
+        quantizer.observe_value(torch.randn(2, 4, 15, 8))  # 15 keys for probabilities over 16
+        quantizer(probs)
+    else:
+        quantizer.observe_value(torch.randn(2, 4, 16, 8))
+        quantizer(probs)
+        quantizer(probs)  # a second call without its V
+    with pytest.raises(CalibrationError, match=r"vit\.encoder\.layer\.0\.attention\.probs observed .* do not pair up"):
+        quantizer.calibrate()
