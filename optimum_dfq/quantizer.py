@@ -99,7 +99,7 @@ class DataFreeViTQuantizer(OptimumQuantizer):
 
         check_model_folder(model_or_path, kwargs.get("subfolder") or "", needs_config="config" not in kwargs)
         model_or_path = local_path_or_hub_id(model_or_path)
-        from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+        from transformers import AutoConfig, AutoModelForImageClassification
 
         config = kwargs.get("config")
         if not isinstance(config, PretrainedConfig):  # else the config given is the one the model is built from
@@ -118,17 +118,7 @@ class DataFreeViTQuantizer(OptimumQuantizer):
             ) from err
         _check_no_missing_weights(model_or_path, model, loading.get("missing_keys") or ())
         if image_processor is None and load_image_processor:
-            try:
-                image_processor = AutoImageProcessor.from_pretrained(model_or_path, **kwargs)
-            except OSError as err:
-                written = Path(model_or_path, kwargs.get("subfolder") or "", "preprocessor_config.json")
-                if written.is_file():  # there, but unreadable: not the same as having none
-                    raise CheckpointError(
-                        f"{written} cannot be read ({err}); fix or replace it, e.g. with the float model's "
-                        "image_processor.save_pretrained(<folder>)."
-                    ) from err
-                logger.warning("%s has no image processor; pass image_processor= for real-data calibration.",
-                               model_or_path)
+            image_processor = load_saved_image_processor(model_or_path, **kwargs)
         return cls(model, image_processor)
 
     def quantize(
@@ -147,11 +137,13 @@ class DataFreeViTQuantizer(OptimumQuantizer):
         synthesis_device: str | torch.device | None = None,
         image_column: str | None = None,
         label_column: str | None = None,
+        inplace: bool = False,
     ) -> PreTrainedModel:
-        """Returns a quantized copy of `model` (the input model is left unchanged).
+        """Returns a quantized copy of `model` (the input model is left unchanged), or with `inplace=True` the model
+        itself, quantized.
 
-        A model in half precision (`float16` / `bfloat16`) is copied to float32 first, with a warning: calibration
-        and the fake-quantized model run in float32.
+        A model in half precision (`float16` / `bfloat16`) is copied to float32 first (cast in place with
+        `inplace=True`), with a warning: calibration and the fake-quantized model run in float32.
 
         Args:
             model (`PreTrainedModel`, *optional*): defaults to the quantizer's model.
@@ -185,12 +177,16 @@ class DataFreeViTQuantizer(OptimumQuantizer):
             label_column (`str`, *optional*): the `ClassLabel` or integer column to read the calibration labels
                 from (calibration does not use them); needed to keep labels when it has several `ClassLabel` columns
                 (then none are read without it).
+            inplace (`bool`, *optional*, defaults to `False`): quantize `model` itself instead of a copy (saves the
+                copy's memory; `from_pretrained(..., quantization_config=DFQConfig(...))` quantizes the model it
+                loaded this way). The result is the same as a copy's; if quantization fails, `model` is left partly
+                converted and should be discarded.
 
         Returns:
-            `PreTrainedModel`: same class and outputs as the input; `model.config.quantization_config` is the
-            [`DFQConfig`] of the run. Its weights are frozen to packed integer codes and it carries
-            `model.hf_quantizer`, so `save_pretrained` / `push_to_hub` write checkpoints that
-            `AutoModelForImageClassification.from_pretrained` reloads bit-exactly (after `import optimum_dfq`).
+            `PreTrainedModel`: same class and outputs as the input (the input object itself with `inplace=True`);
+            `model.config.quantization_config` is the [`DFQConfig`] of the run. Its weights are frozen to packed
+            integer codes and it carries `model.hf_quantizer`, so `save_pretrained` / `push_to_hub` write checkpoints
+            that `AutoModelForImageClassification.from_pretrained` reloads bit-exactly (after `import optimum_dfq`).
 
         Raises:
             `ConfigError`: no model to quantize, a `config` that is not a [`DFQConfig`], `synthesizer` together with
@@ -244,7 +240,7 @@ class DataFreeViTQuantizer(OptimumQuantizer):
         if image_processor is not None:
             check_processor_output_size(image_processor, expected_image_shape(model))
 
-        qmodel = _float32_copy(model)
+        qmodel = _float32_model(model if inplace else copy.deepcopy(model), inplace)
         # the run draws from its own seeded stream; the caller's random state is restored afterwards
         with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
             torch.manual_seed(config.seed)
@@ -592,14 +588,55 @@ def _check_supported_config(config: Any) -> None:
         )
 
 
-def _float32_copy(model: PreTrainedModel) -> PreTrainedModel:
-    """The copy of `model` that gets quantized, upcast to float32 (with a warning) if it is in half precision."""
-    qmodel = copy.deepcopy(model)
+def _float32_model(qmodel: PreTrainedModel, inplace: bool) -> PreTrainedModel:
+    """The model that gets quantized (a copy, or the input model `inplace`), upcast to float32 (with a warning) if it
+    is in half precision."""
     dtypes = {p.dtype for p in qmodel.parameters() if p.is_floating_point()}
     if not dtypes <= {torch.float32}:
         names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
-        logger.warning("The model's parameters are %s; it is calibrated and quantized as a float32 copy (the input "
-                       "model is left unchanged), and the quantized model runs in float32.", names)
+        how = ("it is cast to float32 in place, then calibrated and quantized" if inplace else
+               "it is calibrated and quantized as a float32 copy (the input model is left unchanged)")
+        logger.warning("The model's parameters are %s; %s, and the quantized model runs in float32.", names, how)
         qmodel.float()
         qmodel.config.dtype = torch.float32
     return qmodel
+
+
+def load_saved_image_processor(model_or_path: str | os.PathLike, **kwargs: Any) -> Any | None:
+    """The image processor saved with a float model, or `None`, with a warning, when it has none.
+
+    [`DataFreeViTQuantizer.from_pretrained`] loads it this way, and so does `from_pretrained(...,
+    quantization_config=DFQConfig(...))`. Without one, `quantize()` resolves `input_range="auto"` to `"calibrated"`
+    (and refuses options that need the processor's statistics).
+
+    Args:
+        model_or_path (`str` or `os.PathLike`): a local model folder or a Hub id.
+        kwargs: forwarded to `AutoImageProcessor.from_pretrained` (`revision`, `cache_dir`, `subfolder`, ...).
+
+    Returns:
+        The image processor, or `None`.
+
+    Raises:
+        `CheckpointError`: a local `preprocessor_config.json` that is there but cannot be read.
+
+    Example:
+        >>> import tempfile
+        >>> from transformers import ViTImageProcessor
+        >>> folder = tempfile.mkdtemp()
+        >>> _ = ViTImageProcessor(image_mean=[0.25, 0.25, 0.25]).save_pretrained(folder)
+        >>> list(load_saved_image_processor(folder).image_mean)
+        [0.25, 0.25, 0.25]
+    """
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(model_or_path, **kwargs)
+    except OSError as err:
+        written = Path(model_or_path, kwargs.get("subfolder") or "", "preprocessor_config.json")
+        if written.is_file():  # there, but unreadable: not the same as having none
+            raise CheckpointError(
+                f"{written} cannot be read ({err}); fix or replace it, e.g. with the float model's "
+                "image_processor.save_pretrained(<folder>)."
+            ) from err
+        logger.warning("%s has no image processor; pass image_processor= for real-data calibration.", model_or_path)
+        return None

@@ -195,6 +195,27 @@ def test_half_precision_model_is_quantized_as_a_float32_copy(dtype, caplog):
     assert torch.equal(qmodel(pixel_values=pixels).logits, reference(pixel_values=pixels).logits)
 
 
+def test_inplace_quantizes_the_model_itself_with_the_result_of_a_copy():
+    pixels = torch.randn(2, 3, 32, 32)
+    model = tiny_vit()
+    copied = DataFreeViTQuantizer().quantize(model, bits="w4a4", num_images=4, synthesizer="gaussian")
+    assert getattr(model, "hf_quantizer", None) is None  # the copy left it alone
+    qmodel = DataFreeViTQuantizer().quantize(model, bits="w4a4", num_images=4, synthesizer="gaussian", inplace=True)
+    assert qmodel is model and model.hf_quantizer is not None
+    assert torch.equal(qmodel(pixel_values=pixels).logits, copied(pixel_values=pixels).logits)
+
+
+def test_inplace_casts_a_half_precision_model_to_float32_in_place(caplog):
+    pixels = torch.randn(2, 3, 32, 32)
+    half = tiny_vit().to(torch.float16)
+    reference = DataFreeViTQuantizer().quantize(half, bits="w4a4", num_images=4, synthesizer="gaussian")
+    with caplog.at_level("WARNING", logger="optimum_dfq.quantizer"):
+        qmodel = DataFreeViTQuantizer().quantize(half, bits="w4a4", num_images=4, synthesizer="gaussian", inplace=True)
+    assert "it is cast to float32 in place, then calibrated and quantized" in caplog.text
+    assert qmodel is half and half.config.dtype == torch.float32
+    assert torch.equal(qmodel(pixel_values=pixels).logits, reference(pixel_values=pixels).logits)
+
+
 def test_swin_window_sizes_are_left_as_the_input_model_had_them(tmp_path):
     # transformers' Swin blocks shrink their window (and drop the shift) in place on the first forward pass whose
     # feature map is not larger than the window; calibration must not leave that behind, or the quantized model

@@ -450,8 +450,10 @@ def check_quantization_config(info: CheckpointInfo, config: DFQConfig) -> None:
         )
 
 
-def _loading_names(model: nn.Module, names: Sequence[str], hf_quantizer: Any = None) -> dict[str, str]:
-    """Checkpoint name -> in-memory name, as transformers' loading renames them (identity when unavailable)."""
+def _loading_names(model: nn.Module, names: Sequence[str], hf_quantizer: Any = None, *,
+                   identity_on_failure: bool = True) -> dict[str, str] | None:
+    """Checkpoint name -> in-memory name, as transformers' loading renames them (identity when unavailable, or `None`
+    if not `identity_on_failure`)."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
@@ -467,8 +469,8 @@ def _loading_names(model: nn.Module, names: Sequence[str], hf_quantizer: Any = N
             out[name] = name if converted is not None else renamed  # converters merge tensors: shapes differ
         return out
     except Exception as err:  # noqa: BLE001 - transformers internals; verify_loaded still checks after loading
-        logger.debug("Could not map checkpoint names to the model's (%r); comparing shapes by name only.", err)
-        return {name: name for name in names}
+        logger.debug("Could not map checkpoint names to the model's (%r).", err)
+        return {name: name for name in names} if identity_on_failure else None
 
 
 def check_tensor_shapes(model: nn.Module, info: CheckpointInfo, hf_quantizer: Any = None) -> None:

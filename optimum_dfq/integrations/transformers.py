@@ -12,8 +12,24 @@ model = AutoModelForImageClassification.from_pretrained("org/vit-w4a4-dfq")
 
 rebuilds the frozen quantized skeleton on the meta device, lets transformers fill it from the checkpoint, verifies
 the load (see [`~formats.checkpoint.verify_loaded`]) and returns a model that predicts bit-identically to the saved
-one. `from_pretrained(float_checkpoint, quantization_config=DFQConfig())` is refused: DFQ needs synthesis and
-calibration, done by `DataFreeViTQuantizer.quantize`.
+one.
+
+**Quantizing while loading.** Data-free quantization needs nothing but the model, so a float checkpoint can also be
+quantized inside `from_pretrained`, as with bitsandbytes or torchao:
+
+```python
+qmodel = AutoModelForImageClassification.from_pretrained("facebook/deit-small-patch16-224",
+                                                         quantization_config=DFQConfig(bits="w4a4"))
+```
+
+transformers loads the float model (in float32: another `dtype` is refused), then [`DFQHfQuantizer`] runs
+`DataFreeViTQuantizer(model, image_processor).quantize(config=quantization_config, inplace=True)` on it: the same
+synthesis (minutes, with its cache and progress bars), seeds and result as
+`DataFreeViTQuantizer.from_pretrained(...).quantize(config=...)`, with the image processor read from the same folder
+or Hub revision as the weights. The model returned is the quantized one, with `model.hf_quantizer` attached, so
+`save_pretrained` / `push_to_hub` write what they write for a `quantize()` result. The config may also be given as a
+dict with `"quant_method": "optimum_dfq"`. A checkpoint that is already quantized keeps its own config (transformers
+warns that the one passed is ignored).
 
 **Loading without `import optimum_dfq`.** transformers has no plug-in discovery: it does not know
 `quant_method="optimum_dfq"`, only logs `Unknown quantization type, got optimum_dfq ... we will skip the
@@ -66,6 +82,7 @@ from ..formats.checkpoint import (
     read_checkpoint_info,
     verify_loaded,
 )
+from ..models import get_adapter
 from ..nn.attention import (
     ATTENTION_IMPLEMENTATION,
     ATTENTION_IMPLEMENTATIONS,
@@ -84,11 +101,12 @@ NATIVE_FORMAT, COMPRESSED_TENSORS_FORMAT = "optimum_dfq", "compressed-tensors"
 class DFQHfQuantizer(HfQuantizer):
     """transformers' side of optimum_dfq checkpoints (registered for `quant_method="optimum_dfq"`).
 
-    Only pre-quantized checkpoints are loaded (`requires_calibration=True`). The instance attached to a model as
-    `model.hf_quantizer` also carries what is needed to save it again.
+    It loads quantized checkpoints, and quantizes float ones inside `from_pretrained(...,
+    quantization_config=DFQConfig(...))` (`pre_quantized=False`, see [`_process_model_after_weight_loading`]). The
+    instance attached to a model as `model.hf_quantizer` also carries what is needed to save it again.
 
     Args:
-        quantization_config (`DFQConfig`): the checkpoint's config.
+        quantization_config (`DFQConfig`): the checkpoint's config, or the run's when quantizing a float model.
         plan (`QuantizationPlan`, *optional*): the structure quantization gave the model (LayerNorm → consuming
             Linears, activation corrections); read from the checkpoint when loading, given by `quantize()` otherwise.
         provenance (`dict`, *optional*): `{"base_model": <float model id>, "calibration": <calibration-set summary>}`
@@ -97,7 +115,9 @@ class DFQHfQuantizer(HfQuantizer):
         eval_results (`list[huggingface_hub.EvalResult]`, *optional*): written into the model card.
     """
 
-    requires_calibration = True
+    #: transformers refuses `pre_quantized=False` for quantizers that set it; data-free quantization needs no data
+    #: from the caller, so it calibrates inside the loading instead
+    requires_calibration = False
 
     def __init__(
         self,
@@ -108,13 +128,6 @@ class DFQHfQuantizer(HfQuantizer):
         eval_results: list | None = None,
         **kwargs: Any,
     ) -> None:
-        if not kwargs.get("pre_quantized", True):
-            raise ConfigError(
-                "optimum_dfq cannot quantize inside from_pretrained: data-free quantization synthesizes calibration "
-                "images and calibrates first. Quantize the float model with "
-                "`optimum_dfq.DataFreeViTQuantizer.from_pretrained(path).quantize(bits=...)`, save it, and load that "
-                "checkpoint without `quantization_config=`."
-            )
         super().__init__(quantization_config, **kwargs)
         self.plan = plan
         self.provenance = dict(provenance or {})
@@ -123,17 +136,22 @@ class DFQHfQuantizer(HfQuantizer):
         #: folder of the checkpoint files this model was loaded from (its preprocessor_config.json is pushed with it)
         self.source_dir: str | None = None
         self._checkpoint: CheckpointInfo | None = None
+        #: the float checkpoint's files, when quantizing inside from_pretrained (they locate its image processor)
+        self._float_checkpoint_files: list[str] | None = None
 
     # ------------------------------------------------------------------ loading
     def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
-        """Registers the `"optimum_dfq"` attention, and refuses a `device_map` that offloads modules to disk.
+        """Registers the `"optimum_dfq"` attention, and refuses a `device_map` that offloads modules to disk, or that
+        spreads a float model being quantized over several devices.
 
         transformers calls it with the `device_map` given to `from_pretrained`, then again with the one `"auto"`
         resolved to. Disk-offloaded tensors stay on the meta device until a forward pass, so the load could not be
-        verified against the checkpoint ([`verify_loaded`] would call the file incomplete).
+        verified against the checkpoint ([`verify_loaded`] would call the file incomplete). Synthesis and calibration
+        run the float model on one device.
 
         Raises:
-            `ConfigError`: `device_map` puts a module on `"disk"`.
+            `ConfigError`: `device_map` puts a module on `"disk"`, or puts the modules of a float model being
+                quantized on more than one device.
         """
         register_attention_implementation()
         on_disk = sorted(name or "the whole model" for name, device in device_map.items() if device == "disk") \
@@ -146,8 +164,36 @@ class DFQHfQuantizer(HfQuantizer):
                 "against the checkpoint's digests, and offloaded ones are not loaded. Load the model on one device "
                 "(device_map=\"cpu\", or no device_map) or give max_memory more room: packed low-bit weights are small."
             )
+        devices = sorted({str(device) for device in device_map.values()}) if isinstance(device_map, Mapping) else []
+        if not self.pre_quantized and len(devices) > 1:
+            raise ConfigError(
+                f"Quantizing inside from_pretrained runs synthesis and calibration on one device, but device_map "
+                f"spreads the model over {', '.join(devices)} (device_map=\"auto\" does so when one device has too "
+                "little room). Load it on one device (device_map=\"cuda\" or \"cpu\", or no device_map)."
+            )
+
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """Keeps the dtype of a quantized checkpoint's load, and refuses any but float32 for a float model to quantize.
+
+        Synthesis and calibration run in float32, and so does the quantized model; `quantize()` would upcast a half
+        model, but a float32 checkpoint read in half precision has already lost the bits that upcasting cannot give
+        back.
+
+        Raises:
+            `ConfigError`: a float model to quantize loaded in another dtype than float32.
+        """
+        if not self.pre_quantized and dtype != torch.float32:
+            raise ConfigError(
+                f"from_pretrained(..., quantization_config=DFQConfig(...)) calibrates the float model in float32, but "
+                f"it would be loaded as {dtype} (a checkpoint saved in half precision loads so by default, "
+                "dtype=\"auto\"). Pass dtype=torch.float32; cast the quantized model afterwards if you wish "
+                "(qmodel.half(), or qmodel.to(torch.bfloat16))."
+            )
+        return dtype
 
     def update_attn_implementation(self, config):
+        if not self.pre_quantized:  # the float model runs its own attention until quantize() switches it
+            return config
         check_config_family(config)  # the one hook that sees the config before transformers builds the model
         requested = config._attn_implementation
         if requested not in (None, *ATTENTION_IMPLEMENTATIONS):
@@ -164,8 +210,14 @@ class DFQHfQuantizer(HfQuantizer):
         Refused with [`CheckpointError`] before any tensor is loaded: a checkpoint of another class
         ([`check_architecture`]), a `config.json` whose `quantization_config` is not the one the weights were saved
         with ([`check_quantization_config`]), and tensors whose shapes do not fit the skeleton
-        ([`check_tensor_shapes`]).
+        ([`check_tensor_shapes`]). A float model to quantize is left as it is; an architecture optimum_dfq does not
+        quantize is refused ([`UnsupportedArchitectureError`]) before its weights are loaded.
         """
+        if not self.pre_quantized:
+            get_adapter(model)
+            self._float_checkpoint_files = list(checkpoint_files or [])
+            _check_float_checkpoint_complete(model, self._float_checkpoint_files, self)
+            return model
         info = read_checkpoint_info(checkpoint_files)
         self._checkpoint = info
         self.source_dir = os.path.dirname(os.path.abspath(info.files[0]))
@@ -183,10 +235,43 @@ class DFQHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any):
+        """Verifies a quantized checkpoint's load; quantizes a float model in place.
+
+        A float model loaded with `quantization_config=DFQConfig(...)` goes through
+        `DataFreeViTQuantizer(model, image_processor).quantize(config=quantization_config, inplace=True)`: the same
+        synthesis (or the config's `calibration_dataset`), synthesis cache, seeds, logs and result as
+        `DataFreeViTQuantizer.from_pretrained(path).quantize(config=...)`. Its image processor is read from where the
+        weights came from (see [`float_checkpoint_processor_location`]). The marks transformers put on the model for
+        the quantization config are taken off first, so that the float model (and the synthesis cache key, which
+        hashes its config) is the one `DataFreeViTQuantizer.from_pretrained` loads; `quantize()` then attaches its own
+        [`DFQHfQuantizer`], which carries the plan and provenance that saving needs.
+        """
+        if not self.pre_quantized:
+            return self._quantize_float_model(model)
         if self._checkpoint is not None:
             verify_loaded(model, self._checkpoint)
             self._checkpoint = None
         attach_quantized_model(model, self)
+        return model
+
+    def _quantize_float_model(self, model: nn.Module) -> nn.Module:
+        from ..quantizer import DataFreeViTQuantizer, load_saved_image_processor
+
+        _remove_loading_marks(model)
+        source, location = float_checkpoint_processor_location(model.name_or_path, self._float_checkpoint_files)
+        config = self.quantization_config
+        logger.info("Quantizing %s to %s inside from_pretrained: synthesis and calibration on %d images (%s) may "
+                    "take minutes.", model.name_or_path, config.bits, config.num_images,
+                    f"calibration_dataset {config.calibration_dataset.get('path')}" if config.calibration_dataset
+                    else f"synthesizer {config.synthesizer!r}")
+        if source is None:
+            logger.warning("%s was not loaded from a folder or a Hub repository, so it has no image processor; pass "
+                           "image_processor= to DataFreeViTQuantizer for real-data calibration.",
+                           type(model).__name__)
+            image_processor = None
+        else:
+            image_processor = load_saved_image_processor(source, **location)
+        DataFreeViTQuantizer(model, image_processor).quantize(config=config, inplace=True)
         return model
 
     def update_weight_conversions(self, weight_conversions: list, model: nn.Module) -> list:
@@ -278,6 +363,95 @@ def attach_quantized_model(model: nn.Module, hf_quantizer: DFQHfQuantizer) -> nn
         if isinstance(module, PreTrainedModel):
             module.set_attn_implementation = functools.partial(_set_attn_implementation, module)
     return model
+
+
+def float_checkpoint_processor_location(
+    name_or_path: str | os.PathLike | None, checkpoint_files: list[str] | None
+) -> tuple[str | None, dict[str, str]]:
+    """Where `DataFreeViTQuantizer.from_pretrained` would read the image processor of a model that transformers
+    loaded from `checkpoint_files`: `(model_or_path, AutoImageProcessor.from_pretrained kwargs)`.
+
+    transformers hands quantizers the resolved weight files, not its `revision`, `cache_dir` or `subfolder`
+    arguments, so they are read back from the files' location. Files in a local folder: that folder and the
+    `subfolder` below it. Files in a Hub cache (`<cache_dir>/models--org--name/snapshots/<commit>/<subfolder>/...`):
+    the repository `name_or_path` at that commit (the revision the weights were read at), in that cache, so an
+    offline load (`HF_HUB_OFFLINE=1`) reads only cached files. A `token=` given to `from_pretrained` cannot be seen;
+    a private repository's processor is read with the default token (`HF_TOKEN`, or `huggingface-cli login`).
+
+    Args:
+        name_or_path (`str` or `os.PathLike`, *optional*): what `from_pretrained` was given (`model.name_or_path`).
+        checkpoint_files (`list[str]`, *optional*): the weight files transformers resolved.
+
+    Returns:
+        `tuple[str | None, dict[str, str]]`: `(None, {})` when the model was not loaded from files (a `state_dict=`).
+
+    Example:
+        >>> import os, tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> float_checkpoint_processor_location(folder, [os.path.join(folder, "float", "model.safetensors")])[1]
+        {'subfolder': 'float'}
+        >>> cached = "/cache/models--org--vit/snapshots/" + "a" * 40 + "/model.safetensors"
+        >>> float_checkpoint_processor_location("org/vit", [cached])
+        ('org/vit', {'revision': 'aaaa...', 'cache_dir': '/cache'})
+    """
+    from transformers.utils.hub import extract_commit_hash
+
+    if name_or_path is None or not checkpoint_files:
+        return None, {}
+    name = os.fspath(name_or_path)
+    folder = os.path.dirname(os.path.abspath(checkpoint_files[0]))
+    local = os.path.abspath(os.path.expanduser(name))
+    if os.path.isdir(local) and (folder == local or folder.startswith(local + os.sep)):
+        subfolder = os.path.relpath(folder, local)
+        return name, {"subfolder": subfolder} if subfolder != os.curdir else {}
+    commit = extract_commit_hash(checkpoint_files[0], None)
+    parts = folder.split(os.sep)
+    if commit is None or "snapshots" not in parts:
+        return name, {}  # not a Hub cache layout: read as DataFreeViTQuantizer.from_pretrained(name) does
+    at = len(parts) - 1 - parts[::-1].index("snapshots")
+    location = {"revision": commit, "cache_dir": os.sep.join(parts[:at - 1]) or os.sep}
+    subfolder = os.sep.join(parts[at + 2:])
+    return name, {**location, "subfolder": subfolder} if subfolder else location
+
+
+def _check_float_checkpoint_complete(model: nn.Module, files: list[str], hf_quantizer: DFQHfQuantizer) -> None:
+    """Refuses, before loading, a float checkpoint that lacks parameters of `model` (typically a backbone-only one
+    loaded into an image classifier), as `DataFreeViTQuantizer.from_pretrained` does: transformers would initialise
+    them at random, and quantizing such a model gives one that predicts noise. Told from the safetensors headers,
+    named as transformers' loading renames them; other formats, or names that cannot be mapped, are left to
+    transformers' load report."""
+    from safetensors import SafetensorError, safe_open
+
+    from ..formats.checkpoint import _loading_names
+    from ..quantizer import _check_no_missing_weights
+
+    if not files or not all(str(path).endswith(".safetensors") for path in files):
+        return
+    names: list[str] = []
+    try:
+        for path in files:
+            with safe_open(str(path), framework="pt") as handle:
+                names.extend(handle.keys())
+    except (SafetensorError, OSError):
+        return  # transformers' loading names the damaged file
+    mapping = _loading_names(model, names, hf_quantizer, identity_on_failure=False)
+    if mapping is not None:
+        loaded = set(mapping.values())
+        _check_no_missing_weights(model.name_or_path, model,
+                                  [name for name, _ in model.named_parameters() if name not in loaded])
+
+
+def _remove_loading_marks(model: nn.Module) -> None:
+    """Takes off what `from_pretrained` set on a float model for its `quantization_config` (`hf_quantizer`,
+    `is_quantized`, `quantization_method`, the configs' `quantization_config` and `_is_quantized`)."""
+    for attribute in ("hf_quantizer", "is_quantized", "quantization_method"):
+        if attribute in vars(model):
+            delattr(model, attribute)
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            for attribute in ("quantization_config", "_is_quantized"):
+                if hasattr(module.config, attribute):
+                    delattr(module.config, attribute)
 
 
 def finalize_quantized_model(

@@ -206,12 +206,6 @@ def test_registration_refuses_a_foreign_claim(monkeypatch):
         integration.register_quantization_method()
 
 
-def test_quantizing_inside_from_pretrained_is_refused(tmp_path):
-    tiny_vit().save_pretrained(tmp_path)
-    with pytest.raises(ConfigError, match="cannot quantize inside from_pretrained.*DataFreeViTQuantizer"):
-        AutoModelForImageClassification.from_pretrained(tmp_path, quantization_config=DFQConfig())
-
-
 def test_requested_attention_is_overridden(vit_w4a4, pixels, caplog):
     qmodel, folder = vit_w4a4
     with caplog.at_level("WARNING", logger="optimum_dfq"):
