@@ -203,3 +203,16 @@ def test_msr_options_round_trip_through_yaml_and_config_json(tmp_path):
     bad = DFQConfig(synthesizer="sardfq", synthesizer_kwargs={"msr_layout": "grid:2x2", "msr_regions": 5})
     with pytest.raises(SynthesisError, match="msr_regions=5 exceeds"):
         synthesizer_from_config(bad)
+
+
+@pytest.mark.parametrize("apa_start, expected", [(0.5, {2: 0.75, 3: 1.0}), (0.25, {1: 0.5, 2: 0.75, 3: 1.0}),
+                                                 (0.75, {3: 1.0})])
+def test_apa_aligns_the_modules_after_apa_start_with_depth_weights_l_over_l(apa_start, expected):
+    # L = 4 modules: module l (1-based) is aligned when l > apa_start · L, with weight l / L of the whole depth
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=4,
+                                                num_attention_heads=2, intermediate_size=64, num_labels=10)).eval()
+    apa = plan_batch(get_synthesizer("sardfq", **FAST, apa_start=apa_start), model, [0]).terms[0]
+    assert apa.depth_weights == pytest.approx(expected) and sorted(apa.priors) == sorted(expected)
