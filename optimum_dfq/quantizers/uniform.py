@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import CalibrationError
+from ..errors import CalibrationError, DFQError
 from .base import Quantizer
 from .stats import check_percentiles, tail_quantiles
 
@@ -190,7 +190,18 @@ class UniformQuantizer(Quantizer):
         return self._quant_dequant(x, self.scale.to(x.dtype), self.zero_point.to(x.dtype))
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
-        """Integer codes `0 .. 2^b - 1` of `x` (the values that packing stores)."""
+        """Integer codes `0 .. 2^b - 1` of `x` (the values that packing stores).
+
+        Raises:
+            `DFQError`: when the zero point is not an integer (re-parameterised with `round_zero_point=False`):
+                integer codes could not represent `round(x / s) + z`.
+        """
+        if not torch.equal(self.zero_point, self.zero_point.round()):
+            raise DFQError(
+                f"Quantizer at {self.site or type(self).__name__} has a fractional zero point, so it has no integer "
+                "codes; only quantizers with integer zero points (weights, or activations re-parameterised with "
+                "round_zero_point=True) can be packed or exported as codes."
+            )
         scale, zero_point = self._broadcast(self.scale, x), self._broadcast(self.zero_point, x)
         return torch.clamp(torch.round(x / scale) + zero_point, 0, self.qmax).to(torch.int32)
 

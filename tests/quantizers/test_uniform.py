@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from optimum_dfq.errors import CalibrationError
+from optimum_dfq.errors import CalibrationError, DFQError
 from optimum_dfq.quantizers import UniformQuantizer
 
 
@@ -194,3 +194,15 @@ def test_calibrate_forgets_and_reset_drops_the_observations():
 def test_percentiles_outside_the_upper_tail_are_refused_when_built(percentiles):
     with pytest.raises(ValueError, match=r"percentiles=.* must be a non-empty list of values in \(0\.5, 1\]"):
         UniformQuantizer(bits=4, percentiles=percentiles)
+
+
+def test_codes_refuse_a_fractional_zero_point():
+    # round_zero_point=False leaves an activation zero point fractional: round(x / s) + z is then no integer code,
+    # and truncating it would dequantize to other values than fake quantization gives
+    q = UniformQuantizer(bits=3)
+    q.site = "blocks.0.fc1.input"
+    q.set_params(torch.tensor(0.25), torch.tensor(2.5))
+    with pytest.raises(DFQError, match=r"blocks\.0\.fc1\.input has a fractional zero point"):
+        q.codes(torch.zeros(3))
+    q.set_params(torch.tensor(0.25), torch.tensor(3.0))
+    assert q.codes(torch.tensor([0.0, 0.25])).tolist() == [3, 4]
