@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from optimum_dfq.errors import CalibrationError, DFQError
-from optimum_dfq.quantizers import UniformQuantizer
+from optimum_dfq.quantizers import UniformQuantizer, round_ste
 
 
 def calibrated(x, **kwargs):
@@ -63,10 +63,11 @@ def test_minmax_covers_the_range_and_zero():
     assert 0.0 in q.levels().tolist()
 
 
-def test_symmetric_zero_point_and_signed_range():
-    q = calibrated(torch.linspace(-3, 5, 101), bits=4, symmetric=True, observer="minmax")
+@pytest.mark.parametrize(("low", "high"), [(-3.0, 5.0), (-6.0, 2.0)])  # the bound is max(|low|, |high|)
+def test_symmetric_zero_point_and_signed_range(low, high):
+    q = calibrated(torch.linspace(low, high, 101), bits=4, symmetric=True, observer="minmax")
     assert float(q.zero_point) == 8
-    torch.testing.assert_close(q.scale, torch.tensor(5 / 7.5))
+    torch.testing.assert_close(q.scale, torch.tensor(max(-low, high) / 7.5))
 
 
 def test_codes_round_trip():
@@ -125,17 +126,18 @@ def test_include_zero_keeps_zero_exact_and_the_zero_point_in_range():
 
 @pytest.mark.parametrize("observer", ["minmax", "percentile_mse"])
 def test_a_constant_channel_gets_a_range_through_zero_not_a_huge_zero_point(observer):
-    x = torch.randn(256, 4)
+    x = torch.randn(256, 5)
     x[:, 1] = 0.5  # e.g. a LayerNorm output channel with gamma = 0 and beta = 0.5
     x[:, 2] = 0.0
-    q = UniformQuantizer(bits=4, channels=4, axis=-1, observer=observer)
+    x[:, 3] = -0.5
+    q = UniformQuantizer(bits=4, channels=5, axis=-1, observer=observer)
     q.set_mode("observe")
     q(x)
     q.calibrate()
     q.set_mode("quantize")
     assert bool(((q.zero_point >= 0) & (q.zero_point <= q.qmax)).all()), q.zero_point
     out = q(x)
-    assert torch.equal(out[:, 1], x[:, 1]) and torch.equal(out[:, 2], x[:, 2])  # the constants are exact levels
+    assert torch.equal(out[:, 1:4], x[:, 1:4])  # the constants are exact levels
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
@@ -196,6 +198,28 @@ def test_percentiles_outside_the_upper_tail_are_refused_when_built(percentiles):
         UniformQuantizer(bits=4, percentiles=percentiles)
 
 
+def test_round_ste_rounds_ties_to_even_like_the_inference_path():
+    # exact ties: torch.round (and the in-place round_ of the inference path) rounds half to even
+    x = torch.tensor([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5], requires_grad=True)
+    assert round_ste(x).tolist() == [-2.0, -2.0, 0.0, 0.0, 2.0, 2.0]
+    q = UniformQuantizer(bits=4)
+    q.set_params(torch.tensor(0.5), torch.tensor(8.0))
+    ties = x.detach() * 0.5  # x / s lands exactly on the ties
+    assert torch.equal(q(ties.clone().requires_grad_(True)).detach(), q(ties))
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_a_fractional_zero_point_quantizes_by_the_documented_formula(requires_grad):
+    # re-parameterisation with round_zero_point=False sets a fractional zero point: round x / s first, then add z
+    scale, zero_point = 0.25, 2.5
+    q = UniformQuantizer(bits=3)
+    q.set_params(torch.tensor(scale), torch.tensor(zero_point))
+    x = torch.linspace(-1.5, 2.0, 57, dtype=torch.float64)
+    expected = ((x / scale).round() + zero_point).clamp(0, 7).sub(zero_point).mul(scale)
+    out = q(x.float().requires_grad_(requires_grad)).detach()
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-6)
+
+
 def test_codes_refuse_a_fractional_zero_point():
     # round_zero_point=False leaves an activation zero point fractional: round(x / s) + z is then no integer code,
     # and truncating it would dequantize to other values than fake quantization gives
@@ -206,3 +230,44 @@ def test_codes_refuse_a_fractional_zero_point():
         q.codes(torch.zeros(3))
     q.set_params(torch.tensor(0.25), torch.tensor(3.0))
     assert q.codes(torch.tensor([0.0, 0.25])).tolist() == [3, 4]
+
+
+@pytest.mark.parametrize("observer", ["minmax", "percentile_mse"])
+@pytest.mark.parametrize(("shape", "axis"), [((6, 40), 0), ((5, 7, 30), 1), ((9, 4), -1)])
+def test_each_channel_gets_the_parameters_of_its_own_slice(observer, shape, axis):
+    # per-channel calibration on `axis` equals a per-tensor calibration of every slice on its own
+    torch.manual_seed(0)
+    channels = shape[axis]
+    x = torch.randn(shape) * torch.linspace(0.5, 4.0, channels).view([-1 if d == axis % len(shape) else 1
+                                                                      for d in range(len(shape))])
+    q = calibrated(x, bits=4, channels=channels, axis=axis, observer=observer)
+    for c in range(channels):
+        single = calibrated(x.select(axis, c), bits=4, observer=observer)
+        assert float(q.scale[c]) == float(single.scale) and float(q.zero_point[c]) == float(single.zero_point)
+        assert torch.equal(q(x).select(axis, c), single(x.select(axis, c)))
+
+
+def test_a_wrong_number_of_channels_is_named():
+    q = UniformQuantizer(bits=4, channels=4, axis=-1)
+    q.site = "blocks.0.fc1.input"
+    q.set_mode("observe")
+    q(torch.randn(10, 3))
+    with pytest.raises(CalibrationError, match=r"blocks\.0\.fc1\.input expects 4 channels on axis -1, got 3"):
+        q.calibrate()
+
+
+def test_codes_are_int32_for_every_bit_width():
+    # quantizers take up to 16 bits: codes above 255 must not wrap
+    q = calibrated(torch.linspace(0, 1, 5000), bits=10, observer="minmax")
+    codes = q.codes(torch.linspace(0, 1, 5000))
+    assert codes.dtype == torch.int32 and int(codes.min()) == 0 and int(codes.max()) == 1023
+
+
+@pytest.mark.parametrize("channels", [None, 3])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fake_quantization_keeps_the_input_dtype(dtype, channels):
+    q = UniformQuantizer(bits=4, channels=channels)
+    q.set_params(torch.full((channels or 1,), 0.25), torch.full((channels or 1,), 8.0))
+    levels = (torch.arange(-8, 8) * 0.25)[:, None].expand(16, 3)  # exactly representable in every float dtype
+    out = q(levels.to(dtype))
+    assert out.dtype == dtype and torch.equal(out, levels.to(dtype))
