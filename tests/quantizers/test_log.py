@@ -97,3 +97,37 @@ def test_all_zero_calibration_keeps_a_positive_scale_and_finite_outputs(cls):
 def test_percentiles_outside_0_to_1_are_refused_when_built(cls, percentiles):
     with pytest.raises(ValueError, match=r"percentiles=.* must be a non-empty list of values in \(0, 1\]"):
         cls(bits=4, percentiles=percentiles)
+
+
+def test_log2_quantization_by_hand():
+    # Δ = 0.5, 2 bits: levels 0.5 · 2^-k for k = 0..3; k = clamp(round(-log2(a / Δ)), 0, 3)
+    q = Log2Quantizer(bits=2)
+    q.scale.fill_(0.5)
+    q.calibrated.fill_(True)
+    a = torch.tensor([0.0, 0.03, 0.1, 0.2, 0.3, 0.5, 0.9, 4.0])
+    # -log2(a / Δ):     inf, 4.06, 2.32, 1.32, 0.74, 0, -0.85, -3  ->  k = 3, 3, 2, 1, 1, 0, 0, 0
+    assert q(a).tolist() == [0.0625, 0.0625, 0.125, 0.25, 0.25, 0.5, 0.5, 0.5]
+
+
+@pytest.mark.parametrize("cls", [Log2Quantizer, LogSqrt2Quantizer])
+def test_calibration_uses_every_observed_batch(cls):
+    first, second = attention_like(), attention_like() * 0.01  # the second batch alone would give a tiny Δ
+    pooled, together = cls(bits=4), cls(bits=4)
+    pooled.set_mode("observe")
+    pooled(first)
+    pooled(second)
+    pooled.calibrate()
+    together.set_mode("calibrate")
+    together(torch.cat([first, second]))
+    last_only = calibrated(cls, second, 4)
+    assert float(pooled.scale) == float(together.scale) != float(last_only.scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cls", [Log2Quantizer, LogSqrt2Quantizer])
+def test_every_output_is_one_of_the_levels_and_every_level_is_reached(cls, dtype):
+    q = calibrated(cls, attention_like(), 3).to(dtype)
+    a = torch.logspace(-6, 0.2, 4000, base=2.0, dtype=dtype) * q.scale  # from far below to above Δ
+    out = q(torch.cat([a, a.new_zeros(1)]))
+    assert out.dtype == dtype
+    assert torch.equal(torch.unique(out), q.levels())
