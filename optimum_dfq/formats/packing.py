@@ -18,7 +18,7 @@ MIN_PACK_BITS, MAX_PACK_BITS = 1, 8
 
 
 def _check_bits(bits: int) -> None:
-    if not isinstance(bits, int) or not MIN_PACK_BITS <= bits <= MAX_PACK_BITS:
+    if not isinstance(bits, int) or isinstance(bits, bool) or not MIN_PACK_BITS <= bits <= MAX_PACK_BITS:
         raise ValueError(f"Packing supports {MIN_PACK_BITS}..{MAX_PACK_BITS}-bit codes, got bits={bits!r}.")
 
 
@@ -68,12 +68,13 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if codes.dim() < 1:
         raise ValueError("pack_codes expects at least one dim (the output channels).")
     rows = codes.shape[0]
-    flat = codes.reshape(rows, -1).to(torch.int32)
+    flat = codes.reshape(rows, -1).to(torch.int64)  # checked before narrowing: int32 would wrap large codes
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 2**bits):
         raise ValueError(
             f"Codes must lie in 0..{2**bits - 1} for {bits}-bit packing, got range "
             f"[{int(flat.min())}, {int(flat.max())}]."
         )
+    flat = flat.to(torch.int32)
     per_row = flat.shape[1]
     _, num_bytes = packed_shape(codes.shape, bits)
     byte_index, offset = _bit_positions(per_row, bits, codes.device)

@@ -40,3 +40,15 @@ def test_errors():
         pack_codes(torch.tensor([[1]]), 9)
     with pytest.raises(ValueError, match=r"uint8 tensor of shape \[4, 2\]"):
         unpack_codes(torch.zeros(4, 3, dtype=torch.uint8), 4, (4, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint64])
+def test_codes_too_large_for_int32_are_refused_not_wrapped(dtype):
+    # 2^32 + 3 narrowed to int32 is 3, a valid 4-bit code
+    with pytest.raises(ValueError, match=r"0\.\.15 for 4-bit packing, got range \[1, 4294967299\]"):
+        pack_codes(torch.tensor([[2**32 + 3, 1]], dtype=dtype), 4)
+
+
+def test_bits_given_as_a_bool_are_refused():
+    with pytest.raises(ValueError, match="got bits=True"):
+        packed_shape([4, 3], True)
