@@ -52,3 +52,19 @@ def test_codes_too_large_for_int32_are_refused_not_wrapped(dtype):
 def test_bits_given_as_a_bool_are_refused():
     with pytest.raises(ValueError, match="got bits=True"):
         packed_shape([4, 3], True)
+
+
+def test_ill_formed_inputs_are_refused_with_a_message():
+    with pytest.raises(ValueError, match="got bits=4.0"):
+        pack_codes(torch.tensor([[1, 2]]), 4.0)
+    with pytest.raises(ValueError, match="got bits=4.0"):
+        packed_shape([4, 3], 4.0)
+    with pytest.raises(TypeError, match="integer tensor, got torch.bool"):
+        pack_codes(torch.tensor([[True, False]]), 1)
+    with pytest.raises(ValueError, match="at least one dim"):
+        pack_codes(torch.tensor(3), 4)
+    with pytest.raises(ValueError, match=r"0\.\.255 for 8-bit packing, got range \[1, 256\]"):
+        pack_codes(torch.tensor([[256, 1]]), 8)  # a uint8 cast would wrap 256 to 0
+    packed = pack_codes(torch.tensor([[1, 2, 3, 0]]), 2)
+    with pytest.raises(ValueError, match=r"uint8 tensor of shape \[1, 1\], got torch.int32 \[1, 1\]"):
+        unpack_codes(packed.to(torch.int32), 2, (1, 4))
