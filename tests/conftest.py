@@ -138,6 +138,25 @@ def default_synthesis_cache(monkeypatch, tmp_path) -> Path:
 
 
 @pytest.fixture
+def count_optimised_batches(monkeypatch):
+    """A function that, once called, counts the batches the pixel synthesizers optimise from then on (a run loaded
+    from the synthesis cache optimises none); it returns the list that grows by one item per batch."""
+    from optimum_dfq.synthesis import pixel_synthesizer
+
+    def start() -> list[int]:
+        optimised, real = [], pixel_synthesizer.optimize_batch
+
+        def counting(*args, **kwargs):
+            optimised.append(1)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(pixel_synthesizer, "optimize_batch", counting)
+        return optimised
+
+    return start
+
+
+@pytest.fixture
 def set_last_change():
     """A function `(folder, seconds_ago)` that dates the last change of `folder` and of everything in it (a cached
     run's last change, as `optimum-dfq cache list` shows it) `seconds_ago` seconds back."""

@@ -603,21 +603,14 @@ def test_cache_dir_with_real_data_is_refused(tmp_path, cifar_train, image_proces
     assert list(tmp_path.iterdir()) == []  # a run would be tmp_path/<key>: tmp_path/synthesis never existed
 
 
-def test_quantize_synthesizes_into_the_default_cache(default_synthesis_cache, image_processor, monkeypatch):
-    from optimum_dfq.synthesis import pixel_synthesizer
-
+def test_quantize_synthesizes_into_the_default_cache(default_synthesis_cache, image_processor,
+                                                     count_optimised_batches):
     config = DFQConfig(bits="w4a4", synthesizer="psaq", num_images=2,
                        synthesizer_kwargs={"iterations": [2, 2], "warmup": 1})
     quantizer = DataFreeViTQuantizer(tiny_vit(), image_processor)
     first = quantizer.quantize(config=config)
     assert len(list(default_synthesis_cache.glob("*/calibration_set"))) == 1
-    optimised, real = [], pixel_synthesizer.optimize_batch
-
-    def counting(*args, **kwargs):
-        optimised.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pixel_synthesizer, "optimize_batch", counting)
+    optimised = count_optimised_batches()
     again = quantizer.quantize(config=config)  # the cached set: nothing optimised
     assert optimised == []
     pixels = torch.randn(2, 3, 32, 32)

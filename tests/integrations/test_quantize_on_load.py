@@ -113,19 +113,11 @@ def test_quantize_sees_the_float_model_that_data_free_vit_quantizer_loads(float_
     assert seen[0] == seen[1]
 
 
-def test_synthesis_shares_the_cache_entry_of_quantize(float_folder, default_synthesis_cache, monkeypatch):
+def test_synthesis_shares_the_cache_entry_of_quantize(float_folder, default_synthesis_cache, count_optimised_batches):
     # the float model's config must not carry the quantization_config transformers put on it: the cache key hashes it
-    from optimum_dfq.synthesis import pixel_synthesizer
-
     AutoModelForImageClassification.from_pretrained(float_folder, quantization_config=SYNTHESIS)
     assert len(list(default_synthesis_cache.glob("*/calibration_set"))) == 1
-    optimised, real = [], pixel_synthesizer.optimize_batch
-
-    def counting(*args, **kwargs):
-        optimised.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pixel_synthesizer, "optimize_batch", counting)
+    optimised = count_optimised_batches()
     reference(float_folder, SYNTHESIS)
     assert optimised == [] and len(list(default_synthesis_cache.glob("*/calibration_set"))) == 1
 
