@@ -165,9 +165,9 @@ def random_layout(
     drawn again; after `MAX_BOX_TRIES` draws of one box, the image's boxes are all drawn again; after
     `MAX_LAYOUT_TRIES` such attempts, they are drawn instead in distinct cells of a `g × g` grid, `g = ceil(sqrt(m))`
     (one box of the same size range at a random position inside each cell), which cannot fail. With the default
-    `scale` the fallback is rare (none for 2000 images of 224 pixels with up to 4 boxes; with `(0.3, 0.6)` it takes
-    about 30% of the images with 4 boxes). All of this is our interpretation (SARDFQ does not publish region sizes
-    or sampling).
+    `scale` the fallback is rare (none for 200 images of 224 pixels with up to 4 boxes, checked by
+    `tests/synthesis/test_regions.py`); wider boxes make it more frequent. All of this is our interpretation (SARDFQ
+    does not publish region sizes or sampling).
 
     Args:
         indices (`Sequence[int]`): the images' global indices.
