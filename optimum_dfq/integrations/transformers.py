@@ -164,7 +164,8 @@ class DFQHfQuantizer(HfQuantizer):
                 "against the checkpoint's digests, and offloaded ones are not loaded. Load the model on one device "
                 "(device_map=\"cpu\", or no device_map) or give max_memory more room: packed low-bit weights are small."
             )
-        devices = sorted({str(device) for device in device_map.values()}) if isinstance(device_map, Mapping) else []
+        devices = sorted({_device_name(device) for device in device_map.values()}) \
+            if isinstance(device_map, Mapping) else []
         if not self.pre_quantized and len(devices) > 1:
             raise ConfigError(
                 f"Quantizing inside from_pretrained runs synthesis and calibration on one device, but device_map "
@@ -363,6 +364,27 @@ def attach_quantized_model(model: nn.Module, hf_quantizer: DFQHfQuantizer) -> nn
         if isinstance(module, PreTrainedModel):
             module.set_attn_implementation = functools.partial(_set_attn_implementation, module)
     return model
+
+
+def _device_name(device: int | str | torch.device) -> str:
+    """The one name of a `device_map` value, so that `0`, `"cuda"` and `"cuda:0"` count as one device.
+
+    An integer is an index on the current accelerator, as in Accelerate's device maps (CUDA when none is present); a
+    device without an index is the current one of its type (index 0 when that type is not present).
+    """
+    if isinstance(device, int) and not isinstance(device, bool):
+        accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        return f"{accelerator.type if accelerator is not None else 'cuda'}:{device}"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):  # not a torch device ("disk" is refused before): transformers reports it
+        return str(device)
+    if device.type in ("cpu", "meta") or device.index is not None:
+        return str(device)
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    index = torch.accelerator.current_device_index() if accelerator is not None and accelerator.type == device.type \
+        else 0
+    return f"{device.type}:{index}"
 
 
 def float_checkpoint_processor_location(

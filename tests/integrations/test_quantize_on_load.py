@@ -248,6 +248,17 @@ def test_a_device_map_over_several_devices_is_refused():
     DFQHfQuantizer(NOISE).validate_environment(device_map={"vit": "cpu", "classifier": "cuda:0"})  # loading: fine
 
 
+def test_one_device_named_in_several_ways_is_one_device():
+    quantizer = DFQHfQuantizer(NOISE, pre_quantized=False)
+    quantizer.validate_environment(device_map={"vit.embeddings": 0, "vit.encoder": "cuda:0", "classifier": "cuda"})
+    quantizer.validate_environment(device_map={"vit": torch.device("cuda", 0), "classifier": 0})
+    quantizer.validate_environment(device_map={"vit": "cpu", "classifier": torch.device("cpu")})
+    with pytest.raises(ConfigError, match="spreads the model over cuda:0, cuda:1"):
+        quantizer.validate_environment(device_map={"vit": 0, "classifier": "cuda:1"})
+    with pytest.raises(ConfigError, match="spreads the model over cpu, cuda:0"):
+        quantizer.validate_environment(device_map={"vit": "cpu", "classifier": 0})
+
+
 def test_a_quantized_checkpoint_keeps_its_own_config_when_one_is_passed(vit_w4a4, pixels):
     qmodel, folder = vit_w4a4
     with pytest.warns(UserWarning, match="The `quantization_config` from the model will be used"):
