@@ -5,7 +5,9 @@ folder must be one folder for all of them: the same filesystem, whatever the mac
 tell (machines may share an NFS home; containers on one host may each mount their own disk under the same path), so
 [`processes_not_sharing`] asks the filesystem: the main process writes a uniquely named probe file into the folder,
 every other process looks for it there (under its own view of the path) and writes one of its own beside it, and the
-main process looks for those. Each process removes what it wrote before returning, however the check ends.
+main process looks for those. Each process removes what it wrote before returning, however the check ends, and the
+main process also removes the folders it made for its probe when the folder turns out not to be shared (they would
+otherwise stay behind, empty, as the run keeps no cache there).
 
 The probe files are named `.optimum_dfq-probe-<32 hexadecimal digits>[-<rank>]` ([`PROBE_NAME_RE`]);
 [`~optimum_dfq.synthesis.cache_admin.list_cached_runs`] ignores them, so that `optimum-dfq cache list` never takes one
@@ -34,8 +36,9 @@ def processes_not_sharing(state, folder: str | os.PathLike) -> dict[int, str]:
     probe file the main process has just written there, and when the main process sees the probe file it writes
     there in turn. The main process creates `folder` (and its parents) if missing; the other processes create
     nothing outside a folder in which they saw the main process's probe. Every process takes part in the same
-    collective calls and returns the same answer; each removes its own probe file before returning. A single-process
-    run is not probed (nothing is written).
+    collective calls and returns the same answer; each removes its own probe file before returning, and the main
+    process removes the folders it made (if still empty) unless every process shares them. A single-process run is not
+    probed (nothing is written).
 
     Args:
         state (`accelerate.PartialState`): the run's process state.
@@ -55,10 +58,13 @@ def processes_not_sharing(state, folder: str | os.PathLike) -> dict[int, str]:
         return {}
     folder = Path(os.path.expanduser(os.fspath(folder)))
     written: list[Path] = []
+    made: list[Path] = []  # the folders the main process made, outermost first
+    shared = False
     try:
         main_answer = None
         if state.is_main_process:
             token = secrets.token_hex(16)
+            made.extend(parent for parent in reversed([folder, *folder.parents]) if not parent.exists())
             main_answer = (token, _write_probe(folder / f"{PROBE_PREFIX}{token}", token, written, create_folder=True))
         token, main_failure = broadcast_from_main(state, main_answer)
         if main_failure is not None:
@@ -71,11 +77,16 @@ def processes_not_sharing(state, folder: str | os.PathLike) -> dict[int, str]:
             for rank in range(1, state.num_processes):
                 if rank not in failures and not _sees_probe(folder / f"{PROBE_PREFIX}{token}-{rank}", token):
                     failures[rank] = "wrote a probe file there that the main process does not see"
-        return broadcast_from_main(state, failures if state.is_main_process else None)
+        failures = broadcast_from_main(state, failures if state.is_main_process else None)
+        shared = not failures
+        return failures
     finally:  # after the last collective call: no process removes its probe before the main process looked for it
         for path in written:
             with contextlib.suppress(OSError):
                 os.remove(path)
+        for path in [] if shared else reversed(made):
+            with contextlib.suppress(OSError):  # not empty: something else now uses it
+                path.rmdir()
 
 
 def _answer_probe(folder: Path, token: str, rank: int, written: list[Path]) -> str | None:

@@ -70,7 +70,7 @@ def test_the_main_process_reports_what_the_others_do_not_see_and_what_it_does_no
         1: "wrote a probe file there that the main process does not see"}
     _collectives(monkeypatch, [], lambda items: list(items) + ["sees no probe file that the main process wrote there"])
     assert processes_not_sharing(_state(0), tmp_path) == {1: "sees no probe file that the main process wrote there"}
-    assert list(tmp_path.iterdir()) == []
+    assert tmp_path.is_dir() and list(tmp_path.iterdir()) == []  # a folder it did not make stays
 
 
 def test_the_main_probe_is_removed_when_a_collective_call_fails(tmp_path, monkeypatch):
@@ -81,6 +81,31 @@ def test_the_main_probe_is_removed_when_a_collective_call_fails(tmp_path, monkey
     with pytest.raises(RuntimeError, match="broke down"):
         processes_not_sharing(_state(0), tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_folders_the_main_process_made_are_removed_unless_every_process_shares_them(tmp_path, monkeypatch):
+    folder = tmp_path / "new" / "cache"
+    not_seen = "sees no probe file that the main process wrote there"
+    _collectives(monkeypatch, [], lambda items: list(items) + [not_seen])
+    assert processes_not_sharing(_state(0), folder) == {1: not_seen}
+    assert list(tmp_path.iterdir()) == []  # both folders it made are gone; the one that was there stays
+
+    def broken(items):
+        raise RuntimeError("the process group broke down")
+
+    _collectives(monkeypatch, [], broken)
+    with pytest.raises(RuntimeError, match="broke down"):
+        processes_not_sharing(_state(0), folder)
+    assert list(tmp_path.iterdir()) == []
+
+    def another_run_writes_there(items):  # a folder something else has put a file in is not removed
+        (folder.parent / "other-run").write_text("")
+        return list(items) + [not_seen]
+
+    _collectives(monkeypatch, [], another_run_writes_there)
+    processes_not_sharing(_state(0), folder)
+    assert list(tmp_path.iterdir()) == [tmp_path / "new"] and list((tmp_path / "new").iterdir()) == [
+        tmp_path / "new" / "other-run"]
 
 
 def test_a_main_process_that_cannot_write_the_probe_says_so_to_every_process(tmp_path, monkeypatch):
