@@ -138,6 +138,8 @@ class DFQHfQuantizer(HfQuantizer):
         self._checkpoint: CheckpointInfo | None = None
         #: the float checkpoint's files, when quantizing inside from_pretrained (they locate its image processor)
         self._float_checkpoint_files: list[str] | None = None
+        #: the parameters transformers loaded from the float checkpoint, as it announces each one to its quantizer
+        self._float_names_loaded: set[str] = set()
 
     # ------------------------------------------------------------------ loading
     def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
@@ -235,6 +237,17 @@ class DFQHfQuantizer(HfQuantizer):
         check_tensor_shapes(model, info, self)
         return model
 
+    def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
+        """`False`: transformers loads a float checkpoint's tensors as they are (quantization follows the loading).
+
+        transformers asks this of every tensor it loads into a model being quantized on load, under the model's own
+        name, so the answers record which parameters the float checkpoint held; see
+        [`~DFQHfQuantizer._process_model_after_weight_loading`].
+        """
+        if not self.pre_quantized:
+            self._float_names_loaded.add(param_name)
+        return False
+
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any):
         """Verifies a quantized checkpoint's load; quantizes a float model in place.
 
@@ -246,6 +259,12 @@ class DFQHfQuantizer(HfQuantizer):
         the quantization config are taken off first, so that the float model (and the synthesis cache key, which
         hashes its config) is the one `DataFreeViTQuantizer.from_pretrained` loads; `quantize()` then attaches its own
         [`DFQHfQuantizer`], which carries the plan and provenance that saving needs.
+
+        Raises:
+            `CheckpointError`: the float checkpoint lacked parameters of the model (a backbone-only checkpoint loaded
+                into an image classifier), which transformers has initialised at random. Checked before loading for
+                safetensors checkpoints; for other formats (`pytorch_model.bin`), whose names cannot be read without
+                unpickling, from the tensors transformers announced while loading them.
         """
         if not self.pre_quantized:
             return self._quantize_float_model(model)
@@ -256,8 +275,11 @@ class DFQHfQuantizer(HfQuantizer):
         return model
 
     def _quantize_float_model(self, model: nn.Module) -> nn.Module:
-        from ..quantizer import DataFreeViTQuantizer, load_saved_image_processor
+        from ..quantizer import DataFreeViTQuantizer, _check_no_missing_weights, load_saved_image_processor
 
+        if self._float_names_loaded:  # empty if transformers announced no tensor: then its load report is the check
+            _check_no_missing_weights(model.name_or_path, model, [
+                name for name, _ in model.named_parameters() if name not in self._float_names_loaded])
         _remove_loading_marks(model)
         source, location = float_checkpoint_processor_location(model.name_or_path, self._float_checkpoint_files)
         config = self.quantization_config
@@ -440,8 +462,8 @@ def _check_float_checkpoint_complete(model: nn.Module, files: list[str], hf_quan
     """Refuses, before loading, a float checkpoint that lacks parameters of `model` (typically a backbone-only one
     loaded into an image classifier), as `DataFreeViTQuantizer.from_pretrained` does: transformers would initialise
     them at random, and quantizing such a model gives one that predicts noise. Told from the safetensors headers,
-    named as transformers' loading renames them; other formats, or names that cannot be mapped, are left to
-    transformers' load report."""
+    named as transformers' loading renames them; other formats, or names that cannot be mapped, are checked after
+    loading (see [`DFQHfQuantizer._process_model_after_weight_loading`])."""
     from safetensors import SafetensorError, safe_open
 
     from ..formats.checkpoint import _loading_names

@@ -240,6 +240,20 @@ def test_a_checkpoint_without_classifier_weights_is_refused_before_loading(tmp_p
         AutoModelForImageClassification.from_pretrained(tmp_path, quantization_config=NOISE)
 
 
+def test_a_pickled_checkpoint_without_classifier_weights_is_refused_before_quantizing(tmp_path, monkeypatch):
+    # pytorch_model.bin: its names are not read before loading (that would unpickle it), so the check follows the load
+    quantized = []
+    monkeypatch.setattr(DataFreeViTQuantizer, "quantize", lambda self, **kwargs: quantized.append(self.model))
+    for name, model in (("backbone", ViTModel(tiny_vit().config)), ("classifier", tiny_vit())):
+        model.config.save_pretrained(tmp_path / name)
+        torch.save(model.state_dict(), tmp_path / name / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"backbone has no weights for classifier\.bias, classifier\.weight"):
+        AutoModelForImageClassification.from_pretrained(tmp_path / "backbone", quantization_config=NOISE)
+    assert quantized == []
+    model = AutoModelForImageClassification.from_pretrained(tmp_path / "classifier", quantization_config=NOISE)
+    assert quantized == [model]
+
+
 def test_a_device_map_over_several_devices_is_refused():
     quantizer = DFQHfQuantizer(NOISE, pre_quantized=False)
     with pytest.raises(ConfigError, match="spreads the model over cpu, cuda:0.*Load it on one device"):
