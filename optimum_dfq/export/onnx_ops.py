@@ -57,9 +57,9 @@ class ActivationQDQ(torch.autograd.Function):
             lo, hi = spec.clip_bounds()
             if spec.axis is None:
                 x = g.op("Clip", x, _const(g, lo), _const(g, hi))
-            else:  # per-channel bounds: Clip takes scalars only
-                shape = [1] * (spec.axis + 1) if spec.axis >= 0 else [1] * (-spec.axis)
-                shape[spec.axis] = -1
+            else:  # per-channel bounds: Clip takes scalars only, and Max/Min broadcast from the last dimension
+                rank = x.type().dim()
+                shape = [-1] + [1] * (rank - 1 - spec.axis % rank)
                 x = g.op("Max", x, _const(g, lo.reshape(shape)))
                 x = g.op("Min", x, _const(g, hi.reshape(shape)))
         scale, zero_point = _const(g, spec.scale), _const(g, spec.zero_point)
