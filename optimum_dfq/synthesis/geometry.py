@@ -58,8 +58,9 @@ def probe_token_grids(model: nn.Module, adapter: ModelAdapter, sites: list[Atten
         `dict[int, TokenGrid]`: attention-site index → its grid.
 
     Raises:
-        `SynthesisError`: if a module's tokens do not tile the image exactly once (a token missing or repeated, or a
-            grid that does not divide the image), so that a token map cannot follow a roll or flip of the image.
+        `SynthesisError`: if a module's tokens do not tile the image exactly once (a token missing or repeated, a
+            grid that does not divide the image, or tokens that are not the patch scaled by a whole factor, as when
+            the image is no whole number of patches), so that a token map cannot follow a roll or flip of the image.
 
     Example:
 
@@ -140,6 +141,9 @@ def _grid(
         problem = f"{missing} token position(s) repeated or missing among {count}"
     elif not (rows and rows * cols == count and height % rows == 0 and width % cols == 0):
         problem = f"its {count} tokens form no grid that divides the {height}x{width} image into equal patches"
+    elif not _whole_patches((height // rows, width // cols), patch):
+        problem = (f"its {rows}x{cols} tokens would be {height // rows}x{width // cols} pixels, not the "
+                   f"{patch[0]}x{patch[1]} patch scaled by one whole factor, so the tokens do not cover the image")
     if problem is not None:
         raise SynthesisError(
             f"Cannot place the tokens of attention module #{site.index} in the image ({problem}), so attention "
@@ -147,6 +151,13 @@ def _grid(
             "priors fixed in the frame of the model's input."
         )
     return TokenGrid(rows, cols, raster, (height // rows, width // cols))
+
+
+def _whole_patches(token: tuple[int, int], patch: tuple[int, int]) -> bool:
+    """Whether a token of `token` pixels is the patch, or the patch enlarged by patch merging (the same whole factor on
+    both axes). Not so when the image is no whole number of patches: the patch embedding then drops the remainder and
+    the tokens cover only part of the image, which a roll of the whole image does not move token by token."""
+    return token[0] % patch[0] == 0 and token[1] % patch[1] == 0 and token[0] // patch[0] == token[1] // patch[1]
 
 
 def roll_and_flip_maps(

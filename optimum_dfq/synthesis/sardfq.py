@@ -76,7 +76,8 @@ class SARDFQSynthesizer(PixelSynthesizer):
             standard deviation per axis); the library spec allows both (our interpretation).
         apa_start (`float`, defaults to 0.5): APA uses attention modules `l > apa_start · L`.
         apa_follow_augmentation (`bool`, defaults to `True`): roll and flip each prior with its image at every step
-            (`False`: priors fixed in the frame of the model's input).
+            (`False`: priors fixed in the frame of the model's input; needed for a model whose image is no whole
+            number of patches, whose tokens cannot follow a roll of the image).
         msr_regions (`int`, defaults to 4): `K_MSR`, the maximum number of crops per image (0 disables MSR; then
             `msr_layout` has no effect and each image's class is drawn as with `"quadrants"`).
         msr_layout (`str`, defaults to `"quadrants"`): where an image's regions lie (all our interpretation; the paper

@@ -110,6 +110,23 @@ def test_a_grid_that_does_not_tile_the_image_is_refused_with_the_fix():
         _grid(site, {3: torch.arange(4).view(1, 4)}, 0, (31, 31), (8, 8))
 
 
+def test_tokens_that_are_not_patch_shaped_are_refused():
+    # 36-pixel images in 8-pixel patches: the patch embedding drops the last 4 pixels, so the 4x4 tokens cover 32x32
+    # pixels and a roll of the 36-pixel image does not move them token by token (they were taken as 9x9 tokens)
+    torch.manual_seed(0)
+    model = ViTForImageClassification(ViTConfig(image_size=36, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                                num_attention_heads=2, intermediate_size=64, num_labels=10)).eval()
+    with pytest.raises(SynthesisError, match=r"4x4 tokens would be 9x9 pixels, not the 8x8 patch scaled by one whole "
+                                             r"factor.*apa_follow_augmentation=False"):
+        _grids(model)
+    from types import SimpleNamespace
+
+    from optimum_dfq.synthesis.geometry import _grid
+
+    with pytest.raises(SynthesisError, match=r"2x4 tokens would be 16x8 pixels"):  # 8 square patches on a square
+        _grid(SimpleNamespace(index=3, windows=1), {3: torch.arange(8).view(1, 8)}, 0, (32, 32), (8, 8))
+
+
 def test_whole_token_moves_are_rolls_then_flips():
     maps = torch.rand(3, 2, 4, 5)
     offsets, flips = torch.tensor([8, -4, 0]), torch.tensor([True, False, False])
