@@ -49,7 +49,7 @@ class JitterFlip:
             raise ValueError(f"expected one uint8 generator state per image ({len(self.generators)}), got a "
                              f"{tuple(states.shape)} {states.dtype} tensor")
         for generator, state in zip(self.generators, states):
-            generator.set_state(state.clone())
+            generator.set_state(state.clone())  # set_state crashes on a row view (storage offset), torch 2.13
 
     @staticmethod
     def apply(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:

@@ -110,6 +110,30 @@ def test_a_grid_that_does_not_tile_the_image_is_refused_with_the_fix():
         _grid(site, {3: torch.arange(4).view(1, 4)}, 0, (31, 31), (8, 8))
 
 
+def test_the_refusal_counts_the_tokens_repeated_or_missing_and_names_a_module_never_called():
+    from types import SimpleNamespace
+
+    from optimum_dfq.synthesis.geometry import _grid
+
+    site = SimpleNamespace(index=3, windows=1)
+    with pytest.raises(SynthesisError, match=r"\(2 token position\(s\) repeated or missing among 6\)"):
+        _grid(site, {3: torch.tensor([[0, 1, 2, 2, 4, 4]])}, 0, (32, 32), (8, 8))
+    with pytest.raises(SynthesisError, match=r"Attention module #3 was not called during the token-position probe"):
+        _grid(site, {}, 0, (32, 32), (8, 8))
+
+
+@pytest.mark.parametrize(("count", "image"), [(5, (32, 32)), (4, (32, 48))], ids=["five-tokens", "aspect-ratio"])
+def test_tokens_that_cannot_be_patches_of_the_image_are_refused(count, image):
+    # 5 tokens fill no rows x cols grid; 4 square-patch tokens cannot tile a 32x48 image (2 x 3 would need 6)
+    from types import SimpleNamespace
+
+    from optimum_dfq.synthesis.geometry import _grid
+
+    site = SimpleNamespace(index=3, windows=1)
+    with pytest.raises(SynthesisError, match=f"its {count} tokens form no grid that divides the"):
+        _grid(site, {3: torch.arange(count).view(1, count)}, 0, image, (8, 8))
+
+
 def test_tokens_that_are_not_patch_shaped_are_refused():
     # 36-pixel images in 8-pixel patches: the patch embedding drops the last 4 pixels, so the 4x4 tokens cover 32x32
     # pixels and a roll of the 36-pixel image does not move them token by token (they were taken as 9x9 tokens)
@@ -134,6 +158,14 @@ def test_whole_token_moves_are_rolls_then_flips():
     assert torch.allclose(moved[0], torch.roll(maps[0], (2, 2), dims=(1, 2)).flip(-1))
     assert torch.allclose(moved[1], torch.roll(maps[1], (-1, -1), dims=(1, 2)))
     assert torch.equal(moved[2], maps[2])
+
+
+def test_non_square_tokens_move_by_their_own_height_and_width():
+    maps = torch.rand(2, 1, 4, 6)
+    offsets, flips = torch.tensor([8, -4]), torch.tensor([False, True])
+    moved = roll_and_flip_maps(maps, offsets, flips, pixels=(4, 2))  # tokens 4 pixels high, 2 wide
+    assert torch.allclose(moved[0], torch.roll(maps[0], (2, 4), dims=(1, 2)))
+    assert torch.allclose(moved[1], torch.roll(maps[1], (-1, -2), dims=(1, 2)).flip(-1))
 
 
 def test_fractional_moves_interpolate_and_keep_the_mass():
