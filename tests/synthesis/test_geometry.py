@@ -134,6 +134,15 @@ def test_tokens_that_cannot_be_patches_of_the_image_are_refused(count, image):
         _grid(site, {3: torch.arange(count).view(1, count)}, 0, image, (8, 8))
 
 
+def test_a_non_square_image_gives_tokens_of_its_own_height_and_width():
+    from types import SimpleNamespace
+
+    from optimum_dfq.synthesis.geometry import _grid
+
+    grid = _grid(SimpleNamespace(index=3, windows=1), {3: torch.arange(24).view(1, 24)}, 0, (32, 48), (8, 8))
+    assert (grid.rows, grid.cols, grid.pixels) == (4, 6, (8, 8))  # a 32x48 image in 8x8 patches
+
+
 def test_tokens_that_are_not_patch_shaped_are_refused():
     # 36-pixel images in 8-pixel patches: the patch embedding drops the last 4 pixels, so the 4x4 tokens cover 32x32
     # pixels and a roll of the 36-pixel image does not move them token by token (they were taken as 9x9 tokens)
