@@ -143,3 +143,42 @@ def test_synthesis_leaves_the_global_random_state_alone(synthesizer):
     get_synthesizer(name, **FAST, **kwargs).synthesize(model, 2, **NORM)
     assert torch.equal(torch.get_rng_state(), before)
 
+
+
+def test_defaults_are_the_documented_ones():
+    synthesizer = get_synthesizer("dfq-vit")
+    assert (synthesizer.class_loss, synthesizer.soft_label_range, synthesizer.order) == ("soft", (5.0, 10.0),
+                                                                                         "easy_to_hard")
+    assert (synthesizer.local_weight, synthesizer.local_phase, synthesizer.ramp_fraction) == (1.0, 1, 1.0)
+    assert (synthesizer.hardness_weight, synthesizer.hardness_phase, synthesizer.provisional) == (0.0, 1, {})
+    # PSAQ-ViT's TV prior and KDE (as PSAQSynthesizer)
+    assert (synthesizer.tv_weight, synthesizer.tv_target, synthesizer.tv_reference) == (0.05, (2500.0, 3000.0),
+                                                                                        (32, 224))
+    assert (synthesizer.kde_bandwidth, synthesizer.kde_points, synthesizer.kde_floor) == (0.01, 10, 1e-4)
+    assert get_synthesizer("dfq-vit", local_phase=0).hardness_phase == 0  # follows local_phase unless given
+
+
+def test_a_negative_phase_is_refused():
+    with pytest.raises(SynthesisError, match=r"local_phase=-1 must name one of the 2 phases"):
+        get_synthesizer("dfq-vit", **FAST, local_phase=-1)
+    with pytest.raises(SynthesisError, match=r"hardness_phase=-1 must name one of the 2 phases"):
+        get_synthesizer("dfq-vit", **FAST, hardness_weight=1.0, hardness_phase=-1)
+
+
+def test_tv_and_kde_options_reach_their_terms():
+    synthesizer = get_synthesizer("dfq-vit", tv_weight=0.3, tv_target=(10.0, 20.0), tv_reference=(8, 64),
+                                  kde_bandwidth=0.2, kde_points=7, kde_floor=1e-3)
+    terms = {term.name: term for term in plan_batch(synthesizer, tiny_vit(), [0, 1]).terms}
+    assert terms["tv"].weight == 0.3 and terms["tv"].scale == pytest.approx(32**0.5)  # sqrt(8 · 64² / 32²)
+    assert bool(((terms["tv"].targets >= 10.0) & (terms["tv"].targets <= 20.0)).all())
+    assert (terms["pse"].bandwidth, terms["pse"].num_points, terms["pse"].floor) == (0.2, 7, 1e-3)
+
+
+def test_each_images_soft_label_comes_from_its_own_stream():
+    from optimum_dfq.synthesis import stream_generator
+    from optimum_dfq.synthesis.targets import soft_target
+
+    plan = plan_batch(get_synthesizer("dfq-vit", **FAST), tiny_vit(), [3, 8])
+    for row, index, label in zip(plan.soft_labels, [3, 8], plan.labels.tolist()):
+        expected = soft_target([label], 10, stream_generator(0, index, "soft"), (5.0, 10.0))  # plan_batch's seed 0
+        assert torch.equal(row, expected)
