@@ -140,7 +140,7 @@ def test_synthesizer_weights_and_tv_reference_reach_their_terms(name):
     terms = {term.name: term for term in plan_batch(synthesizer, tiny_vit(), [0, 1]).terms}
     expected = {"tv": 0.3, **({"ce": 2.5, "pse": 0.7} if name == "psaq" else {"sl": 1.5, "apa": 7.0})}
     assert {n: terms[n].weight for n in expected} == expected
-    assert terms["tv"].scale == pytest.approx(math.sqrt(8 * 64 * 64 / (32 * 32)))  # = 4
+    assert terms["tv"].scale == pytest.approx(math.sqrt(8 * 64 * 64 / (32 * 32)))  # = sqrt(32)
 
 
 def test_psaq_kde_options_reach_the_patch_similarity_entropy():
