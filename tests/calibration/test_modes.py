@@ -49,3 +49,35 @@ def test_set_quantizer_modes_refuses_an_unknown_mode_before_switching_anything(q
     with pytest.raises(ValueError, match="Unknown quantizer mode 'bogus'"):
         set_quantizer_modes(qmodel, weights="off", activations="bogus")
     assert {name: q.mode for name, q in iter_quantizers(qmodel)} == before
+
+
+def test_each_quantizer_gets_back_its_own_mode_and_the_default_is_every_quantizer(qmodel):
+    already_off, switched = "classifier.input_quantizer", "vit.layers.0.mlp.fc2.input_quantizer"
+    quantizers = dict(iter_quantizers(qmodel))
+    quantizers[already_off].set_mode("off")
+    try:
+        with quantization_disabled(qmodel, [already_off, switched]):
+            assert quantizers[switched].mode == "off"
+        assert (quantizers[already_off].mode, quantizers[switched].mode) == ("off", "quantize")
+        with quantization_disabled(qmodel):
+            assert {q.mode for q in quantizers.values()} == {"off"}
+        assert quantizers[already_off].mode == "off"
+        assert {q.mode for name, q in quantizers.items() if name != already_off} == {"quantize"}
+    finally:
+        quantizers[already_off].set_mode("quantize")
+
+
+def test_set_quantizer_modes_leaves_the_kind_given_none_as_it_is(qmodel):
+    weights = [q for name, q in iter_quantizers(qmodel) if name.endswith("weight_quantizer")]
+    try:
+        weights[0].set_mode("off")
+        set_quantizer_modes(qmodel, activations="quantize")
+        assert weights[0].mode == "off" and {q.mode for q in weights[1:]} == {"quantize"}
+    finally:
+        weights[0].set_mode("quantize")
+
+
+def test_a_misspelt_quantizer_name_is_refused(qmodel):
+    with pytest.raises(ConfigError, match=r"fc1\.output_quantizer'\] are not quantizers"), \
+            quantization_disabled(qmodel, ["vit.layers.0.mlp.fc1.output_quantizer"]):
+        pass

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optimum_dfq import DataFreeViTQuantizer
+from optimum_dfq import DataFreeViTQuantizer, DFQConfig
 from optimum_dfq.calibration import iter_quantizers
-from optimum_dfq.calibration.sites import ACTIVATION_SITES, activation_sites
+from optimum_dfq.calibration.sites import ACTIVATION_SITES, activation_sites, linear_roles
 from optimum_dfq.models import find_activation_consumers, get_adapter
 
 from ..conftest import tiny_deit_teacher, tiny_swin, tiny_vit
@@ -81,3 +81,38 @@ def test_one_site_can_run_in_float_and_is_restored():
     assert off == set(sites["fc1_input"]) | {name for name, mode in before.items() if mode == "off"}
     assert sites["fc1_input"] and not off & set(sites["qkv_input"])
     assert {name: q.mode for name, q in iter_quantizers(qmodel)} == before
+
+
+def test_a_weight_only_model_has_no_activation_site():
+    _, sites, _ = sites_of(tiny_vit, bits="w4a16")
+    assert sites == {}
+
+
+def test_a_quantized_layernorm_missing_from_the_consumer_map_is_refused():
+    qmodel, _, _ = sites_of(tiny_vit)
+    plan = dict(qmodel.hf_quantizer.plan.layernorm_consumers)
+    norm = next(iter(plan))
+    del plan[norm]
+    with pytest.raises(ValueError, match=rf"{norm} is read by Linears of roles \[\]; expected exactly one role"):
+        activation_sites(qmodel, get_adapter(qmodel), PIXELS, plan)
+
+
+def test_finding_roles_leaves_no_hook_on_the_model():
+    model = tiny_vit()
+    linear_roles(model, get_adapter(model), PIXELS)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+def test_qkv_share_a_correction_site_only_when_they_read_one_quantized_tensor():
+    """In block 0 q_proj stays float, so the LayerNorm before it stays float and k and v quantize their own inputs:
+    two sites there (the float q_proj is none); block 1's q, k and v read one quantized LayerNorm output: one site."""
+    from optimum_dfq.calibration import CalibrationSet, quantize_model
+    from optimum_dfq.calibration.sites import LinearGroup, linear_groups
+
+    model = tiny_vit()
+    roles = linear_roles(model, get_adapter(model), PIXELS)
+    qkv = [name for name, role in roles.items() if role == "qkv"]
+    config = DFQConfig(bits="w4a4", input_range="calibrated", modules_to_not_convert=[qkv[0]])
+    qmodel, _ = quantize_model(model, CalibrationSet(pixel_values=torch.randn(2, 3, 32, 32)), config)
+    groups = linear_groups(qmodel, linear_roles(qmodel, get_adapter(qmodel), PIXELS), ["qkv"])
+    assert groups == [LinearGroup("qkv", (qkv[1],)), LinearGroup("qkv", (qkv[2],)), LinearGroup("qkv", tuple(qkv[3:]))]
