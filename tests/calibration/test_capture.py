@@ -50,19 +50,19 @@ def test_captured_rows_are_exactly_what_each_matmul_multiplies(quantized):
     """Through the quantized weight and the bias, the captured rows give the Linear's output: they come after the
     input quantizer and the input correction (or are the plain input of a Linear without them)."""
     linears = {name: m for name, m in quantized.named_modules() if isinstance(m, QLinear)}
-    with_quantizer = next(n for n, m in linears.items() if m.input_quantizer is not None)
+    with_correction, with_quantizer = [n for n, m in linears.items() if m.input_quantizer is not None][:2]
     without_quantizer = next(n for n, m in linears.items() if m.input_quantizer is None)
-    correction = AffineCorrection(linears[with_quantizer].in_features)
+    correction = AffineCorrection(linears[with_correction].in_features)
     correction.scale.uniform_(0.5, 1.5)
     correction.shift.normal_()
-    linears[with_quantizer].input_correction = correction
+    linears[with_correction].input_correction = correction
     try:
         pixels = torch.randn(2, 3, 32, 32)
-        names = [with_quantizer, without_quantizer]
+        names = [with_correction, with_quantizer, without_quantizer]
         rows = capture_matmul_inputs(quantized, names, [pixels], max_rows=10**6)
         outputs = linear_outputs(quantized, names, pixels)
     finally:
-        linears[with_quantizer].input_correction = None
+        linears[with_correction].input_correction = None
     for name in names:
         linear = linears[name]
         with torch.no_grad():

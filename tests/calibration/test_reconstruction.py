@@ -154,3 +154,90 @@ def test_learning_rate_decays_along_a_cosine_to_zero(calibration, monkeypatch):
     blocks = len(get_adapter(model).blocks(model))
     expected = [lr * (1 + math.cos(math.pi * t / iterations)) / 2 for t in range(iterations)]
     assert rates == pytest.approx(expected * blocks)
+
+
+def test_reconstruction_leaves_no_gradient_and_restores_requires_grad(calibration):
+    model, _ = quantize_model(tiny_vit(), calibration, DFQConfig(bits="w4a4"))
+    reference = float_reference(model)
+    (_, block), = get_adapter(model).blocks(model)[:1]
+    frozen_norm = next(m for m in block.modules() if isinstance(m, torch.nn.LayerNorm))
+    frozen_norm.weight.requires_grad_(False)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    config = DFQConfig(bits="w4a4", reconstruction={"iterations": 2, "lr": 1e-3, "batch_size": 8})
+    reconstruct_blocks(model, reference, calibration, config)
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert [name for name, p in model.named_parameters() if p.grad is not None] == []
+
+
+def test_minibatches_are_distinct_random_images_seeded_by_the_config_and_the_block(calibration, monkeypatch):
+    from optimum_dfq.calibration.capture import BlockCalls
+
+    model, _ = quantize_model(tiny_vit(), calibration, DFQConfig(bits="w4a4"))
+    reference = float_reference(model)
+    drawn = []
+    replay = BlockCalls.replay
+
+    def recording_replay(self, block, index=None):
+        if torch.is_grad_enabled():  # a training step (the block losses are measured without gradients)
+            drawn.append((id(block), index.tolist()))
+        return replay(self, block, index)
+
+    monkeypatch.setattr(BlockCalls, "replay", recording_replay)
+    orders = []
+    for seed in (3, 3, 4):
+        drawn.clear()
+        config = DFQConfig(bits="w4a4", seed=seed, reconstruction={"iterations": 3, "lr": 1e-6, "batch_size": 8})
+        reconstruct_blocks(model, reference, calibration, config)
+        blocks = list(dict.fromkeys(block for block, _ in drawn))
+        per_block = [[index for block, index in drawn if block == b] for b in blocks]
+        assert len(per_block) == 2 and all(len(indices) == 3 for indices in per_block)
+        assert all(len(set(index)) == 8 and set(index) <= set(range(len(calibration)))
+                   for indices in per_block for index in indices)
+        assert per_block[0] != per_block[1]  # each block draws its own order
+        assert any(index != list(range(8)) for index in per_block[0])
+        orders.append(per_block)
+    assert orders[0] == orders[1] and orders[0] != orders[2]
+
+
+def test_each_step_is_an_adam_step_on_the_fresh_mse_gradient(calibration, monkeypatch):
+    """Adam without weight decay on the block-output MSE: the gradient each step uses is the MSE gradient at the
+    current weights (nothing accumulated), and the first step moves each weight by `lr * g / (|g| + eps)`."""
+    import copy
+
+    from optimum_dfq.calibration.reconstruction import reconstruct_block
+    from optimum_dfq.nn import QLinear
+
+    model, _ = quantize_model(tiny_vit(), calibration, DFQConfig(bits="w4a4"))
+    reference = float_reference(model)
+    (name, block), = get_adapter(model).blocks(model)[:1]
+    images = calibration.batches(16)
+    calls = capture_block_calls(model, block, images)
+    targets = capture_block_outputs(reference, reference.get_submodule(name), images)
+    untouched = copy.deepcopy(block)
+    steps = []
+    step = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        params = self.param_groups[0]["params"]
+        before = [(p.detach().clone(), p.grad.detach().clone()) for p in params]
+        result = step(self, *args, **kwargs)
+        steps.append((before, [p.detach().clone() for p in params]))
+        return result
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    lr = 1e-3
+    reconstruct_block(block, calls, targets, iterations=2, lr=lr, batch_size=len(calibration), name=name)
+
+    weights = [m.weight for m in untouched.modules() if isinstance(m, QLinear)]
+    assert len(steps) == 2 and len(steps[0][0]) == len(weights)
+    for before, _ in steps:
+        with torch.no_grad():
+            for weight, (value, _) in zip(weights, before):
+                weight.copy_(value)
+        loss = torch.nn.functional.mse_loss(calls.replay(untouched), targets)
+        gradients = torch.autograd.grad(loss, weights)
+        for gradient, (_, used) in zip(gradients, before):
+            torch.testing.assert_close(used, gradient, rtol=1e-4, atol=1e-9)
+    (first_before, first_after) = steps[0]
+    for (value, gradient), after in zip(first_before, first_after):
+        torch.testing.assert_close(after, value - lr * gradient / (gradient.abs() + 1e-8), rtol=0, atol=1e-7)
