@@ -420,3 +420,94 @@ def test_export_prints_no_alarming_native_warnings(calibration, tmp_path, capfd)
     err = capfd.readouterr().err
     assert "NchwcTransformer" not in err and "Custom opset domain" not in err
     assert all(opset.domain != "com.microsoft" for opset in onnx.load(tmp_path / "model.onnx").opset_import)
+
+
+def test_quantizers_that_are_off_or_uncalibrated(calibration, tmp_path, caplog):
+    qmodel = _quantize("vit", "w8a8", calibration, post_softmax="uniform")  # otherwise an all-integer graph
+    name = "vit.layers.0.mlp.fc2.input_quantizer"
+    qmodel.get_submodule(name).set_mode("off")  # the identity: nothing to lower, nothing emulated in float
+    with caplog.at_level("WARNING", logger="optimum_dfq.export.onnx"):
+        report = to_onnx(qmodel, tmp_path / "model.onnx")
+    assert "float operations" not in caplog.text
+    off = [q for q in report.quantizers if q.lowering == "off"]
+    assert [(q.name, q.integer, q.note) for q in off] == [(name, False, "disabled")]
+    assert report.num_float == 0 and report.num_integer == len(report.quantizers) - 1
+    with torch.no_grad():
+        expected = qmodel(pixel_values=calibration[:4]).logits.numpy()
+    np.testing.assert_allclose(_run(tmp_path / "model.onnx", calibration[:4]), expected,
+                               atol=3e-2 * np.abs(expected).max())  # a few codes round apart
+
+    qmodel.get_submodule(name).calibrated.fill_(False)
+    qmodel.get_submodule(name).set_mode("quantize")
+    with pytest.raises(DFQError, match=rf"{name}: the quantizer is not calibrated"):
+        to_onnx(qmodel, tmp_path / "uncalibrated.onnx", verify=False)
+    qmodel.get_submodule(name).calibrated.fill_(True)
+    weights = qmodel.classifier.weight_quantizer
+    weights.set_mode("off")
+    with pytest.raises(DFQError, match="classifier: its weight quantizer is off"):
+        to_onnx(qmodel, tmp_path / "off.onnx", verify=False)
+    weights.set_mode("quantize")
+    weights.calibrated.fill_(False)
+    with pytest.raises(DFQError, match="classifier: its weight quantizer is uncalibrated"):
+        to_onnx(qmodel, tmp_path / "off.onnx", verify=False)
+    assert not (tmp_path / "uncalibrated.onnx").exists() and not (tmp_path / "off.onnx").exists()
+
+
+def test_export_leaves_the_model_as_it_was(calibration, tmp_path):
+    # the lowering patches forwards for the export only; a training-mode model goes back to training mode
+    qmodel = _quantize("vit", "w4a8", calibration)
+    pixels = calibration[:4]
+    with torch.no_grad():
+        before = qmodel(pixel_values=pixels).logits
+    qmodel.train()
+    to_onnx(qmodel, tmp_path / "missing" / "folders" / "model.onnx", verify=False)  # missing folders are created
+    assert qmodel.training and (tmp_path / "missing" / "folders" / "model.onnx").exists()
+    assert not [name for name, module in qmodel.named_modules() if "forward" in vars(module)]
+    qmodel.eval()
+    with torch.no_grad():
+        assert torch.equal(qmodel(pixel_values=pixels).logits, before)
+
+
+def test_option_bounds_and_matmul_nbits_blocks(calibration, tmp_path):
+    qmodel = _quantize("vit", "w3a8", calibration)  # 3-bit weights go to 4-bit MatMulNBits containers too
+    with pytest.raises(DFQError, match="power of two >= 16, got 8"):
+        to_onnx(qmodel, tmp_path / "x.onnx", block_size=8)
+    with pytest.raises(DFQError, match="must be an integer, got bool"):
+        to_onnx(qmodel, tmp_path / "x.onnx", opset=True)
+    report = to_onnx(qmodel, tmp_path / "model.onnx", block_size=16, opset=13)  # the smallest accepted values
+    assert {q.lowering for q in report.quantizers if q.role == "weight" and "MatMulNBits" in q.lowering} == {
+        "MatMulNBits (4-bit container, block 16)"}
+    # no block wider than a row rounded up to a power of two: rows of 32 (hidden) and 64 (MLP) inputs
+    report = to_onnx(qmodel, tmp_path / "model.onnx", verify=False)
+    blocks = {q.name: q.lowering for q in report.quantizers if "MatMulNBits" in q.lowering}
+    assert blocks["vit.layers.0.mlp.fc2.weight_quantizer"] == "MatMulNBits (4-bit container, block 64)"
+    assert blocks["vit.layers.0.mlp.fc1.weight_quantizer"] == "MatMulNBits (4-bit container, block 32)"
+    assert len(blocks) == 6 * qmodel.config.num_hidden_layers + 1
+
+
+def test_unfolded_corrections_export_as_float_matmuls(calibration, tmp_path):
+    qmodel = _quantize("vit", "w8a8", calibration, post_softmax="uniform", correction={"kind": "ridge"})
+    report = to_onnx(qmodel, tmp_path / "model.onnx")
+    corrected = [name for name, m in qmodel.named_modules() if getattr(m, "input_correction", None) is not None]
+    entries = [q for q in report.quantizers if q.kind == "correction"]
+    assert corrected and [q.name for q in entries] == [f"{name}.input_correction" for name in corrected]
+    assert {(q.lowering, q.integer, q.note) for q in entries} == {("float MatMul", False, "unfolded correction matrix")}
+    for name in corrected:  # a correction far from the identity, so that one left out of the graph shows
+        qmodel.get_submodule(name).input_correction.matrix.mul_(-1.0)
+    report = to_onnx(qmodel, tmp_path / "model.onnx")
+    with torch.no_grad():
+        expected = qmodel(pixel_values=calibration[:4]).logits.numpy()
+    np.testing.assert_allclose(_run(tmp_path / "model.onnx", calibration[:4]), expected,
+                               atol=3e-2 * np.abs(expected).max())  # a few codes round apart
+
+
+def test_the_report_measures_the_given_probe_images(calibration, tmp_path):
+    qmodel = _quantize("vit", "w8a8", calibration, post_softmax="uniform")
+    probes = calibration[:5]
+    report = to_onnx(qmodel, tmp_path / "model.onnx", probe_images=probes)
+    with torch.no_grad():
+        expected = qmodel(pixel_values=probes).logits.numpy()
+    got = _run(tmp_path / "model.onnx", probes)
+    assert report.num_probe_images == 5
+    assert report.max_abs_logit_diff == pytest.approx(float(np.abs(got - expected).max()), rel=1e-6, abs=1e-9)
+    assert report.top1_agreement == float((got.argmax(-1) == expected.argmax(-1)).mean())
