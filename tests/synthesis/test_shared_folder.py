@@ -36,6 +36,10 @@ def _collectives(monkeypatch, broadcasts: list, on_gather=lambda items: list(ite
     return gathered
 
 
+def _broken_gather(items):
+    raise RuntimeError("the process group broke down")
+
+
 def test_a_single_process_writes_nothing(tmp_path):
     assert processes_not_sharing(SimpleNamespace(num_processes=1), tmp_path / "cache") == {}
     assert not (tmp_path / "cache").exists()
@@ -74,10 +78,7 @@ def test_the_main_process_reports_what_the_others_do_not_see_and_what_it_does_no
 
 
 def test_the_main_probe_is_removed_when_a_collective_call_fails(tmp_path, monkeypatch):
-    def broken(items):
-        raise RuntimeError("the process group broke down")
-
-    _collectives(monkeypatch, [], broken)
+    _collectives(monkeypatch, [], _broken_gather)
     with pytest.raises(RuntimeError, match="broke down"):
         processes_not_sharing(_state(0), tmp_path)
     assert list(tmp_path.iterdir()) == []
@@ -90,10 +91,7 @@ def test_the_folders_the_main_process_made_are_removed_unless_every_process_shar
     assert processes_not_sharing(_state(0), folder) == {1: not_seen}
     assert list(tmp_path.iterdir()) == []  # both folders it made are gone; the one that was there stays
 
-    def broken(items):
-        raise RuntimeError("the process group broke down")
-
-    _collectives(monkeypatch, [], broken)
+    _collectives(monkeypatch, [], _broken_gather)
     with pytest.raises(RuntimeError, match="broke down"):
         processes_not_sharing(_state(0), folder)
     assert list(tmp_path.iterdir()) == []
