@@ -8,6 +8,7 @@ from torch import nn
 
 from optimum_dfq import DataFreeViTQuantizer, DFQConfig
 from optimum_dfq.calibration import convert_model
+from optimum_dfq.calibration.correction import AffineCorrection
 from optimum_dfq.errors import ConfigError
 from optimum_dfq.models import get_adapter
 from optimum_dfq.nn import (
@@ -63,10 +64,18 @@ def test_an_already_quantized_model_is_refused():
         DataFreeViTQuantizer().quantize(qmodel, bits="w4a4", synthesizer="gaussian", num_images=2)
 
 
+def test_unregistering_a_class_without_a_twin_does_nothing():
+    unregister_qmodule(ScaledLinear)
+    assert qmodule_class_for(ScaledLinear(2, 2)) is None
+    assert qmodule_class_for(nn.Linear(2, 2)) is QLinear
+
+
 def test_unregistered_subclass_is_refused_with_the_fix():
-    fix = r"modules_to_not_convert=\['blocks\.0'\]"
-    with pytest.raises(ConfigError, match=rf"blocks\.0 is of type .*ScaledLinear.*{fix}"):
+    fix = r"modules_to_not_convert=\['blocks\.0'\]\) or register .* with @register_qmodule\(ScaledLinear\)"
+    with pytest.raises(ConfigError, match=rf"blocks\.0 is of type .*ScaledLinear.*{fix}") as refusal:
         quantized_class_for(ScaledLinear(4, 4), "blocks.0")
+    registered = str(refusal.value).split("(registered: ")[1].split(")")[0].split(", ")
+    assert {"torch.nn.modules.linear.Linear", "torch.nn.modules.conv.Conv2d"} <= set(registered)
 
 
 def _model_with_a_linear_subclass() -> nn.Module:
@@ -110,6 +119,8 @@ def test_mixin_separates_weight_and_activation_quantizers():
     assert [name for name, _ in layer.named_quantizers()] == ["weight_quantizer", "input_quantizer"]
     assert list(layer.weight_quantizers()) == [layer.weight_quantizer]
     assert list(layer.activation_quantizers()) == [layer.input_quantizer]
+    layer.input_correction = AffineCorrection(8)  # a child module that is not a quantizer
+    assert [name for name, _ in layer.named_quantizers()] == ["weight_quantizer", "input_quantizer"]
 
 
 def test_calibrate_weights_quantizes_the_weight_to_its_grid():
@@ -122,3 +133,27 @@ def test_calibrate_weights_quantizes_the_weight_to_its_grid():
     assert not torch.equal(quantized, layer.weight)
     for row in quantized:
         assert row.unique().numel() <= 2**3
+
+
+@pytest.mark.parametrize(("mode", "expected"), [("observe", "quantize"), ("calibrate", "quantize"),
+                                                ("quantize", "quantize"), ("off", "off")])
+def test_calibrate_weights_leaves_the_weight_quantizer_quantizing_unless_it_was_off(mode, expected):
+    layer = QLinear.from_float(nn.Linear(8, 4), UniformQuantizer(bits=4, channels=4, axis=0), None, "fc")
+    layer.weight_quantizer.set_mode(mode)
+    layer.calibrate_weights()
+    assert layer.weight_quantizer.mode == expected and bool(layer.weight_quantizer.calibrated)
+
+
+def test_calibrate_weights_forgets_what_the_quantizer_observed_before():
+    torch.manual_seed(0)
+    layer = QLinear.from_float(nn.Linear(8, 4), UniformQuantizer(bits=4, channels=4, axis=0, observer="minmax"),
+                               None, "fc")
+    layer.weight_quantizer.set_mode("observe")
+    layer(torch.randn(2, 8))  # observes the weight as it is now
+    layer.weight = nn.Parameter(layer.weight.detach() * 0.5)  # a new weight (not in place: observing keeps a view)
+    layer.calibrate_weights()
+    fresh = UniformQuantizer(bits=4, channels=4, axis=0, observer="minmax")
+    fresh.observe(layer.weight)
+    fresh.calibrate()
+    torch.testing.assert_close(layer.weight_quantizer.scale, fresh.scale, rtol=0, atol=0)
+    torch.testing.assert_close(layer.weight_quantizer.zero_point, fresh.zero_point, rtol=0, atol=0)
