@@ -5,11 +5,12 @@ import math
 import pytest
 import torch
 
-from optimum_dfq import ConfigError, DFQConfig
+from optimum_dfq import ConfigError, DFQConfig, DFQError
 from optimum_dfq.calibration import calibration_set_from_dataset, iter_quantizers, quantize_model, reconstruct_blocks
 from optimum_dfq.calibration.capture import capture_block_calls, capture_block_outputs
 from optimum_dfq.calibration.engine import float_reference
 from optimum_dfq.models import get_adapter
+from optimum_dfq.nn import QLinear
 
 from ..conftest import TINY_MODELS, tiny_swin, tiny_vit
 
@@ -98,6 +99,24 @@ def test_a_block_kept_in_float_is_skipped_not_a_crash(calibration):
     assert [r.name for r in reports] == ["vit.layers.0", "vit.layers.1"]
     assert not reports[0].kept and reports[0].loss_after == reports[0].loss_before
     assert reports[1].kept
+
+
+def test_no_reconstruction_options_tune_nothing(calibration):
+    model, _ = quantize_model(tiny_vit(), calibration, DFQConfig(bits="w4a4"))
+    snapshot = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert reconstruct_blocks(model, float_reference(model), calibration, DFQConfig(bits="w4a4")) == []
+    assert all(torch.equal(p, snapshot[n]) for n, p in model.named_parameters())
+
+
+def test_a_block_with_frozen_weights_is_refused(calibration):
+    # frozen weights are integer codes: there is no float weight left for Adam to tune
+    model, _ = quantize_model(tiny_vit(), calibration, DFQConfig(bits="w4a4"))
+    reference = float_reference(model)
+    (name, block), *_ = get_adapter(model).blocks(model)
+    next(m for m in block.modules() if isinstance(m, QLinear)).freeze()
+    config = DFQConfig(bits="w4a4", reconstruction={"iterations": 2, "lr": 1e-3, "batch_size": 4})
+    with pytest.raises(DFQError, match=f"Block {name}: its weights are frozen to integer codes; reconstruct before"):
+        reconstruct_blocks(model, reference, calibration, config)
 
 
 def test_pipeline_runs_reconstruction_from_the_config(calibration):
