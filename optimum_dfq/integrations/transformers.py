@@ -394,8 +394,8 @@ def _device_name(device: int | str | torch.device) -> str:
     An integer is an index on the current accelerator, as in Accelerate's device maps (CUDA when none is present); a
     device without an index is the current one of its type (index 0 when that type is not present).
     """
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
     if isinstance(device, int) and not isinstance(device, bool):
-        accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
         return f"{accelerator.type if accelerator is not None else 'cuda'}:{device}"
     try:
         device = torch.device(device)
@@ -403,10 +403,8 @@ def _device_name(device: int | str | torch.device) -> str:
         return str(device)
     if device.type in ("cpu", "meta") or device.index is not None:
         return str(device)
-    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
-    index = torch.accelerator.current_device_index() if accelerator is not None and accelerator.type == device.type \
-        else 0
-    return f"{device.type}:{index}"
+    on_accelerator = accelerator is not None and accelerator.type == device.type
+    return f"{device.type}:{torch.accelerator.current_device_index() if on_accelerator else 0}"
 
 
 def float_checkpoint_processor_location(
