@@ -6,7 +6,6 @@ capturing at block `l` costs the prefix up to `l`, not a whole pass.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -51,11 +50,16 @@ def _capture_rows(
 ) -> dict[str, torch.Tensor]:
     """Records, per name, the output (`True`) or first input (`False`) of a module as `[rows, last_dim]` float32."""
     store: dict[str, list[torch.Tensor]] = {name: [] for name in targets}
+    total_images = sum(batch.shape[0] for batch in batches)
+    current_batch_images = [1]
 
     def recorder(name: str) -> Callable[[torch.Tensor], None]:
         def record(x: torch.Tensor) -> None:
             flat = x.detach().reshape(-1, x.shape[-1])
-            stride = max(1, math.ceil(flat.shape[0] * len(batches) / max_rows))
+            # one stride for every batch (from the rows per image), so that a smaller last batch is not sampled
+            # more densely than the others
+            rows_over_all_images = flat.shape[0] * total_images
+            stride = max(1, -(-rows_over_all_images // (current_batch_images[0] * max_rows)))
             store[name].append(flat[::stride].float().clone())
             if name == stop_after:
                 raise StopForward
@@ -70,7 +74,9 @@ def _capture_rows(
         else:
             handles.append(module.register_forward_pre_hook(lambda m, args, r=record: r(args[0])))
     try:
-        run_batches(model, batches)
+        for batch in batches:
+            current_batch_images[0] = batch.shape[0]
+            run_batches(model, [batch])
     finally:
         for handle in handles:
             handle.remove()
@@ -82,8 +88,9 @@ def capture_matmul_inputs(
 ) -> dict[str, torch.Tensor]:
     """Records what the matmul of each named Linear multiplies, as `[rows, in_features]` float32.
 
-    Rows (token positions) are subsampled with a fixed stride so that about `max_rows` remain; the stride depends
-    only on the tensor shapes, so two models of the same structure give aligned rows.
+    Rows (token positions) are subsampled with one stride for all batches, so that about `max_rows` remain and every
+    image is sampled alike (a smaller last batch included); the stride depends only on the tensor shapes, so two
+    models of the same structure give aligned rows.
 
     Args:
         model (`nn.Module`): float or quantized model.

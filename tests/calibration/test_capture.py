@@ -83,6 +83,20 @@ def test_about_max_rows_rows_are_kept_over_all_batches(quantized, max_rows):
     torch.testing.assert_close(rows, torch.cat([batch[::stride] for batch in per_batch]))
 
 
+def test_a_smaller_last_batch_is_sampled_with_the_same_stride(quantized):
+    """Every image contributes alike: the stride comes from the rows per image and the number of images, not from the
+    size of the batch being recorded (a last batch of one image is not sampled three times more densely)."""
+    name = next(n for n, m in quantized.named_modules() if isinstance(m, QLinear))
+    batches = [torch.randn(3, 3, 32, 32), torch.randn(1, 3, 32, 32)]
+    tokens, max_rows = 17, 10
+    stride = math.ceil(tokens * 4 / max_rows)
+    every_row = capture_matmul_inputs(quantized, [name], batches, max_rows=10**6)[name]
+    rows = capture_matmul_inputs(quantized, [name], batches, max_rows=max_rows)[name]
+    per_batch = every_row.split([3 * tokens, tokens])
+    torch.testing.assert_close(rows, torch.cat([batch[::stride] for batch in per_batch]))
+    assert rows.shape[0] == math.ceil(3 * tokens / stride) + math.ceil(tokens / stride)
+
+
 def test_rows_are_float32_whatever_the_model_dtype():
     model = tiny_vit().to(torch.bfloat16)
     name = next(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
