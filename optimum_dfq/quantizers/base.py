@@ -89,7 +89,11 @@ class Quantizer(nn.Module, ABC):
         self.mode = mode
 
     def observe(self, x: torch.Tensor) -> None:
-        """Records a tensor for calibration (detached); raises `CalibrationError` if it holds NaN or inf."""
+        """Records a copy of a tensor for calibration (detached); raises `CalibrationError` if it holds NaN or inf.
+
+        A copy, so that changing the tensor in place afterwards (before `calibrate()`) does not change what was
+        observed, and an observed view does not keep its whole base tensor alive.
+        """
         x = x.detach()
         # amax/amin propagate NaN and expose inf without materialising a boolean mask
         if x.numel() and not (torch.isfinite(x.amax()) and torch.isfinite(x.amin())):
@@ -99,7 +103,7 @@ class Quantizer(nn.Module, ABC):
                 "during calibration. Check the calibration images (they must be finite and normalised like the "
                 "model's training inputs) and that the float model itself produces finite outputs."
             )
-        self._observed.append(x)
+        self._observed.append(x.clone())
 
     @property
     def num_observed(self) -> int:

@@ -125,8 +125,9 @@ class TanQuantizer(Quantizer):
 
         Calibration then minimises the error of `A·V` instead of that of the probabilities: either every observed
         probability tensor has its `V`, or none has; `calibrate()` raises `CalibrationError` when they do not pair up.
+        A copy is kept, as in [`~Quantizer.observe`].
         """
-        self._observed_values.append(value.detach())
+        self._observed_values.append(value.detach().clone())
 
     def reset(self) -> None:
         super().reset()

@@ -52,6 +52,28 @@ def test_observations_are_detached_and_counted_in_elements():
     assert not any(t.requires_grad for t in q._observed)  # no autograd graph is kept alive by calibration data
 
 
+def test_changing_an_observed_tensor_in_place_does_not_change_the_calibration():
+    x = torch.linspace(-1.0, 1.0, 11)
+    reference = UniformQuantizer(bits=4, observer="minmax")
+    reference.set_mode("observe")
+    reference(x.clone())
+    reference.calibrate()
+    q = UniformQuantizer(bits=4, observer="minmax")
+    q.set_mode("observe")
+    q(x)
+    x.mul_(10.0)  # e.g. a later in-place op of the model on the same activation, before calibrate()
+    q.calibrate()
+    assert torch.equal(q.scale, reference.scale) and torch.equal(q.zero_point, reference.zero_point)
+
+
+def test_an_observed_view_does_not_hold_its_base_tensor():
+    q = UniformQuantizer(bits=4)
+    q.set_mode("observe")
+    base = torch.randn(1000, 8)
+    q(base[:2])
+    assert q._observed[0].untyped_storage().nbytes() == 2 * 8 * base.element_size()
+
+
 def test_off_is_the_identity_also_when_calibrated():
     q = UniformQuantizer(bits=2, observer="minmax")
     q.set_mode("calibrate")

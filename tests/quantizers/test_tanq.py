@@ -164,6 +164,22 @@ def test_reset_forgets_the_observed_values():
     assert f"kappa={expected[0]:.3g}, centre={expected[1]:.3g}" in repr(quantizer)  # the calibrated shape is shown
 
 
+def test_changing_an_observed_value_in_place_does_not_change_the_calibration():
+    probs = attention_like(rows=2 * 4 * 16, keys=16).reshape(2, 4, 16, 16)
+    value = torch.randn(2, 4, 16, 8, generator=torch.Generator().manual_seed(1))
+    value[..., :2, :] *= 50
+    kappas, centres = (0.5, 0.7, 0.9, 0.95), (0.2, 0.5, 0.8)
+    expected = brute_force(probs, value, 3, kappas, centres)
+    assert expected != brute_force(probs, None, 3, kappas, centres)  # V matters to the chosen shape
+    quantizer = TanQuantizer(3, kappas, centres)
+    quantizer.set_mode("observe")
+    quantizer.observe_value(value)
+    quantizer(probs)
+    value.fill_(1.0)  # e.g. the model reusing the V buffer before calibrate()
+    quantizer.calibrate()
+    assert (float(quantizer.kappa), float(quantizer.centre)) == pytest.approx(expected)
+
+
 def test_the_search_uses_evenly_spaced_rows_beyond_max_search_elements():
     # every 8th row is near-uniform, the others peaked: searching all rows and searching every 8th one differ
     probs = torch.softmax(torch.randn(64, 16, generator=torch.Generator().manual_seed(3)) * 6, dim=-1)
