@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import HfHubHTTPError
 from torch import nn
 
 from .config import DFQConfig
@@ -467,7 +468,8 @@ def push_to_hub(
         image_processor (*optional*): saved next to the model (defaults to the one recorded by `quantize()`).
         base_model, eval_results, license: see [`build_model_card`].
         commit_message, commit_description, private, token, revision, create_pr: as `HfApi.upload_folder` /
-            `HfApi.create_repo`.
+            `HfApi.create_repo`; a `revision` naming a branch that does not exist yet is created (from `main`), as
+            transformers' `push_to_hub` does.
         max_shard_size (`int` or `str`): as `save_pretrained`.
 
     Returns:
@@ -479,6 +481,8 @@ def push_to_hub(
     _config_of(model)
     api = HfApi(library_name=LIBRARY_NAME, library_version=__version__, token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if revision is not None and not revision.startswith("refs/pr/"):
+        _create_branch(api, repo_id, revision, create_pr)
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder, max_shard_size=max_shard_size)
         write_repo_extras(
@@ -495,3 +499,12 @@ def push_to_hub(
             revision=revision,
             create_pr=create_pr,
         )
+
+
+def _create_branch(api: HfApi, repo_id: str, branch: str, create_pr: bool) -> None:
+    """Creates `branch` unless it exists; without write access, a pull request may still target an existing one."""
+    try:
+        api.create_branch(repo_id, branch=branch, exist_ok=True)
+    except HfHubHTTPError as error:
+        if not (create_pr and error.response is not None and error.response.status_code == 403):
+            raise

@@ -9,7 +9,7 @@ from unittest import mock
 import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard
-from huggingface_hub.errors import EntryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RevisionNotFoundError
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from optimum_dfq import ConfigError, DataFreeViTQuantizer, DFQConfig
@@ -33,6 +33,8 @@ class FakeHub:
         self.root = root
         self.created: list[dict] = []
         self.commits: list[dict] = []
+        self.branches: dict[str, set[str]] = {}
+        self.may_create_branches = True
 
     def repo(self, repo_id: str) -> Path:
         return self.root / repo_id
@@ -41,10 +43,22 @@ class FakeHub:
     def create_repo(self, api, repo_id, **kwargs):
         repo_id = repo_id if "/" in repo_id else f"{USER}/{repo_id}"  # as the Hub does with a bare name
         self.repo(repo_id).mkdir(parents=True, exist_ok=True)
+        self.branches.setdefault(repo_id, {"main"})
         self.created.append({"repo_id": repo_id, "token": getattr(api, "token", None), **kwargs})
         return mock.Mock(repo_id=repo_id)
 
+    def create_branch(self, api, repo_id, *, branch, exist_ok=False, **kwargs):
+        if not self.may_create_branches:
+            raise HfHubHTTPError("403 Forbidden: no write access", response=mock.Mock(status_code=403, headers={}))
+        if branch in self.branches[repo_id] and not exist_ok:
+            raise HfHubHTTPError("409 Conflict: branch exists", response=mock.Mock(status_code=409, headers={}))
+        self.branches[repo_id].add(branch)
+
     def upload_folder(self, api, *, repo_id, folder_path, commit_message=None, **kwargs):
+        revision = kwargs.get("revision")
+        if revision is not None and not revision.startswith("refs/pr/") and revision not in self.branches[repo_id]:
+            raise RevisionNotFoundError(f"404: no revision {revision!r}",
+                                        response=mock.Mock(status_code=404, headers={}))
         shutil.copytree(folder_path, self.repo(repo_id), dirs_exist_ok=True)
         self.commits.append({"repo_id": repo_id, "message": commit_message, "library": api.library_name,
                              "options": kwargs})
@@ -82,6 +96,7 @@ def hub(tmp_path):
     fake = FakeHub(tmp_path / "hub")
     with mock.patch.object(HfApi, "create_repo", lambda api, repo_id, **kw: fake.create_repo(api, repo_id, **kw)), \
             mock.patch.object(HfApi, "upload_folder", lambda api, **kw: fake.upload_folder(api, **kw)), \
+            mock.patch.object(HfApi, "create_branch", lambda api, repo, **kw: fake.create_branch(api, repo, **kw)), \
             mock.patch("transformers.utils.hub.hf_api", fake.transformers_api), \
             mock.patch("transformers.utils.hub.ModelCard.load", side_effect=EntryNotFoundError("no remote card")):
         yield fake
@@ -253,6 +268,32 @@ def test_push_forwards_the_upload_options_and_uses_the_repo_id_the_hub_gives_bac
     repo = hub.repo(f"{USER}/vit-tiny")
     assert (repo / "model.safetensors.index.json").is_file()  # max_shard_size reached save_pretrained
     assert f'from_pretrained("{USER}/vit-tiny")' in read_card(repo).text  # the id the model can be loaded by
+
+
+def test_push_to_a_new_branch_creates_it_first(vit_w4a4, hub):
+    qmodel, _ = vit_w4a4
+    DataFreeViTQuantizer().push_to_hub(qmodel, "org/branches", revision="w4a4")
+    assert hub.branches["org/branches"] == {"main", "w4a4"}
+    assert hub.commits[-1]["options"]["revision"] == "w4a4"
+    DataFreeViTQuantizer().push_to_hub(qmodel, "org/branches", revision="w4a4")  # an existing branch is reused
+    assert len(hub.commits) == 2
+
+
+def test_a_pull_request_revision_creates_no_branch(vit_w4a4, hub):
+    qmodel, _ = vit_w4a4
+    hub.may_create_branches = False
+    DataFreeViTQuantizer().push_to_hub(qmodel, "org/pr", revision="refs/pr/3")
+    assert hub.branches["org/pr"] == {"main"} and hub.commits[-1]["options"]["revision"] == "refs/pr/3"
+
+
+def test_without_write_access_only_a_pull_request_may_target_an_existing_branch(vit_w4a4, hub):
+    qmodel, _ = vit_w4a4
+    hub.may_create_branches = False
+    DataFreeViTQuantizer().push_to_hub(qmodel, "org/theirs", revision="main", create_pr=True)
+    assert hub.commits[-1]["options"] == {"commit_description": None, "revision": "main", "create_pr": True}
+    with pytest.raises(HfHubHTTPError, match="403 Forbidden"):
+        DataFreeViTQuantizer().push_to_hub(qmodel, "org/theirs", revision="main")
+    assert len(hub.commits) == 1
 
 
 def test_repo_extras_keep_a_processor_config_already_in_the_folder(vit_w4a4, tmp_path):
