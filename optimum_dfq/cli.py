@@ -88,6 +88,8 @@ def _add_quantize(subparsers) -> None:
                         help="ClassLabel or integer column of the calibration dataset's labels (with several "
                         "ClassLabel columns none is read without it; calibration does not use them)")
     parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="also push the result to this Hub repo")
+    parser.add_argument("--private", action="store_true",
+                        help="with --push-to-hub: create the Hub repo private (an existing repo keeps its visibility)")
     parser.add_argument("--batch-size", type=int, default=None, help=BATCH_SIZE_HELP)
     _add_cache_flags(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
@@ -490,6 +492,9 @@ def run_quantize(args: argparse.Namespace) -> int:
         _check_synthesizer_name(args.synthesizer)
     if args.num_images is not None and args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}.")
+    if args.private and not args.push_to_hub:
+        raise ValueError("--private applies to the Hub repo that --push-to-hub REPO creates; add --push-to-hub, or "
+                         "drop --private.")
     if args.calibration_dataset:  # replaces the recipe's dataset: the saved config names the images really used
         args.calibration_split = split_to_load(args.calibration_dataset, args.calibration_split, "train")
         config = config.replace(calibration_dataset={"path": args.calibration_dataset,
@@ -537,7 +542,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         print(f"quantized {args.model} to {final.bits} with {final.num_images} calibration images from "
               f"{_calibration_source(qmodel)}; saved to {args.output_dir}")
         if args.push_to_hub:
-            qmodel.push_to_hub(args.push_to_hub)
+            qmodel.push_to_hub(args.push_to_hub, private=True if args.private else None)
             print(f"pushed to {args.push_to_hub}")
     return 0
 

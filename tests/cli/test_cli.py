@@ -193,6 +193,7 @@ def test_quantize_from_a_synthesized_set(model_dir, tmp_path):
         (["quantize", "{model}", "{out}", "--recipe", "{missing}.yaml"], "does not exist"),
         (["quantize", "{model}", "{out}", "--recipe", "sardfq"], "Unknown recipe 'sardfq': no such file"),
         (["quantize", "{model}", "{out}", "--num-images", "0"], "--num-images must be at least 1"),
+        (["quantize", "{model}", "{out}", "--private"], "--private applies to the Hub repo that --push-to-hub"),
         (["evaluate", "{model}", "--dataset", "{missing}.parquet"], "does not exist"),
         (["export", "{model}", "{out}.onnx"], "is not a quantized model"),
     ],
@@ -577,6 +578,18 @@ def test_synthesis_runs_on_the_device_of_the_process(model_dir, tmp_path, monkey
     assert devices == [torch.device("cuda", 1)]
 
 
+def test_private_creates_the_pushed_repo_private(model_dir, tmp_path, monkeypatch):
+    from transformers import PreTrainedModel
+
+    from optimum_dfq import cli
+
+    pushed = []
+    monkeypatch.setattr(PreTrainedModel, "push_to_hub", lambda self, repo, **kwargs: pushed.append((repo, kwargs)))
+    assert cli.main(["quantize", str(model_dir), str(tmp_path / "out"), "--synthesizer", "gaussian", "--num-images",
+                     "2", "--push-to-hub", "me/tiny-dfq", "--private"]) == 0
+    assert pushed == [("me/tiny-dfq", {"private": True})]
+
+
 def test_under_a_launcher_the_other_processes_do_not_wait_for_the_hub_upload(model_dir, tmp_path, monkeypatch):
     """Rank 0 pushes after the last barrier: an upload longer than the process group's timeout (30 minutes) would
     otherwise end the run with the others' barrier timing out."""
@@ -591,10 +604,11 @@ def test_under_a_launcher_the_other_processes_do_not_wait_for_the_hub_upload(mod
             events.append("barrier")
 
     monkeypatch.setattr(cli, "_process_state", MainProcess)
-    monkeypatch.setattr(PreTrainedModel, "push_to_hub", lambda self, repo, **kwargs: events.append(f"push {repo}"))
+    monkeypatch.setattr(PreTrainedModel, "push_to_hub",
+                        lambda self, repo, **kwargs: events.append(f"push {repo} private={kwargs.get('private')}"))
     assert cli.main(["quantize", str(model_dir), str(tmp_path / "out"), "--synthesizer", "gaussian", "--num-images",
                      "2", "--push-to-hub", "me/tiny-dfq"]) == 0
-    assert events == ["barrier", "push me/tiny-dfq"]
+    assert events == ["barrier", "push me/tiny-dfq private=None"]  # the Hub's default visibility
     assert (tmp_path / "out" / "config.json").exists()  # saved before the barrier
 
 
