@@ -26,7 +26,8 @@ SOURCES = ["real", "gaussian", "psaq", "sardfq", "dfq-vit"]
 BACKENDS = {
     "tanq": {"post_softmax": "tanq"},
     "median-selector": {"scale_selector": "median"},
-    "correction": {"correction": {"kind": "affine"}},
+    "correction": {"correction": {"kind": "affine"}},  # folded into the next Linears
+    "ridge-correction": {"correction": {"kind": "ridge"}},  # kept as modules (also in "all")
     "reconstruction": {"reconstruction": {"iterations": 3, "lr": 1e-3}},
 }
 BACKENDS["all"] = {key: value for options in BACKENDS.values() for key, value in options.items()}
