@@ -424,3 +424,25 @@ def test_half_and_float_cast_like_to_and_like_loading_in_that_dtype(vit_w4a4, pi
                            loaded_in_half(pixel_values=pixels[0].half()).logits)
     assert loaded_in_half.float() is loaded_in_half and loaded_in_half.dtype == torch.float32
     assert torch.equal(logits(loaded_in_half, pixels[0]), logits(model.to(torch.float32), pixels[0]))
+
+
+def test_image_classification_pipeline_runs_the_quantized_checkpoint(vit_w4a4, image_processor, tmp_path):
+    """`pipeline("image-classification", model=folder)` (after `import optimum_dfq`) loads the quantized checkpoint
+    with its image processor and scores like the quantized model on the processor's pixels."""
+    from datasets import load_dataset
+    from transformers import pipeline
+
+    from ..conftest import FIXTURES
+
+    qmodel, saved = vit_w4a4
+    folder = shutil.copytree(saved, tmp_path / "with-processor")
+    image_processor.save_pretrained(folder)
+    image = load_dataset("parquet", data_files=str(FIXTURES / "cifar10_tiny_test.parquet"), split="train")[0]["img"]
+    classify = pipeline("image-classification", model=str(folder))
+    assert getattr(classify.model, "is_quantized", False)
+    predictions = classify(image, top_k=3)
+    with torch.no_grad():
+        probabilities = qmodel(**image_processor(image, return_tensors="pt")).logits.softmax(-1)[0]
+    top = probabilities.topk(3)
+    assert [p["label"] for p in predictions] == [qmodel.config.id2label[int(i)] for i in top.indices]
+    assert [p["score"] for p in predictions] == pytest.approx(top.values.tolist(), abs=1e-6)
