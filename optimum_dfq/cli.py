@@ -63,6 +63,7 @@ def _add_quantize(subparsers) -> None:
         "image processor). A flag given with --recipe replaces the recipe's field of the same name.",
     )
     parser.add_argument("model", help="float model: Hub id (e.g. facebook/deit-small-patch16-224) or local folder")
+    _add_revision_flag(parser)
     parser.add_argument("output_dir", help="where to save the quantized model: a new or empty folder")
     parser.add_argument("--bits", default=None, help="bit preset: w8a8, w6a6, w4a8, w4a4, w3a4, w3a3, w8a16, w4a16 "
                         "(default: the recipe's, else w4a4)")
@@ -121,6 +122,7 @@ def _add_synthesize(subparsers) -> None:
         "OUTPUT_DIR, with a PNG grid of the de-normalised images for a visual check.",
     )
     parser.add_argument("model", help="float model: Hub id or local folder")
+    _add_revision_flag(parser)
     parser.add_argument("output_dir", help="where to save the calibration set: a new or empty folder")
     parser.add_argument("--synthesizer", default=None, help="synthesizer name: dfq-vit, sardfq, psaq, gaussian "
                         "(default: the library default, DFQConfig().synthesizer)")
@@ -144,6 +146,7 @@ def _add_evaluate(subparsers) -> None:
         "--output, writes them as JSON.",
     )
     parser.add_argument("model", help="model folder or Hub id (quantized optimum_dfq checkpoints load too)")
+    _add_revision_flag(parser)
     parser.add_argument("--dataset", required=True, help="parquet file, dataset folder or Hub id")
     parser.add_argument("--split", default=None,
                         help="dataset split (default: the split a one-split saved folder holds, else test)")
@@ -170,6 +173,7 @@ def _add_export(subparsers) -> None:
         "float ops. Prints the export report and writes it next to OUTPUT as JSON.",
     )
     parser.add_argument("model", help="a quantized optimum_dfq checkpoint (folder or Hub id)")
+    _add_revision_flag(parser)
     parser.add_argument("output", help="the .onnx file to write (an existing one is replaced)")
     parser.add_argument("--no-int4-weights", action="store_true",
                         help="store <=4-bit weights in 8-bit containers (integer matmul) instead of MatMulNBits")
@@ -200,7 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------- handlers
-def _resolve_model(model: str) -> str:
+def _add_revision_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--revision", default=None, metavar="REV",
+                        help="revision of a Hub MODEL: branch, tag or commit hash (default: main)")
+
+
+def _resolve_model(model: str, revision: str | None = None) -> str:
     """Checks the MODEL argument before anything is loaded and returns what to pass to `from_pretrained`.
 
     An existing folder is returned (with `~` expanded) and must hold a `config.json`; a path that exists but is a file,
@@ -209,6 +218,7 @@ def _resolve_model(model: str) -> str:
 
     Args:
         model (`str`): the MODEL argument.
+        revision (`str`, *optional*): the `--revision` flag, which only a Hub id can take.
 
     Returns:
         `str`: a local folder or a Hub id.
@@ -216,11 +226,16 @@ def _resolve_model(model: str) -> str:
     Raises:
         `FileNotFoundError`: no folder at a local-looking path, or a folder without `config.json`.
         `NotADirectoryError`: the path is a file.
+        `ValueError`: `revision` given with a local folder (a folder has one version: the files in it).
     """
     from .hub import check_model_folder, local_path_or_hub_id
 
     check_model_folder(model)
-    return local_path_or_hub_id(model)
+    source = local_path_or_hub_id(model)
+    if revision is not None and Path(source).is_dir():
+        raise ValueError(f"--revision {revision} selects a version of a Hub model, but {model} is a local folder; "
+                         "drop --revision, or pass the Hub id.")
+    return source
 
 
 def _check_output_dir(output_dir: str) -> None:
@@ -247,14 +262,15 @@ def _check_output_dir(output_dir: str) -> None:
                        "delete this one first.")
 
 
-def _load_quantizer(model: str, image_processor: bool = True):
-    """The quantizer of MODEL (a local folder or a Hub id; see [`_resolve_model`] for the checks), with its image
-    processor unless `image_processor=False`."""
+def _load_quantizer(model: str, image_processor: bool = True, revision: str | None = None):
+    """The quantizer of MODEL (a local folder or a Hub id at `revision`; see [`_resolve_model`] for the checks), with
+    its image processor unless `image_processor=False`."""
     from .quantizer import DataFreeViTQuantizer
 
-    source = _resolve_model(model)
+    source = _resolve_model(model, revision)
+    hub_options = {} if revision is None else {"revision": revision}
     try:
-        return DataFreeViTQuantizer.from_pretrained(source, load_image_processor=image_processor)
+        return DataFreeViTQuantizer.from_pretrained(source, load_image_processor=image_processor, **hub_options)
     except OSError as err:
         if Path(source).is_dir():
             raise
@@ -515,7 +531,7 @@ def run_quantize(args: argparse.Namespace) -> int:
             _check_checkpoints_are_kept(args)
             config = config.replace(synthesizer_kwargs={**config.synthesizer_kwargs,
                                                         "checkpoint_every": args.checkpoint_every})
-    _resolve_model(args.model)
+    _resolve_model(args.model, args.revision)
     _check_output_dir(args.output_dir)
 
     # Under a launcher every process runs the same quantize() call, so each takes part in the sharded synthesis
@@ -524,7 +540,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     # (block reconstruction) could time out. Only the main process saves, pushes and prints.
     state = _process_state()
     with state.main_process_first():  # one Hub download / dataset cache write, then the others read it
-        quantizer = _load_quantizer(args.model)
+        quantizer = _load_quantizer(args.model, revision=args.revision)
         if needs_processor and not _is_saved_calibration_set(config.calibration_dataset.get("path")):
             _require_image_processor(quantizer, args.model, needs_processor)
         dataset = None
@@ -559,12 +575,12 @@ def run_synthesize(args: argparse.Namespace) -> int:
     if args.batch_size is not None:
         _check_batch_size(synthesizer, args.batch_size)
     _check_cache_flags(synthesizer, args)
-    _resolve_model(args.model)
+    _resolve_model(args.model, args.revision)
     _check_output_dir(args.output_dir)
 
     state = _process_state()
     with state.main_process_first():
-        quantizer = _load_quantizer(args.model)
+        quantizer = _load_quantizer(args.model, revision=args.revision)
     if synthesizer.accepts("image_mean"):  # the synthesizers that optimise pixels clamp them to the processor's range
         _require_image_processor(quantizer, args.model, f"the synthesizer '{synthesizer.name}'")
     extra = {} if args.batch_size is None else {"batch_size": args.batch_size}
@@ -619,7 +635,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                        f"{Path(args.output) / 'results.json'}.")
     if not _process_state().is_main_process:
         return 0  # evaluation is not sharded: under a launcher the main process evaluates, the others stop here
-    quantizer = _load_quantizer(args.model)
+    quantizer = _load_quantizer(args.model, revision=args.revision)
     _require_image_processor(quantizer, args.model, "evaluate (to preprocess the dataset's images)")
     args.split = split_to_load(args.dataset, args.split, "test")
     dataset = load_image_dataset(args.dataset, args.split)
@@ -650,7 +666,7 @@ def run_export(args: argparse.Namespace) -> int:
                        f"{Path(args.output) / 'model.onnx'}.")
     if not _process_state().is_main_process:
         return 0  # the export is not sharded: under a launcher the main process exports, the others stop here
-    quantizer = _load_quantizer(args.model, image_processor=False)  # the export needs none
+    quantizer = _load_quantizer(args.model, image_processor=False, revision=args.revision)  # the export needs none
     if getattr(quantizer.model.config, "quantization_config", None) is None:
         raise DFQError(f"{args.model} is not a quantized model; quantize it first with `{PROG} quantize`.")
     report = to_onnx(quantizer.model, args.output, weight_only_int4=not args.no_int4_weights,

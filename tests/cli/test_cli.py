@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -25,9 +26,10 @@ def _env() -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "optimum_dfq.cli", *args], capture_output=True, text=True, check=False,
-                          env=_env(), cwd=cwd or ROOT, timeout=600, stdin=subprocess.DEVNULL)  # off a terminal
+                          env={**_env(), **(env or {})}, cwd=cwd or ROOT, timeout=600,
+                          stdin=subprocess.DEVNULL)  # off a terminal
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,7 @@ def test_help_explains_every_command():
     for command in ("quantize", "synthesize", "evaluate", "export", "cache"):
         assert command in result.stdout
     quantize_help = run_cli("quantize", "--help").stdout
-    for option in ("--bits", "--synthesizer", "--num-images", "--recipe", "--seed", "--push-to-hub"):
+    for option in ("--bits", "--synthesizer", "--num-images", "--recipe", "--seed", "--push-to-hub", "--revision"):
         assert option in quantize_help
     text = " ".join(quantize_help.split())
     assert "number of calibration images (default: the recipe's, else 32)" in text  # a flag replaces the recipe's
@@ -194,6 +196,8 @@ def test_quantize_from_a_synthesized_set(model_dir, tmp_path):
         (["quantize", "{model}", "{out}", "--recipe", "sardfq"], "Unknown recipe 'sardfq': no such file"),
         (["quantize", "{model}", "{out}", "--num-images", "0"], "--num-images must be at least 1"),
         (["quantize", "{model}", "{out}", "--private"], "--private applies to the Hub repo that --push-to-hub"),
+        (["quantize", "{model}", "{out}", "--revision", "v1"], "--revision v1 selects a version of a Hub model, but"),
+        (["export", "{model}", "{out}.onnx", "--revision", "v1"], "drop --revision, or pass the Hub id"),
         (["evaluate", "{model}", "--dataset", "{missing}.parquet"], "does not exist"),
         (["export", "{model}", "{out}.onnx"], "is not a quantized model"),
     ],
@@ -576,6 +580,25 @@ def test_synthesis_runs_on_the_device_of_the_process(model_dir, tmp_path, monkey
     flags = ["--synthesizer", "psaq", "--iterations", "2"] if command == "synthesize" else ["--recipe", str(recipe)]
     assert cli.main([command, str(model_dir), str(tmp_path / "out"), "--num-images", "2", *flags]) == 0
     assert devices == [torch.device("cuda", 1)]
+
+
+def test_revision_loads_that_version_of_a_hub_model(model_dir, tmp_path):
+    """`--revision` reaches the Hub download: offline, a cache holding the model only at branch `v1` (no `main`)
+    quantizes with `--revision v1` and cannot without it."""
+    commit = "b" * 40
+    repo = tmp_path / "hub-cache" / "models--org--tiny-vit"
+    shutil.copytree(model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "v1").write_text(commit)
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub-cache")}
+    flags = ["--synthesizer", "gaussian", "--num-images", "2"]
+    result = run_cli("quantize", "org/tiny-vit", str(tmp_path / "at-v1"), "--revision", "v1", *flags, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "at-v1" / "model.safetensors").is_file()
+    result = run_cli("synthesize", "org/tiny-vit", str(tmp_path / "calib"), "--revision", "v1", *flags, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_cli("quantize", "org/tiny-vit", str(tmp_path / "at-main"), *flags, env=env)
+    assert result.returncode != 0 and not (tmp_path / "at-main" / "model.safetensors").exists()
 
 
 def test_private_creates_the_pushed_repo_private(model_dir, tmp_path, monkeypatch):
