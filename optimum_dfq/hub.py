@@ -295,6 +295,7 @@ def build_model_card(
     eval_results: Sequence[EvalResult] | None = None,
     license: str | None = None,
     image_processor: bool | None = None,
+    revision: str | None = None,
 ) -> ModelCard:
     """The model card of a quantized model: how to load it, the recipe, the bits, the calibration, the results.
 
@@ -308,6 +309,8 @@ def build_model_card(
         image_processor (`bool`, *optional*): whether the repository has the image processor's config, so that the
             loading snippet shows `AutoImageProcessor`; defaults to whether one is attached to the model (by
             `quantize()`) or lies next to the checkpoint it was loaded from.
+        revision (`str`, *optional*): the branch the model is pushed to; the loading snippet names it unless it is
+            `main` or a pull request (`refs/pr/N`, which lands on `main` when merged).
 
     Returns:
         `huggingface_hub.ModelCard`
@@ -360,9 +363,10 @@ def build_model_card(
         results = "Not evaluated yet."
     intro = (f"**No real image was used**: {_synthetic_intro(synthesizer)}" if data_free
              else f"Calibration: {calibration}.")
+    at = f'"{repo_id}"' + (f', revision="{revision}"' if _names_a_branch(revision) else "")
     if image_processor:
         imports = "AutoImageProcessor, AutoModelForImageClassification"
-        processor = f'\nprocessor = AutoImageProcessor.from_pretrained("{repo_id}")'
+        processor = f'\nprocessor = AutoImageProcessor.from_pretrained({at})'
         processor_note = ""
     else:
         imports, processor = "AutoModelForImageClassification", ""
@@ -387,7 +391,7 @@ pip install optimum-dfq
 import optimum_dfq  # required: registers the "optimum_dfq" quantization method with transformers
 from transformers import {imports}
 
-model = AutoModelForImageClassification.from_pretrained("{repo_id}"){processor}
+model = AutoModelForImageClassification.from_pretrained({at}){processor}
 ```
 {processor_note}
 Without `import optimum_dfq`, transformers cannot build this model and raises
@@ -412,6 +416,11 @@ predicts exactly like the quantized model that was saved.
 {results}
 """
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
+
+
+def _names_a_branch(revision: str | None) -> bool:
+    """Whether a push `revision` is a branch other than `main`, which loading must then name."""
+    return revision is not None and revision != "main" and not revision.startswith("refs/pr/")
 
 
 def write_repo_extras(
@@ -485,9 +494,8 @@ def push_to_hub(
         _create_branch(api, repo_id, revision, create_pr)
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder, max_shard_size=max_shard_size)
-        write_repo_extras(
-            model, folder, repo_id, image_processor, base_model=base_model, eval_results=eval_results, license=license
-        )
+        write_repo_extras(model, folder, repo_id, image_processor, base_model=base_model, eval_results=eval_results,
+                          license=license, revision=revision)
         config = _config_of(model)
         provenance = getattr(getattr(model, "hf_quantizer", None), "provenance", None) or {}
         _, data_free, _ = _calibration_text(config, provenance.get("calibration") or {})

@@ -587,10 +587,16 @@ def _implementations(value: str | Mapping | None) -> list[str | None]:
 
 
 def _upload_modified_files(self, working_dir: str | os.PathLike, repo_id: str, *args: Any, **kwargs: Any):
-    """transformers' upload step, after writing optimum_dfq's model card over the generic one."""
+    """transformers' upload step, after writing optimum_dfq's model card over the generic one (whose loading snippet
+    names the branch pushed to)."""
     from ..hub import write_repo_extras
 
-    write_repo_extras(self, working_dir, repo_id)
+    try:
+        revision = inspect.signature(type(self)._upload_modified_files).bind(
+            self, working_dir, repo_id, *args, **kwargs).arguments.get("revision")
+    except TypeError:  # arguments transformers itself rejects below
+        revision = None
+    write_repo_extras(self, working_dir, repo_id, revision=revision)
     return type(self)._upload_modified_files(self, working_dir, repo_id, *args, **kwargs)
 
 

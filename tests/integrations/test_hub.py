@@ -72,6 +72,9 @@ class FakeHub:
             def create_repo(self, repo_id, **kwargs):
                 return hub.create_repo(None, repo_id)
 
+            def create_branch(self, repo_id, branch, **kwargs):
+                return hub.create_branch(None, repo_id, branch=branch, **kwargs)
+
             def create_commit(self, repo_id, operations, commit_message=None, **kwargs):
                 for operation in operations:
                     target = hub.repo(repo_id) / operation.path_in_repo
@@ -267,7 +270,8 @@ def test_push_forwards_the_upload_options_and_uses_the_repo_id_the_hub_gives_bac
     assert commit["options"] == {"commit_description": "Details", "revision": "dev", "create_pr": True}
     repo = hub.repo(f"{USER}/vit-tiny")
     assert (repo / "model.safetensors.index.json").is_file()  # max_shard_size reached save_pretrained
-    assert f'from_pretrained("{USER}/vit-tiny")' in read_card(repo).text  # the id the model can be loaded by
+    # the id the model can be loaded by, at the branch the pull request targets
+    assert f'from_pretrained("{USER}/vit-tiny", revision="dev")' in read_card(repo).text
 
 
 def test_push_to_a_new_branch_creates_it_first(vit_w4a4, hub):
@@ -275,8 +279,20 @@ def test_push_to_a_new_branch_creates_it_first(vit_w4a4, hub):
     DataFreeViTQuantizer().push_to_hub(qmodel, "org/branches", revision="w4a4")
     assert hub.branches["org/branches"] == {"main", "w4a4"}
     assert hub.commits[-1]["options"]["revision"] == "w4a4"
+    text = read_card(hub.repo("org/branches")).text  # the loading snippet names the branch
+    assert 'AutoModelForImageClassification.from_pretrained("org/branches", revision="w4a4")' in text
+    assert 'AutoImageProcessor.from_pretrained("org/branches", revision="w4a4")' in text
     DataFreeViTQuantizer().push_to_hub(qmodel, "org/branches", revision="w4a4")  # an existing branch is reused
     assert len(hub.commits) == 2
+
+
+@pytest.mark.parametrize("revision", ["dev", "main", None])
+def test_transformers_push_to_a_branch_names_it_in_the_card(revision, vit_w4a4, hub):
+    qmodel, _ = vit_w4a4
+    qmodel.push_to_hub("org/tf-branches", revision=revision)
+    assert hub.branches["org/tf-branches"] == {"main", revision or "main"}
+    at = '"org/tf-branches"' + (', revision="dev"' if revision == "dev" else "")
+    assert f"AutoModelForImageClassification.from_pretrained({at})\n" in read_card(hub.repo("org/tf-branches")).text
 
 
 def test_a_pull_request_revision_creates_no_branch(vit_w4a4, hub):
@@ -284,6 +300,7 @@ def test_a_pull_request_revision_creates_no_branch(vit_w4a4, hub):
     hub.may_create_branches = False
     DataFreeViTQuantizer().push_to_hub(qmodel, "org/pr", revision="refs/pr/3")
     assert hub.branches["org/pr"] == {"main"} and hub.commits[-1]["options"]["revision"] == "refs/pr/3"
+    assert 'from_pretrained("org/pr")' in read_card(hub.repo("org/pr")).text  # lands on main when merged
 
 
 def test_without_write_access_only_a_pull_request_may_target_an_existing_branch(vit_w4a4, hub):
