@@ -8,7 +8,6 @@ model carries it like any other Hugging Face quantization config.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import math
 import re
@@ -19,6 +18,7 @@ from typing import Any, ClassVar
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .errors import BitPresetError, CheckpointError, ConfigError
+from .registry import with_close_matches
 from .version import FORMAT_VERSION, __version__
 
 QUANT_METHOD = "optimum_dfq"
@@ -435,7 +435,7 @@ class DFQConfig(QuantizationConfigMixin):
             )
         if unknown:
             raise ConfigError(
-                f"Unknown DFQConfig key(s) {_with_close_matches(unknown, known)}. Valid keys: {sorted(known)}."
+                f"Unknown DFQConfig key(s) {with_close_matches(unknown, known)}. Valid keys: {sorted(known)}."
             )
         try:
             config = cls(**config_dict)
@@ -552,18 +552,12 @@ def _checked_init(self: DFQConfig, *args: Any, **kwargs: Any) -> None:
     known = [f.name for f in dataclasses.fields(DFQConfig)]
     unknown = sorted(set(kwargs) - set(known))
     if unknown:
-        said = _with_close_matches(unknown, known)
+        said = with_close_matches(unknown, known)
         raise ConfigError(f"Unknown DFQConfig argument(s) {said}. Valid arguments: {known}.")
     _dataclass_init(self, *args, **kwargs)
 
 
 DFQConfig.__init__ = _checked_init
-
-
-def _with_close_matches(unknown: list[str], known: Any) -> str:
-    """`'bitz' (did you mean 'bits'?), 'x'`: the unknown names, each with the closest known one when there is one."""
-    hints = {name: difflib.get_close_matches(str(name), list(known), n=1) for name in unknown}
-    return ", ".join(f"{name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "") for name, hint in hints.items())
 
 
 def _is_newer_release(version: Any) -> bool:

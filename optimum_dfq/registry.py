@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, MutableMapping
+import difflib
+from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any
+
+
+def with_close_matches(unknown: Iterable[Any], known: Iterable[str]) -> str:
+    """`'bitz' (did you mean 'bits'?), 'x'`: the unknown names, each with the closest known one when there is one.
+
+    Example:
+        >>> with_close_matches(["bitz", "x"], ["bits", "seed"])
+        "'bitz' (did you mean 'bits'?), 'x'"
+    """
+    known = list(known)
+    hints = {name: difflib.get_close_matches(str(name), known, n=1) for name in unknown}
+    return ", ".join(f"{name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "") for name, hint in hints.items())
 
 
 def qualified_name(obj: Any) -> str:

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 from ..calibration.data import CalibrationSet
 from ..errors import DFQError, SynthesisError
-from ..registry import qualified_name, register_unique
+from ..registry import qualified_name, register_unique, with_close_matches
 
 SYNTHESIZERS: dict[str, type[Synthesizer]] = {}
 
@@ -69,9 +69,10 @@ def get_synthesizer(name: str, **hyperparameters: Any) -> Synthesizer:
         `Synthesizer`: a new instance of the registered class.
 
     Raises:
-        `SynthesisError`: if `name` is not registered, or if the constructor raises a `TypeError` or `ValueError` (an
-            unknown keyword, a value of the wrong type); the message names the hyper-parameters given. Errors of the
-            constructor's own checks (`DFQError`s) propagate unchanged.
+        `SynthesisError`: if `name` is not registered, if a hyper-parameter is not one the synthesizer takes (the
+            message lists those it takes, and the closest to a misspelt one), or if the constructor raises a
+            `TypeError` or `ValueError` (a value of the wrong type); the message names the hyper-parameters given.
+            Errors of the constructor's own checks (`DFQError`s) propagate unchanged.
 
     Example:
 
@@ -86,9 +87,16 @@ def get_synthesizer(name: str, **hyperparameters: Any) -> Synthesizer:
         cls = SYNTHESIZERS[name]
     except KeyError:
         raise SynthesisError(
-            f"Unknown synthesizer {name!r}. Available: {sorted(SYNTHESIZERS)}; or pass real images with "
-            "`calibration_dataset=`."
+            f"Unknown synthesizer {with_close_matches([name], SYNTHESIZERS)}. Available: {sorted(SYNTHESIZERS)}; or "
+            "pass real images with `calibration_dataset=`."
         ) from None
+    accepted = _hyperparameter_names(cls)
+    unknown = [key for key in hyperparameters if accepted is not None and key not in accepted]
+    if unknown:
+        raise SynthesisError(
+            f"Unknown hyper-parameter(s) {with_close_matches(unknown, accepted)} for synthesizer {name!r}; it takes: "
+            f"{sorted(accepted)}."
+        )
     try:
         return cls(**hyperparameters)
     except DFQError:
@@ -96,6 +104,21 @@ def get_synthesizer(name: str, **hyperparameters: Any) -> Synthesizer:
     except (TypeError, ValueError) as err:  # an unknown keyword, or int("abc")/float("fast") on a wrong type
         given = ", ".join(f"{key}={value!r}" for key, value in hyperparameters.items())
         raise SynthesisError(f"Invalid hyper-parameters for synthesizer {name!r} ({given}): {err}") from err
+
+
+def _hyperparameter_names(cls: type) -> list[str] | None:
+    """The keywords `cls(...)` takes: those of its `__init__` and, while an `__init__` takes `**kwargs` (passed on to
+    `super().__init__`), of the next one up the class hierarchy; `None` when the last one still takes any keyword."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass) or klass is object:
+            continue
+        parameters = list(inspect.signature(vars(klass)["__init__"]).parameters.values())[1:]  # without self
+        named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        names += [p.name for p in parameters if p.kind in named and p.name not in names]
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            return names
+    return None
 
 
 def check_synthesis_arguments(num_images: Any, seed: Any) -> None:

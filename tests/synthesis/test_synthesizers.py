@@ -186,12 +186,31 @@ def test_dfq_vit_ramps_local_term_in_phase_two_and_orders_easy_to_hard():
 def test_clear_errors():
     with pytest.raises(SynthesisError, match="image_processor"):
         get_synthesizer("psaq", **FAST).synthesize(tiny_vit(), 2)
-    with pytest.raises(SynthesisError, match="Invalid hyper-parameters"):
+    with pytest.raises(SynthesisError, match=r"Unknown hyper-parameter\(s\) 'not_a_parameter' for synthesizer 'psaq'"):
         get_synthesizer("psaq", not_a_parameter=1)
+    with pytest.raises(SynthesisError, match="Invalid hyper-parameters for synthesizer 'psaq'"):  # a wrong type
+        get_synthesizer("psaq", lr="fast")
     with pytest.raises(SynthesisError, match="local_phase"):
         get_synthesizer("dfq-vit", iterations=(5,), jitter=(1,), local_phase=1)
     with pytest.raises(SynthesisError, match="num_images"):
         get_synthesizer("psaq", **FAST).synthesize(tiny_vit(), 0, **NORM)
+
+
+@pytest.mark.parametrize("name", SYNTHESIZERS)
+def test_a_misspelt_hyperparameter_is_named_with_the_closest_one_and_the_accepted_list(name):
+    """Every hyper-parameter up the constructors' `**kwargs` chain counts (PSAQ's `iterations` is PixelSynthesizer's),
+    and the message lists exactly what the synthesizer's `hyperparameters()` reports."""
+    accepted = sorted(get_synthesizer(name).hyperparameters())
+    misspelt = accepted[0][:-1] + "x" + accepted[0][-1]
+    with pytest.raises(SynthesisError) as error:
+        get_synthesizer(name, **{misspelt: 1})
+    assert f"'{misspelt}' (did you mean '{accepted[0]}'?)" in str(error.value)
+    assert str(error.value).endswith(f"it takes: {accepted}.")
+
+
+def test_a_misspelt_synthesizer_name_is_named_with_the_closest_one():
+    with pytest.raises(SynthesisError, match=r"Unknown synthesizer 'dfqvit' \(did you mean 'dfq-vit'\?\)"):
+        get_synthesizer("dfqvit")
 
 
 @pytest.mark.parametrize("name", SYNTHESIZERS)
