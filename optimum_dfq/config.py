@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .errors import BitPresetError, CheckpointError, ConfigError
-from .registry import with_close_matches
+from .registry import closest_hint, with_close_matches
 from .version import FORMAT_VERSION, __version__
 
 QUANT_METHOD = "optimum_dfq"
@@ -107,7 +107,7 @@ def parse_bits(bits: str) -> tuple[int, int | None]:
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"DFQConfig.{name}={value!r} is not one of {list(choices)}.")
+        raise ConfigError(f"DFQConfig.{name}={value!r}{closest_hint(value, choices)} is not one of {list(choices)}.")
 
 
 @dataclass
@@ -594,7 +594,8 @@ def _yaml_text_hint(value: Any, integer: bool = False) -> str:
 def _fill_defaults(name: str, options: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(options) - set(defaults))
     if unknown:
-        raise ConfigError(f"Unknown key(s) {unknown} in DFQConfig.{name}. Valid keys: {sorted(defaults)}.")
+        raise ConfigError(f"Unknown key(s) {with_close_matches(unknown, defaults)} in DFQConfig.{name}. Valid keys: "
+                          f"{sorted(defaults)}.")
     resolved = {key: _plain(value) for key, value in defaults.items()}
     resolved.update(_plain(options))
     return resolved

@@ -15,8 +15,18 @@ def with_close_matches(unknown: Iterable[Any], known: Iterable[str]) -> str:
         "'bitz' (did you mean 'bits'?), 'x'"
     """
     known = list(known)
-    hints = {name: difflib.get_close_matches(str(name), known, n=1) for name in unknown}
-    return ", ".join(f"{name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "") for name, hint in hints.items())
+    return ", ".join(f"{name!r}{closest_hint(name, known)}" for name in unknown)
+
+
+def closest_hint(name: Any, known: Iterable[str]) -> str:
+    """`" (did you mean 'bits'?)"` for the known name closest to `name`, or `""` when none is close.
+
+    Example:
+        >>> closest_hint("tan_q", ["log2", "tanq"]), closest_hint("zzz", ["log2", "tanq"])
+        (" (did you mean 'tanq'?)", '')
+    """
+    hint = difflib.get_close_matches(str(name), list(known), n=1)
+    return f" (did you mean {hint[0]!r}?)" if hint else ""
 
 
 def qualified_name(obj: Any) -> str:

@@ -54,6 +54,18 @@ def test_unknown_key_is_named():
         DFQConfig(bitz="w4a4")
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"post_softmax": "tan_q"}, r"DFQConfig.post_softmax='tan_q' \(did you mean 'tanq'\?\) is not one of \["),
+    ({"correction": {"kind": "afine"}}, r"correction\['kind'\]='afine' \(did you mean 'affine'\?\) is not one of"),
+    ({"correction": {"knd": "affine"}}, r"Unknown key\(s\) 'knd' \(did you mean 'kind'\?\) in DFQConfig.correction"),
+    ({"reconstruction": {"iters": 3}}, r"'iters' \(did you mean 'iterations'\?\) in DFQConfig.reconstruction"),
+    ({"post_softmax": "zzz"}, r"DFQConfig.post_softmax='zzz' is not one of \["),  # nothing close: no guess
+])
+def test_a_misspelt_choice_or_option_key_is_named_with_the_closest_valid_one(options, message):
+    with pytest.raises(ConfigError, match=message):
+        DFQConfig(**options)
+
+
 def test_preset_is_stored_in_canonical_form():
     assert DFQConfig(bits=" W4A08\n").bits == "w4a8"
     assert DFQConfig(bits="w04a16").bits == "w4a16"

@@ -33,7 +33,7 @@ from ..config import DFQConfig
 from ..errors import ConfigError
 from ..nn import QLayerNorm, QLinear
 from ..quantizers import UniformQuantizer
-from ..registry import qualified_name, register_unique
+from ..registry import closest_hint, qualified_name, register_unique
 from .convert import activation_quantizer
 
 logger = logging.getLogger(__name__)
@@ -128,7 +128,8 @@ def get_scale_selector(name: str) -> ScaleSelector:
     selector = SCALE_SELECTOR_REGISTRY.get(name)
     if selector is None:
         raise ConfigError(
-            f"Unknown scale selector {name!r}; registered: {sorted(SCALE_SELECTOR_REGISTRY)}. Register a custom "
+            f"Unknown scale selector {name!r}{closest_hint(name, SCALE_SELECTOR_REGISTRY)}; registered: "
+            f"{sorted(SCALE_SELECTOR_REGISTRY)}. Register a custom "
             "one with optimum_dfq.calibration.register_scale_selector before quantizing."
         )
     return selector

@@ -276,3 +276,11 @@ def test_the_search_context_carries_the_quantizer_bits_and_the_round_zero_point_
     reparameterize_layernorm(qnorm, qlinears, config, activations=float_norm_output(norm, calibration))
     (context,) = contexts
     assert context.bits == 6 and context.round_zero_point is False and context.consumers == qlinears
+
+
+def test_a_misspelt_selector_is_named_with_the_closest_registered_one():
+    from optimum_dfq.calibration.reparam import get_scale_selector
+    from optimum_dfq.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"Unknown scale selector 'medain' \(did you mean 'median'\?\); registered"):
+        get_scale_selector("medain")
