@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from .errors import ConfigError
+from .registry import closest_hint
 
 #: The package that holds the bundled recipes (the repository's `recipes/` folder).
 RECIPES_PACKAGE = "optimum_dfq.recipes"
@@ -85,7 +86,8 @@ def read_recipe(recipe: str | os.PathLike) -> tuple[str, str]:
             text = (_bundled_folder() / f"{recipe}{RECIPE_SUFFIX}").read_text(encoding="utf-8")
             return f"bundled recipe {recipe!r}", text
         if not path.is_dir():
-            raise ConfigError(f"Unknown recipe {recipe!r}: no such file, and no bundled recipe has that name. "
+            raise ConfigError(f"Unknown recipe {recipe!r}{closest_hint(recipe, names)}: no such file, and no bundled "
+                              "recipe has that name. "
                               f"{_choices(path)}")
     try:
         return f"recipe file {str(path)!r}", path.read_text(encoding="utf-8")

@@ -46,7 +46,7 @@ def test_an_existing_file_wins_over_a_bundled_name(tmp_path, monkeypatch):
 
 def test_unknown_name_lists_the_bundled_ones(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match="Unknown recipe 'sardfq'") as info:
+    with pytest.raises(ConfigError, match=r"Unknown recipe 'sardfq' \(did you mean 'sardfq_w4a4'\?\)") as info:
         DFQConfig.from_yaml("sardfq")
     message = str(info.value)
     assert f"Bundled recipes, by name: {', '.join(list_recipes())};" in message
