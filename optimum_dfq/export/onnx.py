@@ -125,7 +125,8 @@ class ExportReport:
             that optimised graph. A `MatMulNBits` counts as integer only when it runs with int8 activations
             (`accuracy_level` 4, what ONNX Runtime gives the 5..8-bit weight matmuls it fuses); the 4-bit ones of the
             file run in float.
-        max_abs_logit_diff (`float`, *optional*): max |ONNX Runtime - PyTorch| over the logits of the probe images.
+        max_abs_logit_diff (`float`, *optional*): max |ONNX Runtime - PyTorch| over the logits of the probe images
+            (PyTorch in inference mode, like the exported graph, whatever mode the model was in).
         top1_agreement (`float`, *optional*): fraction of probe images with the same arg-max in both.
         num_probe_images (`int`): probe images used for the two figures above.
     """
@@ -622,11 +623,22 @@ def _verify(model: nn.Module, report: ExportReport, example: torch.Tensor, probe
     report.integer_operators = sum(counts[op] for op in INTEGER_ORT_OPS) - float_nbits
     report.float_matmuls = sum(counts[op] for op in FLOAT_MATMUL_OPS) + float_nbits
     ort_logits = session.run(["logits"], {"pixel_values": probe_images.numpy().astype(np.float32)})[0]
-    with torch.no_grad():
+    with _eval_mode(model), torch.no_grad():  # the file holds the inference graph: no dropout or drop path
         torch_logits = model(pixel_values=probe_images.to(next(model.parameters()).device)).logits.float().cpu()
     report.max_abs_logit_diff = float(np.abs(ort_logits - torch_logits.numpy()).max())
     report.top1_agreement = float((ort_logits.argmax(-1) == torch_logits.numpy().argmax(-1)).mean())
     report.num_probe_images = int(probe_images.shape[0])
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Puts `model` in inference mode for the block, then back in the training mode it had."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def _accuracy_level(node) -> int:

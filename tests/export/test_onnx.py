@@ -511,3 +511,22 @@ def test_the_report_measures_the_given_probe_images(calibration, tmp_path):
     assert report.num_probe_images == 5
     assert report.max_abs_logit_diff == pytest.approx(float(np.abs(got - expected).max()), rel=1e-6, abs=1e-9)
     assert report.top1_agreement == float((got.argmax(-1) == expected.argmax(-1)).mean())
+
+
+def test_a_training_mode_model_is_verified_against_its_inference_logits(calibration, tmp_path):
+    # the file holds the inference graph; the report compared it with a training-mode forward (dropout on), so a
+    # faithful export of a training-mode model reported a random logit difference
+    qmodel = _quantize("vit", "w8a8", calibration, post_softmax="uniform")
+    dropouts = [m for m in qmodel.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts
+    for dropout in dropouts:
+        dropout.p = 0.5
+    probes = calibration[:5]
+    qmodel.train()
+    report = to_onnx(qmodel, tmp_path / "model.onnx", probe_images=probes)
+    assert qmodel.training and all(dropout.training for dropout in dropouts)
+    qmodel.eval()
+    with torch.no_grad():
+        expected = qmodel(pixel_values=probes).logits.numpy()
+    got = _run(tmp_path / "model.onnx", probes)
+    assert report.max_abs_logit_diff == pytest.approx(float(np.abs(got - expected).max()), rel=1e-6, abs=1e-9)
