@@ -167,7 +167,8 @@ class ExportReport:
             f"quantizers: {len(self.quantizers)} ({self.num_integer} as integers, {self.num_float} emulated in float)",
         ]
         lines += [f"  {count:4d} x {lowering}" for lowering, count in sorted(lowered.items())]
-        floats = sorted({f"{q.kind} {q.bits}-bit ({q.note})" for q in self.quantizers if not q.integer and q.note})
+        floats = sorted({f"{q.kind} {q.bits}-bit ({q.note})" for q in self.quantizers
+                         if not q.integer and q.note and q.lowering != "off"})  # a disabled quantizer is no float op
         lines += [f"  float: {reason}" for reason in floats]
         if self.ort_operators:
             lines.append(

@@ -432,6 +432,8 @@ def test_quantizers_that_are_off_or_uncalibrated(calibration, tmp_path, caplog):
     off = [q for q in report.quantizers if q.lowering == "off"]
     assert [(q.name, q.integer, q.note) for q in off] == [(name, False, "disabled")]
     assert report.num_float == 0 and report.num_integer == len(report.quantizers) - 1
+    summary = report.summary()  # listed as off, not among the reasons for float operations
+    assert "     1 x off" in summary.splitlines() and "float:" not in summary and "0 emulated in float" in summary
     with torch.no_grad():
         expected = qmodel(pixel_values=calibration[:4]).logits.numpy()
     np.testing.assert_allclose(_run(tmp_path / "model.onnx", calibration[:4]), expected,
