@@ -280,6 +280,7 @@ def test_pixel_grid_input_exports_and_matches_onnxruntime(calibration, cifar_tes
     image_input = [name for name in kinds if name.endswith("patch_embeddings.projection.input_quantizer")]
     assert len(image_input) == 1 and kinds[image_input[0]] == "pixel_grid"  # fractional zero points: float ops
     assert set(kinds.values()) == {"pixel_grid", "tanq"}
+    assert next(q.note for q in report.quantizers if q.name == image_input[0]).startswith("pixel grid: ")
     pixels = cifar_test_pixels[:32]
     with torch.no_grad():
         expected = qmodel(pixel_values=pixels).logits.numpy()
@@ -532,3 +533,126 @@ def test_a_training_mode_model_is_verified_against_its_inference_logits(calibrat
         expected = qmodel(pixel_values=probes).logits.numpy()
     got = _run(tmp_path / "model.onnx", probes)
     assert report.max_abs_logit_diff == pytest.approx(float(np.abs(got - expected).max()), rel=1e-6, abs=1e-9)
+
+
+def test_the_report_counts_top1_disagreements(calibration, tmp_path):
+    # a PyTorch forward that differs from the exported graph: the classifier's logits reversed outside the export
+    qmodel = _quantize("vit", "w8a8", calibration, post_softmax="uniform")
+
+    def reverse_outside_export(module, inputs, output):
+        return output if torch.onnx.is_in_onnx_export() else output.flip(-1)
+
+    qmodel.classifier.register_forward_hook(reverse_outside_export)
+    probes = calibration[:8]
+    report = to_onnx(qmodel, tmp_path / "model.onnx", probe_images=probes)
+    with torch.no_grad():
+        expected = qmodel(pixel_values=probes).logits.numpy()
+    got = _run(tmp_path / "model.onnx", probes)
+    agreement = float((got.argmax(-1) == expected.argmax(-1)).mean())
+    assert agreement < 1.0
+    assert report.top1_agreement == agreement
+
+
+def test_activation_zero_points_at_the_ends_of_the_code_range(calibration, tmp_path):
+    # QDQ holds zero points 0..qmax (a range ending at 0 puts it at qmax); one past qmax is emulated in float
+    qmodel = _quantize("vit", "w4a4", calibration, post_softmax="uniform", input_range="calibrated")
+    name = "vit.layers.0.mlp.fc2.input_quantizer"
+    quantizer = qmodel.get_submodule(name)
+    assert quantizer.qmax == 15 and not quantizer.per_channel
+    pixels = calibration[:4]
+    for zero_point, lowering, note in [(15.0, "QuantizeLinear/DequantizeLinear uint8 (+Clip)", ""),
+                                       (16.0, "float emulation", "zero point outside the uint8 code range")]:
+        quantizer.set_params(quantizer.scale, torch.tensor(zero_point))
+        report = to_onnx(qmodel, tmp_path / "model.onnx", verify=False)
+        entry = next(q for q in report.quantizers if q.name == name)
+        assert (entry.lowering, entry.integer, entry.note) == (lowering, not note, note)
+        with torch.no_grad():
+            expected = qmodel(pixel_values=pixels).logits.numpy()
+        np.testing.assert_allclose(_run(tmp_path / "model.onnx", pixels), expected, atol=1e-2 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("bits", ["w8a8", "w4a8"])  # uint8 container / MatMulNBits
+def test_weight_zero_points_at_the_ends_of_the_code_range(bits, calibration, tmp_path):
+    # integer containers hold weight zero points 0..qmax (a row of weights <= 0 puts it at qmax); beyond qmax, or
+    # between two codes, a zero point cannot be stored and the export is refused, naming the layer
+    qmodel = _quantize("vit", bits, calibration, post_softmax="uniform")
+    quantizer = qmodel.classifier.weight_quantizer
+    assert quantizer.per_channel and quantizer.zero_point.numel() == qmodel.config.num_labels
+    scale, zero_point = quantizer.scale.clone(), quantizer.zero_point.clone()
+    zero_point.flatten()[3] = quantizer.qmax
+    quantizer.set_params(scale, zero_point)
+    to_onnx(qmodel, tmp_path / "model.onnx", verify=False)
+    pixels = calibration[:4]
+    with torch.no_grad():
+        expected = qmodel(pixel_values=pixels).logits.numpy()
+    np.testing.assert_allclose(_run(tmp_path / "model.onnx", pixels), expected, atol=1e-2 * np.abs(expected).max())
+
+    zero_point.flatten()[3] = quantizer.qmax + 1
+    quantizer.set_params(scale, zero_point)
+    with pytest.raises(DFQError, match=rf"classifier: .* 1 of its output channels \(first: 3, zero point "
+                                       rf"{quantizer.qmax + 1}\) lies outside the code range 0\.\.{quantizer.qmax}"):
+        to_onnx(qmodel, tmp_path / "above.onnx", verify=False)
+    # frozen codes need no re-quantization, so only the export's own check stands between a fractional zero point
+    # and a truncated one in the file
+    zero_point.flatten()[3] = quantizer.qmax - 0.5
+    qmodel.classifier.freeze()
+    quantizer.set_params(scale, zero_point)
+    with pytest.raises(DFQError, match="classifier: the weight zero point is not an integer"):
+        to_onnx(qmodel, tmp_path / "fractional.onnx", verify=False)
+    assert not (tmp_path / "above.onnx").exists() and not (tmp_path / "fractional.onnx").exists()
+
+
+def test_rows_narrower_than_sixteen_use_the_smallest_matmul_nbits_block(tmp_path):
+    # MatMulNBits blocks are at least 16 wide: a row of 8 inputs is padded to one block of 16, not one of 8
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    model = ViTForImageClassification(ViTConfig(image_size=16, patch_size=8, hidden_size=8, num_hidden_layers=1,
+                                                num_attention_heads=2, intermediate_size=16, num_labels=4)).eval()
+    pixels = torch.randn(4, 3, 16, 16)
+    qmodel = DataFreeViTQuantizer(model).quantize(bits="w4a8", calibration_dataset=pixels)
+    report = to_onnx(qmodel, tmp_path / "model.onnx", verify=False)
+    blocks = {q.name: q.lowering for q in report.quantizers if "MatMulNBits" in q.lowering}
+    assert len(blocks) == 6 + 1 and set(blocks.values()) == {"MatMulNBits (4-bit container, block 16)"}
+    with torch.no_grad():
+        expected = qmodel(pixel_values=pixels).logits.numpy()
+    np.testing.assert_allclose(_run(tmp_path / "model.onnx", pixels), expected, atol=1e-2 * np.abs(expected).max())
+
+
+def test_a_conv_without_explicit_zero_padding_is_refused(calibration, tmp_path):
+    # the Conv node takes explicit zero pads only; reflect/circular padding would be exported as zeros
+    qmodel = _quantize("vit", "w8a8", calibration, post_softmax="uniform")
+    conv = qmodel.vit.embeddings.patch_embeddings.projection
+    conv.padding_mode = "reflect"
+    with pytest.raises(DFQError, match=r"vit\.embeddings\.patch_embeddings\.projection: only zero padding"):
+        to_onnx(qmodel, tmp_path / "model.onnx", verify=False)
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_default_probe_images_are_eight_seeded_standard_normal_images(calibration, tmp_path):
+    qmodel = _quantize("vit", "w8a8", calibration, post_softmax="uniform")
+    seen = []
+
+    def record(module, args, kwargs):
+        if not torch.onnx.is_in_onnx_export():
+            seen.append(kwargs["pixel_values"].clone())
+
+    qmodel.register_forward_pre_hook(record, with_kwargs=True)
+    first = to_onnx(qmodel, tmp_path / "model.onnx")
+    second = to_onnx(qmodel, tmp_path / "model.onnx")
+    assert len(seen) == 2 and torch.equal(seen[0], seen[1])  # seeded: the same images every time
+    assert seen[0].shape == (8, 3, 32, 32) and first.num_probe_images == 8
+    assert abs(float(seen[0].mean())) < 0.1 and abs(float(seen[0].std()) - 1.0) < 0.1
+    assert first.max_abs_logit_diff == second.max_abs_logit_diff
+
+
+
+def test_a_matmul_nbits_node_without_accuracy_level_counts_as_float():
+    from optimum_dfq.export.onnx import MATMUL_NBITS_INT8_ACCURACY, _accuracy_level
+
+    # the attribute's schema default is 0 (float32 activations)
+    node = onnx.helper.make_node("MatMulNBits", ["x", "w", "s"], ["y"], domain="com.microsoft", K=32, N=8, bits=4,
+                                 block_size=32)
+    assert _accuracy_level(node) == 0
+    node.attribute.append(onnx.helper.make_attribute("accuracy_level", MATMUL_NBITS_INT8_ACCURACY))
+    assert _accuracy_level(node) == MATMUL_NBITS_INT8_ACCURACY
