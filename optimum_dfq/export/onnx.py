@@ -535,29 +535,24 @@ def to_onnx(
         raise DFQError(f"{path} is a folder; pass the .onnx file to write, e.g. {path / 'model.onnx'}.")
     path.parent.mkdir(parents=True, exist_ok=True)
     layout = _WeightLayout(weight_only_int4, block_size, signed_weights)
-    was_training = model.training
-    model.eval()
-    try:
-        with _lowered(model, layout) as entries, torch.no_grad(), warnings.catch_warnings():
-            # the TorchScript exporter is deprecated upstream and warns about it, and tracing warns about
-            # shape-dependent Python branches that are constant for a fixed image size: neither is actionable here
-            warnings.simplefilter("ignore")
-            # declared only when used: the exporter warns about an unused custom domain
-            uses_nbits = any(q.lowering.startswith("MatMulNBits") for q in entries)
-            torch.onnx.export(
-                _LogitsOnly(model),
-                (example,),
-                str(path),
-                dynamo=False,
-                opset_version=opset,
-                input_names=["pixel_values"],
-                output_names=["logits"],
-                dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
-                custom_opsets={"com.microsoft": 1} if uses_nbits else None,
-                do_constant_folding=True,
-            )
-    finally:
-        model.train(was_training)
+    with _eval_mode(model), _lowered(model, layout) as entries, torch.no_grad(), warnings.catch_warnings():
+        # the TorchScript exporter is deprecated upstream and warns about it, and tracing warns about
+        # shape-dependent Python branches that are constant for a fixed image size: neither is actionable here
+        warnings.simplefilter("ignore")
+        # declared only when used: the exporter warns about an unused custom domain
+        uses_nbits = any(q.lowering.startswith("MatMulNBits") for q in entries)
+        torch.onnx.export(
+            _LogitsOnly(model),
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=["pixel_values"],
+            output_names=["logits"],
+            dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
+            custom_opsets={"com.microsoft": 1} if uses_nbits else None,
+            do_constant_folding=True,
+        )
     report = ExportReport(path=str(path), file_size=path.stat().st_size, quantizers=entries)
     floats = Counter(q.kind for q in entries if q.role == "activation" and not q.integer and q.lowering != "off")
     if floats:
@@ -633,13 +628,14 @@ def _verify(model: nn.Module, report: ExportReport, example: torch.Tensor, probe
 
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Puts `model` in inference mode for the block, then back in the training mode it had."""
-    was_training = model.training
+    """Puts `model` in inference mode for the block, then each of its modules back in the mode it had."""
+    modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
 
 
 def _accuracy_level(node) -> int:
