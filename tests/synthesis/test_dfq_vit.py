@@ -182,3 +182,76 @@ def test_each_images_soft_label_comes_from_its_own_stream():
     for row, index, label in zip(plan.soft_labels, [3, 8], plan.labels.tolist()):
         expected = soft_target([label], 10, stream_generator(0, index, "soft"), (5.0, 10.0))  # plan_batch's seed 0
         assert torch.equal(row, expected)
+
+
+def _model_info(model):
+    from optimum_dfq.models import get_adapter
+    from optimum_dfq.synthesis.features import probe_attention_sites
+    from optimum_dfq.synthesis.pixel_synthesizer import ModelInfo
+
+    adapter = get_adapter(model)
+    return ModelInfo(model, adapter, probe_attention_sites(model, adapter), (3, 32, 32), 10, torch.device("cpu"))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_hardness_difficulty_is_the_kl_from_the_float_to_the_quantized_prediction():
+    from optimum_dfq.synthesis import DisagreementTerm
+
+    model, stand_in = tiny_vit(), tiny_vit(initializer_range=0.5)  # the stand-in plays the provisional model
+    info = _model_info(model)
+    synthesizer = get_synthesizer("dfq-vit", **FAST, hardness_weight=1.0)
+    plan = synthesizer.plan_batch(info, [0, 1, 2], seed=0)
+    hardness = next(term for term in plan.terms if isinstance(term, DisagreementTerm))
+    hardness.quantized_model = stand_in
+    images = torch.randn(3, 3, 32, 32)
+    recorded = synthesizer.finish_batch(info, plan, images)
+    with torch.no_grad():
+        log_p = F.log_softmax(model(pixel_values=images).logits, dim=-1)
+        log_q = F.log_softmax(stand_in(pixel_values=images).logits, dim=-1)
+    # KL(p_float ‖ p_quantized) = Σ p (log p − log q); its reverse differs for such different predictions
+    expected = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+    assert (expected - F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1)).abs().min() > 1e-3
+    torch.testing.assert_close(recorded["difficulty"], expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(recorded["class_loss"], -(plan.soft_labels * log_p).sum(-1), rtol=1e-4, atol=1e-6)
+
+
+def test_a_hardness_term_that_never_switched_on_is_refused_at_the_end_of_the_batch():
+    info = _model_info(tiny_vit())
+    synthesizer = get_synthesizer("dfq-vit", **FAST, hardness_weight=1.0)
+    plan = synthesizer.plan_batch(info, [0, 1], seed=0)  # no step ran: no provisional model was built
+    with pytest.raises(SynthesisError, match="hardness term never switched on.*check hardness_phase"):
+        synthesizer.finish_batch(info, plan, torch.zeros(2, 3, 32, 32))
+
+
+def test_easy_to_hard_order_lists_the_global_index_of_each_row():
+    from optimum_dfq.calibration.data import CalibrationSet
+
+    difficulty = [3.0, 1.0, 2.0, 0.5, 1.0]  # sorted: rows 3, 1, 4 (the tie kept in index order), 2, 0
+    images = torch.arange(5.0).view(5, 1, 1, 1).expand(5, 3, 2, 2).contiguous()
+    calib = CalibrationSet(images, labels=torch.arange(5), soft_labels=torch.eye(5),
+                           metadata={"per_image": {"difficulty": difficulty}})
+    ordered = get_synthesizer("dfq-vit", **FAST).finalize(calib)
+    order = [3, 1, 4, 2, 0]  # not its own inverse ([4, 1, 3, 0, 2]), so a row -> index map is told from its inverse
+    assert ordered.metadata["order"] == order
+    assert ordered.pixel_values[:, 0, 0, 0].tolist() == [float(i) for i in order]
+    assert ordered.labels.tolist() == order and torch.equal(ordered.soft_labels, torch.eye(5)[order])
+    assert ordered.metadata["per_image"]["difficulty"] == [0.5, 1.0, 1.0, 2.0, 3.0]
+    assert get_synthesizer("dfq-vit", **FAST, order="index").finalize(calib) is calib
+
+
+@pytest.mark.parametrize("class_loss", ["soft", "hard"])
+def test_each_image_gets_its_label_tv_target_and_noise_from_its_own_streams(class_loss):
+    from optimum_dfq.synthesis.targets import initial_noise, random_labels, uniform_per_image
+
+    indices, seed = [4, 0, 9], 0  # the seed plan_batch uses
+    synthesizer = get_synthesizer("dfq-vit", **FAST, class_loss=class_loss, tv_target=(10.0, 20.0))
+    plan = plan_batch(synthesizer, tiny_vit(), indices)
+    terms = {term.name: term for term in plan.terms}
+    labels = random_labels(indices, seed, 10)  # PSAQ-ViT's streams: the same images start alike in both
+    assert torch.equal(plan.labels, labels)
+    if class_loss == "hard":
+        assert torch.equal(terms["ce"].labels, labels)
+    else:
+        assert plan.soft_labels.argmax(-1).tolist() == labels.tolist()
+    assert torch.equal(terms["tv"].targets, uniform_per_image(indices, seed, "tv", 10.0, 20.0))
+    assert torch.equal(plan.init, initial_noise(indices, seed, (3, 32, 32)))
