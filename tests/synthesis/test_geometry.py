@@ -169,6 +169,13 @@ def test_whole_token_moves_are_rolls_then_flips():
     assert torch.equal(moved[2], maps[2])
 
 
+def test_without_flips_maps_are_only_rolled():
+    maps = torch.rand(2, 1, 4, 5)
+    moved = roll_and_flip_maps(maps, torch.tensor([8, -4]), None, pixels=(4, 4))  # None: no image is flipped
+    assert torch.allclose(moved[0], torch.roll(maps[0], (2, 2), dims=(1, 2)))
+    assert torch.allclose(moved[1], torch.roll(maps[1], (-1, -1), dims=(1, 2)))
+
+
 def test_non_square_tokens_move_by_their_own_height_and_width():
     maps = torch.rand(2, 1, 4, 6)
     offsets, flips = torch.tensor([8, -4]), torch.tensor([False, True])
