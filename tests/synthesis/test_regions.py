@@ -61,6 +61,7 @@ def test_quadrants_keep_the_draws_of_the_first_release(max_regions, num_labels):
 def test_grid_cells_are_distinct_and_tile_the_image():
     rows, cols, size = 3, 2, (32, 30)
     labels, layout = grid_layout(INDICES, 0, 10, rows * cols, size, (rows, cols))
+    assert layout.image_size == size
     cells = set(layout.boxes)
     assert len(cells) == rows * cols  # 64 images with up to 6 crops each use every cell
     coverage = sum(_mask(box, size).int() for box in cells)
@@ -121,6 +122,24 @@ def test_random_boxes_fall_back_to_grid_cells_when_rejection_sampling_gives_up(m
             cell = 32 // grid
             assert row * cell <= top and bottom <= (row + 1) * cell and col * cell <= left and right <= (col + 1) * cell
             assert 10 <= bottom - top <= 16
+    pairs = [box for position in range(len(INDICES)) if len(_boxes_of(layout, position)) == 2
+             for box in _boxes_of(layout, position)]
+    assert {(top // 16, left // 16) for top, _, left, _ in pairs} == {(0, 0), (0, 1), (1, 0), (1, 1)}  # any 2 cells
+    assert {(top % 16, left % 16) for top, _, left, _ in pairs} != {(0, 0)}  # anywhere in its cell
+
+
+def test_fallback_boxes_keep_to_cells_narrower_than_the_scale_allows(monkeypatch):
+    # 10x7 images: the 2x2 fallback grid has cells 3 and 4 pixels wide; a 5-pixel-high box would be 4 wide (5 x 0.7,
+    # rounded), within the scale (0.3, 0.6) of 7 pixels, so in a 3-pixel-wide cell it must be made narrower
+    monkeypatch.setattr(regions, "MAX_LAYOUT_TRIES", 0)
+    _, layout = random_layout(INDICES, 0, 10, 4, (10, 7), (0.3, 0.6))
+    cells = [regions._cell_box(cell, (2, 2), (10, 7)) for cell in range(4)]
+    gridded = [box for position in range(len(INDICES)) if len(_boxes_of(layout, position)) > 1  # one box: no grid
+               for box in _boxes_of(layout, position)]
+    for top, bottom, left, right in gridded:
+        assert any(c[0] <= top and bottom <= c[1] and c[2] <= left and right <= c[3] for c in cells)
+        assert bottom - top >= 3 and right - left >= 3
+    assert (5, 3) in {(bottom - top, right - left) for top, bottom, left, right in gridded}
 
 
 def test_random_boxes_rarely_need_the_fallback_at_the_default_scale(monkeypatch):
@@ -147,6 +166,11 @@ def test_random_boxes_that_only_fit_as_quadrants_end_as_quadrants():
     (lambda: random_layout([0], 0, 10, 4, (32, 32), (0.52, 0.6)), "fit in the cells of a 2x2 grid"),
     (lambda: msr_grid("grid:0x3"), "'grid:RxC'"),
     (lambda: msr_grid("hexagons"), "'grid:RxC'"),
+    (lambda: msr_grid("grid:3x3 rows"), "'grid:RxC'"),
+    (lambda: grid_layout([0], 0, 10, 4, (32, 32), (2, 20)), "cells under 2 pixels"),  # 1-pixel-wide cells
+    # 2 boxes need the 2x2 fallback grid (one cell is not enough); boxes of 20+ pixels do not fit its 16-pixel cells
+    (lambda: random_layout([0], 0, 10, 2, (32, 32), (0.6, 0.7)), r"at least 20x20 pixels .* 2x2 grid"),
+    (lambda: random_layout([0], 0, 10, 4, (32, 33), (0.5, 0.6)), r"at least 16x17 pixels .* 2x2 grid"),  # too wide
 ])
 def test_impossible_layouts_are_refused(call, match):
     with pytest.raises(SynthesisError, match=match):
@@ -181,3 +205,78 @@ def test_crops_refuse_images_of_another_size():
         RegionCrops(layout)(torch.zeros(1, 3, 16, 16))
     with pytest.raises(SynthesisError, match="Unknown resize mode"):
         RegionCrops(layout, "sideways")
+
+
+def test_cells_of_the_smallest_allowed_side_are_accepted():
+    _, layout = grid_layout([0, 1], 0, 10, 4, (32, 32), (16, 16))  # cells of MIN_REGION_SIDE = 2 pixels
+    assert layout.boxes and all((bottom - top, right - left) == (2, 2) for top, bottom, left, right in layout.boxes)
+
+
+def test_crops_of_non_square_images_have_the_images_size():
+    _, layout = grid_layout([0, 1], 0, 10, 4, (32, 24), (2, 2))
+    images = torch.randn(2, 3, 32, 24)
+    inputs = RegionCrops(layout)(images)
+    assert inputs.shape == (2 + len(layout.owners), 3, 32, 24)
+    for k, (owner, (top, bottom, left, right)) in enumerate(zip(layout.owners, layout.boxes)):
+        expected = F.interpolate(images[owner:owner + 1, :, top:bottom, left:right], size=(32, 24), mode="bilinear",
+                                 align_corners=False)
+        torch.testing.assert_close(inputs[2 + k:3 + k], expected)
+
+
+@pytest.mark.parametrize("max_regions, num_labels, scale", [(4, 3, (0.3, 0.5)), (4, 10, (0.5, 0.5))],
+                         ids=["few-classes", "crowded"])
+def test_random_crops_each_have_a_box_and_a_class_other_than_their_images(max_regions, num_labels, scale):
+    labels, layout = random_layout(INDICES, 0, num_labels, max_regions, (32, 32), scale)
+    assert len(layout.owners) == len(layout.boxes) == len(layout.labels)
+    for position in range(len(INDICES)):
+        classes = [label for owner, label in zip(layout.owners, layout.labels) if owner == position]
+        assert 1 <= len(classes) <= min(max_regions, num_labels - 1)
+        assert len(set(classes + [int(labels[position])])) == len(classes) + 1  # image and crop classes all differ
+
+
+def test_random_boxes_draw_their_classes_after_their_boxes():
+    # the documented order of an image's draws from its "regions" stream: crop count, boxes, then the classes
+    labels, layout = random_layout([3, 8], 5, 10, 4, (32, 32))
+    sides = regions._side_range(32, (0.25, 0.5))
+    for position, index in enumerate([3, 8]):
+        generator = stream_generator(5, index, "regions")
+        count = int(torch.randint(1, 5, (1,), generator=generator))
+        boxes = regions._random_boxes(generator, count, (32, 32), (sides, sides))
+        classes = torch.randperm(10, generator=generator)[: count + 1].tolist()
+        assert _boxes_of(layout, position) == boxes and int(labels[position]) == classes[0]
+        assert [label for owner, label in zip(layout.owners, layout.labels) if owner == position] == classes[1:]
+
+
+def test_random_boxes_may_share_an_edge(monkeypatch):
+    # bottom and right are exclusive: a box that starts where another ends does not overlap it
+    def no_fallback(*args):
+        raise AssertionError("the grid fallback would place touching boxes itself")
+
+    monkeypatch.setattr(regions, "_boxes_in_cells", no_fallback)
+    _, layout = random_layout(INDICES, 0, 10, 2, (32, 32), (0.25, 0.5))
+    pairs = [pair for position in range(len(INDICES)) for pair in combinations(_boxes_of(layout, position), 2)]
+    def share_an_edge(a, b):
+        rows, cols = a[0] < b[1] and b[0] < a[1], a[2] < b[3] and b[2] < a[3]
+        return (cols and (b[0] == a[1] or b[1] == a[0])) or (rows and (b[2] == a[3] or b[3] == a[2]))
+
+    assert any(share_an_edge(a, b) for a, b in pairs)
+
+
+def test_random_box_positions_reach_every_edge_of_the_image():
+    _, layout = random_layout(INDICES, 0, 10, 1, (32, 32), (0.3, 0.6))  # one box per image: always placed at once
+    top, bottom, left, right = zip(*layout.boxes)
+    assert (min(top), max(bottom), min(left), max(right)) == (0, 32, 0, 32)
+
+
+def test_random_box_sides_span_the_scale_and_keep_to_it_after_rounding():
+    # 10x7 images, scale (0.3, 0.5): heights 3..5; widths height x 0.7 rounded (2 for 3, 4 for 5), kept in 2.1..3.5
+    _, layout = random_layout(INDICES, 0, 10, 1, (10, 7), (0.3, 0.5))
+    assert {bottom - top for top, bottom, _, _ in layout.boxes} == {3, 4, 5}  # both ends of the range are drawn
+    assert {right - left for _, _, left, right in layout.boxes} == {3}
+
+
+@pytest.mark.parametrize("scale, side", [((0.14, 0.14), 14), ((0.29, 0.29), 29), ((0.005, 0.02), 2)])
+def test_random_box_sides_are_whole_pixels_of_the_scale_and_at_least_two(scale, side):
+    # 0.14 x 100 and 0.29 x 100 are 14.000000000000002 and 28.999999999999996 in floating point; 0.02 x 100 is 2
+    _, layout = random_layout(INDICES[:16], 0, 10, 1, (100, 100), scale)
+    assert {(bottom - top, right - left) for top, bottom, left, right in layout.boxes} == {(side, side)}
