@@ -138,3 +138,34 @@ def test_stop_after_ends_each_forward_pass_and_no_hook_is_left(quantized):
         assert hooks_left(quantized) == hooks
     finally:
         handle.remove()
+
+
+class _ScaledBlock(torch.nn.Module):
+    def forward(self, x, bias, hidden_states=None, scale=1.0):
+        return (x + bias) * scale + (0 if hidden_states is None else hidden_states)
+
+
+class _ToyModel(torch.nn.Module):
+    """Calls its block with a batched positional tensor, a tensor that is not batched (4 values, whatever the batch),
+    a batched keyword tensor and a plain keyword, as transformers blocks get masks, biases and flags."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = _ScaledBlock()
+        self.register_buffer("bias", torch.arange(4.0))
+
+    def forward(self, pixel_values):
+        x = pixel_values.flatten(1)[:, :4]
+        return self.block(x, self.bias, hidden_states=2 * x, scale=3.0)
+
+
+def test_block_calls_merge_batched_arguments_only_and_replay_any_images():
+    model = _ToyModel()
+    batches = [torch.randn(2, 3, 2, 2), torch.randn(3, 3, 2, 2)]  # sizes 2 and 3, neither equal to the bias's 4
+    calls = capture_block_calls(model, model.block, batches)
+    assert calls.num_images == 5
+    pixels = torch.cat(batches)
+    expected = model(pixels)
+    torch.testing.assert_close(calls.replay(model.block), expected)
+    index = torch.tensor([4, 0, 2])  # images from both batches, out of order
+    torch.testing.assert_close(calls.replay(model.block, index), expected[index])

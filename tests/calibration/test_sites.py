@@ -116,3 +116,18 @@ def test_qkv_share_a_correction_site_only_when_they_read_one_quantized_tensor():
     qmodel, _ = quantize_model(model, CalibrationSet(pixel_values=torch.randn(2, 3, 32, 32)), config)
     groups = linear_groups(qmodel, linear_roles(qmodel, get_adapter(qmodel), PIXELS), ["qkv"])
     assert groups == [LinearGroup("qkv", (qkv[1],)), LinearGroup("qkv", (qkv[2],)), LinearGroup("qkv", tuple(qkv[3:]))]
+
+
+def test_roles_are_found_while_some_quantizers_are_uncalibrated():
+    """The probe forward pass switches off only the quantizers not calibrated yet (they would refuse to run), finds
+    the float model's roles, and leaves every quantizer as it was."""
+    model = tiny_vit()
+    float_roles = linear_roles(model, get_adapter(model), PIXELS)
+    qmodel = DataFreeViTQuantizer().quantize(tiny_vit(), bits="w4a4", synthesizer="gaussian", num_images=2)
+    reset = [quantizer for name, quantizer in iter_quantizers(qmodel) if name.endswith("input_quantizer")]
+    for quantizer in reset:
+        quantizer.reset()
+    states = {name: (q.mode, bool(q.calibrated)) for name, q in iter_quantizers(qmodel)}
+    assert reset and not any(bool(q.calibrated) for q in reset)
+    assert linear_roles(qmodel, get_adapter(qmodel), PIXELS) == float_roles
+    assert {name: (q.mode, bool(q.calibrated)) for name, q in iter_quantizers(qmodel)} == states
