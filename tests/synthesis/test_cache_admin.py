@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -470,3 +471,202 @@ def test_a_synthesis_going_on_is_live_until_it_ends_however_it_ends(tmp_path):
     (run,) = list_cached_runs(tmp_path)
     assert (run.status, run.live) == ("complete", False)
     assert [gone.key for gone in delete_cached_runs(tmp_path, [run.key]).removed] == [run.key]
+
+
+def test_folders_named_almost_like_a_run_key_are_unknown_and_never_deleted(cache_root):
+    # a run key is exactly 64 lower-case hexadecimal digits: a copy of a run under another name is not a run
+    key = _run_dir(cache_root, 0).name
+    look_alikes = [key + "0", key[:63], key.upper(), key + ".bak"]
+    for name in look_alikes:
+        shutil.copytree(cache_root / key, cache_root / name)
+    unknown = {run.key: run for run in list_cached_runs(cache_root) if run.key in look_alikes}
+    assert set(unknown) == set(look_alikes)
+    for run in unknown.values():
+        assert (run.status, run.is_run) == ("unknown", False)
+        assert run.reason == "not a synthesis run: its name is no run key (64 hexadecimal digits)"
+    deletion = delete_cached_runs(cache_root, delete_all=True)
+    assert len(deletion.removed) == 2
+    assert sorted(path.name for path in cache_root.iterdir()) == sorted(look_alikes)
+
+
+@pytest.mark.parametrize("name", ["run.json.orig", "shards-old", "partial.bak", "calibration_set.npz",
+                                  "calibration_set.damaged-notes", "run.lock~"])
+def test_a_run_folder_holding_a_file_named_almost_like_a_run_file_is_not_a_run(name, cache_root):
+    run_dir = _run_dir(cache_root, 0)
+    (run_dir / name).write_text("someone else's")
+    (found,) = [run for run in list_cached_runs(cache_root) if run.key == run_dir.name]
+    assert (found.status, found.is_run) == ("unknown", False)
+    assert found.reason == f"not a synthesis run: it holds {name}, which no synthesis run writes"
+    delete_cached_runs(cache_root, delete_all=True)
+    assert [path.name for path in cache_root.iterdir()] == [run_dir.name]
+    assert (run_dir / name).read_text() == "someone else's"
+
+
+def test_the_reason_names_three_foreign_entries_at_most(cache_root):
+    run_dir = _run_dir(cache_root, 0)
+    for name in ("a", "b", "c", "d"):
+        (run_dir / name).write_text("")
+    (found,) = [run for run in list_cached_runs(cache_root) if run.key == run_dir.name]
+    assert found.reason == "not a synthesis run: it holds a, b, c, ..., which no synthesis run writes"
+
+
+def test_prune_keeps_a_recent_empty_run_and_a_recent_run_with_an_unreadable_description(cache_root):
+    complete_dir, interrupted_dir = _run_dir(cache_root, 0), _run_dir(cache_root, 1)
+    shutil.rmtree(interrupted_dir / "shards")
+    shutil.rmtree(interrupted_dir / "partial")  # described, nothing synthesized yet
+    garbled = cache_root / ("ab" * 32)
+    shutil.copytree(complete_dir, garbled)
+    (garbled / "run.json").write_text("{not json")  # may be a run going on where locks are unavailable
+    pruning = prune_cached_runs(cache_root, max_size=0)
+    assert [run.key for run in pruning.removed] == [complete_dir.name]
+    assert sorted((run.key, run.status) for run in pruning.kept) == sorted([(interrupted_dir.name, "empty"),
+                                                                          (garbled.name, "unknown")])
+    assert sorted(path.name for path in cache_root.iterdir()) == sorted([interrupted_dir.name, garbled.name])
+
+
+def test_a_run_found_live_when_it_is_pruned_is_kept(cache_root, hold_run, set_last_change, monkeypatch):
+    complete_dir, interrupted_dir = _run_dir(cache_root, 0), _run_dir(cache_root, 1)
+    for path in (complete_dir, interrupted_dir):
+        set_last_change(path, 2 * DAY)
+    listed = list_cached_runs(cache_root)
+    monkeypatch.setattr(cache_admin, "list_cached_runs", lambda root: listed)
+    hold_run(interrupted_dir)  # a synthesis resumes it between the listing and the deletion
+    pruning = prune_cached_runs(cache_root, older_than="1d")
+    assert [run.key for run in pruning.removed] == [complete_dir.name]
+    assert [(run.key, run.live) for run in pruning.kept] == [(interrupted_dir.name, True)]
+    assert pruning.skipped == pruning.kept and [run.key for run in pruning.left] == [interrupted_dir.name]
+    assert [path.name for path in cache_root.iterdir()] == [interrupted_dir.name]
+
+
+def test_a_run_deleted_meanwhile_by_another_process_counts_as_deleted(cache_root, monkeypatch):
+    complete_dir, interrupted_dir = _run_dir(cache_root, 0), _run_dir(cache_root, 1)
+    listed = list_cached_runs(cache_root)
+    monkeypatch.setattr(cache_admin, "list_cached_runs", lambda root: listed)
+    shutil.rmtree(interrupted_dir)  # another `cache delete` between the listing and the deletion
+    deletion = delete_cached_runs(cache_root, delete_all=True)
+    assert {run.key for run in deletion.removed} == {complete_dir.name, interrupted_dir.name}
+    assert list(cache_root.iterdir()) == []
+
+
+def test_a_run_folder_loses_its_lock_file_last(cache_root, monkeypatch):
+    # a synthesis starting during the deletion waits on the lock, so the lock file must outlive the rest of the run
+    run_dir = _run_dir(cache_root, 1)
+    assert (run_dir / "run.lock").exists()
+    real_iterdir, real_rmtree, real_unlink = Path.iterdir, shutil.rmtree, Path.unlink
+    removed = []
+
+    def lock_first(self):  # whatever order the folder lists its entries in
+        return iter(sorted(real_iterdir(self), key=lambda path: path.name != "run.lock"))
+
+    def rmtree(path, *args, **kwargs):
+        assert (run_dir / "run.lock").exists(), f"{path} removed after the lock file"
+        removed.append(Path(path).name)
+        return real_rmtree(path, *args, **kwargs)
+
+    def unlink(self, *args, **kwargs):
+        if self.parent == run_dir and self.name != "run.lock":
+            assert (run_dir / "run.lock").exists(), f"{self} removed after the lock file"
+            removed.append(self.name)
+        return real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "iterdir", lock_first)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    delete_cached_runs(cache_root, [run_dir.name])
+    assert sorted(removed) == ["partial", "run.json", "shards"] and not run_dir.exists()
+
+
+def test_links_are_neither_followed_nor_taken_for_runs(cache_root, tmp_path):
+    complete_dir, interrupted_dir = _run_dir(cache_root, 0), _run_dir(cache_root, 1)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(complete_dir, elsewhere / "run")
+    (elsewhere / "data").mkdir()
+    (elsewhere / "data" / "big.bin").write_bytes(bytes(1000))
+    linked_run = cache_root / ("ab" * 32)
+    linked_run.symlink_to(elsewhere / "run", target_is_directory=True)  # a run key naming a link to a run
+    (interrupted_dir / "shards").rename(elsewhere / "shards")
+    (interrupted_dir / "shards").symlink_to(elsewhere / "shards", target_is_directory=True)
+    shards = sorted(path.name for path in (elsewhere / "shards").iterdir())
+
+    runs = {run.key: run for run in list_cached_runs(cache_root)}
+    assert (runs[linked_run.name].status, runs[linked_run.name].is_run) == ("unknown", False)
+    assert runs[linked_run.name].reason == "not a folder, so not a synthesis run"
+    assert runs[linked_run.name].size_bytes == 0  # a link's size is its own, not its target's
+    assert runs[interrupted_dir.name].size_bytes == _du(interrupted_dir)  # the shards behind the link not counted
+    deletion = delete_cached_runs(cache_root, delete_all=True)
+    assert {run.key for run in deletion.removed} == {complete_dir.name, interrupted_dir.name}
+    assert [path.name for path in cache_root.iterdir()] == [linked_run.name]
+    assert sorted(path.name for path in (elsewhere / "shards").iterdir()) == shards  # the link went, not its target
+    assert (elsewhere / "run" / "run.json").exists() and (elsewhere / "data" / "big.bin").exists()
+
+
+@pytest.mark.parametrize("description", [[], {"seed": 0}])
+def test_a_run_json_that_describes_no_run_is_unknown_but_deletable(description, cache_root):
+    run_dir = _run_dir(cache_root, 0)
+    (run_dir / "run.json").write_text(json.dumps(description))
+    (found,) = [run for run in list_cached_runs(cache_root) if run.key == run_dir.name]
+    assert (found.status, found.is_run) == ("unknown", True)
+    assert found.reason == ("unreadable run.json (ValueError: it does not describe a synthesis run (no 'synthesizer' "
+                            "field))")
+
+
+def test_fields_of_run_json_of_another_form_are_left_out(cache_root):
+    run_dir = _run_dir(cache_root, 0)
+    info = json.loads((run_dir / "run.json").read_text())
+    info.update(model="tiny/vit", num_images="4", seed=True)  # as another version might write them
+    (run_dir / "run.json").write_text(json.dumps(info))
+    (found,) = [run for run in list_cached_runs(cache_root) if run.key == run_dir.name]
+    assert (found.status, found.synthesizer, found.model, found.num_images, found.seed) == (
+        "complete", "psaq", None, None, None)
+
+
+def test_a_run_stopped_in_its_first_batch_is_partial_with_its_checkpoint(tmp_path, monkeypatch):
+    with pytest.raises(KeyboardInterrupt):
+        _ctrl_c_after(monkeypatch, 2)  # step 2 of the first batch: nothing finished, one batch checkpointed
+        get_synthesizer("psaq", **FAST).synthesize(tiny_vit(), 4, seed=0, batch_size=2, cache_dir=tmp_path, **NORM)
+    (run,) = list_cached_runs(tmp_path)
+    assert (run.status, run.images_done, run.checkpoints) == ("partial", 0, (BatchProgress(0, 2, 2),))
+
+
+def test_a_cache_folder_given_with_a_tilde_is_in_the_home_folder(cache_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    keys = {path.name for path in cache_root.iterdir()}
+    assert {run.key for run in list_cached_runs("~/cache")} == keys
+    assert {run.key for run in delete_cached_runs("~/cache", delete_all=True).removed} == keys
+
+
+def test_a_size_is_rounded_down_to_whole_bytes():
+    assert parse_size("1.0007KB") == 1000 and parse_size("0.9B") == 0
+
+
+def test_names_almost_like_a_probe_file_are_listed(cache_root):
+    token = "0123456789abcdef0123456789abcdef"
+    names = [f".optimum_dfq-probe-{token}.bak", f".optimum_dfq-probe-{token}-1x", f".optimum_dfq-probe-{token[:31]}"]
+    for name in names:
+        (cache_root / name).write_text(token)
+    assert set(names) <= {run.key for run in list_cached_runs(cache_root)}
+
+
+def test_delete_skipping_live_runs_deletes_the_others_and_returns_the_live_ones(cache_root, hold_run):
+    complete_dir, interrupted_dir = _run_dir(cache_root, 0), _run_dir(cache_root, 1)
+    hold_run(interrupted_dir)
+    deletion = delete_cached_runs(cache_root, [complete_dir.name[:8], interrupted_dir.name[:8]], skip_live=True)
+    assert [run.key for run in deletion.removed] == [complete_dir.name]
+    assert [(run.key, run.live) for run in deletion.skipped] == [(interrupted_dir.name, True)]
+    assert [path.name for path in cache_root.iterdir()] == [interrupted_dir.name]
+
+
+def test_a_run_holding_a_temporary_file_left_by_a_killed_write_is_still_a_run(cache_root):
+    run_dir = _run_dir(cache_root, 0)
+    (run_dir / ".run.json.tmp-0123abcd-4242-x1y2").write_text("{")  # as an interrupted atomic write leaves it
+    (found,) = [run for run in list_cached_runs(cache_root) if run.key == run_dir.name]
+    assert (found.status, found.is_run) == ("complete", True)
+    assert run_dir.name in {run.key for run in delete_cached_runs(cache_root, delete_all=True).removed}
+    assert list(cache_root.iterdir()) == []
+
+
+def test_a_complete_run_has_all_its_images_done_even_without_its_shards(cache_root):
+    run_dir = _run_dir(cache_root, 0)
+    shutil.rmtree(run_dir / "shards")  # kept only to rebuild a damaged finished set
+    (found,) = [run for run in list_cached_runs(cache_root) if run.key == run_dir.name]
+    assert (found.status, found.images_done, found.num_images) == ("complete", 4, 4)

@@ -145,3 +145,52 @@ def test_another_process_that_cannot_write_beside_the_main_probe_says_so(tmp_pat
     processes_not_sharing(_state(1), tmp_path)
     assert gathered[0].startswith("cannot write there (FileExistsError")
     assert (tmp_path / f"{PROBE_PREFIX}{TOKEN}-1").is_dir()  # what it did not write, it does not remove
+
+
+def test_a_folder_the_main_process_made_stays_when_every_process_shares_it(tmp_path, monkeypatch):
+    folder = tmp_path / "new" / "cache"  # the run keeps its cache there
+    calls = []
+
+    def other_process_answers(items):
+        (main_probe,) = folder.iterdir()
+        (folder / f"{main_probe.name}-1").write_text(main_probe.read_text())
+        return list(items) + [None]
+
+    def broadcast(state, value):  # process 1 removes its probe once the main process has looked for it
+        calls.append(value)
+        if len(calls) == 2:
+            for probe in folder.glob(f"{PROBE_PREFIX}*-1"):
+                probe.unlink()
+        return value
+
+    _collectives(monkeypatch, [], other_process_answers)
+    monkeypatch.setattr(shared_folder, "broadcast_from_main", broadcast)
+    assert processes_not_sharing(_state(0), folder) == {}
+    assert folder.is_dir() and list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("answer", ["another token", "a folder"])
+def test_the_main_process_takes_only_the_token_it_wrote_for_a_probe_seen(answer, tmp_path, monkeypatch):
+    def other_process_answers(items):  # something is there under process 1's probe name, but not its token
+        (main_probe,) = tmp_path.iterdir()
+        theirs = tmp_path / f"{main_probe.name}-1"
+        theirs.mkdir() if answer == "a folder" else theirs.write_text("f" * 32)
+        return list(items) + [None]
+
+    _collectives(monkeypatch, [], other_process_answers)
+    assert processes_not_sharing(_state(0), tmp_path) == {
+        1: "wrote a probe file there that the main process does not see"}
+
+
+def test_a_folder_given_with_a_tilde_is_in_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    seen = []
+
+    def other_process_answers(items):
+        seen.extend(path.name for path in (tmp_path / "cache").iterdir())
+        return list(items) + ["sees no probe file that the main process wrote there"]
+
+    _collectives(monkeypatch, [], other_process_answers)
+    processes_not_sharing(_state(0), "~/cache")
+    assert len(seen) == 1 and seen[0].startswith(PROBE_PREFIX)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "~").exists()
