@@ -408,3 +408,65 @@ def test_cache_delete_all_skips_the_runs_a_synthesis_is_using_and_says_so(synthe
     assert capsys.readouterr().out.splitlines() == [
         skipped, f"No synthesis runs cached in {root} but those in use; nothing deleted."]
     assert len(questions) == 1 and complete.exists()
+
+
+@pytest.mark.parametrize("answer, confirmed", [("Y", True), (" yes ", True), ("yeah", False), (EOFError, False)])
+def test_only_y_or_yes_in_any_case_confirms_a_deletion(answer, confirmed, synthesis_cache, set_last_change,
+                                                       monkeypatch, capsys):
+    from optimum_dfq.cli import main
+
+    root, complete, _ = synthesis_cache
+    set_last_change(complete, 40 * DAY)
+
+    def terminal(question):
+        if answer is EOFError:  # Ctrl-D
+            raise EOFError
+        return answer
+
+    monkeypatch.setattr(sys, "stdin", type("Terminal", (), {"isatty": staticmethod(lambda: True)})())
+    monkeypatch.setattr("builtins.input", terminal)
+    assert main(["cache", "prune", "--older-than", "30d", "--cache-dir", str(root)]) == 0
+    output = capsys.readouterr().out
+    assert complete.exists() != confirmed
+    assert (output == "Cancelled; nothing deleted.\n") != confirmed
+
+
+def test_cache_prune_deletes_only_the_runs_it_showed_when_one_is_used_meanwhile(synthesis_cache, hold_run,
+                                                                               set_last_change, monkeypatch, capsys):
+    from optimum_dfq.cli import main
+
+    root, complete, interrupted = synthesis_cache
+    set_last_change(interrupted, 3 * HOUR)
+    set_last_change(complete, 2 * HOUR)
+    sizes = {run: _megabytes_on_disk(run) for run in (complete, interrupted)}
+    total = _megabytes_on_disk(complete, interrupted)
+
+    def resume_while_asked(question):  # a synthesis resumes the run shown while the user reads the question
+        assert question.startswith(f"would delete {interrupted.name[:12]} ")
+        hold_run(interrupted)
+        return "y"
+
+    monkeypatch.setattr(sys, "stdin", type("Terminal", (), {"isatty": staticmethod(lambda: True)})())
+    monkeypatch.setattr("builtins.input", resume_while_asked)
+    limit = f"{_bytes_on_disk(complete)}B"  # room for the complete run only: the older, interrupted one is shown
+    assert main(["cache", "prune", "--max-size", limit, "--cache-dir", str(root)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"freed 0.0 MB in {root}",
+        (f"kept {interrupted.name[:12]} (partial, psaq, {sizes[interrupted]} MB): a synthesis is using it; wait for "
+         "it to end, or stop it, to delete it"),
+        f"left 2 runs, {total} MB"]
+    assert sorted(path.name for path in root.iterdir()) == sorted([complete.name, interrupted.name, "my-notes"])
+
+
+def test_cache_commands_take_a_cache_folder_given_with_a_tilde_in_the_home_folder(synthesis_cache, monkeypatch,
+                                                                                   capsys):
+    from optimum_dfq.cli import main
+
+    root = synthesis_cache[0]
+    monkeypatch.setenv("HOME", str(root.parent))
+    assert main(["cache", "list", "--cache-dir", f"~/{root.name}"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith(f" MB in {root}")
+    shutil.rmtree(root)
+    root.mkdir()
+    assert main(["cache", "list", "--cache-dir", f"~/{root.name}"]) == 0
+    assert capsys.readouterr().out == f"No synthesis runs cached in {root} (the folder is empty).\n"

@@ -194,3 +194,26 @@ def test_a_folder_given_with_a_tilde_is_in_the_home_folder(tmp_path, monkeypatch
     processes_not_sharing(_state(0), "~/cache")
     assert len(seen) == 1 and seen[0].startswith(PROBE_PREFIX)
     assert not (tmp_path / "cache").exists() and not (tmp_path / "~").exists()
+
+
+def test_a_probe_that_cannot_be_written_whole_is_removed(tmp_path, monkeypatch):
+    real_open = open
+
+    class FullDisk:  # the file is made, then writing to it fails
+        def __init__(self, *args):
+            self.file = real_open(*args)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shared_folder, "open", FullDisk, raising=False)
+    gathered = _collectives(monkeypatch, [])
+    unshared = processes_not_sharing(_state(0), tmp_path)
+    assert list(unshared) == [0] and "No space left on device" in unshared[0] and gathered == []
+    assert list(tmp_path.iterdir()) == []
