@@ -51,15 +51,14 @@ def _capture_rows(
     """Records, per name, the output (`True`) or first input (`False`) of a module as `[rows, last_dim]` float32."""
     store: dict[str, list[torch.Tensor]] = {name: [] for name in targets}
     total_images = sum(batch.shape[0] for batch in batches)
-    current_batch_images = [1]
+    batch_images = 1  # of the batch being recorded (set below, read by the hooks)
 
     def recorder(name: str) -> Callable[[torch.Tensor], None]:
         def record(x: torch.Tensor) -> None:
             flat = x.detach().reshape(-1, x.shape[-1])
-            # one stride for every batch (from the rows per image), so that a smaller last batch is not sampled
-            # more densely than the others
-            rows_over_all_images = flat.shape[0] * total_images
-            stride = max(1, -(-rows_over_all_images // (current_batch_images[0] * max_rows)))
+            # one stride for every batch, from the rows per image (flat rows / batch_images) over all images, so
+            # that a smaller last batch is not sampled more densely than the others
+            stride = max(1, -(-flat.shape[0] * total_images // (batch_images * max_rows)))
             store[name].append(flat[::stride].float().clone())
             if name == stop_after:
                 raise StopForward
@@ -75,7 +74,7 @@ def _capture_rows(
             handles.append(module.register_forward_pre_hook(lambda m, args, r=record: r(args[0])))
     try:
         for batch in batches:
-            current_batch_images[0] = batch.shape[0]
+            batch_images = batch.shape[0]
             run_batches(model, [batch])
     finally:
         for handle in handles:

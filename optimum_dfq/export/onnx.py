@@ -48,6 +48,7 @@ from torch import nn
 from ..calibration.data import expected_image_shape
 from ..errors import DFQError
 from ..formats.packing import unpack_codes
+from ..models.state import eval_mode
 from ..nn.modules import QConv2d, QLinear
 from ..quantizers import Log2Quantizer, LogSqrt2Quantizer, PixelGridQuantizer, Quantizer, UniformQuantizer
 from .onnx_ops import (
@@ -535,7 +536,7 @@ def to_onnx(
         raise DFQError(f"{path} is a folder; pass the .onnx file to write, e.g. {path / 'model.onnx'}.")
     path.parent.mkdir(parents=True, exist_ok=True)
     layout = _WeightLayout(weight_only_int4, block_size, signed_weights)
-    with _eval_mode(model), _lowered(model, layout) as entries, torch.no_grad(), warnings.catch_warnings():
+    with eval_mode(model), _lowered(model, layout) as entries, torch.no_grad(), warnings.catch_warnings():
         # the TorchScript exporter is deprecated upstream and warns about it, and tracing warns about
         # shape-dependent Python branches that are constant for a fixed image size: neither is actionable here
         warnings.simplefilter("ignore")
@@ -619,23 +620,11 @@ def _verify(model: nn.Module, report: ExportReport, example: torch.Tensor, probe
     report.integer_operators = sum(counts[op] for op in INTEGER_ORT_OPS) - float_nbits
     report.float_matmuls = sum(counts[op] for op in FLOAT_MATMUL_OPS) + float_nbits
     ort_logits = session.run(["logits"], {"pixel_values": probe_images.numpy().astype(np.float32)})[0]
-    with _eval_mode(model), torch.no_grad():  # the file holds the inference graph: no dropout or drop path
+    with eval_mode(model), torch.no_grad():  # the file holds the inference graph: no dropout or drop path
         torch_logits = model(pixel_values=probe_images.to(next(model.parameters()).device)).logits.float().cpu()
     report.max_abs_logit_diff = float(np.abs(ort_logits - torch_logits.numpy()).max())
     report.top1_agreement = float((ort_logits.argmax(-1) == torch_logits.numpy().argmax(-1)).mean())
     report.num_probe_images = int(probe_images.shape[0])
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Puts `model` in inference mode for the block, then each of its modules back in the mode it had."""
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes.items():
-            module.training = training
 
 
 def _accuracy_level(node) -> int:

@@ -534,6 +534,15 @@ def _calibration_summary(metadata: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps({k: metadata[k] for k in keys if k in metadata}, default=str))
 
 
+def _argument(method: Any, name: str, *args: Any, **kwargs: Any) -> Any:
+    """The argument `name` of a call of transformers' `method` with `args`/`kwargs`, given by position or keyword
+    (`None` when not given, or when the call does not fit the signature: transformers itself then rejects it)."""
+    try:
+        return inspect.signature(method).bind(*args, **kwargs).arguments.get(name)
+    except TypeError:
+        return None
+
+
 def _save_pretrained(self, save_directory: str | os.PathLike, *args: Any, format: str = NATIVE_FORMAT, **kwargs: Any):
     """`save_pretrained` of quantized models; `format="compressed-tensors"` exports for plain transformers."""
     if os.path.isfile(save_directory):  # transformers only logs an error for a file, and saves nothing
@@ -541,11 +550,7 @@ def _save_pretrained(self, save_directory: str | os.PathLike, *args: Any, format
             f"save_pretrained: {os.fspath(save_directory)} is a file, so nothing would be saved; pass a folder (a new "
             "one, or the model's earlier save to replace)."
         )
-    try:
-        state_dict = inspect.signature(type(self).save_pretrained).bind(
-            self, save_directory, *args, **kwargs).arguments.get("state_dict")
-    except TypeError:  # arguments transformers itself rejects below
-        state_dict = None
+    state_dict = _argument(type(self).save_pretrained, "state_dict", self, save_directory, *args, **kwargs)
     if state_dict is not None:
         check_state_dict_argument(self, state_dict)
     if format == COMPRESSED_TENSORS_FORMAT:
@@ -591,11 +596,7 @@ def _upload_modified_files(self, working_dir: str | os.PathLike, repo_id: str, *
     names the branch pushed to)."""
     from ..hub import write_repo_extras
 
-    try:
-        revision = inspect.signature(type(self)._upload_modified_files).bind(
-            self, working_dir, repo_id, *args, **kwargs).arguments.get("revision")
-    except TypeError:  # arguments transformers itself rejects below
-        revision = None
+    revision = _argument(type(self)._upload_modified_files, "revision", self, working_dir, repo_id, *args, **kwargs)
     write_repo_extras(self, working_dir, repo_id, revision=revision)
     return type(self)._upload_modified_files(self, working_dir, repo_id, *args, **kwargs)
 

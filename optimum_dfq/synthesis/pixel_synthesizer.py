@@ -37,6 +37,7 @@ from ..calibration.data import (
 )
 from ..errors import ConfigError, SynthesisError
 from ..models.adapters import ModelAdapter, get_adapter, window_sizes_kept
+from ..models.state import eval_mode
 from ..registry import qualified_name
 from ..version import __version__
 from .base import SYNTHESIZERS, Synthesizer, check_synthesis_arguments
@@ -750,9 +751,7 @@ def frozen_model(model: nn.Module, device: str | torch.device | None = None) -> 
                              "dtype (e.g. model.float()) before synthesis.")
     cast = bool(dtypes) and dtypes != {torch.float32}
     originals = [tensor.data for tensor in _tensors(model)] if cast else []  # given back as they were (float64 too)
-    modes = [module.training for module in model.modules()]
     flags = [parameter.requires_grad for parameter in model.parameters()]
-    model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     if target != original_device:
@@ -760,7 +759,7 @@ def frozen_model(model: nn.Module, device: str | torch.device | None = None) -> 
     if cast:
         model.float()
     try:
-        with window_sizes_kept(model):
+        with eval_mode(model), window_sizes_kept(model):
             yield target
     finally:
         if target != original_device:
@@ -770,8 +769,6 @@ def frozen_model(model: nn.Module, device: str | torch.device | None = None) -> 
                 tensor.data = original
         for parameter, flag in zip(model.parameters(), flags):
             parameter.requires_grad_(flag)
-        for module, mode in zip(model.modules(), modes):
-            module.training = mode
 
 
 def _tensors(model: nn.Module) -> list[torch.Tensor]:
