@@ -26,6 +26,7 @@ from .calibration.data import (
     resolve_label_column,
 )
 from .errors import DFQError, ImageSizeError
+from .models.state import eval_mode
 
 METRIC_PATH = Path(__file__).parent / "metrics" / "top_k_accuracy"
 WORDNET_ID = re.compile(r"n\d{8}")
@@ -248,11 +249,9 @@ def predict_top_k(
     labels = _labels(dataset, model.config, check_class_names, label_column)
     expected = expected_image_shape(model)
     mode = image_mode(expected[0])
-    was_training = model.training
-    model.eval()
     k = min(k, model.config.num_labels)
     predictions: list[list[int]] = []
-    try:
+    with eval_mode(model):
         for start in tqdm(range(0, len(dataset), batch_size), desc="evaluate", disable=not progress, leave=False):
             try:
                 batch = dataset[start : start + batch_size]
@@ -280,8 +279,6 @@ def predict_top_k(
                 )
             logits = model(pixel_values=pixels.to(model.device, model.dtype)).logits
             predictions.extend(logits.float().topk(k, dim=-1).indices.tolist())
-    finally:
-        model.train(was_training)
     return predictions, list(labels)
 
 

@@ -100,6 +100,11 @@ def test_training_mode_is_restored(cifar_test, image_processor):
     model.eval()
     evaluate_accuracy(model, cifar_test.select(range(4)), image_processor, progress=False)
     assert not model.training
+    model.train()
+    frozen = model.vit.embeddings  # a part kept in eval mode while the rest trains
+    frozen.eval()
+    evaluate_accuracy(model, cifar_test.select(range(4)), image_processor, progress=False)
+    assert model.training and model.classifier.training and not any(m.training for m in frozen.modules())
 
 
 def test_grayscale_model_is_evaluated_on_grayscale_images(cifar_test):
